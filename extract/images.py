@@ -1,0 +1,118 @@
+"""Decoding one image file into an RGB picture, or a clear reason why it cannot be used.
+
+Runs inside loader workers, so everything slow (decode, EXIF rotation, mode conversion) happens in
+parallel with the model.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset(
+    ".jpg .jpeg .jpe .png .gif .bmp .tif .tiff .webp .ppm .pgm .pbm .pnm .jfif".split()
+)
+# Above this many pixels an image is treated as a decompression bomb (Pillow's own hard limit).
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(Exception):
+    """The file cannot be used as an image; the message says why."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB without clipping 16-bit or float data."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and a.min() >= 0 and a.max() <= 65535):
+            lo, hi = 0.0, 65535.0 if a.max() > 255 else 255.0
+        else:
+            lo, hi = float(a.min()), float(a.max())
+        scaled = np.clip((a - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, "L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode in ("LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":  # composite on white: transparent backgrounds are usually paper-white
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _placeholder_reason(im: Image.Image) -> str | None:
+    """A palette graphic that is nearly one flat colour is a stand-in ("image not found"), not a photo."""
+    if im.mode not in ("P", "1"):
+        return None
+    colors = im.getcolors(maxcolors=64)
+    if colors is None:
+        return None
+    top = max(c for c, _ in colors) / (im.width * im.height)
+    if top >= 0.75:
+        return f"placeholder graphic, not a photo ({len(colors)} colours, {top:.0%} one colour)"
+    return None
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None
+) -> Image.Image:
+    """Decode file bytes to an upright 8-bit RGB image. Raises ImageError with the reason.
+
+    ``draft`` lets JPEG decode at a reduced scale that is still at least that size (fast path
+    for huge camera photos; the result is still resized afterwards).
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    f"too large: {w}x{h} = {w * h:,} pixels > limit {max_pixels:,} (decompression bomb?)"
+                )
+            if w < 1 or h < 1:
+                raise ImageError(f"image has no pixels ({w}x{h})")
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", draft)
+            im.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"too large: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"corrupt or truncated image: {e}") from None
+    reason = _placeholder_reason(im)
+    if reason:
+        raise ImageError(reason)
+    try:
+        im = ImageOps.exif_transpose(im) or im
+    except Exception:  # noqa: BLE001 - broken EXIF must not lose an otherwise good photo
+        pass
+    return _to_rgb(im)
+
+
+def read_image_bytes(path: str) -> bytes:
+    """Read a file, turning every OS-level failure into an ImageError naming the cause."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except IsADirectoryError:
+        raise ImageError("is a directory, not a file") from None
+    except FileNotFoundError:
+        raise ImageError("file not found (deleted or a broken link)") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:
+        raise ImageError(f"cannot read: {e.strerror or e}") from None

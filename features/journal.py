@@ -1,0 +1,91 @@
+"""Write-ahead journal of committed shards beside the HDF5 store.
+
+HDF5 is not crash safe: a process killed while it writes can leave a file that no longer opens. So
+the store file itself is only ever replaced by an atomic rename, and new work first lands here as
+small ``.npz`` shards, each written to a temporary name, fsynced and renamed. A shard either exists
+whole or not at all; replaying shards is idempotent (rows are keyed by path and content hash), so a
+crash between "store replaced" and "shards deleted" is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_SUFFIX = ".npz"
+
+
+def journal_dir(store_path: Path) -> Path:
+    return store_path.with_name(store_path.name + ".journal")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_shards(store_path: Path) -> list[Path]:
+    """Committed shards in commit order (temporary files of a killed writer are not listed)."""
+    d = journal_dir(store_path)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.suffix == _SUFFIX and not p.name.startswith("."))
+
+
+def remove_stale_temporaries(store_path: Path) -> int:
+    """Delete half-written shards left by a killed writer; they were never committed."""
+    d = journal_dir(store_path)
+    n = 0
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith(".tmp-"):
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def write_shard(
+    store_path: Path, seq: int, kind: str, meta: dict[str, Any], **arrays: np.ndarray
+) -> Path:
+    """Atomically commit one shard. ``meta`` is JSON; arrays must be numeric or unicode (no objects)."""
+    d = journal_dir(store_path)
+    d.mkdir(exist_ok=True)
+    final = d / f"{seq:09d}-{kind}{_SUFFIX}"
+    payload = {k: np.asarray(v) for k, v in arrays.items()}
+    for k, v in payload.items():
+        if v.dtype == object:
+            raise TypeError(f"shard array {k!r} has dtype object; pass str or numeric arrays")
+    payload["__meta__"] = np.array(json.dumps({"kind": kind, **meta}))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_SUFFIX, dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(d)
+    return final
+
+
+def read_shard(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Return (meta, arrays). Never unpickles: a shard is data only."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays.pop("__meta__")))
+    return meta, arrays
+
+
+def next_seq(store_path: Path) -> int:
+    shards = list_shards(store_path)
+    return int(shards[-1].name.split("-")[0]) + 1 if shards else 1

@@ -1,0 +1,54 @@
+"""Shared fixtures: real images from ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(os.environ.get("PENULT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "cub100").is_dir():
+        pytest.fail(f"real test images not found at {DATA}; set PENULT_DATA")
+    return DATA
+
+
+def cub_manifest(data_dir: Path, out: Path, *, classes: int, per_class: int | None = None) -> Path:
+    """A CSV manifest over the first ``classes`` cub100 species (paths point into shared data)."""
+    root = data_dir / "cub100"
+    split = {r["path"]: r["split"] for r in csv.DictReader(open(root / "split.csv"))}
+    rows = []
+    for cls in sorted(p.name for p in root.iterdir() if p.is_dir())[:classes]:
+        files = sorted((root / cls).iterdir())[:per_class]
+        rows += [(f"{cls}/{f.name}", cls, split[f"{cls}/{f.name}"]) for f in files]
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    return out
+
+
+@pytest.fixture
+def small_folder(data_dir: Path, tmp_path: Path) -> Path:
+    """A writable ImageFolder copy: 6 ants + 6 bees (real photos, odd sizes)."""
+    root = tmp_path / "imgs"
+    for cls in ("ants", "bees"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((data_dir / "hymenoptera" / cls).glob("*.jpg"))[:6]:
+            shutil.copy(f, root / cls / f.name)
+    return root

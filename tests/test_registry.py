@@ -1,0 +1,56 @@
+"""Backbone registry: every entry builds and yields its stated dim; preprocessing follows the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extract import REGISTRY, UnknownBackboneError, build_backbone, get_spec
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_entry_builds_random_and_yields_stated_dim(name: str) -> None:
+    bb = build_backbone(name, weights="random")
+    x = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8)
+    with torch.inference_mode():
+        out = bb.module(x)
+    assert out.shape == (2, REGISTRY[name].dim)
+    assert torch.isfinite(out).all()
+    assert not any(p.requires_grad for p in bb.module.parameters())
+    assert bb.fingerprint["dim"] == REGISTRY[name].dim and bb.name == f"{name}@random"
+
+
+def test_preprocessing_is_taken_from_the_weights() -> None:
+    from torchvision.models import ResNet50_Weights
+
+    t = ResNet50_Weights.IMAGENET1K_V2.transforms()
+    pre = get_spec("resnet50").preprocess()
+    assert (pre.resize, pre.crop, pre.mean) == (t.resize_size[0], t.crop_size[0], tuple(t.mean))
+    lite = get_spec("efficientnet_lite0").preprocess()
+    assert lite.mean == (0.5, 0.5, 0.5) and lite.std == (0.5, 0.5, 0.5)  # inputs scaled to [-1, 1]
+    assert get_spec("inception_v3").preprocess().crop == 299
+
+
+def test_unknown_backbone_suggests_names() -> None:
+    with pytest.raises(UnknownBackboneError, match="Did you mean resnet50"):
+        get_spec("resnet05")
+    assert get_spec("efficientnet_lite0@ft-abc123").name == "efficientnet_lite0"
+
+
+def test_embeddings_are_the_pooled_penultimate_layer() -> None:
+    """resnet18: our embedding equals torchvision's own avgpool output on the same input."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18().eval()
+    bb = build_backbone("resnet18", weights="random", seed=0)
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    pre = bb.preprocess
+    xf = (x.float() / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(
+        1, 3, 1, 1
+    )
+    with torch.inference_mode():
+        trunk = torch.nn.Sequential(*list(ref.children())[:-1])
+        want = trunk(xf).flatten(1)
+        got = bb.module(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
