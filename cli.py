@@ -146,7 +146,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         print(note)
     opts = ExtractOptions(
         backbone=args.backbone, weights=args.weights, name=args.name, trust_checkpoint=args.trust_checkpoint,
-        batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
+        batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision, optimize=args.optimize,
         dtype=args.dtype, commit_every=args.commit_every, retry_failed=args.retry_failed,
         max_pixels=args.max_pixels, progress=not args.quiet,
     )  # fmt: skip

@@ -143,23 +143,86 @@ def pick_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-class Embedder:
-    """Runs a backbone on one device in one precision under ``inference_mode``."""
+OPTIMIZE = ("auto", "eager", "inductor")
+# On CPU, torch.compile with weight freezing (conv+BN folding, oneDNN weight prepacking) measured
+# 1.8x (ResNet-50) to 2x (EfficientNet-Lite0) over eager bf16 here, after a 12-25 s compile; it
+# pays off from about this many images.
+COMPILE_MIN_IMAGES = 2000
 
-    def __init__(self, backbone: Backbone, *, device: str = "auto", precision: str = "auto"):
+
+def pick_optimize(optimize: str, device: torch.device, n_images: int) -> str:
+    if optimize not in OPTIMIZE:
+        raise ValueError(f"optimize {optimize!r} not one of {', '.join(OPTIMIZE)}")
+    if optimize != "auto":
+        return optimize
+    return "inductor" if device.type == "cpu" and n_images >= COMPILE_MIN_IMAGES else "eager"
+
+
+class Embedder:
+    """Runs a backbone on one device in one precision under ``inference_mode``.
+
+    With ``optimize="inductor"`` the module is compiled for a fixed ``batch_size`` (smaller batches
+    are padded, so one compile serves the whole run); if compiling fails it falls back to eager.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        optimize: str = "eager",
+        batch_size: int = 32,
+    ):
         self.device = pick_device(device)
         self.precision = pick_precision(precision, self.device)
         self.module = backbone.module.to(self.device).to(memory_format=torch.channels_last)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.optimize = "eager"
+        self.batch_size = batch_size
+        self._compiled: nn.Module | None = None
+        if optimize == "inductor":
+            self.compile()
+
+    def compile(self) -> None:
+        """Switch to torch.compile (inductor, frozen weights); the compile happens on the first batch."""
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        self._compiled = torch.compile(
+            self.module, dynamic=False, options={"freezing": True, "compile_threads": 1}
+        )
+        self.optimize = "inductor"
+
+    def warmup(self, size: int) -> None:
+        """Compile now, on a dummy batch shaped like the loader's (uint8 NCHW).
+
+        Must run before loader workers are forked: compiling while they run crashed (SIGSEGV) here.
+        """
+        self(torch.zeros((self.batch_size, 3, size, size), dtype=torch.uint8))
+
+    def _forward(self, batch: torch.Tensor, n: int) -> torch.Tensor:
+        if self._compiled is None:
+            return self.module(batch[:n])
+        try:
+            return self._compiled(batch)[:n]
+        except Exception as e:  # noqa: BLE001 - no C++ compiler, unsupported op, ...: stay correct
+            log.warning(
+                "torch.compile failed (%s: %s); continuing in eager mode", type(e).__name__, e
+            )
+            self._compiled, self.optimize = None, "eager"
+            return self.module(batch[:n])
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 (B, 3, H, W) on any device -> float32 numpy (B, D)."""
         batch = batch.to(self.device, non_blocking=True)
+        n = batch.shape[0]
+        if self._compiled is not None and n < self.batch_size:
+            # pad outside inference_mode: an inference tensor would fail the compiled guards (recompile)
+            batch = torch.cat([batch, batch.new_zeros((self.batch_size - n, *batch.shape[1:]))])
         with (
             torch.inference_mode(),
             torch.autocast(
                 self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
             ),
         ):
-            out = self.module(batch)
+            out = self._forward(batch, n)
         return out.float().cpu().numpy()

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from extract.images import DEFAULT_MAX_PIXELS, ImageError, read_image_bytes
 from extract.loader import default_workers, make_loader, to_device
-from extract.model import Embedder, build_backbone
+from extract.model import Embedder, build_backbone, pick_optimize
 from extract.registry import DEFAULT_BACKBONE
 from extract.sources import Listing
 from features import ImageTable, StoreWriter
@@ -33,6 +33,7 @@ class ExtractOptions:
     workers: int | None = None  # default: by device and cores
     device: str = "auto"
     precision: str = "auto"
+    optimize: str = "auto"  # eager, inductor (torch.compile), auto: inductor on CPU for big runs
     dtype: str = "float32"  # storage dtype: float32 or float16
     commit_every: int = 512  # rows per journal shard: the most work a kill can lose
     retry_failed: bool = False
@@ -53,17 +54,29 @@ class ExtractSummary:
     previously_failed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    optimize: str = "eager"
     seconds: float = 0.0
     model_seconds: float = 0.0
+    loop_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    warmup_seconds: float = 0.0  # loader start + first batch (includes any compile)
+    warmup_images: int = 0
     interrupted: bool = False
 
     @property
     def images_per_s(self) -> float:
+        """End to end: model build, hashing, compile and commits included."""
         return self.extracted / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """After the first batch: the rate a long run settles at."""
+        t = self.loop_seconds - self.warmup_seconds
+        return (self.extracted - self.warmup_images) / t if t > 0 else 0.0
 
     def report(self, max_failed: int = 20) -> str:
         lines = [
-            f"{self.backbone} -> {self.store} on {self.device} ({self.precision})"
+            f"{self.backbone} -> {self.store} on {self.device} ({self.precision}, {self.optimize})"
             + (
                 "  INTERRUPTED: finished batches are saved; run again to resume"
                 if self.interrupted
@@ -76,7 +89,13 @@ class ExtractSummary:
                 if self.previously_failed
                 else ""
             ),
-            f"  time {self.seconds:.1f} s, {self.images_per_s:.1f} images/s",
+            f"  time {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
+            + (
+                f" ({self.steady_images_per_s:.1f}/s after the first batch)"
+                if self.warmup_images
+                else ""
+            )
+            + (f", compile {self.compile_seconds:.0f} s" if self.compile_seconds else ""),
         ]
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} non-image files, e.g. {self.ignored[0]}")
@@ -179,7 +198,9 @@ def extract(
         opts.backbone, weights=opts.weights, trust_checkpoint=opts.trust_checkpoint
     )
     name = opts.name or backbone.name
-    embedder = Embedder(backbone, device=opts.device, precision=opts.precision)
+    embedder = Embedder(
+        backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size
+    )
     fingerprint = {**backbone.fingerprint, "precision": embedder.precision}
     s = ExtractSummary(
         Path(store_path), name, str(embedder.device), embedder.precision, listed=len(listing)
@@ -224,6 +245,11 @@ def _run(
     s: ExtractSummary,
 ) -> None:
     workers = default_workers(embedder.device) if opts.workers is None else opts.workers
+    if pick_optimize(opts.optimize, embedder.device, len(todo)) == "inductor":
+        t = time.perf_counter()
+        embedder.compile()
+        embedder.warmup(pre.crop)
+        s.compile_seconds = time.perf_counter() - t
     loader = make_loader(
         [listing.absolute(i) for i in todo],
         pre,
@@ -257,6 +283,7 @@ def _run(
         disable=not opts.progress,
         smoothing=0.1,
     )
+    t_loop = time.perf_counter()
     try:
         for batch in to_device(iter(loader), embedder.device):
             for it in batch.failed:
@@ -269,6 +296,11 @@ def _run(
                 t = time.perf_counter()
                 x = embedder(batch.images)
                 s.model_seconds += time.perf_counter() - t
+                if not s.warmup_images:
+                    s.warmup_seconds, s.warmup_images = (
+                        time.perf_counter() - t_loop,
+                        len(batch.indices),
+                    )
                 for k, j in enumerate(batch.indices):
                     i = todo[j]
                     if batch.sha256[k] != sha[i]:
@@ -288,6 +320,9 @@ def _run(
                 flush()
     except KeyboardInterrupt:
         s.interrupted = True
+    else:
+        s.optimize = embedder.optimize
     finally:
+        s.loop_seconds = time.perf_counter() - t_loop
         bar.close()
         flush()

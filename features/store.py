@@ -393,6 +393,9 @@ def compact(path: Path) -> int:
     return len(shards)
 
 
+_LOCKED_HERE: set[str] = set()
+
+
 class StoreWriter:
     """The single writer of a store: holds an exclusive lock, journals every write, commits atomically.
 
@@ -430,27 +433,33 @@ class StoreWriter:
             self._release_lock()
 
     def _acquire_lock(self) -> None:
+        """POSIX record lock: released by the kernel when this process dies, and (unlike flock) not
+        inherited by forked loader workers, which may outlive a killed writer for a moment."""
         lock_path = self.path.with_name(self.path.name + ".lock")
+        key = str(lock_path.resolve())
         fh = open(lock_path, "a+")  # noqa: SIM115 - held for the writer's lifetime
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if key in _LOCKED_HERE:  # record locks do not conflict within one process
+                raise BlockingIOError
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             fh.seek(0)
             holder = fh.read().strip() or "unknown"
             fh.close()
             raise StoreLockedError(
                 f"{self.path} is being written by another process ({holder}); wait for it to finish"
             ) from None
+        _LOCKED_HERE.add(key)
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
-        self._lock_fh = fh
+        self._lock_fh, self._lock_key = fh, key
 
     def _release_lock(self) -> None:
         if self._lock_fh is not None:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-            self._lock_fh.close()
+            _LOCKED_HERE.discard(self._lock_key)
+            self._lock_fh.close()  # closing releases the record lock
             self._lock_fh = None
 
     def _write(self, kind: str, meta: dict[str, Any], **arrays: np.ndarray) -> None:
