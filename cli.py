@@ -67,7 +67,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         default="auto",
         choices=["auto", "eager", "inductor"],
         help="inductor = torch.compile with frozen weights (10-25 s compile, 1.5-2x faster on CPU); "
-        "auto uses it on CPU from 2000 images",
+        "auto uses it on CPU from 10,000 images",
     )
     p.add_argument(
         "--dtype",

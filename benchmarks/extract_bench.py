@@ -82,7 +82,7 @@ def penult(listing: Listing, name: str, weights: str):
         return extract(
             Path(d) / "bench.h5",
             listing,
-            ExtractOptions(backbone=name, weights=weights, progress=False),
+            ExtractOptions(backbone=name, weights=weights, optimize="inductor", progress=False),
         )
 
 
