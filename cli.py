@@ -66,7 +66,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "--optimize",
         default="auto",
         choices=["auto", "eager", "inductor"],
-        help="inductor = torch.compile with frozen weights (10-25 s compile, 1.5-2x faster on CPU); "
+        help="inductor = torch.compile with frozen weights (10-40 s compile, about 1.5x faster on CPU); "
         "auto uses it on CPU from 10,000 images",
     )
     p.add_argument(

@@ -56,10 +56,9 @@ class ExtractSummary:
     ignored: list[str] = field(default_factory=list)
     optimize: str = "eager"
     seconds: float = 0.0
-    model_seconds: float = 0.0
     loop_seconds: float = 0.0
     compile_seconds: float = 0.0
-    warmup_seconds: float = 0.0  # loader start + first batch (includes any compile)
+    warmup_seconds: float = 0.0  # loader start + first batch (compile is timed apart, before)
     warmup_images: int = 0
     interrupted: bool = False
 
@@ -293,9 +292,7 @@ def _run(
                 fails["why"].append(it.error)
                 s.failed.append((listing.paths[i], it.error))
             if len(batch.indices):
-                t = time.perf_counter()
                 x = embedder(batch.images)
-                s.model_seconds += time.perf_counter() - t
                 if not s.warmup_images:
                     s.warmup_seconds, s.warmup_images = (
                         time.perf_counter() - t_loop,
