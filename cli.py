@@ -11,6 +11,11 @@ EXAMPLES = """examples:
   penult extract birds.h5 data/cub100           ImageFolder tree; taxonomy.csv/split.csv auto-detected
   penult extract birds.h5 data/cub100 --backbone resnet50 --weights resnet50.pth
   penult info birds.h5
+  penult train birds.h5 --out birds.skops --levels family,genus      flat LR, reports family/genus too
+  penult train birds.h5 --out h.skops --levels family,genus --hierarchical --report h-report/
+  penult compare birds.h5 --head lr --head svm --head knn
+  penult evaluate birds.skops birds.h5 --report report/
+  penult predict birds.skops new_photos/ --out predictions.csv --store birds.h5
 """
 
 
@@ -93,6 +98,165 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. C=0.1")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
+
+
+def _number(text: str) -> int | float:
+    return float(text) if "." in text or "e" in text else int(text)
+
+
+def _add_head_options(p: argparse.ArgumentParser) -> None:
+    from classify import HEADS
+
+    p.add_argument(
+        "--backbone",
+        action="append",
+        default=[],
+        help="store entry to train on; repeat to fuse several (rows joined by content hash). "
+        "Default: the store's only backbone",
+    )
+    p.add_argument("--label", default="label", help="label column to predict (default label)")
+    p.add_argument(
+        "--levels",
+        type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+        default=(),
+        help="coarse label columns, coarse first (e.g. family,genus), or 'auto' for nested folders; "
+        "reported per level, and used top-down with --hierarchical",
+    )
+    p.add_argument(
+        "--hierarchical", action="store_true", help="coarse classifier, then one per group"
+    )
+    p.add_argument("--taxonomy", help="CSV class,<coarse columns...> to join at training time")
+    p.add_argument(
+        "--ovr", action="store_true", help="one-vs-rest with per-class thresholds and 'unknown'"
+    )
+    p.add_argument(
+        "--threshold",
+        default="f1",
+        type=lambda s: s if s == "f1" else float(s),
+        help="--ovr thresholds: 'f1' (tuned per class on out-of-fold scores) or a probability",
+    )
+    p.add_argument("--class-weight", choices=["balanced"], help="reweight rare classes (lr, svm)")
+    p.add_argument(
+        "--preprocess", choices=["standard", "l2", "l2+standard", "none"], help="default per head"
+    )
+    p.add_argument("--pca", type=_number, help="PCA components (int) or kept variance (0-1)")
+    p.add_argument("--whiten", action="store_true", help="whiten the PCA components")
+    p.add_argument(
+        "--search", action="store_true", help="grid-search the head's main parameter by CV"
+    )
+    p.add_argument("--cv", type=int, default=3, help="folds for --search and --ovr thresholds")
+    p.add_argument(
+        "--param", type=_param, action="append", default=[], help="classifier KEY=VALUE, repeatable"
+    )
+    p.add_argument(
+        "--split-column", default="split", help="label column with train/test (made if missing)"
+    )
+    p.add_argument("--eval-split", help="split to score on (default test, else val)")
+    p.add_argument(
+        "--test-size", type=float, default=0.3, help="test fraction when a split is made"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of a split made here")
+    p.add_argument("--jobs", type=int, help="parallel processes (default: all cores)")
+    p.epilog = "heads: " + "; ".join(f"{k}: {s.description}" for k, s in HEADS.items())
+
+
+def _train_options(args: argparse.Namespace, head: str):
+    from classify import TrainOptions
+
+    return TrainOptions(
+        head=head, backbones=tuple(args.backbone), label=args.label, levels=args.levels,
+        hierarchical=args.hierarchical, taxonomy=args.taxonomy, ovr=args.ovr, threshold=args.threshold,
+        class_weight=args.class_weight, preprocess=args.preprocess, pca=args.pca, whiten=args.whiten,
+        search=args.search, cv=args.cv, split=args.split_column, eval_split=args.eval_split,
+        test_size=args.test_size, seed=args.seed, n_jobs=args.jobs, params=tuple(args.param),
+    )  # fmt: skip
+
+
+def _add_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a head on stored features, score it on the held-out split, save it",
+        description="Train a classifier head on a store's embeddings (seconds, no CNN), evaluate it on "
+        "the stored split (made once, seeded, if the store has none) and save MODEL plus MODEL.json.",
+    )
+    p.add_argument("store")
+    p.add_argument(
+        "--out", required=True, help="model file to write (a manifest MODEL.json goes beside it)"
+    )
+    p.add_argument("--head", default="lr", help="lr (default), svm, mlp, knn, centroid")
+    p.add_argument("--report", help="also write the evaluation report into this folder")
+    _add_head_options(p)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved model on a store's held-out split; write a report",
+        description="Top-1/top-5, balanced accuracy, macro-F1, per-class precision/recall/AUC, calibration, "
+        "per-level accuracy and tree distance for taxonomies, rare classes apart. The store's backbone "
+        "must have the fingerprint the model was trained on.",
+    )
+    p.add_argument("model")
+    p.add_argument("store")
+    p.add_argument("--split", help="split to score (default: the one the model was scored on)")
+    p.add_argument(
+        "--report", help="folder for report.md/.html, PNG plots, metrics.json, predictions.csv"
+    )
+    p.add_argument(
+        "--trust-model", action="store_true", help="load types outside sklearn/numpy/penult"
+    )
+
+    p = sub.add_parser(
+        "compare",
+        help="several heads and backbones on the same split, one table",
+        description="Train each --head on each --backbone set (A+B fuses) on the store's split and print "
+        "one table.",
+    )
+    p.add_argument("store")
+    p.add_argument(
+        "--head", dest="heads", action="append", help="repeat; default lr, svm, mlp, knn, centroid"
+    )
+    p.add_argument("--json", help="also write the rows as JSON")
+    _add_head_options(p)
+
+    p = sub.add_parser(
+        "predict",
+        help="score new images with a saved model, write a CSV",
+        description="Images, folders, manifests or file lists in; per image the top-k labels with "
+        "probabilities (and each level for taxonomy models, 'unknown' for --ovr models) out. Features come "
+        "from the model's backbone, or from --store where already embedded there.",
+    )
+    p.add_argument("model")
+    p.add_argument("inputs", nargs="+", help="image files, folders, CSV manifests or file lists")
+    p.add_argument(
+        "--out", required=True, help="CSV to write (written as OUT.partial, then renamed)"
+    )
+    p.add_argument("--store", help="feature store whose cached embeddings to reuse")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument(
+        "--weights", action="append", default=[], help="FILE (or NAME=FILE) if not the default"
+    )
+    p.add_argument(
+        "--trust-checkpoint", action="store_true", help="allow full pickles in --weights"
+    )
+    p.add_argument(
+        "--trust-model", action="store_true", help="load types outside sklearn/numpy/penult"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="penult",
@@ -106,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "backbones", help="list available backbones", description="List the backbone registry."
     )
     _add_extract(sub)
+    _add_classify(sub)
     p = sub.add_parser(
         "info",
         help="summarise a feature store",
@@ -194,6 +359,78 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_metrics(m: dict) -> None:
+    from classify.report import headline_rows
+
+    for k, v in headline_rows(m):
+        print(f"  {k:32s} {v}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from classify import save_model, train
+    from classify.evaluate import evaluate
+
+    r = train(args.store, _train_options(args, args.head))
+    for note in r.notes:
+        print(note)
+    m = r.model.manifest
+    print(
+        f"{m['kind']} {m['head']} on {' + '.join(r.model.backbones)} ({m['feature_dim']}-d): "
+        f"{len(r.model.classes)} classes, {r.n_train} training images, fit {r.fit_seconds:.1f} s"
+    )
+    if r.search:
+        print(f"  CV search ({r.search['folds']} folds): best {r.search['best']}")
+        for row in r.search["results"]:
+            print(f"    {row['params']}: CV accuracy {row['cv_accuracy']:.3f}")
+    print(f"{r.eval_split} split ({r.n_eval} images):")
+    _print_metrics(r.metrics)
+    path = save_model(r.model, args.out)
+    print(f"saved {path} and {path}.json")
+    if args.report:
+        ev = evaluate(r.model, args.store, report_dir=args.report)
+        print(f"report: {ev.report_dir}/report.md (and .html, PNGs, metrics.json, predictions.csv)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from classify import evaluate, load_model
+
+    model = load_model(args.model, trust=args.trust_model)
+    ev = evaluate(model, args.store, split=args.split, report_dir=args.report)
+    print(f"{args.model} on {args.store}, {ev.split} split ({ev.n} images):")
+    _print_metrics(ev.metrics)
+    if ev.report_dir:
+        print(f"report: {ev.report_dir}/report.md (and .html, PNGs, metrics.json, predictions.csv)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from classify import HEADS, compare, compare_table
+
+    sets = [tuple(b.split("+")) for b in args.backbone] or [()]
+    rows = compare(args.store, args.heads or list(HEADS), sets, _train_options(args, "lr"))
+    print(compare_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from classify import PredictOptions, load_model, predict_images
+
+    model = load_model(args.model, trust=args.trust_model)
+    opts = PredictOptions(
+        top_k=args.top_k, store=args.store, weights=tuple(args.weights), trust_checkpoint=args.trust_checkpoint,
+        device=args.device, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(predict_images(model, args.inputs, args.out, opts).report())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -209,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         "info": _cmd_info,
         "check": _cmd_check,
         "demo": _cmd_demo,
+        "train": _cmd_train,
+        "evaluate": _cmd_evaluate,
+        "compare": _cmd_compare,
+        "predict": _cmd_predict,
     }
     try:
         return handler[args.command](args)

@@ -1,3 +1,34 @@
-"""Heads on cached features (see issue 3); nothing public yet."""
+"""The classification stage: heads on stored features, evaluation, reports, saved models, scoring."""
 
-__all__: list[str] = []
+from classify.data import DataError, Dataset, load_dataset
+from classify.evaluate import compare, compare_table, evaluate
+from classify.heads import HEADS, HeadError, make_head
+from classify.hierarchy import HierarchicalClassifier, TaxonomyError
+from classify.model import Model, ModelError, load_model, save_model
+from classify.ovr import ThresholdedOneVsRest
+from classify.predict import PredictOptions, predict_images
+from classify.train import TrainOptions, TrainResult, train
+
+__all__ = [
+    "HEADS",
+    "DataError",
+    "Dataset",
+    "HeadError",
+    "HierarchicalClassifier",
+    "Model",
+    "ModelError",
+    "PredictOptions",
+    "TaxonomyError",
+    "ThresholdedOneVsRest",
+    "TrainOptions",
+    "TrainResult",
+    "compare",
+    "compare_table",
+    "evaluate",
+    "load_dataset",
+    "load_model",
+    "make_head",
+    "predict_images",
+    "save_model",
+    "train",
+]

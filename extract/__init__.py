@@ -1,5 +1,6 @@
 """The extraction stage (the only code that builds torch models)."""
 
+from extract.embed import EmbeddedBatch, backbone_from_fingerprint, embed_files
 from extract.images import ImageError, decode_image
 from extract.model import Backbone, Embedder, build_backbone
 from extract.registry import DEFAULT_BACKBONE, REGISTRY, UnknownBackboneError, get_spec
@@ -11,6 +12,7 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "REGISTRY",
     "Backbone",
+    "EmbeddedBatch",
     "Embedder",
     "ExtractOptions",
     "ExtractSummary",
@@ -19,8 +21,10 @@ __all__ = [
     "SourceError",
     "UnknownBackboneError",
     "WeightsError",
+    "backbone_from_fingerprint",
     "build_backbone",
     "decode_image",
+    "embed_files",
     "extract",
     "get_spec",
     "list_images",

@@ -105,6 +105,7 @@ def build_backbone(
     pre = spec.preprocess()
     module = _Embedder(_truncate(net, spec), pre).eval().requires_grad_(False)
     fingerprint = {
+        "backbone": spec.name,  # registry entry to rebuild it from (not part of the identity)
         "architecture": f"{spec.source}:{spec.arch}",
         "layer": spec.layer,
         "dim": spec.dim,

@@ -2,15 +2,18 @@
 
 from features.inspect import check, describe
 from features.store import (
+    IDENTITY_FIELDS,
     FeatureStore,
     FingerprintMismatchError,
     ImageTable,
     StoreError,
     StoreLockedError,
     StoreWriter,
+    same_backbone,
 )
 
 __all__ = [
+    "IDENTITY_FIELDS",
     "FeatureStore",
     "FingerprintMismatchError",
     "ImageTable",
@@ -19,4 +22,5 @@ __all__ = [
     "StoreWriter",
     "check",
     "describe",
+    "same_backbone",
 ]

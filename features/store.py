@@ -367,6 +367,13 @@ class _Compactor:
             self.table.width[rows] = a["width"][keep]
             self.table.height[rows] = a["height"][keep]
 
+    def _apply_labels(self, new: h5py.File, meta: dict, a: dict[str, np.ndarray]) -> None:
+        col = self.table.labels.setdefault(meta["column"], [""] * len(self.table))
+        for p, v in zip(a["path"].tolist(), a["value"].tolist(), strict=True):
+            i = self.index.get(p)
+            if i is not None:
+                col[i] = str(v)
+
     def _apply_failures(self, new: h5py.File, meta: dict, a: dict[str, np.ndarray]) -> None:
         rows, keep = self._rows_matching(a)
         for i, j in zip(rows.tolist(), keep.tolist(), strict=True):
@@ -563,6 +570,19 @@ class StoreWriter:
             sha256=np.array(sha256, dtype=str),
             embeddings=x.astype(np.float32, copy=False),
             **extra,
+        )
+
+    def set_labels(self, column: str, paths: list[str], values: list[str]) -> None:
+        """Set one label column (e.g. a stored split) for images already in the table, keyed by path."""
+        if not column or "/" in column:
+            raise StoreError(f"label column {column!r} must be non-empty and contain no '/'")
+        if len(paths) != len(values):
+            raise StoreError(f"set_labels({column!r}): {len(paths)} paths but {len(values)} values")
+        self._write(
+            "labels",
+            {"column": column},
+            path=np.array(paths, dtype=str),
+            value=np.array(values, dtype=str),
         )
 
     def record_failures(self, paths: list[str], sha256: list[str], reasons: list[str]) -> None:

@@ -1,0 +1,186 @@
+"""Labelled feature matrices from a store: several backbones fused by content hash, a kept split.
+
+Only ``features`` touches HDF5; this module turns what it returns into the arrays heads train on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from features import FeatureStore, StoreWriter
+
+log = logging.getLogger(__name__)
+
+TRAIN, TEST = "train", "test"
+EVAL_SPLITS = ("test", "val")
+
+
+class DataError(ValueError):
+    """The store cannot give a labelled data set as asked (missing backbone, label column, split...)."""
+
+
+@dataclass
+class Dataset:
+    """Rows of the image table with features from every requested backbone.
+
+    ``X`` is (n, sum of dims) float32, backbones concatenated in the order given. ``labels`` holds
+    every label column restricted to these rows.
+    """
+
+    X: np.ndarray
+    paths: list[str]
+    sha256: list[str]
+    labels: dict[str, np.ndarray]
+    backbones: tuple[str, ...]
+    fingerprints: dict[str, dict[str, Any]]
+    dropped: int = 0  # labelled rows without features from every backbone
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def column(self, name: str) -> np.ndarray:
+        if name not in self.labels:
+            raise DataError(
+                f"no label column {name!r}; the store has {', '.join(sorted(self.labels))}"
+            )
+        return self.labels[name]
+
+    def subset(self, mask: np.ndarray) -> Dataset:
+        idx = np.flatnonzero(mask)
+        return Dataset(
+            X=self.X[idx],
+            paths=[self.paths[i] for i in idx],
+            sha256=[self.sha256[i] for i in idx],
+            labels={k: v[idx] for k, v in self.labels.items()},
+            backbones=self.backbones,
+            fingerprints=self.fingerprints,
+            notes=self.notes,
+        )
+
+
+def fused_features(
+    store: FeatureStore, backbones: list[str] | tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(table rows, (n, sum D) features, rows dropped) for images embedded by every backbone.
+
+    Rows are joined by SHA-256 of the file, so an image embedded under another path (or copied)
+    still lines up; concatenation order follows ``backbones``.
+    """
+    if not backbones:
+        raise DataError("name at least one backbone")
+    if len(set(backbones)) != len(backbones):
+        raise DataError(f"backbone listed twice: {list(backbones)}")
+    table = store.images()
+    sha = np.asarray(table.sha256, dtype=object)
+    per: list[dict[str, int]] = []
+    for name in backbones:
+        valid = np.flatnonzero(store.valid(name))
+        per.append({sha[r]: int(r) for r in valid[::-1]})  # first row of each hash wins
+    candidates = np.flatnonzero(store.valid(backbones[0]))
+    keep = np.array([r for r in candidates if all(sha[r] in m for m in per[1:])], dtype=np.int64)
+    dropped = len(candidates) - len(keep)
+    blocks = [
+        store.embeddings(name, [m[sha[r]] for r in keep])
+        for name, m in zip(backbones, per, strict=True)
+    ]
+    X = np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), np.float32)
+    return keep, X, dropped
+
+
+def load_dataset(
+    store_path: str | os.PathLike[str],
+    backbones: list[str] | tuple[str, ...],
+    *,
+    label: str = "label",
+) -> Dataset:
+    """Every image with a non-empty ``label`` and features from all ``backbones``."""
+    store = FeatureStore(store_path)
+    entries = {b: store.backbone(b) for b in backbones}
+    table = store.images()
+    if label not in table.labels:
+        have = ", ".join(sorted(table.labels)) or "none"
+        raise DataError(f"{store_path}: no label column {label!r} (it has: {have})")
+    rows, X, dropped = fused_features(store, list(backbones))
+    y = np.asarray(table.labels[label], dtype=str)[rows]
+    labelled = y != ""
+    rows, X = rows[labelled], X[labelled]
+    if len(rows) == 0:
+        raise DataError(f"{store_path}: no image has both a {label!r} label and features")
+    notes = []
+    if dropped:
+        notes.append(f"{dropped} images lack features from some backbone and are left out")
+    return Dataset(
+        X=X,
+        paths=[table.path[r] for r in rows],
+        sha256=[table.sha256[r] for r in rows],
+        labels={k: np.asarray(v, dtype=str)[rows] for k, v in table.labels.items()},
+        backbones=tuple(backbones),
+        fingerprints={b: e.fingerprint for b, e in entries.items()},
+        dropped=dropped,
+        notes=notes,
+    )
+
+
+def make_split(y: np.ndarray, *, test_size: float = 0.3, seed: int = 0) -> np.ndarray:
+    """A seeded stratified train/test assignment; classes with one image go to train (reported)."""
+    y = np.asarray(y, dtype=str)
+    out = np.full(len(y), TRAIN, dtype=object)
+    classes, counts = np.unique(y, return_counts=True)
+    ok = np.isin(y, classes[counts >= 2])
+    idx = np.flatnonzero(ok)
+    if len(idx) >= 2 and len(np.unique(y[idx])) >= 1:
+        n_test = max(int(round(test_size * len(idx))), len(np.unique(y[idx])))
+        n_test = min(n_test, len(idx) - len(np.unique(y[idx])))
+        if n_test > 0:
+            _, test = train_test_split(idx, test_size=n_test, stratify=y[idx], random_state=seed)
+            out[test] = TEST
+    return out.astype(str)
+
+
+def ensure_split(
+    store_path: str | os.PathLike[str],
+    data: Dataset,
+    *,
+    column: str = "split",
+    label: str = "label",
+    test_size: float = 0.3,
+    seed: int = 0,
+) -> np.ndarray:
+    """The split for ``data``: the stored column where set, else made once (seeded) and stored.
+
+    Assignments already in the store never change, so every head is compared on the same images;
+    rows without one (new images) are split among themselves and written back.
+    """
+    split = data.labels.get(column, np.full(len(data), "", dtype=str)).astype(object)
+    missing = np.flatnonzero(split == "")
+    if len(missing):
+        new = make_split(data.column(label)[missing], test_size=test_size, seed=seed)
+        split[missing] = new
+        with StoreWriter(store_path) as w:
+            w.set_labels(column, [data.paths[i] for i in missing], [str(s) for s in new])
+        data.notes.append(
+            f"made a seeded ({seed}) stratified split for {len(missing)} images "
+            f"({int(np.sum(new == TEST))} test) and stored it as label column {column!r}"
+        )
+        log.info(data.notes[-1])
+    split = split.astype(str)
+    data.labels[column] = split
+    return split
+
+
+def eval_mask(split: np.ndarray, which: str | None = None) -> tuple[np.ndarray, str]:
+    """Rows to evaluate on: ``which``, else 'test', else 'val'."""
+    for name in [which] if which else EVAL_SPLITS:
+        m = split == name
+        if m.any():
+            return m, name
+    raise DataError(
+        f"no images in the {which or 'test/val'} split (splits present: {', '.join(sorted(set(split)))})"
+    )

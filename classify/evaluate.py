@@ -1,0 +1,116 @@
+"""`penult evaluate` and `penult compare`: saved or freshly trained heads scored on a store's split."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from classify.data import DataError, eval_mask, load_dataset
+from classify.model import Model, resolve_backbones
+from classify.predict import csv_header, csv_rows
+from classify.report import write_report
+from classify.train import TrainOptions, score, summary, train
+from features import FeatureStore
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]
+    split: str
+    n: int
+    report_dir: Path | None = None
+
+
+def evaluate(
+    model: Model,
+    store_path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    report_dir: str | os.PathLike[str] | None = None,
+    top_k: int = 5,
+) -> Evaluation:
+    """Score ``model`` on the held-out split of a store whose backbone fingerprints match."""
+    store = FeatureStore(store_path)
+    names = resolve_backbones(model, store)
+    data = load_dataset(store_path, names, label=model.manifest["label"])
+    column = model.manifest["trained_on"]["split_column"]
+    if column not in data.labels:
+        raise DataError(
+            f"{store_path}: no {column!r} column; train on this store first to make the split"
+        )
+    mask, name = eval_mask(data.labels[column], split or model.manifest["trained_on"]["eval_split"])
+    sub = data.subset(mask)
+    m = score(model, sub)
+    out = None
+    if report_dir is not None:
+        title = f"{model.manifest['kind']} {model.manifest['head']} on {' + '.join(names)}: {name} split"
+        info = [
+            f"store {store_path}, split column {column!r}, {len(sub)} images",
+            f"model trained on {model.manifest.get('trained_on', {}).get('store')} "
+            f"({sum(model.manifest.get('train_counts', {}).values())} training images, "
+            f"{len(model.classes)} classes)",
+        ]
+        out = write_report(
+            report_dir, title, m, info, sub.column(model.manifest["label"]), m["predictions"]
+        )
+        k = max(1, min(top_k, len(model.classes)))
+        with open(out / "predictions.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([*csv_header(model, k), "truth"])
+            truth = sub.column(model.manifest["label"])
+            for row, t in zip(csv_rows(sub.paths, m["predictions"], model, k), truth, strict=True):
+                w.writerow([*row, t])
+    return Evaluation(m, name, len(sub), out)
+
+
+def compare(
+    store_path: str | os.PathLike[str],
+    heads: list[str],
+    backbone_sets: list[tuple[str, ...]],
+    base: TrainOptions = TrainOptions(),  # noqa: B008
+) -> list[dict[str, Any]]:
+    """Train every head on every backbone set on the same stored split; one summary row each."""
+    rows = []
+    for bbs in backbone_sets:
+        for head in heads:
+            t = time.perf_counter()
+            r = train(store_path, replace(base, head=head, backbones=bbs))
+            rows.append(
+                {"backbones": " + ".join(r.model.backbones), "head": head, "kind": r.model.manifest["kind"],
+                 "fit_seconds": r.fit_seconds, "seconds": time.perf_counter() - t,
+                 "n_train": r.n_train, "n_eval": r.n_eval, **summary(r.metrics)}
+            )  # fmt: skip
+    return rows
+
+
+def compare_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of comparison rows, best top-1 first."""
+    levels = sorted({k for r in rows for k in r.get("level_accuracy", {})} - {"label"})
+    head = [
+        "backbones",
+        "head",
+        "kind",
+        "top-1",
+        "top-5",
+        "balanced",
+        "macro-F1",
+        "ECE",
+        *levels,
+        "fit s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: -r["top1"]):
+        lv = [
+            f"{r['level_accuracy'][k]:.3f}" if k in r.get("level_accuracy", {}) else ""
+            for k in levels
+        ]
+        cells = [r["backbones"], r["head"], r["kind"], f"{r['top1']:.3f}", f"{r.get('top5', np.nan):.3f}",
+                 f"{r['balanced_accuracy']:.3f}", f"{r['macro_f1']:.3f}", f"{r['ece']:.3f}", *lv, f"{r['fit_seconds']:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

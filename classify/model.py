@@ -1,0 +1,233 @@
+"""A trained model on disk: one skops file (the head pipeline) plus a JSON manifest beside it.
+
+The manifest records what the head needs to be used honestly: the classes and taxonomy, the
+backbone fingerprints its features came from, metrics, library versions and the SHA-256 of the
+model file. Loading checks the hash, then lets skops rebuild only classes from scikit-learn, numpy,
+scipy and penult's own heads; anything else (a function, a foreign class) is refused unless the
+user passes ``trust=True``. No pickle is ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import skops.io as sio
+from sklearn.base import BaseEstimator
+
+from features import IDENTITY_FIELDS, FeatureStore, same_backbone
+
+FORMAT = "penult-model"
+VERSION = 1
+_TRUSTED_PACKAGES = ("sklearn", "numpy", "scipy", "classify")
+
+
+class ModelError(ValueError):
+    """A model file is missing, tampered with, unsafe, or does not fit the features offered."""
+
+
+@dataclass
+class Predictions:
+    """What a model says about n images."""
+
+    label: np.ndarray  # (n,) predicted class (or the model's unknown label)
+    proba: np.ndarray  # (n, n_classes) probabilities in ``classes`` order
+    classes: np.ndarray
+    path: np.ndarray | None = None  # (n, depth) predicted taxonomy path, coarse first
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, k) labels and probabilities, best first."""
+        order = np.argsort(-self.proba, axis=1, kind="stable")[:, :k]
+        return self.classes[order], np.take_along_axis(self.proba, order, axis=1)
+
+
+@dataclass
+class Model:
+    estimator: BaseEstimator
+    manifest: dict[str, Any]
+
+    @property
+    def classes(self) -> np.ndarray:
+        return np.asarray(self.manifest["classes"], dtype=str)
+
+    @property
+    def backbones(self) -> list[str]:
+        return [b["name"] for b in self.manifest["backbones"]]
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.manifest.get("levels", []))
+
+    @property
+    def paths(self) -> np.ndarray | None:
+        """(n_classes, depth) taxonomy path per class, coarse first, class last (None if flat)."""
+        p = self.manifest.get("paths")
+        return np.asarray(p, dtype=str) if p else None
+
+    @property
+    def unknown(self) -> str | None:
+        return self.manifest.get("unknown")
+
+    def predict(self, X: np.ndarray) -> Predictions:
+        """Run the head on (n, D) features (the backbones' embeddings concatenated in order)."""
+        dim = int(self.manifest["feature_dim"])
+        if X.ndim != 2 or X.shape[1] != dim:
+            raise ModelError(
+                f"model expects {dim}-d features ({' + '.join(self.backbones)}), got shape {X.shape}"
+            )
+        proba = self.estimator.predict_proba(X)
+        classes = self.classes
+        label = np.asarray(self.estimator.predict(X)).astype(str)
+        path = None
+        if self.paths is not None:
+            col = {c: i for i, c in enumerate(classes)}
+            path = self.paths[[col.get(c, 0) for c in label]]
+            if self.unknown is not None:
+                path[label == self.unknown] = self.unknown
+        return Predictions(label=label, proba=proba, classes=classes, path=path)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_path(path: str | os.PathLike[str]) -> Path:
+    return Path(f"{path}.json")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("penult", "scikit-learn", "numpy", "skops", "h5py", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_model(model: Model, path: str | os.PathLike[str]) -> Path:
+    """Write ``path`` (skops) and ``path.json`` (manifest with the file's SHA-256), each atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sio.dump(model.estimator, tmp, compression=8)
+    os.replace(tmp, path)
+    manifest = {
+        **model.manifest,
+        "format": FORMAT,
+        "version": VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "model_file": path.name,
+        "model_sha256": file_sha256(path),
+    }
+    model.manifest = manifest
+    mtmp = path.with_name(f".{path.name}.json.tmp-{os.getpid()}")
+    mtmp.write_text(json.dumps(manifest, indent=1, default=_json_default))
+    os.replace(mtmp, manifest_path(path))
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot store {type(o).__name__} in a manifest")
+
+
+def _is_safe_type(name: str) -> bool:
+    """A class (not a function) defined in scikit-learn, numpy, scipy or penult's classify package."""
+    module, _, attr = name.rpartition(".")
+    if module.split(".")[0] not in _TRUSTED_PACKAGES:
+        return False
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(obj, type)
+
+
+def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> Model:
+    """Load a model, refusing a file whose hash differs from its manifest or that names unsafe types."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        raise ModelError(f"{path}: its manifest {mpath.name} is missing; a model is the pair")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{mpath}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ModelError(f"{mpath}: not a penult model manifest")
+    if int(manifest.get("version", 0)) > VERSION:
+        raise ModelError(f"{mpath}: made by a newer penult (model format {manifest['version']})")
+    digest = file_sha256(path)
+    if digest != manifest.get("model_sha256"):
+        raise ModelError(
+            f"{path}: SHA-256 {digest[:12]}... does not match its manifest "
+            f"({str(manifest.get('model_sha256'))[:12]}...): the file was modified or corrupted"
+        )
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as e:  # skops raises several types for non-zip / malformed files
+        raise ModelError(
+            f"{path}: not a readable skops model file ({type(e).__name__}: {e})"
+        ) from None
+    unsafe = [t for t in untrusted if not _is_safe_type(t)]
+    if unsafe and not trust:
+        raise ModelError(
+            f"{path}: refusing to load, it names types that could run code: {', '.join(unsafe)}. "
+            "Only if you trust who made the file, pass --trust-model."
+        )
+    try:
+        estimator = sio.load(path, trusted=untrusted)
+    except Exception as e:
+        raise ModelError(f"{path}: cannot rebuild the model ({type(e).__name__}: {e})") from None
+    return Model(estimator=estimator, manifest=manifest)
+
+
+def resolve_backbones(model: Model, store: FeatureStore) -> list[str]:
+    """The store's entries holding the model's features; refuses other weights or preprocessing.
+
+    An entry is matched by name first, then by fingerprint (the same backbone stored under
+    another name still fits).
+    """
+    entries = store.backbones()
+    out = []
+    for want in model.manifest["backbones"]:
+        fp = want["fingerprint"]
+        same = [n for n, e in entries.items() if same_backbone(e.fingerprint, fp)]
+        if want["name"] in same:
+            out.append(want["name"])
+        elif same:
+            out.append(same[0])
+        elif want["name"] in entries:
+            have = entries[want["name"]].fingerprint
+            diff = [k for k in IDENTITY_FIELDS if have.get(k) != fp.get(k)]
+            raise ModelError(
+                f"{store.path}: backbone {want['name']!r} differs from the one the model was trained on "
+                f"({', '.join(diff)} differ); the model needs features from {fp.get('architecture')} "
+                f"with weights {str(fp.get('weights_sha256'))[:12]}..."
+            )
+        else:
+            raise ModelError(
+                f"{store.path} has no features from {want['name']!r} ({fp.get('architecture')}); "
+                f"run `penult extract {store.path} IMAGES --backbone {want['name']}` first"
+            )
+    return out

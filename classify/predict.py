@@ -1,0 +1,228 @@
+"""Batch scoring: images in, one CSV row per image out (top-k labels with probabilities).
+
+Files are processed in chunks, so memory stays flat for any number of images, and the CSV is
+written as ``OUT.partial`` and renamed when complete: an interrupted run never leaves a
+truncated file under the final name. With a store, images already embedded there (same content
+hash, same backbone fingerprint) are not run through the network again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from classify.model import Model, Predictions, resolve_backbones
+from features import FeatureStore
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    top_k: int = 5
+    store: str | None = None  # reuse embeddings cached there
+    weights: tuple[str, ...] = ()  # FILE, or NAME=FILE per backbone, when not the registry default
+    trust_checkpoint: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    chunk: int = 2048  # images per step: bounds memory
+    progress: bool = True
+
+
+@dataclass
+class PredictSummary:
+    out: Path
+    listed: int = 0
+    scored: int = 0
+    from_store: int = 0
+    extracted: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def report(self, max_failed: int = 20) -> str:
+        rate = self.scored / self.seconds if self.seconds else 0.0
+        lines = [
+            f"scored {self.scored} of {self.listed} images -> {self.out} in {self.seconds:.1f} s "
+            f"({rate:.1f} images/s; {self.from_store} from the store, {self.extracted} extracted)"
+        ]
+        lines += [f"  FAILED {p}: {why}" for p, why in self.failed[:max_failed]]
+        if len(self.failed) > max_failed:
+            lines.append(
+                f"  ... and {len(self.failed) - max_failed} more (error column of the CSV)"
+            )
+        return "\n".join(lines)
+
+
+def list_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
+    """(shown path, absolute path) for every image under the inputs, each file once, in order."""
+    from extract import list_images
+
+    seen: set[str] = set()
+    out = []
+    for src in inputs:
+        listing = list_images(src)
+        for i, rel in enumerate(listing.paths):
+            absolute = os.path.abspath(listing.absolute(i))
+            if absolute not in seen:
+                seen.add(absolute)
+                shown = os.path.join(src, rel) if Path(src).is_dir() else listing.absolute(i)
+                out.append((shown, absolute))
+    return out
+
+
+def csv_header(model: Model, top_k: int) -> list[str]:
+    levels = model.levels[:-1]
+    tops = [f"{k}{i}" for i in range(1, top_k + 1) for k in ("top", "prob")]
+    return ["path", "prediction", "probability", *levels, *tops, "error"]
+
+
+def csv_rows(paths: Sequence[str], pred: Predictions, model: Model, top_k: int) -> list[list[Any]]:
+    """One row per image: prediction and its probability, coarse levels, top-k pairs."""
+    labels, probs = pred.top(top_k)
+    col = {c: i for i, c in enumerate(pred.classes)}
+    rows = []
+    for i, p in enumerate(paths):
+        j = col.get(pred.label[i])
+        prob = float(pred.proba[i, j]) if j is not None else float(probs[i, 0])
+        levels = list(pred.path[i, :-1]) if pred.path is not None else []
+        tops = [v for k in range(labels.shape[1]) for v in (labels[i, k], f"{probs[i, k]:.6f}")]
+        rows.append([p, pred.label[i], f"{prob:.6f}", *levels, *tops, ""])
+    return rows
+
+
+def _weights_for(model: Model, weights: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for w in weights:
+        name, sep, path = w.partition("=")
+        if not sep:
+            if len(model.backbones) != 1:
+                raise ValueError(
+                    f"model fuses {', '.join(model.backbones)}: give --weights NAME=FILE"
+                )
+            name, path = model.backbones[0], w
+        out[name] = path
+    return out
+
+
+def _hash(path: str) -> str:
+    from extract.images import read_image_bytes
+
+    try:
+        return hashlib.sha256(read_image_bytes(path)).hexdigest()
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the loader
+        return ""
+
+
+class _Features:
+    """Features of a chunk of files: from the store where cached, else from the network."""
+
+    def __init__(self, model: Model, opts: PredictOptions):
+        self.model, self.opts = model, opts
+        self.weights = _weights_for(model, opts.weights)
+        self.nets: dict[str, Any] = {}
+        self.cache: list[tuple[str, dict[str, int]]] = []  # per backbone: (store entry, sha -> row)
+        self.store = FeatureStore(opts.store) if opts.store else None
+        if self.store is not None:
+            names = resolve_backbones(model, self.store)
+            sha = self.store.images().sha256
+            for name in names:
+                valid = np.flatnonzero(self.store.valid(name))
+                self.cache.append((name, {sha[r]: int(r) for r in valid}))
+
+    def _net(self, k: int):
+        from extract import backbone_from_fingerprint
+
+        spec = self.model.manifest["backbones"][k]
+        if spec["name"] not in self.nets:
+            self.nets[spec["name"]] = backbone_from_fingerprint(
+                spec["fingerprint"],
+                weights=self.weights.get(spec["name"]),
+                trust_checkpoint=self.opts.trust_checkpoint,
+            )
+        return self.nets[spec["name"]]
+
+    def __call__(
+        self, files: list[str], s: PredictSummary
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """((n, D) features, (n,) ok mask, position -> failure reason)."""
+        from extract import embed_files
+
+        n, blocks, ok, errors = len(files), [], np.ones(len(files), bool), {}
+        sha = list(ThreadPoolExecutor(4).map(_hash, files)) if self.store is not None else [""] * n
+        for k, spec in enumerate(self.model.manifest["backbones"]):
+            x = np.zeros((n, int(spec["fingerprint"]["dim"])), np.float32)
+            have = np.zeros(n, bool)
+            if self.store is not None:
+                name, rows = self.cache[k]
+                hit = [i for i in range(n) if sha[i] in rows]
+                if hit:
+                    x[hit] = self.store.embeddings(name, [rows[sha[i]] for i in hit])
+                    have[hit] = True
+            cached = int(have.sum())
+            todo = np.flatnonzero(~have & ok)
+            if len(todo):
+                o = self.opts
+                for b in embed_files([files[i] for i in todo], self._net(k), device=o.device, precision=o.precision, batch_size=o.batch_size, workers=o.workers):  # fmt: skip
+                    x[todo[b.indices]] = b.X
+                    have[todo[b.indices]] = True
+                    for j, why in b.failed:
+                        errors[int(todo[j])] = why
+            if k == 0:
+                s.from_store += cached
+                s.extracted += int(have.sum()) - cached
+            ok &= have
+            blocks.append(x)
+        return np.concatenate(blocks, axis=1), ok, errors
+
+
+def predict_images(
+    model: Model,
+    inputs: Sequence[str],
+    out: str | os.PathLike[str],
+    opts: PredictOptions = PredictOptions(),  # noqa: B008
+) -> PredictSummary:
+    """Score every image under ``inputs`` and write ``out`` as CSV (see module docstring)."""
+    t0 = time.perf_counter()
+    files = list_inputs(inputs)
+    s = PredictSummary(Path(out), listed=len(files))
+    feats = _Features(model, opts)
+    top_k = max(1, min(opts.top_k, len(model.classes)))
+    header = csv_header(model, top_k)
+    partial = Path(f"{out}.partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not opts.progress)
+    with open(partial, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for start in range(0, len(files), opts.chunk):
+            part = files[start : start + opts.chunk]
+            X, ok, errors = feats([a for _, a in part], s)
+            rows: list[list[Any]] = [[]] * len(part)
+            good = np.flatnonzero(ok)
+            if len(good):
+                pred = model.predict(X[good])
+                for i, row in zip(
+                    good, csv_rows([part[i][0] for i in good], pred, model, top_k), strict=True
+                ):
+                    rows[i] = row
+            for i in np.flatnonzero(~ok):
+                why = errors.get(int(i), "no features")
+                rows[i] = [part[i][0]] + [""] * (len(header) - 2) + [why]
+                s.failed.append((part[i][0], why))
+            w.writerows(rows)
+            s.scored += len(good)
+            bar.update(len(part))
+    bar.close()
+    os.replace(partial, out)
+    s.seconds = time.perf_counter() - t0
+    return s

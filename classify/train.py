@@ -1,0 +1,300 @@
+"""Training a head on stored features: data, split, estimator, optional CV search, fit, evaluate, save."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.pipeline import Pipeline
+
+from classify.data import TRAIN, DataError, Dataset, ensure_split, eval_mask, load_dataset
+from classify.heads import make_head, search_grid
+from classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
+from classify.metrics import classification_metrics
+from classify.model import Model
+from classify.ovr import UNKNOWN, ThresholdedOneVsRest
+from features import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    head: str = "lr"  # lr, svm, mlp, knn, centroid (see classify.heads.HEADS)
+    backbones: tuple[
+        str, ...
+    ] = ()  # empty: the store's only backbone; several: fused by content hash
+    label: str = "label"
+    levels: tuple[str, ...] = ()  # coarse label columns, coarse first ("auto": nested folders)
+    hierarchical: bool = False  # top-down over ``levels``; otherwise levels are only reported
+    taxonomy: str | None = None  # CSV class,<coarse columns...> joined on at train time
+    ovr: bool = False  # one-vs-rest with per-class thresholds and an unknown outcome
+    threshold: str | float = "f1"
+    class_weight: str | None = None  # "balanced" reweights rare classes
+    preprocess: str | None = None  # standard, l2, l2+standard, none (default per head)
+    pca: int | float | None = None
+    whiten: bool = False
+    search: bool = False  # grid search of the head's main parameter by stratified CV on train
+    cv: int = 3
+    split: str = "split"  # label column holding train/test; made (seeded) and stored if missing
+    eval_split: str | None = None  # default: test, else val
+    test_size: float = 0.3
+    seed: int = 0
+    n_jobs: int | None = None  # default: all cores
+    params: tuple[tuple[str, Any], ...] = ()  # extra classifier keywords, e.g. (("C", 0.1),)
+
+
+@dataclass
+class TrainResult:
+    model: Model
+    metrics: dict[str, Any]
+    fit_seconds: float
+    n_train: int
+    n_eval: int
+    eval_split: str
+    search: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def default_backbones(store: FeatureStore, backbones: tuple[str, ...]) -> tuple[str, ...]:
+    if backbones:
+        return backbones
+    names = sorted(store.backbones())
+    if len(names) == 1:
+        return (names[0],)
+    have = ", ".join(names) or "none"
+    raise DataError(f"{store.path}: say which backbone(s) to use with --backbone (it has: {have})")
+
+
+def build_estimator(
+    opts: TrainOptions, taxonomy: dict[str, tuple[str, ...]] | None, levels: list[str]
+) -> Pipeline:
+    """Preprocessing steps + the classifier, wrapped for one-vs-rest or hierarchy as asked."""
+    if opts.ovr and opts.hierarchical:
+        raise DataError("choose either --hierarchical or --ovr (one-vs-rest), not both")
+    if opts.hierarchical and taxonomy is None:
+        raise DataError(
+            "--hierarchical needs coarse levels: --levels genus,family or --levels auto"
+        )
+    head = make_head(
+        opts.head,
+        preprocess=opts.preprocess,
+        pca=opts.pca,
+        whiten=opts.whiten,
+        class_weight=opts.class_weight,
+        **dict(opts.params),
+    )
+    clf: BaseEstimator = head.steps[-1][1]
+    if opts.ovr:
+        clf = ThresholdedOneVsRest(clf, thresholds=opts.threshold, n_jobs=_jobs(opts))
+    elif opts.hierarchical:
+        clf = HierarchicalClassifier(clf, taxonomy=taxonomy, level_names=levels)
+    return Pipeline([*head.steps[:-1], ("clf", clf)])
+
+
+def _jobs(opts: TrainOptions) -> int:
+    return opts.n_jobs or os.cpu_count() or 1
+
+
+def resolve_levels(data: Dataset, levels: tuple[str, ...]) -> list[str]:
+    """Coarse level columns, coarse first; "auto" means the nested-folder levels (level0, level1...)."""
+    if tuple(levels) == ("auto",):
+        found = sorted(
+            (c for c in data.labels if c.startswith("level") and c[5:].isdigit()),
+            key=lambda c: int(c[5:]),
+        )
+        if not found:
+            raise DataError(
+                "--levels auto needs nested class folders (root/<coarse>/.../<class>/image)"
+            )
+        return found
+    for c in levels:
+        data.column(c)
+    return list(levels)
+
+
+def join_taxonomy(data: Dataset, csv_path: str, label: str) -> str:
+    """Add the columns of a class -> coarse-levels CSV to ``data`` (first column = class)."""
+    import csv
+
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_path}: cannot read taxonomy CSV ({e})") from None
+    if len(rows) < 2 or len(rows[0]) < 2:
+        raise DataError(
+            f"{csv_path}: a taxonomy needs a header and rows of class,<coarse levels...>"
+        )
+    header = [h.strip().lower() for h in rows[0]]
+    table = {r[0].strip(): r for r in rows[1:] if r}
+    y = data.column(label)
+    missing = sorted(set(y) - set(table))
+    if missing:
+        raise DataError(
+            f"{csv_path}: {len(missing)} classes are not in the taxonomy, e.g. {missing[0]!r}"
+        )
+    for j, h in enumerate(header[1:], start=1):
+        data.labels[h] = np.array(
+            [table[c][j].strip() if j < len(table[c]) else "" for c in y], dtype=str
+        )
+    return f"taxonomy {csv_path}: columns {', '.join(header[1:])}"
+
+
+def _check_classes(y_train: np.ndarray, y_eval: np.ndarray, notes: list[str]) -> None:
+    classes, counts = np.unique(y_train, return_counts=True)
+    if len(classes) < 2:
+        raise DataError(
+            f"the training split has {len(classes)} class(es); a classifier needs 2 or more"
+        )
+    ones = classes[counts == 1]
+    if len(ones):
+        notes.append(f"{len(ones)} classes have a single training image, e.g. {ones[0]!r}")
+    unseen = sorted(set(y_eval) - set(classes))
+    if unseen:
+        notes.append(
+            f"{len(unseen)} classes appear only in the evaluation split and can never be predicted, "
+            f"e.g. {unseen[0]!r}"
+        )
+
+
+def _search(
+    est: Pipeline, opts: TrainOptions, X: np.ndarray, y: np.ndarray
+) -> tuple[Pipeline, dict]:
+    prefix = "clf__" + ("estimator__" if opts.ovr or opts.hierarchical else "")
+    grid = search_grid(opts.head, prefix)
+    if not grid:
+        raise DataError(f"head {opts.head!r} has nothing to search")
+    folds = max(2, min(opts.cv, int(np.unique(y, return_counts=True)[1].min())))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=opts.seed)
+    gs = GridSearchCV(est, grid, cv=cv, scoring="accuracy", n_jobs=_jobs(opts), refit=True)
+    gs.fit(X, y)
+    table = [
+        {"params": {k.split("__")[-1]: v for k, v in p.items()}, "cv_accuracy": float(m)}
+        for p, m in zip(gs.cv_results_["params"], gs.cv_results_["mean_test_score"], strict=True)
+    ]
+    best = {k.split("__")[-1]: v for k, v in gs.best_params_.items()}
+    return gs.best_estimator_, {"folds": folds, "best": best, "results": table}
+
+
+def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions()) -> TrainResult:  # noqa: B008
+    """Fit a head on the train split of a store and score it on the held-out split."""
+    store = FeatureStore(store_path)
+    backbones = default_backbones(store, opts.backbones)
+    data = load_dataset(store_path, backbones, label=opts.label)
+    split = ensure_split(
+        store_path,
+        data,
+        column=opts.split,
+        label=opts.label,
+        test_size=opts.test_size,
+        seed=opts.seed,
+    )
+    ev, ev_name = eval_mask(split, opts.eval_split)
+    tr = split == TRAIN
+    y = data.column(opts.label)
+    notes = list(data.notes)
+    _check_classes(y[tr], y[ev], notes)
+    if opts.taxonomy:
+        notes.append(join_taxonomy(data, opts.taxonomy, opts.label))
+    levels = resolve_levels(data, opts.levels)
+    taxonomy = taxonomy_from_columns(y, {c: data.column(c) for c in levels}) if levels else None
+    est = build_estimator(opts, taxonomy, levels)
+    t0 = time.perf_counter()
+    search = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if opts.search:
+            est, search = _search(est, opts, data.X[tr], y[tr])
+        else:
+            est.fit(data.X[tr], y[tr])
+    fit_seconds = time.perf_counter() - t0
+    model = Model(est, _manifest(store, data, opts, taxonomy, levels, est, ev_name))
+    counts = dict(zip(*np.unique(y[tr], return_counts=True), strict=True))
+    metrics = score(
+        model, data.subset(ev), train_counts={str(k): int(v) for k, v in counts.items()}
+    )
+    model.manifest["metrics"] = summary(metrics)
+    model.manifest["train_counts"] = {str(k): int(v) for k, v in counts.items()}
+    model.manifest["fit_seconds"] = fit_seconds
+    return TrainResult(
+        model, metrics, fit_seconds, int(tr.sum()), int(ev.sum()), ev_name, search, notes
+    )
+
+
+def _manifest(
+    store: FeatureStore,
+    data: Dataset,
+    opts: TrainOptions,
+    taxonomy: dict[str, tuple[str, ...]] | None,
+    levels: list[str],
+    est: Pipeline,
+    eval_split: str,
+) -> dict[str, Any]:
+    classes = np.asarray(est.classes_).astype(str)
+    return {
+        "kind": "ovr" if opts.ovr else ("hierarchical" if opts.hierarchical else "flat"),
+        "head": opts.head,
+        "options": {k: v for k, v in asdict(opts).items() if k != "params"}
+        | {"params": dict(opts.params)},
+        "label": opts.label,
+        "classes": classes.tolist(),
+        "levels": [*levels, opts.label] if taxonomy else [],
+        "paths": [[*taxonomy[c], c] for c in classes] if taxonomy else None,
+        "unknown": UNKNOWN if opts.ovr else None,
+        "backbones": [{"name": b, "fingerprint": data.fingerprints[b]} for b in data.backbones],
+        "feature_dim": int(data.X.shape[1]),
+        "trained_on": {
+            "store": str(store.path),
+            "split_column": opts.split,
+            "eval_split": eval_split,
+        },
+    }
+
+
+def score(
+    model: Model, data: Dataset, *, train_counts: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Metrics of ``model`` on ``data`` (labels in the model's label column)."""
+    y = data.column(model.manifest["label"])
+    pred = model.predict(data.X)
+    return classification_metrics(
+        y,
+        pred.label,
+        pred.proba,
+        pred.classes,
+        train_counts=train_counts or model.manifest.get("train_counts"),
+        paths=model.paths,
+        levels=model.levels,
+        unknown=model.unknown,
+    ) | {"predictions": pred}
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers (what goes in a manifest or a comparison row)."""
+    keys = (
+        "n",
+        "top1",
+        "top5",
+        "balanced_accuracy",
+        "macro_f1",
+        "ece",
+        "macro_auc",
+        "unknown_rate",
+        "accuracy_when_known",
+    )
+    out = {k: metrics[k] for k in keys if k in metrics}
+    if metrics.get("rare"):
+        out["rare_top1"] = metrics["rare"]["top1"]
+    if metrics.get("levels"):
+        out["level_accuracy"] = metrics["levels"]["accuracy"]
+        out["mean_tree_distance"] = metrics["levels"]["mean_tree_distance"]
+    return out
