@@ -151,6 +151,7 @@ class HierarchicalClassifier(ClassifierMixin, BaseEstimator):
         return self._leaf_proba(X)
 
     def predict(self, X) -> np.ndarray:
+        check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def predict_path(self, X) -> np.ndarray:

@@ -51,16 +51,12 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> f
     return float((count * gap).sum() / max(count.sum(), 1))
 
 
-def rare_classes(train_counts: Mapping[str, int], quantile: float = 0.2) -> list[str]:
-    """Classes with the fewest training images: at or below the ``quantile`` of the counts.
-
-    Empty when that would be most classes (training counts are balanced: nothing is rare).
-    """
+def rare_classes(train_counts: Mapping[str, int]) -> list[str]:
+    """Classes with at most half the median class's training images (none when counts are even)."""
     if not train_counts:
         return []
-    cut = np.quantile(np.array(list(train_counts.values())), quantile)
-    rare = sorted(c for c, n in train_counts.items() if n <= cut)
-    return rare if len(rare) <= len(train_counts) / 2 else []
+    cut = np.median(np.array(list(train_counts.values()))) / 2
+    return sorted(c for c, n in train_counts.items() if n <= cut)
 
 
 def classification_metrics(

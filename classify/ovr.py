@@ -67,7 +67,7 @@ class ThresholdedOneVsRest(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"one-vs-rest needs at least 2 classes; got {self.classes_.tolist()}")
+            raise ValueError(f"one-vs-rest needs at least 2 classes; got one class: {self.classes_.tolist()}")
         if isinstance(self.thresholds, str) and self.thresholds != "f1":
             raise ValueError(f"thresholds must be 'f1' or a probability, not {self.thresholds!r}")
         self.ovr_ = self._ovr().fit(X, y)
@@ -112,8 +112,10 @@ class ThresholdedOneVsRest(ClassifierMixin, BaseEstimator):
         passed = np.where(s >= self.thresholds_, s, -np.inf)
         best = np.argmax(passed, axis=1)
         known = np.isfinite(passed[np.arange(len(s)), best])
-        out = self.classes_.astype(object)[best]
-        out[~known] = self.unknown
+        out = self.classes_[best]
+        if not known.all():
+            out = out.astype(object)
+            out[~known] = self.unknown
         return out
 
     def __sklearn_tags__(self):

@@ -52,3 +52,30 @@ def small_folder(data_dir: Path, tmp_path: Path) -> Path:
         for f in sorted((data_dir / "hymenoptera" / cls).glob("*.jpg"))[:6]:
             shutil.copy(f, root / cls / f.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def cub_store(data_dir: Path, tmp_path_factory) -> Path:
+    """EfficientNet-Lite0 features of 20 cub100 species (1,174 images), with taxonomy and split.
+
+    Read-only for tests: copy it (``shutil.copy``) before anything that writes.
+    """
+    from extract import ExtractOptions, extract, list_images
+
+    out = tmp_path_factory.mktemp("cub_store")
+    manifest = cub_manifest(data_dir, out / "cub20.csv", classes=20)
+    listing = list_images(
+        manifest, root=data_dir / "cub100", taxonomy=data_dir / "cub100" / "taxonomy.csv"
+    )
+    extract(out / "cub20.h5", listing, ExtractOptions(progress=False))
+    return out / "cub20.h5"
+
+
+@pytest.fixture(scope="session")
+def hym_store(data_dir: Path, tmp_path_factory) -> Path:
+    """EfficientNet-Lite0 features of hymenoptera (train/val split.csv, one GIF placeholder)."""
+    from extract import ExtractOptions, extract, list_images
+
+    out = tmp_path_factory.mktemp("hym_store")
+    extract(out / "hym.h5", list_images(data_dir / "hymenoptera"), ExtractOptions(progress=False))
+    return out / "hym.h5"

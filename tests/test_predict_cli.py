@@ -1,0 +1,149 @@
+"""`penult train/evaluate/compare/predict` end to end on real images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def hym_model(hym_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hm")
+    store = out / "hym.h5"
+    shutil.copy(hym_store, store)
+    rc = main(
+        ["train", str(store), "--out", str(out / "ants.skops"), "--report", str(out / "report")]
+    )
+    assert rc == 0
+    return out, store
+
+
+def test_train_writes_model_and_readable_report(hym_model, capsys):
+    out, _ = hym_model
+    for f in ("report.md", "report.html", "metrics.json", "predictions.csv", "confusion.png", "per_class.png", "reliability.png"):  # fmt: skip
+        assert (out / "report" / f).stat().st_size > 200, f
+    m = json.loads((out / "report" / "metrics.json").read_text())
+    assert m["n"] == 153 and m["top1"] > 0.9
+    assert "| top-1 accuracy |" in (out / "report" / "report.md").read_text()
+    assert (out / "report" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_matches_evaluate_on_the_same_images(hym_model, data_dir, tmp_path):
+    out, store = hym_model
+    ev = {r["path"]: r for r in _rows(out / "report" / "predictions.csv")}
+    val = [p for p, r in ev.items()]
+    listing = tmp_path / "val.txt"
+    listing.write_text("\n".join(str(data_dir / "hymenoptera" / p) for p in val))
+    # with the store: same cached features, so identical numbers
+    assert main(["predict", str(out / "ants.skops"), str(listing), "--out", str(tmp_path / "a.csv"), "--store", str(store), "-q"]) == 0  # fmt: skip
+    a = {os.path.relpath(r["path"], data_dir / "hymenoptera"): r for r in _rows(tmp_path / "a.csv")}
+    assert set(a) == set(ev)
+    for p in val:
+        assert a[p]["prediction"] == ev[p]["prediction"] and a[p]["prob1"] == ev[p]["prob1"]
+    # without the store: the images go through the network again
+    assert main(["predict", str(out / "ants.skops"), str(listing), "--out", str(tmp_path / "b.csv"), "-q"]) == 0  # fmt: skip
+    b = {os.path.relpath(r["path"], data_dir / "hymenoptera"): r for r in _rows(tmp_path / "b.csv")}
+    same = np.mean([b[p]["prediction"] == ev[p]["prediction"] for p in val])
+    diff = max(abs(float(b[p]["probability"]) - float(ev[p]["probability"])) for p in val)
+    assert same >= 0.99 and diff < 0.05, (same, diff)
+
+
+def test_predict_reports_bad_files_and_scores_the_rest(hym_model, data_dir, tmp_path, capsys):
+    out, _ = hym_model
+    imgs = tmp_path / "in"
+    imgs.mkdir()
+    for f in sorted((data_dir / "hymenoptera" / "bees").glob("*.jpg"))[:3]:
+        shutil.copy(f, imgs / f.name)
+    (imgs / "empty.jpg").write_bytes(b"")
+    (imgs / "text.png").write_text("not an image")
+    good = sorted((data_dir / "hymenoptera" / "ants").glob("*.jpg"))[0].read_bytes()
+    (imgs / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    shutil.copy(data_dir / "hymenoptera/ants/imageNotFound.gif", imgs / "placeholder.gif")
+    csv_out = tmp_path / "p.csv"
+    assert (
+        main(
+            [
+                "predict",
+                str(out / "ants.skops"),
+                str(imgs),
+                "--out",
+                str(csv_out),
+                "-q",
+                "--top-k",
+                "9",
+            ]
+        )
+        == 0
+    )
+    rows = {Path(r["path"]).name: r for r in _rows(csv_out)}
+    assert len(rows) == 7 and not (tmp_path / "p.csv.partial").exists()
+    for bad in ("empty.jpg", "text.png", "placeholder.gif"):
+        assert rows[bad]["error"] and not rows[bad]["prediction"], bad
+    scored = [r for r in rows.values() if not r["error"]]
+    assert len(scored) >= 3 and all(r["prediction"] in ("ants", "bees") for r in scored)
+    assert all(r["top2"] and "top3" not in r for r in scored)  # top-k is capped at the 2 classes
+    text = capsys.readouterr().out
+    assert "FAILED" in text and "empty.jpg" in text
+
+
+def test_evaluate_and_compare_from_the_command_line(hym_model, cub_store, tmp_path, capsys):
+    out, store = hym_model
+    assert main(["evaluate", str(out / "ants.skops"), str(store)]) == 0
+    assert "top-1 accuracy" in capsys.readouterr().out
+    assert main(["compare", str(cub_store), "--head", "lr", "--head", "centroid", "--levels", "family,genus", "--json", str(tmp_path / "c.json")]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| backbones | head |" in table and "family" in table
+    rows = json.loads((tmp_path / "c.json").read_text())
+    assert {r["head"] for r in rows} == {"lr", "centroid"} and all(r["top1"] > 0.75 for r in rows)
+
+
+def test_cli_errors_are_one_line(hym_model, tmp_path, capsys):
+    out, store = hym_model
+    cases = [
+        (["evaluate", str(tmp_path / "nope.skops"), str(store)], "no such model file"),
+        (["train", str(store), "--out", str(tmp_path / "m"), "--head", "forest"], "unknown head"),
+        (["train", str(store), "--out", str(tmp_path / "m"), "--label", "genus"], "no label column"),
+        (["predict", str(out / "ants.skops"), str(tmp_path / "missing"), "--out", str(tmp_path / "x.csv")], "no such file"),
+    ]  # fmt: skip
+    for argv, msg in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("penult: error:") and msg in err, err
+
+
+def test_nested_folders_give_a_hierarchy(data_dir, tmp_path):
+    """root/<family>/<species>/img: --levels auto trains top-down on the folder levels."""
+    import csv as _csv
+
+    tax = {r["class"]: r for r in _csv.DictReader(open(data_dir / "cub100" / "taxonomy.csv"))}
+    root = tmp_path / "nested"
+    species = sorted(tax)[:8]
+    for s in species:
+        d = root / tax[s]["family"] / s
+        d.mkdir(parents=True)
+        for f in sorted((data_dir / "cub100" / s).glob("*.jpg"))[:12]:
+            os.symlink(f, d / f.name)
+    store = tmp_path / "n.h5"
+    assert main(["extract", str(store), str(root), "-q"]) == 0
+    model = tmp_path / "n.skops"
+    assert (
+        main(["train", str(store), "--out", str(model), "--levels", "auto", "--hierarchical"]) == 0
+    )
+    man = json.loads(open(f"{model}.json").read())
+    assert man["levels"] == ["level0", "label"] and man["kind"] == "hierarchical"
+    assert all(p[0] == tax[p[1]]["family"] for p in man["paths"])
