@@ -106,14 +106,17 @@ def test_taxonomy_errors_name_the_class(cub):
         taxonomy_from_columns(d.labels["label"], {"genus": genus})
 
 
+def _f1_at(s: np.ndarray, pos: np.ndarray, t: float) -> float:
+    return 2 * np.sum(pos & (s >= t)) / (np.sum(s >= t) + pos.sum())
+
+
 def test_best_f1_threshold_matches_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(20):
         s = np.round(rng.random(60), 2)  # ties included
         pos = rng.random(60) < 0.3
-        f1 = lambda t: 2 * np.sum(pos & (s >= t)) / (np.sum(s >= t) + pos.sum())  # noqa: E731
-        best = max(f1(t) for t in np.unique(s))
-        assert f1(best_f1_threshold(s, pos)) == pytest.approx(best)
+        best = max(_f1_at(s, pos, t) for t in np.unique(s))
+        assert _f1_at(s, pos, best_f1_threshold(s, pos)) == pytest.approx(best)
 
 
 def test_one_vs_rest_says_unknown_for_unlabelled_classes(cub):
