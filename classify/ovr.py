@@ -67,7 +67,9 @@ class ThresholdedOneVsRest(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"one-vs-rest needs at least 2 classes; got one class: {self.classes_.tolist()}")
+            raise ValueError(
+                f"one-vs-rest needs at least 2 classes; got one class: {self.classes_.tolist()}"
+            )
         if isinstance(self.thresholds, str) and self.thresholds != "f1":
             raise ValueError(f"thresholds must be 'f1' or a probability, not {self.thresholds!r}")
         self.ovr_ = self._ovr().fit(X, y)

@@ -101,7 +101,9 @@ def test_planted_payload_is_refused_and_never_runs(tmp_path):
 
 def test_foreign_class_needs_trust(tmp_path):
     path = _plant(tmp_path, FunctionTransformer(func=json.dumps), "f.skops")
-    with pytest.raises(ModelError, match="json.dumps"):  # outside sklearn/numpy/scipy/penult: refused
+    with pytest.raises(
+        ModelError, match="json.dumps"
+    ):  # outside sklearn/numpy/scipy/penult: refused
         load_model(path)
     assert isinstance(load_model(path, trust=True).estimator, FunctionTransformer)
 
