@@ -23,7 +23,7 @@ def headline_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("images evaluated", str(m["n"])),
         ("top-1 accuracy", _pct(m["top1"])),
-        ("top-5 accuracy", _pct(m.get("top5"))),
+        *([("top-5 accuracy", _pct(m.get("top5")))] if m["n_classes"] > 5 else []),
         ("balanced accuracy", _pct(m["balanced_accuracy"])),
         ("macro-F1", f"{m['macro_f1']:.3f}"),
         ("expected calibration error", f"{m['ece']:.3f}"),
