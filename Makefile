@@ -22,6 +22,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/extract_bench.py
+	$(PY) benchmarks/classify_bench.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out

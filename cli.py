@@ -114,15 +114,19 @@ def _number(text: str) -> int | float:
     return float(text) if "." in text or "e" in text else int(text)
 
 
-def _add_head_options(p: argparse.ArgumentParser) -> None:
+def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
     from classify import HEADS
 
     p.add_argument(
         "--backbone",
         action="append",
         default=[],
-        help="store entry to train on; repeat to fuse several (rows joined by content hash). "
-        "Default: the store's only backbone",
+        help=(
+            "a backbone set to compare, repeatable; A+B fuses A and B"
+            if compare
+            else "store entry to train on; repeat to fuse several (rows joined by content hash)"
+        )
+        + ". Default: the store's only backbone",
     )
     p.add_argument("--label", default="label", help="label column to predict (default label)")
     p.add_argument(
@@ -225,7 +229,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         "--head", dest="heads", action="append", help="repeat; default lr, svm, mlp, knn, centroid"
     )
     p.add_argument("--json", help="also write the rows as JSON")
-    _add_head_options(p)
+    _add_head_options(p, compare=True)
 
     p = sub.add_parser(
         "predict",

