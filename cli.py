@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   penult compare birds.h5 --head lr --head svm --head knn
   penult evaluate birds.skops birds.h5 --report report/
   penult predict birds.skops new_photos/ --out predictions.csv --store birds.h5
+  penult index birds.h5 && penult neighbors birds.h5 photo.jpg -k 10    similar images, contact sheet
+  penult duplicates birds.h5 --threshold 0.95
 """
 
 
@@ -55,6 +57,12 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--root",
         help="folder that manifest/list paths are relative to (default: the file's folder)",
+    )
+    p.add_argument(
+        "--crop-pct",
+        type=float,
+        help="centre crop as a fraction of the resized image (default: the weights' own, e.g. 0.875); "
+        "1.0 keeps the whole image, for photos already cropped to the subject. Stored as NAME@cropNN",
     )
     p.add_argument("--taxonomy", help="CSV: class,<coarse levels...> joined onto labels")
     p.add_argument("--split", help="CSV: path,split (train/val/test) stored with the labels")
@@ -261,6 +269,130 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _add_neighbors(sub: argparse._SubParsersAction) -> None:
+    from classify.neighbors import KINDS, METRICS
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("store")
+        p.add_argument("--backbone", help="store entry (default: the store's only backbone)")
+
+    p = sub.add_parser(
+        "index",
+        help="build or update the nearest-neighbour index of a store",
+        description="Build a faiss index over a backbone's embeddings, saved beside the store "
+        "(STORE.<backbone>.<metric>.faiss + .json + .rows.npy). Exact search up to 200,000 rows, then "
+        "IVF; the choice is printed. Run again after extracting more images: new rows are added "
+        "without a rebuild. A stale index (images changed or removed) is refused: use --rebuild.",
+    )
+    common(p)
+    p.add_argument("--metric", default="cosine", choices=METRICS, help="cosine (default) or l2")
+    p.add_argument("--kind", default="auto", choices=KINDS, help="index type (default by size)")
+    p.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))")
+    p.add_argument("--pq-m", type=int, help="PQ bytes per vector for --kind ivfpq")
+    p.add_argument(
+        "--rebuild", action="store_true", help="build from scratch even if an index exists"
+    )
+
+    p = sub.add_parser(
+        "neighbors",
+        help="find the stored images most similar to images, folders or store keys",
+        description="A query is a path already in the store (its stored embedding), an image file or "
+        "a folder (embedded on the fly with the store's backbone, same weights and preprocessing).",
+    )
+    common(p)
+    p.add_argument("queries", nargs="+", help="store keys, image files or folders")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--metric", default="cosine", choices=METRICS)
+    p.add_argument("--out", default="neighbors.csv", help="table to write (.csv or .json)")
+    p.add_argument(
+        "--sheet", default="neighbors.html", help="HTML contact sheet (thumbnails beside it)"
+    )
+
+    p = sub.add_parser(
+        "duplicates",
+        help="groups of near-duplicate images (resized, recompressed copies)",
+        description="Link images whose embeddings have cosine similarity >= --threshold, and report the "
+        "connected groups as CSV plus a contact sheet. Uses (and updates) the cosine index.",
+    )
+    common(p)
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
+    p.add_argument("--out", default="duplicates.csv")
+    p.add_argument("--sheet", default="duplicates.html")
+
+
+def _backbone(store: str, name: str | None) -> str:
+    from classify.train import default_backbones
+    from features import FeatureStore
+
+    return default_backbones(FeatureStore(store), (name,) if name else ())[0]
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from classify.neighbors import build_index, index_path, open_index
+
+    name = _backbone(args.store, args.backbone)
+    path = index_path(args.store, name, args.metric)
+    if path.exists() and not args.rebuild:
+        ni, added = open_index(args.store, name, metric=args.metric, update=True)
+        print(f"{path}: added {added} new rows, {len(ni.rows):,} in all ({ni.meta['kind']})")
+        return 0
+    ni, plan = build_index(
+        args.store, name, metric=args.metric, kind=args.kind, nlist=args.nlist, pq_m=args.pq_m
+    )
+    print(
+        f"{path}: {plan.describe(len(ni.rows), ni.index.d)}; built in {ni.meta['build_seconds']:.1f} s"
+    )
+    return 0
+
+
+def _cmd_neighbors(args: argparse.Namespace) -> int:
+    from classify.lookup import contact_sheet, neighbors, write_table
+
+    name = _backbone(args.store, args.backbone)
+    results = neighbors(args.store, name, args.queries, k=args.k, metric=args.metric)
+    for r in results[:20]:
+        print(f"{r.query} [{r.label}]" + (f"  ERROR {r.error}" if r.error else ""))
+        for h in r.hits:
+            print(f"    {h.score:8.4f}  {h.path}  [{h.label}]")
+    if len(results) > 20:
+        print(f"... {len(results) - 20} more queries in {args.out}")
+    write_table(results, args.out)
+    score = "similarity" if args.metric == "cosine" else "squared distance"
+    contact_sheet(
+        results,
+        args.sheet,
+        title=f"neighbours in {args.store} ({name}, {args.metric})",
+        score_name=score,
+    )
+    print(f"wrote {args.out} and {args.sheet}")
+    return 0
+
+
+def _cmd_duplicates(args: argparse.Namespace) -> int:
+    from classify.lookup import contact_sheet, find_duplicates, write_table
+    from classify.neighbors import build_index, index_path, open_index
+
+    name = _backbone(args.store, args.backbone)
+    if index_path(args.store, name, "cosine").exists():
+        ni = open_index(args.store, name, update=True)[0]
+    else:
+        ni = build_index(args.store, name)[0]
+    groups = find_duplicates(args.store, name, threshold=args.threshold, index=ni)
+    n = sum(1 + len(g.hits) for g in groups)
+    print(f"{len(groups)} groups of near-duplicates ({n} images) at cosine >= {args.threshold}")
+    for g in groups[:20]:
+        print(f"  {g.query}: " + ", ".join(f"{h.path} ({h.score:.3f})" for h in g.hits))
+    write_table(groups, args.out)
+    contact_sheet(
+        groups,
+        args.sheet,
+        title=f"near-duplicates in {args.store} (cosine >= {args.threshold})",
+        score_name="similarity",
+    )
+    print(f"wrote {args.out} and {args.sheet}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="penult",
@@ -275,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_extract(sub)
     _add_classify(sub)
+    _add_neighbors(sub)
     p = sub.add_parser(
         "info",
         help="summarise a feature store",
@@ -321,7 +454,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     for note in listing.notes:
         print(note)
     opts = ExtractOptions(
-        backbone=args.backbone, weights=args.weights, name=args.name, trust_checkpoint=args.trust_checkpoint,
+        backbone=args.backbone, weights=args.weights, name=args.name, trust_checkpoint=args.trust_checkpoint, crop_pct=args.crop_pct,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision, optimize=args.optimize,
         dtype=args.dtype, commit_every=args.commit_every, retry_failed=args.retry_failed,
         max_pixels=args.max_pixels, progress=not args.quiet,
@@ -454,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": _cmd_evaluate,
         "compare": _cmd_compare,
         "predict": _cmd_predict,
+        "index": _cmd_index,
+        "neighbors": _cmd_neighbors,
+        "duplicates": _cmd_duplicates,
     }
     try:
         return handler[args.command](args)

@@ -113,6 +113,31 @@ def _score_a_few(model: Path, listing: Listing, out_dir: Path, n: int = 5) -> li
     return lines
 
 
+def _neighbours(store: Path, listing: Listing, out_dir: Path, name: str, n: int = 3) -> list[str]:
+    """Index the store (or add new rows to its index) and show the neighbours of a few images."""
+    from classify.lookup import contact_sheet, neighbors
+    from classify.neighbors import build_index, index_path, open_index
+
+    if index_path(store, name, "cosine").exists():
+        ni = open_index(store, name, update=True)[0]
+    else:
+        ni = build_index(store, name)[0]
+    keys = listing.paths[len(listing) // (2 * n) :: max(1, len(listing) // n)][:n]
+    results = neighbors(store, name, keys, k=4, index=ni)
+    lines = [
+        "",
+        f"== nearest neighbours ({ni.meta['kind']} cosine index over {len(ni.rows):,} images)",
+    ]
+    for r in results:
+        lines.append(f"  {r.query} [{r.label}]")
+        lines += [f"      {h.score:.3f}  {h.path} [{h.label}]" for h in r.hits]
+    sheet = contact_sheet(
+        results, out_dir / "neighbors.html", title="penult demo: nearest neighbours"
+    )
+    lines.append(f"  contact sheet: {sheet}")
+    return lines
+
+
 def run_demo(
     *,
     data: str | None = None,
@@ -142,4 +167,5 @@ def run_demo(
     trained, model = _train_and_report(store, out_dir, elpv=data is None)
     lines += trained
     lines += _score_a_few(model, listing, out_dir)
+    lines += _neighbours(store, listing, out_dir, summary.backbone)
     return "\n".join(lines)

@@ -34,12 +34,14 @@ DATA = Path(os.environ.get("PENULT_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "bench-out"
 
 
-def ensure_store(store: Path, data: Path, backbone: str) -> float:
+def ensure_store(store: Path, data: Path, backbone: str, crop_pct: float | None = None) -> float:
     """Extract ``backbone`` into ``store`` if missing; returns the extraction seconds (measured once)."""
-    side = Path(f"{store}.{backbone}.extract.json")
-    if store.exists() and backbone in FeatureStore(store).backbones() and side.exists():
+    entry = backbone + (f"@crop{round(100 * crop_pct)}" if crop_pct else "")
+    side = Path(f"{store}.{entry}.extract.json")
+    if store.exists() and entry in FeatureStore(store).backbones() and side.exists():
         return json.loads(side.read_text())["seconds"]
-    s = extract(store, list_images(data), ExtractOptions(backbone=backbone, optimize="inductor"))
+    opts = ExtractOptions(backbone=backbone, optimize="inductor", crop_pct=crop_pct)
+    s = extract(store, list_images(data), opts)
     print(s.report())
     side.write_text(json.dumps({"seconds": s.seconds, "images": s.extracted, "report": s.report()}))
     return s.seconds
@@ -66,6 +68,7 @@ def cub(results: dict) -> None:
     data = DATA / "cub100"
     ext0 = ensure_store(store, data, "efficientnet_lite0")
     ext2 = ensure_store(store, data, "efficientnet_lite2")
+    ext_full = ensure_store(store, data, "efficientnet_lite0", crop_pct=1.0)
     base = TrainOptions(backbones=("efficientnet_lite0",), levels=("family", "genus"))
     rows = [
         run(store, f"flat {h}", replace(base, head=h), ext0)
@@ -96,6 +99,9 @@ def cub(results: dict) -> None:
     rows.append(
         run(store, "flat lr, fusion Lite0 + Lite2", replace(base, backbones=fused), ext0 + ext2)
     )
+    full = replace(base, backbones=("efficientnet_lite0@crop100",))
+    rows.append(run(store, "flat lr, Lite0 whole image (--crop-pct 1.0)", full, ext_full))
+    rows.append(run(store, "flat svm, Lite0 whole image", replace(full, head="svm"), ext_full))
     # rarest species: the 10 with the fewest images in cub100 (training counts are 29-30 for all)
     table = FeatureStore(store).images()
     names, counts = np.unique(table.labels["label"], return_counts=True)
@@ -103,7 +109,11 @@ def cub(results: dict) -> None:
     for r in rows:
         r["rarest10_recall"] = float(np.mean([r["per_class_recall"][c] for c in rarest]))
     results["cub100"] = {
-        "extract_seconds": {"efficientnet_lite0": ext0, "efficientnet_lite2": ext2},
+        "extract_seconds": {
+            "efficientnet_lite0": ext0,
+            "efficientnet_lite2": ext2,
+            "efficientnet_lite0@crop100": ext_full,
+        },
         "rarest10": rarest,
         "rows": rows,
     }
@@ -142,9 +152,18 @@ def predict(results: dict, n: int = 10_000) -> None:
             os.symlink(f, d / f"{i:05d}{f.suffix}")
     model = OUT / "cub_lr.skops"
     subprocess.run([sys.executable, "-m", "cli", "train", str(OUT / "cub100.h5"), "--backbone", "efficientnet_lite0", "--out", str(model)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)  # fmt: skip
+    small = (
+        OUT / "predict2k.txt"
+    )  # every fifth image: same mix, a fifth of the count (memory check)
+    small.write_text("\n".join(str(p) for p in sorted(folder.rglob("*.jpg"))[::5]) + "\n")
     out = {}
-    for label, extra in (("extract", []), ("store", ["--store", str(OUT / "cub100.h5")])):
-        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cli", "predict", str(model), str(folder), "--out", str(OUT / f"pred-{label}.csv"), "-q", *extra]  # fmt: skip
+    runs = (
+        ("extract", folder, []),
+        ("store", folder, ["--store", str(OUT / "cub100.h5")]),
+        ("extract-2k", small, []),
+    )
+    for label, src, extra in runs:
+        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cli", "predict", str(model), str(src), "--out", str(OUT / f"pred-{label}.csv"), "-q", *extra]  # fmt: skip
         t = time.perf_counter()
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         wall = time.perf_counter() - t

@@ -129,18 +129,17 @@ def load_dataset(
 
 
 def make_split(y: np.ndarray, *, test_size: float = 0.3, seed: int = 0) -> np.ndarray:
-    """A seeded stratified train/test assignment; classes with one image go to train (reported)."""
+    """A seeded stratified train/test assignment; classes with one image stay in train."""
     y = np.asarray(y, dtype=str)
     out = np.full(len(y), TRAIN, dtype=object)
     classes, counts = np.unique(y, return_counts=True)
-    ok = np.isin(y, classes[counts >= 2])
-    idx = np.flatnonzero(ok)
-    if len(idx) >= 2 and len(np.unique(y[idx])) >= 1:
-        n_test = max(int(round(test_size * len(idx))), len(np.unique(y[idx])))
-        n_test = min(n_test, len(idx) - len(np.unique(y[idx])))
-        if n_test > 0:
-            _, test = train_test_split(idx, test_size=n_test, stratify=y[idx], random_state=seed)
-            out[test] = TEST
+    idx = np.flatnonzero(np.isin(y, classes[counts >= 2]))
+    k = int(np.sum(counts >= 2))  # classes that can have an image on each side
+    # stratification needs at least one image per class on each side
+    n_test = min(max(int(round(test_size * len(idx))), k), len(idx) - k)
+    if k and n_test > 0:
+        _, test = train_test_split(idx, test_size=n_test, stratify=y[idx], random_state=seed)
+        out[test] = TEST
     return out.astype(str)
 
 

@@ -84,6 +84,12 @@ def _knn(**kw: Any) -> KNeighborsClassifier:
     return KNeighborsClassifier(**{"n_neighbors": 10, "weights": "distance", **kw})
 
 
+def _nn(**kw: Any) -> BaseEstimator:
+    from classify.knn import FaissKNeighborsClassifier
+
+    return FaissKNeighborsClassifier(**kw)
+
+
 HEADS: dict[str, HeadSpec] = {
     s.name: s
     for s in (
@@ -116,6 +122,13 @@ HEADS: dict[str, HeadSpec] = {
             "l2",
             {"n_neighbors": [5, 10, 20]},
             description="k nearest neighbours, cosine (L2-normalised), distance-weighted",
+        ),
+        HeadSpec(
+            "nn",
+            _nn,
+            "none",
+            {"n_neighbors": [1, 5, 10]},
+            description="k-NN on a faiss index (cosine), 1 neighbour by default",
         ),
         HeadSpec(
             "centroid",

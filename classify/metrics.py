@@ -152,7 +152,8 @@ def _level_metrics(
     levels: Sequence[str],
     known_truth: np.ndarray,
 ) -> dict[str, Any]:
-    """Accuracy at every level of the predicted path, and how many levels up mistakes meet the truth."""
+    """Accuracy at every level of the predicted path, and how many levels up mistakes meet the truth
+    (tree distances over the images that got a class)."""
     col = {c: i for i, c in enumerate(classes)}
     ok = known_truth & np.array([c in col for c in y_pred])
     tp = paths[[col[c] for c in y_true[ok]]].astype(str)
@@ -160,7 +161,11 @@ def _level_metrics(
     dist = tree_distance(pp, tp)
     wrong = dist > 0
     return {
-        "accuracy": {name: float((pp[:, j] == tp[:, j]).mean()) for j, name in enumerate(levels)},
+        # over all images: an "unknown" (or a class the model never saw) counts as wrong at every level
+        "accuracy": {
+            name: float((pp[:, j] == tp[:, j]).sum() / max(len(y_true), 1))
+            for j, name in enumerate(levels)
+        },
         "mean_tree_distance": float(dist.mean()),
         "mean_tree_distance_of_mistakes": float(dist[wrong].mean()) if wrong.any() else 0.0,
         "mistakes_by_distance": {int(d): int((dist == d).sum()) for d in np.unique(dist[wrong])},

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import skops.io as sio
 from sklearn.base import BaseEstimator
 
 from features import IDENTITY_FIELDS, FeatureStore, same_backbone
@@ -122,6 +121,8 @@ def save_model(model: Model, path: str | os.PathLike[str]) -> Path:
     """Write ``path`` (skops) and ``path.json`` (manifest with the file's SHA-256), each atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import skops.io as sio  # imported here: it pulls in torch (2 s, 600 MB) when imported
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     sio.dump(model.estimator, tmp, compression=8)
     os.replace(tmp, path)
@@ -177,6 +178,8 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> Model:
         raise ModelError(f"{mpath}: not a penult model manifest")
     if int(manifest.get("version", 0)) > VERSION:
         raise ModelError(f"{mpath}: made by a newer penult (model format {manifest['version']})")
+    import skops.io as sio
+
     digest = file_sha256(path)
     if digest != manifest.get("model_sha256"):
         raise ModelError(

@@ -92,11 +92,11 @@ def csv_rows(paths: Sequence[str], pred: Predictions, model: Model, top_k: int) 
     col = {c: i for i, c in enumerate(pred.classes)}
     rows = []
     for i, p in enumerate(paths):
-        j = col.get(pred.label[i])
-        prob = float(pred.proba[i, j]) if j is not None else float(probs[i, 0])
+        j = col.get(pred.label[i])  # None for "unknown": no class passed its threshold
+        prob = f"{pred.proba[i, j]:.6f}" if j is not None else ""
         levels = list(pred.path[i, :-1]) if pred.path is not None else []
         tops = [v for k in range(labels.shape[1]) for v in (labels[i, k], f"{probs[i, k]:.6f}")]
-        rows.append([p, pred.label[i], f"{prob:.6f}", *levels, *tops, ""])
+        rows.append([p, pred.label[i], prob, *levels, *tops, ""])
     return rows
 
 
@@ -138,6 +138,9 @@ class _Features:
             for name in names:
                 valid = np.flatnonzero(self.store.valid(name))
                 self.cache.append((name, {sha[r]: int(r) for r in valid}))
+        else:  # every image goes through the network: build (and check) it before writing anything
+            for k in range(len(model.backbones)):
+                self._net(k)
 
     def _net(self, k: int):
         from extract import backbone_from_fingerprint
@@ -158,7 +161,10 @@ class _Features:
         from extract import embed_files
 
         n, blocks, ok, errors = len(files), [], np.ones(len(files), bool), {}
-        sha = list(ThreadPoolExecutor(4).map(_hash, files)) if self.store is not None else [""] * n
+        sha = [""] * n
+        if self.store is not None:
+            with ThreadPoolExecutor(4) as pool:
+                sha = list(pool.map(_hash, files))
         for k, spec in enumerate(self.model.manifest["backbones"]):
             x = np.zeros((n, int(spec["fingerprint"]["dim"])), np.float32)
             have = np.zeros(n, bool)

@@ -40,7 +40,16 @@ def backbone_from_fingerprint(
     get_spec(name)
     origin = str(fingerprint.get("weights", ""))
     w = weights or ("random" if origin.startswith("random-init") else "pretrained")
-    bb = build_backbone(name, weights=w, trust_checkpoint=trust_checkpoint)
+    pre = fingerprint.get("preprocessing", {})
+    default = get_spec(name).preprocess()
+    crop_pct = None
+    if pre.get("resize") and (pre.get("resize"), pre.get("crop")) != (default.resize, default.crop):
+        crop_pct = pre["crop"] / pre["resize"]
+    bb = build_backbone(name, weights=w, trust_checkpoint=trust_checkpoint, crop_pct=crop_pct)
+    if pre and bb.fingerprint["preprocessing"] != pre:
+        raise WeightsError(
+            f"{name}: cannot rebuild the preprocessing {pre} the model was trained with"
+        )
     want = fingerprint.get("weights_sha256")
     if bb.fingerprint["weights_sha256"] != want:
         raise WeightsError(

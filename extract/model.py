@@ -83,8 +83,13 @@ def build_backbone(
     weights: str | os.PathLike[str] = "pretrained",
     trust_checkpoint: bool = False,
     seed: int = 0,
+    crop_pct: float | None = None,
 ) -> Backbone:
-    """Build ``name`` with ``weights``: "pretrained" (registry default), "random" (seeded), or a file."""
+    """Build ``name`` with ``weights``: "pretrained" (registry default), "random" (seeded), or a file.
+
+    ``crop_pct`` overrides the weights' centre crop (1.0 keeps the whole shorter side, for images
+    already cropped to the subject); the entry name then says so (``...@crop100``).
+    """
     spec = get_spec(name)
     torch.manual_seed(seed)
     net = _build_full(spec)
@@ -102,7 +107,9 @@ def build_backbone(
     sha = state_sha256(net.state_dict())
     if entry is None:
         entry = name if "@" in name else f"{spec.name}@{sha[:8]}"
-    pre = spec.preprocess()
+    pre = spec.preprocess(crop_pct)
+    if pre != spec.preprocess():
+        entry = f"{entry}@crop{round(100 * pre.crop / pre.resize)}"
     module = _Embedder(_truncate(net, spec), pre).eval().requires_grad_(False)
     fingerprint = {
         "backbone": spec.name,  # registry entry to rebuild it from (not part of the identity)

@@ -7,7 +7,7 @@ Preprocessing is never chosen apart from the weights: torchvision entries take i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,17 @@ class BackboneSpec:
     weights: str  # torchvision WeightsEnum member, timm pretrained tag, or "package:..." file
     description: str
 
-    def preprocess(self) -> Preprocess:
+    def preprocess(self, crop_pct: float | None = None) -> Preprocess:
+        """The weights' own eval transform; ``crop_pct`` (crop / resize, 1.0 = keep the whole
+        shorter side) overrides how much of the image the centre crop keeps."""
+        pre = self._weights_preprocess()
+        if crop_pct is None:
+            return pre
+        if not 0.3 <= crop_pct <= 1.0:
+            raise ValueError(f"crop_pct {crop_pct} must be between 0.3 and 1.0")
+        return replace(pre, resize=int(round(pre.crop / crop_pct)))
+
+    def _weights_preprocess(self) -> Preprocess:
         if self.source == "torchvision":
             from torchvision.models import get_weight
 

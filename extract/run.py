@@ -28,6 +28,7 @@ class ExtractOptions:
     backbone: str = DEFAULT_BACKBONE
     weights: str = "pretrained"  # "pretrained", "random" or a state-dict file
     name: str | None = None  # store entry name; default: the backbone (plus weights hash for files)
+    crop_pct: float | None = None  # None: the weights' centre crop; 1.0 keeps the whole image
     trust_checkpoint: bool = False
     batch_size: int = 32
     workers: int | None = None  # default: by device and cores
@@ -194,7 +195,10 @@ def extract(
     """Embed every listed image that the store lacks for this backbone; see ExtractOptions."""
     t0 = time.perf_counter()
     backbone = build_backbone(
-        opts.backbone, weights=opts.weights, trust_checkpoint=opts.trust_checkpoint
+        opts.backbone,
+        weights=opts.weights,
+        trust_checkpoint=opts.trust_checkpoint,
+        crop_pct=opts.crop_pct,
     )
     name = opts.name or backbone.name
     embedder = Embedder(

@@ -259,6 +259,13 @@ def test_bad_training_input_is_reported(cub_store, tmp_path):
         w.set_labels("one", d.paths, ["bird"] * len(d.paths))
     with pytest.raises(DataError, match="1 class"):
         train(store, TrainOptions(label="one"))
+    y = d.labels["label"].copy()
+    lone = np.flatnonzero(d.labels["split"] == "train")[0]
+    y[lone] = "lonely species"
+    with StoreWriter(store) as w:
+        w.set_labels("lonely", d.paths, y.tolist())
+    r = train(store, TrainOptions(label="lonely"))
+    assert any("single training image" in n and "lonely species" in n for n in r.notes)
 
 
 def test_metrics_against_hand_computed_values():

@@ -144,3 +144,20 @@ def test_skops_sees_only_safe_types_in_every_head(cub_store, tmp_path):
         assert not [t for t in sio.get_untrusted_types(file=path) if t.startswith("posix")]
         m = load_model(path)
         assert m.manifest["head"] == opts.head
+
+
+def test_predict_refuses_a_backbone_whose_weights_differ(hier_model, data_dir, tmp_path):
+    """Without a store, predict rebuilds the backbone; other weights than the model's are refused."""
+    import copy
+
+    from classify import PredictOptions, predict_images
+    from extract import WeightsError
+
+    path, _ = hier_model
+    model = load_model(path)
+    model.manifest = copy.deepcopy(model.manifest)
+    model.manifest["backbones"][0]["fingerprint"]["weights_sha256"] = "0" * 64
+    img = sorted((data_dir / "cub100" / "001.Black_footed_Albatross").glob("*.jpg"))[0]
+    with pytest.raises(WeightsError, match="pass --weights FILE"):
+        predict_images(model, [str(img)], tmp_path / "p.csv", PredictOptions(progress=False))
+    assert not (tmp_path / "p.csv").exists()

@@ -54,3 +54,19 @@ def test_embeddings_are_the_pooled_penultimate_layer() -> None:
         want = trunk(xf).flatten(1)
         got = bb.module(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2", "resnet18"])
+def test_crop_pct_is_part_of_the_fingerprint_and_rebuilds(name):
+    from extract import backbone_from_fingerprint, build_backbone
+
+    default = build_backbone(name, weights="random")
+    full = build_backbone(name, weights="random", crop_pct=1.0)
+    pre, pre_full = default.fingerprint["preprocessing"], full.fingerprint["preprocessing"]
+    assert pre_full["resize"] == pre_full["crop"] == pre["crop"] and pre["resize"] > pre["crop"]
+    assert full.name == f"{name}@random@crop100" and default.name == f"{name}@random"
+    for bb in (default, full):  # batch scoring rebuilds exactly what a model was trained on
+        again = backbone_from_fingerprint(bb.fingerprint)
+        assert again.fingerprint == bb.fingerprint
+    with pytest.raises(ValueError, match="between 0.3 and 1.0"):
+        build_backbone(name, weights="random", crop_pct=1.5)

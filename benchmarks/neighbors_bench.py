@@ -1,0 +1,222 @@
+"""Nearest-neighbour benchmark: 1,000,000 clustered 1,280-d vectors, and a 100k-row store.
+
+    .venv/bin/python benchmarks/neighbors_bench.py               # about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/neighbors_bench.py --n 200000    # smaller, for a quick look
+
+Recall@10 is measured against exact search on 1,000 held-out queries from the same distribution;
+queries/s is one process answering the 1,000 queries as one batch (faiss uses both cores).
+Results go to bench-out/neighbors.json and are the table in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench-out"
+
+from classify.neighbors import build_index, plan_index  # noqa: E402
+from features import StoreWriter  # noqa: E402
+
+
+def clustered(
+    n: int, d: int, *, clusters: int = 1000, seed: int = 0, chunk: int = 100_000
+) -> np.ndarray:
+    """Unit vectors around ``clusters`` random centres (like embeddings of many classes)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d), dtype=np.float32)
+    out = np.empty((n, d), np.float32)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        out[s : s + m] = centres[rng.integers(0, clusters, m)] + 0.7 * rng.standard_normal(
+            (m, d), dtype=np.float32
+        )
+    faiss.normalize_L2(out)
+    return out
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_search(index, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, float]:
+    index.search(q[:10], k)  # warm
+    t = time.perf_counter()
+    _, ids = index.search(q, k)
+    return ids, len(q) / (time.perf_counter() - t)
+
+
+def recall(ids: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, truth, strict=True)]))
+
+
+def index_bytes(index) -> int:
+    return len(faiss.serialize_index(index))
+
+
+def vectors_part(n: int, d: int, results: dict) -> None:
+    t = time.perf_counter()
+    xb = clustered(n, d)
+    xq = clustered(1000, d, seed=1)
+    raw = xb.nbytes
+    print(
+        f"generated {n:,} x {d} ({raw / 2**30:.2f} GiB) in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
+    rows = []
+    flat = faiss.IndexFlatIP(d)
+    flat.add(xb)
+    t = time.perf_counter()
+    _, truth = flat.search(xq, 10)
+    exact_qps = len(xq) / (time.perf_counter() - t)
+    rows.append(
+        {"index": "exact (Flat)", "build_s": 0.0, "bytes": raw, "recall10": 1.0, "qps": exact_qps}
+    )
+    print(f"  exact: {exact_qps:.0f} q/s", flush=True)
+    del flat
+    plan = plan_index(n, d, "ivf")
+    sample = xb[np.sort(np.random.default_rng(0).choice(n, plan.train_rows, replace=False))]
+    quant = faiss.IndexFlatIP(d)
+    ivf = faiss.IndexIVFFlat(quant, d, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+    t = time.perf_counter()
+    ivf.train(sample)
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ivf.add(xb)
+    add_s = time.perf_counter() - t
+    size = index_bytes(ivf)
+    print(
+        f"  IVF{plan.nlist},Flat: train {train_s:.0f} s on {len(sample):,}, add {add_s:.0f} s, {size / raw:.3f}x raw",
+        flush=True,
+    )
+    for nprobe in (16, 32, 64, 128, 256):
+        ivf.nprobe = nprobe
+        ids, qps = timed_search(ivf, xq)
+        rows.append({"index": f"IVF{plan.nlist},Flat nprobe={nprobe}", "build_s": train_s + add_s, "bytes": size, "recall10": recall(ids, truth), "qps": qps, "default": nprobe == plan.nprobe})  # fmt: skip
+        print(
+            f"    nprobe {nprobe}: recall@10 {rows[-1]['recall10']:.3f}, {qps:.0f} q/s", flush=True
+        )
+    del ivf
+    for m in (d // 2, d // 4):  # 4-bit fast-scan PQ: 2 and 1 bits per dimension (1/16, 1/32 of raw)
+        pq = faiss.IndexIVFPQFastScan(quant, d, plan.nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
+        t = time.perf_counter()
+        pq.train(sample)  # the coarse quantiser is trained already; this trains the PQ codebooks
+        pq.add(xb)
+        build = time.perf_counter() - t + train_s
+        size = index_bytes(pq)
+        for nprobe in (32, 64, 128):
+            pq.nprobe = nprobe
+            ids, qps = timed_search(pq, xq)
+            rows.append({"index": f"IVF{plan.nlist},PQ{m}x4fs nprobe={nprobe}", "build_s": build, "bytes": size, "recall10": recall(ids, truth), "qps": qps})  # fmt: skip
+            print(
+                f"  PQ{m}x4fs nprobe {nprobe}: {size / raw:.3f}x raw, recall@10 {rows[-1]['recall10']:.3f}, {qps:.0f} q/s",
+                flush=True,
+            )
+        del pq
+    for qt, name in (
+        (faiss.ScalarQuantizer.QT_4bit, "SQ4"),
+        (faiss.ScalarQuantizer.QT_8bit, "SQ8"),
+    ):
+        sq = faiss.IndexIVFScalarQuantizer(quant, d, plan.nlist, qt, faiss.METRIC_INNER_PRODUCT)
+        t = time.perf_counter()
+        sq.train(sample)
+        sq.add(xb)
+        build = time.perf_counter() - t + train_s
+        size = index_bytes(sq)
+        for nprobe in (64, 128):
+            sq.nprobe = nprobe
+            ids, qps = timed_search(sq, xq)
+            rows.append({"index": f"IVF{plan.nlist},{name} nprobe={nprobe}", "build_s": build, "bytes": size, "recall10": recall(ids, truth), "qps": qps})  # fmt: skip
+            print(
+                f"  {name} nprobe {nprobe}: {size / raw:.3f}x raw, recall@10 {rows[-1]['recall10']:.3f}, {qps:.0f} q/s",
+                flush=True,
+            )
+        del sq
+    for r in rows:
+        r["ratio_to_raw"] = r["bytes"] / raw
+    results["vectors"] = {"n": n, "d": d, "raw_bytes": raw, "peak_rss_mib": rss_mib(), "rows": rows}
+
+
+def store_part(n: int, d: int, results: dict) -> None:
+    """The same data through a penult store and `build_index` (what `penult index` runs)."""
+    store = OUT / f"nn{n // 1000}k.h5"
+    if not store.exists():
+        xb = clustered(n, d, seed=2)
+        paths = [f"v{i:07d}.jpg" for i in range(n)]
+        with StoreWriter(store) as w:
+            w.upsert_images(
+                paths,
+                ["/synthetic"] * n,
+                [f"{i:064x}" for i in range(n)],
+                np.zeros(n),
+                np.zeros(n),
+                {},
+            )
+            w.register_backbone("synthetic", {"architecture": "synthetic", "dim": d, "layer": "-", "preprocessing": {}, "weights_sha256": "-", "precision": "fp32"})  # fmt: skip
+            for s in range(0, n, 20_000):
+                w.append(
+                    "synthetic",
+                    paths[s : s + 20_000],
+                    [f"{i:064x}" for i in range(s, min(n, s + 20_000))],
+                    xb[s : s + 20_000],
+                )
+                w.commit()
+        del xb
+    xq = clustered(1000, d, seed=3)
+    out = []
+    for kind in ("flat", "ivf"):
+        t = time.perf_counter()
+        ni, plan = build_index(store, "synthetic", kind=kind)
+        build = time.perf_counter() - t
+        if kind == "flat":
+            _, truth = ni.search(xq, 10)
+        t = time.perf_counter()
+        _, ids = ni.search(xq, 10)
+        qps = len(xq) / (time.perf_counter() - t)
+        out.append(
+            {
+                "index": plan.factory,
+                "nprobe": plan.nprobe,
+                "build_s": build,
+                "recall10": recall(ids, truth),
+                "qps": qps,
+            }
+        )
+        print(
+            f"  store {n:,}: {plan.factory} build {build:.1f} s, recall@10 {out[-1]['recall10']:.3f}, {qps:.0f} q/s",
+            flush=True,
+        )
+    results["store"] = {"n": n, "d": d, "rows": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--store-n", type=int, default=100_000)
+    ap.add_argument("--d", type=int, default=1280)
+    ap.add_argument("--only", choices=["vectors", "store"])
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    path = OUT / "neighbors.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if args.only in (None, "store"):
+        store_part(args.store_n, args.d, results)
+        path.write_text(json.dumps(results, indent=1))
+    if args.only in (None, "vectors"):
+        vectors_part(args.n, args.d, results)
+        path.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

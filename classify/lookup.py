@@ -1,0 +1,268 @@
+"""`penult neighbors` and `penult duplicates`: queries against a store's index, tables, contact sheets."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from classify.neighbors import IndexError_, NeighborIndex, open_index
+from features import FeatureStore
+
+THUMB = 160
+
+
+@dataclass
+class Hit:
+    row: int
+    path: str  # store key (relative path)
+    file: str  # absolute file, for thumbnails
+    label: str
+    score: float
+
+
+@dataclass
+class Result:
+    query: str
+    file: str  # absolute image file of the query ("" if none)
+    label: str
+    hits: list[Hit] = field(default_factory=list)
+    error: str = ""
+
+
+def _store_vectors(store: FeatureStore, backbone: str, rows: list[int]) -> np.ndarray:
+    return store.embeddings(backbone, rows)
+
+
+def resolve_queries(
+    store: FeatureStore,
+    backbone: str,
+    queries: list[str],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[list[Result], np.ndarray, list[int | None]]:
+    """Each query as (result shell, vector, store row or None): a store key, an image file, or a folder."""
+    table = store.images()
+    index = table.index()
+    labels = table.labels.get("label", [""] * len(table))
+    shells: list[Result] = []
+    rows: list[int | None] = []
+    files: list[tuple[int, str]] = []  # (position, file) to embed
+    valid = store.valid(backbone)
+    for q in queries:
+        key = q if q in index else None
+        if key is not None and valid[index[key]]:
+            r = index[key]
+            shells.append(Result(q, os.path.join(table.root[r], table.path[r]), labels[r]))
+            rows.append(r)
+        elif Path(q).is_dir() or Path(q).is_file():
+            from extract import list_images
+
+            listing = list_images(q)
+            for i, rel in enumerate(listing.paths):
+                f = os.path.abspath(listing.absolute(i))
+                files.append((len(shells), f))
+                shells.append(Result(os.path.join(q, rel) if Path(q).is_dir() else q, f, ""))
+                rows.append(None)
+        else:
+            why = (
+                "in the store but without an embedding"
+                if key
+                else "not a file, folder or store key"
+            )
+            raise IndexError_(f"query {q!r}: {why}")
+    X = np.zeros((len(shells), store.backbone(backbone).dim), np.float32)
+    known = [i for i, r in enumerate(rows) if r is not None]
+    if known:
+        X[known] = _store_vectors(store, backbone, [rows[i] for i in known])
+    if files:
+        _embed(store, backbone, files, X, shells, batch_size)
+    return shells, X, rows
+
+
+def _embed(
+    store: FeatureStore,
+    backbone: str,
+    files: list[tuple[int, str]],
+    X: np.ndarray,
+    shells: list[Result],
+    batch_size: int,
+) -> None:
+    """Embed query files with the store's backbone (same weights and preprocessing, checked)."""
+    from extract import backbone_from_fingerprint, embed_files
+
+    net = backbone_from_fingerprint(store.backbone(backbone).fingerprint)
+    done = np.zeros(len(files), bool)
+    for b in embed_files([f for _, f in files], net, batch_size=batch_size):
+        for j, x in zip(b.indices, b.X, strict=True):
+            X[files[j][0]] = x
+            done[j] = True
+        for j, why in b.failed:
+            shells[files[j][0]].error = why
+    for j in np.flatnonzero(~done):
+        shells[files[j][0]].error = shells[files[j][0]].error or "could not be embedded"
+
+
+def neighbors(
+    store_path: str | os.PathLike[str], backbone: str, queries: list[str], *, k: int = 10, metric: str = "cosine",
+    index: NeighborIndex | None = None,
+) -> list[Result]:  # fmt: skip
+    """The k nearest stored images of each query (a query that is a store key does not find itself)."""
+    store = FeatureStore(store_path)
+    ni = index or open_index(store_path, backbone, metric=metric)[0]
+    shells, X, rows = resolve_queries(store, backbone, queries)
+    ok = [i for i, s in enumerate(shells) if not s.error]
+    if not ok:
+        return shells
+    scores, ids = ni.search(X[ok], k + 1)
+    table = store.images()
+    labels = table.labels.get("label", [""] * len(table))
+    for i, sc, rr in zip(ok, scores, ids, strict=True):
+        hits = [
+            Hit(
+                int(r),
+                table.path[r],
+                os.path.join(table.root[r], table.path[r]),
+                labels[r],
+                float(s),
+            )
+            for s, r in zip(sc, rr, strict=True)
+            if r >= 0 and r != rows[i]
+        ]
+        shells[i].hits = hits[:k]
+    return shells
+
+
+def write_table(results: list[Result], out: str | os.PathLike[str]) -> Path:
+    """One row per (query, neighbour): CSV, or JSON when ``out`` ends in .json."""
+    out = Path(out)
+    rows = [
+        {"query": r.query, "query_label": r.label, "rank": j + 1, "neighbor": h.path, "label": h.label, "score": round(h.score, 6), "error": r.error}
+        for r in results
+        for j, h in enumerate(r.hits or [None])  # type: ignore[list-item]
+        if h is not None
+    ] + [{"query": r.query, "query_label": r.label, "rank": "", "neighbor": "", "label": "", "score": "", "error": r.error} for r in results if not r.hits]  # fmt: skip
+    if out.suffix.lower() == ".json":
+        out.write_text(json.dumps(rows, indent=1))
+    else:
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(
+                f,
+                fieldnames=["query", "query_label", "rank", "neighbor", "label", "score", "error"],
+            )
+            w.writeheader()
+            w.writerows(rows)
+    return out
+
+
+def _thumb(src: str, folder: Path, name: str) -> str | None:
+    """A small JPEG copy of ``src`` in ``folder``; its name relative to the sheet, or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB, THUMB))
+            im.save(folder / name, quality=85)
+    except Exception:  # noqa: BLE001 - a bad image gets a text cell instead of a thumbnail
+        return None
+    return f"{folder.name}/{name}"
+
+
+def contact_sheet(
+    results: list[Result], out: str | os.PathLike[str], *, title: str, score_name: str = "score"
+) -> Path:
+    """An offline HTML page: each query's image beside its neighbours, with labels and scores.
+
+    Thumbnails are written into ``<out stem>_files/`` next to the page and linked relatively, so the
+    page and its folder can be moved together and opened without a server.
+    """
+    out = Path(out)
+    folder = out.with_name(out.stem + "_files")
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+
+    def cell(file: str, caption: str) -> str:
+        nonlocal n
+        n += 1
+        src = _thumb(file, folder, f"{n:06d}.jpg") if file else None
+        img = (
+            f'<img src="{html.escape(src)}" alt="">'
+            if src
+            else '<div class="missing">no image</div>'
+        )
+        return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+    rows = []
+    for r in results:
+        q = cell(r.file, f"{r.query} [{r.label}]" if r.label else r.query)
+        hits = "".join(
+            cell(h.file, f"{h.path} [{h.label}] {score_name} {h.score:.3f}") for h in r.hits
+        )
+        err = f'<p class="err">{html.escape(r.error)}</p>' if r.error else ""
+        rows.append(f'<div class="row"><div class="q">{q}</div>{hits}{err}</div>')
+    style = ("body{font-family:sans-serif;margin:1em}.row{display:flex;flex-wrap:wrap;gap:6px;border-bottom:1px solid #ccc;padding:6px 0}"
+             f"figure{{margin:0;width:{THUMB}px}}figcaption{{font-size:11px;word-break:break-all}}.q{{background:#eef}}"
+             ".missing{width:160px;height:100px;background:#eee}.err{color:#b00}")  # fmt: skip
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(rows)}</body></html>\n"
+    )
+    out.write_text(page)
+    return out
+
+
+def find_duplicates(
+    store_path: str | os.PathLike[str], backbone: str, *, threshold: float = 0.95, k: int = 10,
+    index: NeighborIndex | None = None,
+) -> list[Result]:  # fmt: skip
+    """Groups of images whose cosine similarity to another member is >= ``threshold``.
+
+    Each group comes back as a Result: its first image as the query, the others as hits scored by
+    their similarity to the image that linked them in.
+    """
+    store = FeatureStore(store_path)
+    ni = index or open_index(store_path, backbone, metric="cosine")[0]
+    if ni.metric != "cosine":
+        raise IndexError_("duplicates need a cosine index")
+    parent = {int(r): int(r) for r in ni.rows}
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    best: dict[int, float] = {}
+    for start in range(0, len(ni.rows), 4096):
+        part = ni.rows[start : start + 4096]
+        scores, ids = ni.search(store.embeddings(backbone, part), k)
+        for r, sc, rr in zip(part.tolist(), scores, ids, strict=True):
+            for s, o in zip(sc.tolist(), rr.tolist(), strict=True):
+                if o >= 0 and o != r and s >= threshold:
+                    parent[find(r)] = find(o)
+                    best[r] = max(best.get(r, 0.0), s)
+                    best[o] = max(best.get(o, 0.0), s)
+    groups: dict[int, list[int]] = {}
+    for r in best:
+        groups.setdefault(find(r), []).append(r)
+    table = store.images()
+    labels = table.labels.get("label", [""] * len(table))
+    out = []
+    for members in sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g[0])):
+        first, rest = members[0], members[1:]
+        res = Result(
+            table.path[first], os.path.join(table.root[first], table.path[first]), labels[first]
+        )
+        res.hits = [
+            Hit(r, table.path[r], os.path.join(table.root[r], table.path[r]), labels[r], best[r])
+            for r in rest
+        ]
+        out.append(res)
+    return out

@@ -1,0 +1,247 @@
+"""Nearest-neighbour search over a store's embeddings with faiss (the only faiss importer in penult).
+
+An index is saved beside its store as ``STORE.<backbone>.<metric>.faiss`` plus a JSON manifest
+(backbone fingerprint, index kind, row count) and ``.rows.npy`` (the store rows it holds, which
+are also its faiss ids). Opening it checks that the store still has that backbone with the same
+fingerprint and the same images in those rows; otherwise it is refused as stale, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from features import FeatureStore, same_backbone
+
+log = logging.getLogger(__name__)
+
+METRICS = ("cosine", "l2")
+KINDS = ("auto", "flat", "ivf", "ivfpq", "ivf-hnsw")
+FLAT_MAX_ROWS = 200_000  # exact search stays above ~100 queries/s per core up to here (1,280-d)
+CHUNK_BYTES = 16 * 2**20  # embeddings read from the store at a time: bounds memory while adding
+
+
+class IndexError_(ValueError):
+    """An index is missing, stale, or made for another backbone or metric."""
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    kind: str
+    factory: str  # faiss index_factory string
+    nlist: int = 0
+    nprobe: int = 0
+    pq_m: int = 0
+    train_rows: int = 0
+    note: str = ""
+
+    def describe(self, n: int, dim: int) -> str:
+        return f"{self.kind} ({self.factory}) over {n:,} x {dim} vectors: {self.note}"
+
+
+def plan_index(
+    n: int, dim: int, kind: str = "auto", *, nlist: int | None = None, pq_m: int | None = None
+) -> IndexPlan:
+    """Choose the index by size: exact while fast enough, then IVF (PQ or HNSW quantiser at scale)."""
+    if kind not in KINDS:
+        raise IndexError_(f"index kind {kind!r} unknown; choose from {', '.join(KINDS)}")
+    if kind == "auto":
+        kind = "flat" if n <= FLAT_MAX_ROWS else ("ivf" if n <= 5_000_000 else "ivf-hnsw")
+    if kind == "flat":
+        return IndexPlan("flat", "IDMap,Flat", note="exact search, recall 1.0")
+    lists = nlist or int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(n)))))
+    lists = max(1, min(lists, n // 39 or 1))  # faiss wants ~39 training points per list
+    train = min(n, max(40 * lists, 10_000), 200_000)  # faiss k-means samples 39-256 points per list
+    nprobe = max(1, min(lists, max(16, lists // 32)))
+    if kind == "ivf":
+        return IndexPlan("ivf", f"IVF{lists},Flat", lists, nprobe, train_rows=train,
+                         note=f"nprobe {nprobe}: recall@10 >= 0.95 on clustered data (docs/BENCHMARKS.md)")  # fmt: skip
+    if kind == "ivf-hnsw":
+        return IndexPlan("ivf-hnsw", f"IVF{lists}_HNSW32,Flat", lists, nprobe, train_rows=train,
+                         note=f"HNSW coarse quantiser, nprobe {nprobe}")  # fmt: skip
+    m = pq_m or _pq_m(dim)
+    return IndexPlan("ivfpq", f"IVF{lists},PQ{m}x4fs", lists, nprobe * 2, m, train,
+                     note=f"4-bit fast-scan PQ, {m // 2} bytes per vector ({8 * dim / m:.0f}x smaller than float32); lossy, see recall in docs/BENCHMARKS.md")  # fmt: skip
+
+
+def _pq_m(dim: int) -> int:
+    """4-bit PQ sub-quantisers, 4 dims each: 1 bit per dimension, 32x smaller than float32."""
+    m = max(2, dim // 4)
+    return m if dim % m == 0 and m % 2 == 0 else dim
+
+
+def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if metric == "cosine":
+        faiss.normalize_L2(x)
+    return x
+
+
+def _faiss_metric(metric: str) -> int:
+    if metric not in METRICS:
+        raise IndexError_(f"metric {metric!r} unknown; choose cosine or l2")
+    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+
+
+def _digest(sha256: list[str], rows: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for r in rows.tolist():
+        h.update(sha256[r].encode())
+    return h.hexdigest()
+
+
+def index_path(store: str | os.PathLike[str], backbone: str, metric: str) -> Path:
+    return Path(f"{store}.{backbone.replace('@', '_')}.{metric}.faiss")
+
+
+@dataclass
+class NeighborIndex:
+    index: Any  # faiss.Index
+    meta: dict[str, Any]
+    rows: np.ndarray  # store rows held, in the order added (their faiss ids)
+    path: Path
+
+    @property
+    def metric(self) -> str:
+        return self.meta["metric"]
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, k) scores and store rows (-1 where fewer than k exist). Cosine: similarity, higher is
+        closer; l2: squared distance, lower is closer."""
+        if x.ndim != 2 or x.shape[1] != self.index.d:
+            raise IndexError_(f"queries must be (n, {self.index.d}), got {x.shape}")
+        if self.meta.get("nprobe"):
+            faiss.extract_index_ivf(self.index).nprobe = int(self.meta["nprobe"])
+        return self.index.search(_prepare(x, self.metric), k)
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        faiss.write_index(self.index, str(tmp))
+        np.save(f"{tmp}.rows.npy", self.rows)
+        os.replace(f"{tmp}.rows.npy", f"{self.path}.rows.npy")
+        os.replace(tmp, self.path)
+        Path(f"{self.path}.json").write_text(json.dumps(self.meta, indent=1))
+
+
+def _chunks(store: FeatureStore, backbone: str, rows: np.ndarray, metric: str, pq_m: int = 0):
+    """(rows, prepared vectors) a few MiB at a time, so memory does not grow with the store.
+
+    PQ encoding makes a float table of pq_m x 16 per vector inside faiss, so chunks shrink with it.
+    """
+    per_row = max(4 * store.backbone(backbone).dim, 4 * 16 * pq_m)
+    step = max(256, CHUNK_BYTES // per_row)
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        yield part, _prepare(store.embeddings(backbone, part), metric)
+
+
+def _sample(store: FeatureStore, backbone: str, rows: np.ndarray, metric: str) -> np.ndarray:
+    """The training sample, filled chunk by chunk into one array (no temporary copies of it)."""
+    out = np.empty((len(rows), store.backbone(backbone).dim), np.float32)
+    at = 0
+    for part, x in _chunks(store, backbone, rows, metric):
+        out[at : at + len(part)] = x
+        at += len(part)
+    return out
+
+
+def build_index(
+    store_path: str | os.PathLike[str],
+    backbone: str,
+    *,
+    metric: str = "cosine",
+    kind: str = "auto",
+    nlist: int | None = None,
+    pq_m: int | None = None,
+    seed: int = 0,
+) -> tuple[NeighborIndex, IndexPlan]:
+    """Build and save an index over every valid row, streaming the store in chunks."""
+    store = FeatureStore(store_path)
+    entry = store.backbone(backbone)
+    rows = np.flatnonzero(store.valid(backbone))
+    if len(rows) == 0:
+        raise IndexError_(f"{store_path}: backbone {backbone!r} has no embeddings to index")
+    plan = plan_index(len(rows), entry.dim, kind, nlist=nlist, pq_m=pq_m)
+    index = faiss.index_factory(entry.dim, plan.factory, _faiss_metric(metric))
+    t0 = time.perf_counter()
+    if plan.train_rows:
+        sample = np.sort(np.random.default_rng(seed).choice(rows, plan.train_rows, replace=False))
+        index.train(_sample(store, backbone, sample, metric))
+    for part, x in _chunks(store, backbone, rows, metric, plan.pq_m):
+        index.add_with_ids(x, part.astype(np.int64))
+    table = store.images()
+    meta = {
+        "format": "penult-index",
+        "backbone": backbone,
+        "fingerprint": entry.fingerprint,
+        "metric": metric,
+        **asdict(plan),
+        "rows": int(len(rows)),
+        "rows_sha256": _digest(table.sha256, rows),
+        "build_seconds": time.perf_counter() - t0,
+    }
+    ni = NeighborIndex(index, meta, rows, index_path(store_path, backbone, metric))
+    ni.save()
+    return ni, plan
+
+
+def open_index(
+    store_path: str | os.PathLike[str],
+    backbone: str,
+    *,
+    metric: str = "cosine",
+    update: bool = False,
+) -> tuple[NeighborIndex, int]:
+    """Load the saved index, refusing a stale or mismatched one; with ``update``, add new rows.
+
+    Returns the index and how many rows were added. Rows added to the store since the build make
+    the index incomplete: without ``update`` that is refused too.
+    """
+    path = index_path(store_path, backbone, metric)
+    if not path.exists() or not Path(f"{path}.json").exists():
+        raise IndexError_(
+            f"no {metric} index for {backbone!r} beside {store_path}; run `penult index {store_path} --backbone {backbone}`"
+        )
+    meta = json.loads(Path(f"{path}.json").read_text())
+    store = FeatureStore(store_path)
+    entry = store.backbone(backbone)
+    if not same_backbone(entry.fingerprint, meta["fingerprint"]):
+        raise IndexError_(
+            f"{path} was built from other {backbone!r} embeddings (fingerprint differs); rebuild it with `penult index --rebuild`"
+        )
+    rows = np.load(f"{path}.rows.npy")
+    table = store.images()
+    valid = store.valid(backbone)
+    if (
+        len(rows) != meta["rows"]
+        or rows.max(initial=-1) >= len(table)
+        or not valid[rows].all()
+        or _digest(table.sha256, rows) != meta["rows_sha256"]
+    ):
+        raise IndexError_(
+            f"{path} is stale: images it holds were changed or removed in the store; rebuild it with `penult index --rebuild`"
+        )
+    index = faiss.read_index(str(path))
+    ni = NeighborIndex(index, meta, rows, path)
+    new = np.setdiff1d(np.flatnonzero(valid), rows)
+    if len(new) and not update:
+        raise IndexError_(
+            f"{path} lacks {len(new)} rows added to the store since it was built; run `penult index` again to add them"
+        )
+    if len(new):
+        for part, x in _chunks(store, backbone, new, metric, int(meta.get("pq_m", 0))):
+            ni.index.add_with_ids(x, part.astype(np.int64))
+        ni.rows = np.concatenate([rows, new])
+        ni.meta.update(rows=int(len(ni.rows)), rows_sha256=_digest(table.sha256, ni.rows))
+        ni.save()
+    return ni, len(new)

@@ -1,0 +1,265 @@
+"""Nearest-neighbour index: exact = brute force, incremental = rebuild, stale refused, queries, duplicates."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classify.knn import FaissKNeighborsClassifier
+from classify.lookup import contact_sheet, find_duplicates, neighbors, write_table
+from classify.neighbors import IndexError_, build_index, open_index, plan_index
+from extract import ExtractOptions, extract, list_images
+from features import FeatureStore, StoreWriter
+
+pytestmark = pytest.mark.slow
+B = "efficientnet_lite0"
+
+
+def _brute(X: np.ndarray, Q: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    if metric == "cosine":
+        Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+        s = (Q / np.linalg.norm(Q, axis=1, keepdims=True)) @ Xn.T
+        idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    else:
+        s = ((Q[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+        idx = np.argsort(s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, idx, axis=1), idx
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_exact_index_matches_brute_force(cub_store, tmp_path, metric):
+    store = tmp_path / "s.h5"
+    shutil.copy(cub_store, store)
+    rows, X = FeatureStore(store).features(B)
+    ni, plan = build_index(store, B, metric=metric)
+    assert plan.kind == "flat"
+    q = X[::37]
+    scores, ids = ni.search(q, 10)
+    want_s, want_i = _brute(X.astype(np.float64), q.astype(np.float64), 10, metric)
+    np.testing.assert_allclose(scores, want_s, rtol=1e-4, atol=1e-3)
+    same = ids == rows[want_i]
+    # any disagreement must be a tie in score
+    assert same.mean() > 0.99 and np.allclose(scores[~same], want_s[~same], rtol=1e-4, atol=1e-3)
+
+
+def _fake_store(path: Path, X: np.ndarray) -> list[str]:
+    paths = [f"img{i:05d}.jpg" for i in range(len(X))]
+    with StoreWriter(path) as w:
+        n = len(paths)
+        w.upsert_images(
+            paths, ["/nowhere"] * n, [f"{i:064x}" for i in range(n)], np.zeros(n), np.zeros(n), {}
+        )
+        fp = {"architecture": "test:fake", "dim": X.shape[1], "layer": "x", "preprocessing": {}, "weights_sha256": "0", "precision": "fp32"}  # fmt: skip
+        w.register_backbone("fake", fp)
+    return paths
+
+
+def _append(path: Path, paths: list[str], X: np.ndarray, idx: np.ndarray) -> None:
+    table = FeatureStore(path).images()
+    with StoreWriter(path) as w:
+        w.register_backbone("fake", FeatureStore(path).backbone("fake").fingerprint)
+        w.append("fake", [paths[i] for i in idx], [table.sha256[i] for i in idx], X[idx])
+
+
+def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, d)).astype(np.float32)
+    return (centres[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_incremental_add_equals_full_rebuild(tmp_path, kind):
+    X = _clustered(3000, 32)
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for s in (a, b):
+        paths = _fake_store(s, X)
+    _append(a, paths, X, np.arange(2000))
+    build_index(a, "fake", kind=kind, nlist=16)
+    with pytest.raises(IndexError_, match="lacks 1000 rows"):
+        _append(a, paths, X, np.arange(2000, 3000))
+        open_index(a, "fake")
+    inc, added = open_index(a, "fake", update=True)
+    assert added == 1000 and len(inc.rows) == 3000
+    _append(b, paths, X, np.arange(3000))
+    full, _ = build_index(b, "fake", kind=kind, nlist=16)
+    q = X[::50]
+    if kind == "ivf":  # trained on other samples: compare both with exact search at full probe
+        inc.meta["nprobe"] = full.meta["nprobe"] = 16
+    si, ii = inc.search(q, 10)
+    sf, if_ = full.search(q, 10)
+    np.testing.assert_array_equal(ii, if_)
+    np.testing.assert_allclose(si, sf, rtol=1e-5)
+    again, added = open_index(a, "fake")  # reopened from disk: nothing more to add
+    assert added == 0 and len(again.rows) == 3000
+
+
+def test_stale_or_mismatched_index_is_refused(tmp_path):
+    X = _clustered(500, 16)
+    s = tmp_path / "s.h5"
+    paths = _fake_store(s, X)
+    _append(s, paths, X, np.arange(500))
+    build_index(s, "fake")
+    table = FeatureStore(s).images()
+    with StoreWriter(s) as w:  # the file behind row 7 changed: its embedding is gone
+        w.upsert_images([paths[7]], [table.root[7]], ["f" * 64], np.zeros(1), np.zeros(1), {})
+    with pytest.raises(IndexError_, match="stale"):
+        open_index(s, "fake", update=True)
+    other = tmp_path / "o.h5"
+    paths = _fake_store(other, X)
+    _append(other, paths, X, np.arange(500))
+    build_index(other, "fake")
+    meta = Path(f"{other}.fake.cosine.faiss.json")
+    meta.write_text(meta.read_text().replace('"weights_sha256": "0"', '"weights_sha256": "1"'))
+    with pytest.raises(IndexError_, match="fingerprint differs"):
+        open_index(other, "fake")
+    with pytest.raises(IndexError_, match="no l2 index"):
+        open_index(other, "fake", metric="l2")
+
+
+def test_plan_switches_to_ivf_with_size():
+    assert plan_index(100_000, 1280).kind == "flat"
+    p = plan_index(1_000_000, 1280)
+    assert p.kind == "ivf" and p.nlist == 4096 and p.train_rows == 40 * 4096
+    pq = plan_index(1_000_000, 1280, "ivfpq")
+    assert pq.pq_m == 320 and "PQ320x4fs" in pq.factory
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.src, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.src.append(dict(attrs)["src"])
+
+
+def test_queries_by_key_file_and_folder_with_contact_sheet(cub_store, data_dir, tmp_path):
+    store = tmp_path / "s.h5"
+    shutil.copy(cub_store, store)
+    build_index(store, B)
+    table = FeatureStore(store).images()
+    key = table.path[5]
+    f = data_dir / "cub100" / key  # the same photo as a file: must find its stored twin first
+    folder = tmp_path / "q"
+    folder.mkdir()
+    for p in table.path[100:103]:
+        shutil.copy(data_dir / "cub100" / p, folder / Path(p).name)
+    res = neighbors(store, B, [key, str(f), str(folder)], k=5)
+    assert len(res) == 5
+    assert all(h.path != key for h in res[0].hits) and len(res[0].hits) == 5
+    assert res[1].hits[0].path == key and res[1].hits[0].score > 0.99
+    where = table.index()
+    assert all(h.label == table.labels["label"][where[h.path]] for r in res for h in r.hits)
+    for r, p in zip(res[2:], table.path[100:103], strict=True):
+        assert r.hits[0].path == p and r.hits[0].score > 0.99
+    out = write_table(res, tmp_path / "n.csv")
+    assert out.read_text().count("\n") == 1 + 25
+    sheet = contact_sheet(res, tmp_path / "sheet.html", title="t")
+    parser = _Links()
+    parser.feed(sheet.read_text())
+    assert parser.tags[:2] == ["html", "head"] and len(parser.src) == 5 * 6
+    for src in parser.src:
+        assert (sheet.parent / src).is_file(), src
+    with pytest.raises(IndexError_, match="not a file, folder or store key"):
+        neighbors(store, B, ["no/such.jpg"])
+
+
+def test_duplicates_finds_planted_resized_and_recompressed_copies(data_dir, tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    species = sorted(p for p in (data_dir / "cub100").iterdir() if p.is_dir())[:24]
+    originals = [sorted(s.glob("*.jpg"))[0] for s in species]
+    for f in originals:
+        shutil.copy(f, root / f.name.replace(".jpg", f"_{f.parent.name[:3]}.jpg"))
+    planted = {}
+    for f in originals[:3]:
+        base = f.name.replace(".jpg", f"_{f.parent.name[:3]}")
+        with Image.open(f) as im:
+            im.resize((im.width * 3 // 5, im.height * 3 // 5)).save(
+                root / f"{base}_small.jpg", quality=90
+            )
+            im.save(root / f"{base}_q30.jpg", quality=30)
+        planted[f"{base}.jpg"] = {f"{base}_small.jpg", f"{base}_q30.jpg"}
+    store = tmp_path / "d.h5"
+    extract(store, list_images(root), ExtractOptions(progress=False))
+    build_index(store, B)
+    groups = find_duplicates(store, B, threshold=0.9)
+    found = {g.query: {h.path for h in g.hits} for g in groups}
+    assert found == planted, found
+    sheet = contact_sheet(groups, tmp_path / "dup.html", title="dups")
+    assert sheet.read_text().count("<img") == 9
+
+
+def test_faiss_knn_head_matches_sklearn_brute_force(cub_store):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rows, X = FeatureStore(cub_store).features(B)
+    table = FeatureStore(cub_store).images()
+    y = np.array(table.labels["label"])[rows]
+    split = np.array(table.labels["split"])[rows]
+    tr, te = split == "train", split == "test"
+    ours = FaissKNeighborsClassifier(1).fit(X[tr], y[tr]).predict(X[te])
+    ref = (
+        KNeighborsClassifier(1, metric="cosine", algorithm="brute").fit(X[tr], y[tr]).predict(X[te])
+    )
+    assert np.mean(ours == ref) > 0.995
+    assert np.mean(ours == y[te]) > 0.75  # chance 0.05
+
+
+def test_index_build_streams_under_a_memory_cap(tmp_path):
+    """A store whose embeddings exceed the cap: loading them at once fails, the index builds anyway."""
+    n, d = 120_000, 256  # 123 MB of float32
+    X = _clustered(n, d)
+    s = tmp_path / "big.h5"
+    paths = _fake_store(s, X)
+    _append(s, paths, X, np.arange(n))
+    del X
+    script = textwrap.dedent(f"""
+        import resource
+        import faiss, numpy as np
+        from classify.neighbors import build_index
+        from features import FeatureStore
+        def used():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+        # fixed costs first (BLAS work buffers, faiss code): a throw-away training on random data
+        warm = faiss.index_factory({d}, "IVF64,PQ64x4fs", faiss.METRIC_INNER_PRODUCT)
+        warm.train(np.random.default_rng(0).standard_normal((10000, {d}), dtype=np.float32))
+        del warm
+        cap = used() + 80 * 2**20  # 80 MiB for the data: less than the 117 MiB of embeddings
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+        try:
+            FeatureStore({str(s)!r}).embeddings("fake")
+            print("loaded-all")
+        except MemoryError:
+            print("load-all-refused")
+        ni, plan = build_index({str(s)!r}, "fake", kind="ivfpq", nlist=64, pq_m=64)
+        print("built", plan.kind, len(ni.rows))
+    """)
+    env = {
+        **os.environ,
+        "MALLOC_ARENA_MAX": "2",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
+    p = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[1],
+    )
+    assert "load-all-refused" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert f"built ivfpq {n}" in p.stdout, p.stdout + p.stderr[-2000:]
