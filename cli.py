@@ -302,6 +302,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("queries", nargs="+", help="store keys, image files or folders")
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: the index's)")
     p.add_argument("--metric", default="cosine", choices=METRICS)
     p.add_argument("--out", default="neighbors.csv", help="table to write (.csv or .json)")
     p.add_argument(
@@ -349,7 +350,9 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     from classify.lookup import contact_sheet, neighbors, write_table
 
     name = _backbone(args.store, args.backbone)
-    results = neighbors(args.store, name, args.queries, k=args.k, metric=args.metric)
+    results = neighbors(
+        args.store, name, args.queries, k=args.k, metric=args.metric, nprobe=args.nprobe
+    )
     for r in results[:20]:
         print(f"{r.query} [{r.label}]" + (f"  ERROR {r.error}" if r.error else ""))
         for h in r.hits:

@@ -111,11 +111,16 @@ def _embed(
 
 def neighbors(
     store_path: str | os.PathLike[str], backbone: str, queries: list[str], *, k: int = 10, metric: str = "cosine",
-    index: NeighborIndex | None = None,
+    index: NeighborIndex | None = None, nprobe: int | None = None,
 ) -> list[Result]:  # fmt: skip
-    """The k nearest stored images of each query (a query that is a store key does not find itself)."""
+    """The k nearest stored images of each query (a query that is a store key does not find itself).
+
+    ``nprobe`` (IVF indexes): lists searched per query; more is slower and closer to exact.
+    """
     store = FeatureStore(store_path)
     ni = index or open_index(store_path, backbone, metric=metric)[0]
+    if nprobe and ni.meta.get("nprobe"):
+        ni.meta["nprobe"] = int(nprobe)
     shells, X, rows = resolve_queries(store, backbone, queries)
     ok = [i for i, s in enumerate(shells) if not s.error]
     if not ok:

@@ -56,7 +56,7 @@ def small_folder(data_dir: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cub_store(data_dir: Path, tmp_path_factory) -> Path:
-    """EfficientNet-Lite0 features of 20 cub100 species (1,174 images), with taxonomy and split.
+    """EfficientNet-Lite0 features of 20 cub100 species (1,155 images), with taxonomy and split.
 
     Read-only for tests: copy it (``shutil.copy``) before anything that writes.
     """

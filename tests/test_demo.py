@@ -21,8 +21,9 @@ def test_demo_extracts_trains_reports_and_scores(data_dir, tmp_path):
     shutil.copy(data_dir / "hymenoptera/ants/imageNotFound.gif", root / "family" / "broken.gif")
     text = run_demo(data=str(root), out=str(tmp_path / "out"), progress=False)
     for part in ("== extract", "== train a flat head", "top-1 accuracy", "== train a hierarchical head",
-                 "== score 5 images", "FAILED"):  # fmt: skip
+                 "== score 5 images", "FAILED", "== nearest neighbours"):  # fmt: skip
         assert part in text, part
     assert (tmp_path / "out" / "report" / "report.html").exists()
+    assert (tmp_path / "out" / "neighbors.html").exists()
     assert (tmp_path / "out" / "flat.skops.json").exists()
     assert (tmp_path / "out" / "predictions.csv").read_text().count("\n") == 6
