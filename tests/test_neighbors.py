@@ -307,3 +307,23 @@ def test_index_neighbors_duplicates_commands(cub_store, tmp_path, capsys):
     assert main(["neighbors", str(store), key, "--out", str(out), "--sheet", str(sheet)]) == 2
     assert "stale" in capsys.readouterr().err
     assert main(["index", str(store), "--rebuild"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "ivf-hnsw"])
+def test_other_index_kinds_build_and_find_themselves(tmp_path, kind):
+    X = _clustered(4000, 32)
+    s = tmp_path / "s.h5"
+    paths = _fake_store(s, X)
+    _append(s, paths, X, np.arange(4000))
+    ni, plan = build_index(s, "fake", kind=kind, nlist=32)
+    assert plan.kind == kind and len(ni.rows) == 4000
+    ni.meta["nprobe"] = 32
+    found = ni.search(X[::40], 10)[1]
+    if kind == "ivf-hnsw":  # raw vectors: each query finds itself
+        assert np.mean([r in f for r, f in zip(range(0, 4000, 40), found, strict=True)]) > 0.9
+    else:  # 4-byte codes: lossy, but what it returns first is close to the query
+        Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+        sims = np.sum(Xn[::40] * Xn[found[:, 0]], axis=1)
+        assert np.median(sims) > 0.9, np.median(sims)
+    again, _ = open_index(s, "fake")
+    np.testing.assert_array_equal(again.search(X[:5], 3)[1], ni.search(X[:5], 3)[1])
