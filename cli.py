@@ -7,7 +7,7 @@ import logging
 import sys
 
 EXAMPLES = """examples:
-  penult demo                                   extract the embedded solar-cell images, print results
+  penult demo                                   the whole pipeline on the embedded solar-cell images
   penult extract birds.h5 data/cub100           ImageFolder tree; taxonomy.csv/split.csv auto-detected
   penult extract birds.h5 data/cub100 --backbone resnet50 --weights resnet50.pth
   penult info birds.h5
@@ -538,6 +538,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model, trust=args.trust_model)
     ev = evaluate(model, args.store, split=args.split, report_dir=args.report)
     print(f"{args.model} on {args.store}, {ev.split} split ({ev.n} images):")
+    for note in ev.metrics.get("notes", []):
+        print(f"  note: {note}")
     _print_metrics(ev.metrics)
     if ev.report_dir:
         print(f"report: {ev.report_dir}/report.md (and .html, PNGs, metrics.json, predictions.csv)")

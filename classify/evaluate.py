@@ -46,7 +46,18 @@ def evaluate(
         )
     mask, name = eval_mask(data.labels[column], split or model.manifest["trained_on"]["eval_split"])
     sub = data.subset(mask)
+    truth = set(sub.column(model.manifest["label"]).tolist())
+    known = truth & set(model.classes.tolist())
+    if not known:
+        raise DataError(
+            f"{store_path}: none of the {len(truth)} labels in its {name} split (e.g. {sorted(truth)[0]!r}) "
+            f"is a class of this model (e.g. {str(model.classes[0])!r}); is this the right store?"
+        )
     m = score(model, sub)
+    if len(known) < len(truth):
+        m["notes"] = [
+            f"{len(truth) - len(known)} labels of the {name} split are not classes of the model"
+        ]
     out = None
     if report_dir is not None:
         title = f"{model.manifest['kind']} {model.manifest['head']} on {' + '.join(names)}: {name} split"

@@ -161,3 +161,9 @@ def test_predict_refuses_a_backbone_whose_weights_differ(hier_model, data_dir, t
     with pytest.raises(WeightsError, match="pass --weights FILE"):
         predict_images(model, [str(img)], tmp_path / "p.csv", PredictOptions(progress=False))
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_evaluating_on_a_store_with_other_labels_is_refused(hier_model, hym_store):
+    path, _ = hier_model
+    with pytest.raises(Exception, match="is a class of this model"):
+        evaluate(load_model(path), hym_store, split="val")
