@@ -321,6 +321,77 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sheet", default="duplicates.html")
 
 
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from extract.finetune import FinetuneOptions
+
+    d = FinetuneOptions()
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a backbone on the store's labelled images; add it as a new backbone",
+        description="Train the last stage(s) of a pretrained backbone plus a new head on the store's train "
+        "split (validation: its 'val' split, else a seeded part of train; test is never touched). The best "
+        "epoch is saved as OUT (safetensors) + OUT.json (card: recipe, data, validation curve); an "
+        "interrupted run resumes. Then every image is embedded again as backbone <base>@ft-<hash>.",
+    )
+    p.add_argument("store")
+    p.add_argument("--out", required=True, help="checkpoint file (.safetensors)")
+    p.add_argument("--backbone", default=d.backbone)
+    p.add_argument("--label", default=d.label)
+    p.add_argument(
+        "--unfreeze",
+        type=int,
+        default=d.unfreeze,
+        help="stages trained, from the deepest (default 1)",
+    )
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr-backbone", type=float, default=d.lr_backbone)
+    p.add_argument("--lr-head", type=float, default=d.lr_head)
+    p.add_argument(
+        "--schedule", choices=["cosine", "plateau"], default=d.schedule, help="after warm-up"
+    )
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument(
+        "--no-augment", action="store_true", help="no random crops, flips, rotation, jitter"
+    )
+    p.add_argument(
+        "--no-balance",
+        action="store_true",
+        help="plain shuffling instead of class-balanced sampling",
+    )
+    p.add_argument(
+        "--patience", type=int, default=d.patience, help="early stopping on validation loss"
+    )
+    p.add_argument("--max-train", type=int, help="use at most this many training images")
+    p.add_argument(
+        "--no-extract", action="store_true", help="do not embed the store with the result"
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from extract.finetune import FinetuneOptions, extract_finetuned, finetune
+
+    opts = FinetuneOptions(
+        backbone=args.backbone, label=args.label, unfreeze=args.unfreeze, epochs=args.epochs,
+        batch_size=args.batch_size, lr_backbone=args.lr_backbone, lr_head=args.lr_head, schedule=args.schedule,
+        label_smoothing=args.label_smoothing, augment=not args.no_augment, balanced=not args.no_balance,
+        patience=args.patience, max_train=args.max_train, device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    r = finetune(args.store, args.out, opts)
+    best = r.card.get("best_epoch")
+    print(
+        f"{args.out}: best epoch {best} of {len(r.curve)}, val acc {r.curve[best - 1]['val_acc']:.3f} (card {args.out}.json)"
+    )
+    if not args.no_extract:
+        name = extract_finetuned(args.store, args.out, progress=not args.quiet)
+        print(
+            f"embedded the store as backbone {name!r}: `penult train {args.store} --backbone {name}`"
+        )
+    return 0
+
+
 def _backbone(store: str, name: str | None) -> str:
     from classify.train import default_backbones
     from features import FeatureStore
@@ -411,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_classify(sub)
     _add_neighbors(sub)
+    _add_finetune(sub)
     p = sub.add_parser(
         "info",
         help="summarise a feature store",
@@ -595,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         "index": _cmd_index,
         "neighbors": _cmd_neighbors,
         "duplicates": _cmd_duplicates,
+        "finetune": _cmd_finetune,
     }
     try:
         return handler[args.command](args)

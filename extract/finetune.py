@@ -1,0 +1,459 @@
+"""Fine-tuning a backbone on a store's labelled images; the result becomes one more store backbone.
+
+Recipe (each an option): early stages frozen, a new linear head, a small learning rate for the
+backbone and a larger one for the head, linear warm-up then cosine decay (or ReduceLROnPlateau),
+label smoothing, augmentation, class-balanced sampling and early stopping on validation loss.
+Images come through the extraction loader (workers, shared-memory uint8 batches, prefetch).
+Checkpoints are safetensors plus a JSON card; an interrupted run resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from extract.loader import default_workers, make_loader
+from extract.model import _build_full, pick_device, pick_precision
+from extract.registry import get_spec
+from extract.weights import load_pretrained, state_sha256
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    backbone: str = "efficientnet_lite0"
+    label: str = "label"
+    split: str = "split"
+    unfreeze: int = 1  # trainable stages, counted from the deepest
+    epochs: int = 10
+    batch_size: int = 32
+    lr_backbone: float = 1e-4
+    lr_head: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"  # or "plateau"
+    label_smoothing: float = 0.1
+    augment: bool = True
+    balanced: bool = True
+    patience: int = 3  # epochs without a better validation loss before stopping
+    val_fraction: float = 0.1  # of train, when the store has no 'val' split (test is never used)
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None
+    max_train: int | None = None  # cap on training images (quick trials, tests)
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: Path
+    card: dict[str, Any]
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def stages(net: nn.Module) -> list[nn.Module]:
+    """The network's stages from shallow to deep (what ``unfreeze`` counts from the end)."""
+    if hasattr(net, "blocks") and hasattr(net, "conv_stem"):  # timm EfficientNet / MobileNet
+        return [
+            nn.ModuleList([net.conv_stem, net.bn1]),
+            *net.blocks,
+            nn.ModuleList([net.conv_head, net.bn2]),
+        ]
+    if hasattr(net, "layer4"):  # torchvision ResNet
+        return [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
+    raise ValueError(f"{type(net).__name__}: no known stages to freeze; fine-tuning not supported")
+
+
+class _Trainable(nn.Module):
+    """uint8 images -> normalised -> backbone pre-logits -> new linear head."""
+
+    def __init__(self, net: nn.Module, mean, std, n_classes: int, dim: int):
+        super().__init__()
+        self.net = net
+        self.timm_net = hasattr(net, "forward_head")
+        if not self.timm_net:  # torchvision ResNet: everything before the final fc
+            self.trunk = nn.Sequential(*list(net.children())[:-1])
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(std).view(1, 3, 1, 1) * 255.0))
+        self.head = nn.Linear(dim, n_classes)
+        self.frozen: list[
+            nn.Module
+        ] = []  # stages kept in eval mode: BatchNorm statistics frozen too
+
+    def train(self, mode: bool = True) -> _Trainable:
+        super().train(mode)
+        for m in self.frozen:
+            m.eval()
+        return self
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-logits embedding, the same layer `penult extract` stores."""
+        x = ((x.float() - self.mean) * self.inv_std).contiguous(memory_format=torch.channels_last)
+        if self.timm_net:
+            return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        return self.trunk(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def augment(batch: torch.Tensor, crop: int, rng: torch.Generator) -> torch.Tensor:
+    """Random resized crop, horizontal flip, small rotation and colour jitter, per image (uint8).
+
+    Greyscale images (all channels equal, e.g. plankton) get brightness/contrast only.
+    """
+    from torchvision.transforms import v2
+
+    geo = v2.Compose(
+        [
+            v2.RandomResizedCrop(crop, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(10),
+        ]
+    )
+    colour = v2.ColorJitter(0.3, 0.3, 0.3, 0.05)
+    grey = v2.ColorJitter(0.3, 0.3)
+    out = []
+    for img in batch:
+        img = geo(img)
+        is_grey = bool((img[0] == img[1]).all() and (img[1] == img[2]).all())
+        out.append((grey if is_grey else colour)(img))
+    return torch.stack(out)
+
+
+def _freeze(net: nn.Module, unfreeze: int) -> tuple[list[str], list[nn.Module]]:
+    """Freeze all but the last ``unfreeze`` stages: (frozen parameter names, frozen stages)."""
+    all_stages = stages(net)
+    if not 1 <= unfreeze <= len(all_stages):
+        raise ValueError(
+            f"--unfreeze must be between 1 and {len(all_stages)} (stages of this network)"
+        )
+    net.requires_grad_(False)
+    for st in all_stages[len(all_stages) - unfreeze :]:
+        st.requires_grad_(True)
+    return [n for n, p in net.named_parameters() if not p.requires_grad], all_stages[
+        : len(all_stages) - unfreeze
+    ]
+
+
+def _data(
+    store_path, opts: FinetuneOptions
+) -> tuple[list[str], np.ndarray, list[str], np.ndarray, list[str]]:
+    """(train files, train y, val files, val y, classes) from the store's train (and val) split."""
+    from features import FeatureStore
+
+    t = FeatureStore(store_path).images()
+    if opts.label not in t.labels or opts.split not in t.labels:
+        raise ValueError(
+            f"{store_path}: fine-tuning needs label columns {opts.label!r} and {opts.split!r}; train a head first to make a split"
+        )
+    y, split = np.array(t.labels[opts.label]), np.array(t.labels[opts.split])
+    ok = np.array([not e for e in t.error]) & (y != "")
+    files = np.array([os.path.join(r, p) for r, p in zip(t.root, t.path, strict=True)])
+    tr, va = np.flatnonzero(ok & (split == "train")), np.flatnonzero(ok & (split == "val"))
+    rng = np.random.default_rng(opts.seed)
+    if opts.max_train and len(tr) > opts.max_train:
+        tr = np.sort(rng.choice(tr, opts.max_train, replace=False))
+    if len(va) == 0:  # hold out part of train; the test split stays untouched for evaluation
+        from sklearn.model_selection import train_test_split
+
+        n_val = max(int(round(opts.val_fraction * len(tr))), len(np.unique(y[tr])))
+        strat = y[tr] if np.unique(y[tr], return_counts=True)[1].min() >= 2 else None
+        tr, va = train_test_split(tr, test_size=n_val, stratify=strat, random_state=opts.seed)
+    classes = sorted(set(y[tr]))
+    idx = {c: i for i, c in enumerate(classes)}
+    va = np.array([i for i in va if y[i] in idx])
+    return (
+        files[tr].tolist(),
+        np.array([idx[c] for c in y[tr]]),
+        files[va].tolist(),
+        np.array([idx[c] for c in y[va]]),
+        classes,
+    )
+
+
+def _schedule(opt, opts: FinetuneOptions, steps_per_epoch: int):
+    if opts.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
+    warm, total = opts.warmup_epochs * steps_per_epoch, opts.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _epoch_files(
+    files: list[str], y: np.ndarray, balanced: bool, rng: np.random.Generator
+) -> np.ndarray:
+    if not balanced:
+        return rng.permutation(len(files))
+    counts = np.bincount(y)
+    w = 1.0 / counts[y]
+    return rng.choice(len(files), len(files), replace=True, p=w / w.sum())
+
+
+def _run_epoch(
+    model,
+    files,
+    y,
+    opts,
+    pre,
+    *,
+    train: bool,
+    opt=None,
+    sched=None,
+    rng=None,
+    gen=None,
+    device=None,
+    dtype=None,
+) -> tuple[float, float]:
+    """Mean loss and accuracy over one pass (training with augmentation, or evaluation)."""
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing if train else 0.0)
+    order = _epoch_files(files, y, opts.balanced, rng) if train else np.arange(len(files))
+    workers = default_workers(device) if opts.workers is None else opts.workers
+    loader = make_loader(
+        [files[i] for i in order],
+        pre,
+        batch_size=opts.batch_size,
+        workers=min(workers, max(1, len(order) // opts.batch_size)),
+    )
+    model.train(train)
+    total, correct, n = 0.0, 0, 0
+    bar = tqdm(
+        total=len(order),
+        desc="train" if train else "validate",
+        unit="img",
+        disable=not opts.progress,
+        leave=False,
+    )
+    for batch in loader:
+        if not len(batch.indices):
+            continue
+        target = torch.as_tensor(y[order[batch.indices]], device=device)
+        x = batch.images.to(device)
+        if train and opts.augment:
+            x = augment(x, pre.crop, gen)
+        with (
+            torch.set_grad_enabled(train),
+            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
+            logits = model(x)
+            loss = loss_fn(logits.float(), target)
+        if train:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                sched.step()
+        total += float(loss) * len(target)
+        correct += int((logits.argmax(1) == target).sum())
+        n += len(target)
+        bar.update(len(batch.indices) + len(batch.failed))
+    bar.close()
+    return total / max(n, 1), correct / max(n, 1)
+
+
+def _save(path: Path, model: _Trainable, classifier: dict[str, torch.Tensor]) -> str:
+    """safetensors of the whole classifier network (trunk + the original ImageNet head), so that
+    `build_backbone(base, weights=path)` loads it like any weights file; returns its weights hash."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+    state.update(classifier)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    return state_sha256(state)
+
+
+def finetune(
+    store_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    opts: FinetuneOptions = FinetuneOptions(),
+) -> FinetuneResult:  # noqa: B008
+    """Fine-tune ``opts.backbone`` on the store's train split; write ``out`` (safetensors) + ``out.json``."""
+    out = Path(out)
+    spec = get_spec(opts.backbone)
+    if spec.source != "timm" and not spec.arch.startswith("resnet"):
+        raise ValueError(f"fine-tuning supports timm backbones and ResNets, not {spec.name}")
+    files, y, vfiles, vy, classes = _data(store_path, opts)
+    torch.manual_seed(opts.seed)
+    net = _build_full(spec)
+    load_pretrained(net, spec)
+    classifier = {
+        k: v.clone() for k, v in net.state_dict().items() if k not in _trunk_keys(net, spec)
+    }
+    frozen, frozen_stages = _freeze(net, opts.unfreeze)
+    pre = spec.preprocess()
+    model = _Trainable(net, pre.mean, pre.std, len(classes), spec.dim).to(
+        memory_format=torch.channels_last
+    )
+    model.frozen = frozen_stages
+    device = pick_device(opts.device)
+    precision = pick_precision(opts.precision, device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    model.to(device)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [
+            {"params": trainable, "lr": opts.lr_backbone},
+            {"params": model.head.parameters(), "lr": opts.lr_head},
+        ],
+        weight_decay=opts.weight_decay,
+    )
+    steps = max(1, math.ceil(len(files) / opts.batch_size))
+    sched = _schedule(opt, opts, steps)
+    card: dict[str, Any] = {
+        "format": "penult-finetune", "base_backbone": spec.name, "options": asdict(opts), "classes": classes,
+        "frozen_parameters": len(frozen), "trainable_parameters": sum(p.numel() for p in trainable),
+        "data": {"train": len(files), "val": len(vfiles), "store": str(store_path),
+                 "train_sha256": state_sha256({"f": torch.tensor(np.frombuffer("\n".join(sorted(files)).encode(), np.uint8))})},
+        "device": str(device), "precision": precision, "curve": [], "finished": False,
+    }  # fmt: skip
+    start, best, bad = _resume(out, model, opt, sched, card)
+    rng = np.random.default_rng(opts.seed + start)
+    gen = torch.Generator().manual_seed(opts.seed + start)
+    for epoch in range(start, opts.epochs):
+        t0 = time.perf_counter()
+        tl, ta = _run_epoch(
+            model,
+            files,
+            y,
+            opts,
+            pre,
+            train=True,
+            opt=opt,
+            sched=sched,
+            rng=rng,
+            gen=gen,
+            device=device,
+            dtype=dtype,
+        )
+        vl, va = _run_epoch(model, vfiles, vy, opts, pre, train=False, device=device, dtype=dtype)
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(vl)
+        card["curve"].append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": tl,
+                "train_acc": ta,
+                "val_loss": vl,
+                "val_acc": va,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        log.info("epoch %d: %s", epoch + 1, card["curve"][-1])
+        if opts.progress:
+            print(
+                f"epoch {epoch + 1}/{opts.epochs}: train loss {tl:.3f} acc {ta:.3f}, val loss {vl:.3f} acc {va:.3f}, {card['curve'][-1]['seconds']:.0f} s",
+                flush=True,
+            )
+        if vl < best:
+            best, bad = vl, 0
+            card["weights_sha256"] = _save(out, model, classifier)
+            card["best_epoch"] = epoch + 1
+        else:
+            bad += 1
+        _checkpoint(out, model, opt, sched, card, epoch + 1, best, bad, classifier)
+        if bad >= opts.patience:
+            card["stopped_early"] = epoch + 1
+            break
+    card["finished"] = True
+    Path(f"{out}.json").write_text(json.dumps(card, indent=1))
+    return FinetuneResult(out, card, card["curve"])
+
+
+def _trunk_keys(net: nn.Module, spec) -> set[str]:
+    """State keys of everything but the ImageNet classifier (kept as it was, to save a full network)."""
+    if spec.source == "timm":
+        head = net.get_classifier()
+        head_keys = {
+            f"{n}.{k}" for n, m in net.named_modules() if m is head for k in m.state_dict()
+        }
+    else:
+        head_keys = {f"fc.{k}" for k in net.fc.state_dict()}
+    return set(net.state_dict()) - head_keys
+
+
+def _checkpoint(
+    out: Path, model, opt, sched, card, epoch: int, best: float, bad: int, classifier
+) -> None:
+    """Everything needed to resume after ``epoch``: tensors only, loadable with weights_only=True."""
+    state = {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "bad": bad,
+    }
+    tmp = Path(f"{out}.resume.pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, f"{out}.resume.pt")
+    Path(f"{out}.json").write_text(json.dumps(card, indent=1))
+
+
+def _resume(out: Path, model, opt, sched, card) -> tuple[int, float, int]:
+    """(first epoch, best val loss, epochs without improvement) from an interrupted run, if any."""
+    path = Path(f"{out}.resume.pt")
+    if not path.exists() or not Path(f"{out}.json").exists():
+        return 0, math.inf, 0
+    old = json.loads(Path(f"{out}.json").read_text())
+    if (
+        old.get("finished")
+        or old.get("options", {}).get("backbone") != card["options"]["backbone"]
+        or old.get("classes") != card["classes"]
+    ):
+        return 0, math.inf, 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a planted pickle, a torn file: never executed
+        raise ValueError(
+            f"{path}: refusing to resume from it ({type(e).__name__}); delete it to start over"
+        ) from None
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    card["curve"] = old["curve"]
+    for k in ("weights_sha256", "best_epoch"):
+        if k in old:
+            card[k] = old[k]
+    card["resumed_at_epoch"] = int(state["epoch"])
+    return int(state["epoch"]), float(state["best"]), int(state["bad"])
+
+
+def extract_finetuned(
+    store_path: str | os.PathLike[str], checkpoint: str | os.PathLike[str], *, progress: bool = True
+) -> str:
+    """Embed every image of the store with the fine-tuned network, as backbone ``<base>@ft-<hash>``."""
+    from extract.run import ExtractOptions, extract
+    from extract.sources import Listing
+    from features import FeatureStore
+
+    card = json.loads(Path(f"{checkpoint}.json").read_text())
+    name = f"{card['base_backbone']}@ft-{card['weights_sha256'][:8]}"
+    table = FeatureStore(store_path).images()
+    for root in sorted(set(table.root)):
+        paths = [p for p, r in zip(table.path, table.root, strict=True) if r == root]
+        opts = ExtractOptions(
+            backbone=card["base_backbone"], weights=str(checkpoint), name=name, progress=progress
+        )
+        s = extract(store_path, Listing(root=Path(root), paths=paths), opts)
+        log.info(s.report())
+    return name
