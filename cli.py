@@ -345,6 +345,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--accumulate", type=int, default=d.accumulate, help="batches per optimiser step"
+    )
     p.add_argument("--lr-backbone", type=float, default=d.lr_backbone)
     p.add_argument("--lr-head", type=float, default=d.lr_head)
     p.add_argument(
@@ -375,7 +378,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     opts = FinetuneOptions(
         backbone=args.backbone, label=args.label, unfreeze=args.unfreeze, epochs=args.epochs,
-        batch_size=args.batch_size, lr_backbone=args.lr_backbone, lr_head=args.lr_head, schedule=args.schedule,
+        batch_size=args.batch_size, accumulate=args.accumulate, lr_backbone=args.lr_backbone, lr_head=args.lr_head, schedule=args.schedule,
         label_smoothing=args.label_smoothing, augment=not args.no_augment, balanced=not args.no_balance,
         patience=args.patience, max_train=args.max_train, device=args.device, progress=not args.quiet,
     )  # fmt: skip

@@ -39,6 +39,7 @@ class FinetuneOptions:
     unfreeze: int = 1  # trainable stages, counted from the deepest
     epochs: int = 10
     batch_size: int = 32
+    accumulate: int = 1  # batches per optimiser step (effective batch = batch_size x accumulate)
     lr_backbone: float = 1e-4
     lr_head: float = 1e-3
     weight_decay: float = 1e-4
@@ -242,9 +243,13 @@ def _run_epoch(
         disable=not opts.progress,
         leave=False,
     )
+    step = 0
+    if train:
+        opt.zero_grad(set_to_none=True)
     for batch in loader:
         if not len(batch.indices):
             continue
+        step += 1
         target = torch.as_tensor(y[order[batch.indices]], device=device)
         x = batch.images.to(device)
         if train and opts.augment:
@@ -255,13 +260,14 @@ def _run_epoch(
         ):
             logits = model(x)
             loss = loss_fn(logits.float(), target)
-        if train:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
-                sched.step()
-        total += float(loss) * len(target)
+        if train:  # gradients of ``accumulate`` batches are summed before each optimiser step
+            (loss / opts.accumulate).backward()
+            if step % opts.accumulate == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                    sched.step()
+        total += float(loss.detach()) * len(target)
         correct += int((logits.argmax(1) == target).sum())
         n += len(target)
         bar.update(len(batch.indices) + len(batch.failed))
@@ -317,7 +323,7 @@ def finetune(
         ],
         weight_decay=opts.weight_decay,
     )
-    steps = max(1, math.ceil(len(files) / opts.batch_size))
+    steps = max(1, math.ceil(len(files) / (opts.batch_size * opts.accumulate)))
     sched = _schedule(opt, opts, steps)
     card: dict[str, Any] = {
         "format": "penult-finetune", "base_backbone": spec.name, "options": asdict(opts), "classes": classes,
@@ -375,7 +381,9 @@ def finetune(
             card["stopped_early"] = epoch + 1
             break
     card["finished"] = True
-    Path(f"{out}.json").write_text(json.dumps(card, indent=1))
+    _write_json(Path(f"{out}.json"), card)
+    if card["curve"]:
+        card["curve_png"] = str(plot_curve(card, f"{out}.curve.png"))
     return FinetuneResult(out, card, card["curve"])
 
 
@@ -406,7 +414,7 @@ def _checkpoint(
     tmp = Path(f"{out}.resume.pt.tmp")
     torch.save(state, tmp)
     os.replace(tmp, f"{out}.resume.pt")
-    Path(f"{out}.json").write_text(json.dumps(card, indent=1))
+    _write_json(Path(f"{out}.json"), card)
 
 
 def _resume(out: Path, model, opt, sched, card) -> tuple[int, float, int]:
@@ -457,3 +465,35 @@ def extract_finetuned(
         s = extract(store_path, Listing(root=Path(root), paths=paths), opts)
         log.info(s.report())
     return name
+
+
+def plot_curve(card: dict[str, Any], png: str | os.PathLike[str]) -> Path:
+    """Training and validation loss and accuracy per epoch (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = card["curve"]
+    ep = [r["epoch"] for r in c]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ep, [r["train_loss"] for r in c], "o-", label="train")
+    a.plot(ep, [r["val_loss"] for r in c], "o-", label="validation")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    b.plot(ep, [r["train_acc"] for r in c], "o-", label="train")
+    b.plot(ep, [r["val_acc"] for r in c], "o-", label="validation")
+    b.set(
+        xlabel="epoch", ylabel="accuracy", title=f"accuracy (best epoch {card.get('best_epoch')})"
+    )
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return Path(png)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write atomically: a kill leaves the old card or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

@@ -41,6 +41,7 @@ def test_training_loss_falls_and_card_records_the_run(tuned):
     assert card["finished"] and card["base_backbone"] == "efficientnet_lite0"
     assert card["data"]["train"] == 32 - card["data"]["val"] or card["data"]["val"] > 0
     assert card["options"]["unfreeze"] == 1 and len(card["curve"]) == 2
+    assert open(f"{r.checkpoint}.curve.png", "rb").read(4) == b"\x89PNG"
 
 
 def test_frozen_layers_are_bitwise_unchanged_and_embeddings_change(tuned, data_dir):
