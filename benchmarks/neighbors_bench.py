@@ -110,41 +110,35 @@ def vectors_part(n: int, d: int, results: dict) -> None:
             f"    nprobe {nprobe}: recall@10 {rows[-1]['recall10']:.3f}, {qps:.0f} q/s", flush=True
         )
     del ivf
-    for m in (d // 2, d // 4):  # 4-bit fast-scan PQ: 2 and 1 bits per dimension (1/16, 1/32 of raw)
-        pq = faiss.IndexIVFPQFastScan(quant, d, plan.nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
+    metric = faiss.METRIC_INNER_PRODUCT
+    compressed = [  # sharing the trained coarse quantiser; 4-bit fast-scan PQ at 2 and 1 bits/dim
+        (f"PQ{d // 2}x4fs", faiss.IndexIVFPQFastScan(quant, d, plan.nlist, d // 2, 4, metric)),
+        (f"PQ{d // 4}x4fs", faiss.IndexIVFPQFastScan(quant, d, plan.nlist, d // 4, 4, metric)),
+        (
+            "SQ4",
+            faiss.IndexIVFScalarQuantizer(
+                quant, d, plan.nlist, faiss.ScalarQuantizer.QT_4bit, metric
+            ),
+        ),
+        (
+            "SQ8",
+            faiss.IndexIVFScalarQuantizer(
+                quant, d, plan.nlist, faiss.ScalarQuantizer.QT_8bit, metric
+            ),
+        ),
+    ]
+    for name, index in compressed:
         t = time.perf_counter()
-        pq.train(sample)  # the coarse quantiser is trained already; this trains the PQ codebooks
-        pq.add(xb)
+        index.train(sample)  # the coarse quantiser is trained already; this trains the codes
+        index.add(xb)
         build = time.perf_counter() - t + train_s
-        size = index_bytes(pq)
+        size = index_bytes(index)
         for nprobe in (16, 32):
-            pq.nprobe = nprobe
-            ids, qps = timed_search(pq, xq)
-            rows.append({"index": f"IVF{plan.nlist},PQ{m}x4fs nprobe={nprobe}", "build_s": build, "bytes": size, "recall10": recall(ids, truth), "qps": qps})  # fmt: skip
-            print(
-                f"  PQ{m}x4fs nprobe {nprobe}: {size / raw:.3f}x raw, recall@10 {rows[-1]['recall10']:.3f}, {qps:.0f} q/s",
-                flush=True,
-            )
-        del pq
-    for qt, name in (
-        (faiss.ScalarQuantizer.QT_4bit, "SQ4"),
-        (faiss.ScalarQuantizer.QT_8bit, "SQ8"),
-    ):
-        sq = faiss.IndexIVFScalarQuantizer(quant, d, plan.nlist, qt, faiss.METRIC_INNER_PRODUCT)
-        t = time.perf_counter()
-        sq.train(sample)
-        sq.add(xb)
-        build = time.perf_counter() - t + train_s
-        size = index_bytes(sq)
-        for nprobe in (16, 32):
-            sq.nprobe = nprobe
-            ids, qps = timed_search(sq, xq)
+            index.nprobe = nprobe
+            ids, qps = timed_search(index, xq)
             rows.append({"index": f"IVF{plan.nlist},{name} nprobe={nprobe}", "build_s": build, "bytes": size, "recall10": recall(ids, truth), "qps": qps})  # fmt: skip
-            print(
-                f"  {name} nprobe {nprobe}: {size / raw:.3f}x raw, recall@10 {rows[-1]['recall10']:.3f}, {qps:.0f} q/s",
-                flush=True,
-            )
-        del sq
+            print(f"  {name} nprobe {nprobe}: {size / raw:.3f}x raw, recall@10 {rows[-1]['recall10']:.3f}, {qps:.0f} q/s", flush=True)  # fmt: skip
+    del compressed
     for r in rows:
         r["ratio_to_raw"] = r["bytes"] / raw
     results["vectors"] = {"n": n, "d": d, "raw_bytes": raw, "peak_rss_mib": rss_mib(), "rows": rows}
