@@ -447,13 +447,10 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
 
 def _cmd_duplicates(args: argparse.Namespace) -> int:
     from classify.lookup import contact_sheet, find_duplicates, write_table
-    from classify.neighbors import build_index, index_path, open_index
+    from classify.neighbors import ensure_index
 
     name = _backbone(args.store, args.backbone)
-    if index_path(args.store, name, "cosine").exists():
-        ni = open_index(args.store, name, update=True)[0]
-    else:
-        ni = build_index(args.store, name)[0]
+    ni = ensure_index(args.store, name)
     groups = find_duplicates(args.store, name, threshold=args.threshold, index=ni)
     n = sum(1 + len(g.hits) for g in groups)
     print(f"{len(groups)} groups of near-duplicates ({n} images) at cosine >= {args.threshold}")

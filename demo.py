@@ -116,12 +116,9 @@ def _score_a_few(model: Path, listing: Listing, out_dir: Path, n: int = 5) -> li
 def _neighbours(store: Path, listing: Listing, out_dir: Path, name: str, n: int = 3) -> list[str]:
     """Index the store (or add new rows to its index) and show the neighbours of a few images."""
     from classify.lookup import contact_sheet, neighbors
-    from classify.neighbors import build_index, index_path, open_index
+    from classify.neighbors import ensure_index
 
-    if index_path(store, name, "cosine").exists():
-        ni = open_index(store, name, update=True)[0]
-    else:
-        ni = build_index(store, name)[0]
+    ni = ensure_index(store, name)
     keys = listing.paths[len(listing) // (2 * n) :: max(1, len(listing) // n)][:n]
     results = neighbors(store, name, keys, k=4, index=ni)
     lines = [

@@ -35,10 +35,6 @@ class Result:
     error: str = ""
 
 
-def _store_vectors(store: FeatureStore, backbone: str, rows: list[int]) -> np.ndarray:
-    return store.embeddings(backbone, rows)
-
-
 def resolve_queries(
     store: FeatureStore,
     backbone: str,
@@ -80,7 +76,7 @@ def resolve_queries(
     X = np.zeros((len(shells), store.backbone(backbone).dim), np.float32)
     known = [i for i, r in enumerate(rows) if r is not None]
     if known:
-        X[known] = _store_vectors(store, backbone, [rows[i] for i in known])
+        X[known] = store.embeddings(backbone, [rows[i] for i in known])
     if files:
         _embed(store, backbone, files, X, shells, batch_size)
     return shells, X, rows
@@ -147,12 +143,25 @@ def neighbors(
 def write_table(results: list[Result], out: str | os.PathLike[str]) -> Path:
     """One row per (query, neighbour): CSV, or JSON when ``out`` ends in .json."""
     out = Path(out)
-    rows = [
-        {"query": r.query, "query_label": r.label, "rank": j + 1, "neighbor": h.path, "label": h.label, "score": round(h.score, 6), "error": r.error}
-        for r in results
-        for j, h in enumerate(r.hits or [None])  # type: ignore[list-item]
-        if h is not None
-    ] + [{"query": r.query, "query_label": r.label, "rank": "", "neighbor": "", "label": "", "score": "", "error": r.error} for r in results if not r.hits]  # fmt: skip
+    rows, failed = [], []  # queries without neighbours (failed ones) are listed last
+    for r in results:
+        base = {"query": r.query, "query_label": r.label}
+        for j, h in enumerate(r.hits):
+            rows.append(
+                {
+                    **base,
+                    "rank": j + 1,
+                    "neighbor": h.path,
+                    "label": h.label,
+                    "score": round(h.score, 6),
+                    "error": r.error,
+                }
+            )
+        if not r.hits:
+            failed.append(
+                {**base, "rank": "", "neighbor": "", "label": "", "score": "", "error": r.error}
+            )
+    rows += failed
     if out.suffix.lower() == ".json":
         out.write_text(json.dumps(rows, indent=1))
     else:

@@ -258,3 +258,12 @@ def open_index(
         ni.meta.update(rows=int(len(ni.rows)), rows_sha256=_digest(table.sha256, ni.rows))
         ni.save()
     return ni, len(new)
+
+
+def ensure_index(
+    store_path: str | os.PathLike[str], backbone: str, *, metric: str = "cosine"
+) -> NeighborIndex:
+    """The saved index with any new rows added, or a new one with the automatic plan."""
+    if index_path(store_path, backbone, metric).exists():
+        return open_index(store_path, backbone, metric=metric, update=True)[0]
+    return build_index(store_path, backbone, metric=metric)[0]

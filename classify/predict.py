@@ -9,7 +9,6 @@ hash, same backbone fingerprint) are not run through the network again.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -115,12 +114,10 @@ def _weights_for(model: Model, weights: tuple[str, ...]) -> dict[str, str]:
 
 
 def _hash(path: str) -> str:
-    from extract.images import read_image_bytes
+    """Content hash as the store keys it ("" if unreadable: the loader reports why)."""
+    from extract.run import _hash_one
 
-    try:
-        return hashlib.sha256(read_image_bytes(path)).hexdigest()
-    except Exception:  # noqa: BLE001 - unreadable files are reported by the loader
-        return ""
+    return _hash_one(path)[0]
 
 
 class _Features:
