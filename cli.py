@@ -367,6 +367,42 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-train", type=int, help="use at most this many training images")
     p.add_argument(
+        "--crop-pct",
+        type=float,
+        help="centre crop / resize for training and the new embeddings (1.0: whole image)",
+    )
+    p.add_argument(
+        "--head-init",
+        choices=["probe", "random"],
+        default=d.head_init,
+        help="new head from a logistic regression on the frozen embeddings (default), or random",
+    )
+    p.add_argument(
+        "--bn-train",
+        action="store_true",
+        help="update BatchNorm statistics in the trained stages (default: keep the pretrained ones)",
+    )
+    p.add_argument(
+        "--hard-mining",
+        type=float,
+        default=d.hard_mining,
+        metavar="FRACTION",
+        help="online hard-example mining: learn from this fraction of each batch's highest losses",
+    )
+    p.add_argument(
+        "--aux-level",
+        metavar="COLUMN",
+        help="auxiliary coarse-label loss (e.g. genus, family): a store label column or --taxonomy column",
+    )
+    p.add_argument("--taxonomy", metavar="CSV", help="class,<coarse levels...> for --aux-level")
+    p.add_argument("--aux-weight", type=float, default=d.aux_weight)
+    p.add_argument(
+        "--aux-stage",
+        type=int,
+        default=d.aux_stage,
+        help="stage (from the deepest) the coarse head reads; must be trainable (default 2)",
+    )
+    p.add_argument(
         "--no-extract", action="store_true", help="do not embed the store with the result"
     )
     p.add_argument("--device", default="auto")
@@ -381,6 +417,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, accumulate=args.accumulate, lr_backbone=args.lr_backbone, lr_head=args.lr_head, schedule=args.schedule,
         label_smoothing=args.label_smoothing, augment=not args.no_augment, balanced=not args.no_balance,
         patience=args.patience, max_train=args.max_train, device=args.device, progress=not args.quiet,
+        crop_pct=args.crop_pct, head_init=args.head_init, bn_train=args.bn_train, hard_mining=args.hard_mining, aux_level=args.aux_level,
+        taxonomy=args.taxonomy, aux_weight=args.aux_weight, aux_stage=args.aux_stage,
     )  # fmt: skip
     r = finetune(args.store, args.out, opts)
     best = r.card.get("best_epoch")

@@ -1,8 +1,11 @@
 """Fine-tuning a backbone on a store's labelled images; the result becomes one more store backbone.
 
-Recipe (each an option): early stages frozen, a new linear head, a small learning rate for the
-backbone and a larger one for the head, linear warm-up then cosine decay (or ReduceLROnPlateau),
-label smoothing, augmentation, class-balanced sampling and early stopping on validation loss.
+Recipe (each an option): early stages frozen, a new linear head (initialised from a linear probe on
+the frozen embeddings, so that the first steps refine features instead of undoing them for a random
+head), a small learning rate for the backbone and a larger one for the head, linear warm-up then
+cosine decay (or ReduceLROnPlateau), label smoothing, augmentation, class-balanced sampling, online
+hard-example mining, an auxiliary coarse-label loss (genus, family) on an intermediate stage, and
+early stopping on validation loss.
 Images come through the extraction loader (workers, shared-memory uint8 batches, prefetch).
 Checkpoints are safetensors plus a JSON card; an interrupted run resumes from its last epoch.
 """
@@ -54,6 +57,18 @@ class FinetuneOptions:
     precision: str = "auto"
     workers: int | None = None
     max_train: int | None = None  # cap on training images (quick trials, tests)
+    crop_pct: float | None = None  # None: the weights' centre crop; 1.0 keeps the whole image
+    head_init: str = "probe"  # "probe": logistic regression on frozen embeddings; "random"
+    bn_train: bool = (
+        False  # update BatchNorm statistics in the trainable stages (default: keep them)
+    )
+    hard_mining: float = 0.0  # keep this fraction of each batch's highest losses (0: off)
+    aux_level: str | None = (
+        None  # coarse label (store column or taxonomy CSV column) for the aux loss
+    )
+    taxonomy: str | None = None  # CSV class,<coarse levels...> (else the store's label columns)
+    aux_weight: float = 0.3
+    aux_stage: int = 2  # stage whose pooled output the coarse head reads, counted from the deepest
     seed: int = 0
     progress: bool = True
 
@@ -79,7 +94,7 @@ def stages(net: nn.Module) -> list[nn.Module]:
 
 
 class _Trainable(nn.Module):
-    """uint8 images -> normalised -> backbone pre-logits -> new linear head."""
+    """uint8 images -> normalised -> backbone pre-logits -> new linear head (+ optional coarse head)."""
 
     def __init__(self, net: nn.Module, mean, std, n_classes: int, dim: int):
         super().__init__()
@@ -90,14 +105,30 @@ class _Trainable(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(std).view(1, 3, 1, 1) * 255.0))
         self.head = nn.Linear(dim, n_classes)
-        self.frozen: list[
-            nn.Module
-        ] = []  # stages kept in eval mode: BatchNorm statistics frozen too
+        self.aux: nn.Linear | None = None
+        self._mid: torch.Tensor | None = None
+        self.frozen: list[nn.Module] = []  # stages kept in eval mode: BatchNorm statistics too
+        self.bn_train = True  # False: every BatchNorm keeps its pretrained statistics
+
+    def attach_aux(self, stage: nn.Module, n_coarse: int) -> None:
+        """A coarse-label head on ``stage``'s globally pooled output (read through a forward hook)."""
+
+        def keep(_m, _i, out):
+            self._mid = out
+
+        stage.register_forward_hook(keep)
+        with torch.no_grad():
+            self.embed(torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=self.mean.device))
+        self.aux = nn.Linear(self._mid.shape[1], n_coarse).to(self.mean.device)
 
     def train(self, mode: bool = True) -> _Trainable:
         super().train(mode)
         for m in self.frozen:
             m.eval()
+        if not self.bn_train:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +138,12 @@ class _Trainable(nn.Module):
             return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
         return self.trunk(x).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(class logits, coarse logits or None)."""
+        logits = self.head(self.embed(x))
+        if self.aux is None:
+            return logits, None
+        return logits, self.aux(self._mid.float().mean((2, 3)))
 
 
 def augment(batch: torch.Tensor, crop: int, rng: torch.Generator) -> torch.Tensor:
@@ -150,10 +185,51 @@ def _freeze(net: nn.Module, unfreeze: int) -> tuple[list[str], list[nn.Module]]:
     ]
 
 
-def _data(
-    store_path, opts: FinetuneOptions
-) -> tuple[list[str], np.ndarray, list[str], np.ndarray, list[str]]:
-    """(train files, train y, val files, val y, classes) from the store's train (and val) split."""
+@dataclass
+class _Data:
+    files: list[str]  # training images
+    y: np.ndarray
+    vfiles: list[str]  # validation images
+    vy: np.ndarray
+    classes: list[str]
+    rows: np.ndarray  # store rows of the training images (for the linear-probe initialisation)
+    coarse: np.ndarray | None = None  # coarse-label ids of train, then val images (aux loss)
+    coarse_classes: list[str] = field(default_factory=list)
+
+
+def _coarse_of(store_path, table, opts: FinetuneOptions, y: np.ndarray) -> np.ndarray:
+    """The coarse label of every store row: a store column, or a taxonomy CSV column via the label."""
+    level = opts.aux_level
+    if not opts.taxonomy:
+        if level not in table.labels:
+            raise ValueError(
+                f"{store_path}: no label column {level!r} for the auxiliary loss "
+                f"(columns: {', '.join(sorted(table.labels))}); pass --taxonomy CSV"
+            )
+        return np.array(table.labels[level])
+    import csv
+
+    try:
+        with open(opts.taxonomy, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{opts.taxonomy}: cannot read taxonomy CSV ({e})") from None
+    if not rows or level not in rows[0][1:]:
+        raise ValueError(
+            f"{opts.taxonomy}: needs a header class,<levels...> with a {level!r} column"
+        )
+    col = rows[0].index(level)
+    parent = {r[0]: r[col] for r in rows[1:] if len(r) > col}
+    missing = sorted({c for c in y if c and c not in parent})
+    if missing:
+        raise ValueError(
+            f"{opts.taxonomy}: {len(missing)} classes are not in the taxonomy, e.g. {missing[0]!r}"
+        )
+    return np.array([parent.get(c, "") for c in y])
+
+
+def _data(store_path, opts: FinetuneOptions) -> _Data:
+    """Training and validation images from the store's train (and val) split, with their labels."""
     from features import FeatureStore
 
     t = FeatureStore(store_path).images()
@@ -176,14 +252,21 @@ def _data(
         tr, va = train_test_split(tr, test_size=n_val, stratify=strat, random_state=opts.seed)
     classes = sorted(set(y[tr]))
     idx = {c: i for i, c in enumerate(classes)}
-    va = np.array([i for i in va if y[i] in idx])
-    return (
+    va = np.array([i for i in va if y[i] in idx], dtype=int)
+    d = _Data(
         files[tr].tolist(),
         np.array([idx[c] for c in y[tr]]),
         files[va].tolist(),
         np.array([idx[c] for c in y[va]]),
         classes,
+        np.asarray(tr),
     )
+    if opts.aux_level:
+        coarse = _coarse_of(store_path, t, opts, y)[np.concatenate([tr, va])]
+        d.coarse_classes = sorted(set(coarse))
+        cidx = {c: i for i, c in enumerate(d.coarse_classes)}
+        d.coarse = np.array([cidx[c] for c in coarse])
+    return d
 
 
 def _schedule(opt, opts: FinetuneOptions, steps_per_epoch: int):
@@ -209,6 +292,30 @@ def _epoch_files(
     return rng.choice(len(files), len(files), replace=True, p=w / w.sum())
 
 
+def _batch_loss(
+    logits, aux, target, coarse, opts: FinetuneOptions, train: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimise, mean loss over the whole batch for the curve).
+
+    Online hard-example mining keeps the ``hard_mining`` fraction of the batch with the highest
+    losses; the auxiliary coarse-label loss is added per image, weighted by ``aux_weight``.
+    """
+    smooth = opts.label_smoothing if train else 0.0
+    per = nn.functional.cross_entropy(
+        logits.float(), target, reduction="none", label_smoothing=smooth
+    )
+    full = per.mean()
+    if not train:
+        return full, full
+    if aux is not None:
+        per = per + opts.aux_weight * nn.functional.cross_entropy(
+            aux.float(), coarse, reduction="none", label_smoothing=smooth
+        )
+    if 0 < opts.hard_mining < 1:
+        per = per.topk(max(1, math.ceil(opts.hard_mining * len(per)))).values
+    return per.mean(), full
+
+
 def _run_epoch(
     model,
     files,
@@ -217,15 +324,15 @@ def _run_epoch(
     pre,
     *,
     train: bool,
+    coarse=None,
     opt=None,
     sched=None,
     rng=None,
     gen=None,
     device=None,
     dtype=None,
-) -> tuple[float, float]:
-    """Mean loss and accuracy over one pass (training with augmentation, or evaluation)."""
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing if train else 0.0)
+) -> dict[str, float]:
+    """Mean loss and accuracy (and coarse-head accuracy) over one pass, training or evaluation."""
     order = _epoch_files(files, y, opts.balanced, rng) if train else np.arange(len(files))
     workers = default_workers(device) if opts.workers is None else opts.workers
     loader = make_loader(
@@ -235,7 +342,7 @@ def _run_epoch(
         workers=min(workers, max(1, len(order) // opts.batch_size)),
     )
     model.train(train)
-    total, correct, n = 0.0, 0, 0
+    total, correct, aux_correct, n = 0.0, 0, 0, 0
     bar = tqdm(
         total=len(order),
         desc="train" if train else "validate",
@@ -250,7 +357,9 @@ def _run_epoch(
         if not len(batch.indices):
             continue
         step += 1
-        target = torch.as_tensor(y[order[batch.indices]], device=device)
+        rows = order[batch.indices]
+        target = torch.as_tensor(y[rows], device=device)
+        ctarget = None if coarse is None else torch.as_tensor(coarse[rows], device=device)
         x = batch.images.to(device)
         if train and opts.augment:
             x = augment(x, pre.crop, gen)
@@ -258,8 +367,8 @@ def _run_epoch(
             torch.set_grad_enabled(train),
             torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
         ):
-            logits = model(x)
-            loss = loss_fn(logits.float(), target)
+            logits, aux = model(x)
+            loss, full = _batch_loss(logits, aux, target, ctarget, opts, train)
         if train:  # gradients of ``accumulate`` batches are summed before each optimiser step
             (loss / opts.accumulate).backward()
             if step % opts.accumulate == 0:
@@ -267,12 +376,17 @@ def _run_epoch(
                 opt.zero_grad(set_to_none=True)
                 if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
                     sched.step()
-        total += float(loss.detach()) * len(target)
+        total += float(full.detach()) * len(target)
         correct += int((logits.argmax(1) == target).sum())
+        if aux is not None:
+            aux_correct += int((aux.argmax(1) == ctarget).sum())
         n += len(target)
         bar.update(len(batch.indices) + len(batch.failed))
     bar.close()
-    return total / max(n, 1), correct / max(n, 1)
+    out = {"loss": total / max(n, 1), "acc": correct / max(n, 1)}
+    if coarse is not None:
+        out["aux_acc"] = aux_correct / max(n, 1)
+    return out
 
 
 def _save(path: Path, model: _Trainable, classifier: dict[str, torch.Tensor]) -> str:
@@ -298,35 +412,53 @@ def finetune(
     spec = get_spec(opts.backbone)
     if spec.source != "timm" and not spec.arch.startswith("resnet"):
         raise ValueError(f"fine-tuning supports timm backbones and ResNets, not {spec.name}")
-    files, y, vfiles, vy, classes = _data(store_path, opts)
+    data = _data(store_path, opts)
+    files, y, vfiles, vy, classes = data.files, data.y, data.vfiles, data.vy, data.classes
     torch.manual_seed(opts.seed)
     net = _build_full(spec)
     load_pretrained(net, spec)
+    base_sha = state_sha256(net.state_dict())
     classifier = {
         k: v.clone() for k, v in net.state_dict().items() if k not in _trunk_keys(net, spec)
     }
     frozen, frozen_stages = _freeze(net, opts.unfreeze)
-    pre = spec.preprocess()
+    pre = spec.preprocess(opts.crop_pct)
     model = _Trainable(net, pre.mean, pre.std, len(classes), spec.dim).to(
         memory_format=torch.channels_last
     )
     model.frozen = frozen_stages
+    model.bn_train = opts.bn_train
     device = pick_device(opts.device)
     precision = pick_precision(opts.precision, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model.to(device)
+    if opts.aux_level:
+        all_stages = stages(net)
+        if not 1 <= opts.aux_stage <= len(all_stages):
+            raise ValueError(f"--aux-stage must be between 1 and {len(all_stages)}")
+        if opts.aux_stage > opts.unfreeze:
+            raise ValueError(
+                f"--aux-stage {opts.aux_stage} is frozen: the coarse loss could not train it; "
+                f"use --unfreeze {opts.aux_stage} or more"
+            )
+        model.attach_aux(all_stages[len(all_stages) - opts.aux_stage], len(data.coarse_classes))
+    probe = None
+    if opts.head_init == "probe":
+        probe = _probe_init(model, store_path, data, base_sha, pre, opts, device, dtype)
+    elif opts.head_init != "random":
+        raise ValueError(f"head_init must be 'probe' or 'random', not {opts.head_init!r}")
     trainable = [p for p in net.parameters() if p.requires_grad]
+    heads = [*model.head.parameters(), *(model.aux.parameters() if model.aux else [])]
     opt = torch.optim.AdamW(
-        [
-            {"params": trainable, "lr": opts.lr_backbone},
-            {"params": model.head.parameters(), "lr": opts.lr_head},
-        ],
+        [{"params": trainable, "lr": opts.lr_backbone}, {"params": heads, "lr": opts.lr_head}],
         weight_decay=opts.weight_decay,
     )
     steps = max(1, math.ceil(len(files) / (opts.batch_size * opts.accumulate)))
     sched = _schedule(opt, opts, steps)
     card: dict[str, Any] = {
         "format": "penult-finetune", "base_backbone": spec.name, "options": asdict(opts), "classes": classes,
+        "coarse_classes": data.coarse_classes, "head_init": probe or opts.head_init,
+        "preprocessing": pre.to_dict(),
         "frozen_parameters": len(frozen), "trainable_parameters": sum(p.numel() for p in trainable),
         "data": {"train": len(files), "val": len(vfiles), "store": str(store_path),
                  "train_sha256": state_sha256({"f": torch.tensor(np.frombuffer("\n".join(sorted(files)).encode(), np.uint8))})},
@@ -337,13 +469,15 @@ def finetune(
     gen = torch.Generator().manual_seed(opts.seed + start)
     for epoch in range(start, opts.epochs):
         t0 = time.perf_counter()
-        tl, ta = _run_epoch(
+        coarse = (None, None) if data.coarse is None else np.split(data.coarse, [len(files)])
+        tr = _run_epoch(
             model,
             files,
             y,
             opts,
             pre,
             train=True,
+            coarse=coarse[0],
             opt=opt,
             sched=sched,
             rng=rng,
@@ -351,23 +485,21 @@ def finetune(
             device=device,
             dtype=dtype,
         )
-        vl, va = _run_epoch(model, vfiles, vy, opts, pre, train=False, device=device, dtype=dtype)
+        va = _run_epoch(
+            model, vfiles, vy, opts, pre, train=False, coarse=coarse[1], device=device, dtype=dtype
+        )
+        vl = va["loss"]
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(vl)
-        card["curve"].append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": tl,
-                "train_acc": ta,
-                "val_loss": vl,
-                "val_acc": va,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        log.info("epoch %d: %s", epoch + 1, card["curve"][-1])
+        row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in tr.items()}}
+        row.update({f"val_{k}": v for k, v in va.items()}, seconds=time.perf_counter() - t0)
+        card["curve"].append(row)
+        log.info("epoch %d: %s", epoch + 1, row)
         if opts.progress:
+            aux = f", val {opts.aux_level} acc {va['aux_acc']:.3f}" if "aux_acc" in va else ""
             print(
-                f"epoch {epoch + 1}/{opts.epochs}: train loss {tl:.3f} acc {ta:.3f}, val loss {vl:.3f} acc {va:.3f}, {card['curve'][-1]['seconds']:.0f} s",
+                f"epoch {epoch + 1}/{opts.epochs}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f}, "
+                f"val loss {vl:.3f} acc {va['acc']:.3f}{aux}, {row['seconds']:.0f} s",
                 flush=True,
             )
         if vl < best:
@@ -385,6 +517,64 @@ def finetune(
     if card["curve"]:
         card["curve_png"] = str(plot_curve(card, f"{out}.curve.png"))
     return FinetuneResult(out, card, card["curve"])
+
+
+def _probe_init(
+    model: _Trainable, store_path, data: _Data, base_sha: str, pre, opts, device, dtype
+) -> str:
+    """Initialise the new head as a logistic regression on the frozen embeddings of the training
+    images (linear probing, then fine-tuning): read from the store when it holds this backbone with
+    this preprocessing, else computed in one pass. Returns where the embeddings came from."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, source = _stored_embeddings(store_path, data.rows, base_sha, pre), "store"
+    if x is None:
+        x, source = _embed_pass(model, data.files, pre, opts, device, dtype), "computed"
+    scale = StandardScaler().fit(x)
+    lr = LogisticRegression(C=0.1, max_iter=300, tol=1e-3).fit(scale.transform(x), data.y)
+    w = lr.coef_ / scale.scale_
+    b = lr.intercept_ - w @ scale.mean_
+    if w.shape[0] == 1:  # binary: softmax over (0, w.x + b) is the logistic model
+        w, b = np.vstack([np.zeros_like(w), w]), np.concatenate([[0.0], b])
+    with torch.no_grad():
+        model.head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        model.head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+    return f"probe ({source} embeddings, train acc {lr.score(scale.transform(x), data.y):.3f})"
+
+
+def _stored_embeddings(store_path, rows: np.ndarray, base_sha: str, pre) -> np.ndarray | None:
+    """The store's embeddings of ``rows`` from an entry with exactly these weights and preprocessing."""
+    from features import FeatureStore
+
+    fs = FeatureStore(store_path)
+    for name, entry in fs.backbones().items():
+        fp = entry.fingerprint
+        p = fp.get("preprocessing", {})
+        if fp.get("weights_sha256") != base_sha or (p.get("resize"), p.get("crop")) != (
+            pre.resize,
+            pre.crop,
+        ):
+            continue
+        if fs.valid(name)[rows].all():
+            return fs.embeddings(name, rows)
+    return None
+
+
+def _embed_pass(model: _Trainable, files: list[str], pre, opts, device, dtype) -> np.ndarray:
+    """Embeddings of ``files`` under the network as it is (eval mode, no augmentation)."""
+    model.eval()
+    out = np.zeros((len(files), model.head.in_features), np.float32)
+    workers = default_workers(device) if opts.workers is None else opts.workers
+    loader = make_loader(files, pre, batch_size=opts.batch_size, workers=workers)
+    with (
+        torch.no_grad(),
+        torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+    ):
+        for batch in tqdm(loader, desc="probe", disable=not opts.progress, leave=False):
+            if len(batch.indices):
+                out[batch.indices] = model.embed(batch.images.to(device)).float().cpu().numpy()
+    return out
 
 
 def _trunk_keys(net: nn.Module, spec) -> set[str]:
@@ -423,9 +613,10 @@ def _resume(out: Path, model, opt, sched, card) -> tuple[int, float, int]:
     if not path.exists() or not Path(f"{out}.json").exists():
         return 0, math.inf, 0
     old = json.loads(Path(f"{out}.json").read_text())
+    same = ("backbone", "unfreeze", "crop_pct", "aux_level", "aux_stage", "head_init")
     if (
         old.get("finished")
-        or old.get("options", {}).get("backbone") != card["options"]["backbone"]
+        or any(old.get("options", {}).get(k) != card["options"][k] for k in same)
         or old.get("classes") != card["classes"]
     ):
         return 0, math.inf, 0
@@ -460,7 +651,11 @@ def extract_finetuned(
     for root in sorted(set(table.root)):
         paths = [p for p, r in zip(table.path, table.root, strict=True) if r == root]
         opts = ExtractOptions(
-            backbone=card["base_backbone"], weights=str(checkpoint), name=name, progress=progress
+            backbone=card["base_backbone"],
+            weights=str(checkpoint),
+            name=name,
+            crop_pct=card["options"].get("crop_pct"),
+            progress=progress,
         )
         s = extract(store_path, Listing(root=Path(root), paths=paths), opts)
         log.info(s.report())
