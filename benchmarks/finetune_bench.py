@@ -26,10 +26,12 @@ from classify import TrainOptions, train  # noqa: E402
 OUT = ROOT / "bench-out"
 STORE = OUT / "cub100.h5"
 FROZEN = {"efficientnet_lite0": "weights' crop", "efficientnet_lite0@crop100": "whole image"}
-RUNS: dict[str, list[str]] = {  # name -> extra `penult finetune` arguments
-    "ft1": ["--epochs", "5", "--head-init", "random"],
-    "ft2": ["--unfreeze", "2", "--epochs", "8", "--head-init", "random"],
+RUNS: dict[str, list[str]] = {  # name -> extra `penult finetune` arguments, in the order tried
+    "ft1": ["--epochs", "5", "--head-init", "random", "--bn-train"],
+    "ft2": ["--unfreeze", "2", "--epochs", "8", "--head-init", "random", "--bn-train"],
+    "ft3": ["--unfreeze", "2", "--epochs", "8", "--crop-pct", "1.0", "--bn-train"],
     "lpft2": ["--unfreeze", "2", "--epochs", "8", "--crop-pct", "1.0"],
+    "lpft2h": ["--unfreeze", "2", "--epochs", "8", "--crop-pct", "1.0", "--lr-head", "1e-4"],
 }
 
 

@@ -327,6 +327,7 @@ def _run_epoch(
     coarse=None,
     opt=None,
     sched=None,
+    scaler=None,
     rng=None,
     gen=None,
     device=None,
@@ -370,9 +371,10 @@ def _run_epoch(
             logits, aux = model(x)
             loss, full = _batch_loss(logits, aux, target, ctarget, opts, train)
         if train:  # gradients of ``accumulate`` batches are summed before each optimiser step
-            (loss / opts.accumulate).backward()
+            scaler.scale(loss / opts.accumulate).backward()
             if step % opts.accumulate == 0:
-                opt.step()
+                scaler.step(opt)  # fp16: skipped when gradients overflowed; else plain opt.step()
+                scaler.update()
                 opt.zero_grad(set_to_none=True)
                 if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
                     sched.step()
@@ -464,7 +466,9 @@ def finetune(
                  "train_sha256": state_sha256({"f": torch.tensor(np.frombuffer("\n".join(sorted(files)).encode(), np.uint8))})},
         "device": str(device), "precision": precision, "curve": [], "finished": False,
     }  # fmt: skip
-    start, best, bad = _resume(out, model, opt, sched, card)
+    # fp16 gradients underflow without loss scaling (older GPUs); bf16 and fp32 need none
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start, best, bad = _resume(out, model, opt, sched, scaler, card)
     rng = np.random.default_rng(opts.seed + start)
     gen = torch.Generator().manual_seed(opts.seed + start)
     for epoch in range(start, opts.epochs):
@@ -480,6 +484,7 @@ def finetune(
             coarse=coarse[0],
             opt=opt,
             sched=sched,
+            scaler=scaler,
             rng=rng,
             gen=gen,
             device=device,
@@ -508,7 +513,7 @@ def finetune(
             card["best_epoch"] = epoch + 1
         else:
             bad += 1
-        _checkpoint(out, model, opt, sched, card, epoch + 1, best, bad, classifier)
+        _checkpoint(out, model, opt, sched, scaler, card, epoch + 1, best, bad)
         if bad >= opts.patience:
             card["stopped_early"] = epoch + 1
             break
@@ -590,13 +595,14 @@ def _trunk_keys(net: nn.Module, spec) -> set[str]:
 
 
 def _checkpoint(
-    out: Path, model, opt, sched, card, epoch: int, best: float, bad: int, classifier
+    out: Path, model, opt, sched, scaler, card, epoch: int, best: float, bad: int
 ) -> None:
     """Everything needed to resume after ``epoch``: tensors only, loadable with weights_only=True."""
     state = {
         "model": model.state_dict(),
         "opt": opt.state_dict(),
         "sched": sched.state_dict(),
+        "scaler": scaler.state_dict(),
         "epoch": epoch,
         "best": best,
         "bad": bad,
@@ -607,7 +613,7 @@ def _checkpoint(
     _write_json(Path(f"{out}.json"), card)
 
 
-def _resume(out: Path, model, opt, sched, card) -> tuple[int, float, int]:
+def _resume(out: Path, model, opt, sched, scaler, card) -> tuple[int, float, int]:
     """(first epoch, best val loss, epochs without improvement) from an interrupted run, if any."""
     path = Path(f"{out}.resume.pt")
     if not path.exists() or not Path(f"{out}.json").exists():
@@ -629,6 +635,8 @@ def _resume(out: Path, model, opt, sched, card) -> tuple[int, float, int]:
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     card["curve"] = old["curve"]
     for k in ("weights_sha256", "best_epoch"):
         if k in old:

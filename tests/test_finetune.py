@@ -228,3 +228,35 @@ def test_auxiliary_loss_errors_name_the_problem(cub_store, tmp_path):
         ft.finetune(
             store, out, dataclasses.replace(QUICK, unfreeze=2, aux_level="genus", taxonomy=str(tax))
         )
+
+
+class _Tiny(torch.nn.Module):
+    """Pooled colour -> logits: the training loop's fp16 path without a CNN's CPU cost."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, n)
+
+    def forward(self, x):
+        return self.fc(x.float().mean((2, 3)) / 255.0), None
+
+
+def test_fp16_trains_through_a_gradient_scaler(data_dir):
+    """The CUDA fp16 path (older GPUs) needs loss scaling; run the same loop on CPU, where autocast
+    has fp16: the scaler starts at 65536, backs off on overflow, and the weights still learn."""
+    files = sorted(str(p) for p in (data_dir / "hymenoptera").rglob("*.jpg"))[:32]
+    y = np.array([int("bees" in f) for f in files])
+    model = _Tiny(2)
+    before = model.fc.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    opts = dataclasses.replace(QUICK, batch_size=8, workers=0)
+    pre = get_spec("efficientnet_lite0").preprocess()
+    run = dict(opt=opt, scaler=scaler, device=torch.device("cpu"), dtype=torch.float16)  # noqa: C408
+    for seed in range(2):
+        r = ft._run_epoch(
+            model, files, y, opts, pre, train=True, rng=np.random.default_rng(seed), **run
+        )
+        assert np.isfinite(r["loss"])
+    assert 0 < scaler.get_scale() <= 65536
+    assert not torch.equal(before, model.fc.weight)
