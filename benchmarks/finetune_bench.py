@@ -31,7 +31,7 @@ RUNS: dict[str, list[str]] = {  # name -> extra `penult finetune` arguments, in 
     "ft2": ["--unfreeze", "2", "--epochs", "8", "--head-init", "random", "--bn-train"],
     "ft3": ["--unfreeze", "2", "--epochs", "8", "--crop-pct", "1.0", "--bn-train"],
     "lpft2": ["--unfreeze", "2", "--epochs", "8", "--crop-pct", "1.0"],
-    "lpft2h": ["--unfreeze", "2", "--epochs", "8", "--crop-pct", "1.0", "--lr-head", "1e-4"],
+    "lpft7": ["--unfreeze", "7", "--epochs", "10", "--crop-pct", "1.0"],
 }
 
 

@@ -187,24 +187,26 @@ class FeatureStore:
             return {n: _entry(n, g) for n, g in f["backbones"].items()}
 
     def backbone(self, name: str) -> BackboneEntry:
-        entries = self.backbones()
-        if name not in entries:
-            have = ", ".join(sorted(entries)) or "none"
+        with self._open() as f:
+            return _entry(name, self._group(f, name))
+
+    def _group(self, f: h5py.File, name: str) -> h5py.Group:
+        """The backbone's group, or a StoreError naming the backbones the store has."""
+        if name not in f["backbones"]:
+            have = ", ".join(sorted(f["backbones"])) or "none"
             raise StoreError(
                 f"{self.path} has no backbone {name!r} (it has: {have}); run `penult extract` first"
             )
-        return entries[name]
+        return f["backbones"][name]
 
     def valid(self, name: str) -> np.ndarray:
-        self.backbone(name)
         with self._open() as f:
-            return np.asarray(f["backbones"][name]["valid"][()], dtype=bool)
+            return np.asarray(self._group(f, name)["valid"][()], dtype=bool)
 
     def embeddings(self, name: str, rows: Iterable[int] | None = None) -> np.ndarray:
         """(len(rows), D) float32 embeddings; all N rows (NaN where not valid) when rows is None."""
-        self.backbone(name)
         with self._open() as f:
-            ds = f["backbones"][name]["embeddings"]
+            ds = self._group(f, name)["embeddings"]
             if rows is None:
                 return np.asarray(ds[()], dtype=np.float32)
             rows = np.asarray(list(rows), dtype=np.int64)
