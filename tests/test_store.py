@@ -94,6 +94,9 @@ def test_float16_storage_and_several_backbones(tmp_path: Path) -> None:
     np.testing.assert_allclose(s.embeddings("net"), x, atol=2e-3)
     assert s.valid("other").tolist() == [True] + [False] * 5
     assert np.isnan(s.embeddings("other")[1:]).all()
+    for read in (s.backbone, s.valid, s.embeddings):
+        with pytest.raises(StoreError, match=r"no backbone 'nett' \(it has: net, other\)"):
+            read("nett")
 
 
 @pytest.mark.parametrize(
