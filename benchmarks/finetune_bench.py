@@ -32,6 +32,20 @@ RUNS: dict[str, list[str]] = {  # name -> extra `penult finetune` arguments, in 
     "ft3": ["--unfreeze", "2", "--epochs", "8", "--crop-pct", "1.0", "--bn-train"],
     "lpft2": ["--unfreeze", "2", "--epochs", "8", "--crop-pct", "1.0"],
     "lpft7": ["--unfreeze", "7", "--epochs", "10", "--crop-pct", "1.0"],
+    "lpft7aux": [
+        "--unfreeze",
+        "7",
+        "--epochs",
+        "10",
+        "--crop-pct",
+        "1.0",
+        "--aux-level",
+        "genus",
+        "--aux-stage",
+        "3",
+        "--hard-mining",
+        "0.5",
+    ],  # fmt: skip
 }
 
 

@@ -685,6 +685,10 @@ def plot_curve(card: dict[str, Any], png: str | os.PathLike[str]) -> Path:
     a.set(xlabel="epoch", ylabel="loss", title="loss")
     b.plot(ep, [r["train_acc"] for r in c], "o-", label="train")
     b.plot(ep, [r["val_acc"] for r in c], "o-", label="validation")
+    if "val_aux_acc" in c[0]:
+        level = card["options"].get("aux_level")
+        b.plot(ep, [r["val_aux_acc"] for r in c], "s--", label=f"validation ({level} head)")
+        b.legend()
     b.set(
         xlabel="epoch", ylabel="accuracy", title=f"accuracy (best epoch {card.get('best_epoch')})"
     )
