@@ -21,7 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+from scipy.stats import binomtest  # noqa: E402
+
 from classify import TrainOptions, train  # noqa: E402
+from classify.data import eval_mask, load_dataset  # noqa: E402
 
 OUT = ROOT / "bench-out"
 STORE = OUT / "cub100.h5"
@@ -62,15 +66,27 @@ def finetuned(name: str, args: list[str]) -> tuple[str, dict]:
 
 
 def heads(entry: str) -> dict:
+    """Flat and hierarchical LR accuracies, plus which test images the flat head got right."""
     flat = train(STORE, TrainOptions(backbones=(entry,), levels=("family", "genus")))
     hier = train(
         STORE, TrainOptions(backbones=(entry,), levels=("family", "genus"), hierarchical=True)
     )
     acc = {}
     for kind, r in (("flat", flat), ("hierarchical", hier)):
-        lv = r.metrics["level_accuracy"]
+        lv = r.metrics["levels"]["accuracy"]
         acc[kind] = {"species": r.metrics["top1"], "genus": lv["genus"], "family": lv["family"]}
+    data = load_dataset(STORE, (entry,))
+    ev, _ = eval_mask(data.column("split"))
+    right = flat.metrics["predictions"].label == data.column("label")[ev]
+    acc["right"] = dict(zip(np.array(data.paths)[ev].tolist(), right.tolist(), strict=True))
     return acc
+
+
+def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> tuple[int, int, float]:
+    """(images only a got right, only b got right, exact two-sided McNemar p)."""
+    only_a = sum(a[k] and not b[k] for k in a)
+    only_b = sum(b[k] and not a[k] for k in a)
+    return only_a, only_b, binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue
 
 
 def main() -> None:
@@ -91,16 +107,28 @@ def main() -> None:
                 **heads(entry),
             }
         )
-    (OUT / "finetune.json").write_text(json.dumps(rows, indent=1))
-    print(
-        "| embeddings | flat LR species | genus | family | hierarchical species | genus | family |"
+    base = rows[1]["right"]  # frozen whole-image embeddings: what fine-tuning has to beat
+    for r in rows[2:]:
+        r["vs_frozen"] = mcnemar(r["right"], base)
+    (OUT / "finetune.json").write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "right"} for r in rows], indent=1)
     )
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| embeddings | flat LR species | genus | family | hierarchical species | genus | family "
+        "| only ft right / only frozen right, McNemar p |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         f, h = r["flat"], r["hierarchical"]
+        mc = "{} / {}, p={:.2g}".format(*r["vs_frozen"]) if "vs_frozen" in r else ""
         print(
             f"| {r['what']} (`{r['entry']}`) | {f['species']:.3f} | {f['genus']:.3f} | "
-            f"{f['family']:.3f} | {h['species']:.3f} | {h['genus']:.3f} | {h['family']:.3f} |"
+            f"{f['family']:.3f} | {h['species']:.3f} | {h['genus']:.3f} | {h['family']:.3f} | {mc} |"
+        )
+    for r in rows[2:]:
+        print(
+            f"{r['what']}: {r['epochs']} epochs, {r['min_per_epoch']:.1f} min/epoch, "
+            f"best val acc {r['best_val_acc']:.3f}"
         )
 
 

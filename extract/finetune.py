@@ -341,6 +341,7 @@ def _run_epoch(
         pre,
         batch_size=opts.batch_size,
         workers=min(workers, max(1, len(order) // opts.batch_size)),
+        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
     )
     model.train(train)
     total, correct, aux_correct, n = 0.0, 0, 0, 0
@@ -361,7 +362,7 @@ def _run_epoch(
         rows = order[batch.indices]
         target = torch.as_tensor(y[rows], device=device)
         ctarget = None if coarse is None else torch.as_tensor(coarse[rows], device=device)
-        x = batch.images.to(device)
+        x = batch.images.to(device, non_blocking=True)
         if train and opts.augment:
             x = augment(x, pre.crop, gen)
         with (
@@ -571,7 +572,8 @@ def _embed_pass(model: _Trainable, files: list[str], pre, opts, device, dtype) -
     model.eval()
     out = np.zeros((len(files), model.head.in_features), np.float32)
     workers = default_workers(device) if opts.workers is None else opts.workers
-    loader = make_loader(files, pre, batch_size=opts.batch_size, workers=workers)
+    cuda = device.type == "cuda"
+    loader = make_loader(files, pre, batch_size=opts.batch_size, workers=workers, pin_memory=cuda)
     with (
         torch.no_grad(),
         torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
