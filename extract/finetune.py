@@ -143,7 +143,8 @@ class _Trainable(nn.Module):
         logits = self.head(self.embed(x))
         if self.aux is None:
             return logits, None
-        return logits, self.aux(self._mid.float().mean((2, 3)))
+        mid, self._mid = self._mid, None  # do not keep the activations alive between batches
+        return logits, self.aux(mid.float().mean((2, 3)))
 
 
 def augment(batch: torch.Tensor, crop: int, rng: torch.Generator) -> torch.Tensor:
