@@ -317,6 +317,23 @@ def _batch_loss(
     return per.mean(), full
 
 
+def _loader(files: list[str], pre, opts: FinetuneOptions, device: torch.device):
+    """The extraction loader with the run's workers (no more than there are batches)."""
+    workers = default_workers(device) if opts.workers is None else opts.workers
+    return make_loader(
+        files,
+        pre,
+        batch_size=opts.batch_size,
+        workers=min(workers, max(1, len(files) // opts.batch_size)),
+        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
+    )
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on ``device``, or a no-op context for fp32 (``dtype`` None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def _run_epoch(
     model,
     files,
@@ -336,14 +353,7 @@ def _run_epoch(
 ) -> dict[str, float]:
     """Mean loss and accuracy (and coarse-head accuracy) over one pass, training or evaluation."""
     order = _epoch_files(files, y, opts.balanced, rng) if train else np.arange(len(files))
-    workers = default_workers(device) if opts.workers is None else opts.workers
-    loader = make_loader(
-        [files[i] for i in order],
-        pre,
-        batch_size=opts.batch_size,
-        workers=min(workers, max(1, len(order) // opts.batch_size)),
-        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
-    )
+    loader = _loader([files[i] for i in order], pre, opts, device)
     model.train(train)
     total, correct, aux_correct, n = 0.0, 0, 0, 0
     bar = tqdm(
@@ -368,7 +378,7 @@ def _run_epoch(
             x = augment(x, pre.crop, gen)
         with (
             torch.set_grad_enabled(train),
-            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            _autocast(device, dtype),
         ):
             logits, aux = model(x)
             loss, full = _batch_loss(logits, aux, target, ctarget, opts, train)
@@ -572,13 +582,8 @@ def _embed_pass(model: _Trainable, files: list[str], pre, opts, device, dtype) -
     """Embeddings of ``files`` under the network as it is (eval mode, no augmentation)."""
     model.eval()
     out = np.zeros((len(files), model.head.in_features), np.float32)
-    workers = default_workers(device) if opts.workers is None else opts.workers
-    cuda = device.type == "cuda"
-    loader = make_loader(files, pre, batch_size=opts.batch_size, workers=workers, pin_memory=cuda)
-    with (
-        torch.no_grad(),
-        torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-    ):
+    with torch.no_grad(), _autocast(device, dtype):
+        loader = _loader(files, pre, opts, device)
         for batch in tqdm(loader, desc="probe", disable=not opts.progress, leave=False):
             if len(batch.indices):
                 out[batch.indices] = model.embed(batch.images.to(device)).float().cpu().numpy()
