@@ -2,15 +2,17 @@
 
 The manifest records what the head needs to be used honestly: the classes and taxonomy, the
 backbone fingerprints its features came from, metrics, library versions and the SHA-256 of the
-model file. Loading checks the hash, then lets skops rebuild only classes from scikit-learn, numpy,
-scipy and penult's own heads; anything else (a function, a foreign class) is refused unless the
-user passes ``trust=True``. No pickle is ever executed.
+model file. The model file carries its own copy of that manifest (format 2), so an edited
+``classes`` or fingerprint in the JSON is caught: the two must agree. Loading checks the hash, then
+reads the file's schema as plain JSON and lets skops rebuild it only if every node is one of the
+exact types penult's own models contain (``classify.safe_types``); anything else (a function, a
+constructor call, a foreign or re-exported class) is refused unless the user passes
+``trust=True``. No pickle is ever executed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import platform
@@ -26,8 +28,9 @@ from sklearn.base import BaseEstimator
 from features import IDENTITY_FIELDS, FeatureStore, same_backbone
 
 FORMAT = "penult-model"
-VERSION = 1
-_TRUSTED_PACKAGES = ("sklearn", "numpy", "scipy", "classify")
+VERSION = 2  # 2: the model file holds {"estimator", "manifest"}; 1: the bare estimator
+# Manifest fields that describe the file itself, written after it (not part of the embedded copy).
+_FILE_FIELDS = ("model_file", "model_sha256")
 
 
 class ModelError(ValueError):
@@ -118,27 +121,36 @@ def versions() -> dict[str, str]:
 
 
 def save_model(model: Model, path: str | os.PathLike[str]) -> Path:
-    """Write ``path`` (skops) and ``path.json`` (manifest with the file's SHA-256), each atomically."""
+    """Write ``path`` (skops) and ``path.json`` (manifest with the file's SHA-256), each atomically.
+
+    The manifest is also stored inside the model file, so the JSON cannot be edited unnoticed.
+    The folder must exist: a typo in ``--out`` should not create directories.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise ModelError(f"{path}: folder {path.parent} does not exist (create it first)")
     import skops.io as sio  # imported here: it pulls in torch (2 s, 600 MB) when imported
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    sio.dump(model.estimator, tmp, compression=8)
-    os.replace(tmp, path)
     manifest = {
-        **model.manifest,
+        **{k: v for k, v in model.manifest.items() if k not in _FILE_FIELDS},
         "format": FORMAT,
         "version": VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(),
-        "model_file": path.name,
-        "model_sha256": file_sha256(path),
     }
-    model.manifest = manifest
+    text = json.dumps(manifest, indent=1, default=_json_default)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     mtmp = path.with_name(f".{path.name}.json.tmp-{os.getpid()}")
-    mtmp.write_text(json.dumps(manifest, indent=1, default=_json_default))
-    os.replace(mtmp, manifest_path(path))
+    try:
+        sio.dump({"estimator": model.estimator, "manifest": text}, tmp, compression=8)
+        manifest = {**json.loads(text), "model_file": path.name, "model_sha256": file_sha256(tmp)}
+        mtmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
+        os.replace(mtmp, manifest_path(path))
+    finally:
+        tmp.unlink(missing_ok=True)
+        mtmp.unlink(missing_ok=True)
+    model.manifest = manifest
     return path
 
 
@@ -150,16 +162,71 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot store {type(o).__name__} in a manifest")
 
 
-def _is_safe_type(name: str) -> bool:
-    """A class (not a function) defined in scikit-learn, numpy, scipy or penult's classify package."""
-    module, _, attr = name.rpartition(".")
-    if module.split(".")[0] not in _TRUSTED_PACKAGES:
-        return False
+def _read_manifest(path: Path) -> dict[str, Any]:
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        raise ModelError(f"{path}: its manifest {mpath.name} is missing; a model is the pair")
     try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(obj, type)
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{mpath}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelError(f"{mpath}: not a penult model manifest")
+    try:
+        version = int(manifest.get("version", 0))
+    except (TypeError, ValueError):
+        raise ModelError(
+            f"{mpath}: model format version {manifest.get('version')!r} is not a number"
+        ) from None
+    if version > VERSION:
+        raise ModelError(f"{mpath}: made by a newer penult (model format {version})")
+    return manifest
+
+
+def _check_types(path: Path, trust: bool) -> list[str]:
+    """The type names skops must trust to rebuild ``path``; refuses any outside the allow-list."""
+    from classify import safe_types
+
+    try:
+        schema = safe_types.read_schema(path)
+    except Exception as e:  # noqa: BLE001 - zipfile/json raise many types for non-skops files
+        raise ModelError(
+            f"{path}: not a readable skops model file ({type(e).__name__}: {e})"
+        ) from None
+    unsafe = safe_types.unsafe_nodes(schema)
+    if unsafe and not trust:
+        shown = ", ".join(unsafe[:8]) + (f" and {len(unsafe) - 8} more" if len(unsafe) > 8 else "")
+        raise ModelError(
+            f"{path}: refusing to load, it names types or calls that penult's models never contain "
+            f"and that could run code: {shown}. Only if you trust who made the file, pass --trust-model."
+        )
+    return safe_types.names_in(schema)
+
+
+def _unpack(path: Path, obj: Any, manifest: dict[str, Any]) -> BaseEstimator:
+    """The estimator; for format 2 also checks the JSON manifest against the embedded copy."""
+    if int(manifest.get("version", 0)) < 2:
+        est = obj
+    else:
+        if not isinstance(obj, dict) or not isinstance(obj.get("manifest"), str):
+            raise ModelError(
+                f"{path}: a format-2 model file must hold an estimator and its manifest"
+            )
+        est, inner = obj.get("estimator"), json.loads(obj["manifest"])
+        outer = {k: v for k, v in manifest.items() if k not in _FILE_FIELDS}
+        diff = sorted(k for k in set(inner) | set(outer) if inner.get(k) != outer.get(k))
+        if diff:
+            raise ModelError(
+                f"{manifest_path(path)}: {', '.join(diff)} differ from the copy inside {path.name}: "
+                "the manifest was edited; restore it or retrain"
+            )
+    have = np.asarray(getattr(est, "classes_", [])).astype(str).tolist()
+    if hasattr(est, "classes_") and have != [str(c) for c in manifest.get("classes", [])]:
+        raise ModelError(
+            f"{manifest_path(path)}: its classes differ from the model's own ({len(have)} classes, "
+            f"first {have[:3]}): the manifest was edited or belongs to another model"
+        )
+    return est
 
 
 def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> Model:
@@ -167,42 +234,21 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> Model:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
-    mpath = manifest_path(path)
-    if not mpath.is_file():
-        raise ModelError(f"{path}: its manifest {mpath.name} is missing; a model is the pair")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{mpath}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ModelError(f"{mpath}: not a penult model manifest")
-    if int(manifest.get("version", 0)) > VERSION:
-        raise ModelError(f"{mpath}: made by a newer penult (model format {manifest['version']})")
-    import skops.io as sio
-
+    manifest = _read_manifest(path)
     digest = file_sha256(path)
     if digest != manifest.get("model_sha256"):
         raise ModelError(
             f"{path}: SHA-256 {digest[:12]}... does not match its manifest "
             f"({str(manifest.get('model_sha256'))[:12]}...): the file was modified or corrupted"
         )
+    trusted = _check_types(path, trust)
+    import skops.io as sio
+
     try:
-        untrusted = sio.get_untrusted_types(file=path)
-    except Exception as e:  # skops raises several types for non-zip / malformed files
-        raise ModelError(
-            f"{path}: not a readable skops model file ({type(e).__name__}: {e})"
-        ) from None
-    unsafe = [t for t in untrusted if not _is_safe_type(t)]
-    if unsafe and not trust:
-        raise ModelError(
-            f"{path}: refusing to load, it names types that could run code: {', '.join(unsafe)}. "
-            "Only if you trust who made the file, pass --trust-model."
-        )
-    try:
-        estimator = sio.load(path, trusted=untrusted)
-    except Exception as e:
+        obj = sio.load(path, trusted=sio.get_untrusted_types(file=path) if trust else trusted)
+    except Exception as e:  # noqa: BLE001 - skops raises many types for a malformed file
         raise ModelError(f"{path}: cannot rebuild the model ({type(e).__name__}: {e})") from None
-    return Model(estimator=estimator, manifest=manifest)
+    return Model(estimator=_unpack(path, obj, manifest), manifest=manifest)
 
 
 def resolve_backbones(model: Model, store: FeatureStore) -> list[str]:
