@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
+import os
 import sys
 
 EXAMPLES = """examples:
@@ -19,6 +22,38 @@ EXAMPLES = """examples:
   penult index birds.h5 && penult neighbors birds.h5 photo.jpg -k 10    similar images, contact sheet
   penult duplicates birds.h5 --threshold 0.95
 """
+
+
+def _ranged(
+    cast: type, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
+    open_hi: bool = False,
+):  # fmt: skip
+    """An argparse type: ``cast`` the text and refuse NaN, inf and values outside [lo, hi]."""
+    lo_s = "" if lo is None else ("> " if open_lo else ">= ") + f"{lo:g}"
+    hi_s = "" if hi is None else ("< " if open_hi else "<= ") + f"{hi:g}"
+    want = " and ".join(x for x in (lo_s, hi_s) if x)
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            kind = "an integer" if cast is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        bad = isinstance(v, float) and not math.isfinite(v)
+        bad |= lo is not None and (v < lo or (open_lo and v == lo))
+        bad |= hi is not None and (v > hi or (open_hi and v == hi))
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {want or 'a finite number'}")
+        return v
+
+    return parse
+
+
+_POSITIVE = _ranged(int, 1)
+_COUNT = _ranged(int, 0)
+_FRACTION = _ranged(float, 0, 1, open_lo=True, open_hi=True)  # strictly between 0 and 1
+_CROP = _ranged(float, 0, 1, open_lo=True)
+_RATE = _ranged(float, 0)
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
@@ -60,14 +95,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--crop-pct",
-        type=float,
+        type=_CROP,
         help="centre crop as a fraction of the resized image (default: the weights' own, e.g. 0.875); "
         "1.0 keeps the whole image, for photos already cropped to the subject. Stored as NAME@cropNN",
     )
     p.add_argument("--taxonomy", help="CSV: class,<coarse levels...> joined onto labels")
     p.add_argument("--split", help="CSV: path,split (train/val/test) stored with the labels")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, help="loader processes (default: by device and cores)")
+    p.add_argument("--batch-size", type=_POSITIVE, default=32)
+    p.add_argument("--workers", type=_COUNT, help="loader processes (default: by device and cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--precision",
@@ -90,7 +125,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--commit-every",
-        type=int,
+        type=_POSITIVE,
         default=512,
         help="rows per journal commit (the most a crash can lose)",
     )
@@ -99,7 +134,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-pixels",
-        type=int,
+        type=_POSITIVE,
         default=DEFAULT_MAX_PIXELS,
         help="larger images are refused as decompression bombs",
     )
@@ -118,8 +153,16 @@ def _param(text: str) -> tuple[str, object]:
     return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
 
 
-def _number(text: str) -> int | float:
-    return float(text) if "." in text or "e" in text else int(text)
+def _pca(text: str) -> int | float:
+    """PCA size: components (an integer >= 1) or the variance to keep (a fraction in (0, 1))."""
+    if "." in text or "e" in text.lower():
+        return _FRACTION(text)
+    return _POSITIVE(text)
+
+
+def _threshold(text: str) -> str | float:
+    """--ovr threshold: 'f1', or one probability strictly between 0 and 1."""
+    return text if text == "f1" else _FRACTION(text)
 
 
 def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
@@ -154,19 +197,21 @@ def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> N
     p.add_argument(
         "--threshold",
         default="f1",
-        type=lambda s: s if s == "f1" else float(s),
+        type=_threshold,
         help="--ovr thresholds: 'f1' (tuned per class on out-of-fold scores) or a probability",
     )
     p.add_argument("--class-weight", choices=["balanced"], help="reweight rare classes (lr, svm)")
     p.add_argument(
         "--preprocess", choices=["standard", "l2", "l2+standard", "none"], help="default per head"
     )
-    p.add_argument("--pca", type=_number, help="PCA components (int) or kept variance (0-1)")
+    p.add_argument("--pca", type=_pca, help="PCA components (int) or kept variance (0-1)")
     p.add_argument("--whiten", action="store_true", help="whiten the PCA components")
     p.add_argument(
         "--search", action="store_true", help="grid-search the head's main parameter by CV"
     )
-    p.add_argument("--cv", type=int, default=3, help="folds for --search and --ovr thresholds")
+    p.add_argument(
+        "--cv", type=_ranged(int, 2), default=3, help="folds for --search and --ovr thresholds"
+    )
     p.add_argument(
         "--param", type=_param, action="append", default=[], help="classifier KEY=VALUE, repeatable"
     )
@@ -175,10 +220,10 @@ def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> N
     )
     p.add_argument("--eval-split", help="split to score on (default test, else val)")
     p.add_argument(
-        "--test-size", type=float, default=0.3, help="test fraction when a split is made"
+        "--test-size", type=_FRACTION, default=0.3, help="test fraction when a split is made"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of a split made here")
-    p.add_argument("--jobs", type=int, help="parallel processes (default: all cores)")
+    p.add_argument("--seed", type=_COUNT, default=0, help="seed of a split made here")
+    p.add_argument("--jobs", type=_POSITIVE, help="parallel processes (default: all cores)")
     p.epilog = "heads: " + "; ".join(f"{k}: {s.description}" for k, s in HEADS.items())
 
 
@@ -252,7 +297,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         "--out", required=True, help="CSV to write (written as OUT.partial, then renamed)"
     )
     p.add_argument("--store", help="feature store whose cached embeddings to reuse")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_POSITIVE, default=5)
     p.add_argument(
         "--weights", action="append", default=[], help="FILE (or NAME=FILE) if not the default"
     )
@@ -262,8 +307,8 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--trust-model", action="store_true", help="load types outside sklearn/numpy/penult"
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--batch-size", type=_POSITIVE, default=32)
+    p.add_argument("--workers", type=_COUNT)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -287,8 +332,8 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--metric", default="cosine", choices=METRICS, help="cosine (default) or l2")
     p.add_argument("--kind", default="auto", choices=KINDS, help="index type (default by size)")
-    p.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))")
-    p.add_argument("--pq-m", type=int, help="PQ bytes per vector for --kind ivfpq")
+    p.add_argument("--nlist", type=_POSITIVE, help="IVF lists (default about 4 sqrt(N))")
+    p.add_argument("--pq-m", type=_POSITIVE, help="PQ bytes per vector for --kind ivfpq")
     p.add_argument(
         "--rebuild", action="store_true", help="build from scratch even if an index exists"
     )
@@ -301,8 +346,10 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     )
     common(p)
     p.add_argument("queries", nargs="+", help="store keys, image files or folders")
-    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
-    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: the index's)")
+    p.add_argument("-k", type=_POSITIVE, default=10, help="neighbours per query (default 10)")
+    p.add_argument(
+        "--nprobe", type=_POSITIVE, help="IVF lists searched per query (default: the index's)"
+    )
     p.add_argument("--metric", default="cosine", choices=METRICS)
     p.add_argument("--out", default="neighbors.csv", help="table to write (.csv or .json)")
     p.add_argument(
@@ -316,7 +363,12 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
         "connected groups as CSV plus a contact sheet. Uses (and updates) the cosine index.",
     )
     common(p)
-    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
+    p.add_argument(
+        "--threshold",
+        type=_ranged(float, 0, 1, open_lo=True),
+        default=0.95,
+        help="cosine similarity, in (0, 1] (default 0.95)",
+    )
     p.add_argument("--out", default="duplicates.csv")
     p.add_argument("--sheet", default="duplicates.html")
 
@@ -339,21 +391,23 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", default=d.label)
     p.add_argument(
         "--unfreeze",
-        type=int,
+        type=_COUNT,
         default=d.unfreeze,
         help="stages trained, from the deepest (default 1)",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=_POSITIVE, default=d.epochs)
+    p.add_argument("--batch-size", type=_POSITIVE, default=d.batch_size)
     p.add_argument(
-        "--accumulate", type=int, default=d.accumulate, help="batches per optimiser step"
+        "--accumulate", type=_POSITIVE, default=d.accumulate, help="batches per optimiser step"
     )
-    p.add_argument("--lr-backbone", type=float, default=d.lr_backbone)
-    p.add_argument("--lr-head", type=float, default=d.lr_head)
+    p.add_argument("--lr-backbone", type=_RATE, default=d.lr_backbone)
+    p.add_argument("--lr-head", type=_RATE, default=d.lr_head)
     p.add_argument(
         "--schedule", choices=["cosine", "plateau"], default=d.schedule, help="after warm-up"
     )
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument(
+        "--label-smoothing", type=_ranged(float, 0, 1, open_hi=True), default=d.label_smoothing
+    )
     p.add_argument(
         "--no-augment", action="store_true", help="no random crops, flips, rotation, jitter"
     )
@@ -363,12 +417,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         help="plain shuffling instead of class-balanced sampling",
     )
     p.add_argument(
-        "--patience", type=int, default=d.patience, help="early stopping on validation loss"
+        "--patience", type=_COUNT, default=d.patience, help="early stopping on validation loss"
     )
-    p.add_argument("--max-train", type=int, help="use at most this many training images")
+    p.add_argument("--max-train", type=_POSITIVE, help="use at most this many training images")
     p.add_argument(
         "--crop-pct",
-        type=float,
+        type=_CROP,
         help="centre crop / resize for training and the new embeddings (1.0: whole image)",
     )
     p.add_argument(
@@ -384,7 +438,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--hard-mining",
-        type=float,
+        type=_ranged(float, 0, 1),
         default=d.hard_mining,
         metavar="FRACTION",
         help="online hard-example mining: learn from this fraction of each batch's highest losses",
@@ -395,10 +449,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         help="auxiliary coarse-label loss (e.g. genus, family): a store label column or --taxonomy column",
     )
     p.add_argument("--taxonomy", metavar="CSV", help="class,<coarse levels...> for --aux-level")
-    p.add_argument("--aux-weight", type=float, default=d.aux_weight)
+    p.add_argument("--aux-weight", type=_RATE, default=d.aux_weight)
     p.add_argument(
         "--aux-stage",
-        type=int,
+        type=_POSITIVE,
         default=d.aux_stage,
         help="stage (from the deepest) the coarse head reads; must be trainable (default 2)",
     )
@@ -461,6 +515,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_neighbors(args: argparse.Namespace) -> int:
     from classify.lookup import contact_sheet, neighbors, write_table
 
+    _out_folder(args.out)
+    _out_folder(args.sheet)
     name = _backbone(args.store, args.backbone)
     results = neighbors(
         args.store, name, args.queries, k=args.k, metric=args.metric, nprobe=args.nprobe
@@ -487,6 +543,8 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
     from classify.lookup import contact_sheet, find_duplicates, write_table
     from classify.neighbors import ensure_index
 
+    _out_folder(args.out)
+    _out_folder(args.sheet)
     name = _backbone(args.store, args.backbone)
     ni = ensure_index(args.store, name)
     groups = find_duplicates(args.store, name, threshold=args.threshold, index=ni)
@@ -616,10 +674,20 @@ def _print_metrics(m: dict) -> None:
         print(f"  {k:32s} {v}")
 
 
+def _out_folder(path: str) -> None:
+    """Refuse an output whose folder is missing: a typo should not create directories."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{path}: folder {folder} does not exist (create it first)")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from classify import save_model, train
     from classify.evaluate import evaluate
 
+    _out_folder(args.out)
+    if args.report:
+        _out_folder(args.report)
     r = train(args.store, _train_options(args, args.head))
     for note in r.notes:
         print(note)
@@ -645,6 +713,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from classify import evaluate, load_model
 
+    if args.report:
+        _out_folder(args.report)
     model = load_model(args.model, trust=args.trust_model)
     ev = evaluate(model, args.store, split=args.split, report_dir=args.report)
     print(f"{args.model} on {args.store}, {ev.split} split ({ev.n} images):")
@@ -673,6 +743,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from classify import PredictOptions, load_model, predict_images
 
+    _out_folder(args.out)
     model = load_model(args.model, trust=args.trust_model)
     opts = PredictOptions(
         top_k=args.top_k, store=args.store, weights=tuple(args.weights), trust_checkpoint=args.trust_checkpoint,
@@ -683,7 +754,33 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+_INTERRUPTED = {
+    "extract": "finished batches are committed to the store; run the same command again to resume",
+    "finetune": "the last finished epoch is saved; run the same command again to resume",
+    "predict": "no CSV was written (predict does not resume; with --store, stored embeddings "
+    "are reused next time)",
+}
+
+
+def _os_error(e: OSError, args: argparse.Namespace) -> str:
+    """One line for an OS failure; for a full disk, what was kept and how to finish."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno != errno.ENOSPC:
+        return f"{e.strerror or e}{where}"
+    store = getattr(args, "store", None)
+    kept = (
+        f" Finished work is kept in {store}.journal; once space is free, `penult check --repair "
+        f"{store}` merges it (or run the same command again)."
+        if store and args.command in ("extract", "finetune", "train")
+        else ""
+    )
+    return f"no space left on device{where}.{kept}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 print escaped, not crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -709,6 +806,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handler[args.command](args)
+    except BrokenPipeError:  # `penult info STORE | head`: the reader left; exit quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except (
         SourceError,
         StoreError,
@@ -719,8 +820,12 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"penult: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"penult: error: {_os_error(e, args)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("penult: interrupted; committed work is kept, run again to resume", file=sys.stderr)
+        why = _INTERRUPTED.get(args.command, "nothing more was written")
+        print(f"penult: interrupted; {why}", file=sys.stderr)
         return 130
 
 

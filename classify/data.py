@@ -130,6 +130,8 @@ def load_dataset(
 
 def make_split(y: np.ndarray, *, test_size: float = 0.3, seed: int = 0) -> np.ndarray:
     """A seeded stratified train/test assignment; classes with one image stay in train."""
+    if not 0 < test_size < 1:
+        raise DataError(f"test size {test_size!r} must be a fraction strictly between 0 and 1")
     y = np.asarray(y, dtype=str)
     out = np.full(len(y), TRAIN, dtype=object)
     classes, counts = np.unique(y, return_counts=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from dataclasses import dataclass, replace
@@ -11,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from classify.csvout import SafeWriter, open_csv
 from classify.data import DataError, eval_mask, load_dataset
 from classify.model import Model, resolve_backbones
 from classify.predict import csv_header, csv_rows
@@ -71,8 +71,8 @@ def evaluate(
             report_dir, title, m, info, sub.column(model.manifest["label"]), m["predictions"]
         )
         k = max(1, min(top_k, len(model.classes)))
-        with open(out / "predictions.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
+        with open_csv(out / "predictions.csv") as fh:
+            w = SafeWriter(fh)
             w.writerow([*csv_header(model, k), "truth"])
             truth = sub.column(model.manifest["label"])
             for row, t in zip(csv_rows(sub.paths, m["predictions"], model, k), truth, strict=True):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import html
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from classify.csvout import SafeWriter, open_csv
 from classify.neighbors import IndexError_, NeighborIndex, open_index
 from features import FeatureStore
 
@@ -163,15 +164,13 @@ def write_table(results: list[Result], out: str | os.PathLike[str]) -> Path:
             )
     rows += failed
     if out.suffix.lower() == ".json":
-        out.write_text(json.dumps(rows, indent=1))
+        out.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     else:
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(
-                f,
-                fieldnames=["query", "query_label", "rank", "neighbor", "label", "score", "error"],
-            )
-            w.writeheader()
-            w.writerows(rows)
+        fields = ["query", "query_label", "rank", "neighbor", "label", "score", "error"]
+        with open_csv(out) as f:
+            w = SafeWriter(f)
+            w.writerow(fields)
+            w.writerows([r[k] for k in fields] for r in rows)
     return out
 
 
@@ -180,7 +179,9 @@ def _thumb(src: str, folder: Path, name: str) -> str | None:
     from PIL import Image
 
     try:
-        with Image.open(src) as im:
+        from extract.images import read_image_bytes
+
+        with Image.open(io.BytesIO(read_image_bytes(src))) as im:
             im = im.convert("RGB")
             im.thumbnail((THUMB, THUMB))
             im.save(folder / name, quality=85)
@@ -199,7 +200,7 @@ def contact_sheet(
     """
     out = Path(out)
     folder = out.with_name(out.stem + "_files")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)
     n = 0
 
     def cell(file: str, caption: str) -> str:
@@ -228,7 +229,7 @@ def contact_sheet(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(rows)}</body></html>\n"
     )
-    out.write_text(page)
+    out.write_text(page, encoding="utf-8", errors="backslashreplace")
     return out
 
 

@@ -232,7 +232,7 @@ def open_index(
         raise IndexError_(
             f"{path} was built from other {backbone!r} embeddings (fingerprint differs); rebuild it with `penult index --rebuild`"
         )
-    rows = np.load(f"{path}.rows.npy")
+    rows = np.load(f"{path}.rows.npy", allow_pickle=False)
     table = store.images()
     valid = store.valid(backbone)
     if (

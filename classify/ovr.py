@@ -29,6 +29,15 @@ def best_f1_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(s[int(np.argmax(f1))]) if pos.any() else 1.0
 
 
+def _valid_threshold(t: object) -> bool:
+    if isinstance(t, str):
+        return t == "f1"
+    try:
+        return 0.0 < float(t) < 1.0  # NaN fails both comparisons
+    except (TypeError, ValueError):
+        return False
+
+
 class ThresholdedOneVsRest(ClassifierMixin, BaseEstimator):
     """One binary ``estimator`` per class; predicts a class only if its score passes its threshold.
 
@@ -70,8 +79,11 @@ class ThresholdedOneVsRest(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"one-vs-rest needs at least 2 classes; got one class: {self.classes_.tolist()}"
             )
-        if isinstance(self.thresholds, str) and self.thresholds != "f1":
-            raise ValueError(f"thresholds must be 'f1' or a probability, not {self.thresholds!r}")
+        if not _valid_threshold(self.thresholds):
+            raise ValueError(
+                f"thresholds must be 'f1' or a probability strictly between 0 and 1, "
+                f"not {self.thresholds!r} (outside it every image is 'unknown', or none is)"
+            )
         self.ovr_ = self._ovr().fit(X, y)
         if self.thresholds == "f1":
             oof = self._out_of_fold_scores(X, y)

@@ -8,7 +8,7 @@ hash, same backbone fingerprint) are not run through the network again.
 
 from __future__ import annotations
 
-import csv
+import errno
 import os
 import time
 from collections.abc import Sequence
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from classify.csvout import SafeWriter, open_csv
 from classify.model import Model, Predictions, resolve_backbones
 from features import FeatureStore
 
@@ -62,21 +63,23 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-def list_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
-    """(shown path, absolute path) for every image under the inputs, each file once, in order."""
+def list_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(shown path, absolute path) for every image under the inputs, each file once, in order;
+    and the files skipped for their extension (shown paths)."""
     from extract import list_images
 
     seen: set[str] = set()
-    out = []
+    out, ignored = [], []
     for src in inputs:
         listing = list_images(src)
+        folder = Path(src).is_dir()
         for i, rel in enumerate(listing.paths):
             absolute = os.path.abspath(listing.absolute(i))
             if absolute not in seen:
                 seen.add(absolute)
-                shown = os.path.join(src, rel) if Path(src).is_dir() else listing.absolute(i)
-                out.append((shown, absolute))
-    return out
+                out.append((os.path.join(src, rel) if folder else listing.absolute(i), absolute))
+        ignored += [os.path.join(src, rel) for rel in listing.ignored]
+    return out, ignored
 
 
 def csv_header(model: Model, top_k: int) -> list[str]:
@@ -196,16 +199,36 @@ def predict_images(
 ) -> PredictSummary:
     """Score every image under ``inputs`` and write ``out`` as CSV (see module docstring)."""
     t0 = time.perf_counter()
-    files = list_inputs(inputs)
-    s = PredictSummary(Path(out), listed=len(files))
+    files, ignored = list_inputs(inputs)
+    s = PredictSummary(Path(out), listed=len(files) + len(ignored))
+    partial = Path(f"{out}.partial")
+    if not partial.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "folder does not exist", str(partial.parent))
     feats = _Features(model, opts)
+    try:
+        _write(model, files, ignored, partial, feats, opts, s)
+        os.replace(partial, out)
+    finally:  # a failed or interrupted run leaves no partial file behind
+        partial.unlink(missing_ok=True)
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+def _write(
+    model: Model,
+    files: list[tuple[str, str]],
+    ignored: list[str],
+    partial: Path,
+    feats: _Features,
+    opts: PredictOptions,
+    s: PredictSummary,
+) -> None:
+    """Score ``files`` chunk by chunk into ``partial``; skipped files get a row with the reason."""
     top_k = max(1, min(opts.top_k, len(model.classes)))
     header = csv_header(model, top_k)
-    partial = Path(f"{out}.partial")
-    partial.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not opts.progress)
-    with open(partial, "w", newline="") as fh:
-        w = csv.writer(fh)
+    with bar, open_csv(partial) as fh:
+        w = SafeWriter(fh)
         w.writerow(header)
         for start in range(0, len(files), opts.chunk):
             part = files[start : start + opts.chunk]
@@ -225,7 +248,7 @@ def predict_images(
             w.writerows(rows)
             s.scored += len(good)
             bar.update(len(part))
-    bar.close()
-    os.replace(partial, out)
-    s.seconds = time.perf_counter() - t0
-    return s
+        for shown in ignored:
+            why = f"unsupported file type {Path(shown).suffix or '(no extension)'!r}, not an image"
+            w.writerow([shown] + [""] * (len(header) - 2) + [why])
+            s.failed.append((shown, why))

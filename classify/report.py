@@ -168,10 +168,14 @@ def write_report(
 ) -> Path:
     """Write report.md, report.html, metrics.json and the PNG plots into ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(exist_ok=True)  # its folder must exist: a typo should not create directories
     m = {k: v for k, v in metrics.items() if k != "predictions"}
     (out / "metrics.json").write_text(json.dumps({"title": title, "info": info, **m}, indent=1))
-    (out / "report.md").write_text(markdown(title, m, info))
-    (out / "report.html").write_text(html_page(title, m, info))
+    (out / "report.md").write_text(
+        markdown(title, m, info), encoding="utf-8", errors="backslashreplace"
+    )
+    (out / "report.html").write_text(
+        html_page(title, m, info), encoding="utf-8", errors="backslashreplace"
+    )
     plots(out, m, y_true, pred)
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import zipfile
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -122,30 +123,8 @@ def read_schema(path: str | Path) -> dict[str, Any]:
         return json.loads(z.read(info))
 
 
-def unsafe_nodes(schema: Any) -> list[str]:
-    """'Kind module.name' for every node outside the allow-list (empty: the file is safe to load)."""
-    ok = allowed()
-    bad: set[str] = set()
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        if "__loader__" in node:
-            kind = str(node.get("__loader__"))
-            name = f"{node.get('__module__', '')}.{node.get('__class__', '')}"
-            if name not in ok.get(kind, ()):
-                bad.add(f"{kind} {name}")
-        stack.extend(node.values())
-    return sorted(bad)
-
-
-def names_in(schema: Any) -> list[str]:
-    """Every type name the schema's nodes carry (what skops must be told to trust)."""
-    out: set[str] = set()
+def _nodes(schema: Any) -> Iterator[tuple[str, str]]:
+    """(node kind, type name) of every skops node in the schema, depth first."""
     stack = [schema]
     while stack:
         node = stack.pop()
@@ -153,6 +132,17 @@ def names_in(schema: Any) -> list[str]:
             stack.extend(node)
         elif isinstance(node, dict):
             if "__loader__" in node:
-                out.add(f"{node.get('__module__', '')}.{node.get('__class__', '')}")
+                name = f"{node.get('__module__', '')}.{node.get('__class__', '')}"
+                yield str(node["__loader__"]), name
             stack.extend(node.values())
-    return sorted(out)
+
+
+def unsafe_nodes(schema: Any) -> list[str]:
+    """'Kind module.name' for every node outside the allow-list (empty: the file is safe to load)."""
+    ok = allowed()
+    return sorted({f"{k} {n}" for k, n in _nodes(schema) if n not in ok.get(k, ())})
+
+
+def names_in(schema: Any) -> list[str]:
+    """Every type name the schema's nodes carry (what skops must be told to trust)."""
+    return sorted({n for _, n in _nodes(schema)})

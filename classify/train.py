@@ -20,7 +20,7 @@ from classify.heads import make_head, search_grid
 from classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
 from classify.metrics import classification_metrics
 from classify.model import Model
-from classify.ovr import UNKNOWN, ThresholdedOneVsRest
+from classify.ovr import UNKNOWN, ThresholdedOneVsRest, _valid_threshold
 from features import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ def build_estimator(
     """Preprocessing steps + the classifier, wrapped for one-vs-rest or hierarchy as asked."""
     if opts.ovr and opts.hierarchical:
         raise DataError("choose either --hierarchical or --ovr (one-vs-rest), not both")
+    if opts.ovr and not _valid_threshold(opts.threshold):
+        raise DataError(
+            f"--threshold {opts.threshold!r}: use 'f1' or a probability strictly between 0 and 1"
+        )
     if opts.hierarchical and taxonomy is None:
         raise DataError(
             "--hierarchical needs coarse levels: --levels genus,family or --levels auto"
@@ -190,6 +194,16 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     store = FeatureStore(store_path)
     backbones = default_backbones(store, opts.backbones)
     data = load_dataset(store_path, backbones, label=opts.label)
+    # everything that can be refused is checked before the split is written into the store
+    y = data.column(opts.label)
+    if len(np.unique(y)) < 2:
+        raise DataError(
+            f"{store_path}: every labelled image is {y[0]!r}; a classifier needs 2 or more classes"
+        )
+    tax_note = join_taxonomy(data, opts.taxonomy, opts.label) if opts.taxonomy else None
+    levels = resolve_levels(data, opts.levels)
+    taxonomy = taxonomy_from_columns(y, {c: data.column(c) for c in levels}) if levels else None
+    est = build_estimator(opts, taxonomy, levels)
     split = ensure_split(
         store_path,
         data,
@@ -200,14 +214,10 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     )
     ev, ev_name = eval_mask(split, opts.eval_split)
     tr = split == TRAIN
-    y = data.column(opts.label)
     notes = list(data.notes)
     _check_classes(y[tr], y[ev], notes)
-    if opts.taxonomy:
-        notes.append(join_taxonomy(data, opts.taxonomy, opts.label))
-    levels = resolve_levels(data, opts.levels)
-    taxonomy = taxonomy_from_columns(y, {c: data.column(c) for c in levels}) if levels else None
-    est = build_estimator(opts, taxonomy, levels)
+    if tax_note:
+        notes.append(tax_note)
     t0 = time.perf_counter()
     search = None
     with warnings.catch_warnings():

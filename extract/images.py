@@ -7,6 +7,8 @@ parallel with the model.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -17,6 +19,8 @@ IMAGE_SUFFIXES = frozenset(
 )
 # Above this many pixels an image is treated as a decompression bomb (Pillow's own hard limit).
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+# Larger files are refused unread: an uncompressed 16-bit RGB TIFF at the pixel limit is about 1 GB.
+DEFAULT_MAX_BYTES = 1 << 30
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -103,11 +107,14 @@ def decode_image(
     return _to_rgb(im)
 
 
-def read_image_bytes(path: str) -> bytes:
-    """Read a file, turning every OS-level failure into an ImageError naming the cause."""
+def read_image_bytes(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Read a regular file of at most ``max_bytes``; every failure is an ImageError naming the cause.
+
+    The file is opened without blocking and checked on the open descriptor, so a FIFO named
+    ``x.jpg`` cannot hang the run and a link to ``/dev/zero`` cannot read until memory runs out.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except IsADirectoryError:
         raise ImageError("is a directory, not a file") from None
     except FileNotFoundError:
@@ -116,3 +123,33 @@ def read_image_bytes(path: str) -> bytes:
         raise ImageError("permission denied") from None
     except OSError as e:
         raise ImageError(f"cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"not a regular file ({_file_kind(st.st_mode)}); only files are read")
+        if st.st_size > max_bytes:
+            raise ImageError(f"file too large: {st.st_size:,} bytes > limit {max_bytes:,}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:  # grew while reading
+            raise ImageError(f"file too large: more than {max_bytes:,} bytes")
+        return data
+    except IsADirectoryError:
+        raise ImageError("is a directory, not a file") from None
+    except OSError as e:
+        raise ImageError(f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"

@@ -193,6 +193,9 @@ def extract(
     store_path: str | os.PathLike[str], listing: Listing, opts: ExtractOptions = ExtractOptions()
 ) -> ExtractSummary:  # noqa: B008
     """Embed every listed image that the store lacks for this backbone; see ExtractOptions."""
+    for key in ("batch_size", "commit_every", "max_pixels"):
+        if int(getattr(opts, key)) < 1:
+            raise ValueError(f"{key} must be at least 1, got {getattr(opts, key)!r}")
     t0 = time.perf_counter()
     backbone = build_backbone(
         opts.backbone,

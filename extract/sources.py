@@ -40,6 +40,7 @@ class Listing:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    _regular(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -60,7 +61,13 @@ def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
 
 def _scan_folder(root: Path) -> Listing:
     paths, ignored = [], []
+    seen: set[tuple[int, int]] = set()  # folders visited: a link back up must not loop forever
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith("."):
@@ -116,7 +123,14 @@ def _from_manifest(csv_path: Path, root: Path | None) -> Listing:
     )
 
 
+def _regular(path: Path) -> None:
+    """Refuse a FIFO or device given as a manifest or list: reading it could block forever."""
+    if not path.is_file():
+        raise SourceError(f"{path}: not a regular file (a FIFO, device or missing file)")
+
+
 def _from_file_list(list_path: Path, root: Path | None) -> Listing:
+    _regular(list_path)
     base = root or list_path.parent
     try:
         lines = [ln.strip() for ln in list_path.read_text(encoding="utf-8").splitlines()]

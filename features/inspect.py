@@ -9,7 +9,15 @@ import h5py
 import numpy as np
 
 from features import journal
-from features.store import FeatureStore, StoreError, StoreWriter, _read_table
+from features.store import (
+    FeatureStore,
+    StoreError,
+    StoreWriter,
+    _check_root,
+    _read_table,
+    real_path,
+    structure_problems,
+)
 
 
 def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -> str:
@@ -26,6 +34,10 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
     if pending:
         lines.append(
             f"journal    {len(pending)} shard(s) not yet merged (interrupted run); `penult check --repair` merges them"
+        )
+    for d in journal.list_damaged(store.path):
+        lines.append(
+            f"journal    damaged shard set aside: {d.name} (its images are extracted again)"
         )
     lines.append("backbones")
     entries = store.backbones()
@@ -62,28 +74,33 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
 
 
 def check(path: str | Path, *, repair: bool = False) -> list[str]:
-    """Return a list of problems (empty when the store is sound). ``repair`` merges a left-over journal."""
-    p = Path(path)
+    """Return a list of problems (empty when the store is sound). ``repair`` merges a left-over
+    journal (damaged shards are set aside and listed)."""
+    p = real_path(path)
+    if not p.exists():
+        return [f"{path}: no such feature store"]
     try:
-        FeatureStore(p)
-    except StoreError as e:
-        return [str(e)]
-    problems: list[str] = []
+        with h5py.File(p, "r") as f:
+            _check_root(f, p)
+            layout = structure_problems(f)
+    except (OSError, StoreError) as e:
+        return [str(e) if isinstance(e, StoreError) else f"{p}: cannot open as HDF5 ({e})"]
+    if layout:
+        return [f"{p}: malformed store: {m}" for m in layout]
     if repair and journal.list_shards(p):
         with StoreWriter(p):
             pass
+    problems: list[str] = []
     pending = journal.list_shards(p)
     if pending:
         problems.append(f"{len(pending)} journal shard(s) not merged; run `penult check --repair`")
+    for d in journal.list_damaged(p):
+        problems.append(
+            f"damaged journal shard set aside: {d} (its images are extracted again by the next "
+            "run; delete the file once you no longer need it)"
+        )
     with h5py.File(p, "r") as f:
         t = _read_table(f)
-        n = len(t)
-        for col in ("root", "sha256", "error"):
-            if len(getattr(t, col)) != n:
-                problems.append(f"/images/{col} has {len(getattr(t, col))} rows, expected {n}")
-        for k, v in t.labels.items():
-            if len(v) != n:
-                problems.append(f"/images/labels/{k} has {len(v)} rows, expected {n}")
         dup = [k for k, c in Counter(t.path).items() if c > 1]
         if dup:
             problems.append(f"{len(dup)} duplicate paths in the image table, e.g. {dup[0]}")
@@ -91,7 +108,7 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
         if bad_hash:
             problems.append(f"{bad_hash} readable rows without a valid sha256")
         for name, g in f["backbones"].items():
-            problems += _check_backbone(name, g, n)
+            problems += _check_backbone(name, g, len(t))
     return problems
 
 

@@ -12,12 +12,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 _SUFFIX = ".npz"
+_DAMAGED = ".damaged"
+KINDS = ("images", "backbone", "embeddings", "labels", "failures")
+
+
+class DamagedShardError(Exception):
+    """A journal shard cannot be read (truncated or corrupted on disk)."""
 
 
 def journal_dir(store_path: Path) -> Path:
@@ -79,11 +86,31 @@ def write_shard(
 
 
 def read_shard(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Return (meta, arrays). Never unpickles: a shard is data only."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(str(arrays.pop("__meta__")))
+    """Return (meta, arrays). Never unpickles: a shard is data only. Raises DamagedShardError."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+        if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
+            raise ValueError(
+                f"unknown shard kind {meta.get('kind') if isinstance(meta, dict) else meta!r}"
+            )
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise DamagedShardError(f"{path}: {type(e).__name__}: {e}") from None
     return meta, arrays
+
+
+def set_aside(shard: Path) -> Path:
+    """Rename a damaged shard out of the journal's way (kept for inspection, never replayed)."""
+    dest = shard.with_name(shard.name + _DAMAGED)
+    os.replace(shard, dest)
+    fsync_dir(shard.parent)
+    return dest
+
+
+def list_damaged(store_path: Path) -> list[Path]:
+    d = journal_dir(store_path)
+    return sorted(d.glob(f"*{_DAMAGED}")) if d.is_dir() else []
 
 
 def next_seq(store_path: Path) -> int:

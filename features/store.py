@@ -3,7 +3,8 @@
 Layout (readable with plain h5py; strings are UTF-8)::
 
     /                       attrs: format="penult-feature-store", schema_version, created_at, created_by
-    /images/path            (N,) str   relative POSIX path (the row key)
+    /images/path            (N,) str   relative POSIX path (the row key; a name that is not valid
+                                       UTF-8 is kept as its raw bytes: decode with surrogateescape)
     /images/root            (N,) str   absolute folder the path is relative to
     /images/sha256          (N,) str   content hash of the file bytes
     /images/nbytes          (N,) int64 file size; /images/mtime_ns (N,) int64
@@ -20,6 +21,7 @@ file atomically on commit, so a kill at any moment leaves a file that opens.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -99,7 +101,18 @@ def same_backbone(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _decode(values: np.ndarray) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+    """Stored strings back to str; bytes that are not UTF-8 come back surrogate-escaped (lossless)."""
+    return [
+        v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values
+    ]
+
+
+def _encode(values: list[str]) -> np.ndarray:
+    """str to stored bytes. A file name that is not valid UTF-8 (Python holds it surrogate-escaped)
+    is stored as its original bytes, so it round-trips instead of aborting the write."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = [v.encode("utf-8", "surrogateescape") for v in values]
+    return out
 
 
 def _read_table(f: h5py.File) -> ImageTable:
@@ -119,7 +132,7 @@ def _write_table(f: h5py.File, t: ImageTable) -> None:
     for c in _STR_COLUMNS:
         g.create_dataset(
             c,
-            data=np.array(getattr(t, c), dtype=object),
+            data=_encode(getattr(t, c)),
             dtype=_STR,
             maxshape=(None,),
             chunks=chunk,
@@ -130,9 +143,7 @@ def _write_table(f: h5py.File, t: ImageTable) -> None:
         )
     lg = g.create_group("labels")
     for k, v in t.labels.items():
-        lg.create_dataset(
-            k, data=np.array(v, dtype=object), dtype=_STR, maxshape=(None,), chunks=chunk
-        )
+        lg.create_dataset(k, data=_encode(v), dtype=_STR, maxshape=(None,), chunks=chunk)
 
 
 def _check_root(f: h5py.File, path: Path) -> None:
@@ -143,6 +154,68 @@ def _check_root(f: h5py.File, path: Path) -> None:
         raise StoreError(
             f"{path} has schema version {version}, newer than this penult ({SCHEMA_VERSION}); upgrade penult"
         )
+
+
+def structure_problems(f: h5py.File) -> list[str]:
+    """What is missing or inconsistent in the layout (shapes and attributes only: cheap)."""
+    out: list[str] = []
+    g = f.get("images")
+    if not isinstance(g, h5py.Group):
+        return ["no /images group"]
+    n = None
+    for c in (*_STR_COLUMNS, *_INT_COLUMNS):
+        ds = g.get(c)
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+            out.append(f"/images/{c} is missing or not a 1-d dataset")
+        elif n is None:
+            n = ds.shape[0]
+        elif ds.shape[0] != n:
+            out.append(f"/images/{c} has {ds.shape[0]} rows, /images/path has {n}")
+    labels = g.get("labels")
+    if not isinstance(labels, h5py.Group):
+        out.append("no /images/labels group")
+    else:
+        for k, ds in labels.items():
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+                out.append(f"label column {k!r} is not a 1-d dataset")
+            elif n is not None and ds.shape[0] != n:
+                out.append(f"label column {k!r} has {ds.shape[0]} rows for {n} images")
+    bb = f.get("backbones")
+    if not isinstance(bb, h5py.Group):
+        return [*out, "no /backbones group"]
+    for name, b in bb.items():
+        out += [f"backbone {name!r}: {p}" for p in _backbone_problems(b, n)]
+    return out
+
+
+def _backbone_problems(b: h5py.Group | h5py.Dataset, n: int | None) -> list[str]:
+    if not isinstance(b, h5py.Group):
+        return ["not a group"]
+    out = []
+    try:
+        fp = json.loads(b.attrs["fingerprint"])
+        if not isinstance(fp, dict):
+            raise ValueError("not a JSON object")
+        dim = int(b.attrs["dim"])
+        np.dtype(str(b.attrs["dtype"]))
+    except KeyError as e:
+        return [f"attribute {e} is missing"]
+    except (TypeError, ValueError) as e:
+        return [f"fingerprint/dim/dtype attributes are malformed ({e})"]
+    if "dim" in fp and fp["dim"] != dim:
+        out.append(f"fingerprint dim {fp['dim']} but dim attribute {dim}")
+    emb, valid = b.get("embeddings"), b.get("valid")
+    if not isinstance(emb, h5py.Dataset) or emb.ndim != 2:
+        out.append("embeddings missing or not 2-d")
+    elif emb.shape[1] != dim:
+        out.append(f"embeddings are {emb.shape[1]}-d but the dim attribute says {dim}")
+    elif n is not None and emb.shape[0] != n:
+        out.append(f"{emb.shape[0]} embedding rows for {n} images")
+    if not isinstance(valid, h5py.Dataset) or valid.ndim != 1:
+        out.append("valid flags missing or not 1-d")
+    elif n is not None and valid.shape[0] != n:
+        out.append(f"{valid.shape[0]} valid flags for {n} images")
+    return out
 
 
 def _entry(name: str, g: h5py.Group) -> BackboneEntry:
@@ -161,14 +234,20 @@ class FeatureStore:
     """Read-only view of a store file. Safe to use while a writer runs (the file is never edited in place)."""
 
     def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
+        self.path = real_path(path)
         if not self.path.exists():
-            raise StoreError(f"{self.path}: no such feature store")
+            raise StoreError(f"{path}: no such feature store")
         try:
             with h5py.File(self.path, "r") as f:
                 _check_root(f, self.path)
+                problems = structure_problems(f)
         except OSError as e:
-            raise StoreError(f"{self.path}: cannot open as HDF5 ({e})") from e
+            raise StoreError(f"{self.path}: cannot open as HDF5 ({e})") from None
+        if problems:
+            more = (
+                f" (and {len(problems) - 1} more; see `penult check`)" if len(problems) > 1 else ""
+            )
+            raise StoreError(f"{self.path}: malformed store: {problems[0]}{more}")
 
     def _open(self) -> h5py.File:
         return h5py.File(self.path, "r")
@@ -226,8 +305,18 @@ class FeatureStore:
         return journal.list_shards(self.path)
 
 
+def real_path(path: str | os.PathLike[str]) -> Path:
+    """The store's real file: a symlinked store is written through its link, and the journal and
+    lock sit beside the real file, so two spellings of one store share one lock."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class _Orphan(Exception):
+    """A shard refers to something a damaged (set-aside) shard should have created."""
 
 
 class _Compactor:
@@ -236,6 +325,7 @@ class _Compactor:
     def __init__(self, path: Path):
         self.path = path
         self.tmp = path.with_name(f".{path.name}.compact-{os.getpid()}")
+        self.damaged: list[Path] = []
 
     def run(self, shards: list[Path]) -> None:
         old = h5py.File(self.path, "r") if self.path.exists() else None
@@ -243,8 +333,17 @@ class _Compactor:
             with h5py.File(self.tmp, "w") as new:
                 self._start(old, new)
                 for shard in shards:
-                    meta, arrays = journal.read_shard(shard)
-                    getattr(self, "_apply_" + meta["kind"])(new, meta, arrays)
+                    try:
+                        meta, arrays = journal.read_shard(shard)
+                    except journal.DamagedShardError as e:
+                        self.damaged.append(shard)
+                        log.warning("journal shard set aside, it cannot be read: %s", e)
+                        continue
+                    try:
+                        getattr(self, "_apply_" + meta["kind"])(new, meta, arrays)
+                    except _Orphan as e:
+                        self.damaged.append(shard)
+                        log.warning("journal shard %s set aside: %s", shard.name, e)
                 self._finish(new)
             with open(self.tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -257,7 +356,10 @@ class _Compactor:
         os.replace(self.tmp, self.path)
         journal.fsync_dir(self.path.parent)
         for shard in shards:
-            shard.unlink(missing_ok=True)
+            if shard in self.damaged:
+                journal.set_aside(shard)
+            else:
+                shard.unlink(missing_ok=True)
 
     def _start(self, old: h5py.File | None, new: h5py.File) -> None:
         if old is not None:
@@ -353,6 +455,8 @@ class _Compactor:
 
     def _apply_embeddings(self, new: h5py.File, meta: dict, a: dict[str, np.ndarray]) -> None:
         name = meta["name"]
+        if name not in new["backbones"]:
+            raise _Orphan(f"embeddings for backbone {name!r}, which was never registered")
         rows, keep = self._rows_matching(a)
         if len(rows) == 0:
             return
@@ -392,14 +496,20 @@ class _Compactor:
 
 
 def compact(path: Path) -> int:
-    """Merge committed journal shards into the store file. Caller must hold the write lock."""
+    """Merge committed journal shards into the store file; return how many were merged.
+
+    Shards that cannot be read are renamed ``*.damaged`` and reported, the rest are merged: the
+    images they held are simply extracted again. Caller must hold the write lock.
+    """
     journal.remove_stale_temporaries(path)
     for stale in path.parent.glob(f".{path.name}.compact-*"):
         stale.unlink(missing_ok=True)
     shards = journal.list_shards(path)
     if shards or not path.exists():
-        _Compactor(path).run(shards)
-    return len(shards)
+        c = _Compactor(path)
+        c.run(shards)
+        return len(shards) - len(c.damaged)
+    return 0
 
 
 _LOCKED_HERE: set[str] = set()
@@ -413,7 +523,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
+        self.path = real_path(path)
         self._lock_fh = None
         self._seq = 0
         self._registered: dict[str, dict[str, Any]] = {}
@@ -435,9 +545,19 @@ class StoreWriter:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         try:
-            self.commit()
+            if exc is None:
+                self.commit()
+            else:  # keep what was journaled, but never hide the error that stopped the run
+                try:
+                    self.commit()
+                except Exception as e:  # noqa: BLE001 - e.g. the disk is still full
+                    log.info(
+                        "%s: the journal was kept unmerged (%s); `penult check --repair` merges it",
+                        self.path,
+                        e,
+                    )
         finally:
             self._release_lock()
 
@@ -479,7 +599,16 @@ class StoreWriter:
 
     def commit(self) -> None:
         """Merge the journal into the store file (atomic replace) and refresh ``self.store``."""
-        compact(self.path)
+        try:
+            compact(self.path)
+        except OSError as e:  # e.g. no room for the new file: the old file and journal are intact
+            if e.errno == errno.ENOSPC:
+                raise
+            raise StoreError(
+                f"{self.path}: could not merge the journal into the store ({e.strerror or e}); "
+                f"the finished work is kept in {journal.journal_dir(self.path)}, and "
+                f"`penult check --repair {self.path}` merges it once the cause is fixed"
+            ) from None
         self._seq = journal.next_seq(self.path)
         self.store = FeatureStore(self.path)
 

@@ -257,7 +257,7 @@ def test_bad_training_input_is_reported(cub_store, tmp_path):
     d = load_dataset(store, ["efficientnet_lite0"])
     with StoreWriter(store) as w:  # one class only
         w.set_labels("one", d.paths, ["bird"] * len(d.paths))
-    with pytest.raises(DataError, match="1 class"):
+    with pytest.raises(DataError, match="2 or more classes"):
         train(store, TrainOptions(label="one"))
     y = d.labels["label"].copy()
     lone = np.flatnonzero(d.labels["split"] == "train")[0]

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import FP
 from features import (
     FeatureStore,
     FingerprintMismatchError,
@@ -22,15 +23,6 @@ from features import (
     check,
     journal,
 )
-
-FP = {
-    "architecture": "test:net",
-    "weights_sha256": "ab" * 32,
-    "preprocessing": {"crop": 4},
-    "layer": "x",
-    "dim": 8,
-    "precision": "fp32",
-}
 
 
 def _sha(i: int) -> str:
@@ -215,7 +207,7 @@ def test_crash_during_commit_keeps_store_and_journal(tmp_path: Path, monkeypatch
     with StoreWriter(p) as w:
         w.upsert_images(["new.jpg"], ["/data"], [_sha(50)], [1], [1], {"label": ["c0"]})
         monkeypatch.setattr("features.store.os.replace", boom)
-        with pytest.raises(OSError, match="fire"):
+        with pytest.raises(StoreError, match="disk on fire.*journal.*check --repair"):
             w.commit()
         monkeypatch.undo()
         assert p.read_bytes() == before  # old file untouched, opens fine

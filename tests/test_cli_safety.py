@@ -1,0 +1,171 @@
+"""Arguments that would do damage are refused at parse time; outputs are safe to open; failed runs
+leave nothing behind."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cli
+from classify import DataError, TrainOptions, train
+from classify.csvout import safe_cell
+from classify.data import make_split
+from classify.lookup import Hit, Result, write_table
+from classify.ovr import ThresholdedOneVsRest
+from features import FeatureStore, StoreWriter
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["extract", "s.h5", "imgs", "--max-pixels", "-1"],
+        ["extract", "s.h5", "imgs", "--batch-size", "0"],
+        ["extract", "s.h5", "imgs", "--commit-every", "0"],
+        ["extract", "s.h5", "imgs", "--crop-pct", "1.5"],
+        ["train", "s.h5", "--out", "m.skops", "--ovr", "--threshold", "2"],
+        ["train", "s.h5", "--out", "m.skops", "--ovr", "--threshold", "-0.5"],
+        ["train", "s.h5", "--out", "m.skops", "--ovr", "--threshold", "nan"],
+        ["train", "s.h5", "--out", "m.skops", "--test-size", "1.5"],
+        ["train", "s.h5", "--out", "m.skops", "--test-size", "0"],
+        ["train", "s.h5", "--out", "m.skops", "--cv", "1"],
+        ["train", "s.h5", "--out", "m.skops", "--pca", "-3"],
+        ["train", "s.h5", "--out", "m.skops", "--pca", "1.5"],
+        ["compare", "s.h5", "--test-size", "inf"],
+        ["duplicates", "s.h5", "--threshold", "-5"],
+        ["neighbors", "s.h5", "q.jpg", "-k", "-3"],
+        ["neighbors", "s.h5", "q.jpg", "-k", "0"],
+        ["predict", "m.skops", "x.jpg", "--out", "p.csv", "--top-k", "0"],
+        ["index", "s.h5", "--nlist", "0"],
+        ["finetune", "s.h5", "--out", "f.safetensors", "--epochs", "0"],
+        ["finetune", "s.h5", "--out", "f.safetensors", "--lr-head", "-1"],
+        ["finetune", "s.h5", "--out", "f.safetensors", "--hard-mining", "2"],
+    ],
+)
+def test_damaging_numbers_are_refused_at_parse_time(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
+def test_sensible_numbers_still_parse():
+    a = cli.build_parser().parse_args(
+        ["train", "s.h5", "--out", "m", "--ovr", "--threshold", "0.4", "--pca", "0.95"]
+    )
+    assert a.threshold == 0.4 and a.pca == 0.95
+    assert cli.build_parser().parse_args(["train", "s.h5", "--out", "m", "--pca", "64"]).pca == 64
+    assert cli.build_parser().parse_args(["duplicates", "s.h5", "--threshold", "1"]).threshold == 1
+
+
+def test_library_refuses_the_same_values():
+    X = np.random.default_rng(0).normal(size=(40, 4))
+    y = np.array(["a", "b"] * 20)
+    for t in (2.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            ThresholdedOneVsRest(thresholds=t).fit(X, y)
+    with pytest.raises(DataError, match="strictly between 0 and 1"):
+        make_split(y, test_size=1.5)
+
+
+def _labelled_store(path: Path, labels: list[str]) -> None:
+    n = len(labels)
+    paths = [f"{i:03d}.jpg" for i in range(n)]
+    sha = [f"{i:064x}" for i in range(n)]
+    fp = {"architecture": "t", "weights_sha256": "0" * 64, "preprocessing": {}, "layer": "x", "dim": 4, "precision": "fp32"}  # fmt: skip
+    with StoreWriter(path) as w:
+        w.upsert_images(paths, ["/d"] * n, sha, np.ones(n), np.ones(n), {"label": labels})
+        w.register_backbone("net", fp)
+        w.append("net", paths, sha, np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32))
+
+
+def test_one_class_store_is_refused_before_anything_is_written(tmp_path):
+    store = tmp_path / "one.h5"
+    _labelled_store(store, ["only"] * 12)
+    before = store.read_bytes()
+    with pytest.raises(DataError, match="2 or more classes"):
+        train(store, TrainOptions())
+    assert "split" not in FeatureStore(store).images().labels
+    assert store.read_bytes() == before
+    # a bad --ovr threshold from the library API is refused before the split is written, too
+    _labelled_store(tmp_path / "two.h5", ["a", "b"] * 10)
+    with pytest.raises(DataError, match="threshold"):
+        train(tmp_path / "two.h5", TrainOptions(ovr=True, threshold=2.0))
+    assert "split" not in FeatureStore(tmp_path / "two.h5").images().labels
+
+
+def test_outputs_in_a_missing_folder_are_refused_not_created(tmp_path, capsys):
+    store = tmp_path / "two.h5"
+    _labelled_store(store, ["a", "b"] * 10)
+    for argv in (
+        ["train", str(store), "--out", str(tmp_path / "typo" / "m.skops")],
+        ["duplicates", str(store), "--out", str(tmp_path / "typo" / "d.csv")],
+        ["predict", "m.skops", "x.jpg", "--out", str(tmp_path / "typo" / "p.csv")],
+    ):
+        assert cli.main(argv) == 2, argv
+        assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+    assert "split" not in FeatureStore(store).images().labels
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
+    assert safe_cell('=HYPERLINK("http://x")') == '\'=HYPERLINK("http://x")'
+    for bad in ("+1+cmd", "-2+3", "@SUM(A1)", "\tx", "\rx"):
+        assert safe_cell(bad).startswith("'")
+    assert safe_cell("-0.25") == "-0.25" and safe_cell("ants/a.jpg") == "ants/a.jpg"
+    hit = Hit(0, "=cmd|' /C calc'!A0.jpg", "", "@evil", -0.25)
+    out = write_table([Result("+q.jpg", "", "-x", [hit])], tmp_path / "n.csv")
+    row = next(csv.DictReader(open(out, newline="")))
+    assert row["query"] == "'+q.jpg" and row["query_label"] == "'-x"
+    assert row["neighbor"].startswith("'=") and row["label"] == "'@evil" and row["score"] == "-0.25"
+
+
+@pytest.mark.slow
+def test_predict_reports_skipped_files_escapes_cells_and_cleans_up(hym_store, data_dir, tmp_path, monkeypatch, capsys):  # fmt: skip
+    store = tmp_path / "hym.h5"
+    shutil.copy(hym_store, store)
+    model = tmp_path / "m.skops"
+    assert cli.main(["train", str(store), "--out", str(model)]) == 0
+    folder = tmp_path / "=HYPERLINK(1)"  # relative input: the path column starts with '='
+    folder.mkdir()
+    for f in sorted((data_dir / "hymenoptera" / "bees").glob("*.jpg"))[:3]:
+        shutil.copy(f, folder / f.name)
+    (folder / "notes.txt").write_text("not an image")
+    os.mkfifo(folder / "pipe.jpg")
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")  # a name that is not UTF-8
+    shutil.copy(sorted(folder.glob("*.jpg"))[0], odd)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "p.csv"
+    capsys.readouterr()
+    assert cli.main(["predict", str(model), folder.name, "--out", str(out), "--store", str(store), "-q"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(open(out, newline="", encoding="utf-8", errors="surrogateescape")))
+    assert len(rows) == 6 and all(r["path"].startswith("'=HYPERLINK(1)/") for r in rows)
+    odd_row = [r for r in rows if os.fsencode(r["path"][1:]) == b"=HYPERLINK(1)/caf\xe9.jpg"]
+    assert len(odd_row) == 1  # written as its own bytes, and scored
+    assert odd_row[0]["prediction"] in ("ants", "bees") and not odd_row[0]["error"]
+    errors = {r["path"].rsplit("/", 1)[1]: r["error"] for r in rows if r["error"]}
+    assert "unsupported file type '.txt'" in errors["notes.txt"] and "FIFO" in errors["pipe.jpg"]
+    assert "notes.txt: unsupported file type" in printed
+    # a run that fails or is interrupted leaves neither the CSV nor OUT.partial
+    import classify.predict as cp
+
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+
+        def fail(*a, exc=exc, **k):
+            Path(f"{tmp_path / 'q.csv'}.partial").write_text("path\n")
+            raise exc
+
+        monkeypatch.setattr(cp, "_write", fail)
+        argv = ["predict", str(model), folder.name, "--out", str(tmp_path / "q.csv"), "-q"]
+        rc = cli.main([*argv, "--store", str(store)])
+        err = capsys.readouterr().err
+        assert rc == (130 if isinstance(exc, KeyboardInterrupt) else 2)
+        assert (
+            not (tmp_path / "q.csv").exists() and not Path(f"{tmp_path / 'q.csv'}.partial").exists()
+        )
+    assert "no CSV was written (predict does not resume" in err
