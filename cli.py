@@ -252,6 +252,25 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--head", default="lr", help="lr (default), svm, mlp, knn, centroid")
     p.add_argument("--report", help="also write the evaluation report into this folder")
+    g = p.add_argument_group(
+        "out of core",
+        "for stores whose features do not fit in memory: features are read a block at a time. lr "
+        "streams (standardisation in one pass, then log loss over shuffled blocks), "
+        "centroid streams (class means); other heads train on a seeded stratified sample",
+    )
+    g.add_argument("--out-of-core", action="store_true", help="never load the feature matrix")
+    g.add_argument(
+        "--memory-mb", type=_POSITIVE, default=256, help="features held at once (default 256)"
+    )
+    g.add_argument(
+        "--epochs", type=_POSITIVE, default=20, help="passes of the streamed lr (default 20)"
+    )
+    g.add_argument(
+        "--subsample",
+        type=_POSITIVE,
+        default=50_000,
+        help="training images for heads that cannot stream (default 50,000)",
+    )
     _add_head_options(p)
 
     p = sub.add_parser(
@@ -688,7 +707,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _out_folder(args.out)
     if args.report:
         _out_folder(args.report)
-    r = train(args.store, _train_options(args, args.head))
+    if args.out_of_core:
+        from classify.outofcore import StreamOptions, train_out_of_core
+
+        so = StreamOptions(memory_mb=args.memory_mb, epochs=args.epochs, subsample=args.subsample)
+        r = train_out_of_core(
+            args.store, _train_options(args, args.head), so, report_dir=args.report
+        )
+    else:
+        r = train(args.store, _train_options(args, args.head))
     for note in r.notes:
         print(note)
     m = r.model.manifest
@@ -705,8 +732,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     path = save_model(r.model, args.out)
     print(f"saved {path} and {path}.json")
     if args.report:
-        ev = evaluate(r.model, args.store, report_dir=args.report)
-        print(f"report: {ev.report_dir}/report.md (and .html, PNGs, metrics.json, predictions.csv)")
+        if not args.out_of_core:  # (out of core, the streamed evaluation wrote it)
+            evaluate(r.model, args.store, report_dir=args.report)
+        print(f"report: {args.report}/report.md (and .html, PNGs, metrics.json, predictions.csv)")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,10 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def dim(self) -> int:
+        return int(self.X.shape[1])
+
     def column(self, name: str) -> np.ndarray:
         if name not in self.labels:
             raise DataError(
@@ -65,13 +70,13 @@ class Dataset:
         )
 
 
-def fused_features(
+def fused_rows(
     store: FeatureStore, backbones: list[str] | tuple[str, ...]
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(table rows, (n, sum D) features, rows dropped) for images embedded by every backbone.
+) -> tuple[list[np.ndarray], int]:
+    """Per backbone, the table row holding each image's embedding (aligned), and the rows dropped.
 
-    Rows are joined by SHA-256 of the file, so an image embedded under another path (or copied)
-    still lines up; concatenation order follows ``backbones``.
+    Images are those the first backbone embedded that every other backbone embedded too, joined by
+    SHA-256 of the file, so an image embedded under another path (or copied) still lines up.
     """
     if not backbones:
         raise DataError("name at least one backbone")
@@ -85,13 +90,19 @@ def fused_features(
         per.append({sha[r]: int(r) for r in valid[::-1]})  # first row of each hash wins
     candidates = np.flatnonzero(store.valid(backbones[0]))
     keep = np.array([r for r in candidates if all(sha[r] in m for m in per[1:])], dtype=np.int64)
-    dropped = len(candidates) - len(keep)
-    blocks = [
-        store.embeddings(name, [m[sha[r]] for r in keep])
-        for name, m in zip(backbones, per, strict=True)
-    ]
+    rows = [keep] + [np.array([m[sha[r]] for r in keep], dtype=np.int64) for m in per[1:]]
+    return rows, len(candidates) - len(keep)
+
+
+def fused_features(
+    store: FeatureStore, backbones: list[str] | tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(table rows, (n, sum D) features, rows dropped) for images embedded by every backbone;
+    concatenation order follows ``backbones`` (see :func:`fused_rows`)."""
+    rows, dropped = fused_rows(store, backbones)
+    blocks = [store.embeddings(name, r) for name, r in zip(backbones, rows, strict=True)]
     X = np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), np.float32)
-    return keep, X, dropped
+    return rows[0], X, dropped
 
 
 def load_dataset(
@@ -100,31 +111,104 @@ def load_dataset(
     *,
     label: str = "label",
 ) -> Dataset:
-    """Every image with a non-empty ``label`` and features from all ``backbones``."""
+    """Every image with a non-empty ``label`` and features from all ``backbones``, in memory."""
+    s = stream_dataset(store_path, backbones, label=label)
+    X = np.concatenate(
+        [s.store.embeddings(b, r) for b, r in zip(s.backbones, s.rows, strict=True)], axis=1
+    )
+    return Dataset(
+        X=X,
+        paths=s.paths,
+        sha256=s.sha256,
+        labels=s.labels,
+        backbones=s.backbones,
+        fingerprints=s.fingerprints,
+        dropped=s.dropped,
+        notes=s.notes,
+    )
+
+
+@dataclass
+class StreamingData:
+    """A :class:`Dataset` without its feature matrix: features are read a block at a time.
+
+    ``rows[k]`` is the table row of each image in backbone ``k``'s embeddings (aligned).
+    """
+
+    store: FeatureStore
+    rows: list[np.ndarray]
+    paths: list[str]
+    sha256: list[str]
+    labels: dict[str, np.ndarray]
+    backbones: tuple[str, ...]
+    fingerprints: dict[str, dict[str, Any]]
+    dropped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def dim(self) -> int:
+        return sum(int(self.fingerprints[b]["dim"]) for b in self.backbones)
+
+    column = Dataset.column
+
+    def blocks(
+        self,
+        idx: np.ndarray,
+        *,
+        block_rows: int,
+        order: Callable[[int], Sequence[int]] | None = None,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions, (k, dim) float32) for the images at positions ``idx``, ``block_rows`` at a
+        time. Blocks follow storage order (contiguous reads); ``order(n_blocks)`` visits them in
+        another order (e.g. a random permutation)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        idx = idx[np.argsort(self.rows[0][idx], kind="stable")]
+        starts = range(0, len(idx), block_rows)
+        seq = order(len(starts)) if order is not None else range(len(starts))
+        for b in seq:
+            pos = idx[starts[b] : starts[b] + block_rows]
+            parts = [
+                self.store.embeddings(name, rows[pos])
+                for name, rows in zip(self.backbones, self.rows, strict=True)
+            ]
+            yield pos, np.concatenate(parts, axis=1)
+
+
+def stream_dataset(
+    store_path: str | os.PathLike[str],
+    backbones: list[str] | tuple[str, ...],
+    *,
+    label: str = "label",
+) -> StreamingData:
+    """Every image with a non-empty ``label`` and features from all ``backbones``, features unread."""
     store = FeatureStore(store_path)
     entries = {b: store.backbone(b) for b in backbones}
     table = store.images()
     if label not in table.labels:
         have = ", ".join(sorted(table.labels)) or "none"
         raise DataError(f"{store_path}: no label column {label!r} (it has: {have})")
-    rows, X, dropped = fused_features(store, list(backbones))
-    y = np.asarray(table.labels[label], dtype=str)[rows]
-    labelled = y != ""
-    rows, X = rows[labelled], X[labelled]
-    if len(rows) == 0:
+    rows, dropped = fused_rows(store, list(backbones))
+    y = np.asarray(table.labels[label], dtype=str)[rows[0]]
+    labelled = np.flatnonzero(y != "")
+    rows = [r[labelled] for r in rows]
+    if len(labelled) == 0:
         raise DataError(f"{store_path}: no image has both a {label!r} label and features")
-    notes = []
-    if dropped:
-        notes.append(f"{dropped} images lack features from some backbone and are left out")
-    return Dataset(
-        X=X,
-        paths=[table.path[r] for r in rows],
-        sha256=[table.sha256[r] for r in rows],
-        labels={k: np.asarray(v, dtype=str)[rows] for k, v in table.labels.items()},
+    r0 = rows[0]
+    return StreamingData(
+        store=store,
+        rows=rows,
+        paths=[table.path[r] for r in r0],
+        sha256=[table.sha256[r] for r in r0],
+        labels={k: np.asarray(v, dtype=str)[r0] for k, v in table.labels.items()},
         backbones=tuple(backbones),
         fingerprints={b: e.fingerprint for b, e in entries.items()},
         dropped=dropped,
-        notes=notes,
+        notes=[f"{dropped} images lack features from some backbone and are left out"]
+        if dropped
+        else [],
     )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from classify.csvout import SafeWriter, open_csv
 from classify.data import DataError, eval_mask, load_dataset
-from classify.model import Model, resolve_backbones
+from classify.model import Model, Predictions, resolve_backbones
 from classify.predict import csv_header, csv_rows
 from classify.report import write_report
 from classify.train import TrainOptions, score, summary, train
@@ -70,14 +70,22 @@ def evaluate(
         out = write_report(
             report_dir, title, m, info, sub.column(model.manifest["label"]), m["predictions"]
         )
-        k = max(1, min(top_k, len(model.classes)))
-        with open_csv(out / "predictions.csv") as fh:
-            w = SafeWriter(fh)
-            w.writerow([*csv_header(model, k), "truth"])
-            truth = sub.column(model.manifest["label"])
-            for row, t in zip(csv_rows(sub.paths, m["predictions"], model, k), truth, strict=True):
-                w.writerow([*row, t])
+        truth = sub.column(model.manifest["label"])
+        write_predictions(out, model, sub.paths, m["predictions"], truth, top_k)
     return Evaluation(m, name, len(sub), out)
+
+
+def write_predictions(
+    folder: Path, model: Model, paths: list[str], pred: Predictions, truth: np.ndarray, top_k: int
+) -> Path:
+    """``folder/predictions.csv``: the predict CSV's columns plus the true label."""
+    k = max(1, min(top_k, len(model.classes)))
+    with open_csv(folder / "predictions.csv") as fh:
+        w = SafeWriter(fh)
+        w.writerow([*csv_header(model, k), "truth"])
+        for row, t in zip(csv_rows(paths, pred, model, k), truth, strict=True):
+            w.writerow([*row, t])
+    return folder / "predictions.csv"
 
 
 def compare(

@@ -50,6 +50,7 @@ _CLASSES = (
     "classify.hierarchy:_Constant",
     "classify.ovr:ThresholdedOneVsRest",
     "classify.knn:FaissKNeighborsClassifier",
+    "classify.outofcore:StreamingCentroid",
 )
 # skops node kinds that only rebuild data or set attributes on an allowed class. Kinds that call
 # something named in the file (FunctionNode, MethodNode, PartialNode, ConstructorFromReduceNode,

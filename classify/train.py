@@ -15,7 +15,15 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
-from classify.data import TRAIN, DataError, Dataset, ensure_split, eval_mask, load_dataset
+from classify.data import (
+    TRAIN,
+    DataError,
+    Dataset,
+    StreamingData,
+    ensure_split,
+    eval_mask,
+    load_dataset,
+)
 from classify.heads import make_head, search_grid
 from classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
 from classify.metrics import classification_metrics
@@ -189,12 +197,24 @@ def _search(
     return gs.best_estimator_, {"folds": folds, "best": best, "results": table}
 
 
-def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions()) -> TrainResult:  # noqa: B008
-    """Fit a head on the train split of a store and score it on the held-out split."""
-    store = FeatureStore(store_path)
-    backbones = default_backbones(store, opts.backbones)
-    data = load_dataset(store_path, backbones, label=opts.label)
-    # everything that can be refused is checked before the split is written into the store
+@dataclass
+class Plan:
+    """What a training run is: the unfitted estimator, labels and the train/eval split."""
+
+    estimator: Pipeline
+    y: np.ndarray
+    train: np.ndarray  # bool mask
+    eval: np.ndarray  # bool mask
+    eval_split: str
+    levels: list[str]
+    taxonomy: dict[str, tuple[str, ...]] | None
+    notes: list[str]
+
+
+def prepare(
+    store_path: str | os.PathLike[str], data: Dataset | StreamingData, opts: TrainOptions
+) -> Plan:
+    """Check everything that can be refused, then (only then) make and store the split."""
     y = data.column(opts.label)
     if len(np.unique(y)) < 2:
         raise DataError(
@@ -218,6 +238,17 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     _check_classes(y[tr], y[ev], notes)
     if tax_note:
         notes.append(tax_note)
+    return Plan(est, y, tr, ev, ev_name, levels, taxonomy, notes)
+
+
+def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions()) -> TrainResult:  # noqa: B008
+    """Fit a head on the train split of a store and score it on the held-out split."""
+    store = FeatureStore(store_path)
+    backbones = default_backbones(store, opts.backbones)
+    data = load_dataset(store_path, backbones, label=opts.label)
+    plan = prepare(store_path, data, opts)
+    est, y, tr, ev, notes = plan.estimator, plan.y, plan.train, plan.eval, plan.notes
+    taxonomy, levels, ev_name = plan.taxonomy, plan.levels, plan.eval_split
     t0 = time.perf_counter()
     search = None
     with warnings.catch_warnings():
@@ -261,7 +292,7 @@ def _manifest(
         "paths": [[*taxonomy[c], c] for c in classes] if taxonomy else None,
         "unknown": UNKNOWN if opts.ovr else None,
         "backbones": [{"name": b, "fingerprint": data.fingerprints[b]} for b in data.backbones],
-        "feature_dim": int(data.X.shape[1]),
+        "feature_dim": data.dim,
         "trained_on": {
             "store": str(store.path),
             "split_column": opts.split,

@@ -288,10 +288,22 @@ class FeatureStore:
             ds = self._group(f, name)["embeddings"]
             if rows is None:
                 return np.asarray(ds[()], dtype=np.float32)
-            rows = np.asarray(list(rows), dtype=np.int64)
-            order = np.argsort(rows)
+            rows = np.asarray(rows if isinstance(rows, np.ndarray) else list(rows), dtype=np.int64)
+            if len(rows) == 0:
+                return np.zeros((0, ds.shape[1]), np.float32)
+            order = np.argsort(rows, kind="stable")
             uniq, inv = np.unique(rows[order], return_inverse=True)
-            out = np.asarray(ds[uniq], dtype=np.float32)[inv]
+            lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+            if hi - lo <= 4 * len(uniq):  # dense: contiguous reads beat a point selection
+                out = np.empty((len(uniq), ds.shape[1]), np.float32)
+                step = max(len(uniq), 1024)  # never hold more than the rows asked for (or 1024)
+                for a in range(lo, hi, step):
+                    i, j = np.searchsorted(uniq, [a, a + step])
+                    if j > i:
+                        out[i:j] = ds[a : min(a + step, hi)][uniq[i:j] - a]
+                out = out[inv]
+            else:
+                out = np.asarray(ds[uniq], dtype=np.float32)[inv]
             result = np.empty_like(out)
             result[order] = out
             return result

@@ -1,0 +1,306 @@
+"""Training on stores whose feature matrix does not fit in memory (`penult train --out-of-core`).
+
+Features are read a block of rows at a time (a few hundred MB at most) and never as one matrix:
+
+- ``lr``: standardisation learned in one pass (``StandardScaler.partial_fit``), then multinomial
+  logistic regression (log loss, softmax) trained with ``partial_fit`` over several passes of
+  shuffled blocks. Its L2 penalty is the in-memory head's ``C`` carried over, so the two heads
+  optimise the same objective.
+- ``centroid``: class means of the L2-normalised features summed block by block.
+- every other head (and one-vs-rest, hierarchies, PCA, search) trains in memory on a seeded
+  stratified subsample of the training split whose size the user sets.
+
+Evaluation streams too: the held-out split is scored block by block (at most ``max_eval`` images,
+a seeded sample beyond that).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from classify.data import StreamingData, stream_dataset
+from classify.metrics import classification_metrics
+from classify.model import Model, Predictions
+from classify.train import (
+    TrainOptions,
+    TrainResult,
+    _manifest,
+    default_backbones,
+    prepare,
+    summary,
+)
+from features import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    memory_mb: int = 256  # feature rows held at once (the shuffle buffer)
+    epochs: int = 20  # passes of the streaming linear head over the training split
+    subsample: int = 50_000  # training images for heads that cannot stream
+    max_eval: int = 200_000  # held-out images scored (a seeded sample beyond that)
+
+
+class StreamingCentroid(ClassifierMixin, BaseEstimator):
+    """Nearest class mean, learned block by block with ``partial_fit``.
+
+    Probabilities are a softmax of ``-||x - mean_c||^2 / (2 s^2)`` with ``s^2`` the pooled
+    within-class variance per feature, as a diagonal shared-covariance Gaussian model gives.
+    """
+
+    def partial_fit(self, X, y, classes=None) -> StreamingCentroid:
+        first = not hasattr(self, "classes_")
+        X, y = validate_data(self, X, y, reset=first, dtype=np.float64)
+        if first:
+            if classes is None:
+                raise ValueError("classes must be given on the first partial_fit call")
+            self.classes_ = np.asarray(classes)
+            k = len(self.classes_)
+            self.count_ = np.zeros(k)
+            self.sum_ = np.zeros((k, X.shape[1]))
+            self.sumsq_ = np.zeros((k, X.shape[1]))
+        idx = np.searchsorted(self.classes_, y)
+        if np.any(idx >= len(self.classes_)) or np.any(self.classes_[idx] != y):
+            raise ValueError("partial_fit got a label not in classes")
+        np.add.at(self.count_, idx, 1)
+        np.add.at(self.sum_, idx, X)
+        np.add.at(self.sumsq_, idx, X * X)
+        return self
+
+    def fit(self, X, y) -> StreamingCentroid:
+        for attr in ("classes_", "count_", "sum_", "sumsq_"):
+            self.__dict__.pop(attr, None)
+        return self.partial_fit(X, y, classes=np.unique(y))
+
+    def _stats(self) -> tuple[np.ndarray, np.ndarray]:
+        check_is_fitted(self)
+        n = np.maximum(self.count_, 1)[:, None]
+        means = self.sum_ / n
+        within = (self.sumsq_ - n * means**2).sum(axis=0) / max(self.count_.sum() - len(n), 1)
+        return means, np.maximum(within, 1e-12)
+
+    @property
+    def centroids_(self) -> np.ndarray:
+        return self._stats()[0]
+
+    def predict_proba(self, X) -> np.ndarray:
+        means, var = self._stats()
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        w = 1.0 / var
+        d2 = (X * X) @ w[:, None] - 2 * X @ (means * w).T + (means * means) @ w
+        score = -0.5 * d2
+        score -= score.max(axis=1, keepdims=True)
+        p = np.exp(score)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        means, _ = self._stats()
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        d2 = (X * X).sum(1)[:, None] - 2 * X @ means.T + (means * means).sum(1)
+        return self.classes_[np.argmin(d2, axis=1)]
+
+
+def _streams(opts: TrainOptions) -> bool:
+    plain = not (opts.ovr or opts.hierarchical or opts.search or opts.pca or opts.whiten)
+    return plain and opts.head in ("lr", "centroid") and not opts.params
+
+
+def _block_rows(data: StreamingData, memory_mb: int, parts: int) -> int:
+    return max(256, int(memory_mb * 2**20 / (4 * data.dim * parts)))
+
+
+def _mixed(
+    data: StreamingData, idx: np.ndarray, y: np.ndarray, block: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(X, y) shuffle buffers of ``_MIX`` storage blocks visited in random order, rows shuffled:
+    an ImageFolder store is sorted by class, so one block alone would hold few classes."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for pos, X in data.blocks(idx, block_rows=block, order=rng.permutation):
+        xs.append(X)
+        ys.append(y[pos])
+        if len(xs) == _MIX:
+            yield _shuffled(xs, ys, rng)
+            ys = []
+    if xs:
+        yield _shuffled(xs, ys, rng)
+
+
+_MIX = 4
+
+
+def _shuffled(
+    xs: list[np.ndarray], ys: list[np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks as one buffer, rows shuffled in place (no second copy of the buffer)."""
+    X, y = np.concatenate(xs), np.concatenate(ys)
+    xs.clear()
+    state = rng.bit_generator.state
+    rng.shuffle(X)
+    rng.bit_generator.state = state  # the same permutation for the labels
+    rng.shuffle(y)
+    return X, y
+
+
+def _fit_lr(
+    data: StreamingData, idx: np.ndarray, y: np.ndarray, opts: TrainOptions, so: StreamOptions
+) -> Pipeline:
+    """Standardise (one pass), then multinomial logistic regression trained by Adam over shuffled
+    buffers: an ``MLPClassifier`` without hidden layers is exactly softmax regression, and unlike
+    ``SGDClassifier`` (one-vs-rest) it matches the in-memory head (docs/BENCHMARKS.md)."""
+    block = _block_rows(data, so.memory_mb, _MIX)
+    scaler = StandardScaler()
+    for _, X in data.blocks(idx, block_rows=block):
+        scaler.partial_fit(X)
+    classes, counts = np.unique(y[idx], return_counts=True)
+    weight = None
+    if opts.class_weight == "balanced":
+        weight = dict(zip(classes, len(idx) / (len(classes) * counts), strict=True))
+    c = float(dict(opts.params).get("C", 0.1))
+    clf = MLPClassifier(
+        hidden_layer_sizes=(),
+        alpha=_BATCH / (c * len(idx)),  # the logistic regression's L2 penalty, per mini-batch
+        batch_size=_BATCH,
+        learning_rate_init=3e-3,
+        random_state=opts.seed,
+    )
+    rng = np.random.default_rng(opts.seed)
+    for _ in range(so.epochs):
+        for X, yb in _mixed(data, idx, y, block, rng):
+            sw = None if weight is None else np.array([weight[v] for v in yb])
+            clf.partial_fit(scaler.transform(X), yb, sample_weight=sw, classes=classes)
+    return Pipeline([("scale", scaler), ("clf", clf)])
+
+
+_BATCH = 256
+
+
+def _fit_centroid(
+    data: StreamingData, idx: np.ndarray, y: np.ndarray, so: StreamOptions
+) -> Pipeline:
+    l2, clf = Normalizer(), StreamingCentroid()
+    classes = np.unique(y[idx])
+    for pos, X in data.blocks(idx, block_rows=_block_rows(data, so.memory_mb, 1)):
+        clf.partial_fit(l2.fit_transform(X), y[pos], classes=classes)
+    return Pipeline([("l2", l2), ("clf", clf)])
+
+
+def _subsample(idx: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded sample of ``n`` positions, stratified where every class can keep one image."""
+    if len(idx) <= n:
+        return idx
+    _, counts = np.unique(y[idx], return_counts=True)
+    strat = y[idx] if counts.min() >= 2 and n >= len(counts) else None
+    keep, _ = train_test_split(idx, train_size=n, stratify=strat, random_state=seed)
+    return np.sort(keep)
+
+
+def _read(data: StreamingData, idx: np.ndarray, memory_mb: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, features) of ``idx`` in storage order, as one in-memory matrix."""
+    parts = list(data.blocks(idx, block_rows=_block_rows(data, memory_mb, 1)))
+    return np.concatenate([p for p, _ in parts]), np.concatenate([x for _, x in parts])
+
+
+def _predict(
+    model: Model, data: StreamingData, idx: np.ndarray, memory_mb: int
+) -> tuple[np.ndarray, Predictions]:
+    """Positions (storage order) and the model's predictions for them, a block at a time."""
+    pos, labels, probas, paths = [], [], [], []
+    for p, X in data.blocks(idx, block_rows=_block_rows(data, memory_mb, 1)):
+        pr = model.predict(X)
+        pos.append(p)
+        labels.append(pr.label)
+        probas.append(pr.proba)
+        if pr.path is not None:
+            paths.append(pr.path)
+    pred = Predictions(
+        label=np.concatenate(labels),
+        proba=np.concatenate(probas),
+        classes=model.classes,
+        path=np.concatenate(paths) if paths else None,
+    )
+    return np.concatenate(pos), pred
+
+
+def train_out_of_core(
+    store_path: str | os.PathLike[str],
+    opts: TrainOptions = TrainOptions(),  # noqa: B008
+    stream: StreamOptions = StreamOptions(),  # noqa: B008
+    *,
+    report_dir: str | os.PathLike[str] | None = None,
+) -> TrainResult:
+    """Like :func:`classify.train`, reading the features a block at a time (see module docstring).
+    ``report_dir``: also write the evaluation report (from the streamed predictions) there."""
+    store = FeatureStore(store_path)
+    data = stream_dataset(store_path, default_backbones(store, opts.backbones), label=opts.label)
+    plan = prepare(store_path, data, opts)
+    est, y, ev, ev_name, notes = plan.estimator, plan.y, plan.eval, plan.eval_split, plan.notes
+    tr = np.flatnonzero(plan.train)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if _streams(opts) and opts.head == "lr":
+            est = _fit_lr(data, tr, y, opts, stream)
+            notes.append(f"streamed {len(tr)} training images, {stream.epochs} passes (log loss)")
+        elif _streams(opts):
+            est = _fit_centroid(data, tr, y, stream)
+            notes.append(f"streamed {len(tr)} training images (class means)")
+        else:
+            sub = _subsample(tr, y, stream.subsample, opts.seed)
+            pos, X = _read(data, sub, stream.memory_mb * 4)
+            est.fit(X, y[pos])
+            notes.append(
+                f"head {opts.head!r} cannot stream: trained on a seeded sample of {len(sub)} of {len(tr)} training images"
+            )
+    fit_seconds = time.perf_counter() - t0
+    model = Model(est, _manifest(store, data, opts, plan.taxonomy, plan.levels, est, ev_name))
+    ev_idx = _subsample(np.flatnonzero(ev), y, stream.max_eval, opts.seed)
+    if len(ev_idx) < ev.sum():
+        notes.append(f"scored a seeded sample of {len(ev_idx)} of {int(ev.sum())} {ev_name} images")
+    pos, pred = _predict(model, data, ev_idx, stream.memory_mb)
+    train_counts = {
+        str(k): int(v) for k, v in zip(*np.unique(y[tr], return_counts=True), strict=True)
+    }
+    metrics = classification_metrics(
+        y[pos], pred.label, pred.proba, pred.classes, train_counts=train_counts,
+        paths=model.paths, levels=model.levels, unknown=model.unknown,
+    ) | {"predictions": pred}  # fmt: skip
+    model.manifest.update(
+        metrics=summary(metrics),
+        train_counts=train_counts,
+        fit_seconds=fit_seconds,
+        out_of_core={
+            "memory_mb": stream.memory_mb,
+            "epochs": stream.epochs,
+            "subsample": stream.subsample,
+        },
+    )
+    if report_dir is not None:
+        _report(report_dir, model, data, store_path, ev_name, pos, metrics)
+    return TrainResult(model, metrics, fit_seconds, len(tr), len(pos), ev_name, None, notes)
+
+
+def _report(out, model: Model, data: StreamingData, store_path, split: str, pos, metrics) -> None:
+    from classify.evaluate import write_predictions
+    from classify.report import write_report
+
+    truth = data.column(model.manifest["label"])[pos]
+    title = f"{model.manifest['kind']} {model.manifest['head']} (out of core) on {' + '.join(data.backbones)}: {split} split"
+    info = [f"store {store_path}, {len(pos)} {split} images, scored block by block"]
+    folder = write_report(out, title, metrics, info, truth, metrics["predictions"])
+    write_predictions(folder, model, [data.paths[i] for i in pos], metrics["predictions"], truth, 5)
