@@ -327,3 +327,18 @@ def test_other_index_kinds_build_and_find_themselves(tmp_path, kind):
         assert np.median(sims) > 0.9, np.median(sims)
     again, _ = open_index(s, "fake")
     np.testing.assert_array_equal(again.search(X[:5], 3)[1], ni.search(X[:5], 3)[1])
+
+
+def test_row_digest_is_vectorised_and_unchanged():
+    """Indexes saved before the digest was vectorised stay valid: the same bytes are hashed."""
+    import hashlib
+
+    from classify.neighbors import _digest
+
+    sha = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
+    rows = np.random.default_rng(0).permutation(2000)[:1500]
+    h = hashlib.sha256()
+    for r in rows.tolist():
+        h.update(sha[r].encode())
+    assert _digest(sha, rows) == h.hexdigest()
+    assert _digest(sha, rows[::-1]) != h.hexdigest()  # order matters
