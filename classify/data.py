@@ -73,25 +73,10 @@ class Dataset:
 def fused_rows(
     store: FeatureStore, backbones: list[str] | tuple[str, ...]
 ) -> tuple[list[np.ndarray], int]:
-    """Per backbone, the table row holding each image's embedding (aligned), and the rows dropped.
-
-    Images are those the first backbone embedded that every other backbone embedded too, joined by
-    SHA-256 of the file, so an image embedded under another path (or copied) still lines up.
-    """
-    if not backbones:
-        raise DataError("name at least one backbone")
-    if len(set(backbones)) != len(backbones):
-        raise DataError(f"backbone listed twice: {list(backbones)}")
-    table = store.images()
-    sha = np.asarray(table.sha256, dtype=object)
-    per: list[dict[str, int]] = []
-    for name in backbones:
-        valid = np.flatnonzero(store.valid(name))
-        per.append({sha[r]: int(r) for r in valid[::-1]})  # first row of each hash wins
-    candidates = np.flatnonzero(store.valid(backbones[0]))
-    keep = np.array([r for r in candidates if all(sha[r] in m for m in per[1:])], dtype=np.int64)
-    rows = [keep] + [np.array([m[sha[r]] for r in keep], dtype=np.int64) for m in per[1:]]
-    return rows, len(candidates) - len(keep)
+    """See :meth:`features.FeatureStore.fused_rows`; a bad backbone list is a DataError."""
+    if not backbones or len(set(backbones)) != len(backbones):
+        raise DataError(f"name each backbone once (got {list(backbones)}: one listed twice?)")
+    return store.fused_rows(backbones)
 
 
 def fused_features(
@@ -100,9 +85,7 @@ def fused_features(
     """(table rows, (n, sum D) features, rows dropped) for images embedded by every backbone;
     concatenation order follows ``backbones`` (see :func:`fused_rows`)."""
     rows, dropped = fused_rows(store, backbones)
-    blocks = [store.embeddings(name, r) for name, r in zip(backbones, rows, strict=True)]
-    X = np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), np.float32)
-    return rows[0], X, dropped
+    return rows[0], store.fused_embeddings(backbones, rows), dropped
 
 
 def load_dataset(
@@ -113,9 +96,7 @@ def load_dataset(
 ) -> Dataset:
     """Every image with a non-empty ``label`` and features from all ``backbones``, in memory."""
     s = stream_dataset(store_path, backbones, label=label)
-    X = np.concatenate(
-        [s.store.embeddings(b, r) for b, r in zip(s.backbones, s.rows, strict=True)], axis=1
-    )
+    X = s.store.fused_embeddings(s.backbones, s.rows)
     return Dataset(
         X=X,
         paths=s.paths,
@@ -170,11 +151,7 @@ class StreamingData:
         seq = order(len(starts)) if order is not None else range(len(starts))
         for b in seq:
             pos = idx[starts[b] : starts[b] + block_rows]
-            parts = [
-                self.store.embeddings(name, rows[pos])
-                for name, rows in zip(self.backbones, self.rows, strict=True)
-            ]
-            yield pos, np.concatenate(parts, axis=1)
+            yield pos, self.store.fused_embeddings(self.backbones, [r[pos] for r in self.rows])
 
 
 def stream_dataset(

@@ -3,6 +3,7 @@
 from features.inspect import check, describe
 from features.store import (
     IDENTITY_FIELDS,
+    Chunk,
     FeatureStore,
     FingerprintMismatchError,
     ImageTable,
@@ -14,6 +15,7 @@ from features.store import (
 
 __all__ = [
     "IDENTITY_FIELDS",
+    "Chunk",
     "FeatureStore",
     "FingerprintMismatchError",
     "ImageTable",

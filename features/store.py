@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,15 @@ class ImageTable:
         if column not in self.labels:
             raise KeyError(f"no label column {column!r}; the store has {sorted(self.labels)}")
         return np.asarray(self.labels[column], dtype=str)
+
+
+@dataclass
+class Chunk:
+    """Rows of the store read together by :meth:`FeatureStore.iter_chunks`."""
+
+    rows: np.ndarray  # (k,) table rows (of the first backbone)
+    X: np.ndarray  # (k, sum of dims) float32, backbones side by side in the order asked
+    labels: dict[str, np.ndarray]  # (k,) str per label column asked for
 
 
 @dataclass(frozen=True)
@@ -307,6 +316,59 @@ class FeatureStore:
             result = np.empty_like(out)
             result[order] = out
             return result
+
+    def fused_rows(self, backbones: Sequence[str]) -> tuple[list[np.ndarray], int]:
+        """Per backbone, the table row holding each image's embedding (aligned), and how many of
+        the first backbone's rows were dropped because another backbone lacks them.
+
+        Images are joined by the SHA-256 of the file, so an image embedded under another path (or
+        a copy) still lines up; the first row of each hash wins.
+        """
+        if not backbones:
+            raise StoreError("name at least one backbone")
+        if len(set(backbones)) != len(backbones):
+            raise StoreError(f"backbone listed twice: {list(backbones)}")
+        valid = [np.flatnonzero(self.valid(b)) for b in backbones]
+        if len(backbones) == 1:
+            return valid, 0
+        sha = np.asarray(self.images().sha256, dtype=object)
+        per = [{sha[r]: int(r) for r in v[::-1]} for v in valid[1:]]
+        keep = np.array([r for r in valid[0] if all(sha[r] in m for m in per)], dtype=np.int64)
+        rows = [keep] + [np.array([m[sha[r]] for r in keep], dtype=np.int64) for m in per]
+        return rows, len(valid[0]) - len(keep)
+
+    def fused_embeddings(self, backbones: Sequence[str], rows: Sequence[np.ndarray]) -> np.ndarray:
+        """(k, sum of dims) float32: backbone ``i``'s embeddings of ``rows[i]``, side by side."""
+        return np.concatenate(
+            [self.embeddings(b, r) for b, r in zip(backbones, rows, strict=True)], axis=1
+        )
+
+    def iter_chunks(
+        self,
+        backbones: Sequence[str],
+        *,
+        columns: Sequence[str] = ("label",),
+        memory_mb: int = 64,
+    ) -> Iterator[Chunk]:
+        """Every image embedded by all ``backbones``, a chunk of rows at a time (about
+        ``memory_mb`` of features each), with its label ``columns``: never the whole matrix."""
+        rows, _ = self.fused_rows(backbones)
+        labels = self.images().labels
+        missing = [c for c in columns if c not in labels]
+        if missing:
+            raise StoreError(
+                f"{self.path} has no label column {missing[0]!r} (it has: {sorted(labels)})"
+            )
+        cols = {c: np.asarray(labels[c], dtype=str) for c in columns}
+        dim = sum(self.backbone(b).dim for b in backbones)
+        step = max(1, (memory_mb << 20) // (4 * dim))
+        for s in range(0, len(rows[0]), step):
+            part = [r[s : s + step] for r in rows]
+            yield Chunk(
+                part[0],
+                self.fused_embeddings(backbones, part),
+                {c: v[part[0]] for c, v in cols.items()},
+            )
 
     def features(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(row indices, (n, D) float32) for the rows that have a valid embedding."""

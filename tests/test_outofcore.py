@@ -146,3 +146,22 @@ def test_trains_under_a_memory_cap_smaller_than_the_matrix(tmp_path):
     assert streamed, p.stdout + p.stderr[-3000:]
     _, n_train, top1 = streamed[0].split()
     assert int(n_train) == 42_000 and float(top1) > 0.9
+
+
+def test_store_iterates_fused_chunks_with_labels(store):
+    """FeatureStore.iter_chunks: every image once, features and labels aligned, bounded chunks."""
+    from features import FeatureStore
+
+    fs, d = FeatureStore(store), load_dataset(store, [B])
+    rows, X, labels = [], [], []
+    for c in fs.iter_chunks([B], columns=("label", "genus"), memory_mb=1):
+        assert len(c.rows) <= (1 << 20) // (4 * 1280) and c.X.shape == (len(c.rows), 1280)
+        rows.append(c.rows)
+        X.append(c.X)
+        labels.append(c.labels["label"])
+    rows = np.concatenate(rows)
+    np.testing.assert_array_equal(rows, np.flatnonzero(fs.valid(B)))
+    np.testing.assert_array_equal(np.concatenate(X), d.X)  # every row is labelled in this store
+    np.testing.assert_array_equal(np.concatenate(labels), d.labels["label"])
+    with pytest.raises(Exception, match="no label column 'nope'"):
+        next(fs.iter_chunks([B], columns=("nope",)))
