@@ -170,22 +170,59 @@ def plan(
     *,
     retry_failed: bool,
 ) -> _Plan:
-    index = table.index()
-    by_hash = {table.sha256[r]: r for r in np.flatnonzero(valid)}
-    out = _Plan()
-    for i, p in enumerate(listing.paths):
-        r = index.get(p)
-        same = r is not None and table.sha256[r] == sha[i]
-        if err[i]:
-            out.unreadable.append(i)
-        elif same and r < len(valid) and valid[r]:
-            out.skipped += 1
-        elif same and table.error[r] and not retry_failed:
-            out.previously_failed += 1
-        elif sha[i] in by_hash:
-            out.reuse.append((i, by_hash[sha[i]]))
-        else:
-            out.todo.append(i)
+    """What to do with each listed file, decided with array operations (no per-file Python work):
+    skip it (stored with this hash), skip it as failed before, copy the embedding of an identical
+    file already stored, run it through the model, or record it as unreadable."""
+    n = len(listing.paths)
+    row = lookup(table.path, listing.paths)
+    has = row >= 0
+    r = np.where(has, row, 0)
+    stored_sha = np.asarray(table.sha256, dtype=object)
+    listed_sha = np.asarray(sha, dtype=object)
+    same = has & (stored_sha[r] == listed_sha) if len(table) else np.zeros(n, bool)
+    is_valid = np.zeros(max(len(table), 1), bool)
+    is_valid[: len(valid)] = valid
+    failed_before = np.asarray(table.error, dtype=object) != "" if len(table) else np.zeros(1, bool)
+    unreadable = np.asarray(err, dtype=object) != ""
+    skipped = ~unreadable & same & is_valid[r]
+    prev = ~unreadable & ~skipped & same & failed_before[r] & (not retry_failed)
+    rest = np.flatnonzero(~unreadable & ~skipped & ~prev)
+    # an identical file (same bytes) already embedded elsewhere: copy its row (the last one wins)
+    vrows = np.flatnonzero(valid)
+    twin = lookup(stored_sha[vrows[::-1]].tolist(), listed_sha[rest].tolist())
+    copy = twin >= 0
+    return _Plan(
+        todo=rest[~copy].tolist(),
+        reuse=list(zip(rest[copy].tolist(), vrows[::-1][twin[copy]].tolist(), strict=True)),
+        skipped=int(skipped.sum()),
+        previously_failed=int(prev.sum()),
+        unreadable=np.flatnonzero(unreadable).tolist(),
+    )
+
+
+def lookup(keys: list[str], queries: list[str]) -> np.ndarray:
+    """Position of each query in ``keys`` (the first, for repeated keys), -1 where absent.
+
+    Sorted 64-bit string hashes and a binary search, every hit confirmed by comparing the strings;
+    a query whose hash collides with another key is looked up exactly.
+    """
+    q = np.fromiter(map(hash, queries), np.int64, len(queries))
+    if not len(keys) or not len(queries):
+        return np.full(len(queries), -1, np.int64)
+    k = np.fromiter(map(hash, keys), np.int64, len(keys))
+    order = np.argsort(k, kind="stable")
+    ks = k[order]
+    pos = np.minimum(np.searchsorted(ks, q), len(ks) - 1)
+    out = np.where(ks[pos] == q, order[pos], -1)
+    hit = np.flatnonzero(out >= 0)
+    keys_a, queries_a = np.asarray(keys, dtype=object), np.asarray(queries, dtype=object)
+    wrong = hit[keys_a[out[hit]] != queries_a[hit]]
+    out[wrong] = -1
+    if len(wrong):  # colliding hashes (or a repeated key with another string before it): exact
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        out[wrong] = [first.get(queries[i], -1) for i in wrong.tolist()]
     return out
 
 

@@ -1,0 +1,66 @@
+"""Resume planning with array operations equals the per-file reference on random stores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from extract.run import lookup, plan
+from extract.sources import Listing
+from features import ImageTable
+
+
+def _reference(listing, sha, err, table, valid, *, retry_failed):
+    """The per-file plan penult used before (a dict per lookup), kept as the brute-force oracle."""
+    index = {p: i for i, p in enumerate(table.path)}
+    by_hash = {table.sha256[r]: r for r in np.flatnonzero(valid)}
+    todo, reuse, skipped, prev, unreadable = [], [], 0, 0, []
+    for i, p in enumerate(listing.paths):
+        r = index.get(p)
+        same = r is not None and table.sha256[r] == sha[i]
+        if err[i]:
+            unreadable.append(i)
+        elif same and r < len(valid) and valid[r]:
+            skipped += 1
+        elif same and table.error[r] and not retry_failed:
+            prev += 1
+        elif sha[i] in by_hash:
+            reuse.append((i, by_hash[sha[i]]))
+        else:
+            todo.append(i)
+    return todo, reuse, skipped, prev, unreadable
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_vectorised_plan_equals_the_reference(seed, retry_failed):
+    rng = np.random.default_rng(seed)
+    n_stored = int(rng.integers(0, 300))
+    hashes = [f"{h:064x}" for h in rng.integers(0, 60, n_stored)]  # repeated bytes: copies
+    table = ImageTable(
+        path=[f"d/{i:04d}.jpg" for i in range(n_stored)],
+        root=["/r"] * n_stored,
+        sha256=hashes,
+        error=["corrupt" if rng.random() < 0.1 else "" for _ in range(n_stored)],
+    )
+    valid = rng.random(n_stored - int(rng.integers(0, 5)) if n_stored > 5 else n_stored) < 0.6
+    n = int(rng.integers(0, 400))
+    paths = [f"d/{int(i):04d}.jpg" for i in rng.choice(600, n, replace=False)]
+    sha = [f"{h:064x}" for h in rng.integers(0, 90, n)]
+    for i in rng.choice(n, n // 3, replace=False) if n else []:  # unchanged files keep their hash
+        if paths[i] in table.path:
+            sha[i] = table.sha256[table.path.index(paths[i])]
+    err = ["" if rng.random() > 0.05 else "unreadable" for _ in range(n)]
+    sha = ["" if e else s for s, e in zip(sha, err, strict=True)]
+    listing = Listing(root="/r", paths=paths)
+    got = plan(listing, sha, err, table, valid, retry_failed=retry_failed)
+    want = _reference(listing, sha, err, table, valid, retry_failed=retry_failed)
+    assert (got.todo, got.reuse, got.skipped, got.previously_failed, got.unreadable) == want
+
+
+def test_lookup_confirms_hits_and_survives_hash_collisions():
+    assert lookup(["a", "b", "a"], ["a", "c", "b"]).tolist() == [0, -1, 1]
+    assert lookup([], ["a"]).tolist() == [-1] and lookup(["a"], []).tolist() == []
+    # hash(-1) == hash(-2) in CPython: a collision must still find the right key
+    assert hash(-1) == hash(-2)
+    assert lookup([-1, -2], [-2, -1, -3]).tolist() == [1, 0, -1]
