@@ -77,21 +77,22 @@ def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     return (centres[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivf-disk"])
 def test_incremental_add_equals_full_rebuild(tmp_path, kind):
     X = _clustered(3000, 32)
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     for s in (a, b):
         paths = _fake_store(s, X)
     _append(a, paths, X, np.arange(2000))
-    build_index(a, "fake", kind=kind, nlist=16)
+    pq = {"pq_m": 16} if kind == "ivf-disk" else {}  # 8 bytes a vector for these 32-d points
+    build_index(a, "fake", kind=kind, nlist=16, **pq)
     with pytest.raises(IndexError_, match="lacks 1000 rows"):
         _append(a, paths, X, np.arange(2000, 3000))
         open_index(a, "fake")
     inc, added = open_index(a, "fake", update=True)
     assert added == 1000 and len(inc.rows) == 3000
     _append(b, paths, X, np.arange(3000))
-    full, _ = build_index(b, "fake", kind=kind, nlist=16)
+    full, _ = build_index(b, "fake", kind=kind, nlist=16, **pq)
     q = X[::50]
     if kind == "flat":
         si, ii = inc.search(q, 10)
@@ -342,3 +343,58 @@ def test_row_digest_is_vectorised_and_unchanged():
         h.update(sha[r].encode())
     assert _digest(sha, rows) == h.hexdigest()
     assert _digest(sha, rows[::-1]) != h.hexdigest()  # order matters
+
+
+def test_on_disk_index_moves_updates_by_copy_and_reranks_exactly(tmp_path, capfd):
+    """ivf-disk: lists in a file beside the store (memory-mapped), found again after the folder
+    moves; an update writes a new lists file (the old index stays whole until the rename); the
+    PQ candidates are re-ranked with exact scores from the store."""
+    from classify.neighbors import DISK_MIN_ROWS
+
+    assert plan_index(DISK_MIN_ROWS, 1280).kind == "ivf-disk"
+    assert plan_index(DISK_MIN_ROWS, 1280).factory.endswith(",PQ320x4")  # 160 bytes a vector
+    X = _clustered(3000, 32, seed=1)
+    s = tmp_path / "a" / "s.h5"
+    s.parent.mkdir()
+    paths = _fake_store(s, X)
+    _append(s, paths, X, np.arange(2500))
+    ni, _ = build_index(s, "fake", kind="ivf-disk", nlist=16, pq_m=16)
+    assert "resizing" not in capfd.readouterr().out  # faiss's printf notes stay off stdout
+    first = sorted(p.name for p in s.parent.glob("*.ivfdata"))
+    assert len(first) == 1 and (s.parent / "s.h5.fake.cosine.faiss.trained").exists()
+    q = X[::97]
+    scores, rows = ni.search(q, 5)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    np.testing.assert_allclose(scores, np.einsum("nd,nkd->nk", qn, Xn[rows]), rtol=1e-4, atol=1e-5)
+    # an update that dies before the new index is renamed in leaves the old one working
+    _append(s, paths, X, np.arange(2500, 3000))
+    import classify.neighbors as nb
+
+    real_save = nb.NeighborIndex.save
+    nb.NeighborIndex.save = lambda self: (_ for _ in ()).throw(OSError("killed"))
+    try:
+        with pytest.raises(OSError, match="killed"):
+            open_index(s, "fake", update=True)
+    finally:
+        nb.NeighborIndex.save = real_save
+    with pytest.raises(IndexError_, match="lacks 500 rows"):
+        open_index(s, "fake")  # the old index, intact
+    inc, added = open_index(s, "fake", update=True)
+    assert added == 500 and len(inc.rows) == 3000
+    now = sorted(p.name for p in s.parent.glob("*.ivfdata"))
+    assert len(now) == 1 and now != first  # a new lists file; the old one and the stray are gone
+    # the store's folder moves: the index finds its lists beside itself
+    before = inc.search(q, 5)[1]
+    moved = tmp_path / "b"
+    shutil.copytree(s.parent, moved)
+    shutil.rmtree(s.parent)
+    again, added = open_index(moved / "s.h5", "fake")
+    assert added == 0
+    np.testing.assert_array_equal(again.search(q, 5)[1], before)
+    found = again.search(X[2500:3000], 10)[1]  # the added rows are found (PQ4 here: coarse)
+    assert np.mean([r in f for r, f in zip(range(2500, 3000), found, strict=True)]) > 0.95
+    for f in moved.glob("*.ivfdata"):
+        f.unlink()
+    with pytest.raises(IndexError_, match="inverted lists .* are missing"):
+        open_index(moved / "s.h5", "fake")
