@@ -36,6 +36,7 @@ REFINE = 10  # refined indexes re-rank the best REFINE x k candidates exactly
 CHUNK_BYTES = 16 * 2**20  # embeddings read from the store at a time: bounds memory while adding
 DISK_MIN_ROWS = 20_000_000  # from here the inverted lists live on disk (memory-mapped), not in RAM
 SHARD_ROWS = 1_000_000  # rows per shard of an on-disk index: bounds the memory of a build
+RERANK_BYTES = 32 * 2**20  # candidate vectors gathered at once when re-ranking a query batch
 
 
 class IndexError_(ValueError):
@@ -166,17 +167,19 @@ class NeighborIndex:
         uniq = np.unique(rows[rows >= 0])
         vec = _prepare(self.store.embeddings(self.meta["backbone"], uniq), self.metric)
         at = np.searchsorted(uniq, np.maximum(rows, 0))
-        cand = vec[at]  # (n, REFINE k, d)
-        if self.metric == "cosine":
-            exact = np.einsum("nd,ncd->nc", q, cand)
-            exact[rows < 0] = -np.inf
-            order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        else:
-            exact = ((cand - q[:, None, :]) ** 2).sum(-1)
-            exact[rows < 0] = np.inf
-            order = np.argsort(exact, axis=1, kind="stable")[:, :k]
+        exact = np.empty(rows.shape, np.float32)
+        step = max(1, RERANK_BYTES // (4 * rows.shape[1] * vec.shape[1]))
+        for s in range(0, len(q), step):  # candidates gathered for a block of queries at a time
+            cand = vec[at[s : s + step]]  # (queries, REFINE k, d)
+            if self.metric == "cosine":
+                exact[s : s + step] = np.einsum("nd,ncd->nc", q[s : s + step], cand)
+            else:
+                exact[s : s + step] = ((cand - q[s : s + step, None, :]) ** 2).sum(-1)
+        sign = -1.0 if self.metric == "cosine" else 1.0  # higher is closer for cosine
+        exact[rows < 0] = -sign * np.inf
+        order = np.argsort(sign * exact, axis=1, kind="stable")[:, :k]
         best = np.take_along_axis(rows, order, axis=1)
-        return np.take_along_axis(exact, order, axis=1).astype(np.float32), best
+        return np.take_along_axis(exact, order, axis=1), best
 
     def save(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")

@@ -16,7 +16,6 @@ a seeded sample beyond that).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import warnings
@@ -44,8 +43,6 @@ from classify.train import (
     summary,
 )
 from features import FeatureStore
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ def best_f1_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(s[int(np.argmax(f1))]) if pos.any() else 1.0
 
 
-def _valid_threshold(t: object) -> bool:
+def valid_threshold(t: object) -> bool:
+    """'f1', or a probability strictly between 0 and 1 (outside it, all or no images pass)."""
     if isinstance(t, str):
         return t == "f1"
     try:
@@ -79,7 +80,7 @@ class ThresholdedOneVsRest(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"one-vs-rest needs at least 2 classes; got one class: {self.classes_.tolist()}"
             )
-        if not _valid_threshold(self.thresholds):
+        if not valid_threshold(self.thresholds):
             raise ValueError(
                 f"thresholds must be 'f1' or a probability strictly between 0 and 1, "
                 f"not {self.thresholds!r} (outside it every image is 'unknown', or none is)"

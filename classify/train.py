@@ -28,7 +28,7 @@ from classify.heads import make_head, search_grid
 from classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
 from classify.metrics import classification_metrics
 from classify.model import Model
-from classify.ovr import UNKNOWN, ThresholdedOneVsRest, _valid_threshold
+from classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
 from features import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def build_estimator(
     """Preprocessing steps + the classifier, wrapped for one-vs-rest or hierarchy as asked."""
     if opts.ovr and opts.hierarchical:
         raise DataError("choose either --hierarchical or --ovr (one-vs-rest), not both")
-    if opts.ovr and not _valid_threshold(opts.threshold):
+    if opts.ovr and not valid_threshold(opts.threshold):
         raise DataError(
             f"--threshold {opts.threshold!r}: use 'f1' or a probability strictly between 0 and 1"
         )

@@ -134,8 +134,6 @@ def read_image_bytes(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         if len(data) > max_bytes:  # grew while reading
             raise ImageError(f"file too large: more than {max_bytes:,} bytes")
         return data
-    except IsADirectoryError:
-        raise ImageError("is a directory, not a file") from None
     except OSError as e:
         raise ImageError(f"cannot read: {e.strerror or e}") from None
     finally:

@@ -173,19 +173,17 @@ def plan(
     """What to do with each listed file, decided with array operations (no per-file Python work):
     skip it (stored with this hash), skip it as failed before, copy the embedding of an identical
     file already stored, run it through the model, or record it as unreadable."""
-    n = len(listing.paths)
+    # row -1 (not stored) lands on a padding row: no hash, not valid, no error
     row = lookup(table.path, listing.paths)
-    has = row >= 0
-    r = np.where(has, row, 0)
-    stored_sha = np.asarray(table.sha256, dtype=object)
+    stored_sha = np.asarray([*table.sha256, ""], dtype=object)
     listed_sha = np.asarray(sha, dtype=object)
-    same = has & (stored_sha[r] == listed_sha) if len(table) else np.zeros(n, bool)
-    is_valid = np.zeros(max(len(table), 1), bool)
+    is_valid = np.zeros(len(table) + 1, bool)
     is_valid[: len(valid)] = valid
-    failed_before = np.asarray(table.error, dtype=object) != "" if len(table) else np.zeros(1, bool)
+    failed_before = np.asarray([*table.error, ""], dtype=object) != ""
     unreadable = np.asarray(err, dtype=object) != ""
-    skipped = ~unreadable & same & is_valid[r]
-    prev = ~unreadable & ~skipped & same & failed_before[r] & (not retry_failed)
+    same = ~unreadable & (stored_sha[row] == listed_sha)
+    skipped = same & is_valid[row]
+    prev = same & ~skipped & failed_before[row] & (not retry_failed)
     rest = np.flatnonzero(~unreadable & ~skipped & ~prev)
     # an identical file (same bytes) already embedded elsewhere: copy its row (the last one wins)
     vrows = np.flatnonzero(valid)

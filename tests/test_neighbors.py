@@ -367,10 +367,15 @@ def test_on_disk_index_moves_updates_by_copy_and_reranks_exactly(tmp_path, capfd
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     np.testing.assert_allclose(scores, np.einsum("nd,nkd->nk", qn, Xn[rows]), rtol=1e-4, atol=1e-5)
-    # an update that dies before the new index is renamed in leaves the old one working
-    _append(s, paths, X, np.arange(2500, 3000))
     import classify.neighbors as nb
 
+    saved_bytes, nb.RERANK_BYTES = nb.RERANK_BYTES, 1  # one query per re-ranking block
+    try:
+        np.testing.assert_array_equal(ni.search(q, 5)[1], rows)
+    finally:
+        nb.RERANK_BYTES = saved_bytes
+    # an update that dies before the new index is renamed in leaves the old one working
+    _append(s, paths, X, np.arange(2500, 3000))
     real_save = nb.NeighborIndex.save
     nb.NeighborIndex.save = lambda self: (_ for _ in ()).throw(OSError("killed"))
     try:
