@@ -611,7 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("store")
     p.add_argument(
-        "--repair", action="store_true", help="merge a journal left by an interrupted run"
+        "--repair",
+        action="store_true",
+        help="merge a journal left by an interrupted run; drop missing or damaged segments whose "
+        "rows can be made again (embeddings, sizes, failures, labels); rebuild the path index",
+    )
+    p.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="convert a store written by an older penult (format 1, read-only here) to the "
+        "segmented format 2 in one pass; the old file stays until the new one is complete",
     )
     p = sub.add_parser(
         "demo",
@@ -662,8 +671,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from features import check
+    from features import check, upgrade
 
+    if args.upgrade:
+        print(upgrade(args.store))
     problems = check(args.store, repair=args.repair)
     for p in problems:
         print(f"PROBLEM: {p}")

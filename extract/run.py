@@ -18,7 +18,7 @@ from extract.loader import default_workers, make_loader, to_device
 from extract.model import Embedder, build_backbone, pick_optimize
 from extract.registry import DEFAULT_BACKBONE
 from extract.sources import Listing
-from features import ImageTable, StoreWriter
+from features import StoreWriter, TableView, sha_raw
 
 log = logging.getLogger(__name__)
 
@@ -114,28 +114,28 @@ def _hash_one(path: str) -> tuple[str, str]:
 
 
 def hash_listing(
-    listing: Listing, table: ImageTable, *, progress: bool
+    listing: Listing, row: np.ndarray, stored: TableView, *, progress: bool
 ) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """Content hashes of every listed file; a stored hash is reused while size and mtime are unchanged."""
-    index = table.index()
+    """Content hashes of every listed file (``row``: its stored row or -1); a stored hash is
+    reused while size and mtime are unchanged."""
     n = len(listing)
     sha, err = [""] * n, [""] * n
     nbytes, mtime = np.zeros(n, np.int64), np.zeros(n, np.int64)
     todo = []
-    for i, p in enumerate(listing.paths):
+    for i in range(n):
         try:
             st = os.stat(listing.absolute(i))
             nbytes[i], mtime[i] = st.st_size, st.st_mtime_ns
         except OSError:
             pass
-        r = index.get(p)
+        r = int(row[i])
         if (
-            r is not None
-            and table.sha256[r]
-            and table.nbytes[r] == nbytes[i]
-            and table.mtime_ns[r] == mtime[i]
+            r >= 0
+            and stored.sha256[r].any()
+            and stored.nbytes[r] == nbytes[i]
+            and stored.mtime_ns[r] == mtime[i]
         ):
-            sha[i] = table.sha256[r]
+            sha[i] = stored.sha256[r].tobytes().hex()
         else:
             todo.append(i)
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -162,36 +162,38 @@ class _Plan:
 
 
 def plan(
-    listing: Listing,
     sha: list[str],
     err: list[str],
-    table: ImageTable,
+    row: np.ndarray,
+    stored: TableView,
     valid: np.ndarray,
     *,
     retry_failed: bool,
 ) -> _Plan:
-    """What to do with each listed file, decided with array operations (no per-file Python work):
-    skip it (stored with this hash), skip it as failed before, copy the embedding of an identical
-    file already stored, run it through the model, or record it as unreadable."""
-    # row -1 (not stored) lands on a padding row: no hash, not valid, no error
-    row = lookup(table.path, listing.paths)
-    stored_sha = np.asarray([*table.sha256, ""], dtype=object)
-    listed_sha = np.asarray(sha, dtype=object)
-    is_valid = np.zeros(len(table) + 1, bool)
+    """What to do with each listed file (``row``: its stored row or -1), decided with array
+    operations (no per-file Python work): skip it (stored with this hash), skip it as failed
+    before, copy the embedding of an identical file already stored, run it through the model,
+    or record it as unreadable."""
+    n_stored = len(stored.nbytes)
+    row = np.where(row < 0, n_stored, row)  # not stored: a padding row (no hash, not valid)
+    stored_sha = np.concatenate([stored.sha256, np.zeros((1, 32), np.uint8)])
+    listed_sha = sha_raw(sha)
+    is_valid = np.zeros(n_stored + 1, bool)
     is_valid[: len(valid)] = valid
-    failed_before = np.asarray([*table.error, ""], dtype=object) != ""
+    failed_before = np.concatenate([stored.failed, [False]])
     unreadable = np.asarray(err, dtype=object) != ""
-    same = ~unreadable & (stored_sha[row] == listed_sha)
+    same = ~unreadable & (stored_sha[row] == listed_sha).all(axis=1)
     skipped = same & is_valid[row]
     prev = same & ~skipped & failed_before[row] & (not retry_failed)
     rest = np.flatnonzero(~unreadable & ~skipped & ~prev)
     # an identical file (same bytes) already embedded elsewhere: copy its row (the last one wins)
-    vrows = np.flatnonzero(valid)
-    twin = lookup(stored_sha[vrows[::-1]].tolist(), listed_sha[rest].tolist())
+    vrows = np.flatnonzero(is_valid[:n_stored])[::-1]
+    as_key = lambda a: [bytes(x) for x in a]  # noqa: E731
+    twin = lookup(as_key(stored_sha[vrows]), as_key(listed_sha[rest]))
     copy = twin >= 0
     return _Plan(
         todo=rest[~copy].tolist(),
-        reuse=list(zip(rest[copy].tolist(), vrows[::-1][twin[copy]].tolist(), strict=True)),
+        reuse=list(zip(rest[copy].tolist(), vrows[twin[copy]].tolist(), strict=True)),
         skipped=int(skipped.sum()),
         previously_failed=int(prev.sum()),
         unreadable=np.flatnonzero(unreadable).tolist(),
@@ -248,14 +250,14 @@ def extract(
     )
     s.ignored = listing.ignored
     with StoreWriter(store_path) as w:
-        table = w.store.images()
-        sha, err, nbytes, mtime = hash_listing(listing, table, progress=opts.progress)
+        row, stored = w.store.find(listing.paths), w.store.table_view()
+        sha, err, nbytes, mtime = hash_listing(listing, row, stored, progress=opts.progress)
         w.upsert_images(
             listing.paths, [str(listing.root)] * len(listing), sha, nbytes, mtime, listing.labels
         )
         w.register_backbone(name, fingerprint, dtype=opts.dtype)
-        valid = w.store.valid(name) if name in w.store.backbones() else np.zeros(len(table), bool)
-        p = plan(listing, sha, err, table, valid, retry_failed=opts.retry_failed)
+        valid = w.store.valid(name) if name in w.store.backbones() else np.zeros(0, bool)
+        p = plan(sha, err, row, stored, valid, retry_failed=opts.retry_failed)
         s.skipped, s.previously_failed = p.skipped, p.previously_failed
         if p.unreadable:
             w.record_failures(

@@ -1,20 +1,14 @@
 """The HDF5 feature store (the only h5py user in penult)."""
 
+from features.errors import FingerprintMismatchError, StoreError, StoreLockedError
 from features.inspect import check, describe
-from features.store import (
-    IDENTITY_FIELDS,
-    Chunk,
-    FeatureStore,
-    FingerprintMismatchError,
-    ImageTable,
-    StoreError,
-    StoreLockedError,
-    StoreWriter,
-    same_backbone,
-)
+from features.store import IDENTITY_FIELDS, FeatureStore, StoreWriter, same_backbone
+from features.types import BackboneEntry, Chunk, ImageTable, TableView, sha_hex, sha_raw
+from features.upgrade import upgrade
 
 __all__ = [
     "IDENTITY_FIELDS",
+    "BackboneEntry",
     "Chunk",
     "FeatureStore",
     "FingerprintMismatchError",
@@ -22,7 +16,11 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriter",
+    "TableView",
     "check",
     "describe",
     "same_backbone",
+    "sha_hex",
+    "sha_raw",
+    "upgrade",
 ]

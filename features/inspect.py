@@ -8,28 +8,30 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features import journal
-from features.store import (
-    FeatureStore,
-    StoreError,
-    StoreWriter,
-    _check_root,
-    _read_table,
-    real_path,
-    structure_problems,
-)
+from features import journal, segmented
+from features.errors import StoreError
+from features.segments import Reader
+from features.store import FeatureStore, StoreWriter, check_root, real_path
+
+
+def _size(store: FeatureStore) -> int:
+    folder = segmented.segment_dir(store.path)
+    extra = sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
+    return store.path.stat().st_size + extra
 
 
 def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -> str:
-    """Text report: backbones, counts, dims, fingerprints, labels per class, failed images, file size."""
+    """Text report: backbones, counts, dims, fingerprints, labels per class, failed images, size."""
     store = FeatureStore(path)
     p = Path(path)
     t = store.images()
     attrs = store.attrs
     lines = [
-        f"store      {p}  ({p.stat().st_size / 2**20:.1f} MiB, schema v{attrs.get('schema_version')}, created {attrs.get('created_at')})",
+        f"store      {p}  ({_size(store) / 2**20:.1f} MiB, schema v{attrs.get('schema_version')}, created {attrs.get('created_at')})",
         f"images     {len(t)} ({sum(1 for e in t.error if e)} failed)",
     ]
+    if store.version < 2:
+        lines.append(f"format     1 (read-only here; `penult check --upgrade {p}` converts it)")
     pending = store.pending_shards()
     if pending:
         lines.append(
@@ -75,22 +77,29 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
 
 def check(path: str | Path, *, repair: bool = False) -> list[str]:
     """Return a list of problems (empty when the store is sound). ``repair`` merges a left-over
-    journal (damaged shards are set aside and listed)."""
+    journal (damaged shards are set aside and listed) and drops segments that are missing or
+    damaged where what they held can be made again (embeddings, sizes, failures, labels)."""
     p = real_path(path)
     if not p.exists():
         return [f"{path}: no such feature store"]
     try:
         with h5py.File(p, "r") as f:
-            _check_root(f, p)
-            layout = structure_problems(f)
+            version = check_root(f, p)
     except (OSError, StoreError) as e:
         return [str(e) if isinstance(e, StoreError) else f"{p}: cannot open as HDF5 ({e})"]
-    if layout:
-        return [f"{p}: malformed store: {m}" for m in layout]
-    if repair and journal.list_shards(p):
+    problems: list[str] = []
+    if version >= 2:
+        found, fixed = _segment_problems(p, repair=repair)
+        problems += found
+        if fixed:
+            return [*problems, *fixed]
+    try:
+        store = FeatureStore(p)
+    except StoreError as e:
+        return [*problems, str(e)]
+    if repair and journal.list_shards(p) and store.version >= 2:
         with StoreWriter(p):
             pass
-    problems: list[str] = []
     pending = journal.list_shards(p)
     if pending:
         problems.append(f"{len(pending)} journal shard(s) not merged; run `penult check --repair`")
@@ -99,33 +108,89 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
             f"damaged journal shard set aside: {d} (its images are extracted again by the next "
             "run; delete the file once you no longer need it)"
         )
-    with h5py.File(p, "r") as f:
-        t = _read_table(f)
-        dup = [k for k, c in Counter(t.path).items() if c > 1]
-        if dup:
-            problems.append(f"{len(dup)} duplicate paths in the image table, e.g. {dup[0]}")
-        bad_hash = sum(1 for h, e in zip(t.sha256, t.error, strict=True) if len(h) != 64 and not e)
-        if bad_hash:
-            problems.append(f"{bad_hash} readable rows without a valid sha256")
-        for name, g in f["backbones"].items():
-            problems += _check_backbone(name, g, len(t))
+    t = store.images()
+    dup = [k for k, c in Counter(t.path).items() if c > 1]
+    if dup:
+        problems.append(f"{len(dup)} duplicate paths in the image table, e.g. {dup[0]}")
+    bad_hash = sum(1 for h, e in zip(t.sha256, t.error, strict=True) if len(h) != 64 and not e)
+    if bad_hash:
+        problems.append(f"{bad_hash} readable rows without a valid sha256")
+    if store.version >= 2 and len(store.find(t.path[:1000])) and (store.find(t.path) < 0).any():
+        problems.append("the path index misses rows; `penult check --repair` rebuilds it")
+    for name, e in store.backbones().items():
+        problems += _check_backbone(store, name, e.dim, len(t))
     return problems
 
 
-def _check_backbone(name: str, g: h5py.Group, n: int, chunk: int = 8192) -> list[str]:
-    out = []
-    ds, valid = g["embeddings"], g["valid"][()]
-    if ds.shape[0] != n or valid.shape[0] != n:
-        return [
-            f"backbone {name}: {ds.shape[0]} embeddings / {valid.shape[0]} flags for {n} images"
-        ]
-    if ds.shape[1] != int(g.attrs["dim"]):
-        out.append(f"backbone {name}: dim {ds.shape[1]} but fingerprint says {g.attrs['dim']}")
+def _check_backbone(
+    store: FeatureStore, name: str, dim: int, n: int, chunk: int = 65536
+) -> list[str]:
+    valid = store.valid(name)
     bad = 0
     for s in range(0, n, chunk):
-        x = ds[s : s + chunk]
-        v = valid[s : s + chunk]
-        bad += int((~np.isfinite(x[v])).any(axis=1).sum())
-    if bad:
-        out.append(f"backbone {name}: {bad} valid rows hold NaN/inf")
-    return out
+        rows = np.flatnonzero(valid[s : s + chunk]) + s
+        x = store.embeddings(name, rows)
+        if x.shape[1] != dim:
+            return [f"backbone {name}: dim {x.shape[1]} but fingerprint says {dim}"]
+        bad += int((~np.isfinite(x)).any(axis=1).sum())
+    return [f"backbone {name}: {bad} valid rows hold NaN/inf"] if bad else []
+
+
+def _segment_problems(path: Path, *, repair: bool) -> tuple[list[str], list[str]]:
+    """Every segment the maps name: present, readable, long enough. With ``repair``, pieces of
+    rebuildable families that fail are dropped (their rows are simply made again later)."""
+    with h5py.File(path, "r") as f:
+        layout = segmented.structure_problems(f)
+        if layout:
+            return [f"{path}: malformed store: {m}" for m in layout], []
+        s = segmented.load(f)
+    bad: dict[str, str] = {}
+    with Reader(segmented.segment_dir(path)) as r:
+        for fam, ps in s.maps.items():
+            for piece in ps:
+                for col in s.columns(fam):
+                    try:
+                        r.dataset(piece, col)
+                    except StoreError as e:
+                        bad.setdefault(piece.file, str(e))
+        for name, _ in s.index:
+            try:
+                r.file(name)["key"].shape  # noqa: B018 - opening is the check
+            except (StoreError, KeyError) as e:
+                bad.setdefault(name, str(e))
+    if not bad:
+        return [], []
+    found = [f"{path}: {why}" for why in bad.values()]
+    if not repair:
+        return found, []
+    return found, _repair(path, s, set(bad))
+
+
+def _repair(path: Path, s: segmented.State, bad: set[str]) -> list[str]:
+    lock = StoreWriter(path)
+    lock._acquire_lock()
+    try:
+        done = []
+        table_lost = [p for p in s.maps.get(segmented.TABLE, []) if p.file in bad]
+        for fam in list(s.maps):
+            if fam == segmented.TABLE:
+                continue
+            gone = [p for p in s.maps[fam] if p.file in bad]
+            if gone:
+                s.maps[fam] = [p for p in s.maps[fam] if p.file not in bad]
+                rows = sum(p.hi - p.lo for p in gone)
+                done.append(f"repaired: dropped {rows} rows of {fam} (made again by the next run)")
+        if any(n in bad for n, _ in s.index) and not table_lost:
+            c = segmented.Commit(path, s)
+            c.rebuild_index()
+            done.append("repaired: rebuilt the path index from the image table")
+        elif not table_lost:
+            segmented.save(path, s)
+        for p in table_lost:
+            done.append(
+                f"cannot repair: image-table rows {p.lo}..{p.hi - 1} were in {p.file}; restore "
+                "that file from a backup, or extract into a new store"
+            )
+        return done
+    finally:
+        lock._release_lock()

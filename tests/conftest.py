@@ -63,11 +63,20 @@ def small_folder(data_dir: Path, tmp_path: Path) -> Path:
     return root
 
 
+def copy_store(src: Path, dst: Path) -> Path:
+    """Copy a store: its top-level file and its segments folder (a store is both)."""
+    shutil.copy(src, dst)
+    seg = Path(f"{src}.segments")
+    if seg.is_dir():
+        shutil.copytree(seg, f"{dst}.segments")
+    return dst
+
+
 @pytest.fixture(scope="session")
 def cub_store(data_dir: Path, tmp_path_factory) -> Path:
     """EfficientNet-Lite0 features of 20 cub100 species (1,155 images), with taxonomy and split.
 
-    Read-only for tests: copy it (``shutil.copy``) before anything that writes.
+    Read-only for tests: copy it (``copy_store``) before anything that writes.
     """
     from extract import ExtractOptions, extract, list_images
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -16,6 +14,7 @@ from classify.heads import HEADS, make_head
 from classify.hierarchy import HierarchicalClassifier, _Constant, taxonomy_from_columns
 from classify.metrics import classification_metrics, expected_calibration_error
 from classify.ovr import ThresholdedOneVsRest, best_f1_threshold
+from conftest import copy_store
 from features import FeatureStore, StoreWriter
 
 pytestmark = pytest.mark.slow
@@ -153,7 +152,7 @@ def test_class_weights_and_rare_classes_on_an_imbalanced_subset(cub_store, tmp_p
         rows = np.flatnonzero((y == c) & (split == "train"))
         split[rows[3:]] = "unused"
     store = tmp_path / "s.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     with StoreWriter(store) as w:
         w.set_labels("split2", d.paths, split.tolist())
     plain = train(store, TrainOptions(split="split2"))
@@ -180,7 +179,7 @@ def test_search_picks_from_the_grid_by_cv(cub_store):
 
 def test_split_is_made_once_stored_and_kept(cub_store, tmp_path):
     store = tmp_path / "s.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     a = train(store, TrainOptions(split="mysplit", seed=3))
     stored = np.array(FeatureStore(store).images().labels["mysplit"])
     assert set(stored) == {"train", "test"} and 0.25 < np.mean(stored == "test") < 0.35
@@ -197,7 +196,7 @@ def test_split_is_made_once_stored_and_kept(cub_store, tmp_path):
 
 def test_new_images_get_a_split_without_moving_old_ones(cub_store, tmp_path):
     store = tmp_path / "s.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     d = load_dataset(store, ["efficientnet_lite0"])
     old = d.labels["split"].copy()
     with StoreWriter(store) as w:
@@ -211,7 +210,7 @@ def test_new_images_get_a_split_without_moving_old_ones(cub_store, tmp_path):
 def test_fusion_joins_rows_by_content_hash(cub_store, tmp_path):
     """A second backbone stored for a subset, under shuffled paths: rows must line up by hash."""
     store = tmp_path / "s.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     fs = FeatureStore(store)
     rows, X = fs.features("efficientnet_lite0")
     table = fs.images()
@@ -253,7 +252,7 @@ def test_bad_training_input_is_reported(cub_store, tmp_path):
     with pytest.raises(DataError, match="needs coarse levels"):
         train(cub_store, TrainOptions(hierarchical=True))
     store = tmp_path / "s.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     d = load_dataset(store, ["efficientnet_lite0"])
     with StoreWriter(store) as w:  # one class only
         w.set_labels("one", d.paths, ["bird"] * len(d.paths))

@@ -17,6 +17,7 @@ from classify.csvout import safe_cell
 from classify.data import make_split
 from classify.lookup import Hit, Result, write_table
 from classify.ovr import ThresholdedOneVsRest
+from conftest import copy_store
 from features import FeatureStore, StoreWriter
 
 
@@ -127,7 +128,7 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
 @pytest.mark.slow
 def test_predict_reports_skipped_files_escapes_cells_and_cleans_up(hym_store, data_dir, tmp_path, monkeypatch, capsys):  # fmt: skip
     store = tmp_path / "hym.h5"
-    shutil.copy(hym_store, store)
+    copy_store(hym_store, store)
     model = tmp_path / "m.skops"
     assert cli.main(["train", str(store), "--out", str(model)]) == 0
     folder = tmp_path / "=HYPERLINK(1)"  # relative input: the path column starts with '='

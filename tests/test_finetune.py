@@ -7,13 +7,13 @@ import dataclasses
 import json
 import os
 import pickle
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from classify import TrainOptions, train
+from conftest import copy_store
 from extract import build_backbone
 from extract import finetune as ft
 from extract.model import _build_full
@@ -32,7 +32,7 @@ QUICK = ft.FinetuneOptions(epochs=2, batch_size=16, max_train=32, augment=False,
 def tuned(hym_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "hym.safetensors"
     store = out.parent / "hym.h5"
-    shutil.copy(hym_store, store)
+    copy_store(hym_store, store)
     return ft.finetune(store, out, QUICK), store
 
 
@@ -104,7 +104,7 @@ def test_info_and_compare_show_frozen_and_finetuned_side_by_side(tuned, capsys):
 
 def test_interrupted_run_resumes(hym_store, tmp_path, monkeypatch):
     store = tmp_path / "s.h5"
-    shutil.copy(hym_store, store)
+    copy_store(hym_store, store)
     out = tmp_path / "r.safetensors"
     real, calls = ft._run_epoch, []
 
@@ -124,7 +124,7 @@ def test_interrupted_run_resumes(hym_store, tmp_path, monkeypatch):
 
 def test_planted_pickle_in_resume_file_is_refused(hym_store, tmp_path):
     store = tmp_path / "s.h5"
-    shutil.copy(hym_store, store)
+    copy_store(hym_store, store)
     out = tmp_path / "p.safetensors"
     marker = tmp_path / "pwned"
 
@@ -151,7 +151,7 @@ def test_probe_initialised_head_starts_where_the_linear_probe_is(hym_store, tmp_
     initialised head already classifies like logistic regression on the frozen embeddings (read
     from the store), while a random head is at chance."""
     store = tmp_path / "s.h5"
-    shutil.copy(hym_store, store)
+    copy_store(hym_store, store)
     still = dataclasses.replace(QUICK, epochs=1, lr_backbone=0.0, lr_head=0.0, weight_decay=0.0)
     probe = ft.finetune(
         store, tmp_path / "p.safetensors", dataclasses.replace(still, head_init="probe")
@@ -196,7 +196,7 @@ def test_hard_example_mining_learns_only_from_the_hardest_fraction():
 def test_auxiliary_coarse_loss_trains_an_intermediate_stage(cub_store, tmp_path):
     """A genus head on the last MBConv stage: it learns genus, and that stage's weights move."""
     store = tmp_path / "c.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     opts = dataclasses.replace(
         QUICK, unfreeze=2, aux_level="genus", aux_stage=2, max_train=96, epochs=2
     )
@@ -216,7 +216,7 @@ def test_auxiliary_coarse_loss_trains_an_intermediate_stage(cub_store, tmp_path)
 
 def test_auxiliary_loss_errors_name_the_problem(cub_store, tmp_path):
     store = tmp_path / "c.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     out = tmp_path / "x.safetensors"
     with pytest.raises(ValueError, match="aux-stage 2 is frozen"):
         ft.finetune(store, out, dataclasses.replace(QUICK, unfreeze=1, aux_level="genus"))

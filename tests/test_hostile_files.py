@@ -73,7 +73,7 @@ def _unmerged_writer(store: Path, n: int = 30) -> None:
     """Journal three kinds of shards and stop as a killed writer would (nothing merged)."""
     w = StoreWriter(store).__enter__()
     paths = [f"c{i % 3}/{i:03d}.jpg" for i in range(n)]
-    sha = [f"{i:064x}" for i in range(n)]
+    sha = [f"{i + 1:064x}" for i in range(n)]
     w.upsert_images(
         paths, ["/d"] * n, sha, np.ones(n), np.ones(n), {"label": [p[:2] for p in paths]}
     )
@@ -138,19 +138,19 @@ def _malformed(path: Path, kind: str) -> None:
         w.upsert_images(
             paths,
             ["/d"] * n,
-            [f"{i:064x}" for i in range(n)],
+            [f"{i + 1:064x}" for i in range(n)],
             np.ones(n),
             np.ones(n),
             {"label": list("aabbcc")},
         )
         w.register_backbone("net", FP)
-        w.append("net", paths, [f"{i:064x}" for i in range(n)], np.ones((n, 8), np.float32))
+        w.append("net", paths, [f"{i + 1:064x}" for i in range(n)], np.ones((n, 8), np.float32))
     with h5py.File(path, "a") as f:
         if kind == "no_datasets":
             del f["images"]
-        elif kind == "label_length":
-            del f["images/labels/label"]
-            f["images/labels"].create_dataset("label", data=np.array([b"a"] * 4))
+        elif kind == "label_beyond_table":
+            hi = f["segments/label:label/hi"]
+            hi[...] = hi[()] + 4
         elif kind == "fingerprint":
             f["backbones/net"].attrs["fingerprint"] = "{not json"
 
@@ -159,7 +159,7 @@ def _malformed(path: Path, kind: str) -> None:
     ("kind", "says"),
     [
         ("no_datasets", "no /images group"),
-        ("label_length", "label column 'label' has 4 rows for 6 images"),
+        ("label_beyond_table", "label:label: piece 0..10 lies outside the table's 6 rows"),
         ("fingerprint", "malformed"),
     ],
 )
@@ -198,15 +198,15 @@ def test_disk_full_keeps_the_journal_and_says_how_to_finish(
 
     import features.store as fstore
 
-    real_run = fstore._Compactor.run
+    real_finish = fstore.segmented.Commit.finish
 
-    def merge_fails_when_full(self, shards):
+    def merge_fails_when_full(self, *a, **k):
         if calls["n"] > 4:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.tmp))
-        return real_run(self, shards)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return real_finish(self, *a, **k)
 
     monkeypatch.setattr(journal, "write_shard", write_until_full)
-    monkeypatch.setattr(fstore._Compactor, "run", merge_fails_when_full)
+    monkeypatch.setattr(fstore.segmented.Commit, "finish", merge_fails_when_full)
     argv = ["extract", str(store), str(small_folder), "--weights", "random", "-q"]
     rc = cli.main([*argv, "--commit-every", "4", "--batch-size", "4", "--workers", "0"])
     err = capsys.readouterr().err

@@ -18,6 +18,7 @@ from PIL import Image
 from classify.knn import FaissKNeighborsClassifier
 from classify.lookup import contact_sheet, find_duplicates, neighbors, write_table
 from classify.neighbors import IndexError_, build_index, open_index, plan_index
+from conftest import copy_store
 from extract import ExtractOptions, extract, list_images
 from features import FeatureStore, StoreWriter
 
@@ -39,7 +40,7 @@ def _brute(X: np.ndarray, Q: np.ndarray, k: int, metric: str) -> tuple[np.ndarra
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_exact_index_matches_brute_force(cub_store, tmp_path, metric):
     store = tmp_path / "s.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     rows, X = FeatureStore(store).features(B)
     ni, plan = build_index(store, B, metric=metric)
     assert plan.kind == "flat"
@@ -159,7 +160,7 @@ class _Links(HTMLParser):
 
 def test_queries_by_key_file_and_folder_with_contact_sheet(cub_store, data_dir, tmp_path):
     store = tmp_path / "s.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     build_index(store, B)
     table = FeatureStore(store).images()
     key = table.path[5]
@@ -282,7 +283,7 @@ def test_index_neighbors_duplicates_commands(cub_store, tmp_path, capsys):
     from cli import main
 
     store = tmp_path / "s.h5"
-    shutil.copy(cub_store, store)
+    copy_store(cub_store, store)
     assert main(["index", str(store)]) == 0
     assert "flat (Flat) over 1,155 x 1280" in capsys.readouterr().out
     assert main(["index", str(store)]) == 0

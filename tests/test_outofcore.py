@@ -4,7 +4,6 @@ and training fits under a memory cap smaller than the feature matrix."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import cli
 from classify import TrainOptions, load_dataset, load_model, train
 from classify.data import stream_dataset
 from classify.outofcore import StreamingCentroid, StreamOptions, train_out_of_core
+from conftest import copy_store
 
 pytestmark = pytest.mark.slow
 B = "efficientnet_lite0"
@@ -25,7 +25,7 @@ B = "efficientnet_lite0"
 @pytest.fixture(scope="module")
 def store(cub_store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ooc") / "cub20.h5"
-    shutil.copy(cub_store, out)
+    copy_store(cub_store, out)
     return out
 
 

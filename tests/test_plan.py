@@ -7,7 +7,7 @@ import pytest
 
 from extract.run import lookup, plan
 from extract.sources import Listing
-from features import ImageTable
+from features import ImageTable, TableView, sha_raw
 
 
 def _reference(listing, sha, err, table, valid, *, retry_failed):
@@ -53,7 +53,14 @@ def test_vectorised_plan_equals_the_reference(seed, retry_failed):
     err = ["" if rng.random() > 0.05 else "unreadable" for _ in range(n)]
     sha = ["" if e else s for s, e in zip(sha, err, strict=True)]
     listing = Listing(root="/r", paths=paths)
-    got = plan(listing, sha, err, table, valid, retry_failed=retry_failed)
+    stored = TableView(
+        sha_raw(table.sha256),
+        np.zeros(n_stored, np.int64),
+        np.zeros(n_stored, np.int64),
+        np.array([bool(e) for e in table.error], bool),
+    )
+    row = lookup(table.path, listing.paths)
+    got = plan(sha, err, row, stored, valid, retry_failed=retry_failed)
     want = _reference(listing, sha, err, table, valid, retry_failed=retry_failed)
     assert (got.todo, got.reuse, got.skipped, got.previously_failed, got.unreadable) == want
 

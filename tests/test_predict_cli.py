@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cli import main
+from conftest import copy_store
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def hym_model(hym_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("hm")
     store = out / "hym.h5"
-    shutil.copy(hym_store, store)
+    copy_store(hym_store, store)
     rc = main(
         ["train", str(store), "--out", str(out / "ants.skops"), "--report", str(out / "report")]
     )

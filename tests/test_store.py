@@ -26,7 +26,7 @@ from features import (
 
 
 def _sha(i: int) -> str:
-    return f"{i:064x}"
+    return f"{i + 1:064x}"  # all zeros would mean "not hashed"
 
 
 def _fill(
@@ -65,11 +65,14 @@ def test_roundtrip_and_plain_h5py_layout(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, x[rows])
     assert s.backbones()["net"].fingerprint == FP
     with h5py.File(p, "r") as f:  # documented layout, readable without penult
-        assert f.attrs["schema_version"] == 1
-        assert f["backbones/net/embeddings"].shape == (10, 8)
-        assert f["backbones/net/embeddings"].maxshape == (None, 8)
-        assert f["backbones/net/embeddings"].chunks is not None
-        assert f["images/labels/label"][3].decode() == "c0"
+        assert f.attrs["schema_version"] == 2
+        emb = f["backbones/net/embeddings"]
+        assert emb.shape == (10, 8) and emb.is_virtual
+        np.testing.assert_array_equal(emb[()], x)
+        names = f["images/labels/label/names"][()]
+        assert names[f["images/labels/label/codes"][3]].decode() == "c0"
+        assert f["images/path"][1].decode() == "c1/img001.jpg"
+        assert bytes(f["images/sha256"][2]).hex() == _sha(2)
     assert check(p) == []
     assert not journal.list_shards(p)
 

@@ -1,0 +1,166 @@
+"""Store format 1 (one HDF5 file, rewritten by every commit), read-only.
+
+Stores written by penult before format 2 open as before for reading; writing needs
+``penult check --upgrade STORE`` (see ``upgrade.py``), which converts one in a single pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from features.segmented import backbone_attr_problems
+from features.types import BackboneEntry, ImageTable, TableView, sha_raw
+
+_STR_COLUMNS = ("path", "root", "sha256", "error")
+_INT_COLUMNS = {"nbytes": np.int64, "mtime_ns": np.int64, "width": np.int32, "height": np.int32}
+
+
+def decode(values: np.ndarray) -> list[str]:
+    """Stored strings back to str; bytes that are not UTF-8 come back surrogate-escaped (lossless)."""
+    return [
+        v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values
+    ]
+
+
+def read_table(f: h5py.File) -> ImageTable:
+    g = f["images"]
+    t = ImageTable(**{c: decode(g[c][()]) for c in _STR_COLUMNS})
+    for c, dt in _INT_COLUMNS.items():
+        setattr(t, c, np.asarray(g[c][()], dtype=dt))
+    t.labels = {k: decode(g["labels"][k][()]) for k in g["labels"]}
+    return t
+
+
+def structure_problems(f: h5py.File) -> list[str]:
+    """What is missing or inconsistent in the layout (shapes and attributes only: cheap)."""
+    out: list[str] = []
+    g = f.get("images")
+    if not isinstance(g, h5py.Group):
+        return ["no /images group"]
+    n = None
+    for c in (*_STR_COLUMNS, *_INT_COLUMNS):
+        ds = g.get(c)
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+            out.append(f"/images/{c} is missing or not a 1-d dataset")
+        elif n is None:
+            n = ds.shape[0]
+        elif ds.shape[0] != n:
+            out.append(f"/images/{c} has {ds.shape[0]} rows, /images/path has {n}")
+    labels = g.get("labels")
+    if not isinstance(labels, h5py.Group):
+        out.append("no /images/labels group")
+    else:
+        for k, ds in labels.items():
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+                out.append(f"label column {k!r} is not a 1-d dataset")
+            elif n is not None and ds.shape[0] != n:
+                out.append(f"label column {k!r} has {ds.shape[0]} rows for {n} images")
+    bb = f.get("backbones")
+    if not isinstance(bb, h5py.Group):
+        return [*out, "no /backbones group"]
+    for name, b in bb.items():
+        out += [f"backbone {name!r}: {p}" for p in _backbone_problems(b, n)]
+    return out
+
+
+def _backbone_problems(b: h5py.Group | h5py.Dataset, n: int | None) -> list[str]:
+    if not isinstance(b, h5py.Group):
+        return ["not a group"]
+    out = backbone_attr_problems(b)
+    if out:
+        return out
+    dim = int(b.attrs["dim"])
+    emb, valid = b.get("embeddings"), b.get("valid")
+    if not isinstance(emb, h5py.Dataset) or emb.ndim != 2:
+        out.append("embeddings missing or not 2-d")
+    elif emb.shape[1] != dim:
+        out.append(f"embeddings are {emb.shape[1]}-d but the dim attribute says {dim}")
+    elif n is not None and emb.shape[0] != n:
+        out.append(f"{emb.shape[0]} embedding rows for {n} images")
+    if not isinstance(valid, h5py.Dataset) or valid.ndim != 1:
+        out.append("valid flags missing or not 1-d")
+    elif n is not None and valid.shape[0] != n:
+        out.append(f"{valid.shape[0]} valid flags for {n} images")
+    return out
+
+
+class Legacy:
+    """Format-1 reader behind :class:`features.store.FeatureStore`."""
+
+    version = 1
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _open(self) -> h5py.File:
+        return h5py.File(self.path, "r")
+
+    def rows(self) -> int:
+        with self._open() as f:
+            return int(f["images/path"].shape[0])
+
+    def table(self) -> ImageTable:
+        with self._open() as f:
+            return read_table(f)
+
+    def view(self) -> TableView:
+        t = self.table()
+        return TableView(
+            sha_raw(t.sha256), t.nbytes, t.mtime_ns, np.array([bool(e) for e in t.error])
+        )
+
+    def find(self, paths: list[str]) -> np.ndarray:
+        index = self.table().index()
+        return np.array([index.get(p, -1) for p in paths], np.int64)
+
+    def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
+        names, codes = np.unique(
+            np.asarray(self.table().labels[column], dtype=str), return_inverse=True
+        )
+        return codes.astype(np.int32), names.tolist()
+
+    def label_columns(self) -> list[str]:
+        with self._open() as f:
+            return sorted(f["images/labels"])
+
+    def backbones(self) -> dict[str, BackboneEntry]:
+        with self._open() as f:
+            return {n: self._entry(n, g) for n, g in f["backbones"].items()}
+
+    @staticmethod
+    def _entry(name: str, g: h5py.Group) -> BackboneEntry:
+        return BackboneEntry(
+            name=name,
+            fingerprint=json.loads(g.attrs["fingerprint"]),
+            dim=int(g.attrs["dim"]),
+            dtype=str(g.attrs["dtype"]),
+            count=int(np.count_nonzero(g["valid"][()])),
+            created_at=str(g.attrs.get("created_at", "")),
+        )
+
+    def valid(self, name: str) -> np.ndarray:
+        with self._open() as f:
+            return np.asarray(f["backbones"][name]["valid"][()], dtype=bool)
+
+    def embeddings(self, name: str, rows: np.ndarray | None) -> np.ndarray:
+        """Embeddings at sorted unique ``rows`` (all rows when None), float32."""
+        with self._open() as f:
+            ds = f["backbones"][name]["embeddings"]
+            if rows is None:
+                return np.asarray(ds[()], dtype=np.float32)
+            if not len(rows):
+                return np.zeros((0, ds.shape[1]), np.float32)
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            if hi - lo <= 4 * len(rows):  # dense: contiguous reads beat a point selection
+                out = np.empty((len(rows), ds.shape[1]), np.float32)
+                step = max(len(rows), 1024)
+                for a in range(lo, hi, step):
+                    i, j = np.searchsorted(rows, [a, a + step])
+                    if j > i:
+                        out[i:j] = ds[a : min(a + step, hi)][rows[i:j] - a]
+                return out
+            return np.asarray(ds[rows], dtype=np.float32)

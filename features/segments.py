@@ -1,0 +1,319 @@
+"""Segment files and the piece maps that stitch them into whole columns (store format 2).
+
+A *family* is a set of columns written together (the image table, one backbone's embeddings and
+valid flags, one label column, ...). Its rows live in immutable segment files; a *piece map* says
+which file holds which rows: piece ``(lo, hi, file, offset)`` means table rows ``lo..hi-1`` are rows
+``offset..`` of ``file``. A later write never edits a file: it writes a new one and the map is cut
+so the new piece covers the old rows (an overlay). Rows no piece covers read as the column's fill
+value (no embedding, no label). Compaction rewrites the pieces of one block of ``segment_rows``
+rows into one file, so a finished block is one segment of about a million rows.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from features.errors import StoreError
+
+STR = h5py.string_dtype("utf-8")
+GAP_FILL = 256  # updated rows closer than this share one piece (the rows between are copied)
+TIER = 8  # this many neighbouring pieces of about the same size are merged into one
+MAX_PIECES = 48  # a block with more pieces than this is rewritten as one
+
+
+@dataclass(frozen=True)
+class Column:
+    dtype: np.dtype | object  # a numpy dtype, or STR for variable-length strings
+    shape: tuple[int, ...] = ()
+    fill: object = 0
+
+
+@dataclass(frozen=True)
+class Piece:
+    lo: int
+    hi: int
+    file: str
+    offset: int
+
+
+def cut(pieces: list[Piece], new: Sequence[Piece]) -> list[Piece]:
+    """The map with ``new`` pieces laid over the old ones (old rows under a new piece are dropped)."""
+    out = list(pieces)
+    for n in new:
+        kept = []
+        for p in out:
+            if p.hi <= n.lo or p.lo >= n.hi:
+                kept.append(p)
+                continue
+            if p.lo < n.lo:
+                kept.append(Piece(p.lo, n.lo, p.file, p.offset))
+            if p.hi > n.hi:
+                kept.append(Piece(n.hi, p.hi, p.file, p.offset + n.hi - p.lo))
+        kept.append(n)
+        out = sorted(kept, key=lambda p: p.lo)
+    return out
+
+
+def overlapping(pieces: list[Piece], lo: int, hi: int) -> Iterator[Piece]:
+    for p in pieces:
+        if p.lo < hi and p.hi > lo:
+            yield p
+
+
+class Reader:
+    """Reads columns of one family through its piece map; files stay open until ``close``.
+
+    A missing or truncated segment is a StoreError naming the file, never rows of fill values.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._files: dict[str, h5py.File] = {}
+
+    def file(self, name: str) -> h5py.File:
+        f = self._files.get(name)
+        if f is None:
+            path = self.folder / name
+            try:
+                f = h5py.File(path, "r")
+            except FileNotFoundError:
+                raise StoreError(
+                    f"segment {path} is missing; `penult check --repair` rebuilds what can be rebuilt"
+                ) from None
+            except OSError as e:
+                raise StoreError(
+                    f"segment {path} cannot be read (truncated or damaged: {e})"
+                ) from None
+            self._files[name] = f
+        return f
+
+    def dataset(self, piece: Piece, column: str) -> h5py.Dataset:
+        ds = self.file(piece.file).get(column)
+        need = piece.offset + piece.hi - piece.lo
+        if not isinstance(ds, h5py.Dataset) or ds.shape[0] < need:
+            raise StoreError(
+                f"segment {self.folder / piece.file} is truncated or damaged: column {column!r} "
+                f"should hold {need} rows"
+            )
+        return ds
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def span(
+        self, pieces: list[Piece], col: Column, name: str, lo: int, hi: int, dtype=None
+    ) -> np.ndarray:
+        """Rows ``lo..hi-1`` of one column."""
+        return self.rows(pieces, col, name, np.arange(lo, hi, dtype=np.int64), dtype)
+
+    def rows(
+        self, pieces: list[Piece], col: Column, name: str, rows: np.ndarray, dtype=None
+    ) -> np.ndarray:
+        """The column at sorted, unique ``rows`` (converted to ``dtype`` by HDF5 while reading)."""
+        out = _empty(col, len(rows), dtype)
+        covered = np.zeros(len(rows), bool)
+        if len(rows):
+            for p in overlapping(pieces, int(rows[0]), int(rows[-1]) + 1):
+                i, j = np.searchsorted(rows, [p.lo, p.hi])
+                if i < j:
+                    self._read(p, name, rows[i:j], out, i)
+                    covered[i:j] = True
+        if not covered.all():
+            out[~covered] = col.fill if col.dtype is not STR else b""
+        return out
+
+    def _read(self, p: Piece, name: str, rows: np.ndarray, out: np.ndarray, i: int) -> None:
+        ds = self.dataset(p, name)
+        local = rows - p.lo + p.offset
+        a, b = int(local[0]), int(local[-1]) + 1
+        n = len(rows)
+        if b - a == n and out.dtype != object:  # contiguous: straight into the output
+            ds.read_direct(out, np.s_[a:b], np.s_[i : i + n])
+        elif b - a <= 4 * n or b - a <= 4096:  # dense: one slab beats a point selection
+            out[i : i + n] = ds[a:b][local - a]
+        else:
+            out[i : i + n] = ds[local]
+
+
+def _empty(col: Column, n: int, dtype) -> np.ndarray:
+    if col.dtype is STR:
+        return np.empty(n, dtype=object)
+    return np.empty((n, *col.shape), dtype=dtype or col.dtype)
+
+
+def write_segment(folder: Path, family: str, columns: dict[str, np.ndarray]) -> str:
+    """Write one immutable segment (temporary name, fsync, rename); return its file name."""
+    folder.mkdir(exist_ok=True)
+    name = f"{_safe(family)}-{uuid.uuid4().hex[:16]}.h5"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=folder)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["family"] = family
+            for k, v in columns.items():
+                _create(f, k, v)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return name
+
+
+def _create(f: h5py.File, name: str, v: np.ndarray) -> None:
+    n = max(1, len(v))
+    if v.dtype == object:
+        f.create_dataset(name, data=v, dtype=STR, chunks=(min(n, 16384),))
+        return
+    row_bytes = max(1, v.itemsize * int(np.prod(v.shape[1:], dtype=np.int64)))
+    rows = max(1, min(n, (1 << 20) // row_bytes))  # about 1 MiB chunks
+    f.create_dataset(name, data=v, chunks=(rows, *v.shape[1:]))
+
+
+def _safe(family: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in family)[:60]
+
+
+def plan_runs(rows: np.ndarray, block: int) -> list[tuple[int, int]]:
+    """Row spans ``[lo, hi)`` that cover sorted unique ``rows``: neighbours closer than GAP_FILL
+    share a span, no span crosses a block boundary, and a block with many spans becomes one."""
+    if not len(rows):
+        return []
+    cuts = np.flatnonzero((np.diff(rows) > GAP_FILL) | (np.diff(rows // block) != 0)) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [len(rows)]])
+    spans = [(int(rows[s]), int(rows[e - 1]) + 1) for s, e in zip(starts, ends, strict=True)]
+    out: list[tuple[int, int]] = []
+    by_block: dict[int, list[tuple[int, int]]] = {}
+    for s in spans:
+        by_block.setdefault(s[0] // block, []).append(s)
+    for group in by_block.values():
+        out += [(group[0][0], group[-1][1])] if len(group) > 32 else group
+    return sorted(out)
+
+
+def to_merge(pieces: list[Piece], block: int, k: int, *, finished: bool) -> list[tuple[int, int]]:
+    """Spans of block ``k`` to rewrite as one piece: the whole block when it was just finished
+    (the tail rolls into a segment) or holds too many pieces, else runs of TIER neighbouring
+    pieces of about the same size (size-tiered, so a row is rewritten a few times at most)."""
+    lo, hi = k * block, (k + 1) * block
+    ps = list(overlapping(pieces, lo, hi))
+    if len(ps) > 1 and (finished or len(ps) > MAX_PIECES):
+        return [(ps[0].lo, ps[-1].hi)]
+    out, run = [], []
+    for p in ps:
+        tier = int(np.log(max(p.hi - p.lo, 1)) / np.log(TIER))
+        if run and (tier != run[-1][0] or p.lo != run[-1][1].hi):
+            run = []
+        run.append((tier, p))
+        if len(run) == TIER:
+            out.append((run[0][1].lo, run[-1][1].hi))
+            run = []
+    return out
+
+
+def path_keys(paths: Sequence[str], seed: int) -> np.ndarray:
+    """(n, 2) uint64 keys of relative paths: two 64-bit multiply-xorshift lanes keyed by the
+    store's random seed (so file names cannot be crafted to collide), vectorised over 8-byte words."""
+    out = np.empty((len(paths), 2), np.uint64)
+    step = 8192
+    for s in range(0, len(paths), step):
+        b = [p.encode("utf-8", "surrogateescape") for p in paths[s : s + step]]
+        lens = np.fromiter(map(len, b), np.int64, len(b))
+        width = max(8, -(-int(lens.max(initial=0)) // 8) * 8)
+        words = np.frombuffer(np.array(b, dtype=f"S{width}").tobytes(), np.uint64)
+        words = words.reshape(len(b), width // 8)
+        for lane, mult in enumerate((0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)):
+            h = np.full(len(b), (seed * (lane + 3)) & (2**64 - 1), np.uint64) ^ lens.astype(
+                np.uint64
+            )
+            m = np.uint64(mult)
+            for j in range(words.shape[1]):
+                live = lens > 8 * j
+                x = (h ^ words[:, j]) * m
+                h = np.where(live, x ^ (x >> np.uint64(31)), h)
+            h = (h ^ (h >> np.uint64(33))) * np.uint64(0xFF51AFD7ED558CCD)
+            out[s : s + len(b), lane] = h ^ (h >> np.uint64(29))
+    return out
+
+
+@dataclass
+class KeyRun:
+    """Path keys sorted (by first then second word) with the table row of each."""
+
+    key: np.ndarray  # (n, 2) uint64
+    row: np.ndarray  # (n,) int64
+
+    @staticmethod
+    def sort(key: np.ndarray, row: np.ndarray) -> KeyRun:
+        order = np.lexsort((key[:, 1], key[:, 0]))
+        return KeyRun(key[order], row[order])
+
+    def find(self, q: np.ndarray) -> np.ndarray:
+        """Row of each query key, -1 where absent."""
+        out = np.full(len(q), -1, np.int64)
+        if not len(self.row) or not len(q):
+            return out
+        pos = np.searchsorted(self.key[:, 0], q[:, 0])
+        ok = pos < len(self.row)
+        p = np.minimum(pos, len(self.row) - 1)
+        hit = ok & (self.key[p, 0] == q[:, 0]) & (self.key[p, 1] == q[:, 1])
+        out[hit] = self.row[p[hit]]
+        # first words equal but second not: another key with the same first word may follow
+        for i in np.flatnonzero(ok & ~hit & (self.key[p, 0] == q[:, 0])).tolist():
+            j = int(pos[i])
+            while j < len(self.row) and self.key[j, 0] == q[i, 0]:
+                if self.key[j, 1] == q[i, 1]:
+                    out[i] = self.row[j]
+                    break
+                j += 1
+        return out
+
+
+def find_keys(runs: Sequence[KeyRun], q: np.ndarray) -> np.ndarray:
+    out = np.full(len(q), -1, np.int64)
+    for r in runs:
+        miss = np.flatnonzero(out < 0)
+        if not len(miss):
+            break
+        out[miss] = r.find(q[miss])
+    return out
+
+
+def read_run(reader: Reader, name: str) -> KeyRun:
+    f = reader.file(name)
+    try:
+        return KeyRun(np.asarray(f["key"][()], np.uint64), np.asarray(f["row"][()], np.int64))
+    except (KeyError, OSError) as e:
+        raise StoreError(f"index segment {reader.folder / name} is damaged ({e})") from None
+
+
+def index_merges(sizes: list[int]) -> list[tuple[int, int]]:
+    """Runs ``[i, j)`` of neighbouring index files to merge (size-tiered, like the pieces)."""
+    if len(sizes) > MAX_PIECES:
+        return [(0, len(sizes))]
+    out, start = [], 0
+    tiers = [int(np.log(max(s, 1)) / np.log(TIER)) for s in sizes]
+    for i in range(1, len(sizes) + 1):
+        if i == len(sizes) or tiers[i] != tiers[start]:
+            if i - start >= TIER:
+                out.append((start, i))
+            start = i
+    return out

@@ -1,0 +1,92 @@
+"""``penult check --upgrade``: convert a format-1 store to format 2 in one pass.
+
+The new top-level file is built beside the old one (``.STORE.upgrade``) and renamed over it at
+the end, so a kill at any moment leaves the old store intact and a second run starts again.
+Journal shards the old store had not merged stay in the journal; the next writer publishes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from features import journal, segmented
+from features.legacy import read_table
+from features.store import FeatureStore, StoreWriter, real_path
+
+
+def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGMENT_ROWS) -> str:
+    """Convert the store at ``path``; return a one-line summary."""
+    path = real_path(path)
+    if FeatureStore(path).version >= 2:
+        return f"{path} is already store format {segmented.SCHEMA_VERSION}; nothing to do"
+    lock = StoreWriter(path)
+    lock._acquire_lock()  # the store's single-writer lock, without opening it for writing
+    try:
+        tmp = path.with_name(f".{path.name}.upgrade")
+        tmp.unlink(missing_ok=True)
+        folder = segmented.segment_dir(path)
+        if folder.is_dir():  # segments of an upgrade that was killed: never published
+            for p in folder.iterdir():
+                p.unlink()
+        rows = _convert(path, tmp, segment_rows)
+        os.replace(tmp, path)
+        journal.fsync_dir(path.parent)
+    finally:
+        lock._release_lock()
+    return f"{path}: upgraded to store format {segmented.SCHEMA_VERSION} ({rows} images)"
+
+
+def _convert(path: Path, tmp: Path, block: int) -> int:
+    with h5py.File(path, "r") as f:
+        t = read_table(f)
+        c = segmented.Commit(path, segmented.new_state(block))
+        arrays = {
+            "path": np.array(t.path, dtype=str),
+            "root": np.array(t.root, dtype=str),
+            "sha256": np.array(t.sha256, dtype=str),
+            "nbytes": t.nbytes,
+            "mtime_ns": t.mtime_ns,
+            **{f"label__{k}": np.array(v, dtype=str) for k, v in t.labels.items()},
+        }
+        c.apply({"kind": "images"}, arrays)
+        rows = np.arange(len(t), dtype=np.int64)
+        c.put(segmented.SIZE, rows, {"width": t.width, "height": t.height})
+        failed = np.flatnonzero([bool(e) for e in t.error])
+        c.put(segmented.ERROR, failed, {"error": c.codes("error", [t.error[i] for i in failed])})
+        names = list(f["backbones"])
+        for name in names:
+            g = f["backbones"][name]
+            meta = {"kind": "backbone", "name": name, "dim": int(g.attrs["dim"])}
+            meta.update(fingerprint=json.loads(g.attrs["fingerprint"]), dtype=str(g.attrs["dtype"]))
+            c.apply(meta, {})
+            c.s.backbones[name].update(
+                precision=str(g.attrs.get("precision", "")),
+                created_at=str(g.attrs.get("created_at", "")),
+            )
+        c.s.attrs["created_at"] = str(f.attrs.get("created_at", c.s.attrs["created_at"]))
+        c.finish(0, target=tmp)
+        for name in names:
+            _copy_backbone(path, tmp, f["backbones"][name], name, len(t), block)
+    return len(t)
+
+
+def _copy_backbone(path: Path, tmp: Path, g: h5py.Group, name: str, n: int, block: int) -> None:
+    """One block of embeddings at a time: memory stays bounded by the block."""
+    fam = segmented.backbone_family(name)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        valid = np.asarray(g["valid"][lo:hi], bool)
+        if not valid.any():
+            continue
+        with h5py.File(tmp, "r") as top:
+            state = segmented.load(top)
+        c = segmented.Commit(path, state)
+        rows = np.arange(lo, hi)[valid]
+        x = np.asarray(g["embeddings"][lo:hi])[valid]
+        c.put(fam, rows, {"embeddings": x, "valid": np.ones(len(rows), bool)})
+        c.finish(0, target=tmp)

@@ -1,0 +1,283 @@
+"""Store format 2: piece maps, segments rolled from the tail, missing segments, old stores, kills."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import cli
+from conftest import FP
+from features import FeatureStore, StoreError, StoreWriter, check, upgrade
+from features.segments import Piece, cut, path_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "store_v1.h5"  # written by penult before format 2
+
+
+def test_overlays_read_like_a_dense_array() -> None:
+    """Random overlays cut into a map read back as the same writes applied to a plain array."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        dense = np.full(200, -1)
+        pieces: list[Piece] = []
+        for k in range(int(rng.integers(1, 12))):
+            lo = int(rng.integers(0, 199))
+            hi = int(rng.integers(lo + 1, 201))
+            dense[lo:hi] = k * 1000 + np.arange(hi - lo)
+            pieces = cut(pieces, [Piece(lo, hi, str(k), 0)])
+        got = np.full(200, -1)
+        for p in pieces:
+            got[p.lo : p.hi] = int(p.file) * 1000 + p.offset + np.arange(p.hi - p.lo)
+        np.testing.assert_array_equal(got, dense)
+        assert all(a.hi <= b.lo for a, b in zip(pieces, pieces[1:], strict=False))
+
+
+def test_path_keys_are_stable_keyed_and_width_independent() -> None:
+    paths = ["a.jpg", "dir/" + "x" * 70 + ".png", "caf\udce9.jpg", ""]
+    k = path_keys(paths, 7)
+    assert len({tuple(r) for r in k.tolist()}) == 4
+    np.testing.assert_array_equal(path_keys(paths[:1], 7), k[:1])  # alone or with long names
+    assert (path_keys(paths, 8) != k).all()  # another store's seed gives other keys
+
+
+def _batch(k: int, n: int = 20) -> tuple[list[str], list[str], np.ndarray]:
+    ids = range(k * n, k * n + n)
+    x = np.stack([np.random.default_rng(i).normal(size=8) for i in ids]).astype(np.float32)
+    return [f"d{i % 7}/{i:05d}.jpg" for i in ids], [f"{i + 1:064x}" for i in ids], x
+
+
+def _add(w: StoreWriter, k: int) -> None:
+    paths, sha, x = _batch(k)
+    n = len(paths)
+    w.upsert_images(
+        paths, ["/r"] * n, sha, np.arange(n), np.arange(n), {"label": [p[:2] for p in paths]}
+    )
+    w.register_backbone("net", {**FP, "dim": 8})
+    w.append("net", paths, sha, x, width=np.full(n, 3), height=np.full(n, 4))
+
+
+def test_small_commits_roll_into_segments_and_read_back_exactly(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    for k in range(40):  # 800 rows, 20 at a time, blocks of 64
+        with StoreWriter(p, segment_rows=64) as w:
+            _add(w, k)
+    fs = FeatureStore(p)
+    t = fs.images()
+    want = np.concatenate([_batch(k)[2] for k in range(40)])
+    assert t.path == [q for k in range(40) for q in _batch(k)[0]]
+    np.testing.assert_array_equal(fs.embeddings("net"), want)
+    rows = np.array([799, 3, 400, 3, 64])
+    np.testing.assert_array_equal(fs.embeddings("net", rows), want[rows])
+    np.testing.assert_array_equal(fs.find(["d0/00007.jpg", "nope", t.path[650]]), [7, -1, 650])
+    with h5py.File(p) as f:
+        for fam in ("table", "backbone:net"):
+            lo, hi = f[f"segments/{fam}/lo"][()], f[f"segments/{fam}/hi"][()]
+            full = hi <= 768  # the 12 finished blocks are one segment each
+            assert (hi[full] - lo[full] == 64).all() and full.sum() == 12, fam
+        assert len(f["index/rows"]) < 8 and f["index/rows"][()].sum() == 800
+        np.testing.assert_array_equal(f["backbones/net/embeddings"][()], want)  # plain h5py
+    files = os.listdir(f"{p}.segments")
+    referenced = fs._b.state().files()
+    assert set(files) == referenced  # superseded pieces were deleted
+    assert check(p) == []
+
+
+def test_changed_file_labels_and_failures_are_overlays(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, segment_rows=64) as w:
+        for k in range(4):
+            _add(w, k)
+    seg = Path(f"{p}.segments")
+    before = {f: (seg / f).stat().st_mtime_ns for f in os.listdir(seg)}
+    paths = FeatureStore(p).images().path
+    with StoreWriter(p) as w:
+        w.set_labels("split", paths, ["test" if i % 5 == 0 else "train" for i in range(80)])
+        w.upsert_images([paths[10]], ["/r"], ["ab" * 32], [9], [9], {"label": ["new"]})
+        w.record_failures([paths[11]], [f"{12:064x}"], ["truncated file"])
+    fs = FeatureStore(p)
+    t = fs.images()
+    assert t.labels["split"][:6] == ["test", "train", "train", "train", "train", "test"]
+    assert t.labels["label"][10] == "new" and t.sha256[10] == "ab" * 32
+    assert not fs.valid("net")[10] and fs.valid("net").sum() == 79
+    assert t.error[11] == "truncated file" and t.error.count("") == 79
+    for f, m in before.items():  # no segment was rewritten: the changes are new small pieces
+        assert not (seg / f).exists() or (seg / f).stat().st_mtime_ns == m
+    with StoreWriter(p) as w:  # re-embedding the changed file makes it valid again
+        w.register_backbone("net", {**FP, "dim": 8})
+        w.append("net", [paths[10]], ["ab" * 32], np.ones((1, 8)))
+    assert FeatureStore(p).valid("net")[10] and FeatureStore(p).embeddings("net", [10])[0, 0] == 1
+
+
+def test_missing_or_truncated_segment_is_named_and_repaired(tmp_path: Path, capsys) -> None:
+    p = tmp_path / "s.h5"
+    for k in range(3):
+        with StoreWriter(p, segment_rows=32) as w:
+            _add(w, k)
+    state = FeatureStore(p)._b.state()
+    emb = state.maps["backbone:net"][0].file
+    seg = Path(f"{p}.segments")
+    data = (seg / emb).read_bytes()
+    (seg / emb).write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
+    with pytest.raises(StoreError, match=f"segment {seg / emb} cannot be read"):
+        FeatureStore(p).embeddings("net")
+    (seg / emb).unlink()
+    with pytest.raises(StoreError, match=f"segment {seg / emb} is missing"):
+        FeatureStore(p)
+    assert cli.main(["check", str(p)]) == 1
+    assert f"{seg / emb} is missing" in capsys.readouterr().out
+    fixed = check(p, repair=True)
+    assert any("dropped 32 rows of backbone:net" in m for m in fixed)
+    fs = FeatureStore(p)
+    assert check(p) == [] and fs.valid("net").sum() == 28 and len(fs) == 60
+    with StoreWriter(p) as w:  # the next run makes the lost embeddings again
+        _add(w, 0)
+        _add(w, 1)
+    assert FeatureStore(p).valid("net").all()
+    table = FeatureStore(p)._b.state().maps["table"][0].file
+    (seg / table).unlink()
+    problems = check(p, repair=True)
+    assert any("cannot repair: image-table rows 0..31" in m for m in problems)
+
+
+def test_old_store_reads_as_before_and_upgrades_in_one_pass(tmp_path: Path, capsys) -> None:
+    p = tmp_path / "old.h5"
+    shutil.copy(FIXTURE, p)
+    old = FeatureStore(p)
+    assert old.version == 1
+    t, entries = old.images(), old.backbones()
+    a, b = old.embeddings("a"), old.embeddings("b")
+    with pytest.raises(StoreError, match=r"older penult .* `penult check --upgrade"):
+        StoreWriter(p).__enter__()
+    assert cli.main(["check", "--upgrade", str(p)]) == 0
+    assert "upgraded to store format 2 (13 images)" in capsys.readouterr().out
+    new = FeatureStore(p)
+    assert new.version == 2 and new.backbones() == entries
+    u = new.images()
+    for col in ("path", "root", "sha256", "error", "labels"):
+        assert getattr(u, col) == getattr(t, col), col
+    for col in ("nbytes", "mtime_ns", "width", "height"):
+        np.testing.assert_array_equal(getattr(u, col), getattr(t, col))
+    np.testing.assert_array_equal(new.embeddings("a"), a)
+    np.testing.assert_array_equal(new.embeddings("b"), b)
+    assert u.path[-1].encode("utf-8", "surrogateescape") == b"cls0/caf\xe9.jpg"
+    with StoreWriter(p) as w:  # writable now
+        w.set_labels("genus", u.path[:2], ["g", "g"])
+    assert "already store format 2" in upgrade(p)
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import numpy as np
+    from features import FeatureStore, StoreWriter
+    from test_segments import _add
+    p = sys.argv[1]
+    print("ready", flush=True)
+    for k in range(30):
+        try:
+            fs = FeatureStore(p)
+            if len(fs) >= 20 * (k + 1) and fs.valid("net")[20 * k : 20 * (k + 1)].all():
+                continue
+        except Exception:
+            pass
+        with StoreWriter(p, segment_rows=48) as w:
+            _add(w, k)
+""")
+
+UPGRADE = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{root!r}]
+    from features import upgrade
+    print("ready", flush=True)
+    upgrade(sys.argv[1], segment_rows=2)
+""")
+
+
+def _kill_loop(script: str, target: Path, *, kills: int, after_kill) -> None:
+    """Start ``script`` on ``target`` and SIGKILL it at random moments, ``kills`` times."""
+    code = script.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    rng = random.Random(0)
+    for _ in range(kills):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.wait()
+        after_kill()
+
+
+def test_kill_during_commits_rolls_and_index_merges_then_resume(tmp_path: Path) -> None:
+    ref, p = tmp_path / "ref.h5", tmp_path / "s.h5"
+    for k in range(30):
+        with StoreWriter(ref, segment_rows=48) as w:
+            _add(w, k)
+
+    def sound() -> None:
+        if p.exists():
+            FeatureStore(p).images()  # opens whatever the moment of the kill
+            with StoreWriter(p):  # the next writer publishes what was journaled
+                pass
+            assert check(p) == []
+
+    _kill_loop(WRITER, p, kills=6, after_kill=sound)
+    subprocess.run(
+        [sys.executable, "-c", WRITER.format(root=str(ROOT), tests=str(ROOT / "tests")), str(p)],
+        check=True,
+        capture_output=True,
+    )
+    got, want = FeatureStore(p), FeatureStore(ref)
+    assert got.images().path == want.images().path
+    np.testing.assert_array_equal(got.embeddings("net"), want.embeddings("net"))
+    assert check(p) == []
+
+
+def test_kill_during_upgrade_leaves_the_old_store_then_upgrades(tmp_path: Path) -> None:
+    p = tmp_path / "old.h5"
+    shutil.copy(FIXTURE, p)
+    want = FeatureStore(p).embeddings("a")
+
+    def sound() -> None:
+        fs = FeatureStore(p)  # the old file, or the finished new one: never half of either
+        np.testing.assert_array_equal(fs.embeddings("a"), want)
+        assert check(p) == []
+
+    _kill_loop(UPGRADE, p, kills=5, after_kill=sound)
+    upgrade(p)
+    np.testing.assert_array_equal(FeatureStore(p).embeddings("a"), want)
+    assert FeatureStore(p).version == 2 and check(p) == []
+
+
+def test_readme_snippet_reads_a_store_with_plain_h5py(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The feature store")[1]
+    code = section.split("```python")[1].split("```")[0]
+    p = tmp_path / "birds.h5"
+    for k in range(3):
+        with StoreWriter(p, segment_rows=32) as w:
+            _add(w, k)
+            w.register_backbone("efficientnet_lite0", {**FP, "dim": 8, "architecture": "z"})
+            paths, sha, x = _batch(k)
+            w.append("efficientnet_lite0", paths[::2], sha[::2], x[::2])
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(code, "README", "exec"), scope)  # noqa: S102 - our own documentation
+    finally:
+        os.chdir(cwd)
+    fs = FeatureStore(p)
+    rows, want = fs.features("efficientnet_lite0")
+    np.testing.assert_array_equal(scope["X"], want)
+    assert scope["y"].tolist() == [fs.images().labels["label"][r] for r in rows]
