@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 OUT = ROOT / "bench-out" / "store"
+DATA = ROOT.parent / "shared" / "data"
 DIM = 512
 FP = {
     "architecture": "bench:synthetic",
@@ -169,6 +170,37 @@ def _size(path: Path) -> float:
     return (path.stat().st_size + extra) / 2**30
 
 
+EXTRACT = textwrap.dedent("""
+    import csv, sys, time
+    sys.path.insert(0, {root!r})
+    from extract import ExtractOptions, extract, list_images
+    data = {data!r}
+    rows = sorted(r["path"] for r in csv.DictReader(open(data + "/split.csv")))[: {n}]
+    with open({manifest!r}, "w") as fh:
+        fh.write("path,label\\n" + "".join(f"{{p}},{{p.split('/')[0]}}\\n" for p in rows))
+    listing = list_images({manifest!r}, root=data)
+    t = time.perf_counter()
+    s = extract({store!r}, listing, ExtractOptions(progress=False, precision="fp32"))
+    print(time.perf_counter() - t, s.extracted)
+""")
+
+
+def extract_time(fmt: str, tree: Path, n: int) -> tuple[float, int]:
+    """Seconds to extract the first ``n`` cub100 images into an empty store, and images done."""
+    store = OUT / f"extract-{fmt}.h5"
+    shutil.rmtree(f"{store}.segments", ignore_errors=True)
+    store.unlink(missing_ok=True)
+    code = EXTRACT.format(
+        root=str(tree), data=str(DATA / "cub100"), n=n, manifest=str(OUT / "cub.csv"),
+        store=str(store),
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return float(out[0]), int(out[1])
+
+
 def one(fmt: str, n: int) -> dict:
     """Every measurement for one format and size (run in its own process)."""
     path = OUT / f"{fmt}-{n}.h5"
@@ -193,6 +225,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="100000,1000000", help="rows, segmented format")
     ap.add_argument("--old-sizes", default="100000,1000000", help="rows, one-file format")
     ap.add_argument("--baseline", default="3ad48d5", help="git revision with the one-file format")
+    ap.add_argument("--extract", type=int, default=1000, help="cub100 images to extract (0: skip)")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # worker: FORMAT ROWS
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -226,6 +259,13 @@ def main() -> None:
             f"(dd: {row['dd']}) | build {row['build_s']:.0f} s",
             flush=True,
         )
+    for _ in range(2 if args.extract else 0):  # alternate, twice: the disk cache warms for both
+        for fmt, tree in (("v1", base), ("v2", ROOT)):
+            secs, done = extract_time(fmt, tree, args.extract)
+            results.setdefault("extract", []).append({"format": fmt, "images": done, "s": secs})
+            print(
+                f"extract {done} cub100 images into an empty {fmt} store: {secs:.1f} s", flush=True
+            )
     (ROOT / "bench-out" / "store.json").write_text(json.dumps(results, indent=1))
 
 

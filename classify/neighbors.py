@@ -121,12 +121,35 @@ def _faiss_metric(metric: str) -> int:
     return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
 
 
-def _digest(sha256: list[str], rows: np.ndarray) -> str:
-    """SHA-256 of the indexed rows' content hashes, concatenated in index order (vectorised: the
-    hashes become one fixed-width byte array; the same bytes as hashing them one by one)."""
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def _digest(store: FeatureStore, rows: np.ndarray) -> str:
+    """SHA-256 of the rows' content hashes as hex, concatenated in index order (vectorised)."""
     if len(rows) == 0:
         return hashlib.sha256().hexdigest()
-    return hashlib.sha256(np.asarray(sha256, dtype="S64")[rows].tobytes()).hexdigest()
+    uniq, inv = np.unique(rows, return_inverse=True)
+    raw = store.hashes(uniq)[inv]
+    return hashlib.sha256(np.stack([_HEX[raw >> 4], _HEX[raw & 15]], -1).tobytes()).hexdigest()
+
+
+def _block_digests(
+    store: FeatureStore, backbone: str, rows: np.ndarray, keep: dict[str, list[str]] | None = None
+) -> dict[str, list[str]]:
+    """Per block of the store: [segment id, digest of the indexed rows in it]. Blocks in ``keep``
+    whose segment id has not moved are taken as they are (their segments are immutable), so a
+    check or an update reads only the hashes of blocks that changed."""
+    block, ids = store.segment_ids(backbone)
+    out = {}
+    blocks = rows // block
+    for k in np.unique(blocks).tolist():
+        sid = ids[k] if k < len(ids) else ""
+        old = (keep or {}).get(str(k))
+        if old is not None and old[0] == sid:
+            out[str(k)] = old
+        else:
+            out[str(k)] = [sid, _digest(store, rows[blocks == k])]
+    return out
 
 
 def index_path(store: str | os.PathLike[str], backbone: str, metric: str) -> Path:
@@ -182,18 +205,52 @@ class NeighborIndex:
         return np.take_along_axis(exact, order, axis=1), best
 
     def save(self) -> None:
+        """Index, rows and manifest replaced as one: each is written to a temporary name and
+        fsynced, a redo list of the renames is committed, then the renames are done (a kill
+        part-way is finished by the next reader), so a kill never mixes old and new files."""
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         faiss.write_index(self.index, str(tmp))
         np.save(f"{tmp}.rows.npy", self.rows)
-        os.replace(f"{tmp}.rows.npy", f"{self.path}.rows.npy")
-        os.replace(tmp, self.path)
-        _write_json(Path(f"{self.path}.json"), self.meta)
+        Path(f"{tmp}.json").write_text(json.dumps(self.meta, indent=1))
+        for f in (str(tmp), f"{tmp}.rows.npy", f"{tmp}.json"):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        renames = [
+            [f"{tmp}.rows.npy", f"{self.path}.rows.npy"],
+            [str(tmp), str(self.path)],
+            [f"{tmp}.json", f"{self.path}.json"],
+        ]
+        _write_json(_redo_path(self.path), {"renames": renames})
+        finish_save(self.path)
+
+
+def _redo_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.commit")
+
+
+def finish_save(path: Path) -> None:
+    """Finish the renames of a save that a kill interrupted (nothing to do when none was)."""
+    redo = _redo_path(path)
+    if not redo.exists():
+        return
+    for src, dst in json.loads(redo.read_text())["renames"]:
+        if os.path.exists(src):
+            os.replace(src, dst)
+    redo.unlink()
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -342,7 +399,6 @@ def build_index(
     else:
         for _part, x in _chunks(store, backbone, rows, metric, plan.pq_m):
             index.add(x)  # faiss ids are positions in ``rows``
-    table = store.images()
     meta = {
         "format": "penult-index",
         "backbone": backbone,
@@ -350,7 +406,7 @@ def build_index(
         "metric": metric,
         **asdict(plan),
         "rows": int(len(rows)),
-        "rows_sha256": _digest(table.sha256, rows),
+        "blocks": _block_digests(store, backbone, rows),
         "build_seconds": time.perf_counter() - t0,
         **({"ivfdata": ivfdata} if ivfdata else {}),
     }
@@ -373,6 +429,7 @@ def open_index(
     the index incomplete: without ``update`` that is refused too.
     """
     path = index_path(store_path, backbone, metric)
+    finish_save(path)
     if not path.exists() or not Path(f"{path}.json").exists():
         raise IndexError_(
             f"no {metric} index for {backbone!r} beside {store_path}; run `penult index {store_path} --backbone {backbone}`"
@@ -385,13 +442,12 @@ def open_index(
             f"{path} was built from other {backbone!r} embeddings (fingerprint differs); rebuild it with `penult index --rebuild`"
         )
     rows = np.load(f"{path}.rows.npy", allow_pickle=False)
-    table = store.images()
     valid = store.valid(backbone)
     if (
         len(rows) != meta["rows"]
-        or rows.max(initial=-1) >= len(table)
+        or rows.max(initial=-1) >= len(valid)
         or not valid[rows].all()
-        or _digest(table.sha256, rows) != meta["rows_sha256"]
+        or not _fresh(store, backbone, rows, meta)
     ):
         raise IndexError_(
             f"{path} is stale: images it holds were changed or removed in the store; rebuild it with `penult index --rebuild`"
@@ -419,17 +475,28 @@ def open_index(
             ni.index.add(x)
     if len(new):
         ni.rows = np.concatenate([rows, new])
-        ni.meta.update(rows=int(len(ni.rows)), rows_sha256=_digest(table.sha256, ni.rows))
+        blocks = _block_digests(store, backbone, ni.rows, meta.get("blocks"))
+        ni.meta.update(rows=int(len(ni.rows)), blocks=blocks)
+        ni.meta.pop("rows_sha256", None)
         ni.save()
         if ni.meta.get("ivfdata"):
             _remove_other_ivfdata(path, ni.meta["ivfdata"])
     return ni, len(new)
 
 
+def _fresh(store: FeatureStore, backbone: str, rows: np.ndarray, meta: dict[str, Any]) -> bool:
+    """Whether the indexed rows still hold the images they held at build time."""
+    if "blocks" not in meta:  # an index saved before per-block digests
+        return _digest(store, rows) == meta.get("rows_sha256")
+    now = _block_digests(store, backbone, rows, meta["blocks"])
+    return {k: v[1] for k, v in now.items()} == {k: v[1] for k, v in meta["blocks"].items()}
+
+
 def ensure_index(
     store_path: str | os.PathLike[str], backbone: str, *, metric: str = "cosine"
 ) -> NeighborIndex:
     """The saved index with any new rows added, or a new one with the automatic plan."""
+    finish_save(index_path(store_path, backbone, metric))
     if index_path(store_path, backbone, metric).exists():
         return open_index(store_path, backbone, metric=metric, update=True)[0]
     return build_index(store_path, backbone, metric=metric)[0]

@@ -188,8 +188,7 @@ def plan(
     rest = np.flatnonzero(~unreadable & ~skipped & ~prev)
     # an identical file (same bytes) already embedded elsewhere: copy its row (the last one wins)
     vrows = np.flatnonzero(is_valid[:n_stored])[::-1]
-    as_key = lambda a: [bytes(x) for x in a]  # noqa: E731
-    twin = lookup(as_key(stored_sha[vrows]), as_key(listed_sha[rest]))
+    twin = match_hashes(stored_sha[vrows], listed_sha[rest]) if len(rest) else rest
     copy = twin >= 0
     return _Plan(
         todo=rest[~copy].tolist(),
@@ -198,6 +197,27 @@ def plan(
         previously_failed=int(prev.sum()),
         unreadable=np.flatnonzero(unreadable).tolist(),
     )
+
+
+def match_hashes(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Position in ``keys`` (n, 32) of each query digest (the first, for repeated keys), -1
+    where absent: sorted 8-byte prefixes and a binary search, every hit confirmed on all 32 bytes
+    (a prefix shared by two digests is looked up exactly)."""
+    out = np.full(len(queries), -1, np.int64)
+    if not len(keys) or not len(queries):
+        return out
+    k = np.ascontiguousarray(keys[:, :8]).view(np.uint64).ravel()
+    q = np.ascontiguousarray(queries[:, :8]).view(np.uint64).ravel()
+    order = np.argsort(k, kind="stable")
+    pos = np.minimum(np.searchsorted(k[order], q), len(k) - 1)
+    cand = order[pos]
+    same_prefix = k[cand] == q
+    exact = same_prefix & (keys[cand] == queries).all(axis=1)
+    out[exact] = cand[exact]
+    for i in np.flatnonzero(same_prefix & ~exact).tolist():  # another digest, same prefix
+        hit = np.flatnonzero((keys == queries[i]).all(axis=1))
+        out[i] = hit[0] if len(hit) else -1
+    return out
 
 
 def lookup(keys: list[str], queries: list[str]) -> np.ndarray:

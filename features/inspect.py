@@ -10,7 +10,7 @@ import numpy as np
 
 from features import journal, segmented
 from features.errors import StoreError
-from features.segments import Reader
+from features.segments import Reader, read_run
 from features.store import FeatureStore, StoreWriter, check_root, real_path
 
 
@@ -155,7 +155,7 @@ def _segment_problems(path: Path, *, repair: bool) -> tuple[list[str], list[str]
                         bad.setdefault(piece.file, str(e))
         for name, _ in s.index:
             try:
-                r.file(name)["key"].shape  # noqa: B018 - opening is the check
+                read_run(r, name)
             except (StoreError, KeyError) as e:
                 bad.setdefault(name, str(e))
     if not bad:

@@ -113,6 +113,14 @@ class Legacy:
             sha_raw(t.sha256), t.nbytes, t.mtime_ns, np.array([bool(e) for e in t.error])
         )
 
+    def hashes(self, rows: np.ndarray) -> np.ndarray:
+        return self.view().sha256[rows]
+
+    def segment_ids(self, backbone: str) -> tuple[int, list[str]]:
+        """One block, whose id changes with every commit (format 1 rewrites the whole file)."""
+        st = self.path.stat()
+        return max(1, self.rows()), [f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"]
+
     def find(self, paths: list[str]) -> np.ndarray:
         index = self.table().index()
         return np.array([index.get(p, -1) for p in paths], np.int64)

@@ -97,6 +97,26 @@ class Segmented:
             failed=self._column(ERROR, "error") != 0,
         )
 
+    def hashes(self, rows: np.ndarray) -> np.ndarray:
+        return self._column(TABLE, "sha256", rows)
+
+    def segment_ids(self, backbone: str) -> tuple[int, list[str]]:
+        s = self.state()
+        block = s.block
+        fams = (s.maps.get(TABLE, []), s.maps.get(backbone_family(backbone), []))
+        ids = []
+        for k in range(-(-s.rows // block)):
+            lo, hi = k * block, (k + 1) * block
+            ids.append(
+                ";".join(
+                    f"{p.lo}:{p.hi}:{p.file}:{p.offset}"
+                    for ps in fams
+                    for p in ps
+                    if p.lo < hi and p.hi > lo
+                )
+            )
+        return block, ids
+
     def find(self, paths: list[str]) -> np.ndarray:
         def read(s: State, r: Reader) -> np.ndarray:
             runs: list[KeyRun] = [read_run(r, n) for n, _ in s.index]

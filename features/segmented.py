@@ -36,6 +36,7 @@ from features.segments import (
     plan_runs,
     read_run,
     to_merge,
+    write_run,
     write_segment,
 )
 from features.types import sha_raw
@@ -475,26 +476,17 @@ class Commit:
 
     def _write_index(self) -> None:
         if self.new_keys:
-            run = KeyRun.sort(
-                np.concatenate([r.key for r in self.new_keys]),
-                np.concatenate([r.row for r in self.new_keys]),
-            )
-            name = write_segment(self.reader.folder, "index", {"key": run.key, "row": run.row})
-            self.s.index.append((name, len(run.row)))
+            run = KeyRun.merge(self.new_keys)
+            self.s.index.append((write_run(self.reader.folder, run), len(run.row)))
         for i, j in reversed(index_merges([r for _, r in self.s.index])):
-            runs = [read_run(self.reader, n) for n, _ in self.s.index[i:j]]
-            run = KeyRun.sort(
-                np.concatenate([r.key for r in runs]), np.concatenate([r.row for r in runs])
-            )
-            name = write_segment(self.reader.folder, "index", {"key": run.key, "row": run.row})
-            self.s.index[i:j] = [(name, len(run.row))]
+            run = KeyRun.merge([read_run(self.reader, n) for n, _ in self.s.index[i:j]])
+            self.s.index[i:j] = [(write_run(self.reader.folder, run), len(run.row))]
 
     def rebuild_index(self) -> None:
         """The path index made again from the table's key column (``check --repair``)."""
         key = self.reader.span(self.s.maps.get(TABLE, []), TABLE_COLUMNS["key"], "key", 0, self.n)
         run = KeyRun.sort(key, np.arange(self.n, dtype=np.int64))
-        name = write_segment(self.reader.folder, "index", {"key": run.key, "row": run.row})
-        self.s.index = [(name, len(run.row))]
+        self.s.index = [(write_run(self.reader.folder, run), len(run.row))]
         self.reader.close()
         save(self.path, self.s)
         collect_garbage(self.path, self.s)

@@ -157,7 +157,9 @@ def _empty(col: Column, n: int, dtype) -> np.ndarray:
     return np.empty((n, *col.shape), dtype=dtype or col.dtype)
 
 
-def write_segment(folder: Path, family: str, columns: dict[str, np.ndarray]) -> str:
+def write_segment(
+    folder: Path, family: str, columns: dict[str, np.ndarray], *, contiguous: bool = False
+) -> str:
     """Write one immutable segment (temporary name, fsync, rename); return its file name."""
     folder.mkdir(exist_ok=True)
     name = f"{_safe(family)}-{uuid.uuid4().hex[:16]}.h5"
@@ -167,7 +169,10 @@ def write_segment(folder: Path, family: str, columns: dict[str, np.ndarray]) -> 
         with h5py.File(tmp, "w") as f:
             f.attrs["family"] = family
             for k, v in columns.items():
-                _create(f, k, v)
+                if contiguous:  # for memory maps (the path index)
+                    f.create_dataset(k, data=v)
+                else:
+                    _create(f, k, v)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, folder / name)
@@ -256,34 +261,52 @@ def path_keys(paths: Sequence[str], seed: int) -> np.ndarray:
 
 @dataclass
 class KeyRun:
-    """Path keys sorted (by first then second word) with the table row of each."""
+    """Path keys sorted (by first then second word) with the table row of each. Read from disk,
+    the arrays are memory maps: a lookup touches the pages its binary searches visit, not the
+    whole run, so adding rows to a large store does not read its whole index."""
 
-    key: np.ndarray  # (n, 2) uint64
+    key0: np.ndarray  # (n,) uint64
+    key1: np.ndarray  # (n,) uint64
     row: np.ndarray  # (n,) int64
 
     @staticmethod
     def sort(key: np.ndarray, row: np.ndarray) -> KeyRun:
         order = np.lexsort((key[:, 1], key[:, 0]))
-        return KeyRun(key[order], row[order])
+        return KeyRun(key[order, 0], key[order, 1], row[order])
+
+    @staticmethod
+    def merge(runs: Sequence[KeyRun]) -> KeyRun:
+        key = np.stack(
+            [np.concatenate([r.key0 for r in runs]), np.concatenate([r.key1 for r in runs])], 1
+        )
+        return KeyRun.sort(key, np.concatenate([r.row for r in runs]))
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {"key0": self.key0, "key1": self.key1, "row": self.row}
 
     def find(self, q: np.ndarray) -> np.ndarray:
         """Row of each query key, -1 where absent."""
         out = np.full(len(q), -1, np.int64)
-        if not len(self.row) or not len(q):
+        n = len(self.row)
+        if not n or not len(q):
             return out
-        pos = np.searchsorted(self.key[:, 0], q[:, 0])
-        ok = pos < len(self.row)
-        p = np.minimum(pos, len(self.row) - 1)
-        hit = ok & (self.key[p, 0] == q[:, 0]) & (self.key[p, 1] == q[:, 1])
-        out[hit] = self.row[p[hit]]
+        order = np.argsort(q[:, 0])  # sorted queries walk the map's pages in order
+        q0, q1 = q[order, 0], q[order, 1]
+        pos = np.searchsorted(self.key0, q0)
+        p = np.minimum(pos, n - 1)
+        first = (pos < n) & (self.key0[p] == q0)
+        hit = first & (self.key1[p] == q1)
+        found = np.full(len(q), -1, np.int64)
+        found[hit] = self.row[p[hit]]
         # first words equal but second not: another key with the same first word may follow
-        for i in np.flatnonzero(ok & ~hit & (self.key[p, 0] == q[:, 0])).tolist():
+        for i in np.flatnonzero(first & ~hit).tolist():
             j = int(pos[i])
-            while j < len(self.row) and self.key[j, 0] == q[i, 0]:
-                if self.key[j, 1] == q[i, 1]:
-                    out[i] = self.row[j]
+            while j < n and self.key0[j] == q0[i]:
+                if self.key1[j] == q1[i]:
+                    found[i] = self.row[j]
                     break
                 j += 1
+        out[order] = found
         return out
 
 
@@ -297,11 +320,24 @@ def find_keys(runs: Sequence[KeyRun], q: np.ndarray) -> np.ndarray:
     return out
 
 
+def write_run(folder: Path, run: KeyRun) -> str:
+    return write_segment(folder, "index", run.columns(), contiguous=True)
+
+
 def read_run(reader: Reader, name: str) -> KeyRun:
+    """A run's arrays memory-mapped from its (contiguous, uncompressed) datasets."""
     f = reader.file(name)
     try:
-        return KeyRun(np.asarray(f["key"][()], np.uint64), np.asarray(f["row"][()], np.int64))
-    except (KeyError, OSError) as e:
+        cols = {}
+        for k, dt in (("key0", np.uint64), ("key1", np.uint64), ("row", np.int64)):
+            ds = f[k]
+            offset = ds.id.get_offset()
+            if offset is None or ds.shape[0] == 0:  # nothing written: empty
+                cols[k] = np.zeros(0, dt)
+            else:
+                cols[k] = np.memmap(reader.folder / name, dt, "r", offset, ds.shape)
+        return KeyRun(**cols)
+    except (KeyError, OSError, ValueError) as e:
         raise StoreError(f"index segment {reader.folder / name} is damaged ({e})") from None
 
 

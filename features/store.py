@@ -102,7 +102,17 @@ class FeatureStore:
 
     def find(self, paths: list[str]) -> np.ndarray:
         """The row of each path, -1 where it is not stored (a sorted key index: no table in RAM)."""
-        return self._b.find(list(paths))
+        return self._b.find(paths if isinstance(paths, list) else list(paths))
+
+    def hashes(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), 32) uint8 content hashes of sorted ``rows`` (zeros: not hashed)."""
+        return self._b.hashes(np.asarray(rows, np.int64))
+
+    def segment_ids(self, backbone: str) -> tuple[int, list[str]]:
+        """(block rows, one id per block): a block's id changes whenever the image table or this
+        backbone's embeddings change in it (segments are immutable), so a cache built from the
+        store (the faiss index) re-checks only the blocks whose id moved."""
+        return self._b.segment_ids(self._known(backbone))
 
     def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
         """(N,) int32 codes and their names for one label column ("" is unlabelled)."""

@@ -336,14 +336,51 @@ def test_row_digest_is_vectorised_and_unchanged():
     import hashlib
 
     from classify.neighbors import _digest
+    from features import sha_raw
 
     sha = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
+
+    class Hashes:  # the one store method the digest reads
+        def hashes(self, rows):
+            return sha_raw(sha)[rows]
+
     rows = np.random.default_rng(0).permutation(2000)[:1500]
     h = hashlib.sha256()
     for r in rows.tolist():
         h.update(sha[r].encode())
-    assert _digest(sha, rows) == h.hexdigest()
-    assert _digest(sha, rows[::-1]) != h.hexdigest()  # order matters
+    assert _digest(Hashes(), rows) == h.hexdigest()
+    assert _digest(Hashes(), rows[::-1]) != h.hexdigest()  # order matters
+
+
+def test_staleness_check_reads_only_blocks_whose_segments_moved(tmp_path, monkeypatch):
+    """Segments are immutable: a block whose segments did not change is not re-hashed, and an
+    update reads the hashes of the new rows' blocks only; a changed image is still caught."""
+    X = _clustered(3000, 16)
+    p = tmp_path / "a.h5"
+    with StoreWriter(p, segment_rows=1000):
+        pass
+    paths = _fake_store(p, X)
+    for part in np.split(np.arange(2000), 4):
+        _append(p, paths, X, part)
+    build_index(p, "fake", kind="flat")
+    read = []
+    real = FeatureStore.hashes
+    monkeypatch.setattr(
+        FeatureStore, "hashes", lambda self, rows: read.append(rows) or real(self, rows)
+    )
+    _append(p, paths, X, np.arange(2000, 3000))  # block 2 only
+    assert open_index(p, "fake", update=True)[1] == 1000
+    assert len(read) == 1 and read[0].min() == 2000 and len(read[0]) == 1000
+    read.clear()
+    assert open_index(p, "fake")[1] == 0 and read == []  # nothing moved: nothing hashed
+    with StoreWriter(p) as w:  # an image in block 1 changed on disk and was embedded again
+        w.upsert_images([paths[1500]], ["/nowhere"], ["ab" * 32], [1], [1], {})
+        w.register_backbone("fake", FeatureStore(p).backbone("fake").fingerprint)
+        w.append("fake", [paths[1500]], ["ab" * 32], X[:1])
+    assert FeatureStore(p).valid("fake").all()
+    with pytest.raises(IndexError_, match="stale"):
+        open_index(p, "fake")
+    assert [r.min() // 1000 for r in read] == [1]
 
 
 def test_on_disk_index_moves_updates_by_copy_and_reranks_exactly(tmp_path, capfd):
@@ -404,3 +441,61 @@ def test_on_disk_index_moves_updates_by_copy_and_reranks_exactly(tmp_path, capfd
         f.unlink()
     with pytest.raises(IndexError_, match="inverted lists .* are missing"):
         open_index(moved / "s.h5", "fake")
+
+
+UPDATE = """
+import sys
+sys.path[:0] = [{root!r}]
+from classify.neighbors import open_index
+print("ready", flush=True)
+open_index(sys.argv[1], "fake", update=True)
+"""
+
+
+def test_kill_during_on_disk_index_update_leaves_the_old_or_the_new_index(tmp_path):
+    """The lists merge of an ivf-disk update, killed at random moments: the index on disk is
+    always the old one (lacking the new rows) or the finished new one, never a mixture."""
+    import subprocess
+    import sys
+    import time
+
+    X = _clustered(3000, 32)
+    src = tmp_path / "src"
+    src.mkdir()
+    a = src / "a.h5"
+    paths = _fake_store(a, X)
+    _append(a, paths, X, np.arange(2000))
+    build_index(a, "fake", kind="ivf-disk", nlist=16, pq_m=16)
+    _append(a, paths, X, np.arange(2000, 3000))
+    shutil.copytree(src, tmp_path / "ref")
+    code = UPDATE.format(root=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "ref" / "a.h5")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    assert proc.wait() == 0
+    took = time.perf_counter() - t0  # kill within the update's own duration
+    want = open_index(tmp_path / "ref" / "a.h5", "fake")[0].search(X[:50], 5)
+    outcomes = []
+    for frac in (0.1, 0.3, 0.5, 0.7, 0.9):
+        work = tmp_path / f"work{frac}"
+        shutil.copytree(src, work)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(work / "a.h5")], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(frac * took)
+        proc.kill()
+        proc.wait()
+        try:
+            outcomes.append(len(open_index(work / "a.h5", "fake")[0].rows))
+        except IndexError_ as e:
+            assert "lacks 1000 rows" in str(e), e
+            outcomes.append(2000)
+        got = open_index(work / "a.h5", "fake", update=True)[0].search(X[:50], 5)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    assert 2000 in outcomes, outcomes  # some kills landed before the update was published

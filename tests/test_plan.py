@@ -71,3 +71,14 @@ def test_lookup_confirms_hits_and_survives_hash_collisions():
     # hash(-1) == hash(-2) in CPython: a collision must still find the right key
     assert hash(-1) == hash(-2)
     assert lookup([-1, -2], [-2, -1, -3]).tolist() == [1, 0, -1]
+
+
+def test_match_hashes_confirms_all_bytes_when_prefixes_collide():
+    from extract.run import match_hashes
+
+    keys = np.zeros((4, 32), np.uint8)
+    keys[:, 31] = [1, 2, 2, 3]  # the same 8-byte prefix for every key
+    queries = np.zeros((3, 32), np.uint8)
+    queries[:, 31] = [2, 3, 9]
+    assert match_hashes(keys, queries).tolist() == [1, 3, -1]
+    assert match_hashes(keys[:0], queries).tolist() == [-1, -1, -1]

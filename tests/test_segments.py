@@ -231,7 +231,7 @@ def test_kill_during_commits_rolls_and_index_merges_then_resume(tmp_path: Path) 
                 pass
             assert check(p) == []
 
-    _kill_loop(WRITER, p, kills=6, after_kill=sound)
+    _kill_loop(WRITER, p, kills=5, after_kill=sound)
     subprocess.run(
         [sys.executable, "-c", WRITER.format(root=str(ROOT), tests=str(ROOT / "tests")), str(p)],
         check=True,
