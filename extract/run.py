@@ -174,49 +174,53 @@ def plan(
     operations (no per-file Python work): skip it (stored with this hash), skip it as failed
     before, copy the embedding of an identical file already stored, run it through the model,
     or record it as unreadable."""
-    n_stored = len(stored.nbytes)
-    row = np.where(row < 0, n_stored, row)  # not stored: a padding row (no hash, not valid)
-    stored_sha = np.concatenate([stored.sha256, np.zeros((1, 32), np.uint8)])
-    listed_sha = sha_raw(sha)
-    is_valid = np.zeros(n_stored + 1, bool)
-    is_valid[: len(valid)] = valid
-    failed_before = np.concatenate([stored.failed, [False]])
-    unreadable = np.asarray(err, dtype=object) != ""
-    same = ~unreadable & (stored_sha[row] == listed_sha).all(axis=1)
-    skipped = same & is_valid[row]
-    prev = same & ~skipped & failed_before[row] & (not retry_failed)
+    n, n_stored = len(sha), len(stored.nbytes)
+    is_valid = np.zeros(n_stored, bool)
+    is_valid[: len(valid)] = valid[:n_stored]
+    unreadable = np.fromiter(map(bool, err), bool, n)
+    skipped, prev = np.zeros(n, bool), np.zeros(n, bool)
+    step = 1 << 16  # a block of the listing at a time: memory stays a few bytes a row
+    for s in range(0, n, step):
+        r = row[s : s + step]
+        at = np.maximum(r, 0)
+        same = (r >= 0) & ~unreadable[s : s + step]
+        same &= (stored.sha256[at] == sha_raw(sha[s : s + step])).all(axis=1)
+        skipped[s : s + step] = same & is_valid[at]
+        prev[s : s + step] = same & ~is_valid[at] & stored.failed[at] & (not retry_failed)
     rest = np.flatnonzero(~unreadable & ~skipped & ~prev)
     # an identical file (same bytes) already embedded elsewhere: copy its row (the last one wins)
-    vrows = np.flatnonzero(is_valid[:n_stored])[::-1]
-    twin = match_hashes(stored_sha[vrows], listed_sha[rest]) if len(rest) else rest
+    vrows = np.flatnonzero(is_valid)[::-1]
+    twin = (
+        match_hashes(stored.sha256, vrows, sha_raw([sha[i] for i in rest])) if len(rest) else rest
+    )
     copy = twin >= 0
     return _Plan(
         todo=rest[~copy].tolist(),
-        reuse=list(zip(rest[copy].tolist(), vrows[twin[copy]].tolist(), strict=True)),
+        reuse=list(zip(rest[copy].tolist(), twin[copy].tolist(), strict=True)),
         skipped=int(skipped.sum()),
         previously_failed=int(prev.sum()),
         unreadable=np.flatnonzero(unreadable).tolist(),
     )
 
 
-def match_hashes(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Position in ``keys`` (n, 32) of each query digest (the first, for repeated keys), -1
-    where absent: sorted 8-byte prefixes and a binary search, every hit confirmed on all 32 bytes
-    (a prefix shared by two digests is looked up exactly)."""
+def match_hashes(digests: np.ndarray, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """For each query digest, the first of ``rows`` whose entry in ``digests`` (n, 32) equals it,
+    -1 where none does: sorted 8-byte prefixes and a binary search, every hit confirmed on all 32
+    bytes (a prefix shared by two digests is looked up exactly)."""
     out = np.full(len(queries), -1, np.int64)
-    if not len(keys) or not len(queries):
+    if not len(rows) or not len(queries):
         return out
-    k = np.ascontiguousarray(keys[:, :8]).view(np.uint64).ravel()
+    k = np.ascontiguousarray(digests[:, :8]).view(np.uint64).ravel()[rows]
     q = np.ascontiguousarray(queries[:, :8]).view(np.uint64).ravel()
     order = np.argsort(k, kind="stable")
     pos = np.minimum(np.searchsorted(k[order], q), len(k) - 1)
     cand = order[pos]
     same_prefix = k[cand] == q
-    exact = same_prefix & (keys[cand] == queries).all(axis=1)
-    out[exact] = cand[exact]
+    exact = same_prefix & (digests[rows[cand]] == queries).all(axis=1)
+    out[exact] = rows[cand[exact]]
     for i in np.flatnonzero(same_prefix & ~exact).tolist():  # another digest, same prefix
-        hit = np.flatnonzero((keys == queries[i]).all(axis=1))
-        out[i] = hit[0] if len(hit) else -1
+        hit = np.flatnonzero((digests[rows] == queries[i]).all(axis=1))
+        out[i] = rows[hit[0]] if len(hit) else -1
     return out
 
 

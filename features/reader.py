@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,6 +26,21 @@ from features.segments import KeyRun, Reader, find_keys, path_keys, read_run
 from features.types import BackboneEntry, ImageTable, TableView, sha_hex
 
 T = TypeVar("T")
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """float16 to float32 on two threads for large blocks (numpy converts about 1 GB/s a core,
+    slower than the segments are read)."""
+    if x.dtype == np.float32:
+        return x
+    out = np.empty(x.shape, np.float32)
+    if x.nbytes < (8 << 20):
+        np.copyto(out, x)
+        return out
+    half = len(x) // 2
+    with ThreadPoolExecutor(2) as pool:  # copyto releases the GIL
+        list(pool.map(lambda sl: np.copyto(out[sl], x[sl]), [np.s_[:half], np.s_[half:]]))
+    return out
 
 
 class Segmented:
@@ -120,7 +136,12 @@ class Segmented:
     def find(self, paths: list[str]) -> np.ndarray:
         def read(s: State, r: Reader) -> np.ndarray:
             runs: list[KeyRun] = [read_run(r, n) for n, _ in s.index]
-            return find_keys(runs, path_keys(paths, int(s.attrs["key_seed"])))
+            out = np.empty(len(paths), np.int64)
+            step = 1 << 18  # keys of 262,144 paths at a time: memory stays bounded
+            for i in range(0, len(paths), step):
+                keys = path_keys(paths[i : i + step], int(s.attrs["key_seed"]))
+                out[i : i + step] = find_keys(runs, keys)
+            return out
 
         return self._run(read)
 
@@ -153,4 +174,4 @@ class Segmented:
 
     def embeddings(self, name: str, rows: np.ndarray | None) -> np.ndarray:
         x = self._column(backbone_family(name), "embeddings", rows)  # HDF5's own float16
-        return x.astype(np.float32, copy=False)  # conversion is several times slower than numpy's
+        return to_float32(x)  # conversion is several times slower than numpy's

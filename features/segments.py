@@ -119,8 +119,22 @@ class Reader:
     def span(
         self, pieces: list[Piece], col: Column, name: str, lo: int, hi: int, dtype=None
     ) -> np.ndarray:
-        """Rows ``lo..hi-1`` of one column."""
-        return self.rows(pieces, col, name, np.arange(lo, hi, dtype=np.int64), dtype)
+        """Rows ``lo..hi-1`` of one column (read straight into the output, piece by piece)."""
+        out = _empty(col, hi - lo, dtype)
+        at = lo
+        for p in overlapping(pieces, lo, hi):
+            a, b = max(lo, p.lo), min(hi, p.hi)
+            if a > at:
+                out[at - lo : a - lo] = col.fill if col.dtype is not STR else b""
+            src = np.s_[p.offset + a - p.lo : p.offset + b - p.lo]
+            if out.dtype == object:
+                out[a - lo : b - lo] = self.dataset(p, name)[src]
+            else:
+                self.dataset(p, name).read_direct(out, src, np.s_[a - lo : b - lo])
+            at = b
+        if at < hi:
+            out[at - lo :] = col.fill if col.dtype is not STR else b""
+        return out
 
     def rows(
         self, pieces: list[Piece], col: Column, name: str, rows: np.ndarray, dtype=None

@@ -80,6 +80,7 @@ class FeatureStore:
                 f" (and {len(problems) - 1} more; see `penult check`)" if len(problems) > 1 else ""
             )
             raise StoreError(f"{self.path}: malformed store: {problems[0]}{more}")
+        self._seen: set[str] = set()
         self._b: Legacy | Segmented = (
             Legacy(self.path) if self.version < 2 else Segmented(self.path)
         )
@@ -128,7 +129,10 @@ class FeatureStore:
         return self.backbones()[self._known(name)]
 
     def _known(self, name: str) -> str:
+        if name in self._seen:  # a backbone is never removed from a store
+            return name
         have = self._b.backbones() if self.version < 2 else self._b.state().backbones
+        self._seen |= set(have)
         if name not in have:
             names = ", ".join(sorted(have)) or "none"
             raise StoreError(

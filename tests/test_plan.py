@@ -80,5 +80,6 @@ def test_match_hashes_confirms_all_bytes_when_prefixes_collide():
     keys[:, 31] = [1, 2, 2, 3]  # the same 8-byte prefix for every key
     queries = np.zeros((3, 32), np.uint8)
     queries[:, 31] = [2, 3, 9]
-    assert match_hashes(keys, queries).tolist() == [1, 3, -1]
-    assert match_hashes(keys[:0], queries).tolist() == [-1, -1, -1]
+    assert match_hashes(keys, np.arange(4), queries).tolist() == [1, 3, -1]
+    assert match_hashes(keys, np.array([3, 2, 1, 0]), queries).tolist() == [2, 3, -1]
+    assert match_hashes(keys, np.arange(0), queries).tolist() == [-1, -1, -1]
