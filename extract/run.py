@@ -180,7 +180,7 @@ def plan(
     unreadable = np.fromiter(map(bool, err), bool, n)
     skipped, prev = np.zeros(n, bool), np.zeros(n, bool)
     step = 1 << 16  # a block of the listing at a time: memory stays a few bytes a row
-    for s in range(0, n, step):
+    for s in range(0, n if n_stored else 0, step):  # (an empty store has nothing to skip)
         r = row[s : s + step]
         at = np.maximum(r, 0)
         same = (r >= 0) & ~unreadable[s : s + step]

@@ -83,3 +83,16 @@ def test_match_hashes_confirms_all_bytes_when_prefixes_collide():
     assert match_hashes(keys, np.arange(4), queries).tolist() == [1, 3, -1]
     assert match_hashes(keys, np.array([3, 2, 1, 0]), queries).tolist() == [2, 3, -1]
     assert match_hashes(keys, np.arange(0), queries).tolist() == [-1, -1, -1]
+
+
+def test_plan_on_an_empty_store_runs_everything():
+    stored = TableView(np.zeros((0, 32), np.uint8), np.zeros(0), np.zeros(0), np.zeros(0, bool))
+    p = plan(
+        ["ab" * 32, ""],
+        ["", "unreadable"],
+        np.array([-1, -1]),
+        stored,
+        np.zeros(0, bool),
+        retry_failed=False,
+    )
+    assert (p.todo, p.reuse, p.skipped, p.unreadable) == ([0], [], 0, [1])
