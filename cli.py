@@ -24,6 +24,17 @@ EXAMPLES = """examples:
 """
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/4)") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= I < N")
+    return i, n
+
+
 def _ranged(
     cast: type, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
     open_hi: bool = False,
@@ -128,6 +139,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         type=_POSITIVE,
         default=512,
         help="rows per journal commit (the most a crash can lose)",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="embed only shard I of N (0-based; a fixed split of the paths) into a part beside "
+        "the store, for job arrays; run `penult merge STORE` when the shards are done. A shard "
+        "run again after a kill resumes its part",
     )
     p.add_argument(
         "--retry-failed", action="store_true", help="try again images that failed in an earlier run"
@@ -599,6 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_neighbors(sub)
     _add_finetune(sub)
     p = sub.add_parser(
+        "merge",
+        help="publish the parts written by `extract --shard`",
+        description="Move every finished part (STORE.parts/) into the store under its writer's "
+        "lock and commit; parts still being written are left for a later merge. Safe to run again "
+        "after a kill.",
+    )
+    p.add_argument("store")
+    p = sub.add_parser(
         "info",
         help="summarise a feature store",
         description="Backbones, counts, dims, fingerprints, labels, failed images, size.",
@@ -656,11 +683,23 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         backbone=args.backbone, weights=args.weights, name=args.name, trust_checkpoint=args.trust_checkpoint, crop_pct=args.crop_pct,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision, optimize=args.optimize,
         dtype=args.dtype, commit_every=args.commit_every, retry_failed=args.retry_failed,
-        max_pixels=args.max_pixels, progress=not args.quiet,
+        max_pixels=args.max_pixels, progress=not args.quiet, shard=args.shard,
     )  # fmt: skip
     summary = extract(args.store, listing, opts)
     print(summary.report())
+    if args.shard:
+        print(
+            f"shard {args.shard[0]}/{args.shard[1]} written as a part; `penult merge {args.store}` publishes the finished parts"
+        )
     return 130 if summary.interrupted else 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from features import merge
+
+    parts, shards = merge(args.store)
+    print(f"{args.store}: merged {parts} part(s) ({shards} journal shards)")
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -831,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "backbones": _cmd_backbones,
         "extract": _cmd_extract,
+        "merge": _cmd_merge,
         "info": _cmd_info,
         "check": _cmd_check,
         "demo": _cmd_demo,

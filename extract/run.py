@@ -19,6 +19,7 @@ from extract.model import Embedder, build_backbone, pick_optimize
 from extract.registry import DEFAULT_BACKBONE
 from extract.sources import Listing
 from features import StoreWriter, TableView, sha_raw
+from features.parts import PartWriter
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class ExtractOptions:
     retry_failed: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
+    shard: tuple[int, int] | None = (
+        None  # (I, N): embed shard I of N into a part; `merge` publishes
+    )
 
 
 @dataclass
@@ -273,7 +277,13 @@ def extract(
         Path(store_path), name, str(embedder.device), embedder.precision, listed=len(listing)
     )
     s.ignored = listing.ignored
-    with StoreWriter(store_path) as w:
+    writer: StoreWriter | PartWriter = StoreWriter(store_path)
+    if opts.shard is not None:
+        i, n = opts.shard
+        listing = listing.shard(i, n)
+        writer = PartWriter(store_path, f"shard-{i}-of-{n}")
+        s.listed = len(listing)
+    with writer as w:
         row, stored = w.store.find(listing.paths), w.store.table_view()
         sha, err, nbytes, mtime = hash_listing(listing, row, stored, progress=opts.progress)
         w.upsert_images(
@@ -294,6 +304,9 @@ def extract(
             x = w.store.embeddings(name, [r for _, r in p.reuse])
             w.append(name, [listing.paths[i] for i, _ in p.reuse], [sha[i] for i, _ in p.reuse], x)
             s.reused = len(p.reuse)
+        if isinstance(w, PartWriter):  # a shard run again after a kill: resume its part
+            done = w.done(name)
+            p.todo = [i for i in p.todo if (listing.paths[i], sha[i]) not in done]
         if p.todo:
             _run(w, name, listing, sha, p.todo, embedder, backbone.preprocess, opts, s)
     s.seconds = time.perf_counter() - t0
@@ -301,7 +314,7 @@ def extract(
 
 
 def _run(
-    w: StoreWriter,
+    w: StoreWriter | PartWriter,
     name: str,
     listing: Listing,
     sha: list[str],

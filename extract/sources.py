@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -37,6 +38,24 @@ class Listing:
 
     def absolute(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
+
+    def shard(self, i: int, n: int) -> Listing:
+        """Shard ``i`` of ``n``: the paths whose CRC-32 is ``i`` modulo ``n`` (the same split for
+        every process and every run, whatever else the folder holds)."""
+        if not 0 <= i < n:
+            raise SourceError(f"shard {i}/{n}: need 0 <= I < N")
+        keep = [
+            k
+            for k, p in enumerate(self.paths)
+            if zlib.crc32(p.encode("utf-8", "surrogateescape")) % n == i
+        ]
+        return Listing(
+            root=self.root,
+            paths=[self.paths[k] for k in keep],
+            labels={c: [v[k] for k in keep] for c, v in self.labels.items()},
+            ignored=self.ignored,
+            notes=self.notes,
+        )
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:

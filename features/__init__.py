@@ -2,6 +2,7 @@
 
 from features.errors import FingerprintMismatchError, StoreError, StoreLockedError
 from features.inspect import check, describe
+from features.parts import PartWriter, merge
 from features.store import IDENTITY_FIELDS, FeatureStore, StoreWriter, same_backbone
 from features.types import BackboneEntry, Chunk, ImageTable, TableView, sha_hex, sha_raw
 from features.upgrade import upgrade
@@ -13,12 +14,14 @@ __all__ = [
     "FeatureStore",
     "FingerprintMismatchError",
     "ImageTable",
+    "PartWriter",
     "StoreError",
     "StoreLockedError",
     "StoreWriter",
     "TableView",
     "check",
     "describe",
+    "merge",
     "same_backbone",
     "sha_hex",
     "sha_raw",

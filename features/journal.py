@@ -41,7 +41,11 @@ def fsync_dir(path: Path) -> None:
 
 def list_shards(store_path: Path) -> list[Path]:
     """Committed shards in commit order (temporary files of a killed writer are not listed)."""
-    d = journal_dir(store_path)
+    return shards_in(journal_dir(store_path))
+
+
+def shards_in(d: Path) -> list[Path]:
+    """Committed shards of a journal folder (the store's, or a part's) in commit order."""
     if not d.is_dir():
         return []
     return sorted(p for p in d.iterdir() if p.suffix == _SUFFIX and not p.name.startswith("."))
@@ -49,7 +53,10 @@ def list_shards(store_path: Path) -> list[Path]:
 
 def remove_stale_temporaries(store_path: Path) -> int:
     """Delete half-written shards left by a killed writer; they were never committed."""
-    d = journal_dir(store_path)
+    return remove_stale_temporaries_in(journal_dir(store_path))
+
+
+def remove_stale_temporaries_in(d: Path) -> int:
     n = 0
     if d.is_dir():
         for p in d.iterdir():
@@ -63,7 +70,13 @@ def write_shard(
     store_path: Path, seq: int, kind: str, meta: dict[str, Any], **arrays: np.ndarray
 ) -> Path:
     """Atomically commit one shard. ``meta`` is JSON; arrays must be numeric or unicode (no objects)."""
-    d = journal_dir(store_path)
+    return write_shard_to(journal_dir(store_path), seq, kind, meta, **arrays)
+
+
+def write_shard_to(
+    d: Path, seq: int, kind: str, meta: dict[str, Any], **arrays: np.ndarray
+) -> Path:
+    """:func:`write_shard` into any journal folder (a part folder of ``extract --shard``)."""
     d.mkdir(exist_ok=True)
     final = d / f"{seq:09d}-{kind}{_SUFFIX}"
     payload = {k: np.asarray(v) for k, v in arrays.items()}
@@ -98,6 +111,18 @@ def read_shard(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise DamagedShardError(f"{path}: {type(e).__name__}: {e}") from None
     return meta, arrays
+
+
+def adopt(store_path: Path, seq: int, shard: Path) -> Path:
+    """Move a committed shard from another folder into the store's journal as number ``seq``."""
+    kind = shard.stem.split("-", 1)[1]
+    d = journal_dir(store_path)
+    d.mkdir(exist_ok=True)
+    dest = d / f"{seq:09d}-{kind}{_SUFFIX}"
+    os.replace(shard, dest)
+    fsync_dir(d)
+    fsync_dir(shard.parent)
+    return dest
 
 
 def set_aside(shard: Path) -> Path:

@@ -270,111 +270,27 @@ def _seq(shard: Path) -> int:
 _LOCKED_HERE: set[str] = set()
 
 
-class StoreWriter:
-    """The single writer of a store: holds an exclusive lock, journals every write, commits atomically.
+class Writes:
+    """The write methods of a store writer, each checked before anything is journaled; a
+    subclass says where the journal shards go (``_write``) and gives ``store`` to check against."""
 
-    Use as a context manager. Whatever was journaled is committed on exit, also after an exception,
-    so finished work is never lost; after a kill it is committed by the next writer.
-    """
+    path: Path
+    store: FeatureStore
+    _registered: dict[str, dict[str, Any]]
 
-    def __init__(self, path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGMENT_ROWS):
-        if int(segment_rows) < 1:
-            raise StoreError(f"segment_rows must be at least 1, got {segment_rows!r}")
-        self.path = real_path(path)
-        self.segment_rows = int(segment_rows)
-        self._lock_fh = None
-        self._seq = 0
-        self._registered: dict[str, dict[str, Any]] = {}
-
-    def __enter__(self) -> StoreWriter:
-        if not self.path.parent.is_dir():
-            raise StoreError(f"{self.path}: folder {self.path.parent} does not exist")
-        if self.path.exists() and FeatureStore(self.path).version < 2:  # validates it too
-            raise StoreError(
-                f"{self.path} was written by an older penult (store format 1) and is read-only "
-                f"here; convert it once with `penult check --upgrade {self.path}`"
-            )
-        self._acquire_lock()
-        try:
-            merged = compact(self.path, segment_rows=self.segment_rows)
-            if merged:
-                log.info("merged %d journal shards left by an interrupted run", merged)
-            self._refresh()
-        except BaseException:
-            self._release_lock()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
-        try:
-            if exc is None:
-                self.commit()
-            else:  # keep what was journaled, but never hide the error that stopped the run
-                try:
-                    self.commit()
-                except Exception as e:  # noqa: BLE001 - e.g. the disk is still full
-                    log.info(
-                        "%s: the journal was kept unmerged (%s); `penult check --repair` merges it",
-                        self.path,
-                        e,
-                    )
-        finally:
-            self._release_lock()
-
-    def _acquire_lock(self) -> None:
-        """POSIX record lock: released by the kernel when this process dies, and (unlike flock) not
-        inherited by forked loader workers, which may outlive a killed writer for a moment."""
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        key = str(lock_path.resolve())
-        fh = open(lock_path, "a+")  # noqa: SIM115 - held for the writer's lifetime
-        try:
-            if key in _LOCKED_HERE:  # record locks do not conflict within one process
-                raise BlockingIOError
-            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
-            raise StoreLockedError(
-                f"{self.path} is being written by another process ({holder}); wait for it to finish"
-            ) from None
-        _LOCKED_HERE.add(key)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        self._lock_fh, self._lock_key = fh, key
-
-    def _release_lock(self) -> None:
-        if self._lock_fh is not None:
-            _LOCKED_HERE.discard(self._lock_key)
-            self._lock_fh.close()  # closing releases the record lock
-            self._lock_fh = None
+    _lock_fh: Any = None
+    _seq: int = 0
 
     def _write(self, kind: str, meta: dict[str, Any], **arrays: np.ndarray) -> None:
         if self._lock_fh is None:
-            raise StoreError("StoreWriter must be used as a context manager")
-        journal.write_shard(self.path, self._seq, kind, meta, **arrays)
+            raise StoreError(f"{type(self).__name__} must be used as a context manager")
+        self._put(self._seq, kind, meta, arrays)
         self._seq += 1
 
-    def commit(self) -> None:
-        """Merge the journal into the store file (atomic replace) and refresh ``self.store``."""
-        try:
-            compact(self.path)
-        except OSError as e:  # e.g. no room for the new file: the old file and journal are intact
-            if e.errno == errno.ENOSPC:
-                raise
-            raise StoreError(
-                f"{self.path}: could not merge the journal into the store ({e.strerror or e}); "
-                f"the finished work is kept in {journal.journal_dir(self.path)}, and "
-                f"`penult check --repair {self.path}` merges it once the cause is fixed"
-            ) from None
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.store = FeatureStore(self.path)
-        done = int(self.store.attrs.get("journal_seq", 0))
-        self._seq = max(journal.next_seq(self.path), done + 1)
+    def _put(
+        self, seq: int, kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> None:
+        raise NotImplementedError
 
     def upsert_images(
         self,
@@ -490,3 +406,115 @@ class StoreWriter:
                 sha256=np.array(sha256, dtype=str),
                 reason=np.array(reasons, dtype=str),
             )
+
+
+class StoreWriter(Writes):
+    """The single writer of a store: holds an exclusive lock, journals every write, commits atomically.
+
+    Use as a context manager. Whatever was journaled is committed on exit, also after an exception,
+    so finished work is never lost; after a kill it is committed by the next writer.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGMENT_ROWS):
+        if int(segment_rows) < 1:
+            raise StoreError(f"segment_rows must be at least 1, got {segment_rows!r}")
+        self.path = real_path(path)
+        self.segment_rows = int(segment_rows)
+        self._lock_fh = None
+        self._seq = 0
+        self._registered: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> StoreWriter:
+        if not self.path.parent.is_dir():
+            raise StoreError(f"{self.path}: folder {self.path.parent} does not exist")
+        if self.path.exists() and FeatureStore(self.path).version < 2:  # validates it too
+            raise StoreError(
+                f"{self.path} was written by an older penult (store format 1) and is read-only "
+                f"here; convert it once with `penult check --upgrade {self.path}`"
+            )
+        self._acquire_lock()
+        try:
+            merged = compact(self.path, segment_rows=self.segment_rows)
+            if merged:
+                log.info("merged %d journal shards left by an interrupted run", merged)
+            self._refresh()
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            if exc is None:
+                self.commit()
+            else:  # keep what was journaled, but never hide the error that stopped the run
+                try:
+                    self.commit()
+                except Exception as e:  # noqa: BLE001 - e.g. the disk is still full
+                    log.info(
+                        "%s: the journal was kept unmerged (%s); `penult check --repair` merges it",
+                        self.path,
+                        e,
+                    )
+        finally:
+            self._release_lock()
+
+    def _acquire_lock(self) -> None:
+        """POSIX record lock: released by the kernel when this process dies, and (unlike flock) not
+        inherited by forked loader workers, which may outlive a killed writer for a moment."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        key = str(lock_path.resolve())
+        fh = open(lock_path, "a+")  # noqa: SIM115 - held for the writer's lifetime
+        try:
+            if key in _LOCKED_HERE:  # record locks do not conflict within one process
+                raise BlockingIOError
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise StoreLockedError(
+                f"{self.path} is being written by another process ({holder}); wait for it to finish"
+            ) from None
+        _LOCKED_HERE.add(key)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock_fh, self._lock_key = fh, key
+
+    def _release_lock(self) -> None:
+        if self._lock_fh is not None:
+            _LOCKED_HERE.discard(self._lock_key)
+            self._lock_fh.close()  # closing releases the record lock
+            self._lock_fh = None
+
+    def _put(
+        self, seq: int, kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> None:
+        journal.write_shard(self.path, seq, kind, meta, **arrays)
+
+    def commit(self) -> None:
+        """Merge the journal into the store file (atomic replace) and refresh ``self.store``."""
+        try:
+            compact(self.path)
+        except OSError as e:  # e.g. no room for the new file: the old file and journal are intact
+            if e.errno == errno.ENOSPC:
+                raise
+            raise StoreError(
+                f"{self.path}: could not merge the journal into the store ({e.strerror or e}); "
+                f"the finished work is kept in {journal.journal_dir(self.path)}, and "
+                f"`penult check --repair {self.path}` merges it once the cause is fixed"
+            ) from None
+        self._refresh()
+
+    def adopt(self, shard: Path) -> None:
+        """Take a committed shard written elsewhere (a part of ``extract --shard``) into the
+        journal, after everything journaled so far; the next commit publishes it."""
+        journal.adopt(self.path, self._seq, shard)
+        self._seq += 1
+
+    def _refresh(self) -> None:
+        self.store = FeatureStore(self.path)
+        done = int(self.store.attrs.get("journal_seq", 0))
+        self._seq = max(journal.next_seq(self.path), done + 1)

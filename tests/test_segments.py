@@ -183,7 +183,7 @@ WRITER = textwrap.dedent("""
     from test_segments import _add
     p = sys.argv[1]
     print("ready", flush=True)
-    for k in range(30):
+    for k in range(20):
         try:
             fs = FeatureStore(p)
             if len(fs) >= 20 * (k + 1) and fs.valid("net")[20 * k : 20 * (k + 1)].all():
@@ -220,7 +220,7 @@ def _kill_loop(script: str, target: Path, *, kills: int, after_kill) -> None:
 
 def test_kill_during_commits_rolls_and_index_merges_then_resume(tmp_path: Path) -> None:
     ref, p = tmp_path / "ref.h5", tmp_path / "s.h5"
-    for k in range(30):
+    for k in range(20):
         with StoreWriter(ref, segment_rows=48) as w:
             _add(w, k)
 
@@ -231,7 +231,7 @@ def test_kill_during_commits_rolls_and_index_merges_then_resume(tmp_path: Path) 
                 pass
             assert check(p) == []
 
-    _kill_loop(WRITER, p, kills=5, after_kill=sound)
+    _kill_loop(WRITER, p, kills=4, after_kill=sound)
     subprocess.run(
         [sys.executable, "-c", WRITER.format(root=str(ROOT), tests=str(ROOT / "tests")), str(p)],
         check=True,

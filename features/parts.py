@@ -1,0 +1,141 @@
+"""Part files: work done outside the store's single writer (``extract --shard I/N``), published
+later by one ``merge`` under the writer's lock.
+
+A part is a folder ``STORE.parts/<name>/`` of journal shards (the same committed ``.npz`` files
+as the store's own journal: temporary name, fsync, rename), written by one process that holds the
+part's lock. ``merge`` moves each part's shards, oldest first, into the store's journal and
+publishes them with one commit; replaying is idempotent (rows are keyed by path and content
+hash), so a merge killed at any moment is simply run again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features import journal
+from features.errors import StoreError, StoreLockedError
+from features.store import FeatureStore, StoreWriter, Writes, real_path
+
+
+def parts_dir(store: Path) -> Path:
+    return store.with_name(store.name + ".parts")
+
+
+def list_parts(store: str | os.PathLike[str]) -> list[Path]:
+    d = parts_dir(real_path(store))
+    return sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+
+def ensure_store(path: Path, *, wait_s: float = 60.0) -> None:
+    """Create an empty store if there is none (several shard processes may start at once)."""
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        try:
+            with StoreWriter(path):
+                pass
+        except StoreLockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class PartWriter(Writes):
+    """Writes like :class:`StoreWriter` (same methods, same checks) into a part folder instead
+    of the store; the store is only read. Use as a context manager."""
+
+    def __init__(self, store: str | os.PathLike[str], name: str):
+        if not name or "/" in name or name.startswith("."):
+            raise StoreError(f"part name {name!r} must be non-empty, without '/' or a leading dot")
+        self.path = real_path(store)
+        self.folder = parts_dir(self.path) / name
+        self._lock_fh = None
+        self._registered: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> PartWriter:
+        ensure_store(self.path)
+        self.store = FeatureStore(self.path)
+        if self.store.version < 2:
+            raise StoreError(
+                f"{self.path} is store format 1; run `penult check --upgrade {self.path}` first"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fh = open(self.folder / ".lock", "a+")  # noqa: SIM115 - held while the part is written
+        try:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise StoreLockedError(
+                f"part {self.folder} is being written by another process"
+            ) from None
+        self._lock_fh = fh
+        self._seq = _next_seq(self.folder)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def _put(
+        self, seq: int, kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> None:
+        journal.write_shard_to(self.folder, seq, kind, meta, **arrays)
+
+    def commit(self) -> None:
+        """Nothing to publish here (``merge`` does); the shards are already durable."""
+
+    def done(self, backbone: str) -> set[tuple[str, str]]:
+        """(path, sha256) of every image this part already embedded or recorded as failed, so a
+        shard run again after a kill resumes instead of redoing its part."""
+        out: set[tuple[str, str]] = set()
+        for shard in journal.shards_in(self.folder):
+            try:
+                meta, arrays = journal.read_shard(shard)
+            except journal.DamagedShardError:
+                continue
+            if meta["kind"] == "failures" or (
+                meta["kind"] == "embeddings" and meta.get("name") == backbone
+            ):
+                out |= set(zip(arrays["path"].tolist(), arrays["sha256"].tolist(), strict=True))
+        return out
+
+
+def _next_seq(folder: Path) -> int:
+    shards = journal.shards_in(folder)
+    return int(shards[-1].name.split("-")[0]) + 1 if shards else 1
+
+
+def merge(store: str | os.PathLike[str]) -> tuple[int, int]:
+    """Publish every finished part into the store; return (parts, shards) merged. A part whose
+    writer still runs is left for a later merge."""
+    path = real_path(store)
+    n_parts = n_shards = 0
+    with StoreWriter(path) as w:
+        for part in list_parts(path):
+            fh = open(part / ".lock", "a+")  # noqa: SIM115
+            try:
+                fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue  # still being written
+            try:
+                journal.remove_stale_temporaries_in(part)
+                for shard in journal.shards_in(part):
+                    w.adopt(shard)
+                    n_shards += 1
+                w.commit()
+                for p in part.iterdir():
+                    p.unlink()
+                part.rmdir()
+                n_parts += 1
+            finally:
+                fh.close()
+        if parts_dir(path).is_dir() and not any(parts_dir(path).iterdir()):
+            parts_dir(path).rmdir()
+    return n_parts, n_shards
