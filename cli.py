@@ -149,6 +149,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "run again after a kill resumes its part",
     )
     p.add_argument(
+        "--cluster",
+        metavar="SPEC",
+        help="embed on Dask: local[:N] (N worker processes; default one per GPU, else 2), "
+        "tcp://HOST:PORT (a running scheduler) or slurm[:JOBS] (dask-jobqueue, configured in "
+        "~/.config/dask/jobqueue.yaml). The driver plans, workers write parts, the driver "
+        "publishes them; needs `pip install 'penult[dask]'`",
+    )
+    p.add_argument(
         "--retry-failed", action="store_true", help="try again images that failed in an earlier run"
     )
     p.add_argument(
@@ -676,6 +684,8 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from extract import ExtractOptions, extract, list_images
 
+    if args.shard and args.cluster:
+        raise ValueError("--shard and --cluster are two ways to split a run; use one")
     listing = list_images(args.input, root=args.root, taxonomy=args.taxonomy, split=args.split)
     for note in listing.notes:
         print(note)
@@ -683,8 +693,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         backbone=args.backbone, weights=args.weights, name=args.name, trust_checkpoint=args.trust_checkpoint, crop_pct=args.crop_pct,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision, optimize=args.optimize,
         dtype=args.dtype, commit_every=args.commit_every, retry_failed=args.retry_failed,
-        max_pixels=args.max_pixels, progress=not args.quiet, shard=args.shard,
+        max_pixels=args.max_pixels, progress=not args.quiet, shard=args.shard, cluster=args.cluster,
     )  # fmt: skip
+
     summary = extract(args.store, listing, opts)
     print(summary.report())
     if args.shard:
@@ -865,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from extract import SourceError, UnknownBackboneError, WeightsError
+    from extract.cluster import ClusterError
     from features import StoreError
 
     handler = {
@@ -890,6 +902,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except (
+        ClusterError,
         SourceError,
         StoreError,
         WeightsError,

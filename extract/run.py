@@ -41,9 +41,8 @@ class ExtractOptions:
     retry_failed: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
-    shard: tuple[int, int] | None = (
-        None  # (I, N): embed shard I of N into a part; `merge` publishes
-    )
+    shard: tuple[int, int] | None = None  # (I, N): shard I of N into a part; `merge` publishes
+    cluster: str | None = None  # local[:N], tcp://HOST:PORT or slurm[:JOBS]: embed on Dask
 
 
 @dataclass
@@ -262,17 +261,7 @@ def extract(
         if int(getattr(opts, key)) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(opts, key)!r}")
     t0 = time.perf_counter()
-    backbone = build_backbone(
-        opts.backbone,
-        weights=opts.weights,
-        trust_checkpoint=opts.trust_checkpoint,
-        crop_pct=opts.crop_pct,
-    )
-    name = opts.name or backbone.name
-    embedder = Embedder(
-        backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size
-    )
-    fingerprint = {**backbone.fingerprint, "precision": embedder.precision}
+    backbone, embedder, name, fingerprint = build_embedder(opts)
     s = ExtractSummary(
         Path(store_path), name, str(embedder.device), embedder.precision, listed=len(listing)
     )
@@ -307,10 +296,29 @@ def extract(
         if isinstance(w, PartWriter):  # a shard run again after a kill: resume its part
             done = w.done(name)
             p.todo = [i for i in p.todo if (listing.paths[i], sha[i]) not in done]
-        if p.todo:
+        if p.todo and opts.cluster:
+            from extract.cluster import run_on_cluster
+
+            run_on_cluster(w, str(w.path), listing, sha, p.todo, opts, opts.cluster, s)
+        elif p.todo:
             _run(w, name, listing, sha, p.todo, embedder, backbone.preprocess, opts, s)
     s.seconds = time.perf_counter() - t0
     return s
+
+
+def build_embedder(opts: ExtractOptions):
+    """(backbone, embedder, store entry name, fingerprint) for the options."""
+    backbone = build_backbone(
+        opts.backbone,
+        weights=opts.weights,
+        trust_checkpoint=opts.trust_checkpoint,
+        crop_pct=opts.crop_pct,
+    )
+    embedder = Embedder(
+        backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size
+    )
+    fingerprint = {**backbone.fingerprint, "precision": embedder.precision}
+    return backbone, embedder, opts.name or backbone.name, fingerprint
 
 
 def _run(

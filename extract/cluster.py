@@ -1,0 +1,177 @@
+"""Extraction on a Dask cluster: the driver plans, workers embed partitions into parts, the
+driver publishes the parts under the store's writer lock.
+
+Dask (not a home-made scheduler) gives the task retries, the re-running of a partition whose
+worker died, and one client API for a ``LocalCluster``, an existing scheduler and SLURM. A
+partition's part is written like a ``--shard`` part (``features.parts``), so a retried
+partition resumes what its dead worker finished and never duplicates a row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PARTITION_IMAGES = 2048
+
+
+class ClusterError(Exception):
+    """The cluster spec is wrong, or Dask is not installed."""
+
+
+def client_for(spec: str):
+    """A ``dask.distributed.Client`` for ``local[:N]``, ``tcp://HOST:PORT`` or ``slurm[:JOBS]``."""
+    try:
+        import dask
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise ClusterError(
+            "--cluster needs Dask: pip install 'penult[dask]' (and 'penult[slurm]' for SLURM)"
+        ) from None
+    kind, _, arg = spec.partition(":")
+    if kind == "local":
+        n = _count(arg, spec) if arg else _local_workers()
+        # Dask's worker processes are daemonic by default, and daemonic processes cannot start
+        # the DataLoader's own worker processes: run them as ordinary processes
+        with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+        return Client(cluster)
+    if kind == "tcp":
+        return Client(spec)
+    if kind == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise ClusterError(
+                "--cluster slurm needs dask-jobqueue: pip install 'penult[slurm]'"
+            ) from None
+        cluster = SLURMCluster()  # queue, cores, memory, ... from ~/.config/dask/jobqueue.yaml
+        cluster.scale(jobs=_count(arg, spec) if arg else 1)
+        return Client(cluster)
+    raise ClusterError(f"--cluster {spec!r}: use local[:N], tcp://HOST:PORT or slurm[:JOBS]")
+
+
+def _count(arg: str, spec: str) -> int:
+    try:
+        n = int(arg)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ClusterError(f"--cluster {spec!r}: the count must be a positive integer")
+    return n
+
+
+def _local_workers() -> int:
+    """One worker per GPU where there are GPUs, else two (the loader takes the other cores)."""
+    import torch
+
+    return torch.cuda.device_count() or 2
+
+
+@dataclass
+class Partition:
+    name: str  # the part's folder: stable for the same images, so a rerun resumes it
+    root: str
+    paths: list[str]
+    sha256: list[str]
+
+
+def partitions(root: str, paths: list[str], sha: list[str], size: int) -> list[Partition]:
+    out = []
+    for s in range(0, len(paths), size):
+        p, h = paths[s : s + size], sha[s : s + size]
+        digest = hashlib.sha256("\n".join(f"{a}\t{b}" for a, b in zip(p, h, strict=True)).encode())
+        out.append(Partition(f"task-{digest.hexdigest()[:20]}", root, p, h))
+    return out
+
+
+@dataclass
+class TaskResult:
+    extracted: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+_MODELS: dict[str, Any] = {}  # per worker process: the model is built once, not once per task
+
+
+def run_partition(store: str, part: Partition, opts: dict[str, Any]) -> TaskResult:
+    """Embed one partition into its part (on a worker). Resumes what an earlier attempt wrote."""
+    from extract.run import ExtractOptions, ExtractSummary, _run, build_embedder
+    from extract.sources import Listing
+    from features.parts import PartWriter
+
+    o = ExtractOptions(**opts)
+    key = repr(sorted(opts.items()))
+    if key not in _MODELS:
+        _MODELS[key] = build_embedder(o)
+    backbone, embedder, name, fingerprint = _MODELS[key]
+    listing = Listing(root=part.root, paths=part.paths)
+    s = ExtractSummary(store, name)
+    with PartWriter(store, part.name) as w:
+        w.register_backbone(name, fingerprint, dtype=o.dtype)
+        done = w.done(name)
+        todo = [
+            i
+            for i, (p, h) in enumerate(zip(part.paths, part.sha256, strict=True))
+            if (p, h) not in done
+        ]
+        if todo:
+            _run(w, name, listing, part.sha256, todo, embedder, backbone.preprocess, o, s)
+    return TaskResult(s.extracted, s.failed)
+
+
+def run_on_cluster(
+    w, store: str, listing, sha: list[str], todo: list[int], opts, spec: str, s
+) -> None:
+    """Embed ``todo`` (listing indices) on the cluster, then adopt the parts into ``w`` (the
+    driver's :class:`StoreWriter`), which publishes them when it commits."""
+    from tqdm.auto import tqdm
+
+    from features import journal
+    from features.parts import list_parts, parts_dir
+
+    parts = partitions(
+        str(listing.root),
+        [listing.paths[i] for i in todo],
+        [sha[i] for i in todo],
+        PARTITION_IMAGES,
+    )
+    o = {k: v for k, v in asdict(opts).items() if k not in ("cluster", "shard")}
+    o.update(progress=False)
+    client = client_for(spec)
+    try:
+        from dask.distributed import as_completed
+
+        futures = client.map(
+            run_partition, [store] * len(parts), parts, [o] * len(parts), retries=3, pure=False
+        )
+        size = {f.key: len(p.paths) for f, p in zip(futures, parts, strict=True)}
+        bar = tqdm(total=len(todo), desc="extract (cluster)", unit="img", disable=not opts.progress)
+        for f in as_completed(futures):
+            r = f.result()
+            s.extracted += r.extracted
+            s.failed += r.failed
+            bar.update(size[f.key])
+        bar.close()
+    finally:
+        client.close()
+        cluster = getattr(client, "cluster", None)
+        if cluster is not None:
+            cluster.close()
+    names = {p.name for p in parts}
+    for part in list_parts(store):
+        if part.name in names:
+            for shard in journal.shards_in(part):
+                w.adopt(shard)
+            for f in part.iterdir():
+                f.unlink()
+            part.rmdir()
+    if parts_dir(w.path).is_dir() and not any(parts_dir(w.path).iterdir()):
+        os.rmdir(parts_dir(w.path))
