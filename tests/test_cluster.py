@@ -69,3 +69,48 @@ def test_cluster_spec_and_missing_dask_are_clear_errors(tmp_path: Path, monkeypa
         == 2
     )
     assert "use one" in capsys.readouterr().err
+
+
+def test_a_worker_killed_mid_task_loses_nothing(data_dir: Path, tmp_path: Path, monkeypatch):
+    """SIGKILL one Dask worker process while partitions are being embedded: Dask runs its task
+    again elsewhere (resuming its part) and the store ends equal to a single run."""
+    pytest.importorskip("distributed")
+    import threading
+    import time
+
+    import psutil
+
+    import extract.cluster
+
+    monkeypatch.setattr(extract.cluster, "PARTITION_IMAGES", 6)
+    manifest = cub_manifest(data_dir, tmp_path / "m.csv", classes=3, per_class=12)
+    args = [str(manifest), "--root", str(data_dir / "cub100"), "-q", "--precision", "fp32"]
+    single, clustered = tmp_path / "single.h5", tmp_path / "cluster.h5"
+    assert cli.main(["extract", str(single), *args, "--workers", "0"]) == 0
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if parts_dir(clustered).is_dir() and any(parts_dir(clustered).iterdir()):
+                workers = [
+                    c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())
+                ]
+                if workers:
+                    workers[0].kill()
+                    killed.append(workers[0].pid)
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=kill_a_worker, daemon=True)
+    t.start()
+    assert (
+        cli.main(["extract", str(clustered), *args, "--workers", "0", "--cluster", "local:2"]) == 0
+    )
+    t.join(timeout=5)
+    assert killed, "no worker was killed mid-run"
+    want, got = _by_path(single), _by_path(clustered)
+    assert sorted(got) == sorted(want) and len(FeatureStore(clustered)) == 36
+    for p, x in want.items():
+        np.testing.assert_allclose(got[p], x, atol=1e-5)
+    assert check(clustered) == []
