@@ -21,29 +21,6 @@ def _by_path(store: Path) -> dict[str, np.ndarray]:
     return {paths[r]: v for r, v in zip(rows.tolist(), x, strict=True)}
 
 
-def test_local_cluster_gives_the_rows_and_embeddings_of_a_single_run(
-    data_dir: Path, tmp_path: Path, monkeypatch
-):
-    pytest.importorskip("distributed")
-    import extract.cluster
-
-    monkeypatch.setattr(extract.cluster, "PARTITION_IMAGES", 10)  # several tasks per worker
-    manifest = cub_manifest(data_dir, tmp_path / "m.csv", classes=3, per_class=12)
-    args = [str(manifest), "--root", str(data_dir / "cub100"), "-q", "--precision", "fp32"]
-    single, clustered = tmp_path / "single.h5", tmp_path / "cluster.h5"
-    assert cli.main(["extract", str(single), *args, "--workers", "0"]) == 0
-    assert (
-        cli.main(["extract", str(clustered), *args, "--workers", "1", "--cluster", "local:2"]) == 0
-    )
-    want, got = _by_path(single), _by_path(clustered)
-    assert sorted(got) == sorted(want) and len(want) == 36  # no row missing, none twice
-    assert len(FeatureStore(clustered)) == 36
-    for p, x in want.items():
-        np.testing.assert_allclose(got[p], x, atol=1e-5)
-    assert check(clustered) == [] and not parts_dir(clustered).exists()
-    assert cli.main(["extract", str(clustered), *args, "--cluster", "local:2"]) == 0  # all stored
-
-
 def test_cluster_spec_and_missing_dask_are_clear_errors(tmp_path: Path, monkeypatch, capsys):
     from extract.cluster import ClusterError, client_for
 
@@ -71,9 +48,12 @@ def test_cluster_spec_and_missing_dask_are_clear_errors(tmp_path: Path, monkeypa
     assert "use one" in capsys.readouterr().err
 
 
-def test_a_worker_killed_mid_task_loses_nothing(data_dir: Path, tmp_path: Path, monkeypatch):
-    """SIGKILL one Dask worker process while partitions are being embedded: Dask runs its task
-    again elsewhere (resuming its part) and the store ends equal to a single run."""
+def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
+    data_dir: Path, tmp_path: Path, monkeypatch
+):
+    """`--cluster local:2` with DataLoader workers inside the Dask workers, and one Dask worker
+    SIGKILLed while partitions are being embedded: Dask runs its task again (resuming its part)
+    and the store holds exactly the rows and embeddings of a single-process run."""
     pytest.importorskip("distributed")
     import threading
     import time
@@ -113,4 +93,6 @@ def test_a_worker_killed_mid_task_loses_nothing(data_dir: Path, tmp_path: Path, 
     assert sorted(got) == sorted(want) and len(FeatureStore(clustered)) == 36
     for p, x in want.items():
         np.testing.assert_allclose(got[p], x, atol=1e-5)
-    assert check(clustered) == []
+    assert check(clustered) == [] and not parts_dir(clustered).exists()
+    assert cli.main(["extract", str(clustered), *args, "--cluster", "local:2"]) == 0  # all stored
+    assert len(FeatureStore(clustered)) == 36
