@@ -159,8 +159,12 @@ class Reader:
         n = len(rows)
         if b - a == n and out.dtype != object:  # contiguous: straight into the output
             ds.read_direct(out, np.s_[a:b], np.s_[i : i + n])
-        elif b - a <= 4 * n or b - a <= 4096:  # dense: one slab beats a point selection
-            out[i : i + n] = ds[a:b][local - a]
+        elif b - a <= 4 * n or b - a <= 4096:  # dense: slabs beat a point selection
+            step = max(n, 1024)  # never hold more than the rows asked for (or 1024)
+            for s in range(a, b, step):
+                u, v = np.searchsorted(local, [s, s + step])
+                if v > u:
+                    out[i + u : i + v] = ds[s : min(s + step, b)][local[u:v] - s]
         else:
             out[i : i + n] = ds[local]
 
