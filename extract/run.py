@@ -19,7 +19,7 @@ from extract.model import Embedder, build_backbone, pick_optimize
 from extract.registry import DEFAULT_BACKBONE
 from extract.sources import Listing
 from features import StoreWriter, TableView, sha_raw
-from features.parts import PartWriter
+from features.parts import PartWriter, merge
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +266,8 @@ def extract(
         Path(store_path), name, str(embedder.device), embedder.precision, listed=len(listing)
     )
     s.ignored = listing.ignored
+    if opts.cluster:  # parts finished by a driver that was killed: publish them, then plan
+        merge(store_path)
     writer: StoreWriter | PartWriter = StoreWriter(store_path)
     if opts.shard is not None:
         i, n = opts.shard
