@@ -34,7 +34,7 @@ def to_float32(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.float32:
         return x
     out = np.empty(x.shape, np.float32)
-    if x.nbytes < (8 << 20):
+    if x.nbytes < (32 << 20):  # small blocks: threads (and their stacks) are not worth it
         np.copyto(out, x)
         return out
     half = len(x) // 2

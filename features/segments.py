@@ -160,7 +160,7 @@ class Reader:
         if b - a == n and out.dtype != object:  # contiguous: straight into the output
             ds.read_direct(out, np.s_[a:b], np.s_[i : i + n])
         elif b - a <= 4 * n or b - a <= 4096:  # dense: slabs beat a point selection
-            step = max(n, 1024)  # never hold more than the rows asked for (or 1024)
+            step = 4096  # a bounded slab: memory stays near the rows asked for
             for s in range(a, b, step):
                 u, v = np.searchsorted(local, [s, s + step])
                 if v > u:

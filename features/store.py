@@ -180,6 +180,8 @@ class FeatureStore:
 
     def fused_embeddings(self, backbones: Sequence[str], rows: Sequence[np.ndarray]) -> np.ndarray:
         """(k, sum of dims) float32: backbone ``i``'s embeddings of ``rows[i]``, side by side."""
+        if len(backbones) == 1:  # no copy
+            return self.embeddings(backbones[0], rows[0])
         return np.concatenate(
             [self.embeddings(b, r) for b, r in zip(backbones, rows, strict=True)], axis=1
         )
