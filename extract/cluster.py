@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -130,12 +129,11 @@ def run_partition(store: str, part: Partition, opts: dict[str, Any]) -> TaskResu
 def run_on_cluster(
     w, store: str, listing, sha: list[str], todo: list[int], opts, spec: str, s
 ) -> None:
-    """Embed ``todo`` (listing indices) on the cluster, then adopt the parts into ``w`` (the
-    driver's :class:`StoreWriter`), which publishes them when it commits."""
+    """Embed ``todo`` (listing indices) on the cluster, then publish the parts through ``w``
+    (the driver's :class:`StoreWriter`)."""
     from tqdm.auto import tqdm
 
-    from features import journal
-    from features.parts import list_parts, parts_dir
+    from features.parts import adopt_parts
 
     parts = partitions(
         str(listing.root),
@@ -165,13 +163,4 @@ def run_on_cluster(
         cluster = getattr(client, "cluster", None)
         if cluster is not None:
             cluster.close()
-    names = {p.name for p in parts}
-    for part in list_parts(store):
-        if part.name in names:
-            for shard in journal.shards_in(part):
-                w.adopt(shard)
-            for f in part.iterdir():
-                f.unlink()
-            part.rmdir()
-    if parts_dir(w.path).is_dir() and not any(parts_dir(w.path).iterdir()):
-        os.rmdir(parts_dir(w.path))
+    adopt_parts(w, {p.name for p in parts})

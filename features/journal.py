@@ -139,5 +139,9 @@ def list_damaged(store_path: Path) -> list[Path]:
 
 
 def next_seq(store_path: Path) -> int:
-    shards = list_shards(store_path)
+    return next_seq_in(journal_dir(store_path))
+
+
+def next_seq_in(d: Path) -> int:
+    shards = shards_in(d)
     return int(shards[-1].name.split("-")[0]) + 1 if shards else 1

@@ -12,18 +12,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features.segmented import backbone_attr_problems
+from features.segmented import backbone_attr_problems, decode
 from features.types import BackboneEntry, ImageTable, TableView, sha_raw
 
 _STR_COLUMNS = ("path", "root", "sha256", "error")
 _INT_COLUMNS = {"nbytes": np.int64, "mtime_ns": np.int64, "width": np.int32, "height": np.int32}
-
-
-def decode(values: np.ndarray) -> list[str]:
-    """Stored strings back to str; bytes that are not UTF-8 come back surrogate-escaped (lossless)."""
-    return [
-        v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values
-    ]
 
 
 def read_table(f: h5py.File) -> ImageTable:

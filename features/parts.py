@@ -65,16 +65,10 @@ class PartWriter(Writes):
                 f"{self.path} is store format 1; run `penult check --upgrade {self.path}` first"
             )
         self.folder.mkdir(parents=True, exist_ok=True)
-        fh = open(self.folder / ".lock", "a+")  # noqa: SIM115 - held while the part is written
-        try:
-            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            raise StoreLockedError(
-                f"part {self.folder} is being written by another process"
-            ) from None
-        self._lock_fh = fh
-        self._seq = _next_seq(self.folder)
+        self._lock_fh = _try_lock(self.folder)
+        if self._lock_fh is None:
+            raise StoreLockedError(f"part {self.folder} is being written by another process")
+        self._seq = journal.next_seq_in(self.folder)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -86,9 +80,6 @@ class PartWriter(Writes):
         self, seq: int, kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]
     ) -> None:
         journal.write_shard_to(self.folder, seq, kind, meta, **arrays)
-
-    def commit(self) -> None:
-        """Nothing to publish here (``merge`` does); the shards are already durable."""
 
     def done(self, backbone: str) -> set[tuple[str, str]]:
         """(path, sha256) of every image this part already embedded or recorded as failed, so a
@@ -106,36 +97,48 @@ class PartWriter(Writes):
         return out
 
 
-def _next_seq(folder: Path) -> int:
-    shards = journal.shards_in(folder)
-    return int(shards[-1].name.split("-")[0]) + 1 if shards else 1
+def _try_lock(part: Path):
+    """The part's lock file, locked; None when another process holds it (the part is being
+    written). A POSIX record lock: the kernel releases it when its holder dies."""
+    fh = open(part / ".lock", "a+")  # noqa: SIM115 - held while the part is written or merged
+    try:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    return fh
+
+
+def adopt_parts(w: StoreWriter, names: set[str] | None = None) -> tuple[int, int]:
+    """Move the shards of every finished part (those in ``names`` when given) into ``w``'s
+    journal and publish them, a part at a time; return (parts, shards). A part still being
+    written is left for later."""
+    n_parts = n_shards = 0
+    for part in list_parts(w.path):
+        if names is not None and part.name not in names:
+            continue
+        fh = _try_lock(part)
+        if fh is None:
+            continue
+        try:
+            journal.remove_stale_temporaries_in(part)
+            for shard in journal.shards_in(part):
+                w.adopt(shard)
+                n_shards += 1
+            w.commit()
+            for p in part.iterdir():
+                p.unlink()
+            part.rmdir()
+            n_parts += 1
+        finally:
+            fh.close()
+    folder = parts_dir(w.path)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return n_parts, n_shards
 
 
 def merge(store: str | os.PathLike[str]) -> tuple[int, int]:
-    """Publish every finished part into the store; return (parts, shards) merged. A part whose
-    writer still runs is left for a later merge."""
-    path = real_path(store)
-    n_parts = n_shards = 0
-    with StoreWriter(path) as w:
-        for part in list_parts(path):
-            fh = open(part / ".lock", "a+")  # noqa: SIM115
-            try:
-                fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.close()
-                continue  # still being written
-            try:
-                journal.remove_stale_temporaries_in(part)
-                for shard in journal.shards_in(part):
-                    w.adopt(shard)
-                    n_shards += 1
-                w.commit()
-                for p in part.iterdir():
-                    p.unlink()
-                part.rmdir()
-                n_parts += 1
-            finally:
-                fh.close()
-        if parts_dir(path).is_dir() and not any(parts_dir(path).iterdir()):
-            parts_dir(path).rmdir()
-    return n_parts, n_shards
+    """Publish every finished part into the store; return (parts, shards) merged."""
+    with StoreWriter(store) as w:
+        return adopt_parts(w)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,13 +12,13 @@ import h5py
 import numpy as np
 
 from features.errors import StoreError
-from features.legacy import decode
 from features.segmented import (
     ERROR,
     SIZE,
     TABLE,
     State,
     backbone_family,
+    decode,
     label_family,
     load,
     segment_dir,
@@ -28,12 +29,13 @@ from features.types import BackboneEntry, ImageTable, TableView, sha_hex
 T = TypeVar("T")
 
 
-def to_float32(x: np.ndarray) -> np.ndarray:
-    """float16 to float32 on two threads for large blocks (numpy converts about 1 GB/s a core,
-    slower than the segments are read)."""
+def to_float32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float16 to float32 (into ``out`` when given) on two threads for large blocks (numpy
+    converts about 1 GB/s a core, slower than the segments are read)."""
     if x.dtype == np.float32:
         return x
-    out = np.empty(x.shape, np.float32)
+    if out is None:
+        out = np.empty(x.shape, np.float32)
     if x.nbytes < (32 << 20):  # small blocks: threads (and their stacks) are not worth it
         np.copyto(out, x)
         return out
@@ -70,48 +72,56 @@ class Segmented:
                     s = fresh
         raise AssertionError("unreachable")
 
-    def _column(
-        self, family: str, column: str, rows: np.ndarray | None = None, dtype=None
-    ) -> np.ndarray:
-        def read(s: State, r: Reader) -> np.ndarray:
-            col = s.columns(family)[column]
-            ps = s.maps.get(family, [])
-            if rows is None:
-                return r.span(ps, col, column, 0, s.rows, dtype)
-            return r.rows(ps, col, column, rows, dtype)
+    def _columns(
+        self, wanted: list[tuple[str, str]], rows: np.ndarray | None = None
+    ) -> tuple[State, list[np.ndarray]]:
+        """The (family, column) pairs, all read from one state (one commit's snapshot)."""
+
+        def read(s: State, r: Reader) -> tuple[State, list[np.ndarray]]:
+            out = []
+            for family, column in wanted:
+                col, ps = s.columns(family)[column], s.maps.get(family, [])
+                out.append(
+                    r.span(ps, col, column, 0, s.rows)
+                    if rows is None
+                    else r.rows(ps, col, column, rows)
+                )
+            return s, out
 
         return self._run(read)
+
+    def _column(self, family: str, column: str, rows: np.ndarray | None = None) -> np.ndarray:
+        return self._columns([(family, column)], rows)[1][0]
 
     def rows(self) -> int:
         return self.state().rows
 
     def table(self) -> ImageTable:
-        s = self.state()
+        fixed = [(TABLE, c) for c in ("path", "root", "sha256", "nbytes", "mtime_ns")]
+        fixed += [(ERROR, "error"), (SIZE, "width"), (SIZE, "height")]
+        labels = self.state().labels
+        s, cols = self._columns(fixed + [(label_family(c), "code") for c in labels])
+        path, root, sha, nbytes, mtime, error, width, height, *codes = cols
         names = {k: np.asarray(v, dtype=object) for k, v in s.names.items()}
-        root = self._column(TABLE, "root")
         t = ImageTable(
-            path=decode(self._column(TABLE, "path")),
+            path=decode(path),
             root=names["root"][root].tolist() if len(root) else [],
-            sha256=sha_hex(self._column(TABLE, "sha256")),
-            error=names["error"][self._column(ERROR, "error")].tolist(),
-            nbytes=self._column(TABLE, "nbytes"),
-            mtime_ns=self._column(TABLE, "mtime_ns"),
-            width=self._column(SIZE, "width"),
-            height=self._column(SIZE, "height"),
+            sha256=sha_hex(sha),
+            error=names["error"][error].tolist(),
+            nbytes=nbytes,
+            mtime_ns=mtime,
+            width=width,
+            height=height,
         )
-        for col in s.labels:
-            t.labels[col] = names[label_family(col)][
-                self._column(label_family(col), "code")
-            ].tolist()
+        for col, c in zip(labels, codes, strict=True):
+            t.labels[col] = names[label_family(col)][c].tolist()
         return t
 
     def view(self) -> TableView:
-        return TableView(
-            sha256=self._column(TABLE, "sha256"),
-            nbytes=self._column(TABLE, "nbytes"),
-            mtime_ns=self._column(TABLE, "mtime_ns"),
-            failed=self._column(ERROR, "error") != 0,
+        _, (sha, nbytes, mtime, error) = self._columns(
+            [(TABLE, "sha256"), (TABLE, "nbytes"), (TABLE, "mtime_ns"), (ERROR, "error")]
         )
+        return TableView(sha256=sha, nbytes=nbytes, mtime_ns=mtime, failed=error != 0)
 
     def hashes(self, rows: np.ndarray) -> np.ndarray:
         return self._column(TABLE, "sha256", rows)
@@ -149,16 +159,15 @@ class Segmented:
         return self.state().labels
 
     def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
-        names = self.state().names[label_family(column)]
-        return self._column(label_family(column), "code"), list(names)
+        fam = label_family(column)
+        s, (codes,) = self._columns([(fam, "code")])
+        return codes, list(s.names[fam])
 
     def backbones(self) -> dict[str, BackboneEntry]:
         s = self.state()
         return {n: self._entry(s, n) for n in s.backbones}
 
     def _entry(self, s: State, name: str) -> BackboneEntry:
-        import json
-
         meta = s.backbones[name]
         return BackboneEntry(
             name=name,
@@ -173,5 +182,20 @@ class Segmented:
         return self._column(backbone_family(name), "valid")
 
     def embeddings(self, name: str, rows: np.ndarray | None) -> np.ndarray:
-        x = self._column(backbone_family(name), "embeddings", rows)  # HDF5's own float16
-        return to_float32(x)  # conversion is several times slower than numpy's
+        fam = backbone_family(name)
+
+        def read(s: State, r: Reader) -> np.ndarray:
+            col, ps = s.columns(fam)["embeddings"], s.maps.get(fam, [])
+            n = s.rows if rows is None else len(rows)
+            # the float32 result first: a matrix too big for memory fails here as MemoryError,
+            # not somewhere inside HDF5 halfway through the read
+            out = np.empty((n, *col.shape), np.float32) if col.dtype != np.float32 else None
+            x = (
+                r.span(ps, col, "embeddings", 0, n)
+                if rows is None
+                else r.rows(ps, col, "embeddings", rows)
+            )
+            # converted by numpy: HDF5's own float16 conversion is several times slower
+            return x if out is None else to_float32(x, out)
+
+        return self._run(read)

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from features import journal
-from features.errors import FingerprintMismatchError, StoreError
+from features.errors import FingerprintMismatchError
 from features.segments import (
     STR,
     Column,
@@ -141,9 +141,20 @@ def new_state(block: int = SEGMENT_ROWS) -> State:
     return State(attrs, names={"root": [], "error": [""]})
 
 
+def attributes(obj: h5py.HLObject) -> dict[str, Any]:
+    """An HDF5 object's attributes as plain Python values."""
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in obj.attrs.items()}
+
+
+def decode(values: np.ndarray) -> list[str]:
+    """Stored strings back to str; bytes that are not UTF-8 come back surrogate-escaped (lossless)."""
+    return [
+        v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values
+    ]
+
+
 def load(f: h5py.File) -> State:
-    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-    s = State(attrs)
+    s = State(attributes(f))
     for fam, g in f["segments"].items():
         s.maps[fam] = [
             Piece(int(a), int(b), n.decode(), int(o))
@@ -153,12 +164,12 @@ def load(f: h5py.File) -> State:
         ]
     ix = f["index"]
     s.index = [(n.decode(), int(r)) for n, r in zip(ix["file"][()], ix["rows"][()], strict=True)]
-    s.names["root"] = [v.decode("utf-8", "surrogateescape") for v in f["images/root_names"][()]]
-    s.names["error"] = [v.decode("utf-8", "surrogateescape") for v in f["images/error_names"][()]]
+    s.names["root"] = decode(f["images/root_names"][()])
+    s.names["error"] = decode(f["images/error_names"][()])
     for col, g in f["images/labels"].items():
-        s.names[label_family(col)] = [v.decode("utf-8", "surrogateescape") for v in g["names"][()]]
+        s.names[label_family(col)] = decode(g["names"][()])
     for name, g in f["backbones"].items():
-        s.backbones[name] = {k: (v.item() if hasattr(v, "item") else v) for k, v in g.attrs.items()}
+        s.backbones[name] = attributes(g)
     return s
 
 
@@ -277,11 +288,8 @@ class Commit:
         return out[inv]
 
     def put(self, family: str, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        if not len(rows):
-            return
-        uniq, last = np.unique(rows[::-1], return_index=True)  # the last write of a row wins
-        idx = len(rows) - 1 - last
-        self.pending.setdefault(family, []).append((uniq, {k: v[idx] for k, v in values.items()}))
+        if len(rows):
+            self.pending.setdefault(family, []).append(_last_wins(rows, values))
 
     def codes(self, kind: str, values: list[str]) -> np.ndarray:
         names = self.s.names.setdefault(kind, [""])
@@ -355,7 +363,7 @@ class Commit:
         self._clear_errors(rows)
 
     def _clear_errors(self, rows: np.ndarray) -> None:
-        if len(rows) and self.s.maps.get(ERROR):
+        if len(rows) and (self.s.maps.get(ERROR) or self.pending.get(ERROR)):
             failed = rows[self.current(ERROR, "error", rows) != 0]
             self.put(ERROR, failed, {"error": np.zeros(len(failed), np.int32)})
 
@@ -442,11 +450,10 @@ class Commit:
         collect_garbage(self.path, s)
 
     def _write(self, fam: str, updates: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> None:
-        rows = np.concatenate([r for r, _ in updates])
-        values = {k: np.concatenate([v[k] for _, v in updates]) for k in updates[0][1]}
-        uniq, last = np.unique(rows[::-1], return_index=True)
-        idx = len(rows) - 1 - last
-        values = {k: v[idx] for k, v in values.items()}
+        uniq, values = _last_wins(
+            np.concatenate([r for r, _ in updates]),
+            {k: np.concatenate([v[k] for _, v in updates]) for k in updates[0][1]},
+        )
         cols = self.s.columns(fam)
         pieces, parts = [], {k: [] for k in cols}
         offset = 0
@@ -490,6 +497,15 @@ class Commit:
         self.reader.close()
         save(self.path, self.s)
         collect_garbage(self.path, self.s)
+
+
+def _last_wins(
+    rows: np.ndarray, values: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Sorted unique ``rows`` and their values, the last write of a repeated row winning."""
+    uniq, last = np.unique(rows[::-1], return_index=True)
+    idx = len(rows) - 1 - last
+    return uniq, {k: v[idx] for k, v in values.items()}
 
 
 def _cat(parts: list[np.ndarray], col: Column) -> np.ndarray:
@@ -545,7 +561,3 @@ def referenced_problems(path: Path, s: State) -> list[str]:
     return [
         f"segment {folder / n} is missing" for n in sorted(s.files()) if not (folder / n).is_file()
     ]
-
-
-def check_error(e: Exception) -> StoreError:
-    return e if isinstance(e, StoreError) else StoreError(str(e))

@@ -116,16 +116,14 @@ class Reader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def span(
-        self, pieces: list[Piece], col: Column, name: str, lo: int, hi: int, dtype=None
-    ) -> np.ndarray:
+    def span(self, pieces: list[Piece], col: Column, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo..hi-1`` of one column (read straight into the output, piece by piece)."""
-        out = _empty(col, hi - lo, dtype)
+        out = _empty(col, hi - lo)
         at = lo
         for p in overlapping(pieces, lo, hi):
             a, b = max(lo, p.lo), min(hi, p.hi)
             if a > at:
-                out[at - lo : a - lo] = col.fill if col.dtype is not STR else b""
+                out[at - lo : a - lo] = _fill(col)
             src = np.s_[p.offset + a - p.lo : p.offset + b - p.lo]
             if out.dtype == object:
                 out[a - lo : b - lo] = self.dataset(p, name)[src]
@@ -133,14 +131,12 @@ class Reader:
                 self.dataset(p, name).read_direct(out, src, np.s_[a - lo : b - lo])
             at = b
         if at < hi:
-            out[at - lo :] = col.fill if col.dtype is not STR else b""
+            out[at - lo :] = _fill(col)
         return out
 
-    def rows(
-        self, pieces: list[Piece], col: Column, name: str, rows: np.ndarray, dtype=None
-    ) -> np.ndarray:
-        """The column at sorted, unique ``rows`` (converted to ``dtype`` by HDF5 while reading)."""
-        out = _empty(col, len(rows), dtype)
+    def rows(self, pieces: list[Piece], col: Column, name: str, rows: np.ndarray) -> np.ndarray:
+        """The column at sorted, unique ``rows``."""
+        out = _empty(col, len(rows))
         covered = np.zeros(len(rows), bool)
         if len(rows):
             for p in overlapping(pieces, int(rows[0]), int(rows[-1]) + 1):
@@ -149,7 +145,7 @@ class Reader:
                     self._read(p, name, rows[i:j], out, i)
                     covered[i:j] = True
         if not covered.all():
-            out[~covered] = col.fill if col.dtype is not STR else b""
+            out[~covered] = _fill(col)
         return out
 
     def _read(self, p: Piece, name: str, rows: np.ndarray, out: np.ndarray, i: int) -> None:
@@ -169,10 +165,15 @@ class Reader:
             out[i : i + n] = ds[local]
 
 
-def _empty(col: Column, n: int, dtype) -> np.ndarray:
+def _empty(col: Column, n: int) -> np.ndarray:
     if col.dtype is STR:
         return np.empty(n, dtype=object)
-    return np.empty((n, *col.shape), dtype=dtype or col.dtype)
+    return np.empty((n, *col.shape), dtype=col.dtype)
+
+
+def _fill(col: Column) -> object:
+    """What a row no piece covers reads as."""
+    return b"" if col.dtype is STR else col.fill
 
 
 def write_segment(

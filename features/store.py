@@ -88,7 +88,7 @@ class FeatureStore:
     @property
     def attrs(self) -> dict[str, Any]:
         with h5py.File(self.path, "r") as f:
-            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            return segmented.attributes(f)
 
     def __len__(self) -> int:
         return self._b.rows()
@@ -274,7 +274,7 @@ _LOCKED_HERE: set[str] = set()
 
 class Writes:
     """The write methods of a store writer, each checked before anything is journaled; a
-    subclass says where the journal shards go (``_write``) and gives ``store`` to check against."""
+    subclass says where the journal shards go (``_put``) and gives ``store`` to check against."""
 
     path: Path
     store: FeatureStore

@@ -118,6 +118,19 @@ def test_changed_file_labels_and_failures_are_overlays(tmp_path: Path) -> None:
     assert FeatureStore(p).valid("net")[10] and FeatureStore(p).embeddings("net", [10])[0, 0] == 1
 
 
+def test_failure_then_embedding_in_one_commit_clears_the_failure(tmp_path: Path) -> None:
+    """A failure journaled earlier in the same commit (nothing stored yet) is cleared too."""
+    p = tmp_path / "s.h5"
+    paths, sha, x = _batch(0)
+    with StoreWriter(p) as w:
+        w.upsert_images(paths, ["/r"] * 20, sha, np.arange(20), np.arange(20), {})
+        w.record_failures(paths[:2], sha[:2], ["truncated file"] * 2)
+        w.register_backbone("net", {**FP, "dim": 8})
+        w.append("net", paths[1:], sha[1:], x[1:])
+    t = FeatureStore(p).images()
+    assert t.error[:3] == ["truncated file", "", ""]
+
+
 def test_missing_or_truncated_segment_is_named_and_repaired(tmp_path: Path, capsys) -> None:
     p = tmp_path / "s.h5"
     for k in range(3):
