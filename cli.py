@@ -157,6 +157,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "publishes them; needs `pip install 'penult[dask]'`",
     )
     p.add_argument(
+        "--partition-size",
+        type=_POSITIVE,
+        default=2048,
+        metavar="N",
+        help="images per Dask task with --cluster: larger means less scheduling, smaller means "
+        "less redone when a worker dies (default 2048)",
+    )
+    p.add_argument(
         "--retry-failed", action="store_true", help="try again images that failed in an earlier run"
     )
     p.add_argument(
@@ -694,6 +702,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision, optimize=args.optimize,
         dtype=args.dtype, commit_every=args.commit_every, retry_failed=args.retry_failed,
         max_pixels=args.max_pixels, progress=not args.quiet, shard=args.shard, cluster=args.cluster,
+        partition_size=args.partition_size,
     )  # fmt: skip
 
     summary = extract(args.store, listing, opts)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-PARTITION_IMAGES = 2048
 
 
 class ClusterError(Exception):
@@ -32,6 +31,8 @@ def client_for(spec: str):
         raise ClusterError(
             "--cluster needs Dask: pip install 'penult[dask]' (and 'penult[slurm]' for SLURM)"
         ) from None
+    if not logging.getLogger().isEnabledFor(logging.INFO):  # Dask's start-up chatter only with -v
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     kind, _, arg = spec.partition(":")
     if kind == "local":
         n = _count(arg, spec) if arg else _local_workers()
@@ -122,7 +123,18 @@ def run_partition(store: str, part: Partition, opts: dict[str, Any]) -> TaskResu
             if (p, h) not in done
         ]
         if todo:
-            _run(w, name, listing, part.sha256, todo, embedder, backbone.preprocess, o, s)
+            _run(
+                w,
+                name,
+                listing,
+                part.sha256,
+                todo,
+                embedder,
+                backbone.preprocess,
+                o,
+                s,
+                on_batch=report_progress,
+            )
     return TaskResult(s.extracted, s.failed)
 
 
@@ -131,36 +143,99 @@ def run_on_cluster(
 ) -> None:
     """Embed ``todo`` (listing indices) on the cluster, then publish the parts through ``w``
     (the driver's :class:`StoreWriter`)."""
-    from tqdm.auto import tqdm
-
     from features.parts import adopt_parts
 
     parts = partitions(
         str(listing.root),
         [listing.paths[i] for i in todo],
         [sha[i] for i in todo],
-        PARTITION_IMAGES,
+        opts.partition_size,
     )
-    o = {k: v for k, v in asdict(opts).items() if k not in ("cluster", "shard")}
+    o = {k: v for k, v in asdict(opts).items() if k not in ("cluster", "shard", "partition_size")}
     o.update(progress=False)
     client = client_for(spec)
     try:
-        from dask.distributed import as_completed
-
-        futures = client.map(
-            run_partition, [store] * len(parts), parts, [o] * len(parts), retries=3, pure=False
-        )
-        size = {f.key: len(p.paths) for f, p in zip(futures, parts, strict=True)}
-        bar = tqdm(total=len(todo), desc="extract (cluster)", unit="img", disable=not opts.progress)
-        for f in as_completed(futures):
-            r = f.result()
+        for r in run_tasks(
+            client,
+            run_partition,
+            [(store, p, o) for p in parts],
+            [len(p.paths) for p in parts],
+            "extract (cluster)",
+            opts.progress,
+        ):
             s.extracted += r.extracted
             s.failed += r.failed
-            bar.update(size[f.key])
-        bar.close()
     finally:
-        client.close()
-        cluster = getattr(client, "cluster", None)
-        if cluster is not None:
-            cluster.close()
+        close(client)
     adopt_parts(w, {p.name for p in parts})
+
+
+def close(client) -> None:
+    """Close the client and the cluster it started (a LocalCluster or SLURM jobs)."""
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progress: bool) -> list:
+    """Run ``fn(*a)`` for each of ``args`` on the cluster with retries; return the results in
+    the order of ``args``. One bar counts images over all workers (tasks report each batch
+    with :func:`report_progress`); a worker that leaves while tasks run gets a line of its own
+    (Dask runs its tasks again elsewhere)."""
+    from dask.distributed import wait
+    from tqdm.auto import tqdm
+
+    futures = client.map(fn, *zip(*args, strict=True), retries=3, pure=False)
+    index = {f.key: i for i, f in enumerate(futures)}
+    counted = [0] * len(futures)
+    bar = tqdm(total=sum(sizes), desc=desc, unit="img", disable=not progress, smoothing=0.1)
+
+    def count(i: int, n: int) -> None:  # a retried task reports its images again: cap them
+        n = min(n, sizes[i] - counted[i])
+        counted[i] += n
+        bar.update(n)
+
+    def on_event(event: tuple[float, dict]) -> None:
+        i = index.get(event[1].get("key"))
+        if i is not None:
+            count(i, int(event[1]["n"]))
+
+    client.subscribe_topic(PROGRESS_TOPIC, on_event)
+    results: list = [None] * len(futures)
+    workers = set(client.scheduler_info()["workers"])
+    pending = set(futures)
+    try:
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                done = set()
+            for f in done:
+                i = index[f.key]
+                results[i] = f.result()  # a task that failed its retries raises here
+                count(i, sizes[i])
+            now = set(client.scheduler_info()["workers"])
+            for lost in sorted(workers - now):
+                tqdm.write(
+                    f"penult: worker {lost} left the cluster; its tasks run again elsewhere",
+                    file=sys.stderr,
+                )
+            workers = now
+    finally:
+        client.unsubscribe_topic(PROGRESS_TOPIC)
+        bar.close()
+    return results
+
+
+PROGRESS_TOPIC = "penult-progress"
+
+
+def report_progress(n: int) -> None:
+    """From inside a task: ``n`` more images done (for the driver's bar)."""
+    from distributed import get_worker
+    from distributed.worker import thread_state
+
+    key = getattr(thread_state, "key", None)
+    if key is not None:
+        get_worker().log_event(PROGRESS_TOPIC, {"key": key, "n": n})

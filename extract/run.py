@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class ExtractOptions:
     progress: bool = True
     shard: tuple[int, int] | None = None  # (I, N): shard I of N into a part; `merge` publishes
     cluster: str | None = None  # local[:N], tcp://HOST:PORT or slurm[:JOBS]: embed on Dask
+    partition_size: int = 2048  # images per Dask task
 
 
 @dataclass
@@ -257,7 +259,7 @@ def extract(
     store_path: str | os.PathLike[str], listing: Listing, opts: ExtractOptions = ExtractOptions()
 ) -> ExtractSummary:  # noqa: B008
     """Embed every listed image that the store lacks for this backbone; see ExtractOptions."""
-    for key in ("batch_size", "commit_every", "max_pixels"):
+    for key in ("batch_size", "commit_every", "max_pixels", "partition_size"):
         if int(getattr(opts, key)) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(opts, key)!r}")
     t0 = time.perf_counter()
@@ -333,7 +335,10 @@ def _run(
     pre,
     opts: ExtractOptions,
     s: ExtractSummary,
+    *,
+    on_batch: Callable[[int], None] | None = None,
 ) -> None:
+    """Embed ``todo`` into ``w``; ``on_batch(n)`` is told of every ``n`` images done."""
     workers = default_workers(embedder.device) if opts.workers is None else opts.workers
     if pick_optimize(opts.optimize, embedder.device, len(todo)) == "inductor":
         t = time.perf_counter()
@@ -404,6 +409,8 @@ def _run(
                     s.extracted += 1
             bar.update(len(batch.indices) + len(batch.failed))
             bar.set_postfix(failed=len(s.failed), refresh=False)
+            if on_batch is not None:
+                on_batch(len(batch.indices) + len(batch.failed))
             if len(buf["path"]) + len(fails["path"]) >= opts.commit_every:
                 flush()
     except KeyboardInterrupt:

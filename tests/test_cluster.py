@@ -10,7 +10,7 @@ import pytest
 
 import cli
 from conftest import cub_manifest
-from features import FeatureStore, check
+from features import FeatureStore, StoreWriter, check
 from features.parts import parts_dir
 
 
@@ -49,7 +49,7 @@ def test_cluster_spec_and_missing_dask_are_clear_errors(tmp_path: Path, monkeypa
 
 
 def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
-    data_dir: Path, tmp_path: Path, monkeypatch
+    data_dir: Path, tmp_path: Path, capsys
 ):
     """`--cluster local:2` with DataLoader workers inside the Dask workers, and one Dask worker
     SIGKILLed while partitions are being embedded: Dask runs its task again (resuming its part)
@@ -60,9 +60,6 @@ def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
 
     import psutil
 
-    import extract.cluster
-
-    monkeypatch.setattr(extract.cluster, "PARTITION_IMAGES", 6)
     manifest = cub_manifest(data_dir, tmp_path / "m.csv", classes=3, per_class=12)
     args = [str(manifest), "--root", str(data_dir / "cub100"), "-q", "--precision", "fp32"]
     single, clustered = tmp_path / "single.h5", tmp_path / "cluster.h5"
@@ -85,10 +82,24 @@ def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
     t = threading.Thread(target=kill_a_worker, daemon=True)
     t.start()
     assert (
-        cli.main(["extract", str(clustered), *args, "--workers", "0", "--cluster", "local:2"]) == 0
+        cli.main(
+            [
+                "extract",
+                str(clustered),
+                *args,
+                "--workers",
+                "0",
+                "--cluster",
+                "local:2",
+                "--partition-size",
+                "6",
+            ]
+        )
+        == 0
     )
     t.join(timeout=5)
     assert killed, "no worker was killed mid-run"
+    assert "left the cluster; its tasks run again elsewhere" in capsys.readouterr().err
     want, got = _by_path(single), _by_path(clustered)
     assert sorted(got) == sorted(want) and len(FeatureStore(clustered)) == 36
     for p, x in want.items():
@@ -96,3 +107,66 @@ def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
     assert check(clustered) == [] and not parts_dir(clustered).exists()
     assert cli.main(["extract", str(clustered), *args, "--cluster", "local:2"]) == 0  # all stored
     assert len(FeatureStore(clustered)) == 36
+
+
+def test_driver_killed_at_random_moments_then_a_rerun_equals_an_uninterrupted_run(
+    data_dir: Path, tmp_path: Path
+):
+    """SIGKILL the driver of `extract --cluster local:2` at random moments (planning, tasks
+    running, parts being published): the store always opens and checks clean, and a rerun
+    publishes the parts left behind and finishes equal to an uninterrupted run."""
+    pytest.importorskip("distributed")
+    import os
+    import random
+    import shutil
+    import subprocess
+    import time
+
+    manifest = cub_manifest(data_dir, tmp_path / "m.csv", classes=2, per_class=12)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+    def cmd(store: Path) -> list[str]:
+        return [sys.executable, "-m", "cli", "extract", str(store), str(manifest), "--root",
+                str(data_dir / "cub100"), "-q", "--precision", "fp32", "--workers", "0",
+                "--batch-size", "4", "--cluster", "local:2", "--partition-size", "4",
+                "--commit-every", "4"]  # fmt: skip
+
+    ref, store = tmp_path / "ref.h5", tmp_path / "s.h5"
+    t0 = time.perf_counter()
+    subprocess.run(cmd(ref), env=env, check=True, timeout=300, capture_output=True)
+    full = time.perf_counter() - t0
+    rng = random.Random(1)
+    landed = []
+    for _ in range(5):
+        if len(landed) >= 2:
+            break
+        proc = subprocess.Popen(
+            cmd(store), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait = rng.uniform(0.3, 0.95) * full
+        try:
+            proc.wait(timeout=wait)  # finished before the kill: start over
+            for f in tmp_path.glob("s.h5*"):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+            continue
+        except subprocess.TimeoutExpired:
+            proc.kill()  # SIGKILL: no cleanup runs
+            proc.wait()
+        time.sleep(1.0)  # the orphaned Dask workers notice and exit
+        if store.exists():
+            FeatureStore(store).images()  # always opens, whatever the moment
+            with StoreWriter(store):  # the next writer merges what was journaled
+                pass
+            assert check(store) == []
+            stored = FeatureStore(store).backbones()
+            parts = list(parts_dir(store).iterdir()) if parts_dir(store).is_dir() else []
+            landed.append(
+                (round(wait, 1), stored["efficientnet_lite0"].count if stored else 0, len(parts))
+            )
+    assert len(landed) >= 2, f"kills did not land mid-run: {landed}"
+    subprocess.run(cmd(store), env=env, check=True, timeout=300, capture_output=True)
+    want, got = _by_path(ref), _by_path(store)
+    assert sorted(got) == sorted(want) and len(FeatureStore(store)) == 24
+    for p, x in want.items():
+        np.testing.assert_allclose(got[p], x, atol=1e-5)
+    assert check(store) == [] and not parts_dir(store).exists()
