@@ -365,6 +365,19 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=_COUNT)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--cluster",
+        metavar="SPEC",
+        help="score on Dask, as `extract --cluster` (local[:N], tcp://HOST:PORT, slurm[:JOBS]); "
+        "the CSV is still in input order and written only when every image is scored",
+    )
+    p.add_argument(
+        "--partition-size",
+        type=_POSITIVE,
+        default=2048,
+        metavar="N",
+        help="images per step (per Dask task with --cluster; default 2048)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -390,6 +403,12 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pq-m", type=_POSITIVE, help="PQ bytes per vector for --kind ivfpq")
     p.add_argument(
         "--rebuild", action="store_true", help="build from scratch even if an index exists"
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="SPEC",
+        help="add the shards of an ivf-disk index (one per million rows, all from one trained "
+        "quantiser) as parallel Dask tasks, as `extract --cluster`; merged on disk here",
     )
 
     p = sub.add_parser(
@@ -554,12 +573,15 @@ def _cmd_index(args: argparse.Namespace) -> int:
     name = _backbone(args.store, args.backbone)
     path = index_path(args.store, name, args.metric)
     if path.exists() and not args.rebuild:
-        ni, added = open_index(args.store, name, metric=args.metric, update=True)
+        ni, added = open_index(
+            args.store, name, metric=args.metric, update=True, cluster=args.cluster
+        )
         print(f"{path}: added {added} new rows, {len(ni.rows):,} in all ({ni.meta['kind']})")
         return 0
     ni, plan = build_index(
-        args.store, name, metric=args.metric, kind=args.kind, nlist=args.nlist, pq_m=args.pq_m
-    )
+        args.store, name, metric=args.metric, kind=args.kind, nlist=args.nlist, pq_m=args.pq_m,
+        cluster=args.cluster,
+    )  # fmt: skip
     print(
         f"{path}: {plan.describe(len(ni.rows), ni.index.d)}; built in {ni.meta['build_seconds']:.1f} s"
     )
@@ -846,7 +868,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     opts = PredictOptions(
         top_k=args.top_k, store=args.store, weights=tuple(args.weights), trust_checkpoint=args.trust_checkpoint,
         device=args.device, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-        progress=not args.quiet,
+        progress=not args.quiet, cluster=args.cluster, chunk=args.partition_size,
     )  # fmt: skip
     print(predict_images(model, args.inputs, args.out, opts).report())
     return 0

@@ -287,30 +287,77 @@ def _add_on_disk(
     *,
     first_id: int = 0,
     existing=None,
+    cluster: str | None = None,
 ) -> Path:
     """Fill the trained, empty ``index`` with ``rows`` (faiss ids from ``first_id``), its inverted
-    lists in a new file beside ``path``: shards of SHARD_ROWS built in memory one at a time, then
-    merged on disk after the lists of ``existing`` (an on-disk index being extended). The lists of
-    an earlier file are copied, never changed in place, so a kill leaves the old index whole."""
+    lists in a new file beside ``path``: shards of SHARD_ROWS built in memory one at a time (or
+    as parallel Dask tasks with ``cluster``, each from the same trained quantiser), then merged
+    on disk after the lists of ``existing`` (an on-disk index being extended). The lists of an
+    earlier file are copied, never changed in place, so a kill leaves the old index whole."""
     work = path.with_name(f".{path.name}.shards-{os.getpid()}")
     work.mkdir(exist_ok=True)
     try:
-        shards = []
-        for start in range(0, len(rows), SHARD_ROWS):
-            shard, at = faiss.clone_index(index), first_id + start
-            for part, x in _chunks(
-                store, backbone, rows[start : start + SHARD_ROWS], metric, plan.pq_m
-            ):
-                shard.add_with_ids(x, np.arange(at, at + len(part), dtype=np.int64))
-                at += len(part)
-            shards.append(str(work / f"{len(shards):05d}.index"))
-            faiss.write_index(shard, shards[-1])
-            del shard
+        starts = range(0, len(rows), SHARD_ROWS)
+        jobs = [
+            (
+                str(store.path),
+                backbone,
+                rows[s : s + SHARD_ROWS],
+                metric,
+                plan.pq_m,
+                f"{path}.trained",
+                first_id + s,
+                str(work / f"{k:05d}.index"),
+            )
+            for k, s in enumerate(starts)
+        ]
+        if cluster:
+            from extract.cluster import client_for, close, run_tasks
+
+            client = client_for(cluster)
+            try:
+                sizes = [len(j[2]) for j in jobs]
+                for _ in run_tasks(client, add_shard, jobs, sizes, "index (cluster)", True):
+                    pass
+            finally:
+                close(client)
+        else:
+            for job in jobs:
+                add_shard(*job, trained=index)
         ivfdata = path.with_name(f"{path.name}.{time.time_ns()}.ivfdata")
-        _merge_lists(index, ([existing] if existing is not None else []), shards, ivfdata)
+        _merge_lists(
+            index, ([existing] if existing is not None else []), [j[-1] for j in jobs], ivfdata
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ivfdata
+
+
+def add_shard(
+    store_path: str,
+    backbone: str,
+    rows: np.ndarray,
+    metric: str,
+    pq_m: int,
+    trained_path: str,
+    first_id: int,
+    out: str,
+    *,
+    trained=None,
+) -> str:
+    """One shard of an on-disk index: ``rows`` added (ids from ``first_id``) to a copy of the
+    trained index, written to ``out`` (temporary name, then renamed: a retried task just
+    writes it again)."""
+    if trained is None:
+        trained = faiss.read_index(trained_path)
+    shard, at = faiss.clone_index(trained), first_id
+    for part, x in _chunks(FeatureStore(store_path), backbone, rows, metric, pq_m):
+        shard.add_with_ids(x, np.arange(at, at + len(part), dtype=np.int64))
+        at += len(part)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    faiss.write_index(shard, tmp)
+    os.replace(tmp, out)
+    return out
 
 
 def _merge_lists(index, indexes: list, shard_files: list[str], ivfdata: Path) -> None:
@@ -378,14 +425,17 @@ def build_index(
     nlist: int | None = None,
     pq_m: int | None = None,
     seed: int = 0,
+    cluster: str | None = None,
 ) -> tuple[NeighborIndex, IndexPlan]:
-    """Build and save an index over every valid row, streaming the store in chunks."""
+    """Build and save an index over every valid row, streaming the store in chunks; with
+    ``cluster`` (a Dask spec, ivf-disk only), the shards are added by parallel tasks."""
     store = FeatureStore(store_path)
     entry = store.backbone(backbone)
     rows = np.flatnonzero(store.valid(backbone))
     if len(rows) == 0:
         raise IndexError_(f"{store_path}: backbone {backbone!r} has no embeddings to index")
     plan = plan_index(len(rows), entry.dim, kind, nlist=nlist, pq_m=pq_m)
+    _check_cluster(cluster, plan.kind)
     index = faiss.index_factory(entry.dim, plan.factory, _faiss_metric(metric))
     t0 = time.perf_counter()
     if plan.train_rows:
@@ -395,7 +445,9 @@ def build_index(
     ivfdata = None
     if plan.kind == "ivf-disk":
         _write_trained(index, path)
-        ivfdata = _add_on_disk(store, backbone, rows, metric, plan, index, path).name
+        ivfdata = _add_on_disk(
+            store, backbone, rows, metric, plan, index, path, cluster=cluster
+        ).name
     else:
         for _part, x in _chunks(store, backbone, rows, metric, plan.pq_m):
             index.add(x)  # faiss ids are positions in ``rows``
@@ -422,6 +474,7 @@ def open_index(
     *,
     metric: str = "cosine",
     update: bool = False,
+    cluster: str | None = None,
 ) -> tuple[NeighborIndex, int]:
     """Load the saved index, refusing a stale or mismatched one; with ``update``, add new rows.
 
@@ -463,12 +516,15 @@ def open_index(
         raise IndexError_(
             f"{path} lacks {len(new)} rows added to the store since it was built; run `penult index` again to add them"
         )
+    if len(new):
+        _check_cluster(cluster, meta.get("kind", ""))
     if len(new) and meta.get("kind") == "ivf-disk":  # a new lists file: old lists + new rows
         trained = faiss.read_index(f"{path}.trained")
         plan = IndexPlan(**{k: meta[k] for k in IndexPlan.__dataclass_fields__})
         ivfdata = _add_on_disk(
-            store, backbone, new, metric, plan, trained, path, first_id=len(rows), existing=ni.index
-        )
+            store, backbone, new, metric, plan, trained, path, first_id=len(rows),
+            existing=ni.index, cluster=cluster,
+        )  # fmt: skip
         ni.index, ni.meta["ivfdata"] = trained, ivfdata.name
     elif len(new):
         for _part, x in _chunks(store, backbone, new, metric, int(meta.get("pq_m", 0))):
@@ -482,6 +538,14 @@ def open_index(
         if ni.meta.get("ivfdata"):
             _remove_other_ivfdata(path, ni.meta["ivfdata"])
     return ni, len(new)
+
+
+def _check_cluster(cluster: str | None, kind: str) -> None:
+    if cluster and kind != "ivf-disk":
+        raise IndexError_(
+            f"--cluster builds on-disk indexes (--kind ivf-disk); a {kind} index is built in "
+            "one process"
+        )
 
 
 def _fresh(store: FeatureStore, backbone: str, rows: np.ndarray, meta: dict[str, Any]) -> bool:

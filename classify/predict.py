@@ -35,8 +35,9 @@ class PredictOptions:
     precision: str = "auto"
     batch_size: int = 32
     workers: int | None = None
-    chunk: int = 2048  # images per step: bounds memory
+    chunk: int = 2048  # images per step (per Dask task with ``cluster``): bounds memory
     progress: bool = True
+    cluster: str | None = None  # local[:N], tcp://HOST:PORT or slurm[:JOBS]: score on Dask
 
 
 @dataclass
@@ -191,6 +192,77 @@ class _Features:
         return np.concatenate(blocks, axis=1), ok, errors
 
 
+@dataclass
+class Scored:
+    """The CSV rows of one chunk of files, in the chunk's order, and what happened to them."""
+
+    rows: list[list[Any]]
+    failed: list[tuple[str, str]]
+    scored: int
+    from_store: int
+    extracted: int
+
+
+def score_chunk(model: Model, feats: _Features, part: list[tuple[str, str]], top_k: int) -> Scored:
+    """Score one chunk of (shown path, absolute path); unreadable files get a row with why."""
+    width = len(csv_header(model, top_k))
+    counts = PredictSummary(Path())
+    X, ok, errors = feats([a for _, a in part], counts)
+    rows: list[list[Any]] = [[]] * len(part)
+    good = np.flatnonzero(ok)
+    if len(good):
+        pred = model.predict(X[good])
+        for i, row in zip(
+            good, csv_rows([part[i][0] for i in good], pred, model, top_k), strict=True
+        ):
+            rows[i] = row
+    failed = []
+    for i in np.flatnonzero(~ok):
+        why = errors.get(int(i), "no features")
+        rows[i] = [part[i][0]] + [""] * (width - 2) + [why]
+        failed.append((part[i][0], why))
+    return Scored(rows, failed, len(good), counts.from_store, counts.extracted)
+
+
+_WORKER_FEATURES: dict[str, _Features] = {}  # per Dask worker: networks built once per job
+
+
+def _score_task(job: str, model: Model, opts: PredictOptions, part: list, top_k: int) -> Scored:
+    """One chunk on a Dask worker."""
+    if job not in _WORKER_FEATURES:
+        _WORKER_FEATURES.clear()
+        _WORKER_FEATURES[job] = _Features(model, opts)
+    return score_chunk(model, _WORKER_FEATURES[job], part, top_k)
+
+
+def _scored_on_cluster(
+    model: Model, chunks: list[list[tuple[str, str]]], opts: PredictOptions, top_k: int
+):
+    """Yield each chunk's :class:`Scored` in input order, scored as Dask tasks (retried when a
+    worker dies); chunks that finish early wait in memory for the ones before them."""
+    import uuid
+
+    from extract.cluster import client_for, close, run_tasks
+
+    client = client_for(opts.cluster)
+    try:
+        shared = client.scatter(model, broadcast=True)  # sent once, not with every task
+        o = PredictOptions(**{**opts.__dict__, "progress": False, "cluster": None})
+        job = uuid.uuid4().hex
+        args = [(job, shared, o, c, top_k) for c in chunks]
+        waiting: dict[int, Scored] = {}
+        at = 0
+        for i, r in run_tasks(
+            client, _score_task, args, [len(c) for c in chunks], "predict (cluster)", opts.progress
+        ):
+            waiting[i] = r
+            while at in waiting:
+                yield waiting.pop(at)
+                at += 1
+    finally:
+        close(client)
+
+
 def predict_images(
     model: Model,
     inputs: Sequence[str],
@@ -204,7 +276,7 @@ def predict_images(
     partial = Path(f"{out}.partial")
     if not partial.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "folder does not exist", str(partial.parent))
-    feats = _Features(model, opts)
+    feats = _Features(model, opts)  # networks and store checked before anything runs
     try:
         _write(model, files, ignored, partial, feats, opts, s)
         os.replace(partial, out)
@@ -226,28 +298,23 @@ def _write(
     """Score ``files`` chunk by chunk into ``partial``; skipped files get a row with the reason."""
     top_k = max(1, min(opts.top_k, len(model.classes)))
     header = csv_header(model, top_k)
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not opts.progress)
+    chunks = [files[i : i + opts.chunk] for i in range(0, len(files), opts.chunk)]
+    if opts.cluster:
+        scored = _scored_on_cluster(model, chunks, opts, top_k)
+        bar = tqdm(disable=True)  # the cluster's own bar counts over all workers
+    else:
+        scored = (score_chunk(model, feats, c, top_k) for c in chunks)
+        bar = tqdm(total=len(files), desc="predict", unit="img", disable=not opts.progress)
     with bar, open_csv(partial) as fh:
         w = SafeWriter(fh)
         w.writerow(header)
-        for start in range(0, len(files), opts.chunk):
-            part = files[start : start + opts.chunk]
-            X, ok, errors = feats([a for _, a in part], s)
-            rows: list[list[Any]] = [[]] * len(part)
-            good = np.flatnonzero(ok)
-            if len(good):
-                pred = model.predict(X[good])
-                for i, row in zip(
-                    good, csv_rows([part[i][0] for i in good], pred, model, top_k), strict=True
-                ):
-                    rows[i] = row
-            for i in np.flatnonzero(~ok):
-                why = errors.get(int(i), "no features")
-                rows[i] = [part[i][0]] + [""] * (len(header) - 2) + [why]
-                s.failed.append((part[i][0], why))
-            w.writerows(rows)
-            s.scored += len(good)
-            bar.update(len(part))
+        for r in scored:
+            w.writerows(r.rows)
+            s.failed += r.failed
+            s.scored += r.scored
+            s.from_store += r.from_store
+            s.extracted += r.extracted
+            bar.update(len(r.rows))
         for shown in ignored:
             why = f"unsupported file type {Path(shown).suffix or '(no extension)'!r}, not an image"
             w.writerow([shown] + [""] * (len(header) - 2) + [why])

@@ -155,7 +155,7 @@ def run_on_cluster(
     o.update(progress=False)
     client = client_for(spec)
     try:
-        for r in run_tasks(
+        for _, r in run_tasks(
             client,
             run_partition,
             [(store, p, o) for p in parts],
@@ -178,9 +178,9 @@ def close(client) -> None:
         cluster.close()
 
 
-def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progress: bool) -> list:
-    """Run ``fn(*a)`` for each of ``args`` on the cluster with retries; return the results in
-    the order of ``args``. One bar counts images over all workers (tasks report each batch
+def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progress: bool):
+    """Run ``fn(*a)`` for each of ``args`` on the cluster with retries; yield (position in
+    ``args``, result) as tasks finish. A task that fails all its retries raises. One bar counts images over all workers (tasks report each batch
     with :func:`report_progress`); a worker that leaves while tasks run gets a line of its own
     (Dask runs its tasks again elsewhere)."""
     from dask.distributed import wait
@@ -202,7 +202,6 @@ def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progre
             count(i, int(event[1]["n"]))
 
     client.subscribe_topic(PROGRESS_TOPIC, on_event)
-    results: list = [None] * len(futures)
     workers = set(client.scheduler_info()["workers"])
     pending = set(futures)
     try:
@@ -213,8 +212,9 @@ def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progre
                 done = set()
             for f in done:
                 i = index[f.key]
-                results[i] = f.result()  # a task that failed its retries raises here
+                r = f.result()  # a task that failed its retries raises here
                 count(i, sizes[i])
+                yield i, r
             now = set(client.scheduler_info()["workers"])
             for lost in sorted(workers - now):
                 tqdm.write(
@@ -225,7 +225,6 @@ def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progre
     finally:
         client.unsubscribe_topic(PROGRESS_TOPIC)
         bar.close()
-    return results
 
 
 PROGRESS_TOPIC = "penult-progress"

@@ -61,6 +61,11 @@ def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
     import psutil
 
     manifest = cub_manifest(data_dir, tmp_path / "m.csv", classes=3, per_class=12)
+    lines = manifest.read_text().splitlines()  # these are all test images in cub100's split:
+    manifest.write_text(  # train on two in three, for the predict part below
+        "\n".join([lines[0]] + [ln.rsplit(",", 1)[0] + (",test" if i % 3 == 0 else ",train")
+                               for i, ln in enumerate(lines[1:])]) + "\n"
+    )  # fmt: skip
     args = [str(manifest), "--root", str(data_dir / "cub100"), "-q", "--precision", "fp32"]
     single, clustered = tmp_path / "single.h5", tmp_path / "cluster.h5"
     assert cli.main(["extract", str(single), *args, "--workers", "0"]) == 0
@@ -107,6 +112,37 @@ def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
     assert check(clustered) == [] and not parts_dir(clustered).exists()
     assert cli.main(["extract", str(clustered), *args, "--cluster", "local:2"]) == 0  # all stored
     assert len(FeatureStore(clustered)) == 36
+
+    # predict --cluster: the same CSV as a single process, in input order, failures included
+    model = tmp_path / "m.skops"
+    assert cli.main(["train", str(clustered), "--out", str(model)]) == 0
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, p in enumerate(sorted(want)[:13]):
+        (inputs / f"{i:02d}.jpg").write_bytes((data_dir / "cub100" / p).read_bytes())
+    (inputs / "05b.jpg").write_bytes(b"not a jpeg")
+    one, many = tmp_path / "one.csv", tmp_path / "many.csv"
+    base = ["predict", str(model), str(inputs), "-q", "--precision", "fp32", "--workers", "0"]
+    assert cli.main([*base, "--out", str(one)]) == 0
+    assert (
+        cli.main([*base, "--out", str(many), "--cluster", "local:2", "--partition-size", "3"]) == 0
+    )
+    a, b = one.read_text().splitlines(), many.read_text().splitlines()
+    assert len(a) == 15 and "05b.jpg" in a[7] and a[7].split(",")[-1]  # the bad file, with why
+    for x, y in zip(a, b, strict=True):  # same rows, same order; probabilities to 1e-5
+        fx, fy = x.split(","), y.split(",")
+        assert [v for v in fx if not _number(v)] == [v for v in fy if not _number(v)]
+        np.testing.assert_allclose(
+            [float(v) for v in fx if _number(v)], [float(v) for v in fy if _number(v)], atol=1e-5
+        )
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def test_driver_killed_at_random_moments_then_a_rerun_equals_an_uninterrupted_run(
@@ -170,3 +206,38 @@ def test_driver_killed_at_random_moments_then_a_rerun_equals_an_uninterrupted_ru
     for p, x in want.items():
         np.testing.assert_allclose(got[p], x, atol=1e-5)
     assert check(store) == [] and not parts_dir(store).exists()
+
+
+def test_on_disk_index_shards_added_on_a_cluster_equal_a_single_process_build(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """`penult index --cluster local:2`: the shards of an ivf-disk index (here 700 rows each)
+    are added by Dask tasks from one trained quantiser and merged on disk; the index, built and
+    then updated that way, answers exactly as one built in one process."""
+    pytest.importorskip("distributed")
+    from test_neighbors import _append, _clustered, _fake_store
+
+    import classify.neighbors as nb
+
+    monkeypatch.setattr(nb, "SHARD_ROWS", 700)
+    X = _clustered(3000, 32, seed=2)
+    one, many = tmp_path / "one" / "s.h5", tmp_path / "many" / "s.h5"
+    for s in (one, many):
+        s.parent.mkdir()
+        paths = _fake_store(s, X)
+        _append(s, paths, X, np.arange(2200))
+    index = ["index", "--kind", "ivf-disk", "--nlist", "16", "--pq-m", "16"]
+    assert cli.main(["index", str(many), "--kind", "ivf", "--cluster", "local:2"]) == 2
+    assert "ivf-disk" in capsys.readouterr().err
+    assert cli.main([*index[:1], str(one), *index[1:]]) == 0
+    assert cli.main([*index[:1], str(many), *index[1:], "--cluster", "local:2"]) == 0
+    for s in (one, many):  # an update: the 800 new rows as two more shards
+        _append(s, paths, X, np.arange(2200, 3000))
+    assert cli.main(["index", str(one)]) == 0
+    assert cli.main(["index", str(many), "--cluster", "local:2"]) == 0
+    a = nb.open_index(one, "fake")[0].search(X[::37], 5)
+    b = nb.open_index(many, "fake")[0].search(X[::37], 5)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    assert len(nb.open_index(many, "fake")[0].rows) == 3000
+    assert not list(many.parent.glob(".*shards*"))  # the shard files are gone

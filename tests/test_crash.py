@@ -14,8 +14,8 @@ import numpy as np
 from conftest import cub_manifest
 from features import FeatureStore, StoreWriter, check
 
-KILLS = 6  # kills that should land mid-run
-MAX_TRIES = 16
+KILLS = 4  # kills that should land mid-run
+MAX_TRIES = 12
 
 
 def _cmd(store: Path, manifest: Path, data_dir: Path) -> list[str]:
@@ -72,7 +72,7 @@ def test_kill_at_random_points_then_resume(data_dir: Path, tmp_path: Path) -> No
         if n == 96:
             hi = min(hi, wait)
             store.unlink()  # finished before the kill: start over to test more kill points
-    assert partial >= 4, f"kills did not land mid-run: progress {progress}"
+    assert partial >= 3, f"kills did not land mid-run: progress {progress}"
 
     subprocess.run(
         _cmd(store, manifest, data_dir), check=True, env=env, timeout=300, capture_output=True
