@@ -123,9 +123,9 @@ def merge_rate(parts: int, rows: int, dim: int = 1280) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=600)
+    ap.add_argument("--images", type=int, default=1600)
     ap.add_argument("--cluster", default="local:2")
-    ap.add_argument("--partition-size", type=int, default=300)
+    ap.add_argument("--partition-size", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--merge-parts", type=int, default=8)
     ap.add_argument("--merge-rows", type=int, default=100_000)
@@ -148,13 +148,16 @@ def main() -> None:
     result["single_img_s"] = round(n / s_med, 2)
     result["cluster_img_s"] = round(n / c_med, 2)
     result["cluster_over_single"] = round(s_med / c_med, 3)
-    small = 32
+    from extract.cluster import balanced_size
+
+    workers = int(args.cluster.partition(":")[2] or 2)
+    size, small = balanced_size(n, args.partition_size, workers), 32
     t_small = extract_run(lst, args.cluster, small)
-    extra = -(-n // small) - -(-n // args.partition_size)
+    extra = -(-n // small) - -(-n // size)
     result["per_partition_s"] = round((t_small - c_med) / extra, 3)
     result["partition_overhead_note"] = (
         f"{-(-n // small)} partitions of {small} took {t_small:.1f} s against "
-        f"{-(-n // args.partition_size)} of {args.partition_size} in {c_med:.1f} s"
+        f"{-(-n // size)} of {size} in {c_med:.1f} s"
     )
     result["schedule_round_trip_ms"] = round(1000 * scheduling(args.cluster), 2)
     result["merge"] = merge_rate(args.merge_parts, args.merge_rows)

@@ -228,24 +228,29 @@ _WORKER_FEATURES: dict[str, _Features] = {}  # per Dask worker: networks built o
 
 
 def _score_task(job: str, model: Model, opts: PredictOptions, part: list, top_k: int) -> Scored:
-    """One chunk on a Dask worker."""
-    if job not in _WORKER_FEATURES:
-        _WORKER_FEATURES.clear()
-        _WORKER_FEATURES[job] = _Features(model, opts)
-    return score_chunk(model, _WORKER_FEATURES[job], part, top_k)
+    """One chunk on a Dask worker (threads, loader and GPU fitted to the worker's share)."""
+    from extract.cluster import ONE_AT_A_TIME, for_this_worker
+
+    with ONE_AT_A_TIME:
+        if job not in _WORKER_FEATURES:
+            _WORKER_FEATURES.clear()
+            _WORKER_FEATURES[job] = _Features(model, for_this_worker(opts))
+        return score_chunk(model, _WORKER_FEATURES[job], part, top_k)
 
 
 def _scored_on_cluster(
-    model: Model, chunks: list[list[tuple[str, str]]], opts: PredictOptions, top_k: int
+    model: Model, files: list[tuple[str, str]], opts: PredictOptions, top_k: int
 ):
     """Yield each chunk's :class:`Scored` in input order, scored as Dask tasks (retried when a
     worker dies); chunks that finish early wait in memory for the ones before them."""
     import uuid
 
-    from extract.cluster import client_for, close, run_tasks
+    from extract.cluster import balanced_size, client_for, close, run_tasks
 
     client = client_for(opts.cluster)
     try:
+        size = balanced_size(len(files), opts.chunk, len(client.scheduler_info()["workers"]))
+        chunks = [files[i : i + size] for i in range(0, len(files), size)]
         shared = client.scatter(model, broadcast=True)  # sent once, not with every task
         o = PredictOptions(**{**opts.__dict__, "progress": False, "cluster": None})
         job = uuid.uuid4().hex
@@ -298,12 +303,15 @@ def _write(
     """Score ``files`` chunk by chunk into ``partial``; skipped files get a row with the reason."""
     top_k = max(1, min(opts.top_k, len(model.classes)))
     header = csv_header(model, top_k)
-    chunks = [files[i : i + opts.chunk] for i in range(0, len(files), opts.chunk)]
     if opts.cluster:
-        scored = _scored_on_cluster(model, chunks, opts, top_k)
+        scored = _scored_on_cluster(model, files, opts, top_k)
         bar = tqdm(disable=True)  # the cluster's own bar counts over all workers
     else:
-        scored = (score_chunk(model, feats, c, top_k) for c in chunks)
+        step = opts.chunk
+        scored = (
+            score_chunk(model, feats, files[i : i + step], top_k)
+            for i in range(0, len(files), step)
+        )
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not opts.progress)
     with bar, open_csv(partial) as fh:
         w = SafeWriter(fh)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,11 +38,21 @@ def client_for(spec: str):
     kind, _, arg = spec.partition(":")
     if kind == "local":
         n = _count(arg, spec) if arg else _local_workers()
-        # Dask's worker processes are daemonic by default, and daemonic processes cannot start
-        # the DataLoader's own worker processes: run them as ordinary processes
-        with dask.config.set({"distributed.worker.daemon": False}):
+        share = max(1, _cores() // n)  # each worker's part of this machine
+        # Dask's workers are daemonic by default, and daemonic processes cannot start the
+        # DataLoader's worker processes: run them as ordinary processes. Dask also starts them
+        # with MALLOC_TRIM_THRESHOLD_=65536, which returns every freed tensor to the kernel
+        # and makes the next batch fault its memory in again
+        environ = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
+        with dask.config.set(
+            {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}
+        ):
             cluster = LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                env={CORES_ENV: str(share)},
             )
         return Client(cluster)
     if kind == "tcp":
@@ -66,6 +78,13 @@ def _count(arg: str, spec: str) -> int:
     if n < 1:
         raise ClusterError(f"--cluster {spec!r}: the count must be a positive integer")
     return n
+
+
+CORES_ENV = "PENULT_WORKER_CORES"
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _local_workers() -> int:
@@ -99,16 +118,50 @@ class TaskResult:
 
 
 _MODELS: dict[str, Any] = {}  # per worker process: the model is built once, not once per task
+ONE_AT_A_TIME = threading.Lock()  # a worker with several Dask threads still embeds one task at
+# a time: the model, its threads and the GPU are the worker's, not the task's
+
+
+def for_this_worker(o):
+    """``o`` (ExtractOptions) fitted to this Dask worker's share of its machine: torch threads
+    and loader workers from its cores (``PENULT_WORKER_CORES`` for a LocalCluster, else the
+    worker's Dask threads), and on a machine with several GPUs the GPU of its number. Dask
+    starts workers with OMP_NUM_THREADS=1, which alone would leave a CPU worker one core."""
+    from dataclasses import replace
+
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        cores, name = int(os.environ.get(CORES_ENV, 0)) or worker.state.nthreads, worker.name
+    except (ImportError, ValueError):  # not inside a Dask worker
+        cores, name = _cores(), None
+    torch.set_num_threads(cores)
+    cuda = o.device in ("auto", "cuda") and torch.cuda.is_available()
+    changes: dict[str, Any] = {}
+    if o.workers is None:  # on one core, decoding in the task beats starting loader processes
+        changes["workers"] = min(8, cores) if cuda else (0 if cores <= 1 else min(4, cores))
+    if cuda and torch.cuda.device_count() > 1 and isinstance(name, int):
+        changes["device"] = f"cuda:{name % torch.cuda.device_count()}"
+    return replace(o, **changes)
 
 
 def run_partition(store: str, part: Partition, opts: dict[str, Any]) -> TaskResult:
     """Embed one partition into its part (on a worker). Resumes what an earlier attempt wrote."""
-    from extract.run import ExtractOptions, ExtractSummary, _run, build_embedder
+    from extract.run import ExtractOptions
+
+    with ONE_AT_A_TIME:
+        return _run_partition(store, part, for_this_worker(ExtractOptions(**opts)))
+
+
+def _run_partition(store: str, part: Partition, o) -> TaskResult:
+    from extract.run import ExtractSummary, _run, build_embedder
     from extract.sources import Listing
     from features.parts import PartWriter
 
-    o = ExtractOptions(**opts)
-    key = repr(sorted(opts.items()))
+    key = repr(o)
     if key not in _MODELS:
         _MODELS[key] = build_embedder(o)
     backbone, embedder, name, fingerprint = _MODELS[key]
@@ -138,6 +191,12 @@ def run_partition(store: str, part: Partition, opts: dict[str, Any]) -> TaskResu
     return TaskResult(s.extracted, s.failed)
 
 
+def balanced_size(n: int, size: int, workers: int) -> int:
+    """Images per partition: ``size``, or fewer when a small job would otherwise leave workers
+    idle (at least 4 partitions per worker, so the last ones finish close together)."""
+    return max(1, min(size, -(-n // (4 * max(1, workers)))))
+
+
 def run_on_cluster(
     w, store: str, listing, sha: list[str], todo: list[int], opts, spec: str, s
 ) -> None:
@@ -145,17 +204,17 @@ def run_on_cluster(
     (the driver's :class:`StoreWriter`)."""
     from features.parts import adopt_parts
 
-    parts = partitions(
-        str(listing.root),
-        [listing.paths[i] for i in todo],
-        [sha[i] for i in todo],
-        opts.partition_size,
-    )
     o = {k: v for k, v in asdict(opts).items() if k not in ("cluster", "shard", "partition_size")}
     o.update(progress=False)
     client = client_for(spec)
     try:
-        for _, r in run_tasks(
+        size = balanced_size(
+            len(todo), opts.partition_size, len(client.scheduler_info()["workers"])
+        )
+        parts = partitions(
+            str(listing.root), [listing.paths[i] for i in todo], [sha[i] for i in todo], size
+        )
+        for i, r in run_tasks(
             client,
             run_partition,
             [(store, p, o) for p in parts],
@@ -165,9 +224,9 @@ def run_on_cluster(
         ):
             s.extracted += r.extracted
             s.failed += r.failed
+            adopt_parts(w, {parts[i].name})  # published while the other tasks run
     finally:
         close(client)
-    adopt_parts(w, {p.name for p in parts})
 
 
 def close(client) -> None:
@@ -180,15 +239,16 @@ def close(client) -> None:
 
 def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progress: bool):
     """Run ``fn(*a)`` for each of ``args`` on the cluster with retries; yield (position in
-    ``args``, result) as tasks finish. A task that fails all its retries raises. One bar counts images over all workers (tasks report each batch
-    with :func:`report_progress`); a worker that leaves while tasks run gets a line of its own
-    (Dask runs its tasks again elsewhere)."""
+    ``args``, result) as tasks finish. A task that fails all its retries raises. One bar counts
+    images over all workers (tasks report each batch with :func:`report_progress`); a worker
+    that leaves while tasks run gets a line of its own (Dask runs its tasks again elsewhere).
+    A finished task's future is dropped at once, so Dask never runs it again."""
     from dask.distributed import wait
     from tqdm.auto import tqdm
 
     futures = client.map(fn, *zip(*args, strict=True), retries=3, pure=False)
     index = {f.key: i for i, f in enumerate(futures)}
-    counted = [0] * len(futures)
+    counted = [0] * len(args)
     bar = tqdm(total=sum(sizes), desc=desc, unit="img", disable=not progress, smoothing=0.1)
 
     def count(i: int, n: int) -> None:  # a retried task reports its images again: cap them
@@ -204,6 +264,7 @@ def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progre
     client.subscribe_topic(PROGRESS_TOPIC, on_event)
     workers = set(client.scheduler_info()["workers"])
     pending = set(futures)
+    del futures
     try:
         while pending:
             try:

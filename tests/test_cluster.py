@@ -241,3 +241,39 @@ def test_on_disk_index_shards_added_on_a_cluster_equal_a_single_process_build(
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
     assert len(nb.open_index(many, "fake")[0].rows) == 3000
     assert not list(many.parent.glob(".*shards*"))  # the shard files are gone
+
+
+def test_slurm_spec_submits_jobs_from_the_jobqueue_config(tmp_path: Path, monkeypatch):
+    """`--cluster slurm:2` asks dask-jobqueue for two jobs built from the jobqueue config (here a
+    fake `sbatch` on PATH records what it was given: no SLURM needed)."""
+    pytest.importorskip("dask_jobqueue")
+    import os
+    import time
+
+    import dask
+
+    from extract.cluster import client_for, close
+
+    log = tmp_path / "sbatch.log"
+    for tool, reply in (("sbatch", "Submitted batch job 4242"), ("scancel", "")):
+        script = tmp_path / tool
+        script.write_text(
+            f'#!/bin/sh\necho "{tool} $*" >> {log}\ncat "$1" >> {log} 2>/dev/null\necho "{reply}"\n'
+        )
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    config = {"queue": "gpu", "cores": 8, "processes": 1, "memory": "32GB", "walltime": "01:00:00",
+              "job_extra_directives": ["--gres=gpu:1"], "log_directory": str(tmp_path)}  # fmt: skip
+    with dask.config.set({f"jobqueue.slurm.{k}": v for k, v in config.items()}):
+        client = client_for("slurm:2")
+        try:
+            deadline = time.monotonic() + 30
+            while not log.exists() or log.read_text().count("sbatch ") < 2:
+                assert time.monotonic() < deadline, "the jobs were not submitted"
+                time.sleep(0.2)
+        finally:
+            close(client)
+    text = log.read_text()
+    assert text.count("sbatch ") == 2
+    for line in ("#SBATCH -p gpu", "#SBATCH --gres=gpu:1", "#SBATCH -t 01:00:00", "--nthreads 8"):
+        assert line in text, line
