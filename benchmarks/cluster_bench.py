@@ -15,7 +15,9 @@ the page cache warm), EfficientNet-Lite0 with its offline weights, fp32:
   (task round trip, part opened and committed, loader started);
 - scheduling alone: 200 empty tasks through the same client (round trip per task);
 - merge rate: --merge-parts parts of synthetic float32 embeddings (1280-d) published by
-  `penult merge`; GB/s of embeddings.
+  `penult merge`; GB/s of embeddings;
+- per file, on one core: stat, SHA-256 (what the driver does before planning) and decode +
+  preprocessing (what a worker's loader does), on cub100 and ndsb_plankton.
 """
 
 from __future__ import annotations
@@ -121,6 +123,41 @@ def merge_rate(parts: int, rows: int, dim: int = 1280) -> dict[str, float]:
             "gb_per_s": round(gb / seconds, 3)}  # fmt: skip
 
 
+def input_rates(n: int = 1500) -> dict[str, dict[str, float]]:
+    """What the driver and a worker's loader do per file, on one thread (warm cache): stat,
+    SHA-256 of the bytes, decode + the backbone's preprocessing."""
+    import hashlib
+
+    import torch
+
+    from extract import list_images
+    from extract.loader import make_loader
+    from extract.model import build_backbone
+
+    torch.set_num_threads(1)
+    pre = build_backbone("efficientnet_lite0").preprocess
+    out = {}
+    for name in ("cub100", "ndsb_plankton"):
+        lst = list_images(str(DATA / name))
+        files = [lst.absolute(i) for i in range(len(lst.paths))][:n]
+        size = sum(len(Path(f).read_bytes()) for f in files)
+        t = time.perf_counter()
+        for f in files:
+            os.stat(f)
+        stat = time.perf_counter() - t
+        t = time.perf_counter()
+        for f in files:
+            hashlib.sha256(Path(f).read_bytes()).hexdigest()
+        sha = time.perf_counter() - t
+        t = time.perf_counter()
+        done = sum(len(b.indices) for b in make_loader(files, pre, batch_size=32, workers=0))
+        decode = time.perf_counter() - t
+        out[name] = {"kb_per_file": round(size / len(files) / 1e3, 1),
+                     "stat_per_s": round(len(files) / stat), "sha256_files_per_s": round(len(files) / sha),
+                     "sha256_mb_per_s": round(size / sha / 1e6), "decode_per_s": round(done / decode)}  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=1600)
@@ -161,6 +198,7 @@ def main() -> None:
     )
     result["schedule_round_trip_ms"] = round(1000 * scheduling(args.cluster), 2)
     result["merge"] = merge_rate(args.merge_parts, args.merge_rows)
+    result["input_rates_one_core"] = input_rates()
     print(json.dumps(result, indent=1))
     (OUT / "result.json").write_text(json.dumps(result, indent=1))
 
