@@ -42,18 +42,19 @@ def client_for(spec: str):
         # Dask's workers are daemonic by default, and daemonic processes cannot start the
         # DataLoader's worker processes: run them as ordinary processes. Dask also starts them
         # with MALLOC_TRIM_THRESHOLD_=65536, which returns every freed tensor to the kernel
-        # and makes the next batch fault its memory in again
+        # and makes the next batch fault its memory in again. Set for the whole process, not
+        # in a `with` block: a nanny reads both again when it restarts a worker that died
         environ = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
-        with dask.config.set(
+        dask.config.set(
             {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}
-        ):
-            cluster = LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                env={CORES_ENV: str(share)},
-            )
+        )
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env={CORES_ENV: str(share)},
+        )
         return Client(cluster)
     if kind == "tcp":
         return Client(spec)

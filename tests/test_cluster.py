@@ -66,7 +66,15 @@ def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
         "\n".join([lines[0]] + [ln.rsplit(",", 1)[0] + (",test" if i % 3 == 0 else ",train")
                                for i, ln in enumerate(lines[1:])]) + "\n"
     )  # fmt: skip
-    args = [str(manifest), "--root", str(data_dir / "cub100"), "-q", "--precision", "fp32"]
+    root = tmp_path / "imgs"  # a copy, with one broken image among them
+    for ln in manifest.read_text().splitlines()[1:]:
+        rel = ln.split(",")[0]
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes((data_dir / "cub100" / rel).read_bytes())
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    with open(manifest, "a") as fh:
+        fh.write("broken.jpg,001.Black_footed_Albatross,train\n")
+    args = [str(manifest), "--root", str(root), "-q", "--precision", "fp32"]
     single, clustered = tmp_path / "single.h5", tmp_path / "cluster.h5"
     assert cli.main(["extract", str(single), *args, "--workers", "0"]) == 0
     killed: list[int] = []
@@ -93,7 +101,7 @@ def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
                 str(clustered),
                 *args,
                 "--workers",
-                "0",
+                "1",  # a DataLoader process inside each Dask worker
                 "--cluster",
                 "local:2",
                 "--partition-size",
@@ -106,12 +114,17 @@ def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
     assert killed, "no worker was killed mid-run"
     assert "left the cluster; its tasks run again elsewhere" in capsys.readouterr().err
     want, got = _by_path(single), _by_path(clustered)
-    assert sorted(got) == sorted(want) and len(FeatureStore(clustered)) == 36
+    assert sorted(got) == sorted(want) and len(FeatureStore(clustered)) == 37
     for p, x in want.items():
         np.testing.assert_allclose(got[p], x, atol=1e-5)
+    t = FeatureStore(clustered).images()
+    assert "broken.jpg" not in got and t.error[t.path.index("broken.jpg")]  # recorded, with why
     assert check(clustered) == [] and not parts_dir(clustered).exists()
     assert cli.main(["extract", str(clustered), *args, "--cluster", "local:2"]) == 0  # all stored
-    assert len(FeatureStore(clustered)) == 36
+    assert (
+        len(FeatureStore(clustered)) == 37
+        and "skipped as failed before 1" in capsys.readouterr().out
+    )
 
     # predict --cluster: the same CSV as a single process, in input order, failures included
     model = tmp_path / "m.skops"
@@ -119,7 +132,7 @@ def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i, p in enumerate(sorted(want)[:13]):
-        (inputs / f"{i:02d}.jpg").write_bytes((data_dir / "cub100" / p).read_bytes())
+        (inputs / f"{i:02d}.jpg").write_bytes((root / p).read_bytes())
     (inputs / "05b.jpg").write_bytes(b"not a jpeg")
     one, many = tmp_path / "one.csv", tmp_path / "many.csv"
     base = ["predict", str(model), str(inputs), "-q", "--precision", "fp32", "--workers", "0"]
