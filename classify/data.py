@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from features import FeatureStore, StoreWriter
+from features.labels import TEST, VAL, make_split
 
 log = logging.getLogger(__name__)
 
-TRAIN, TEST = "train", "test"
-EVAL_SPLITS = ("test", "val")
+EVAL_SPLITS = (TEST, VAL)
 
 
 class DataError(ValueError):
@@ -187,23 +186,6 @@ def stream_dataset(
         if dropped
         else [],
     )
-
-
-def make_split(y: np.ndarray, *, test_size: float = 0.3, seed: int = 0) -> np.ndarray:
-    """A seeded stratified train/test assignment; classes with one image stay in train."""
-    if not 0 < test_size < 1:
-        raise DataError(f"test size {test_size!r} must be a fraction strictly between 0 and 1")
-    y = np.asarray(y, dtype=str)
-    out = np.full(len(y), TRAIN, dtype=object)
-    classes, counts = np.unique(y, return_counts=True)
-    idx = np.flatnonzero(np.isin(y, classes[counts >= 2]))
-    k = int(np.sum(counts >= 2))  # classes that can have an image on each side
-    # stratification needs at least one image per class on each side
-    n_test = min(max(int(round(test_size * len(idx))), k), len(idx) - k)
-    if k and n_test > 0:
-        _, test = train_test_split(idx, test_size=n_test, stratify=y[idx], random_state=seed)
-        out[test] = TEST
-    return out.astype(str)
 
 
 def ensure_split(

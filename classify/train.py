@@ -16,7 +16,6 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
 from classify.data import (
-    TRAIN,
     DataError,
     Dataset,
     StreamingData,
@@ -29,7 +28,7 @@ from classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
 from classify.metrics import classification_metrics
 from classify.model import Model
 from classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
-from features import FeatureStore
+from features import TRAIN, FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -134,31 +133,13 @@ def resolve_levels(data: Dataset, levels: tuple[str, ...]) -> list[str]:
 
 
 def join_taxonomy(data: Dataset, csv_path: str, label: str) -> str:
-    """Add the columns of a class -> coarse-levels CSV to ``data`` (first column = class)."""
-    import csv
+    """Add the levels of a class -> coarse-levels CSV to ``data`` (rules: features.labels)."""
+    from features.labels import read_taxonomy
 
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{csv_path}: cannot read taxonomy CSV ({e})") from None
-    if len(rows) < 2 or len(rows[0]) < 2:
-        raise DataError(
-            f"{csv_path}: a taxonomy needs a header and rows of class,<coarse levels...>"
-        )
-    header = [h.strip().lower() for h in rows[0]]
-    table = {r[0].strip(): r for r in rows[1:] if r}
-    y = data.column(label)
-    missing = sorted(set(y) - set(table))
-    if missing:
-        raise DataError(
-            f"{csv_path}: {len(missing)} classes are not in the taxonomy, e.g. {missing[0]!r}"
-        )
-    for j, h in enumerate(header[1:], start=1):
-        data.labels[h] = np.array(
-            [table[c][j].strip() if j < len(table[c]) else "" for c in y], dtype=str
-        )
-    return f"taxonomy {csv_path}: columns {', '.join(header[1:])}"
+    columns = read_taxonomy(csv_path).columns(data.column(label).tolist())
+    for level, values in columns.items():
+        data.labels[level] = np.array(values, dtype=str)
+    return f"taxonomy {csv_path}: columns {', '.join(columns)}"
 
 
 def _check_classes(y_train: np.ndarray, y_eval: np.ndarray, notes: list[str]) -> None:

@@ -30,6 +30,7 @@ from extract.loader import default_workers, make_loader
 from extract.model import _build_full, pick_device, pick_precision
 from extract.registry import get_spec
 from extract.weights import load_pretrained, state_sha256
+from features.labels import TEST, TRAIN, VAL, make_split
 
 log = logging.getLogger(__name__)
 
@@ -208,25 +209,9 @@ def _coarse_of(store_path, table, opts: FinetuneOptions, y: np.ndarray) -> np.nd
                 f"(columns: {', '.join(sorted(table.labels))}); pass --taxonomy CSV"
             )
         return np.array(table.labels[level])
-    import csv
+    from features.labels import read_taxonomy
 
-    try:
-        with open(opts.taxonomy, newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"{opts.taxonomy}: cannot read taxonomy CSV ({e})") from None
-    if not rows or level not in rows[0][1:]:
-        raise ValueError(
-            f"{opts.taxonomy}: needs a header class,<levels...> with a {level!r} column"
-        )
-    col = rows[0].index(level)
-    parent = {r[0]: r[col] for r in rows[1:] if len(r) > col}
-    missing = sorted({c for c in y if c and c not in parent})
-    if missing:
-        raise ValueError(
-            f"{opts.taxonomy}: {len(missing)} classes are not in the taxonomy, e.g. {missing[0]!r}"
-        )
-    return np.array([parent.get(c, "") for c in y])
+    return np.array(read_taxonomy(opts.taxonomy).column(level, y.tolist()))
 
 
 def _data(store_path, opts: FinetuneOptions) -> _Data:
@@ -241,16 +226,13 @@ def _data(store_path, opts: FinetuneOptions) -> _Data:
     y, split = np.array(t.labels[opts.label]), np.array(t.labels[opts.split])
     ok = np.array([not e for e in t.error]) & (y != "")
     files = np.array([os.path.join(r, p) for r, p in zip(t.root, t.path, strict=True)])
-    tr, va = np.flatnonzero(ok & (split == "train")), np.flatnonzero(ok & (split == "val"))
+    tr, va = np.flatnonzero(ok & (split == TRAIN)), np.flatnonzero(ok & (split == VAL))
     rng = np.random.default_rng(opts.seed)
     if opts.max_train and len(tr) > opts.max_train:
         tr = np.sort(rng.choice(tr, opts.max_train, replace=False))
     if len(va) == 0:  # hold out part of train; the test split stays untouched for evaluation
-        from sklearn.model_selection import train_test_split
-
-        n_val = max(int(round(opts.val_fraction * len(tr))), len(np.unique(y[tr])))
-        strat = y[tr] if np.unique(y[tr], return_counts=True)[1].min() >= 2 else None
-        tr, va = train_test_split(tr, test_size=n_val, stratify=strat, random_state=opts.seed)
+        held = make_split(y[tr], test_size=opts.val_fraction, seed=opts.seed) == TEST
+        tr, va = tr[~held], tr[held]
     classes = sorted(set(y[tr]))
     idx = {c: i for i, c in enumerate(classes)}
     va = np.array([i for i in va if y[i] in idx], dtype=int)

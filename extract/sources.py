@@ -162,24 +162,17 @@ def _from_file_list(list_path: Path, root: Path | None) -> Listing:
 
 
 def _join_taxonomy(listing: Listing, taxonomy: Path) -> None:
-    header, rows = _read_csv(taxonomy)
+    from features.labels import read_taxonomy
+
     if "label" not in listing.labels:
         raise SourceError(
             f"{taxonomy}: a taxonomy needs labelled images, but the input has no labels"
         )
-    key = header[0]
-    table = {r[key]: r for r in rows}
-    cols = [h for h in header[1:] if h.lower() not in listing.labels]
-    missing = sorted({lab for lab in listing.labels["label"] if lab and lab not in table})
-    for h in cols:
-        listing.labels[h.lower()] = [
-            table.get(lab, {}).get(h, "") for lab in listing.labels["label"]
-        ]
-    listing.notes.append(f"taxonomy {taxonomy.name}: added {', '.join(c.lower() for c in cols)}")
-    if missing:
-        listing.notes.append(
-            f"taxonomy {taxonomy.name}: {len(missing)} classes not in it, e.g. {missing[0]}"
-        )
+    columns = read_taxonomy(taxonomy).columns(listing.labels["label"])
+    added = [c for c in columns if c not in listing.labels]  # a manifest's own columns win
+    for c in added:
+        listing.labels[c] = columns[c]
+    listing.notes.append(f"taxonomy {taxonomy.name}: added {', '.join(added)}")
 
 
 def _join_split(listing: Listing, split: Path) -> None:

@@ -2,6 +2,7 @@
 
 from features.errors import FingerprintMismatchError, StoreError, StoreLockedError
 from features.inspect import check, describe
+from features.labels import TEST, TRAIN, VAL, LabelError, Taxonomy, make_split, read_taxonomy
 from features.parts import PartWriter, merge
 from features.store import IDENTITY_FIELDS, FeatureStore, StoreWriter, same_backbone
 from features.types import BackboneEntry, Chunk, ImageTable, TableView, sha_hex, sha_raw
@@ -9,19 +10,26 @@ from features.upgrade import upgrade
 
 __all__ = [
     "IDENTITY_FIELDS",
+    "TEST",
+    "TRAIN",
+    "VAL",
     "BackboneEntry",
     "Chunk",
     "FeatureStore",
     "FingerprintMismatchError",
     "ImageTable",
+    "LabelError",
     "PartWriter",
     "StoreError",
     "StoreLockedError",
     "StoreWriter",
     "TableView",
+    "Taxonomy",
     "check",
     "describe",
+    "make_split",
     "merge",
+    "read_taxonomy",
     "same_backbone",
     "sha_hex",
     "sha_raw",

@@ -14,11 +14,10 @@ import pytest
 import cli
 from classify import DataError, TrainOptions, train
 from classify.csvout import safe_cell
-from classify.data import make_split
 from classify.lookup import Hit, Result, write_table
 from classify.ovr import ThresholdedOneVsRest
 from conftest import copy_store
-from features import FeatureStore, StoreWriter
+from features import FeatureStore, LabelError, StoreWriter, make_split
 
 
 @pytest.mark.parametrize(
@@ -69,7 +68,7 @@ def test_library_refuses_the_same_values():
     for t in (2.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="strictly between 0 and 1"):
             ThresholdedOneVsRest(thresholds=t).fit(X, y)
-    with pytest.raises(DataError, match="strictly between 0 and 1"):
+    with pytest.raises(LabelError, match="strictly between 0 and 1"):
         make_split(y, test_size=1.5)
 
 
