@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 
 EXAMPLES = """examples:
   penult demo                                   the whole pipeline on the embedded solar-cell images
@@ -713,9 +714,10 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from extract import ExtractOptions, extract, list_images
+    from features import OptionError
 
     if args.shard and args.cluster:
-        raise ValueError("--shard and --cluster are two ways to split a run; use one")
+        raise OptionError("--shard and --cluster are two ways to split a run; use one")
     listing = list_images(args.input, root=args.root, taxonomy=args.taxonomy, split=args.split)
     for note in listing.notes:
         print(note)
@@ -787,9 +789,11 @@ def _print_metrics(m: dict) -> None:
 
 def _out_folder(path: str) -> None:
     """Refuse an output whose folder is missing: a typo should not create directories."""
+    from features import OptionError
+
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ValueError(f"{path}: folder {folder} does not exist (create it first)")
+        raise OptionError(f"{path}: folder {folder} does not exist (create it first)")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -897,6 +901,24 @@ def _os_error(e: OSError, args: argparse.Namespace) -> str:
     return f"no space left on device{where}.{kept}"
 
 
+_HANDLERS = {
+    "backbones": _cmd_backbones,
+    "extract": _cmd_extract,
+    "merge": _cmd_merge,
+    "info": _cmd_info,
+    "check": _cmd_check,
+    "demo": _cmd_demo,
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "compare": _cmd_compare,
+    "predict": _cmd_predict,
+    "index": _cmd_index,
+    "neighbors": _cmd_neighbors,
+    "duplicates": _cmd_duplicates,
+    "finetune": _cmd_finetune,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 print escaped, not crash
         if hasattr(stream, "reconfigure"):
@@ -906,44 +928,22 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from extract import SourceError, UnknownBackboneError, WeightsError
-    from extract.cluster import ClusterError
-    from features import StoreError
+    from features import PenultError
 
-    handler = {
-        "backbones": _cmd_backbones,
-        "extract": _cmd_extract,
-        "merge": _cmd_merge,
-        "info": _cmd_info,
-        "check": _cmd_check,
-        "demo": _cmd_demo,
-        "train": _cmd_train,
-        "evaluate": _cmd_evaluate,
-        "compare": _cmd_compare,
-        "predict": _cmd_predict,
-        "index": _cmd_index,
-        "neighbors": _cmd_neighbors,
-        "duplicates": _cmd_duplicates,
-        "finetune": _cmd_finetune,
-    }
     try:
-        return handler[args.command](args)
+        return _HANDLERS[args.command](args)
     except BrokenPipeError:  # `penult info STORE | head`: the reader left; exit quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    except (
-        ClusterError,
-        SourceError,
-        StoreError,
-        WeightsError,
-        UnknownBackboneError,
-        ValueError,
-        RuntimeError,
-    ) as e:
+    except PenultError as e:  # raised on purpose: one line; anything else shows its traceback
+        if args.verbose:
+            traceback.print_exc()
         print(f"penult: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except OSError as e:  # a file that cannot be read or written, a full disk: one line too
+        if args.verbose:
+            traceback.print_exc()
         print(f"penult: error: {_os_error(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

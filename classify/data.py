@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from features import FeatureStore, StoreWriter
+from features.errors import PenultError
 from features.labels import TEST, VAL, make_split
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 EVAL_SPLITS = (TEST, VAL)
 
 
-class DataError(ValueError):
+class DataError(PenultError, ValueError):
     """The store cannot give a labelled data set as asked (missing backbone, label column, split...)."""
 
 

@@ -21,10 +21,12 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
+from features.errors import PenultError
+
 PREPROCESS = ("standard", "l2", "l2+standard", "none")
 
 
-class HeadError(ValueError):
+class HeadError(PenultError, ValueError):
     """An unknown head or an option the head cannot honour."""
 
 
@@ -179,8 +181,27 @@ def make_head(
     kw = dict(params)
     if class_weight is not None:
         kw["class_weight"] = class_weight
-    clf = spec.build(**kw)
+    try:
+        clf = spec.build(**kw)
+    except TypeError as e:  # a keyword the classifier does not take
+        raise HeadError(f"head {kind!r}: {e}") from None
+    _check_params(clf, kind)
     return Pipeline([*_steps(preprocess or spec.preprocess, pca, whiten), ("clf", clf)])
+
+
+def _check_params(clf: Any, kind: str) -> None:
+    """Refuse out-of-range values (``--param C=-1``) now, with the head named, rather than as
+    a scikit-learn error in the middle of fitting."""
+    from sklearn.base import BaseEstimator
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    nested = [v for v in clf.get_params(deep=True).values() if isinstance(v, BaseEstimator)]
+    try:
+        for est in [clf, *nested]:
+            if hasattr(est, "_parameter_constraints"):  # our own heads check in fit
+                est._validate_params()
+    except InvalidParameterError as e:
+        raise HeadError(f"head {kind!r}: {e}") from None
 
 
 def search_grid(kind: str, prefix: str = "clf__") -> dict[str, list[Any]]:

@@ -16,8 +16,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from features.errors import PenultError
 
-class TaxonomyError(ValueError):
+
+class TaxonomyError(PenultError, ValueError):
     """A class is missing from the taxonomy, or the taxonomy is not a tree."""
 
 

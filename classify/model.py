@@ -26,6 +26,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from features import IDENTITY_FIELDS, FeatureStore, same_backbone
+from features.errors import PenultError
 
 FORMAT = "penult-model"
 VERSION = 2  # 2: the model file holds {"estimator", "manifest"}; 1: the bare estimator
@@ -33,7 +34,7 @@ VERSION = 2  # 2: the model file holds {"estimator", "manifest"}; 1: the bare es
 _FILE_FIELDS = ("model_file", "model_sha256")
 
 
-class ModelError(ValueError):
+class ModelError(PenultError, ValueError):
     """A model file is missing, tampered with, unsafe, or does not fit the features offered."""
 
 

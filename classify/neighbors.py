@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from features import FeatureStore, same_backbone
+from features.errors import PenultError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ SHARD_ROWS = 1_000_000  # rows per shard of an on-disk index: bounds the memory 
 RERANK_BYTES = 32 * 2**20  # candidate vectors gathered at once when re-ranking a query batch
 
 
-class IndexError_(ValueError):
+class IndexError_(PenultError, ValueError):
     """An index is missing, stale, or made for another backbone or metric."""
 
 

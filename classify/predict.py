@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from classify.csvout import SafeWriter, open_csv
 from classify.model import Model, Predictions, resolve_backbones
-from features import FeatureStore
+from features import FeatureStore, OptionError
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _weights_for(model: Model, weights: tuple[str, ...]) -> dict[str, str]:
         name, sep, path = w.partition("=")
         if not sep:
             if len(model.backbones) != 1:
-                raise ValueError(
+                raise OptionError(
                     f"model fuses {', '.join(model.backbones)}: give --weights NAME=FILE"
                 )
             name, path = model.backbones[0], w

@@ -17,10 +17,12 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from features.errors import PenultError
+
 log = logging.getLogger(__name__)
 
 
-class ClusterError(Exception):
+class ClusterError(PenultError):
     """The cluster spec is wrong, or Dask is not installed."""
 
 

@@ -30,9 +30,14 @@ from extract.loader import default_workers, make_loader
 from extract.model import _build_full, pick_device, pick_precision
 from extract.registry import get_spec
 from extract.weights import load_pretrained, state_sha256
+from features import OptionError, PenultError
 from features.labels import TEST, TRAIN, VAL, make_split
 
 log = logging.getLogger(__name__)
+
+
+class FinetuneError(PenultError, ValueError):
+    """The store, backbone or checkpoint cannot be fine-tuned as asked."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,9 @@ def stages(net: nn.Module) -> list[nn.Module]:
         ]
     if hasattr(net, "layer4"):  # torchvision ResNet
         return [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
-    raise ValueError(f"{type(net).__name__}: no known stages to freeze; fine-tuning not supported")
+    raise FinetuneError(
+        f"{type(net).__name__}: no known stages to freeze; fine-tuning not supported"
+    )
 
 
 class _Trainable(nn.Module):
@@ -176,7 +183,7 @@ def _freeze(net: nn.Module, unfreeze: int) -> tuple[list[str], list[nn.Module]]:
     """Freeze all but the last ``unfreeze`` stages: (frozen parameter names, frozen stages)."""
     all_stages = stages(net)
     if not 1 <= unfreeze <= len(all_stages):
-        raise ValueError(
+        raise FinetuneError(
             f"--unfreeze must be between 1 and {len(all_stages)} (stages of this network)"
         )
     net.requires_grad_(False)
@@ -204,7 +211,7 @@ def _coarse_of(store_path, table, opts: FinetuneOptions, y: np.ndarray) -> np.nd
     level = opts.aux_level
     if not opts.taxonomy:
         if level not in table.labels:
-            raise ValueError(
+            raise FinetuneError(
                 f"{store_path}: no label column {level!r} for the auxiliary loss "
                 f"(columns: {', '.join(sorted(table.labels))}); pass --taxonomy CSV"
             )
@@ -220,7 +227,7 @@ def _data(store_path, opts: FinetuneOptions) -> _Data:
 
     t = FeatureStore(store_path).images()
     if opts.label not in t.labels or opts.split not in t.labels:
-        raise ValueError(
+        raise FinetuneError(
             f"{store_path}: fine-tuning needs label columns {opts.label!r} and {opts.split!r}; train a head first to make a split"
         )
     y, split = np.array(t.labels[opts.label]), np.array(t.labels[opts.split])
@@ -407,7 +414,7 @@ def finetune(
     out = Path(out)
     spec = get_spec(opts.backbone)
     if spec.source != "timm" and not spec.arch.startswith("resnet"):
-        raise ValueError(f"fine-tuning supports timm backbones and ResNets, not {spec.name}")
+        raise FinetuneError(f"fine-tuning supports timm backbones and ResNets, not {spec.name}")
     data = _data(store_path, opts)
     files, y, vfiles, vy, classes = data.files, data.y, data.vfiles, data.vy, data.classes
     torch.manual_seed(opts.seed)
@@ -431,9 +438,9 @@ def finetune(
     if opts.aux_level:
         all_stages = stages(net)
         if not 1 <= opts.aux_stage <= len(all_stages):
-            raise ValueError(f"--aux-stage must be between 1 and {len(all_stages)}")
+            raise OptionError(f"--aux-stage must be between 1 and {len(all_stages)}")
         if opts.aux_stage > opts.unfreeze:
-            raise ValueError(
+            raise FinetuneError(
                 f"--aux-stage {opts.aux_stage} is frozen: the coarse loss could not train it; "
                 f"use --unfreeze {opts.aux_stage} or more"
             )
@@ -442,7 +449,7 @@ def finetune(
     if opts.head_init == "probe":
         probe = _probe_init(model, store_path, data, base_sha, pre, opts, device, dtype)
     elif opts.head_init != "random":
-        raise ValueError(f"head_init must be 'probe' or 'random', not {opts.head_init!r}")
+        raise OptionError(f"head_init must be 'probe' or 'random', not {opts.head_init!r}")
     trainable = [p for p in net.parameters() if p.requires_grad]
     heads = [*model.head.parameters(), *(model.aux.parameters() if model.aux else [])]
     opt = torch.optim.AdamW(
@@ -619,7 +626,7 @@ def _resume(out: Path, model, opt, sched, scaler, card) -> tuple[int, float, int
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a planted pickle, a torn file: never executed
-        raise ValueError(
+        raise FinetuneError(
             f"{path}: refusing to resume from it ({type(e).__name__}); delete it to start over"
         ) from None
     model.load_state_dict(state["model"])

@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from features.errors import PenultError
+
 IMAGE_SUFFIXES = frozenset(
     ".jpg .jpeg .jpe .png .gif .bmp .tif .tiff .webp .ppm .pgm .pbm .pnm .jfif".split()
 )
@@ -25,7 +27,7 @@ DEFAULT_MAX_BYTES = 1 << 30
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageError(Exception):
+class ImageError(PenultError):
     """The file cannot be used as an image; the message says why."""
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from extract.registry import BackboneSpec, Preprocess, get_spec
 from extract.weights import load_into, load_pretrained, read_state_dict, state_sha256
+from features import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = torch.device(device)
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise OptionError(f"device {device!r} requested but CUDA is not available")
     return d
 
 
@@ -143,7 +144,7 @@ def cpu_has_bf16() -> bool:
 
 def pick_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} not one of {', '.join(PRECISIONS)}")
+        raise OptionError(f"precision {precision!r} not one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -160,7 +161,7 @@ COMPILE_MIN_IMAGES = 10_000
 
 def pick_optimize(optimize: str, device: torch.device, n_images: int) -> str:
     if optimize not in OPTIMIZE:
-        raise ValueError(f"optimize {optimize!r} not one of {', '.join(OPTIMIZE)}")
+        raise OptionError(f"optimize {optimize!r} not one of {', '.join(OPTIMIZE)}")
     if optimize != "auto":
         return optimize
     return "inductor" if device.type == "cpu" and n_images >= COMPILE_MIN_IMAGES else "eager"

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from features import OptionError
+from features.errors import PenultError
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -43,7 +46,7 @@ class BackboneSpec:
         if crop_pct is None:
             return pre
         if not 0.3 <= crop_pct <= 1.0:
-            raise ValueError(f"crop_pct {crop_pct} must be between 0.3 and 1.0")
+            raise OptionError(f"crop_pct {crop_pct} must be between 0.3 and 1.0")
         return replace(pre, resize=int(round(pre.crop / crop_pct)))
 
     def _weights_preprocess(self) -> Preprocess:
@@ -112,7 +115,7 @@ REGISTRY: dict[str, BackboneSpec] = {e.name: e for e in _ENTRIES}
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
-class UnknownBackboneError(KeyError):
+class UnknownBackboneError(PenultError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 

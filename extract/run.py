@@ -19,7 +19,7 @@ from extract.loader import default_workers, make_loader, to_device
 from extract.model import Embedder, build_backbone, pick_optimize
 from extract.registry import DEFAULT_BACKBONE
 from extract.sources import Listing
-from features import StoreWriter, TableView, sha_raw
+from features import OptionError, StoreWriter, TableView, sha_raw
 from features.parts import PartWriter, merge
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ def extract(
     """Embed every listed image that the store lacks for this backbone; see ExtractOptions."""
     for key in ("batch_size", "commit_every", "max_pixels", "partition_size"):
         if int(getattr(opts, key)) < 1:
-            raise ValueError(f"{key} must be at least 1, got {getattr(opts, key)!r}")
+            raise OptionError(f"{key} must be at least 1, got {getattr(opts, key)!r}")
     t0 = time.perf_counter()
     backbone, embedder, name, fingerprint = build_embedder(opts)
     s = ExtractSummary(

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from extract.images import IMAGE_SUFFIXES
+from features.errors import PenultError
 
 _PATH_COLUMNS = ("path", "file", "filename", "image")
 _LABEL_COLUMNS = ("label", "class", "species")
 
 
-class SourceError(Exception):
+class SourceError(PenultError):
     """The input cannot be listed (missing, empty, malformed manifest)."""
 
 

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from extract.registry import BackboneSpec
+from features.errors import PenultError
 
 log = logging.getLogger(__name__)
 
 
-class WeightsError(Exception):
+class WeightsError(PenultError):
     """Weights cannot be found, read, or do not fit the architecture."""
 
 

@@ -1,6 +1,12 @@
 """The HDF5 feature store (the only h5py user in penult)."""
 
-from features.errors import FingerprintMismatchError, StoreError, StoreLockedError
+from features.errors import (
+    FingerprintMismatchError,
+    OptionError,
+    PenultError,
+    StoreError,
+    StoreLockedError,
+)
 from features.inspect import check, describe
 from features.labels import TEST, TRAIN, VAL, LabelError, Taxonomy, make_split, read_taxonomy
 from features.parts import PartWriter, merge
@@ -19,6 +25,8 @@ __all__ = [
     "FingerprintMismatchError",
     "ImageTable",
     "LabelError",
+    "OptionError",
+    "PenultError",
     "PartWriter",
     "StoreError",
     "StoreLockedError",

@@ -1,9 +1,20 @@
-"""The store's exceptions (one module, so segments and the store raise the same types)."""
+"""penult's exceptions: :class:`PenultError`, the base of every error penult raises on purpose
+(the CLI prints its message on one line and exits 2; anything else is a bug and shows its
+traceback), and the store's own (one module, so segments and the store raise the same types)."""
 
 from __future__ import annotations
 
 
-class StoreError(Exception):
+class PenultError(Exception):
+    """An error penult raises on purpose: bad input, a bad option, a store or model that does
+    not fit. Its message names the file and the problem."""
+
+
+class OptionError(PenultError, ValueError):
+    """An option value out of range or unknown (a device, a precision, a fraction...)."""
+
+
+class StoreError(PenultError):
     """The store is missing, not a penult store, or inconsistent."""
 
 

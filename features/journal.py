@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from features.errors import PenultError
+
 _SUFFIX = ".npz"
 _DAMAGED = ".damaged"
 KINDS = ("images", "backbone", "embeddings", "labels", "failures")
 
 
-class DamagedShardError(Exception):
+class DamagedShardError(PenultError):
     """A journal shard cannot be read (truncated or corrupted on disk)."""
 
 

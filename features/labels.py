@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from features.errors import PenultError
+
 TRAIN, TEST, VAL = "train", "test", "val"  # the split names every command uses
 
 
-class LabelError(ValueError):
+class LabelError(PenultError, ValueError):
     """A taxonomy or split cannot be used as given (unreadable, malformed, classes missing)."""
 
 

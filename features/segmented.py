@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from features import journal
-from features.errors import FingerprintMismatchError
+from features.errors import FingerprintMismatchError, PenultError
 from features.segments import (
     STR,
     Column,
@@ -124,7 +124,7 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-class Orphan(Exception):
+class Orphan(PenultError):
     """A shard refers to something a damaged (set-aside) shard should have created."""
 
 

@@ -153,8 +153,9 @@ def test_predict_reports_skipped_files_escapes_cells_and_cleans_up(hym_store, da
     assert "notes.txt: unsupported file type" in printed
     # a run that fails or is interrupted leaves neither the CSV nor OUT.partial
     import classify.predict as cp
+    from features import StoreError
 
-    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+    for exc in (StoreError("boom"), RuntimeError("a bug"), KeyboardInterrupt()):
 
         def fail(*a, exc=exc, **k):
             Path(f"{tmp_path / 'q.csv'}.partial").write_text("path\n")
@@ -162,10 +163,63 @@ def test_predict_reports_skipped_files_escapes_cells_and_cleans_up(hym_store, da
 
         monkeypatch.setattr(cp, "_write", fail)
         argv = ["predict", str(model), folder.name, "--out", str(tmp_path / "q.csv"), "-q"]
-        rc = cli.main([*argv, "--store", str(store)])
+        if isinstance(exc, RuntimeError):  # not penult's own: it shows its traceback
+            with pytest.raises(RuntimeError, match="a bug"):
+                cli.main([*argv, "--store", str(store)])
+            rc = 1
+        else:
+            rc = cli.main([*argv, "--store", str(store)])
         err = capsys.readouterr().err
-        assert rc == (130 if isinstance(exc, KeyboardInterrupt) else 2)
+        assert rc == {StoreError: 2, RuntimeError: 1, KeyboardInterrupt: 130}[type(exc)]
         assert (
             not (tmp_path / "q.csv").exists() and not Path(f"{tmp_path / 'q.csv'}.partial").exists()
         )
     assert "no CSV was written (predict does not resume" in err
+
+
+def test_only_penult_errors_become_one_line_and_v_shows_tracebacks(tmp_path, capsys, monkeypatch):
+    """Every exception class penult defines derives from PenultError; the CLI turns those into one
+    line (exit 2), shows the traceback too with -v, and lets any other exception (a bug, CUDA out
+    of memory) through with its traceback."""
+    import inspect
+
+    import classify
+    import extract
+    import features
+    from features import PenultError
+
+    mods = [m for pkg in (classify, extract, features) for m in _submodules(pkg)]
+    defined = {
+        c for m in mods for _, c in inspect.getmembers(m, inspect.isclass)
+        if issubclass(c, Exception) and c.__module__ == m.__name__
+    }  # fmt: skip
+    assert len(defined) >= 15
+    assert [c.__name__ for c in defined if not issubclass(c, PenultError)] == []
+    missing = tmp_path / "nope.h5"
+    assert cli.main(["info", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(missing) in err
+    assert cli.main(["-v", "info", str(missing)]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+    def oom(args):
+        raise RuntimeError("CUDA out of memory")
+
+    for param, message in (("C=-1", "'C' parameter"), ("C=abc", "'C' parameter"), ("foo=1", "foo")):
+        from classify import HeadError, make_head
+
+        with pytest.raises(HeadError, match=message):
+            make_head("svm", **dict([cli._param(param)]))
+    monkeypatch.setitem(cli._HANDLERS, "info", oom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli.main(["info", str(missing)])
+
+
+def _submodules(pkg):
+    import importlib
+    import pkgutil
+
+    return [
+        importlib.import_module(f"{pkg.__name__}.{m.name}")
+        for m in pkgutil.iter_modules(pkg.__path__)
+    ]
