@@ -12,7 +12,6 @@ constructor call, a foreign or re-exported class) is refused unless the user pas
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ from sklearn.base import BaseEstimator
 
 from features import IDENTITY_FIELDS, FeatureStore, same_backbone
 from features.errors import PenultError
+from features.files import atomic_path, file_sha256
 
 FORMAT = "penult-model"
 VERSION = 2  # 2: the model file holds {"estimator", "manifest"}; 1: the bare estimator
@@ -99,14 +99,6 @@ class Model:
         return Predictions(label=label, proba=proba, classes=classes, path=path)
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest_path(path: str | os.PathLike[str]) -> Path:
     return Path(f"{path}.json")
 
@@ -140,17 +132,10 @@ def save_model(model: Model, path: str | os.PathLike[str]) -> Path:
         "versions": versions(),
     }
     text = json.dumps(manifest, indent=1, default=_json_default)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    mtmp = path.with_name(f".{path.name}.json.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp, atomic_path(manifest_path(path)) as mtmp:
         sio.dump({"estimator": model.estimator, "manifest": text}, tmp, compression=8)
         manifest = {**json.loads(text), "model_file": path.name, "model_sha256": file_sha256(tmp)}
         mtmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, path)
-        os.replace(mtmp, manifest_path(path))
-    finally:
-        tmp.unlink(missing_ok=True)
-        mtmp.unlink(missing_ok=True)
     model.manifest = manifest
     return path
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from features import FeatureStore, same_backbone
 from features.errors import PenultError
+from features.files import atomic_path, fsync_file, temporary_name, write_text
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +210,12 @@ class NeighborIndex:
         """Index, rows and manifest replaced as one: each is written to a temporary name and
         fsynced, a redo list of the renames is committed, then the renames are done (a kill
         part-way is finished by the next reader), so a kill never mixes old and new files."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp = temporary_name(self.path)
         faiss.write_index(self.index, str(tmp))
         np.save(f"{tmp}.rows.npy", self.rows)
         Path(f"{tmp}.json").write_text(json.dumps(self.meta, indent=1))
         for f in (str(tmp), f"{tmp}.rows.npy", f"{tmp}.json"):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
         renames = [
             [f"{tmp}.rows.npy", f"{self.path}.rows.npy"],
             [str(tmp), str(self.path)],
@@ -241,17 +241,7 @@ def finish_save(path: Path) -> None:
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 @contextlib.contextmanager
@@ -355,9 +345,8 @@ def add_shard(
     for part, x in _chunks(FeatureStore(store_path), backbone, rows, metric, pq_m):
         shard.add_with_ids(x, np.arange(at, at + len(part), dtype=np.int64))
         at += len(part)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    faiss.write_index(shard, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        faiss.write_index(shard, str(tmp))
     return out
 
 
@@ -383,9 +372,8 @@ def _merge_lists(index, indexes: list, shard_files: list[str], ivfdata: Path) ->
 
 def _write_trained(index, path: Path) -> None:
     """The trained, empty index (quantiser and codebooks, small): what an update starts from."""
-    tmp = path.with_name(f".{path.name}.trained.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, f"{path}.trained")
+    with atomic_path(f"{path}.trained") as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def _remove_other_ivfdata(path: Path, keep: str | None) -> None:

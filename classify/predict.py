@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from classify.csvout import SafeWriter, open_csv
 from classify.model import Model, Predictions, resolve_backbones
-from features import FeatureStore, OptionError
+from features import FeatureStore, OptionError, atomic_path
 
 
 @dataclass(frozen=True)
@@ -282,11 +282,8 @@ def predict_images(
     if not partial.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "folder does not exist", str(partial.parent))
     feats = _Features(model, opts)  # networks and store checked before anything runs
-    try:
-        _write(model, files, ignored, partial, feats, opts, s)
-        os.replace(partial, out)
-    finally:  # a failed or interrupted run leaves no partial file behind
-        partial.unlink(missing_ok=True)
+    with atomic_path(out, tmp=partial) as tmp:  # a failed run leaves no partial file behind
+        _write(model, files, ignored, tmp, feats, opts, s)
     s.seconds = time.perf_counter() - t0
     return s
 

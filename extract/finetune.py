@@ -31,6 +31,7 @@ from extract.model import _build_full, pick_device, pick_precision
 from extract.registry import get_spec
 from extract.weights import load_pretrained, state_sha256
 from features import OptionError, PenultError
+from features.files import atomic_path, write_text
 from features.labels import TEST, TRAIN, VAL, make_split
 
 log = logging.getLogger(__name__)
@@ -399,9 +400,8 @@ def _save(path: Path, model: _Trainable, classifier: dict[str, torch.Tensor]) ->
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
     state.update(classifier)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     return state_sha256(state)
 
 
@@ -604,9 +604,8 @@ def _checkpoint(
         "best": best,
         "bad": bad,
     }
-    tmp = Path(f"{out}.resume.pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, f"{out}.resume.pt")
+    with atomic_path(f"{out}.resume.pt") as tmp:
+        torch.save(state, tmp)
     _write_json(Path(f"{out}.json"), card)
 
 
@@ -698,6 +697,4 @@ def plot_curve(card: dict[str, Any], png: str | os.PathLike[str]) -> Path:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     """Write atomically: a kill leaves the old card or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))

@@ -48,14 +48,6 @@ def lite0_package_file() -> Path:
     return packaged_weights_file("efficientnet_lite0")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
     """Hash of a state dict's names and values: identifies weights whatever file they came from."""
     h = hashlib.sha256()

@@ -7,6 +7,7 @@ from features.errors import (
     StoreError,
     StoreLockedError,
 )
+from features.files import atomic_path, file_sha256
 from features.inspect import check, describe
 from features.labels import TEST, TRAIN, VAL, LabelError, Taxonomy, make_split, read_taxonomy
 from features.parts import PartWriter, merge
@@ -33,8 +34,10 @@ __all__ = [
     "StoreWriter",
     "TableView",
     "Taxonomy",
+    "atomic_path",
     "check",
     "describe",
+    "file_sha256",
     "make_split",
     "merge",
     "read_taxonomy",

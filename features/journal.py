@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from features.errors import PenultError
+from features.files import TMP_PREFIX, atomic_path, fsync_dir
 
 _SUFFIX = ".npz"
 _DAMAGED = ".damaged"
@@ -31,14 +31,6 @@ class DamagedShardError(PenultError):
 
 def journal_dir(store_path: Path) -> Path:
     return store_path.with_name(store_path.name + ".journal")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_shards(store_path: Path) -> list[Path]:
@@ -62,7 +54,7 @@ def remove_stale_temporaries_in(d: Path) -> int:
     n = 0
     if d.is_dir():
         for p in d.iterdir():
-            if p.name.startswith(".tmp-"):
+            if p.name.startswith(TMP_PREFIX):
                 p.unlink(missing_ok=True)
                 n += 1
     return n
@@ -86,17 +78,8 @@ def write_shard_to(
         if v.dtype == object:
             raise TypeError(f"shard array {k!r} has dtype object; pass str or numeric arrays")
     payload["__meta__"] = np.array(json.dumps({"kind": kind, **meta}))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_SUFFIX, dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(d)
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **payload)
     return final
 
 

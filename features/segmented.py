@@ -21,8 +21,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from features import journal
 from features.errors import FingerprintMismatchError, PenultError
+from features.files import atomic_path, fsync_dir
 from features.segments import (
     STR,
     Column,
@@ -175,8 +175,7 @@ def load(f: h5py.File) -> State:
 
 def save(path: Path, s: State, *, segments: Path | None = None) -> None:
     """Write the top-level file to a temporary name, fsync, and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.top-{os.getpid()}")
-    try:
+    with atomic_path(path, tmp=path.with_name(f".{path.name}.top-{os.getpid()}")) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(s.attrs)
             seg = f.create_group("segments")
@@ -190,13 +189,6 @@ def save(path: Path, s: State, *, segments: Path | None = None) -> None:
             ix.create_dataset("file", data=_strs([n for n, _ in s.index]), dtype=STR)
             ix["rows"] = np.array([r for _, r in s.index], np.int64)
             _virtual_columns(f, (segments or segment_dir(path)).name, s)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    journal.fsync_dir(path.parent)
 
 
 def _strs(values: list[str]) -> np.ndarray:
@@ -250,7 +242,7 @@ def collect_garbage(path: Path, s: State) -> int:
             p.unlink(missing_ok=True)
             n += 1
     if n:
-        journal.fsync_dir(folder)
+        fsync_dir(folder)
     return n
 
 

@@ -11,8 +11,6 @@ rows into one file, so a finished block is one segment of about a million rows.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import h5py
 import numpy as np
 
 from features.errors import StoreError
+from features.files import atomic_path
 
 STR = h5py.string_dtype("utf-8")
 GAP_FILL = 256  # updated rows closer than this share one piece (the rows between are copied)
@@ -182,22 +181,13 @@ def write_segment(
     """Write one immutable segment (temporary name, fsync, rename); return its file name."""
     folder.mkdir(exist_ok=True)
     name = f"{_safe(family)}-{uuid.uuid4().hex[:16]}.h5"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=folder)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["family"] = family
-            for k, v in columns.items():
-                if contiguous:  # for memory maps (the path index)
-                    f.create_dataset(k, data=v)
-                else:
-                    _create(f, k, v)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(folder / name) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["family"] = family
+        for k, v in columns.items():
+            if contiguous:  # for memory maps (the path index)
+                f.create_dataset(k, data=v)
+            else:
+                _create(f, k, v)
     return name
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features import journal, segmented
+from features import segmented
+from features.files import atomic_path
 from features.legacy import read_table
 from features.store import FeatureStore, StoreWriter, real_path
 
@@ -33,9 +34,8 @@ def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGME
         if folder.is_dir():  # segments of an upgrade that was killed: never published
             for p in folder.iterdir():
                 p.unlink()
-        rows = _convert(path, tmp, segment_rows)
-        os.replace(tmp, path)
-        journal.fsync_dir(path.parent)
+        with atomic_path(path, tmp=tmp) as t:
+            rows = _convert(path, t, segment_rows)
     finally:
         lock._release_lock()
     return f"{path}: upgraded to store format {segmented.SCHEMA_VERSION} ({rows} images)"

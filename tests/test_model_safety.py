@@ -13,9 +13,9 @@ import skops.io as sio
 
 import cli
 from classify import Model, ModelError, TrainOptions, load_model, save_model
-from classify.model import file_sha256
 from classify.safe_types import unsafe_nodes
 from classify.train import build_estimator
+from features.files import file_sha256
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(90, 12)).astype(np.float32)

@@ -90,7 +90,7 @@ def test_planted_payload_is_refused_and_never_runs(tmp_path):
     pkl = tmp_path / "pickle.skops"
     pkl.write_bytes(pickle.dumps(Boom()))
     man = json.loads(open(f"{path}.json").read())
-    from classify.model import file_sha256
+    from features.files import file_sha256
 
     man["model_sha256"] = file_sha256(pkl)
     open(f"{pkl}.json", "w").write(json.dumps(man))

@@ -248,3 +248,32 @@ def test_half_written_shard_is_ignored(tmp_path: Path) -> None:
         pass
     assert len(FeatureStore(p).images()) == 3
     assert not list(journal.journal_dir(p).iterdir())
+
+
+def test_one_atomic_write_helper_and_one_file_hash(tmp_path: Path, data_dir: Path) -> None:
+    """A write that fails leaves the old file and no temporary; the hash is the file's SHA-256;
+    and no other module renames a freshly written file into place (only moves of finished
+    files: journal shards adopted, the renames of an index's redo list)."""
+    import hashlib
+
+    from features import atomic_path, file_sha256
+
+    target = tmp_path / "card.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+    img = next((data_dir / "cub100").rglob("*.jpg"))
+    assert file_sha256(img) == hashlib.sha256(img.read_bytes()).hexdigest()
+    root = Path(__file__).resolve().parents[1]
+    renames = {
+        str(p.relative_to(root))
+        for pkg in ("classify", "extract", "features")
+        for p in (root / pkg).rglob("*.py")
+        if "os.replace(" in p.read_text() or "os.rename(" in p.read_text()
+    }
+    assert renames == {"features/files.py", "features/journal.py", "classify/neighbors.py"}

@@ -1,0 +1,74 @@
+"""Atomic file writes and file hashing: the one way penult does each, used by the store, models,
+indexes and checkpoints alike.
+
+An atomic write goes to a temporary name beside the target, is fsynced, renamed over the target
+and the folder fsynced: a reader (or a run after a crash) sees the old file or the new one,
+never half of one, and a failed write leaves only the old file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"  # temporary files start with this (journal folders sweep them up)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a folder's entries (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def temporary_name(path: str | os.PathLike[str]) -> Path:
+    """A name beside ``path`` that no other process or thread writing it uses."""
+    p = Path(path)
+    return p.with_name(f"{TMP_PREFIX}{p.name}.{os.getpid()}-{threading.get_ident()}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], *, tmp: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to; when the block ends without
+    an exception it is fsynced and renamed over ``path``, else removed."""
+    target = Path(path)
+    tmp = tmp or temporary_name(target)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (hex), read in chunks: memory stays flat for any size."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
