@@ -595,9 +595,12 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     _out_folder(args.out)
     _out_folder(args.sheet)
     name = _backbone(args.store, args.backbone)
+    from extract import Featuriser
+
     results = neighbors(
-        args.store, name, args.queries, k=args.k, metric=args.metric, nprobe=args.nprobe
-    )
+        args.store, name, args.queries, k=args.k, metric=args.metric, nprobe=args.nprobe,
+        images=Featuriser(),
+    )  # fmt: skip
     for r in results[:20]:
         print(f"{r.query} [{r.label}]" + (f"  ERROR {r.error}" if r.error else ""))
         for h in r.hits:
@@ -865,16 +868,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from classify import PredictOptions, load_model, predict_images
+    from classify import PredictOptions, load_model, predict_images, weights_for
+    from extract import Featuriser
 
     _out_folder(args.out)
     model = load_model(args.model, trust=args.trust_model)
-    opts = PredictOptions(
-        top_k=args.top_k, store=args.store, weights=tuple(args.weights), trust_checkpoint=args.trust_checkpoint,
+    images = Featuriser(
+        weights=weights_for(model, args.weights), trust_checkpoint=args.trust_checkpoint,
         device=args.device, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-        progress=not args.quiet, cluster=args.cluster, chunk=args.partition_size,
     )  # fmt: skip
-    print(predict_images(model, args.inputs, args.out, opts).report())
+    opts = PredictOptions(
+        top_k=args.top_k, store=args.store, progress=not args.quiet, cluster=args.cluster,
+        chunk=args.partition_size,
+    )  # fmt: skip
+    print(predict_images(model, args.inputs, args.out, opts, images).report())
     return 0
 
 

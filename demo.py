@@ -94,9 +94,12 @@ def _score_a_few(model: Path, listing: Listing, out_dir: Path, n: int = 5) -> li
     picks = listing.paths[:: max(1, len(listing) // n)][:n]
     files.write_text("\n".join(str(Path(listing.root) / p) for p in picks) + "\n")
     csv_out = out_dir / "predictions.csv"
+    from extract import Featuriser
+
     s = predict_images(
-        load_model(model), [str(files)], csv_out, PredictOptions(progress=False, top_k=2)
-    )
+        load_model(model), [str(files)], csv_out, PredictOptions(progress=False, top_k=2),
+        Featuriser(),
+    )  # fmt: skip
     lines = [
         "",
         f"== score {len(picks)} images with the saved flat model (penult predict)",

@@ -80,7 +80,7 @@ def extract_run(lst, cluster: str | None, partition: int) -> float:
 
 
 def scheduling(spec: str, tasks: int = 200) -> float:
-    from extract.cluster import client_for, close
+    from features.cluster import client_for, close
 
     client = client_for(spec)
     try:
@@ -185,7 +185,7 @@ def main() -> None:
     result["single_img_s"] = round(n / s_med, 2)
     result["cluster_img_s"] = round(n / c_med, 2)
     result["cluster_over_single"] = round(s_med / c_med, 3)
-    from extract.cluster import balanced_size
+    from features.cluster import balanced_size
 
     workers = int(args.cluster.partition(":")[2] or 2)
     size, small = balanced_size(n, args.partition_size, workers), 32

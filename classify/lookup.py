@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from classify.csvout import SafeWriter, open_csv
+from classify.images import Images
 from classify.neighbors import IndexError_, NeighborIndex, open_index
 from features import FeatureStore
 
@@ -40,9 +40,7 @@ def resolve_queries(
     store: FeatureStore,
     backbone: str,
     queries: list[str],
-    *,
-    batch_size: int = 32,
-    progress: bool = False,
+    images: Images | None = None,
 ) -> tuple[list[Result], np.ndarray, list[int | None]]:
     """Each query as (result shell, vector, store row or None): a store key, an image file, or a folder."""
     table = store.images()
@@ -58,20 +56,18 @@ def resolve_queries(
             r = index[key]
             shells.append(Result(q, os.path.join(table.root[r], table.path[r]), labels[r]))
             rows.append(r)
-        elif Path(q).is_dir() or Path(q).is_file():
-            from extract import list_images
-
-            listing = list_images(q)
-            for i, rel in enumerate(listing.paths):
-                f = os.path.abspath(listing.absolute(i))
+        elif images is not None and (Path(q).is_dir() or Path(q).is_file()):
+            for shown, f in images.list(q)[0]:
                 files.append((len(shells), f))
-                shells.append(Result(os.path.join(q, rel) if Path(q).is_dir() else q, f, ""))
+                shells.append(Result(shown, f, ""))
                 rows.append(None)
         else:
             why = (
                 "in the store but without an embedding"
                 if key
                 else "not a file, folder or store key"
+                if images is not None or not Path(q).exists()
+                else "an image file: embedding it needs the image side (extract.Featuriser)"
             )
             raise IndexError_(f"query {q!r}: {why}")
     X = np.zeros((len(shells), store.backbone(backbone).dim), np.float32)
@@ -79,7 +75,7 @@ def resolve_queries(
     if known:
         X[known] = store.embeddings(backbone, [rows[i] for i in known])
     if files:
-        _embed(store, backbone, files, X, shells, batch_size)
+        _embed(store, backbone, files, X, shells, images)
     return shells, X, rows
 
 
@@ -89,18 +85,16 @@ def _embed(
     files: list[tuple[int, str]],
     X: np.ndarray,
     shells: list[Result],
-    batch_size: int,
+    images: Images,
 ) -> None:
     """Embed query files with the store's backbone (same weights and preprocessing, checked)."""
-    from extract import backbone_from_fingerprint, embed_files
-
-    net = backbone_from_fingerprint(store.backbone(backbone).fingerprint)
     done = np.zeros(len(files), bool)
-    for b in embed_files([f for _, f in files], net, batch_size=batch_size):
-        for j, x in zip(b.indices, b.X, strict=True):
+    batches = images.embed(backbone, store.backbone(backbone).fingerprint, [f for _, f in files])
+    for indices, emb, failed in batches:
+        for j, x in zip(indices, emb, strict=True):
             X[files[j][0]] = x
             done[j] = True
-        for j, why in b.failed:
+        for j, why in failed:
             shells[files[j][0]].error = why
     for j in np.flatnonzero(~done):
         shells[files[j][0]].error = shells[files[j][0]].error or "could not be embedded"
@@ -108,17 +102,19 @@ def _embed(
 
 def neighbors(
     store_path: str | os.PathLike[str], backbone: str, queries: list[str], *, k: int = 10, metric: str = "cosine",
-    index: NeighborIndex | None = None, nprobe: int | None = None,
+    index: NeighborIndex | None = None, nprobe: int | None = None, images: Images | None = None,
 ) -> list[Result]:  # fmt: skip
     """The k nearest stored images of each query (a query that is a store key does not find itself).
 
     ``nprobe`` (IVF indexes): lists searched per query; more is slower and closer to exact.
+    ``images`` (an ``extract.Featuriser``) lists and embeds queries that are image files or
+    folders; without it only store keys can be queried.
     """
     store = FeatureStore(store_path)
     ni = index or open_index(store_path, backbone, metric=metric)[0]
     if nprobe and ni.meta.get("nprobe"):
         ni.meta["nprobe"] = int(nprobe)
-    shells, X, rows = resolve_queries(store, backbone, queries)
+    shells, X, rows = resolve_queries(store, backbone, queries, images)
     ok = [i for i, s in enumerate(shells) if not s.error]
     if not ok:
         return shells
@@ -179,9 +175,7 @@ def _thumb(src: str, folder: Path, name: str) -> str | None:
     from PIL import Image
 
     try:
-        from extract.images import read_image_bytes
-
-        with Image.open(io.BytesIO(read_image_bytes(src))) as im:
+        with Image.open(src) as im:  # Pillow's own decompression-bomb limit applies
             im = im.convert("RGB")
             im.thumbnail((THUMB, THUMB))
             im.save(folder / name, quality=85)

@@ -303,7 +303,7 @@ def _add_on_disk(
             for k, s in enumerate(starts)
         ]
         if cluster:
-            from extract.cluster import client_for, close, run_tasks
+            from features.cluster import client_for, close, run_tasks
 
             client = client_for(cluster)
             try:

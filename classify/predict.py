@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,20 +22,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from classify.csvout import SafeWriter, open_csv
+from classify.images import Images
 from classify.model import Model, Predictions, resolve_backbones
-from features import FeatureStore, OptionError, atomic_path
+from features import FeatureStore, OptionError, atomic_path, file_sha256
 
 
 @dataclass(frozen=True)
 class PredictOptions:
     top_k: int = 5
     store: str | None = None  # reuse embeddings cached there
-    weights: tuple[str, ...] = ()  # FILE, or NAME=FILE per backbone, when not the registry default
-    trust_checkpoint: bool = False
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 32
-    workers: int | None = None
     chunk: int = 2048  # images per step (per Dask task with ``cluster``): bounds memory
     progress: bool = True
     cluster: str | None = None  # local[:N], tcp://HOST:PORT or slurm[:JOBS]: score on Dask
@@ -64,22 +60,18 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-def list_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+def list_inputs(inputs: Sequence[str], images: Images) -> tuple[list[tuple[str, str]], list[str]]:
     """(shown path, absolute path) for every image under the inputs, each file once, in order;
     and the files skipped for their extension (shown paths)."""
-    from extract import list_images
-
     seen: set[str] = set()
     out, ignored = [], []
     for src in inputs:
-        listing = list_images(src)
-        folder = Path(src).is_dir()
-        for i, rel in enumerate(listing.paths):
-            absolute = os.path.abspath(listing.absolute(i))
+        files, skipped = images.list(src)
+        for shown, absolute in files:
             if absolute not in seen:
                 seen.add(absolute)
-                out.append((os.path.join(src, rel) if folder else listing.absolute(i), absolute))
-        ignored += [os.path.join(src, rel) for rel in listing.ignored]
+                out.append((shown, absolute))
+        ignored += skipped
     return out, ignored
 
 
@@ -103,7 +95,8 @@ def csv_rows(paths: Sequence[str], pred: Predictions, model: Model, top_k: int) 
     return rows
 
 
-def _weights_for(model: Model, weights: tuple[str, ...]) -> dict[str, str]:
+def weights_for(model: Model, weights: Sequence[str]) -> dict[str, str]:
+    """``--weights`` values (FILE, or NAME=FILE for a model that fuses backbones) by entry name."""
     out: dict[str, str] = {}
     for w in weights:
         name, sep, path = w.partition("=")
@@ -119,18 +112,19 @@ def _weights_for(model: Model, weights: tuple[str, ...]) -> dict[str, str]:
 
 def _hash(path: str) -> str:
     """Content hash as the store keys it ("" if unreadable: the loader reports why)."""
-    from extract.run import _hash_one
-
-    return _hash_one(path)[0]
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block the read
+            return ""
+        return file_sha256(path)
+    except OSError:
+        return ""
 
 
 class _Features:
     """Features of a chunk of files: from the store where cached, else from the network."""
 
-    def __init__(self, model: Model, opts: PredictOptions):
-        self.model, self.opts = model, opts
-        self.weights = _weights_for(model, opts.weights)
-        self.nets: dict[str, Any] = {}
+    def __init__(self, model: Model, opts: PredictOptions, images: Images):
+        self.model, self.opts, self.images = model, opts, images
         self.cache: list[tuple[str, dict[str, int]]] = []  # per backbone: (store entry, sha -> row)
         self.store = FeatureStore(opts.store) if opts.store else None
         if self.store is not None:
@@ -140,27 +134,13 @@ class _Features:
                 valid = np.flatnonzero(self.store.valid(name))
                 self.cache.append((name, {sha[r]: int(r) for r in valid}))
         else:  # every image goes through the network: build (and check) it before writing anything
-            for k in range(len(model.backbones)):
-                self._net(k)
-
-    def _net(self, k: int):
-        from extract import backbone_from_fingerprint
-
-        spec = self.model.manifest["backbones"][k]
-        if spec["name"] not in self.nets:
-            self.nets[spec["name"]] = backbone_from_fingerprint(
-                spec["fingerprint"],
-                weights=self.weights.get(spec["name"]),
-                trust_checkpoint=self.opts.trust_checkpoint,
-            )
-        return self.nets[spec["name"]]
+            for spec in model.manifest["backbones"]:
+                images.check(spec["name"], spec["fingerprint"])
 
     def __call__(
         self, files: list[str], s: PredictSummary
     ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """((n, D) features, (n,) ok mask, position -> failure reason)."""
-        from extract import embed_files
-
         n, blocks, ok, errors = len(files), [], np.ones(len(files), bool), {}
         sha = [""] * n
         if self.store is not None:
@@ -178,11 +158,13 @@ class _Features:
             cached = int(have.sum())
             todo = np.flatnonzero(~have & ok)
             if len(todo):
-                o = self.opts
-                for b in embed_files([files[i] for i in todo], self._net(k), device=o.device, precision=o.precision, batch_size=o.batch_size, workers=o.workers):  # fmt: skip
-                    x[todo[b.indices]] = b.X
-                    have[todo[b.indices]] = True
-                    for j, why in b.failed:
+                batches = self.images.embed(
+                    spec["name"], spec["fingerprint"], [files[i] for i in todo]
+                )
+                for idx, X, failed in batches:
+                    x[todo[idx]] = X
+                    have[todo[idx]] = True
+                    for j, why in failed:
                         errors[int(todo[j])] = why
             if k == 0:
                 s.from_store += cached
@@ -227,25 +209,27 @@ def score_chunk(model: Model, feats: _Features, part: list[tuple[str, str]], top
 _WORKER_FEATURES: dict[str, _Features] = {}  # per Dask worker: networks built once per job
 
 
-def _score_task(job: str, model: Model, opts: PredictOptions, part: list, top_k: int) -> Scored:
+def _score_task(
+    job: str, model: Model, opts: PredictOptions, images: Images, part: list, top_k: int
+) -> Scored:
     """One chunk on a Dask worker (threads, loader and GPU fitted to the worker's share)."""
-    from extract.cluster import ONE_AT_A_TIME, for_this_worker
+    from features.cluster import ONE_AT_A_TIME
 
     with ONE_AT_A_TIME:
         if job not in _WORKER_FEATURES:
             _WORKER_FEATURES.clear()
-            _WORKER_FEATURES[job] = _Features(model, for_this_worker(opts))
+            _WORKER_FEATURES[job] = _Features(model, opts, images.for_worker())
         return score_chunk(model, _WORKER_FEATURES[job], part, top_k)
 
 
 def _scored_on_cluster(
-    model: Model, files: list[tuple[str, str]], opts: PredictOptions, top_k: int
+    model: Model, files: list[tuple[str, str]], opts: PredictOptions, images: Images, top_k: int
 ):
     """Yield each chunk's :class:`Scored` in input order, scored as Dask tasks (retried when a
     worker dies); chunks that finish early wait in memory for the ones before them."""
     import uuid
 
-    from extract.cluster import balanced_size, client_for, close, run_tasks
+    from features.cluster import balanced_size, client_for, close, run_tasks
 
     client = client_for(opts.cluster)
     try:
@@ -254,7 +238,7 @@ def _scored_on_cluster(
         shared = client.scatter(model, broadcast=True)  # sent once, not with every task
         o = PredictOptions(**{**opts.__dict__, "progress": False, "cluster": None})
         job = uuid.uuid4().hex
-        args = [(job, shared, o, c, top_k) for c in chunks]
+        args = [(job, shared, o, images, c, top_k) for c in chunks]
         waiting: dict[int, Scored] = {}
         at = 0
         for i, r in run_tasks(
@@ -272,16 +256,19 @@ def predict_images(
     model: Model,
     inputs: Sequence[str],
     out: str | os.PathLike[str],
-    opts: PredictOptions = PredictOptions(),  # noqa: B008
+    opts: PredictOptions,
+    images: Images,
 ) -> PredictSummary:
-    """Score every image under ``inputs`` and write ``out`` as CSV (see module docstring)."""
+    """Score every image under ``inputs`` and write ``out`` as CSV (see module docstring);
+    ``images`` lists the inputs and embeds what the store does not hold (the CLI builds it
+    as an ``extract.Featuriser``)."""
     t0 = time.perf_counter()
-    files, ignored = list_inputs(inputs)
+    files, ignored = list_inputs(inputs, images)
     s = PredictSummary(Path(out), listed=len(files) + len(ignored))
     partial = Path(f"{out}.partial")
     if not partial.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "folder does not exist", str(partial.parent))
-    feats = _Features(model, opts)  # networks and store checked before anything runs
+    feats = _Features(model, opts, images)  # networks and store checked before anything runs
     with atomic_path(out, tmp=partial) as tmp:  # a failed run leaves no partial file behind
         _write(model, files, ignored, tmp, feats, opts, s)
     s.seconds = time.perf_counter() - t0
@@ -301,7 +288,7 @@ def _write(
     top_k = max(1, min(opts.top_k, len(model.classes)))
     header = csv_header(model, top_k)
     if opts.cluster:
-        scored = _scored_on_cluster(model, files, opts, top_k)
+        scored = _scored_on_cluster(model, files, opts, feats.images, top_k)
         bar = tqdm(disable=True)  # the cluster's own bar counts over all workers
     else:
         step = opts.chunk

@@ -1,6 +1,7 @@
 """The extraction stage (the only code that builds torch models)."""
 
 from extract.embed import EmbeddedBatch, backbone_from_fingerprint, embed_files
+from extract.featurise import Featuriser
 from extract.images import ImageError, decode_image
 from extract.model import Backbone, Embedder, build_backbone
 from extract.registry import DEFAULT_BACKBONE, REGISTRY, UnknownBackboneError, get_spec
@@ -16,6 +17,7 @@ __all__ = [
     "Embedder",
     "ExtractOptions",
     "ExtractSummary",
+    "Featuriser",
     "ImageError",
     "Listing",
     "SourceError",

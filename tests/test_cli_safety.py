@@ -223,3 +223,22 @@ def _submodules(pkg):
         importlib.import_module(f"{pkg.__name__}.{m.name}")
         for m in pkgutil.iter_modules(pkg.__path__)
     ]
+
+
+def test_the_cpu_stage_does_not_import_torch_or_extract():
+    """classify/ gets its image side (listing, embedding) handed in: importing it, and every one
+    of its modules, loads neither torch nor extract/."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys, classify\n"
+        "for m in pkgutil.iter_modules(classify.__path__): importlib.import_module('classify.' + m.name)\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'torchvision', 'extract'))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    root = Path(__file__).resolve().parents[1]
+    hidden = [p.name for p in (root / "classify").glob("*.py") if "from extract" in p.read_text() or "import extract" in p.read_text()]  # fmt: skip
+    assert hidden == []

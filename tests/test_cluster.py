@@ -22,7 +22,7 @@ def _by_path(store: Path) -> dict[str, np.ndarray]:
 
 
 def test_cluster_spec_and_missing_dask_are_clear_errors(tmp_path: Path, monkeypatch, capsys):
-    from extract.cluster import ClusterError, client_for
+    from features.cluster import ClusterError, client_for
 
     with pytest.raises(ClusterError, match="use local"):
         client_for("yarn:3")
@@ -265,7 +265,7 @@ def test_slurm_spec_submits_jobs_from_the_jobqueue_config(tmp_path: Path, monkey
 
     import dask
 
-    from extract.cluster import client_for, close
+    from features.cluster import client_for, close
 
     log = tmp_path / "sbatch.log"
     for tool, reply in (("sbatch", "Submitted batch job 4242"), ("scancel", "")):

@@ -151,7 +151,7 @@ def test_predict_refuses_a_backbone_whose_weights_differ(hier_model, data_dir, t
     import copy
 
     from classify import PredictOptions, predict_images
-    from extract import WeightsError
+    from extract import Featuriser, WeightsError
 
     path, _ = hier_model
     model = load_model(path)
@@ -159,7 +159,9 @@ def test_predict_refuses_a_backbone_whose_weights_differ(hier_model, data_dir, t
     model.manifest["backbones"][0]["fingerprint"]["weights_sha256"] = "0" * 64
     img = sorted((data_dir / "cub100" / "001.Black_footed_Albatross").glob("*.jpg"))[0]
     with pytest.raises(WeightsError, match="pass --weights FILE"):
-        predict_images(model, [str(img)], tmp_path / "p.csv", PredictOptions(progress=False))
+        predict_images(
+            model, [str(img)], tmp_path / "p.csv", PredictOptions(progress=False), Featuriser()
+        )
     assert not (tmp_path / "p.csv").exists()
 
 

@@ -19,7 +19,7 @@ from classify.knn import FaissKNeighborsClassifier
 from classify.lookup import contact_sheet, find_duplicates, neighbors, write_table
 from classify.neighbors import IndexError_, build_index, open_index, plan_index
 from conftest import copy_store
-from extract import ExtractOptions, extract, list_images
+from extract import ExtractOptions, Featuriser, extract, list_images
 from features import FeatureStore, StoreWriter
 
 pytestmark = pytest.mark.slow
@@ -169,7 +169,7 @@ def test_queries_by_key_file_and_folder_with_contact_sheet(cub_store, data_dir, 
     folder.mkdir()
     for p in table.path[100:103]:
         shutil.copy(data_dir / "cub100" / p, folder / Path(p).name)
-    res = neighbors(store, B, [key, str(f), str(folder)], k=5)
+    res = neighbors(store, B, [key, str(f), str(folder)], k=5, images=Featuriser())
     assert len(res) == 5
     assert all(h.path != key for h in res[0].hits) and len(res[0].hits) == 5
     assert res[1].hits[0].path == key and res[1].hits[0].score > 0.99
@@ -186,7 +186,7 @@ def test_queries_by_key_file_and_folder_with_contact_sheet(cub_store, data_dir, 
     for src in parser.src:
         assert (sheet.parent / src).is_file(), src
     with pytest.raises(IndexError_, match="not a file, folder or store key"):
-        neighbors(store, B, ["no/such.jpg"])
+        neighbors(store, B, ["no/such.jpg"], images=Featuriser())
 
 
 def test_duplicates_finds_planted_resized_and_recompressed_copies(data_dir, tmp_path):

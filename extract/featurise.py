@@ -1,0 +1,76 @@
+"""The image side of the CPU stage: what `predict` and `neighbors` (in classify/, which never
+imports torch) need from extract/, handed to them as one object the CLI builds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from extract.embed import backbone_from_fingerprint, embed_files
+from extract.images import DEFAULT_MAX_PIXELS
+from extract.sources import list_images
+
+
+@dataclass
+class Featuriser:
+    """Lists image inputs and embeds files with the backbone a fingerprint names (rebuilt with
+    the same weights and preprocessing, checked); networks are built once per backbone.
+    ``weights`` maps a store entry name to a weights file when it is not the registry's own."""
+
+    weights: dict[str, str] = field(default_factory=dict)
+    trust_checkpoint: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    _nets: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:  # sent to Dask workers without its networks
+        return {**self.__dict__, "_nets": {}}
+
+    def list(self, source: str) -> tuple[list[tuple[str, str]], list[str]]:
+        """(shown path, absolute path) of every image under ``source`` (a file, folder,
+        manifest or file list), and the files skipped for their type (shown paths)."""
+        listing = list_images(source)
+        folder = os.path.isdir(source)
+        files = [
+            (
+                os.path.join(source, rel) if folder else listing.absolute(i),
+                os.path.abspath(listing.absolute(i)),
+            )
+            for i, rel in enumerate(listing.paths)
+        ]
+        return files, [os.path.join(source, rel) for rel in listing.ignored]
+
+    def check(self, name: str, fingerprint: dict[str, Any]) -> None:
+        """Build the network now (weights found and matching), before any work is written."""
+        self._net(name, fingerprint)
+
+    def embed(
+        self, name: str, fingerprint: dict[str, Any], files: list[str]
+    ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+        """(indices into ``files``, their embeddings, (index, why) of files that failed) per batch."""
+        net = self._net(name, fingerprint)
+        for b in embed_files(
+            files, net, device=self.device, precision=self.precision, batch_size=self.batch_size,
+            workers=self.workers, max_pixels=self.max_pixels,
+        ):  # fmt: skip
+            yield b.indices, b.X, b.failed
+
+    def for_worker(self) -> Featuriser:
+        from extract.cluster import for_this_worker
+
+        return for_this_worker(self)
+
+    def _net(self, name: str, fingerprint: dict[str, Any]):
+        if name not in self._nets:
+            self._nets[name] = backbone_from_fingerprint(
+                fingerprint, weights=self.weights.get(name), trust_checkpoint=self.trust_checkpoint
+            )
+        return self._nets[name]

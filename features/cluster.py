@@ -1,0 +1,176 @@
+"""Running penult's work on Dask (the engine we chose, never a home-made scheduler): a client
+for ``local[:N]``, ``tcp://HOST:PORT`` or ``slurm[:JOBS]``, tasks run with retries under one
+progress bar, and what a task needs to know of its worker. Torch-free, so both stages use it:
+extract/ for extraction, classify/ for scoring and index shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+from features.errors import PenultError
+
+log = logging.getLogger(__name__)
+
+ONE_AT_A_TIME = threading.Lock()  # a worker with several Dask threads still embeds one task at
+# a time: the model, its threads and the GPU are the worker's, not the task's
+
+
+class ClusterError(PenultError):
+    """The cluster spec is wrong, or Dask is not installed."""
+
+
+def client_for(spec: str):
+    """A ``dask.distributed.Client`` for ``local[:N]``, ``tcp://HOST:PORT`` or ``slurm[:JOBS]``."""
+    try:
+        import dask
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise ClusterError(
+            "--cluster needs Dask: pip install 'penult[dask]' (and 'penult[slurm]' for SLURM)"
+        ) from None
+    if not logging.getLogger().isEnabledFor(logging.INFO):  # Dask's start-up chatter only with -v
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    kind, _, arg = spec.partition(":")
+    if kind == "local":
+        n = _count(arg, spec) if arg else _local_workers()
+        share = max(1, cores_here() // n)  # each worker's part of this machine
+        # Dask's workers are daemonic by default, and daemonic processes cannot start the
+        # DataLoader's worker processes: run them as ordinary processes. Dask also starts them
+        # with MALLOC_TRIM_THRESHOLD_=65536, which returns every freed tensor to the kernel
+        # and makes the next batch fault its memory in again. Set for the whole process, not
+        # in a `with` block: a nanny reads both again when it restarts a worker that died
+        environ = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
+        dask.config.set(
+            {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}
+        )
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env={CORES_ENV: str(share)},
+        )
+        return Client(cluster)
+    if kind == "tcp":
+        return Client(spec)
+    if kind == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise ClusterError(
+                "--cluster slurm needs dask-jobqueue: pip install 'penult[slurm]'"
+            ) from None
+        cluster = SLURMCluster()  # queue, cores, memory, ... from ~/.config/dask/jobqueue.yaml
+        cluster.scale(jobs=_count(arg, spec) if arg else 1)
+        return Client(cluster)
+    raise ClusterError(f"--cluster {spec!r}: use local[:N], tcp://HOST:PORT or slurm[:JOBS]")
+
+
+def _count(arg: str, spec: str) -> int:
+    try:
+        n = int(arg)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ClusterError(f"--cluster {spec!r}: the count must be a positive integer")
+    return n
+
+
+CORES_ENV = "PENULT_WORKER_CORES"
+
+
+def cores_here() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _local_workers() -> int:
+    """One worker per GPU where there are GPUs, else two (the loader takes the other cores).
+    GPUs are counted from the driver's own list, so this module needs no torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]) or 2
+    gpus = "/proc/driver/nvidia/gpus"
+    return len(os.listdir(gpus)) if os.path.isdir(gpus) else 2
+
+
+def balanced_size(n: int, size: int, workers: int) -> int:
+    """Images per partition: ``size``, or fewer when a small job would otherwise leave workers
+    idle (at least 4 partitions per worker, so the last ones finish close together)."""
+    return max(1, min(size, -(-n // (4 * max(1, workers)))))
+
+
+def close(client) -> None:
+    """Close the client and the cluster it started (a LocalCluster or SLURM jobs)."""
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progress: bool):
+    """Run ``fn(*a)`` for each of ``args`` on the cluster with retries; yield (position in
+    ``args``, result) as tasks finish. A task that fails all its retries raises. One bar counts
+    images over all workers (tasks report each batch with :func:`report_progress`); a worker
+    that leaves while tasks run gets a line of its own (Dask runs its tasks again elsewhere).
+    A finished task's future is dropped at once, so Dask never runs it again."""
+    from dask.distributed import wait
+    from tqdm.auto import tqdm
+
+    futures = client.map(fn, *zip(*args, strict=True), retries=3, pure=False)
+    index = {f.key: i for i, f in enumerate(futures)}
+    counted = [0] * len(args)
+    bar = tqdm(total=sum(sizes), desc=desc, unit="img", disable=not progress, smoothing=0.1)
+
+    def count(i: int, n: int) -> None:  # a retried task reports its images again: cap them
+        n = min(n, sizes[i] - counted[i])
+        counted[i] += n
+        bar.update(n)
+
+    def on_event(event: tuple[float, dict]) -> None:
+        i = index.get(event[1].get("key"))
+        if i is not None:
+            count(i, int(event[1]["n"]))
+
+    client.subscribe_topic(PROGRESS_TOPIC, on_event)
+    workers = set(client.scheduler_info()["workers"])
+    pending = set(futures)
+    del futures
+    try:
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                done = set()
+            for f in done:
+                i = index[f.key]
+                r = f.result()  # a task that failed its retries raises here
+                count(i, sizes[i])
+                yield i, r
+            now = set(client.scheduler_info()["workers"])
+            for lost in sorted(workers - now):
+                tqdm.write(
+                    f"penult: worker {lost} left the cluster; its tasks run again elsewhere",
+                    file=sys.stderr,
+                )
+            workers = now
+    finally:
+        client.unsubscribe_topic(PROGRESS_TOPIC)
+        bar.close()
+
+
+PROGRESS_TOPIC = "penult-progress"
+
+
+def report_progress(n: int) -> None:
+    """From inside a task: ``n`` more images done (for the driver's bar)."""
+    from distributed import get_worker
+    from distributed.worker import thread_state
+
+    key = getattr(thread_state, "key", None)
+    if key is not None:
+        get_worker().log_event(PROGRESS_TOPIC, {"key": key, "n": n})
