@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import math
 import os
@@ -769,7 +770,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from demo import run_demo
+    # penult.demo when installed, demo when run from the repository (python -m cli)
+    run_demo = importlib.import_module(f"{__package__}.demo" if __package__ else "demo").run_demo
     from extract import DEFAULT_BACKBONE
 
     print(

@@ -242,3 +242,33 @@ def test_the_cpu_stage_does_not_import_torch_or_extract():
     root = Path(__file__).resolve().parents[1]
     hidden = [p.name for p in (root / "classify").glob("*.py") if "from extract" in p.read_text() or "import extract" in p.read_text()]  # fmt: skip
     assert hidden == []
+
+
+def test_cli_and_demo_install_inside_penult_not_as_top_level_modules(tmp_path):
+    """The wheel holds penult/cli.py and penult/demo.py, no top-level cli.py or demo.py (they
+    would collide with any other project's `cli`), and `penult` runs penult.cli:main."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "cli.py", "demo.py"):
+        shutil.copy(root / name, src / name)
+    for pkg in ("extract", "features", "classify"):
+        shutil.copytree(root / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(src)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("penult-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"penult", "extract", "features", "classify"}
+    assert {"penult/cli.py", "penult/demo.py"} <= set(names)
+    assert "penult = penult.cli:main" in entry
