@@ -18,6 +18,14 @@ from classify.report import write_report
 from classify.train import TrainOptions, score, summary, train
 from features import FeatureStore
 
+__all__ = [
+    "Evaluation",
+    "compare",
+    "compare_table",
+    "evaluate",
+    "write_predictions",
+]
+
 
 @dataclass
 class Evaluation:

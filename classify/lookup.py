@@ -15,6 +15,17 @@ from classify.images import Images
 from classify.neighbors import IndexError_, NeighborIndex, open_index
 from features import FeatureStore
 
+__all__ = [
+    "Hit",
+    "Result",
+    "THUMB",
+    "contact_sheet",
+    "find_duplicates",
+    "neighbors",
+    "resolve_queries",
+    "write_table",
+]
+
 THUMB = 160
 
 

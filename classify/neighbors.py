@@ -29,6 +29,27 @@ from features import FeatureStore, same_backbone
 from features.errors import PenultError
 from features.files import atomic_path, fsync_file, temporary_name, write_text
 
+__all__ = [
+    "CHUNK_BYTES",
+    "DISK_MIN_ROWS",
+    "FLAT_MAX_ROWS",
+    "IndexError_",
+    "IndexPlan",
+    "KINDS",
+    "METRICS",
+    "NeighborIndex",
+    "REFINE",
+    "RERANK_BYTES",
+    "SHARD_ROWS",
+    "add_shard",
+    "build_index",
+    "ensure_index",
+    "finish_save",
+    "index_path",
+    "open_index",
+    "plan_index",
+]
+
 log = logging.getLogger(__name__)
 
 METRICS = ("cosine", "l2")

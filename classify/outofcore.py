@@ -44,6 +44,12 @@ from classify.train import (
 )
 from features import FeatureStore
 
+__all__ = [
+    "StreamOptions",
+    "StreamingCentroid",
+    "train_out_of_core",
+]
+
 
 @dataclass(frozen=True)
 class StreamOptions:

@@ -12,6 +12,15 @@ import numpy as np
 
 from classify.model import Predictions
 
+__all__ = [
+    "PLOTS",
+    "headline_rows",
+    "html_page",
+    "markdown",
+    "plots",
+    "write_report",
+]
+
 PLOTS = ("confusion.png", "per_class.png", "reliability.png")
 
 

@@ -30,6 +30,20 @@ from classify.model import Model
 from classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
 from features import TRAIN, FeatureStore
 
+__all__ = [
+    "Plan",
+    "TrainOptions",
+    "TrainResult",
+    "build_estimator",
+    "default_backbones",
+    "join_taxonomy",
+    "prepare",
+    "resolve_levels",
+    "score",
+    "summary",
+    "train",
+]
+
 log = logging.getLogger(__name__)
 
 

@@ -34,6 +34,17 @@ from features import OptionError, PenultError
 from features.files import atomic_path, write_text
 from features.labels import TEST, TRAIN, VAL, make_split
 
+__all__ = [
+    "FinetuneError",
+    "FinetuneOptions",
+    "FinetuneResult",
+    "augment",
+    "extract_finetuned",
+    "finetune",
+    "plot_curve",
+    "stages",
+]
+
 log = logging.getLogger(__name__)
 
 

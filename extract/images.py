@@ -16,6 +16,15 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from features.errors import PenultError
 
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_SUFFIXES",
+    "ImageError",
+    "decode_image",
+    "read_image_bytes",
+]
+
 IMAGE_SUFFIXES = frozenset(
     ".jpg .jpeg .jpe .png .gif .bmp .tif .tiff .webp .ppm .pgm .pbm .pnm .jfif".split()
 )

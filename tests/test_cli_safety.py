@@ -272,3 +272,23 @@ def test_cli_and_demo_install_inside_penult_not_as_top_level_modules(tmp_path):
     assert tops == {"penult", "extract", "features", "classify"}
     assert {"penult/cli.py", "penult/demo.py"} <= set(names)
     assert "penult = penult.cli:main" in entry
+
+
+def test_the_cli_and_demo_use_only_what_the_packages_export():
+    """Every name cli.py and demo.py import from extract/, classify/ or features/ is listed in
+    that module's ``__all__``; nothing private crosses a package boundary."""
+    import ast
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    used = []
+    for f in ("cli.py", "demo.py"):
+        for node in ast.walk(ast.parse((root / f).read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+                "extract", "classify", "features",
+            ):  # fmt: skip
+                used += [(f, node.module, a.name) for a in node.names]
+    assert len(used) > 30
+    for f, module, name in used:
+        exported = getattr(importlib.import_module(module), "__all__", [])
+        assert name in exported and not name.startswith("_"), f"{f}: {module}.{name}"
