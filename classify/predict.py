@@ -125,17 +125,24 @@ class _Features:
 
     def __init__(self, model: Model, opts: PredictOptions, images: Images):
         self.model, self.opts, self.images = model, opts, images
-        self.cache: list[tuple[str, dict[str, int]]] = []  # per backbone: (store entry, sha -> row)
         self.store = FeatureStore(opts.store) if opts.store else None
+        self._cache: list[tuple[str, dict[str, int]]] | None = None
         if self.store is not None:
-            names = resolve_backbones(model, self.store)
-            sha = self.store.images().sha256
-            for name in names:
-                valid = np.flatnonzero(self.store.valid(name))
-                self.cache.append((name, {sha[r]: int(r) for r in valid}))
+            self.names = resolve_backbones(model, self.store)  # checked before anything runs
         else:  # every image goes through the network: build (and check) it before writing anything
             for spec in model.manifest["backbones"]:
                 images.check(spec["name"], spec["fingerprint"])
+
+    def stored_rows(self) -> list[tuple[str, dict[str, int]]]:
+        """Per backbone: (store entry, content hash -> stored row). Read on first use, so a
+        driver that only hands chunks to Dask workers never reads the store's hash table."""
+        if self._cache is None:
+            sha = self.store.images().sha256
+            self._cache = [
+                (name, {sha[r]: int(r) for r in np.flatnonzero(self.store.valid(name))})
+                for name in self.names
+            ]
+        return self._cache
 
     def __call__(
         self, files: list[str], s: PredictSummary
@@ -150,7 +157,7 @@ class _Features:
             x = np.zeros((n, int(spec["fingerprint"]["dim"])), np.float32)
             have = np.zeros(n, bool)
             if self.store is not None:
-                name, rows = self.cache[k]
+                name, rows = self.stored_rows()[k]
                 hit = [i for i in range(n) if sha[i] in rows]
                 if hit:
                     x[hit] = self.store.embeddings(name, [rows[sha[i]] for i in hit])

@@ -10,7 +10,6 @@ partition resumes what its dead worker finished and never duplicates a row.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,8 +24,6 @@ from features.cluster import (
     report_progress,
     run_tasks,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,12 +99,7 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
     s = ExtractSummary(store, name)
     with PartWriter(store, part.name) as w:
         w.register_backbone(name, fingerprint, dtype=o.dtype)
-        done = w.done(name)
-        todo = [
-            i
-            for i, (p, h) in enumerate(zip(part.paths, part.sha256, strict=True))
-            if (p, h) not in done
-        ]
+        todo = w.not_done(name, part.paths, part.sha256, list(range(len(part.paths))))
         if todo:
             _run(
                 w,
@@ -124,16 +116,15 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
     return TaskResult(s.extracted, s.failed)
 
 
-def run_on_cluster(
-    w, store: str, listing, sha: list[str], todo: list[int], opts, spec: str, s
-) -> None:
+def run_on_cluster(w, listing, sha: list[str], todo: list[int], opts, s) -> None:
     """Embed ``todo`` (listing indices) on the cluster, then publish the parts through ``w``
     (the driver's :class:`StoreWriter`)."""
     from features.parts import adopt_parts
 
     o = {k: v for k, v in asdict(opts).items() if k not in ("cluster", "shard", "partition_size")}
     o.update(progress=False)
-    client = client_for(spec)
+    store = str(w.path)
+    client = client_for(opts.cluster)
     try:
         size = balanced_size(
             len(todo), opts.partition_size, len(client.scheduler_info()["workers"])

@@ -298,12 +298,11 @@ def extract(
             w.append(name, [listing.paths[i] for i, _ in p.reuse], [sha[i] for i, _ in p.reuse], x)
             s.reused = len(p.reuse)
         if isinstance(w, PartWriter):  # a shard run again after a kill: resume its part
-            done = w.done(name)
-            p.todo = [i for i in p.todo if (listing.paths[i], sha[i]) not in done]
+            p.todo = w.not_done(name, listing.paths, sha, p.todo)
         if p.todo and opts.cluster:
             from extract.cluster import run_on_cluster
 
-            run_on_cluster(w, str(w.path), listing, sha, p.todo, opts, opts.cluster, s)
+            run_on_cluster(w, listing, sha, p.todo, opts, s)
         elif p.todo:
             _run(w, name, listing, sha, p.todo, embedder, backbone.preprocess, opts, s)
     s.seconds = time.perf_counter() - t0

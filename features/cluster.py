@@ -13,8 +13,6 @@ import threading
 
 from features.errors import PenultError
 
-log = logging.getLogger(__name__)
-
 ONE_AT_A_TIME = threading.Lock()  # a worker with several Dask threads still embeds one task at
 # a time: the model, its threads and the GPU are the worker's, not the task's
 

@@ -96,6 +96,13 @@ class PartWriter(Writes):
                 out |= set(zip(arrays["path"].tolist(), arrays["sha256"].tolist(), strict=True))
         return out
 
+    def not_done(
+        self, backbone: str, paths: list[str], sha256: list[str], indices: list[int]
+    ) -> list[int]:
+        """The ``indices`` whose (path, sha256) this part has not done yet (see :meth:`done`)."""
+        done = self.done(backbone)
+        return [i for i in indices if (paths[i], sha256[i]) not in done]
+
 
 def _try_lock(part: Path):
     """The part's lock file, locked; None when another process holds it (the part is being

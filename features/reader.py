@@ -73,13 +73,16 @@ class Segmented:
         raise AssertionError("unreachable")
 
     def _columns(
-        self, wanted: list[tuple[str, str]], rows: np.ndarray | None = None
+        self,
+        wanted: list[tuple[str, str]] | Callable[[State], list[tuple[str, str]]],
+        rows: np.ndarray | None = None,
     ) -> tuple[State, list[np.ndarray]]:
-        """The (family, column) pairs, all read from one state (one commit's snapshot)."""
+        """The (family, column) pairs (or the pairs a function picks from the state), all read
+        from one state (one commit's snapshot)."""
 
         def read(s: State, r: Reader) -> tuple[State, list[np.ndarray]]:
             out = []
-            for family, column in wanted:
+            for family, column in wanted(s) if callable(wanted) else wanted:
                 col, ps = s.columns(family)[column], s.maps.get(family, [])
                 out.append(
                     r.span(ps, col, column, 0, s.rows)
@@ -99,8 +102,8 @@ class Segmented:
     def table(self) -> ImageTable:
         fixed = [(TABLE, c) for c in ("path", "root", "sha256", "nbytes", "mtime_ns")]
         fixed += [(ERROR, "error"), (SIZE, "width"), (SIZE, "height")]
-        labels = self.state().labels
-        s, cols = self._columns(fixed + [(label_family(c), "code") for c in labels])
+        s, cols = self._columns(lambda s: fixed + [(label_family(c), "code") for c in s.labels])
+        labels = s.labels
         path, root, sha, nbytes, mtime, error, width, height, *codes = cols
         names = {k: np.asarray(v, dtype=object) for k, v in s.names.items()}
         t = ImageTable(
