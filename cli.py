@@ -549,7 +549,17 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         crop_pct=args.crop_pct, head_init=args.head_init, bn_train=args.bn_train, hard_mining=args.hard_mining, aux_level=args.aux_level,
         taxonomy=args.taxonomy, aux_weight=args.aux_weight, aux_stage=args.aux_stage,
     )  # fmt: skip
-    r = finetune(args.store, args.out, opts)
+
+    def show(row: dict) -> None:
+        aux = f", val {opts.aux_level} acc {row['val_aux_acc']:.3f}" if opts.aux_level else ""
+        print(
+            f"epoch {row['epoch']}/{opts.epochs}: train loss {row['train_loss']:.3f} "
+            f"acc {row['train_acc']:.3f}, val loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}"
+            f"{aux}, {row['seconds']:.0f} s",
+            flush=True,
+        )
+
+    r = finetune(args.store, args.out, opts, on_epoch=None if args.quiet else show)
     best = r.card.get("best_epoch")
     print(
         f"{args.out}: best epoch {best} of {len(r.curve)}, val acc {r.curve[best - 1]['val_acc']:.3f} (card {args.out}.json)"

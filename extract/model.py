@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def _build_full(spec: BackboneSpec) -> nn.Module:
+def build_network(spec: BackboneSpec) -> nn.Module:
     """The whole classifier network with random (seeded) weights."""
     if spec.source == "torchvision":
         import torchvision
@@ -34,37 +34,61 @@ def _build_full(spec: BackboneSpec) -> nn.Module:
     return timm.create_model(spec.weights, pretrained=False)
 
 
-def _truncate(net: nn.Module, spec: BackboneSpec) -> nn.Module:
+def _truncate(net: nn.Module, spec: BackboneSpec, taps: tuple[str, ...]) -> nn.Module:
     """Keep the network up to its pre-logits layer, through the libraries' documented APIs."""
     if spec.source == "torchvision":
         import warnings
 
         from torchvision.models.feature_extraction import create_feature_extractor
 
-        with (
-            warnings.catch_warnings()
-        ):  # train/eval graphs differ (dropout, aux heads); we use eval
+        with warnings.catch_warnings():  # train/eval graphs differ (dropout, aux heads)
             warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
-            return create_feature_extractor(net, return_nodes={spec.layer: "features"})
+            nodes = {spec.layer: "features", **{t: t for t in taps}}
+            return create_feature_extractor(net, return_nodes=nodes)
     net.reset_classifier(0)  # timm: forward() now returns global-pooled pre-logits
     return net
 
 
-class _Embedder(nn.Module):
-    """uint8 (B, 3, H, W) -> normalised float -> backbone -> (B, D)."""
+class PreLogits(nn.Module):
+    """uint8 (B, 3, H, W) -> normalised float -> network up to its pre-logits layer -> (B, D).
 
-    def __init__(self, net: nn.Module, pre: Preprocess):
+    The one path from pixels to the stored embedding: `penult extract` runs it frozen, fine-tuning
+    trains it. ``taps`` names inner modules whose outputs ``forward_taps`` returns as well (the
+    coarse head of fine-tuning reads one). The classifier of ``net`` is dropped in place.
+    """
+
+    def __init__(self, net: nn.Module, spec: BackboneSpec, pre: Preprocess, taps=()):
         super().__init__()
-        self.net = net
+        self.taps = tuple(taps)
+        self.net = _truncate(net, spec, self.taps)
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0))
+        self._tapped: dict[str, torch.Tensor] = {}
+        if spec.source != "torchvision":  # timm keeps its modules: read them through hooks
+            for name in self.taps:
+                self.net.get_submodule(name).register_forward_hook(self._keeper(name))
+
+    def _keeper(self, name: str):
+        def keep(_module, _inputs, out):
+            self._tapped[name] = out
+
+        return keep
+
+    def _net(self, x: torch.Tensor):
+        x = (x.float() - self.mean) * self.inv_std
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.mean) * self.inv_std
-        out = self.net(x.contiguous(memory_format=torch.channels_last))
+        out = self._net(x)
+        return (out["features"] if isinstance(out, dict) else out).flatten(1)
+
+    def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(embedding, {tap: output}); the tapped activations are not kept after the call."""
+        out = self._net(x)
         if isinstance(out, dict):
-            out = out["features"]
-        return out.flatten(1)
+            return out["features"].flatten(1), {t: out[t] for t in self.taps}
+        taps, self._tapped = self._tapped, {}
+        return out.flatten(1), taps
 
 
 @dataclass
@@ -93,7 +117,7 @@ def build_backbone(
     """
     spec = get_spec(name)
     torch.manual_seed(seed)
-    net = _build_full(spec)
+    net = build_network(spec)
     w = str(weights)
     if w == "pretrained":
         origin = load_pretrained(net, spec)
@@ -111,7 +135,7 @@ def build_backbone(
     pre = spec.preprocess(crop_pct)
     if pre != spec.preprocess():
         entry = f"{entry}@crop{round(100 * pre.crop / pre.resize)}"
-    module = _Embedder(_truncate(net, spec), pre).eval().requires_grad_(False)
+    module = PreLogits(net, spec, pre).eval().requires_grad_(False)
     fingerprint = {
         "backbone": spec.name,  # registry entry to rebuild it from (not part of the identity)
         "architecture": f"{spec.source}:{spec.arch}",

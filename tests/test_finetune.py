@@ -16,7 +16,9 @@ from classify import TrainOptions, train
 from conftest import copy_store
 from extract import build_backbone
 from extract import finetune as ft
-from extract.model import _build_full
+from extract.finetune import data as ft_data
+from extract.finetune import loop as ft_loop
+from extract.model import build_network
 from extract.registry import get_spec
 from extract.weights import load_pretrained, read_state_dict
 from features import FeatureStore
@@ -50,11 +52,11 @@ def test_training_loss_falls_and_card_records_the_run(tuned):
 def test_frozen_layers_are_bitwise_unchanged_and_embeddings_change(tuned, data_dir):
     r, _ = tuned
     spec = get_spec("efficientnet_lite0")
-    base = _build_full(spec)
+    base = build_network(spec)
     load_pretrained(base, spec)
     before = base.state_dict()
     after = read_state_dict(r.checkpoint)
-    last = {n for n, _ in ft.stages(base)[-1].named_parameters()}
+    last = {n for n, _ in base.named_parameters() if n.startswith(ft.stages(base)[-1])}
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed, "nothing was trained"
     assert all(k.startswith(("conv_head", "bn2")) for k in changed), changed[:5]
@@ -106,7 +108,7 @@ def test_interrupted_run_resumes(hym_store, tmp_path, monkeypatch):
     store = tmp_path / "s.h5"
     copy_store(hym_store, store)
     out = tmp_path / "r.safetensors"
-    real, calls = ft._run_epoch, []
+    real, calls = ft_loop.run_epoch, []
 
     def flaky(*a, **k):
         calls.append(k["train"])
@@ -114,10 +116,10 @@ def test_interrupted_run_resumes(hym_store, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(ft, "_run_epoch", flaky)
+    monkeypatch.setattr(ft_loop, "run_epoch", flaky)
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(store, out, QUICK)
-    monkeypatch.setattr(ft, "_run_epoch", real)
+    monkeypatch.setattr(ft_loop, "run_epoch", real)
     r = ft.finetune(store, out, QUICK)
     assert r.card["resumed_at_epoch"] == 1 and [c["epoch"] for c in r.curve] == [1, 2]
 
@@ -163,14 +165,14 @@ def test_probe_initialised_head_starts_where_the_linear_probe_is(hym_store, tmp_
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    d = ft._data(store, still)
+    d = ft_data.load(store, still)
     fs = FeatureStore(store)
     t = fs.images()
     row = {os.path.join(r, p): i for i, (r, p) in enumerate(zip(t.root, t.path, strict=True))}
     x = fs.embeddings("efficientnet_lite0")
     lr = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300, tol=1e-3))
-    lr.fit(x[d.rows], d.y)
-    want = lr.score(x[[row[f] for f in d.vfiles]], d.vy)
+    lr.fit(x[d.rows], d.train.y)
+    want = lr.score(x[[row[f] for f in d.val.files]], d.val.y)
     assert want >= 0.85 and abs(probe.curve[0]["val_acc"] - want) <= 0.02
     assert rand.curve[0]["val_acc"] <= 0.75
 
@@ -180,14 +182,14 @@ def test_hard_example_mining_learns_only_from_the_hardest_fraction():
     logits = torch.randn(8, 5, requires_grad=True)
     target = torch.arange(8) % 5
     opts = dataclasses.replace(QUICK, hard_mining=0.25, label_smoothing=0.0)
-    loss, full = ft._batch_loss(logits, None, target, None, opts, train=True)
+    loss, full = ft_loop.batch_loss(logits, None, target, None, opts, train=True)
     per = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     hardest = per.topk(2).indices
     assert torch.isclose(loss, per[hardest].mean()) and torch.isclose(full, per.mean())
     loss.backward()
     has_grad = logits.grad.abs().sum(1) > 0
     assert has_grad.sum() == 2 and has_grad[hardest].all()
-    off, _ = ft._batch_loss(
+    off, _ = ft_loop.batch_loss(
         logits, None, target, None, dataclasses.replace(opts, hard_mining=0.0), train=True
     )
     assert torch.isclose(off, per.mean())
@@ -207,7 +209,7 @@ def test_auxiliary_coarse_loss_trains_an_intermediate_stage(cub_store, tmp_path)
         or r.curve[-1]["val_aux_acc"] > 0.3
     )
     spec = get_spec("efficientnet_lite0")
-    base = _build_full(spec)
+    base = build_network(spec)
     load_pretrained(base, spec)
     after = read_state_dict(r.checkpoint)
     mid = {f"blocks.{len(base.blocks) - 1}.{n}" for n, _ in base.blocks[-1].named_parameters()}
@@ -252,11 +254,54 @@ def test_fp16_trains_through_a_gradient_scaler(data_dir):
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     opts = dataclasses.replace(QUICK, batch_size=8, workers=0)
     pre = get_spec("efficientnet_lite0").preprocess()
-    run = dict(opt=opt, scaler=scaler, device=torch.device("cpu"), dtype=torch.float16)  # noqa: C408
+    run = ft_loop.Run(model, opts, pre, torch.device("cpu"), "fp16", opt=opt, scaler=scaler)
     for seed in range(2):
-        r = ft._run_epoch(
-            model, files, y, opts, pre, train=True, rng=np.random.default_rng(seed), **run
-        )
+        run.rng = np.random.default_rng(seed)
+        r = ft_loop.run_epoch(run, ft_data.Split(files, y), train=True)
         assert np.isfinite(r["loss"])
     assert 0 < scaler.get_scale() <= 65536
     assert not torch.equal(before, model.fc.weight)
+
+
+def test_trained_network_embeds_exactly_what_extract_stores_for_its_weights(tuned):
+    """One pre-logits path: the training module, holding the checkpoint's weights, gives the
+    embeddings `penult extract` stored for that checkpoint."""
+    from extract.loader import make_loader
+
+    r, store = tuned
+    name = ft.extract_finetuned(store, r.checkpoint, progress=False)
+    model = r.model.cpu().eval()
+    trunk = model.embedder.net
+    saved = read_state_dict(r.checkpoint)
+    trunk.load_state_dict({k: saved[k] for k in trunk.state_dict()})  # strict: every trunk key
+    fs = FeatureStore(store)
+    t = fs.images()
+    rows = np.arange(0, len(t.path), 50)
+    files = [os.path.join(t.root[i], t.path[i]) for i in rows]
+    pre = get_spec("efficientnet_lite0").preprocess()
+    (batch,) = [b for b in make_loader(files, pre, batch_size=len(files), workers=0)]
+    with torch.inference_mode():
+        got = model.embed(batch.images).numpy()
+    np.testing.assert_allclose(got, fs.embeddings(name, rows), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "tap", "channels"),
+    [("resnet18", "layer3", 256), ("efficientnet_lite0", "bn2", 1280)],
+)
+def test_coarse_head_taps_any_stage_without_changing_the_embedding(
+    backbone, tap, channels, data_dir
+):
+    """The tap (through the torchvision graph or a timm hook) adds an output and changes nothing."""
+    from extract.model import PreLogits
+
+    spec = get_spec(backbone)
+    torch.manual_seed(0)
+    tapped = PreLogits(build_network(spec), spec, spec.preprocess(), taps=(tap,)).eval()
+    plain = build_backbone(backbone, weights="random").module
+    x = torch.randint(0, 255, (2, 3, 96, 96), dtype=torch.uint8)
+    with torch.inference_mode():
+        emb, taps = tapped.forward_taps(x)
+        torch.testing.assert_close(emb, plain(x))
+    assert emb.shape == (2, spec.dim) and taps[tap].shape[:2] == (2, channels)
+    assert tapped.forward_taps(x)[1].keys() == {tap}  # none kept from the call before

@@ -1,0 +1,156 @@
+"""The store's side of fine-tuning: which images train and validate, their labels, the frozen
+embeddings already stored, the loader that feeds the network, and the result written back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract.finetune.options import FinetuneError, FinetuneOptions
+from extract.loader import default_workers, make_loader
+from extract.registry import Preprocess
+from extract.run import ExtractOptions, extract
+from extract.sources import Listing
+from features import FeatureStore
+from features.labels import TEST, TRAIN, VAL, make_split, read_taxonomy
+
+__all__ = [
+    "Split",
+    "TrainData",
+    "epoch_order",
+    "extract_finetuned",
+    "load",
+    "loader",
+    "stored_embeddings",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    files: list[str]
+    y: np.ndarray  # class ids
+    coarse: np.ndarray | None = None  # coarse-label ids (auxiliary loss)
+
+
+@dataclass
+class TrainData:
+    train: Split
+    val: Split
+    classes: list[str]
+    rows: np.ndarray  # store rows of the training images (for the linear-probe initialisation)
+    coarse_classes: list[str] = field(default_factory=list)
+
+
+def _coarse_of(store_path, table, opts: FinetuneOptions, y: np.ndarray) -> np.ndarray:
+    """The coarse label of every store row: a store column, or a taxonomy CSV column via the label."""
+    level = opts.aux_level
+    if not opts.taxonomy:
+        if level not in table.labels:
+            raise FinetuneError(
+                f"{store_path}: no label column {level!r} for the auxiliary loss "
+                f"(columns: {', '.join(sorted(table.labels))}); pass --taxonomy CSV"
+            )
+        return np.array(table.labels[level])
+    return np.array(read_taxonomy(opts.taxonomy).column(level, y.tolist()))
+
+
+def load(store_path, opts: FinetuneOptions) -> TrainData:
+    """Training and validation images from the store's train (and val) split, with their labels."""
+    t = FeatureStore(store_path).images()
+    if opts.label not in t.labels or opts.split not in t.labels:
+        raise FinetuneError(
+            f"{store_path}: fine-tuning needs label columns {opts.label!r} and {opts.split!r}; "
+            "train a head first to make a split"
+        )
+    y, split = np.array(t.labels[opts.label]), np.array(t.labels[opts.split])
+    ok = np.array([not e for e in t.error]) & (y != "")
+    files = np.array([os.path.join(r, p) for r, p in zip(t.root, t.path, strict=True)])
+    tr, va = np.flatnonzero(ok & (split == TRAIN)), np.flatnonzero(ok & (split == VAL))
+    rng = np.random.default_rng(opts.seed)
+    if opts.max_train and len(tr) > opts.max_train:
+        tr = np.sort(rng.choice(tr, opts.max_train, replace=False))
+    if len(va) == 0:  # hold out part of train; the test split stays untouched for evaluation
+        held = make_split(y[tr], test_size=opts.val_fraction, seed=opts.seed) == TEST
+        tr, va = tr[~held], tr[held]
+    classes = sorted(set(y[tr]))
+    idx = {c: i for i, c in enumerate(classes)}
+    va = np.array([i for i in va if y[i] in idx], dtype=int)
+    d = TrainData(
+        Split(files[tr].tolist(), np.array([idx[c] for c in y[tr]])),
+        Split(files[va].tolist(), np.array([idx[c] for c in y[va]])),
+        classes,
+        np.asarray(tr),
+    )
+    if opts.aux_level:
+        coarse = _coarse_of(store_path, t, opts, y)
+        d.coarse_classes = sorted(set(coarse[np.concatenate([tr, va])]))
+        cidx = {c: i for i, c in enumerate(d.coarse_classes)}
+        d.train.coarse = np.array([cidx[c] for c in coarse[tr]])
+        d.val.coarse = np.array([cidx[c] for c in coarse[va]])
+    return d
+
+
+def stored_embeddings(store_path, rows: np.ndarray, base_sha: str, pre: Preprocess):
+    """The store's embeddings of ``rows`` from an entry with exactly these weights and
+    preprocessing, or None."""
+    fs = FeatureStore(store_path)
+    for name, entry in fs.backbones().items():
+        fp = entry.fingerprint
+        p = fp.get("preprocessing", {})
+        if fp.get("weights_sha256") != base_sha or (p.get("resize"), p.get("crop")) != (
+            pre.resize,
+            pre.crop,
+        ):
+            continue
+        if fs.valid(name)[rows].all():
+            return fs.embeddings(name, rows)
+    return None
+
+
+def epoch_order(y: np.ndarray, balanced: bool, rng: np.random.Generator) -> np.ndarray:
+    """The images of one training epoch: a shuffle, or a class-balanced draw with replacement."""
+    if not balanced:
+        return rng.permutation(len(y))
+    w = 1.0 / np.bincount(y)[y]
+    return rng.choice(len(y), len(y), replace=True, p=w / w.sum())
+
+
+def loader(files: list[str], pre: Preprocess, opts: FinetuneOptions, device: torch.device):
+    """The extraction loader with the run's workers (no more than there are batches)."""
+    workers = default_workers(device) if opts.workers is None else opts.workers
+    return make_loader(
+        files,
+        pre,
+        batch_size=opts.batch_size,
+        workers=min(workers, max(1, len(files) // opts.batch_size)),
+        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
+    )
+
+
+def extract_finetuned(
+    store_path: str | os.PathLike[str], checkpoint: str | os.PathLike[str], *, progress: bool = True
+) -> str:
+    """Embed every image of the store with the fine-tuned network, as backbone ``<base>@ft-<hash>``."""
+    card = json.loads(Path(f"{checkpoint}.json").read_text())
+    name = f"{card['base_backbone']}@ft-{card['weights_sha256'][:8]}"
+    table = FeatureStore(store_path).images()
+    for root in sorted(set(table.root)):
+        paths = [p for p, r in zip(table.path, table.root, strict=True) if r == root]
+        opts = ExtractOptions(
+            backbone=card["base_backbone"],
+            weights=str(checkpoint),
+            name=name,
+            crop_pct=card["options"].get("crop_pct"),
+            progress=progress,
+        )
+        s = extract(store_path, Listing(root=Path(root), paths=paths), opts)
+        log.info(s.report())
+    return name

@@ -1,0 +1,48 @@
+"""The new head starts as a linear probe: logistic regression on the frozen embeddings of the
+training images, so that the first steps refine features instead of undoing them for a random head."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from extract.finetune.data import TrainData, loader, stored_embeddings
+
+__all__ = ["embed_pass", "probe_init"]
+
+
+def probe_init(run, store_path, data: TrainData, base_sha: str) -> str:
+    """Fit the probe on embeddings read from the store when it holds this backbone with this
+    preprocessing (else computed in one pass) and copy it into the head; says where they came from."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, source = stored_embeddings(store_path, data.rows, base_sha, run.pre), "store"
+    if x is None:
+        x, source = embed_pass(run, data.train.files), "computed"
+    y = data.train.y
+    scale = StandardScaler().fit(x)
+    lr = LogisticRegression(C=0.1, max_iter=300, tol=1e-3).fit(scale.transform(x), y)
+    w = lr.coef_ / scale.scale_
+    b = lr.intercept_ - w @ scale.mean_
+    if w.shape[0] == 1:  # binary: softmax over (0, w.x + b) is the logistic model
+        w, b = np.vstack([np.zeros_like(w), w]), np.concatenate([[0.0], b])
+    head = run.model.head
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+    return f"probe ({source} embeddings, train acc {lr.score(scale.transform(x), y):.3f})"
+
+
+def embed_pass(run, files: list[str]) -> np.ndarray:
+    """Embeddings of ``files`` under the network as it is (eval mode, no augmentation)."""
+    run.model.eval()
+    out = np.zeros((len(files), run.model.head.in_features), np.float32)
+    with torch.no_grad(), run.autocast():
+        batches = loader(files, run.pre, run.opts, run.device)
+        for batch in tqdm(batches, desc="probe", disable=not run.opts.progress, leave=False):
+            if len(batch.indices):
+                x = batch.images.to(run.device)
+                out[batch.indices] = run.model.embed(x).float().cpu().numpy()
+    return out
