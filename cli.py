@@ -6,10 +6,11 @@ import argparse
 import errno
 import importlib
 import logging
-import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 EXAMPLES = """examples:
   penult demo                                   the whole pipeline on the embedded solar-cell images
@@ -26,52 +27,64 @@ EXAMPLES = """examples:
 """
 
 
-def _shard(text: str) -> tuple[int, int]:
-    """``I/N`` with 0 <= I < N."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/4)") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= I < N")
-    return i, n
+def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a package's parser: its OptionError message becomes argparse's."""
+    from features import OptionError
 
-
-def _ranged(
-    cast: type, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
-    open_hi: bool = False,
-):  # fmt: skip
-    """An argparse type: ``cast`` the text and refuse NaN, inf and values outside [lo, hi]."""
-    lo_s = "" if lo is None else ("> " if open_lo else ">= ") + f"{lo:g}"
-    hi_s = "" if hi is None else ("< " if open_hi else "<= ") + f"{hi:g}"
-    want = " and ".join(x for x in (lo_s, hi_s) if x)
-
-    def parse(text: str):
+    def typed(text: str):
         try:
-            v = cast(text)
-        except ValueError:
-            kind = "an integer" if cast is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
-        bad = isinstance(v, float) and not math.isfinite(v)
-        bad |= lo is not None and (v < lo or (open_lo and v == lo))
-        bad |= hi is not None and (v > hi or (open_hi and v == hi))
-        if bad:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {want or 'a finite number'}")
-        return v
+            return parse(text)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
-    return parse
+    typed.__name__ = parse.__name__
+    return typed
 
 
-_POSITIVE = _ranged(int, 1)
-_COUNT = _ranged(int, 0)
-_FRACTION = _ranged(float, 0, 1, open_lo=True, open_hi=True)  # strictly between 0 and 1
-_CROP = _ranged(float, 0, 1, open_lo=True)
-_RATE = _ranged(float, 0)
+def _add_options(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    helps: dict[str, str] | None = None,
+) -> None:
+    """One argument per CLI field of options dataclass ``cls``: its flag, default, parser and help."""
+    from features.options import cli_fields
+
+    for f, flag in cli_fields(cls):
+        if f.name in skip:
+            continue
+        names = flag.flags or (f"--{f.name.replace('_', '-')}",)
+        kw: dict[str, Any] = {"dest": f.name, "help": (helps or {}).get(f.name, flag.help)}
+        if isinstance(f.default, bool):
+            kw["action"] = "store_false" if f.default else "store_true"
+        else:
+            kw.update(action="append", default=[]) if flag.repeat else kw.update(default=f.default)
+            if flag.parse:
+                kw["type"] = _typed(flag.parse)
+            metavar = flag.metavar or (
+                None if flag.choices else names[-1].lstrip("-").replace("-", "_").upper()
+            )
+            kw.update(choices=flag.choices, metavar=metavar)
+            if f.default not in (None, ()) and "default" not in kw["help"]:
+                kw["help"] += " (default %(default)s)"
+        p.add_argument(*names, **kw)
+
+
+def _options(args: argparse.Namespace, cls: type, **given: Any):
+    """``cls`` built from the parsed arguments that ``_add_options`` declared (and ``given``)."""
+    from features.options import cli_fields
+
+    values = {
+        f.name: tuple(getattr(args, f.name)) if flag.repeat else getattr(args, f.name)
+        for f, flag in cli_fields(cls)
+        if f.name not in given and hasattr(args, f.name)
+    }
+    return cls(**values, **given)
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
-    from extract import DEFAULT_BACKBONE
-    from extract.images import DEFAULT_MAX_PIXELS
+    from extract import ExtractOptions
 
     p = sub.add_parser(
         "extract",
@@ -85,198 +98,31 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         help="image folder (class = subfolder), CSV manifest (path,label,...), file list, or image",
     )
     p.add_argument(
-        "--backbone",
-        default=DEFAULT_BACKBONE,
-        help=f"registry name (default {DEFAULT_BACKBONE}; see `penult backbones`)",
-    )
-    p.add_argument(
-        "--weights",
-        default="pretrained",
-        help="'pretrained' (library default/cache), 'random', or a state-dict FILE",
-    )
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow full pickles in --weights (runs code from the file!)",
-    )
-    p.add_argument(
-        "--name", help="store entry name (default: backbone name, plus weights hash for a file)"
-    )
-    p.add_argument(
         "--root",
         help="folder that manifest/list paths are relative to (default: the file's folder)",
     )
-    p.add_argument(
-        "--crop-pct",
-        type=_CROP,
-        help="centre crop as a fraction of the resized image (default: the weights' own, e.g. 0.875); "
-        "1.0 keeps the whole image, for photos already cropped to the subject. Stored as NAME@cropNN",
-    )
     p.add_argument("--taxonomy", help="CSV: class,<coarse levels...> joined onto labels")
     p.add_argument("--split", help="CSV: path,split (train/val/test) stored with the labels")
-    p.add_argument("--batch-size", type=_POSITIVE, default=32)
-    p.add_argument("--workers", type=_COUNT, help="loader processes (default: by device and cores)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="autocast precision (auto: bf16 on CPUs with native bf16, fp16/bf16 on CUDA)",
-    )
-    p.add_argument(
-        "--optimize",
-        default="auto",
-        choices=["auto", "eager", "inductor"],
-        help="inductor = torch.compile with frozen weights (10-40 s compile, about 1.5x faster on CPU); "
-        "auto uses it on CPU from 10,000 images",
-    )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float16"],
-        help="storage dtype of embeddings",
-    )
-    p.add_argument(
-        "--commit-every",
-        type=_POSITIVE,
-        default=512,
-        help="rows per journal commit (the most a crash can lose)",
-    )
-    p.add_argument(
-        "--shard",
-        type=_shard,
-        metavar="I/N",
-        help="embed only shard I of N (0-based; a fixed split of the paths) into a part beside "
-        "the store, for job arrays; run `penult merge STORE` when the shards are done. A shard "
-        "run again after a kill resumes its part",
-    )
-    p.add_argument(
-        "--cluster",
-        metavar="SPEC",
-        help="embed on Dask: local[:N] (N worker processes; default one per GPU, else 2), "
-        "tcp://HOST:PORT (a running scheduler) or slurm[:JOBS] (dask-jobqueue, configured in "
-        "~/.config/dask/jobqueue.yaml). The driver plans, workers write parts, the driver "
-        "publishes them; needs `pip install 'penult[dask]'`",
-    )
-    p.add_argument(
-        "--partition-size",
-        type=_POSITIVE,
-        default=2048,
-        metavar="N",
-        help="images per Dask task with --cluster: larger means less scheduling, smaller means "
-        "less redone when a worker dies (default 2048)",
-    )
-    p.add_argument(
-        "--retry-failed", action="store_true", help="try again images that failed in an earlier run"
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=_POSITIVE,
-        default=DEFAULT_MAX_PIXELS,
-        help="larger images are refused as decompression bombs",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-
-def _param(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. C=0.1")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
-
-
-def _pca(text: str) -> int | float:
-    """PCA size: components (an integer >= 1) or the variance to keep (a fraction in (0, 1))."""
-    if "." in text or "e" in text.lower():
-        return _FRACTION(text)
-    return _POSITIVE(text)
-
-
-def _threshold(text: str) -> str | float:
-    """--ovr threshold: 'f1', or one probability strictly between 0 and 1."""
-    return text if text == "f1" else _FRACTION(text)
+    _add_options(p, ExtractOptions)
 
 
 def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
-    from classify import HEADS
+    from classify import HEADS, TrainOptions
 
-    p.add_argument(
-        "--backbone",
-        action="append",
-        default=[],
-        help=(
-            "a backbone set to compare, repeatable; A+B fuses A and B"
-            if compare
-            else "store entry to train on; repeat to fuse several (rows joined by content hash)"
+    helps = {}
+    if compare:
+        helps["backbones"] = (
+            "a backbone set to compare, repeatable; A+B fuses A and B. Default: the store's only backbone"
         )
-        + ". Default: the store's only backbone",
-    )
-    p.add_argument("--label", default="label", help="label column to predict (default label)")
-    p.add_argument(
-        "--levels",
-        type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-        default=(),
-        help="coarse label columns, coarse first (e.g. family,genus), or 'auto' for nested folders; "
-        "reported per level, and used top-down with --hierarchical",
-    )
-    p.add_argument(
-        "--hierarchical", action="store_true", help="coarse classifier, then one per group"
-    )
-    p.add_argument("--taxonomy", help="CSV class,<coarse columns...> to join at training time")
-    p.add_argument(
-        "--ovr", action="store_true", help="one-vs-rest with per-class thresholds and 'unknown'"
-    )
-    p.add_argument(
-        "--threshold",
-        default="f1",
-        type=_threshold,
-        help="--ovr thresholds: 'f1' (tuned per class on out-of-fold scores) or a probability",
-    )
-    p.add_argument("--class-weight", choices=["balanced"], help="reweight rare classes (lr, svm)")
-    p.add_argument(
-        "--preprocess", choices=["standard", "l2", "l2+standard", "none"], help="default per head"
-    )
-    p.add_argument("--pca", type=_pca, help="PCA components (int) or kept variance (0-1)")
-    p.add_argument("--whiten", action="store_true", help="whiten the PCA components")
-    p.add_argument(
-        "--search", action="store_true", help="grid-search the head's main parameter by CV"
-    )
-    p.add_argument(
-        "--cv", type=_ranged(int, 2), default=3, help="folds for --search and --ovr thresholds"
-    )
-    p.add_argument(
-        "--param", type=_param, action="append", default=[], help="classifier KEY=VALUE, repeatable"
-    )
-    p.add_argument(
-        "--split-column", default="split", help="label column with train/test (made if missing)"
-    )
-    p.add_argument("--eval-split", help="split to score on (default test, else val)")
-    p.add_argument(
-        "--test-size", type=_FRACTION, default=0.3, help="test fraction when a split is made"
-    )
-    p.add_argument("--seed", type=_COUNT, default=0, help="seed of a split made here")
-    p.add_argument("--jobs", type=_POSITIVE, help="parallel processes (default: all cores)")
+    _add_options(p, TrainOptions, skip=("head",) if compare else (), helps=helps)
     p.epilog = "heads: " + "; ".join(f"{k}: {s.description}" for k, s in HEADS.items())
 
 
-def _train_options(args: argparse.Namespace, head: str):
-    from classify import TrainOptions
-
-    return TrainOptions(
-        head=head, backbones=tuple(args.backbone), label=args.label, levels=args.levels,
-        hierarchical=args.hierarchical, taxonomy=args.taxonomy, ovr=args.ovr, threshold=args.threshold,
-        class_weight=args.class_weight, preprocess=args.preprocess, pca=args.pca, whiten=args.whiten,
-        search=args.search, cv=args.cv, split=args.split_column, eval_split=args.eval_split,
-        test_size=args.test_size, seed=args.seed, n_jobs=args.jobs, params=tuple(args.param),
-    )  # fmt: skip
-
-
 def _add_classify(sub: argparse._SubParsersAction) -> None:
+    from classify import PredictOptions
+    from classify.outofcore import StreamOptions
+    from extract import Featuriser
+
     p = sub.add_parser(
         "train",
         help="train a head on stored features, score it on the held-out split, save it",
@@ -287,7 +133,6 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="model file to write (a manifest MODEL.json goes beside it)"
     )
-    p.add_argument("--head", default="lr", help="lr (default), svm, mlp, knn, centroid")
     p.add_argument("--report", help="also write the evaluation report into this folder")
     g = p.add_argument_group(
         "out of core",
@@ -296,18 +141,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         "centroid streams (class means); other heads train on a seeded stratified sample",
     )
     g.add_argument("--out-of-core", action="store_true", help="never load the feature matrix")
-    g.add_argument(
-        "--memory-mb", type=_POSITIVE, default=256, help="features held at once (default 256)"
-    )
-    g.add_argument(
-        "--epochs", type=_POSITIVE, default=20, help="passes of the streamed lr (default 20)"
-    )
-    g.add_argument(
-        "--subsample",
-        type=_POSITIVE,
-        default=50_000,
-        help="training images for heads that cannot stream (default 50,000)",
-    )
+    _add_options(g, StreamOptions)
     _add_head_options(p)
 
     p = sub.add_parser(
@@ -352,39 +186,21 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="CSV to write (written as OUT.partial, then renamed)"
     )
-    p.add_argument("--store", help="feature store whose cached embeddings to reuse")
-    p.add_argument("--top-k", type=_POSITIVE, default=5)
     p.add_argument(
         "--weights", action="append", default=[], help="FILE (or NAME=FILE) if not the default"
     )
     p.add_argument(
-        "--trust-checkpoint", action="store_true", help="allow full pickles in --weights"
-    )
-    p.add_argument(
         "--trust-model", action="store_true", help="load types outside sklearn/numpy/penult"
     )
-    p.add_argument("--batch-size", type=_POSITIVE, default=32)
-    p.add_argument("--workers", type=_COUNT)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument(
-        "--cluster",
-        metavar="SPEC",
-        help="score on Dask, as `extract --cluster` (local[:N], tcp://HOST:PORT, slurm[:JOBS]); "
-        "the CSV is still in input order and written only when every image is scored",
-    )
-    p.add_argument(
-        "--partition-size",
-        type=_POSITIVE,
-        default=2048,
-        metavar="N",
-        help="images per step (per Dask task with --cluster; default 2048)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_options(p, PredictOptions)
+    _add_options(p, Featuriser, skip=("weights",))
 
 
 def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     from classify.neighbors import KINDS, METRICS
+    from features.options import POSITIVE, ranged
+
+    positive = _typed(POSITIVE)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("store")
@@ -401,8 +217,8 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--metric", default="cosine", choices=METRICS, help="cosine (default) or l2")
     p.add_argument("--kind", default="auto", choices=KINDS, help="index type (default by size)")
-    p.add_argument("--nlist", type=_POSITIVE, help="IVF lists (default about 4 sqrt(N))")
-    p.add_argument("--pq-m", type=_POSITIVE, help="PQ bytes per vector for --kind ivfpq")
+    p.add_argument("--nlist", type=positive, help="IVF lists (default about 4 sqrt(N))")
+    p.add_argument("--pq-m", type=positive, help="PQ bytes per vector for --kind ivfpq")
     p.add_argument(
         "--rebuild", action="store_true", help="build from scratch even if an index exists"
     )
@@ -421,9 +237,9 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     )
     common(p)
     p.add_argument("queries", nargs="+", help="store keys, image files or folders")
-    p.add_argument("-k", type=_POSITIVE, default=10, help="neighbours per query (default 10)")
+    p.add_argument("-k", type=positive, default=10, help="neighbours per query (default 10)")
     p.add_argument(
-        "--nprobe", type=_POSITIVE, help="IVF lists searched per query (default: the index's)"
+        "--nprobe", type=positive, help="IVF lists searched per query (default: the index's)"
     )
     p.add_argument("--metric", default="cosine", choices=METRICS)
     p.add_argument("--out", default="neighbors.csv", help="table to write (.csv or .json)")
@@ -440,7 +256,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument(
         "--threshold",
-        type=_ranged(float, 0, 1, open_lo=True),
+        type=_typed(ranged(float, 0, 1, open_lo=True)),
         default=0.95,
         help="cosine similarity, in (0, 1] (default 0.95)",
     )
@@ -451,7 +267,6 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     from extract.finetune import FinetuneOptions
 
-    d = FinetuneOptions()
     p = sub.add_parser(
         "finetune",
         help="fine-tune a backbone on the store's labelled images; add it as a new backbone",
@@ -462,93 +277,16 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("store")
     p.add_argument("--out", required=True, help="checkpoint file (.safetensors)")
-    p.add_argument("--backbone", default=d.backbone)
-    p.add_argument("--label", default=d.label)
-    p.add_argument(
-        "--unfreeze",
-        type=_COUNT,
-        default=d.unfreeze,
-        help="stages trained, from the deepest (default 1)",
-    )
-    p.add_argument("--epochs", type=_POSITIVE, default=d.epochs)
-    p.add_argument("--batch-size", type=_POSITIVE, default=d.batch_size)
-    p.add_argument(
-        "--accumulate", type=_POSITIVE, default=d.accumulate, help="batches per optimiser step"
-    )
-    p.add_argument("--lr-backbone", type=_RATE, default=d.lr_backbone)
-    p.add_argument("--lr-head", type=_RATE, default=d.lr_head)
-    p.add_argument(
-        "--schedule", choices=["cosine", "plateau"], default=d.schedule, help="after warm-up"
-    )
-    p.add_argument(
-        "--label-smoothing", type=_ranged(float, 0, 1, open_hi=True), default=d.label_smoothing
-    )
-    p.add_argument(
-        "--no-augment", action="store_true", help="no random crops, flips, rotation, jitter"
-    )
-    p.add_argument(
-        "--no-balance",
-        action="store_true",
-        help="plain shuffling instead of class-balanced sampling",
-    )
-    p.add_argument(
-        "--patience", type=_COUNT, default=d.patience, help="early stopping on validation loss"
-    )
-    p.add_argument("--max-train", type=_POSITIVE, help="use at most this many training images")
-    p.add_argument(
-        "--crop-pct",
-        type=_CROP,
-        help="centre crop / resize for training and the new embeddings (1.0: whole image)",
-    )
-    p.add_argument(
-        "--head-init",
-        choices=["probe", "random"],
-        default=d.head_init,
-        help="new head from a logistic regression on the frozen embeddings (default), or random",
-    )
-    p.add_argument(
-        "--bn-train",
-        action="store_true",
-        help="update BatchNorm statistics in the trained stages (default: keep the pretrained ones)",
-    )
-    p.add_argument(
-        "--hard-mining",
-        type=_ranged(float, 0, 1),
-        default=d.hard_mining,
-        metavar="FRACTION",
-        help="online hard-example mining: learn from this fraction of each batch's highest losses",
-    )
-    p.add_argument(
-        "--aux-level",
-        metavar="COLUMN",
-        help="auxiliary coarse-label loss (e.g. genus, family): a store label column or --taxonomy column",
-    )
-    p.add_argument("--taxonomy", metavar="CSV", help="class,<coarse levels...> for --aux-level")
-    p.add_argument("--aux-weight", type=_RATE, default=d.aux_weight)
-    p.add_argument(
-        "--aux-stage",
-        type=_POSITIVE,
-        default=d.aux_stage,
-        help="stage (from the deepest) the coarse head reads; must be trainable (default 2)",
-    )
+    _add_options(p, FinetuneOptions)
     p.add_argument(
         "--no-extract", action="store_true", help="do not embed the store with the result"
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("-q", "--quiet", action="store_true")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from extract.finetune import FinetuneOptions, extract_finetuned, finetune
 
-    opts = FinetuneOptions(
-        backbone=args.backbone, label=args.label, unfreeze=args.unfreeze, epochs=args.epochs,
-        batch_size=args.batch_size, accumulate=args.accumulate, lr_backbone=args.lr_backbone, lr_head=args.lr_head, schedule=args.schedule,
-        label_smoothing=args.label_smoothing, augment=not args.no_augment, balanced=not args.no_balance,
-        patience=args.patience, max_train=args.max_train, device=args.device, progress=not args.quiet,
-        crop_pct=args.crop_pct, head_init=args.head_init, bn_train=args.bn_train, hard_mining=args.hard_mining, aux_level=args.aux_level,
-        taxonomy=args.taxonomy, aux_weight=args.aux_weight, aux_stage=args.aux_stage,
-    )  # fmt: skip
+    opts = _options(args, FinetuneOptions)
 
     def show(row: dict) -> None:
         aux = f", val {opts.aux_level} acc {row['val_aux_acc']:.3f}" if opts.aux_level else ""
@@ -559,13 +297,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    r = finetune(args.store, args.out, opts, on_epoch=None if args.quiet else show)
+    r = finetune(args.store, args.out, opts, on_epoch=show if opts.progress else None)
     best = r.card.get("best_epoch")
     print(
         f"{args.out}: best epoch {best} of {len(r.curve)}, val acc {r.curve[best - 1]['val_acc']:.3f} (card {args.out}.json)"
     )
     if not args.no_extract:
-        name = extract_finetuned(args.store, args.out, progress=not args.quiet)
+        name = extract_finetuned(args.store, args.out, progress=opts.progress)
         print(
             f"embedded the store as backbone {name!r}: `penult train {args.store} --backbone {name}`"
         )
@@ -735,14 +473,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     listing = list_images(args.input, root=args.root, taxonomy=args.taxonomy, split=args.split)
     for note in listing.notes:
         print(note)
-    opts = ExtractOptions(
-        backbone=args.backbone, weights=args.weights, name=args.name, trust_checkpoint=args.trust_checkpoint, crop_pct=args.crop_pct,
-        batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision, optimize=args.optimize,
-        dtype=args.dtype, commit_every=args.commit_every, retry_failed=args.retry_failed,
-        max_pixels=args.max_pixels, progress=not args.quiet, shard=args.shard, cluster=args.cluster,
-        partition_size=args.partition_size,
-    )  # fmt: skip
-
+    opts = _options(args, ExtractOptions)
     summary = extract(args.store, listing, opts)
     print(summary.report())
     if args.shard:
@@ -812,7 +543,7 @@ def _out_folder(path: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from classify import save_model, train
+    from classify import TrainOptions, save_model, train
     from classify.evaluate import evaluate
 
     _out_folder(args.out)
@@ -821,12 +552,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.out_of_core:
         from classify.outofcore import StreamOptions, train_out_of_core
 
-        so = StreamOptions(memory_mb=args.memory_mb, epochs=args.epochs, subsample=args.subsample)
-        r = train_out_of_core(
-            args.store, _train_options(args, args.head), so, report_dir=args.report
-        )
+        so = _options(args, StreamOptions)
+        r = train_out_of_core(args.store, _options(args, TrainOptions), so, report_dir=args.report)
     else:
-        r = train(args.store, _train_options(args, args.head))
+        r = train(args.store, _options(args, TrainOptions))
     for note in r.notes:
         print(note)
     m = r.model.manifest
@@ -868,10 +597,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import json
 
-    from classify import HEADS, compare, compare_table
+    from classify import HEADS, TrainOptions, compare, compare_table
 
-    sets = [tuple(b.split("+")) for b in args.backbone] or [()]
-    rows = compare(args.store, args.heads or list(HEADS), sets, _train_options(args, "lr"))
+    sets = [tuple(b.split("+")) for b in args.backbones] or [()]
+    rows = compare(args.store, args.heads or list(HEADS), sets, _options(args, TrainOptions))
     print(compare_table(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -885,14 +614,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     _out_folder(args.out)
     model = load_model(args.model, trust=args.trust_model)
-    images = Featuriser(
-        weights=weights_for(model, args.weights), trust_checkpoint=args.trust_checkpoint,
-        device=args.device, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-    )  # fmt: skip
-    opts = PredictOptions(
-        top_k=args.top_k, store=args.store, progress=not args.quiet, cluster=args.cluster,
-        chunk=args.partition_size,
-    )  # fmt: skip
+    images = _options(args, Featuriser, weights=weights_for(model, args.weights))
+    opts = _options(args, PredictOptions)
     print(predict_images(model, args.inputs, args.out, opts, images).report())
     return 0
 

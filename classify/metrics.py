@@ -79,46 +79,18 @@ def classification_metrics(
     y_true = np.asarray(y_true).astype(str)
     y_pred = np.asarray(y_pred).astype(str)
     classes = np.asarray(classes).astype(str)
-    n, k = proba.shape
     col = {c: i for i, c in enumerate(classes)}
     known_truth = np.array([c in col for c in y_true])
     t_idx = np.array([col.get(c, -1) for c in y_true])
-    order = np.argsort(-proba, axis=1)
-    conf = proba[np.arange(n), order[:, 0]]
-    out: dict[str, Any] = {
-        "n": int(n),
-        "n_classes": int(k),
-        "top1": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(
-            f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)
-        ),
-        "ece": expected_calibration_error(conf, classes[order[:, 0]] == y_true),
-        "calibration": calibration_bins(conf, classes[order[:, 0]] == y_true),
-    }
-    for top in (5,):
-        hit = (order[:, : min(top, k)] == t_idx[:, None]).any(axis=1) & known_truth
-        out[f"top{top}"] = float(hit.mean())
+    out = _headline(y_true, y_pred, proba, classes, t_idx, known_truth)
     if unknown is not None:
         known = y_pred != unknown
         out["unknown_rate"] = float(1 - known.mean())
         out["accuracy_when_known"] = (
             float((y_pred[known] == y_true[known]).mean()) if known.any() else 0.0
         )
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
-    auc = _per_class_auc(t_idx, proba)
-    out["per_class"] = {
-        c: {
-            "precision": float(p[i]),
-            "recall": float(r[i]),
-            "f1": float(f[i]),
-            "support": int(s[i]),
-            "train": int((train_counts or {}).get(c, 0)),
-            "auc": auc[i],
-        }
-        for i, c in enumerate(classes)
-    }
-    aucs = [a for a in auc if a is not None]
+    out["per_class"] = _per_class(y_true, y_pred, proba, classes, t_idx, train_counts or {})
+    aucs = [v["auc"] for v in out["per_class"].values() if v["auc"] is not None]
     out["macro_auc"] = float(np.mean(aucs)) if aucs else None
     rare = rare_classes(train_counts or {})
     if rare:
@@ -128,11 +100,51 @@ def classification_metrics(
             "max_train_images": int(max(train_counts[c] for c in rare)),
             "n": int(m.sum()),
             "top1": float((y_pred[m] == y_true[m]).mean()) if m.any() else None,
-            "balanced_accuracy": float(np.mean([r[col[c]] for c in rare if c in col])),
+            "balanced_accuracy": float(
+                np.mean([out["per_class"][c]["recall"] for c in rare if c in col])
+            ),
         }
     if paths is not None and len(levels):
         out["levels"] = _level_metrics(y_true, y_pred, classes, paths, levels, known_truth)
     return out
+
+
+def _headline(y_true, y_pred, proba, classes, t_idx, known_truth) -> dict[str, Any]:
+    """Accuracy (top-1, top-5, balanced), macro-F1 and calibration of the top score."""
+    n, k = proba.shape
+    order = np.argsort(-proba, axis=1)
+    conf = proba[np.arange(n), order[:, 0]]
+    right = classes[order[:, 0]] == y_true
+    top5 = (order[:, : min(5, k)] == t_idx[:, None]).any(axis=1) & known_truth
+    return {
+        "n": int(n),
+        "n_classes": int(k),
+        "top1": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)
+        ),
+        "ece": expected_calibration_error(conf, right),
+        "calibration": calibration_bins(conf, right),
+        "top5": float(top5.mean()),
+    }
+
+
+def _per_class(y_true, y_pred, proba, classes, t_idx, train_counts) -> dict[str, dict]:
+    """Precision, recall, F1, support, training images and one-vs-rest AUC of every class."""
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
+    auc = _per_class_auc(t_idx, proba)
+    return {
+        c: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+            "train": int(train_counts.get(c, 0)),
+            "auc": auc[i],
+        }
+        for i, c in enumerate(classes)
+    }
 
 
 def _per_class_auc(t_idx: np.ndarray, proba: np.ndarray) -> list[float | None]:

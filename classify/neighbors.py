@@ -492,13 +492,28 @@ def open_index(
     the index incomplete: without ``update`` that is refused too.
     """
     path = index_path(store_path, backbone, metric)
+    store = FeatureStore(store_path)
+    meta, rows = _checked_meta(path, store, backbone, metric)
+    ni = NeighborIndex(_read_index(path, meta), meta, rows, path, store)
+    new = np.setdiff1d(np.flatnonzero(store.valid(backbone)), rows)
+    if len(new) and not update:
+        raise IndexError_(
+            f"{path} lacks {len(new)} rows added to the store since it was built; run `penult index` again to add them"
+        )
+    if len(new):
+        _add_rows(ni, backbone, new, metric, cluster)
+    return ni, len(new)
+
+
+def _checked_meta(path: Path, store: FeatureStore, backbone: str, metric: str):
+    """(meta, rows) of the saved index at ``path``, refused when missing, built from other
+    embeddings, stale (rows changed or removed in the store) or without its inverted lists."""
     finish_save(path)
     if not path.exists() or not Path(f"{path}.json").exists():
         raise IndexError_(
-            f"no {metric} index for {backbone!r} beside {store_path}; run `penult index {store_path} --backbone {backbone}`"
+            f"no {metric} index for {backbone!r} beside {store.path}; run `penult index {store.path} --backbone {backbone}`"
         )
     meta = json.loads(Path(f"{path}.json").read_text())
-    store = FeatureStore(store_path)
     entry = store.backbone(backbone)
     if not same_backbone(entry.fingerprint, meta["fingerprint"]):
         raise IndexError_(
@@ -519,35 +534,31 @@ def open_index(
         raise IndexError_(
             f"{path}: its inverted lists {meta['ivfdata']} are missing; rebuild it with `penult index --rebuild`"
         )
-    index = _read_index(path, meta)
-    ni = NeighborIndex(index, meta, rows, path, store)
-    new = np.setdiff1d(np.flatnonzero(valid), rows)
-    if len(new) and not update:
-        raise IndexError_(
-            f"{path} lacks {len(new)} rows added to the store since it was built; run `penult index` again to add them"
-        )
-    if len(new):
-        _check_cluster(cluster, meta.get("kind", ""))
-    if len(new) and meta.get("kind") == "ivf-disk":  # a new lists file: old lists + new rows
+    return meta, rows
+
+
+def _add_rows(ni: NeighborIndex, backbone: str, new, metric: str, cluster: str | None) -> None:
+    """Add store rows ``new`` to the index and save it (an ivf-disk index gets a new lists file)."""
+    meta, path, store, rows = ni.meta, ni.path, ni.store, ni.rows
+    _check_cluster(cluster, meta.get("kind", ""))
+    if meta.get("kind") == "ivf-disk":  # a new lists file: old lists + new rows
         trained = faiss.read_index(f"{path}.trained")
         plan = IndexPlan(**{k: meta[k] for k in IndexPlan.__dataclass_fields__})
         ivfdata = _add_on_disk(
             store, backbone, new, metric, plan, trained, path, first_id=len(rows),
             existing=ni.index, cluster=cluster,
         )  # fmt: skip
-        ni.index, ni.meta["ivfdata"] = trained, ivfdata.name
-    elif len(new):
+        ni.index, meta["ivfdata"] = trained, ivfdata.name
+    else:
         for _part, x in _chunks(store, backbone, new, metric, int(meta.get("pq_m", 0))):
             ni.index.add(x)
-    if len(new):
-        ni.rows = np.concatenate([rows, new])
-        blocks = _block_digests(store, backbone, ni.rows, meta.get("blocks"))
-        ni.meta.update(rows=int(len(ni.rows)), blocks=blocks)
-        ni.meta.pop("rows_sha256", None)
-        ni.save()
-        if ni.meta.get("ivfdata"):
-            _remove_other_ivfdata(path, ni.meta["ivfdata"])
-    return ni, len(new)
+    ni.rows = np.concatenate([rows, new])
+    blocks = _block_digests(store, backbone, ni.rows, meta.get("blocks"))
+    meta.update(rows=int(len(ni.rows)), blocks=blocks)
+    meta.pop("rows_sha256", None)
+    ni.save()
+    if meta.get("ivfdata"):
+        _remove_other_ivfdata(path, meta["ivfdata"])
 
 
 def _check_cluster(cluster: str | None, kind: str) -> None:

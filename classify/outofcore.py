@@ -43,6 +43,7 @@ from classify.train import (
     summary,
 )
 from features import FeatureStore
+from features.options import POSITIVE, option
 
 __all__ = [
     "StreamOptions",
@@ -53,9 +54,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StreamOptions:
-    memory_mb: int = 256  # feature rows held at once (the shuffle buffer)
-    epochs: int = 20  # passes of the streaming linear head over the training split
-    subsample: int = 50_000  # training images for heads that cannot stream
+    memory_mb: int = option(256, "MB of features held at once (the shuffle buffer)", parse=POSITIVE)
+    epochs: int = option(20, "passes of the streamed lr over the training split", parse=POSITIVE)
+    subsample: int = option(50_000, "training images for heads that cannot stream", parse=POSITIVE)
     max_eval: int = 200_000  # held-out images scored (a seeded sample beyond that)
 
 

@@ -25,15 +25,27 @@ from classify.csvout import SafeWriter, open_csv
 from classify.images import Images
 from classify.model import Model, Predictions, resolve_backbones
 from features import FeatureStore, OptionError, atomic_path, file_sha256
+from features.options import POSITIVE, option
 
 
 @dataclass(frozen=True)
 class PredictOptions:
-    top_k: int = 5
-    store: str | None = None  # reuse embeddings cached there
-    chunk: int = 2048  # images per step (per Dask task with ``cluster``): bounds memory
-    progress: bool = True
-    cluster: str | None = None  # local[:N], tcp://HOST:PORT or slurm[:JOBS]: score on Dask
+    top_k: int = option(5, "labels per image", parse=POSITIVE)
+    store: str | None = option(None, "feature store whose cached embeddings to reuse")
+    chunk: int = option(  # bounds memory
+        2048,
+        "images per step (per Dask task with --cluster)",
+        flags="--partition-size",
+        parse=POSITIVE,
+        metavar="N",
+    )
+    progress: bool = option(True, "no progress bar", flags=("-q", "--quiet"))
+    cluster: str | None = option(
+        None,
+        "score on Dask, as `extract --cluster` (local[:N], tcp://HOST:PORT, slurm[:JOBS]); the "
+        "CSV is still in input order and written only when every image is scored",
+        metavar="SPEC",
+    )
 
 
 @dataclass

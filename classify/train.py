@@ -23,12 +23,13 @@ from classify.data import (
     eval_mask,
     load_dataset,
 )
-from classify.heads import make_head, search_grid
+from classify.heads import HEADS, PREPROCESS, make_head, search_grid
 from classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
 from classify.metrics import classification_metrics
 from classify.model import Model
 from classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
-from features import TRAIN, FeatureStore
+from features import TRAIN, FeatureStore, OptionError
+from features.options import COUNT, FRACTION, POSITIVE, option, ranged
 
 __all__ = [
     "Plan",
@@ -36,6 +37,10 @@ __all__ = [
     "TrainResult",
     "build_estimator",
     "default_backbones",
+    "parse_levels",
+    "parse_param",
+    "parse_pca",
+    "parse_threshold",
     "join_taxonomy",
     "prepare",
     "resolve_levels",
@@ -47,30 +52,83 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def parse_param(text: str) -> tuple[str, object]:
+    """``KEY=VALUE``: an int, a float, none/true/false, else the text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise OptionError(f"{text!r}: expected KEY=VALUE, e.g. C=0.1")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
+
+
+def parse_pca(text: str) -> int | float:
+    """PCA size: components (an integer >= 1) or the variance to keep (a fraction in (0, 1))."""
+    if "." in text or "e" in text.lower():
+        return FRACTION(text)
+    return POSITIVE(text)
+
+
+def parse_threshold(text: str) -> str | float:
+    """--ovr threshold: 'f1', or one probability strictly between 0 and 1."""
+    return text if text == "f1" else FRACTION(text)
+
+
+def parse_levels(text: str) -> tuple[str, ...]:
+    """Comma-separated column names, coarse first."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 @dataclass(frozen=True)
 class TrainOptions:
-    head: str = "lr"  # lr, svm, mlp, knn, centroid (see classify.heads.HEADS)
-    backbones: tuple[
-        str, ...
-    ] = ()  # empty: the store's only backbone; several: fused by content hash
-    label: str = "label"
-    levels: tuple[str, ...] = ()  # coarse label columns, coarse first ("auto": nested folders)
-    hierarchical: bool = False  # top-down over ``levels``; otherwise levels are only reported
-    taxonomy: str | None = None  # CSV class,<coarse columns...> joined on at train time
-    ovr: bool = False  # one-vs-rest with per-class thresholds and an unknown outcome
-    threshold: str | float = "f1"
-    class_weight: str | None = None  # "balanced" reweights rare classes
-    preprocess: str | None = None  # standard, l2, l2+standard, none (default per head)
-    pca: int | float | None = None
-    whiten: bool = False
-    search: bool = False  # grid search of the head's main parameter by stratified CV on train
-    cv: int = 3
-    split: str = "split"  # label column holding train/test; made (seeded) and stored if missing
-    eval_split: str | None = None  # default: test, else val
-    test_size: float = 0.3
-    seed: int = 0
-    n_jobs: int | None = None  # default: all cores
-    params: tuple[tuple[str, Any], ...] = ()  # extra classifier keywords, e.g. (("C", 0.1),)
+    head: str = option("lr", f"classifier head: {', '.join(HEADS)}")
+    backbones: tuple[str, ...] = option(
+        (),
+        "store entry to train on; repeat to fuse several (rows joined by content hash). "
+        "Default: the store's only backbone",
+        flags="--backbone",
+        repeat=True,
+    )
+    label: str = option("label", "label column to predict")
+    levels: tuple[str, ...] = option(
+        (),
+        "coarse label columns, coarse first (e.g. family,genus), or 'auto' for nested folders; "
+        "reported per level, and used top-down with --hierarchical",
+        parse=parse_levels,
+    )
+    hierarchical: bool = option(False, "coarse classifier, then one per group")
+    taxonomy: str | None = option(None, "CSV class,<coarse columns...> to join at training time")
+    ovr: bool = option(False, "one-vs-rest with per-class thresholds and 'unknown'")
+    threshold: str | float = option(
+        "f1",
+        "--ovr thresholds: 'f1' (tuned per class on out-of-fold scores) or a probability",
+        parse=parse_threshold,
+    )
+    class_weight: str | None = option(
+        None, "reweight rare classes (lr, svm)", choices=("balanced",)
+    )
+    preprocess: str | None = option(None, "default per head", choices=PREPROCESS)
+    pca: int | float | None = option(
+        None, "PCA components (int) or kept variance (0-1)", parse=parse_pca
+    )
+    whiten: bool = option(False, "whiten the PCA components")
+    search: bool = option(False, "grid-search the head's main parameter by CV")
+    cv: int = option(3, "folds for --search and --ovr thresholds", parse=ranged(int, 2))
+    split: str = option(
+        "split", "label column with train/test (made if missing)", flags="--split-column"
+    )
+    eval_split: str | None = option(None, "split to score on (default test, else val)")
+    test_size: float = option(0.3, "test fraction when a split is made", parse=FRACTION)
+    seed: int = option(0, "seed of a split made here", parse=COUNT)
+    n_jobs: int | None = option(
+        None, "parallel processes (default: all cores)", flags="--jobs", parse=POSITIVE
+    )
+    params: tuple[tuple[str, Any], ...] = option(
+        (), "classifier KEY=VALUE, repeatable", flags="--param", parse=parse_param, repeat=True
+    )
 
 
 @dataclass

@@ -13,7 +13,9 @@ import numpy as np
 
 from extract.embed import backbone_from_fingerprint, embed_files
 from extract.images import DEFAULT_MAX_PIXELS
+from extract.model import PRECISIONS
 from extract.sources import list_images
+from features.options import COUNT, POSITIVE, option
 
 
 @dataclass
@@ -23,12 +25,18 @@ class Featuriser:
     ``weights`` maps a store entry name to a weights file when it is not the registry's own."""
 
     weights: dict[str, str] = field(default_factory=dict)
-    trust_checkpoint: bool = False
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 32
-    workers: int | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    trust_checkpoint: bool = option(
+        False, "allow full pickles in --weights (runs code from the file!)"
+    )
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    precision: str = option("auto", "autocast precision", choices=PRECISIONS)
+    batch_size: int = option(32, "images per batch", parse=POSITIVE)
+    workers: int | None = option(
+        None, "loader processes (default: by device and cores)", parse=COUNT
+    )
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs", parse=POSITIVE
+    )
     _nets: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:  # sent to Dask workers without its networks

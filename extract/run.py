@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from extract.images import DEFAULT_MAX_PIXELS, ImageError, read_image_bytes
 from extract.loader import default_workers, make_loader, to_device
-from extract.model import Embedder, build_backbone, pick_optimize
+from extract.model import OPTIMIZE, PRECISIONS, Embedder, build_backbone, pick_optimize
 from extract.registry import DEFAULT_BACKBONE
 from extract.sources import Listing
 from features import OptionError, StoreWriter, TableView, sha_raw
+from features.options import COUNT, CROP, POSITIVE, option, parse_shard
 from features.parts import PartWriter, merge
 
 log = logging.getLogger(__name__)
@@ -27,24 +28,70 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "pretrained"  # "pretrained", "random" or a state-dict file
-    name: str | None = None  # store entry name; default: the backbone (plus weights hash for files)
-    crop_pct: float | None = None  # None: the weights' centre crop; 1.0 keeps the whole image
-    trust_checkpoint: bool = False
-    batch_size: int = 32
-    workers: int | None = None  # default: by device and cores
-    device: str = "auto"
-    precision: str = "auto"
-    optimize: str = "auto"  # eager, inductor (torch.compile), auto: inductor on CPU for big runs
-    dtype: str = "float32"  # storage dtype: float32 or float16
-    commit_every: int = 512  # rows per journal shard: the most work a kill can lose
-    retry_failed: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = True
-    shard: tuple[int, int] | None = None  # (I, N): shard I of N into a part; `merge` publishes
-    cluster: str | None = None  # local[:N], tcp://HOST:PORT or slurm[:JOBS]: embed on Dask
-    partition_size: int = 2048  # images per Dask task
+    backbone: str = option(DEFAULT_BACKBONE, "registry name (see `penult backbones`)")
+    weights: str = option(
+        "pretrained", "'pretrained' (library default/cache), 'random', or a state-dict FILE"
+    )
+    name: str | None = option(
+        None, "store entry name (default: backbone name, plus weights hash for a file)"
+    )
+    crop_pct: float | None = option(
+        None,
+        "centre crop as a fraction of the resized image (default: the weights' own, e.g. 0.875); "
+        "1.0 keeps the whole image, for photos already cropped to the subject. Stored as NAME@cropNN",
+        parse=CROP,
+    )
+    trust_checkpoint: bool = option(
+        False, "allow full pickles in --weights (runs code from the file!)"
+    )
+    batch_size: int = option(32, "images per batch", parse=POSITIVE)
+    workers: int | None = option(
+        None, "loader processes (default: by device and cores)", parse=COUNT
+    )
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    precision: str = option(
+        "auto",
+        "autocast precision (auto: bf16 on CPUs with native bf16, fp16/bf16 on CUDA)",
+        choices=PRECISIONS,
+    )
+    optimize: str = option(
+        "auto",
+        "inductor = torch.compile with frozen weights (10-40 s compile, about 1.5x faster on "
+        "CPU); auto uses it on CPU from 10,000 images",
+        choices=OPTIMIZE,
+    )
+    dtype: str = option("float32", "storage dtype of embeddings", choices=("float32", "float16"))
+    commit_every: int = option(
+        512, "rows per journal commit (the most a crash can lose)", parse=POSITIVE
+    )
+    retry_failed: bool = option(False, "try again images that failed in an earlier run")
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs", parse=POSITIVE
+    )
+    progress: bool = option(True, "no progress bar", flags=("-q", "--quiet"))
+    shard: tuple[int, int] | None = option(
+        None,
+        "embed only shard I of N (0-based; a fixed split of the paths) into a part beside the "
+        "store, for job arrays; run `penult merge STORE` when the shards are done. A shard run "
+        "again after a kill resumes its part",
+        parse=parse_shard,
+        metavar="I/N",
+    )
+    cluster: str | None = option(
+        None,
+        "embed on Dask: local[:N] (N worker processes; default one per GPU, else 2), "
+        "tcp://HOST:PORT (a running scheduler) or slurm[:JOBS] (dask-jobqueue, configured in "
+        "~/.config/dask/jobqueue.yaml). The driver plans, workers write parts, the driver "
+        "publishes them; needs `pip install 'penult[dask]'`",
+        metavar="SPEC",
+    )
+    partition_size: int = option(
+        2048,
+        "images per Dask task with --cluster: larger means less scheduling, smaller means less "
+        "redone when a worker dies",
+        parse=POSITIVE,
+        metavar="N",
+    )
 
 
 @dataclass
@@ -324,6 +371,58 @@ def build_embedder(opts: ExtractOptions):
     return backbone, embedder, opts.name or backbone.name, fingerprint
 
 
+class _Pending:
+    """Rows embedded or failed since the last commit; ``flush`` hands them to the writer at once."""
+
+    def __init__(self, w: StoreWriter | PartWriter, name: str):
+        self.w, self.name = w, name
+        self.rows: dict[str, list] = {"path": [], "sha": [], "x": [], "w": [], "h": []}
+        self.fails: dict[str, list] = {"path": [], "sha": [], "why": []}
+
+    def __len__(self) -> int:
+        return len(self.rows["path"]) + len(self.fails["path"])
+
+    def fail(self, path: str, sha: str, why: str) -> None:
+        for k, v in (("path", path), ("sha", sha), ("why", why)):
+            self.fails[k].append(v)
+
+    def add(self, path: str, sha: str, x: np.ndarray, width: int, height: int) -> None:
+        for k, v in (("path", path), ("sha", sha), ("x", x), ("w", width), ("h", height)):
+            self.rows[k].append(v)
+
+    def flush(self) -> None:
+        r = self.rows
+        if r["path"]:
+            x = np.concatenate(r["x"])
+            h, wd = np.array(r["h"]), np.array(r["w"])
+            self.w.append(self.name, r["path"], r["sha"], x, width=wd, height=h)
+        self.w.record_failures(self.fails["path"], self.fails["sha"], self.fails["why"])
+        for d in (self.rows, self.fails):
+            for v in d.values():
+                v.clear()
+
+
+def _take(batch, todo, listing, sha, embedder, pending: _Pending, s: ExtractSummary, t0) -> None:
+    """Embed one loader batch into ``pending``; failures and files changed since hashing are
+    recorded, not embedded."""
+    for it in batch.failed:
+        i = todo[it.index]
+        pending.fail(listing.paths[i], it.sha256, it.error)
+        s.failed.append((listing.paths[i], it.error))
+    if not len(batch.indices):
+        return
+    x = embedder(batch.images)
+    if not s.warmup_images:
+        s.warmup_seconds, s.warmup_images = time.perf_counter() - t0, len(batch.indices)
+    for k, j in enumerate(batch.indices):
+        i = todo[j]
+        if batch.sha256[k] != sha[i]:
+            s.failed.append((listing.paths[i], "file changed while extracting; run again"))
+            continue
+        pending.add(listing.paths[i], sha[i], x[k : k + 1], batch.width[k], batch.height[k])
+        s.extracted += 1
+
+
 def _run(
     w: StoreWriter | PartWriter,
     name: str,
@@ -352,24 +451,7 @@ def _run(
         pin_memory=embedder.device.type == "cuda",
         max_pixels=opts.max_pixels,
     )
-    buf: dict[str, list] = {"path": [], "sha": [], "x": [], "w": [], "h": []}
-    fails: dict[str, list] = {"path": [], "sha": [], "why": []}
-
-    def flush() -> None:
-        if buf["path"]:
-            w.append(
-                name,
-                buf["path"],
-                buf["sha"],
-                np.concatenate(buf["x"]),
-                width=np.array(buf["w"]),
-                height=np.array(buf["h"]),
-            )
-        w.record_failures(fails["path"], fails["sha"], fails["why"])
-        for d in (buf, fails):
-            for v in d.values():
-                v.clear()
-
+    pending = _Pending(w, name)
     bar = tqdm(
         total=len(todo),
         desc=f"extract {name}",
@@ -380,38 +462,14 @@ def _run(
     t_loop = time.perf_counter()
     try:
         for batch in to_device(iter(loader), embedder.device):
-            for it in batch.failed:
-                i = todo[it.index]
-                fails["path"].append(listing.paths[i])
-                fails["sha"].append(it.sha256)
-                fails["why"].append(it.error)
-                s.failed.append((listing.paths[i], it.error))
-            if len(batch.indices):
-                x = embedder(batch.images)
-                if not s.warmup_images:
-                    s.warmup_seconds, s.warmup_images = (
-                        time.perf_counter() - t_loop,
-                        len(batch.indices),
-                    )
-                for k, j in enumerate(batch.indices):
-                    i = todo[j]
-                    if batch.sha256[k] != sha[i]:
-                        s.failed.append(
-                            (listing.paths[i], "file changed while extracting; run again")
-                        )
-                        continue
-                    buf["path"].append(listing.paths[i])
-                    buf["sha"].append(sha[i])
-                    buf["x"].append(x[k : k + 1])
-                    buf["w"].append(batch.width[k])
-                    buf["h"].append(batch.height[k])
-                    s.extracted += 1
-            bar.update(len(batch.indices) + len(batch.failed))
+            _take(batch, todo, listing, sha, embedder, pending, s, t_loop)
+            n = len(batch.indices) + len(batch.failed)
+            bar.update(n)
             bar.set_postfix(failed=len(s.failed), refresh=False)
             if on_batch is not None:
-                on_batch(len(batch.indices) + len(batch.failed))
-            if len(buf["path"]) + len(fails["path"]) >= opts.commit_every:
-                flush()
+                on_batch(n)
+            if len(pending) >= opts.commit_every:
+                pending.flush()
     except KeyboardInterrupt:
         s.interrupted = True
     else:
@@ -419,4 +477,4 @@ def _run(
     finally:
         s.loop_seconds = time.perf_counter() - t_loop
         bar.close()
-        flush()
+        pending.flush()

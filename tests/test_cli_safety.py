@@ -62,6 +62,51 @@ def test_sensible_numbers_still_parse():
     assert cli.build_parser().parse_args(["duplicates", "s.h5", "--threshold", "1"]).threshold == 1
 
 
+def _option_commands():
+    from classify import PredictOptions
+    from classify.outofcore import StreamOptions
+    from extract import ExtractOptions, Featuriser
+    from extract.finetune import FinetuneOptions
+
+    return [
+        (["extract", "s.h5", "imgs"], ExtractOptions, {}),
+        (["train", "s.h5", "--out", "m"], TrainOptions, {}),
+        (["train", "s.h5", "--out", "m"], StreamOptions, {}),
+        (["compare", "s.h5"], TrainOptions, {}),
+        (["predict", "m", "x.jpg", "--out", "p.csv"], PredictOptions, {}),
+        (["predict", "m", "x.jpg", "--out", "p.csv"], Featuriser, {"weights": {}}),
+        (["finetune", "s.h5", "--out", "f"], FinetuneOptions, {}),
+    ]
+
+
+def test_options_are_declared_once_the_cli_builds_them_from_the_dataclasses():
+    """Each command's arguments, defaults and the options object come from the dataclass
+    fields: with no flags the options equal the dataclass defaults; a flag sets its field."""
+    import dataclasses
+
+    from features.options import cli_fields
+
+    parser = cli.build_parser()
+    for argv, cls, given in _option_commands():
+        assert cli._options(parser.parse_args(argv), cls, **given) == cls(**given), cls
+        help_text = parser._subparsers._group_actions[0].choices[argv[0]].format_help()
+        for f, flag in cli_fields(cls):
+            if argv[0] == "compare" and f.name == "head":
+                continue  # compare takes several heads
+            names = flag.flags or (f"--{f.name.replace('_', '-')}",)
+            assert names[-1] in help_text, (argv[0], f.name)
+            if isinstance(f.default, bool):  # a switch turns its field over, and only it
+                opts = cli._options(parser.parse_args([*argv, names[-1]]), cls, **given)
+                changed = [g.name for g in dataclasses.fields(cls)
+                           if getattr(opts, g.name) != getattr(cls(**given), g.name)]  # fmt: skip
+                assert changed == [f.name], (argv[0], f.name, changed)
+    a = parser.parse_args(["train", "s.h5", "--out", "m", "--backbone", "a", "--backbone", "b",
+                           "--param", "C=0.5", "--jobs", "2", "--split-column", "fold"])  # fmt: skip
+    t = cli._options(a, TrainOptions)
+    assert t.backbones == ("a", "b") and t.params == (("C", 0.5),) and t.n_jobs == 2
+    assert t.split == "fold"
+
+
 def test_library_refuses_the_same_values():
     X = np.random.default_rng(0).normal(size=(40, 4))
     y = np.array(["a", "b"] * 20)
@@ -207,9 +252,10 @@ def test_only_penult_errors_become_one_line_and_v_shows_tracebacks(tmp_path, cap
 
     for param, message in (("C=-1", "'C' parameter"), ("C=abc", "'C' parameter"), ("foo=1", "foo")):
         from classify import HeadError, make_head
+        from classify.train import parse_param
 
         with pytest.raises(HeadError, match=message):
-            make_head("svm", **dict([cli._param(param)]))
+            make_head("svm", **dict([parse_param(param)]))
     monkeypatch.setitem(cli._HANDLERS, "info", oom)
     with pytest.raises(RuntimeError, match="out of memory"):
         cli.main(["info", str(missing)])

@@ -11,7 +11,7 @@ import torch
 from extract import WeightsError, build_backbone
 from extract.images import decode_image
 from extract.loader import preprocess_image
-from extract.model import _build_full
+from extract.model import build_network
 from extract.registry import get_spec
 from extract.weights import lite0_package_file, load_pretrained, read_state_dict, state_sha256
 
@@ -32,7 +32,7 @@ def test_offline_packaged_weights_classify_real_photos(
 ) -> None:
     """The package checkpoints, key-mapped in order into timm, keep their own 1000-class head working."""
     spec = get_spec(name)
-    net = _build_full(spec)
+    net = build_network(spec)
     load_pretrained(net, spec)
     pre = spec.preprocess()
     files = sorted(p for p in (data_dir / folder).iterdir() if p.suffix == ".jpg")[:20]
@@ -78,7 +78,7 @@ def test_pickle_payload_in_weights_file_is_refused(tmp_path: Path, monkeypatch) 
 
 def test_wrong_architecture_file_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "r18.pth"
-    torch.save(_build_full(get_spec("resnet18")).state_dict(), f)
+    torch.save(build_network(get_spec("resnet18")).state_dict(), f)
     with pytest.raises(WeightsError, match="does not fit"):
         build_backbone("resnet50", weights=f)
     with pytest.raises(WeightsError, match="not found"):
@@ -92,7 +92,7 @@ def test_torchvision_weights_come_from_the_hub_cache(tmp_path: Path, monkeypatch
     ckpt = tmp_path / "hub" / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(7)
-    state = _build_full(get_spec("resnet18")).state_dict()
+    state = build_network(get_spec("resnet18")).state_dict()
     torch.save(state, ckpt / "resnet18-f37072fd.pth")
     bb = build_backbone("resnet18")
     assert bb.name == "resnet18" and bb.fingerprint["weights_sha256"] == state_sha256(state)

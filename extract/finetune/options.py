@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extract.model import PRECISIONS
 from features import PenultError
+from features.options import COUNT, CROP, FRACTION, POSITIVE, RATE, option, ranged
 
 
 class FinetuneError(PenultError, ValueError):
@@ -15,37 +17,78 @@ class FinetuneError(PenultError, ValueError):
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    backbone: str = "efficientnet_lite0"
-    label: str = "label"
-    split: str = "split"
-    unfreeze: int = 1  # trainable stages, counted from the deepest
-    epochs: int = 10
-    batch_size: int = 32
-    accumulate: int = 1  # batches per optimiser step (effective batch = batch_size x accumulate)
-    lr_backbone: float = 1e-4
-    lr_head: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    schedule: str = "cosine"  # or "plateau"
-    label_smoothing: float = 0.1
-    augment: bool = True
-    balanced: bool = True
-    patience: int = 3  # epochs without a better validation loss before stopping
-    val_fraction: float = 0.1  # of train, when the store has no 'val' split (test is never used)
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    max_train: int | None = None  # cap on training images (quick trials, tests)
-    crop_pct: float | None = None  # None: the weights' centre crop; 1.0 keeps the whole image
-    head_init: str = "probe"  # "probe": logistic regression on frozen embeddings; "random"
-    bn_train: bool = False  # update BatchNorm statistics in the trainable stages
-    hard_mining: float = 0.0  # keep this fraction of each batch's highest losses (0: off)
-    aux_level: str | None = None  # coarse label (store or taxonomy column) for the aux loss
-    taxonomy: str | None = None  # CSV class,<coarse levels...> (else the store's label columns)
-    aux_weight: float = 0.3
-    aux_stage: int = 2  # stage whose pooled output the coarse head reads, counted from the deepest
-    seed: int = 0
-    progress: bool = True
+    backbone: str = option("efficientnet_lite0", "backbone to fine-tune (timm ones and ResNets)")
+    label: str = option("label", "label column to learn")
+    split: str = "split"  # label column with train/val/test
+    unfreeze: int = option(1, "stages trained, counted from the deepest", parse=POSITIVE)
+    epochs: int = option(10, "passes over the training images", parse=POSITIVE)
+    batch_size: int = option(32, "images per batch", parse=POSITIVE)
+    accumulate: int = option(
+        1, "batches per optimiser step (effective batch = batch size x this)", parse=POSITIVE
+    )
+    lr_backbone: float = option(1e-4, "learning rate of the trained stages", parse=RATE)
+    lr_head: float = option(1e-3, "learning rate of the new head(s)", parse=RATE)
+    weight_decay: float = option(1e-4, "AdamW weight decay", parse=RATE)
+    warmup_epochs: float = option(1.0, "linear learning-rate warm-up", parse=RATE)
+    schedule: str = option("cosine", "after warm-up", choices=("cosine", "plateau"))
+    label_smoothing: float = option(
+        0.1, "of the training loss", parse=ranged(float, 0, 1, open_hi=True)
+    )
+    augment: bool = option(True, "no random crops, flips, rotation, jitter", flags="--no-augment")
+    balanced: bool = option(
+        True, "plain shuffling instead of class-balanced sampling", flags="--no-balance"
+    )
+    patience: int = option(
+        3, "epochs without a better validation loss before stopping", parse=COUNT
+    )
+    val_fraction: float = option(
+        0.1,
+        "of train held out for validation when the store has no 'val' split (test is never used)",
+        parse=FRACTION,
+    )
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    precision: str = option("auto", "autocast precision", choices=PRECISIONS)
+    workers: int | None = option(
+        None, "loader processes (default: by device and cores)", parse=COUNT
+    )
+    max_train: int | None = option(
+        None, "use at most this many training images (quick trials)", parse=POSITIVE
+    )
+    crop_pct: float | None = option(
+        None,
+        "centre crop / resize for training and the new embeddings (default: the weights' own; "
+        "1.0: whole image)",
+        parse=CROP,
+    )
+    head_init: str = option(
+        "probe",
+        "new head from a logistic regression on the frozen embeddings, or random",
+        choices=("probe", "random"),
+    )
+    bn_train: bool = option(
+        False,
+        "update BatchNorm statistics in the trained stages (default: keep the pretrained ones)",
+    )
+    hard_mining: float = option(
+        0.0,
+        "online hard-example mining: learn from this fraction of each batch's highest losses "
+        "(0: off)",
+        parse=ranged(float, 0, 1),
+        metavar="FRACTION",
+    )
+    aux_level: str | None = option(
+        None,
+        "auxiliary coarse-label loss (e.g. genus, family): a store label column or --taxonomy "
+        "column",
+        metavar="COLUMN",
+    )
+    taxonomy: str | None = option(None, "class,<coarse levels...> for --aux-level", metavar="CSV")
+    aux_weight: float = option(0.3, "weight of the coarse loss", parse=RATE)
+    aux_stage: int = option(
+        2, "stage (from the deepest) the coarse head reads; must be trainable", parse=POSITIVE
+    )
+    seed: int = option(0, "seed of the validation hold-out, sampling and the new head", parse=COUNT)
+    progress: bool = option(True, "no progress bar or epoch lines", flags=("-q", "--quiet"))
 
 
 @dataclass
