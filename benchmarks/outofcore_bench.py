@@ -29,7 +29,7 @@ from sklearn.linear_model import SGDClassifier  # noqa: E402
 
 from classify import TrainOptions, train  # noqa: E402
 from classify.data import stream_dataset  # noqa: E402
-from classify.outofcore import StreamOptions, _mixed, train_out_of_core  # noqa: E402
+from classify.outofcore import StreamOptions, shuffle_buffers, train_out_of_core  # noqa: E402
 
 
 def sgd_top1(store: Path, so: StreamOptions) -> tuple[float, float]:
@@ -47,7 +47,7 @@ def sgd_top1(store: Path, so: StreamOptions) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     classes = np.unique(y[tr])
     for _ in range(so.epochs):
-        for X, yb in _mixed(d, tr, y, 1024, rng):
+        for X, yb in shuffle_buffers(d, tr, y, 1024, rng):
             clf.partial_fit(sc.transform(X), yb, classes=classes)
     secs = time.perf_counter() - t
     hits = [clf.predict(sc.transform(X)) == y[p] for p, X in d.blocks(ev, block_rows=4096)]

@@ -17,6 +17,20 @@ from features import FeatureStore, StoreWriter
 from features.errors import PenultError
 from features.labels import TEST, VAL, make_split
 
+__all__ = [
+    "DataError",
+    "Dataset",
+    "EVAL_SPLITS",
+    "StreamingData",
+    "ensure_split",
+    "eval_mask",
+    "fused_features",
+    "fused_rows",
+    "load_dataset",
+    "stream_dataset",
+]
+
+
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = (TEST, VAL)

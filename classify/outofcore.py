@@ -48,6 +48,7 @@ from features.options import POSITIVE, option
 __all__ = [
     "StreamOptions",
     "StreamingCentroid",
+    "shuffle_buffers",
     "train_out_of_core",
 ]
 
@@ -128,7 +129,7 @@ def _block_rows(data: StreamingData, memory_mb: int, parts: int) -> int:
     return max(256, int(memory_mb * 2**20 / (4 * data.dim * parts)))
 
 
-def _mixed(
+def shuffle_buffers(
     data: StreamingData, idx: np.ndarray, y: np.ndarray, block: int, rng: np.random.Generator
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(X, y) shuffle buffers of ``_MIX`` storage blocks visited in random order, rows shuffled:
@@ -185,7 +186,7 @@ def _fit_lr(
     )
     rng = np.random.default_rng(opts.seed)
     for _ in range(so.epochs):
-        for X, yb in _mixed(data, idx, y, block, rng):
+        for X, yb in shuffle_buffers(data, idx, y, block, rng):
             sw = None if weight is None else np.array([weight[v] for v in yb])
             clf.partial_fit(scaler.transform(X), yb, sample_weight=sw, classes=classes)
     return Pipeline([("scale", scaler), ("clf", clf)])

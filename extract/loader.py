@@ -20,6 +20,17 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from extract.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, read_image_bytes
 from extract.registry import Preprocess
 
+__all__ = [
+    "Batch",
+    "ImageFiles",
+    "Item",
+    "collate",
+    "default_workers",
+    "make_loader",
+    "preprocess_image",
+    "to_device",
+]
+
 
 def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
     """Resize the shorter side to ``pre.resize`` (antialiased) and centre-crop ``pre.crop``.

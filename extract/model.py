@@ -15,6 +15,22 @@ from extract.registry import BackboneSpec, Preprocess, get_spec
 from extract.weights import load_into, load_pretrained, read_state_dict, state_sha256
 from features import OptionError
 
+__all__ = [
+    "Backbone",
+    "COMPILE_MIN_IMAGES",
+    "Embedder",
+    "OPTIMIZE",
+    "PRECISIONS",
+    "PreLogits",
+    "build_backbone",
+    "build_network",
+    "cpu_has_bf16",
+    "pick_device",
+    "pick_optimize",
+    "pick_precision",
+]
+
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

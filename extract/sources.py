@@ -18,6 +18,9 @@ from pathlib import Path, PurePosixPath
 from extract.images import IMAGE_SUFFIXES
 from features.errors import PenultError
 
+__all__ = ["Listing", "SourceError", "list_images"]
+
+
 _PATH_COLUMNS = ("path", "file", "filename", "image")
 _LABEL_COLUMNS = ("label", "class", "species")
 

@@ -13,6 +13,20 @@ import threading
 
 from features.errors import PenultError
 
+__all__ = [
+    "CORES_ENV",
+    "ClusterError",
+    "ONE_AT_A_TIME",
+    "PROGRESS_TOPIC",
+    "balanced_size",
+    "client_for",
+    "close",
+    "cores_here",
+    "report_progress",
+    "run_tasks",
+]
+
+
 ONE_AT_A_TIME = threading.Lock()  # a worker with several Dask threads still embeds one task at
 # a time: the model, its threads and the GPU are the worker's, not the task's
 

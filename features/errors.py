@@ -4,6 +4,14 @@ traceback), and the store's own (one module, so segments and the store raise the
 
 from __future__ import annotations
 
+__all__ = [
+    "FingerprintMismatchError",
+    "OptionError",
+    "PenultError",
+    "StoreError",
+    "StoreLockedError",
+]
+
 
 class PenultError(Exception):
     """An error penult raises on purpose: bad input, a bad option, a store or model that does

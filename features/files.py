@@ -15,6 +15,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+__all__ = [
+    "TMP_PREFIX",
+    "atomic_path",
+    "file_sha256",
+    "fsync_dir",
+    "fsync_file",
+    "temporary_name",
+    "write_bytes",
+    "write_text",
+]
+
+
 TMP_PREFIX = ".tmp-"  # temporary files start with this (journal folders sweep them up)
 
 

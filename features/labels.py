@@ -20,6 +20,9 @@ import numpy as np
 
 from features.errors import PenultError
 
+__all__ = ["LabelError", "TEST", "TRAIN", "Taxonomy", "VAL", "make_split", "read_taxonomy"]
+
+
 TRAIN, TEST, VAL = "train", "test", "val"  # the split names every command uses
 
 

@@ -22,6 +22,8 @@ from features import journal
 from features.errors import StoreError, StoreLockedError
 from features.store import FeatureStore, StoreWriter, Writes, real_path
 
+__all__ = ["PartWriter", "adopt_parts", "ensure_store", "list_parts", "merge", "parts_dir"]
+
 
 def parts_dir(store: Path) -> Path:
     return store.with_name(store.name + ".parts")
