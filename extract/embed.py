@@ -42,10 +42,13 @@ def backbone_from_fingerprint(
     w = weights or ("random" if origin.startswith("random-init") else "pretrained")
     pre = fingerprint.get("preprocessing", {})
     default = get_spec(name).preprocess()
+    mode, tta = pre.get("mode", "crop"), pre.get("tta", "none")
     crop_pct = None
-    if pre.get("resize") and (pre.get("resize"), pre.get("crop")) != (default.resize, default.crop):
+    if mode == "crop" and pre.get("resize") and pre.get("resize") != default.resize:
         crop_pct = pre["crop"] / pre["resize"]
-    bb = build_backbone(name, weights=w, trust_checkpoint=trust_checkpoint, crop_pct=crop_pct)
+    bb = build_backbone(
+        name, weights=w, trust_checkpoint=trust_checkpoint, crop_pct=crop_pct, resize=mode, tta=tta
+    )
     if pre and bb.fingerprint["preprocessing"] != pre:
         raise WeightsError(
             f"{name}: cannot rebuild the preprocessing {pre} the model was trained with"

@@ -33,12 +33,34 @@ __all__ = [
 
 
 def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
-    """Resize the shorter side to ``pre.resize`` (antialiased) and centre-crop ``pre.crop``.
+    """The image as uint8 (3, crop, crop), resized (antialiased) by ``pre.mode``."""
+    if pre.mode == "whole":
+        out = im.resize((pre.crop, pre.crop), _RESAMPLE[pre.interpolation])
+    elif pre.mode == "pad":
+        out = _pad_to_square(im, pre.crop, _RESAMPLE[pre.interpolation])
+    else:
+        out = _resize_crop(im, pre)
+    return torch.from_numpy(np.asarray(out).transpose(2, 0, 1).copy())
 
-    Done as one Pillow resample of the source box that lands in the crop: the same arithmetic as
-    torchvision's Resize + CenterCrop, without computing the pixels the crop throws away.
-    Returns uint8 (3, crop, crop).
-    """
+
+def _pad_to_square(im: Image.Image, size: int, resample) -> Image.Image:
+    """Longer side to ``size``, aspect kept, centred on a square of the image's border colour
+    (the median of its outermost pixels: the background of a plankton or microscope frame)."""
+    w, h = im.size
+    s = size / max(w, h)
+    small = im.resize((max(1, round(w * s)), max(1, round(h * s))), resample)
+    a = np.asarray(small)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    colour = tuple(int(v) for v in np.median(border, axis=0))
+    canvas = Image.new("RGB", (size, size), colour)
+    canvas.paste(small, ((size - small.width) // 2, (size - small.height) // 2))
+    return canvas
+
+
+def _resize_crop(im: Image.Image, pre: Preprocess) -> Image.Image:
+    """Shorter side to ``pre.resize``, centre crop ``pre.crop``: one Pillow resample of the
+    source box that lands in the crop (torchvision's Resize + CenterCrop arithmetic, without
+    computing the pixels the crop throws away)."""
     w, h = im.size
     rw, rh = (
         (pre.resize, int(pre.resize * h / w)) if w <= h else (int(pre.resize * w / h), pre.resize)
@@ -46,8 +68,7 @@ def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
     sx, sy = rw / w, rh / h
     left, top = int(round((rw - pre.crop) / 2.0)), int(round((rh - pre.crop) / 2.0))
     box = (left / sx, top / sy, (left + pre.crop) / sx, (top + pre.crop) / sy)
-    out = im.resize((pre.crop, pre.crop), _RESAMPLE[pre.interpolation], box=box)
-    return torch.from_numpy(np.asarray(out).transpose(2, 0, 1).copy())
+    return im.resize((pre.crop, pre.crop), _RESAMPLE[pre.interpolation], box=box)
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}

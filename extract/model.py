@@ -76,6 +76,7 @@ class PreLogits(nn.Module):
     def __init__(self, net: nn.Module, spec: BackboneSpec, pre: Preprocess, taps=()):
         super().__init__()
         self.taps = tuple(taps)
+        self.flip = pre.tta == "flip"  # evaluation only: training sees its own augmentation
         self.net = _truncate(net, spec, self.taps)
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0))
@@ -94,9 +95,16 @@ class PreLogits(nn.Module):
         x = (x.float() - self.mean) * self.inv_std
         return self.net(x.contiguous(memory_format=torch.channels_last))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         out = self._net(x)
         return (out["features"] if isinstance(out, dict) else out).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip and not self.training:  # one pass over the image and its mirror image
+            n = x.shape[0]
+            both = self._embed(torch.cat([x, x.flip(-1)]))
+            return (both[:n] + both[n:]) / 2
+        return self._embed(x)
 
     def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(embedding, {tap: output}); the tapped activations are not kept after the call."""
@@ -125,11 +133,15 @@ def build_backbone(
     trust_checkpoint: bool = False,
     seed: int = 0,
     crop_pct: float | None = None,
+    resize: str = "crop",
+    tta: str = "none",
 ) -> Backbone:
     """Build ``name`` with ``weights``: "pretrained" (registry default), "random" (seeded), or a file.
 
     ``crop_pct`` overrides the weights' centre crop (1.0 keeps the whole shorter side, for images
-    already cropped to the subject); the entry name then says so (``...@crop100``).
+    already cropped to the subject); ``resize`` is the mode (crop, whole, pad) and ``tta``
+    "flip" averages the image and its mirror. The entry name says what differs from the
+    weights' own transform (``...@crop100``, ``...@pad``, ``...@flip``).
     """
     spec = get_spec(name)
     torch.manual_seed(seed)
@@ -148,9 +160,10 @@ def build_backbone(
     sha = state_sha256(net.state_dict())
     if entry is None:
         entry = name if "@" in name else f"{spec.name}@{sha[:8]}"
-    pre = spec.preprocess(crop_pct)
-    if pre != spec.preprocess():
+    pre = spec.preprocess(crop_pct, mode=resize, tta=tta)
+    if pre.mode == "crop" and pre.resize != spec.preprocess().resize:
         entry = f"{entry}@crop{round(100 * pre.crop / pre.resize)}"
+    entry += pre.suffix()
     module = PreLogits(net, spec, pre).eval().requires_grad_(False)
     fingerprint = {
         "backbone": spec.name,  # registry entry to rebuild it from (not part of the identity)

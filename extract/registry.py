@@ -12,21 +12,49 @@ from dataclasses import asdict, dataclass, replace
 from features import OptionError
 from features.errors import PenultError
 
+RESIZE_MODES = ("crop", "whole", "pad")
+TTA_MODES = ("none", "flip")
+
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalise with mean/std."""
+    """How pixels reach the network: resized to ``crop`` x ``crop`` by ``mode``, scaled to
+    [0, 1], normalised with mean/std; ``tta`` says how the embedding is pooled over views.
+
+    Modes: ``crop`` (the weights' own: shorter side to ``resize``, centre crop), ``whole``
+    (the whole image squashed to a square) and ``pad`` (aspect kept, padded to a square with the
+    image's own border colour: long, thin subjects such as diatom chains stay whole and
+    undistorted). ``tta="flip"``: the mean embedding of the image and its mirror image.
+    """
 
     resize: int
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str  # "bilinear" or "bicubic"
+    mode: str = "crop"
+    tta: str = "none"
 
     def to_dict(self) -> dict:
+        """For the fingerprint; the defaults are left out, so entries made before the modes
+        existed keep their identity."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        for k, default in (("mode", "crop"), ("tta", "none")):
+            if d[k] == default:
+                del d[k]
         return d
+
+    def matches(self, recorded: dict) -> bool:
+        """True if a fingerprint's ``preprocessing`` describes these same pixels and views."""
+        mine = self.to_dict()
+        return all(recorded.get(k) == v for k, v in mine.items()) and all(
+            k in mine for k in ("mode", "tta") if k in recorded
+        )
+
+    def suffix(self) -> str:
+        """What an entry name adds for a non-default mode or view (``@pad``, ``@flip``)."""
+        return "".join(f"@{v}" for v, d in ((self.mode, "crop"), (self.tta, "none")) if v != d)
 
 
 @dataclass(frozen=True)
@@ -39,15 +67,26 @@ class BackboneSpec:
     weights: str  # torchvision WeightsEnum member, timm pretrained tag, or "package:..." file
     description: str
 
-    def preprocess(self, crop_pct: float | None = None) -> Preprocess:
-        """The weights' own eval transform; ``crop_pct`` (crop / resize, 1.0 = keep the whole
-        shorter side) overrides how much of the image the centre crop keeps."""
+    def preprocess(
+        self, crop_pct: float | None = None, *, mode: str = "crop", tta: str = "none"
+    ) -> Preprocess:
+        """The weights' own eval transform (size, mean, std, interpolation), resized by ``mode``;
+        ``crop_pct`` (crop / resize, 1.0 = keep the whole shorter side) overrides how much of the
+        image the ``crop`` mode keeps."""
         pre = self._weights_preprocess()
-        if crop_pct is None:
-            return pre
-        if not 0.3 <= crop_pct <= 1.0:
-            raise OptionError(f"crop_pct {crop_pct} must be between 0.3 and 1.0")
-        return replace(pre, resize=int(round(pre.crop / crop_pct)))
+        if mode not in RESIZE_MODES:
+            raise OptionError(f"resize mode {mode!r} not one of {', '.join(RESIZE_MODES)}")
+        if tta not in TTA_MODES:
+            raise OptionError(f"tta {tta!r} not one of {', '.join(TTA_MODES)}")
+        if mode != "crop":
+            if crop_pct is not None:
+                raise OptionError(f"--crop-pct applies to the crop mode, not {mode!r}")
+            return replace(pre, resize=pre.crop, mode=mode, tta=tta)
+        if crop_pct is not None:
+            if not 0.3 <= crop_pct <= 1.0:
+                raise OptionError(f"crop_pct {crop_pct} must be between 0.3 and 1.0")
+            pre = replace(pre, resize=int(round(pre.crop / crop_pct)))
+        return replace(pre, tta=tta)
 
     def _weights_preprocess(self) -> Preprocess:
         if self.source == "torchvision":

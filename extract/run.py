@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from extract.images import DEFAULT_MAX_PIXELS, ImageError, read_image_bytes
 from extract.loader import default_workers, make_loader, to_device
 from extract.model import OPTIMIZE, PRECISIONS, Embedder, build_backbone, pick_optimize
-from extract.registry import DEFAULT_BACKBONE
+from extract.registry import DEFAULT_BACKBONE, RESIZE_MODES, TTA_MODES
 from extract.sources import Listing
 from features import OptionError, StoreWriter, TableView, sha_raw
 from features.options import COUNT, CROP, POSITIVE, option, parse_shard
@@ -40,6 +40,19 @@ class ExtractOptions:
         "centre crop as a fraction of the resized image (default: the weights' own, e.g. 0.875); "
         "1.0 keeps the whole image, for photos already cropped to the subject. Stored as NAME@cropNN",
         parse=CROP,
+    )
+    resize: str = option(
+        "crop",
+        "how images become squares: crop (the weights' resize + centre crop), whole (the whole "
+        "image squashed) or pad (aspect kept, padded with the image's border colour: plankton, "
+        "microscope images, long thin subjects). Stored as NAME@whole / NAME@pad",
+        choices=RESIZE_MODES,
+    )
+    tta: str = option(
+        "none",
+        "flip: store the mean embedding of each image and its mirror image (decoded once, twice "
+        "the network time). Stored as NAME@flip",
+        choices=TTA_MODES,
     )
     trust_checkpoint: bool = option(
         False, "allow full pickles in --weights (runs code from the file!)"
@@ -363,6 +376,8 @@ def build_embedder(opts: ExtractOptions):
         weights=opts.weights,
         trust_checkpoint=opts.trust_checkpoint,
         crop_pct=opts.crop_pct,
+        resize=opts.resize,
+        tta=opts.tta,
     )
     embedder = Embedder(
         backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size

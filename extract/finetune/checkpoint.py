@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from extract.finetune.options import FinetuneError
+from extract.finetune.options import FinetuneError, FinetuneOptions
 from extract.weights import state_sha256
 from features.files import atomic_path, write_text
 
 __all__ = ["card_path", "resume", "save_state", "save_weights", "write_card"]
 
 # options that change what is trained: a run with other values starts over instead of resuming
-SAME_RUN = ("backbone", "unfreeze", "crop_pct", "aux_level", "aux_stage", "head_init")
+SAME_RUN = ("backbone", "unfreeze", "crop_pct", "resize", "aux_level", "aux_stage", "head_init")
+
+
+DEFAULTS = asdict(FinetuneOptions())
 
 
 def card_path(out: Path) -> Path:
@@ -72,7 +76,7 @@ def resume(out: Path, run, card: dict[str, Any]) -> tuple[int, float, int]:
     old = json.loads(card_path(out).read_text())
     if (
         old.get("finished")
-        or any(old.get("options", {}).get(k) != card["options"][k] for k in SAME_RUN)
+        or any(old.get("options", {}).get(k, DEFAULTS[k]) != card["options"][k] for k in SAME_RUN)
         or old.get("classes") != card["classes"]
     ):
         return 0, math.inf, 0

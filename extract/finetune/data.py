@@ -104,11 +104,7 @@ def stored_embeddings(store_path, rows: np.ndarray, base_sha: str, pre: Preproce
     fs = FeatureStore(store_path)
     for name, entry in fs.backbones().items():
         fp = entry.fingerprint
-        p = fp.get("preprocessing", {})
-        if fp.get("weights_sha256") != base_sha or (p.get("resize"), p.get("crop")) != (
-            pre.resize,
-            pre.crop,
-        ):
+        if fp.get("weights_sha256") != base_sha or not pre.matches(fp.get("preprocessing", {})):
             continue
         if fs.valid(name)[rows].all():
             return fs.embeddings(name, rows)
@@ -149,6 +145,7 @@ def extract_finetuned(
             weights=str(checkpoint),
             name=name,
             crop_pct=card["options"].get("crop_pct"),
+            resize=card["options"].get("resize", "crop"),
             progress=progress,
         )
         s = extract(store_path, Listing(root=Path(root), paths=paths), opts)

@@ -238,7 +238,7 @@ def finetune(
         raise OptionError(f"head_init must be 'probe' or 'random', not {opts.head_init!r}")
     data = load(store_path, opts)
     torch.manual_seed(opts.seed)
-    pre = spec.preprocess(opts.crop_pct)
+    pre = spec.preprocess(opts.crop_pct, mode=opts.resize)
     built = build(spec, pre, opts, len(data.classes), len(data.coarse_classes))
     device = pick_device(opts.device)
     run = Run(built.model.to(device), opts, pre, device, pick_precision(opts.precision, device))

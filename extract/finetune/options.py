@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from extract.model import PRECISIONS
+from extract.registry import RESIZE_MODES
 from features import PenultError
 from features.options import COUNT, CROP, FRACTION, POSITIVE, RATE, option, ranged
 
@@ -59,6 +60,12 @@ class FinetuneOptions:
         "centre crop / resize for training and the new embeddings (default: the weights' own; "
         "1.0: whole image)",
         parse=CROP,
+    )
+    resize: str = option(
+        "crop",
+        "how images become squares, for training and the new embeddings: crop, whole or pad "
+        "(as `penult extract --resize`)",
+        choices=RESIZE_MODES,
     )
     head_init: str = option(
         "probe",
