@@ -114,7 +114,7 @@ def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> N
         helps["backbones"] = (
             "a backbone set to compare, repeatable; A+B fuses A and B. Default: the store's only backbone"
         )
-    _add_options(p, TrainOptions, skip=("head",) if compare else (), helps=helps)
+    _add_options(p, TrainOptions, skip=("head", "refit_all") if compare else (), helps=helps)
     p.epilog = "heads: " + "; ".join(f"{k}: {s.description}" for k, s in HEADS.items())
 
 
@@ -567,15 +567,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"  CV search ({r.search['folds']} folds): best {r.search['best']}")
         for row in r.search["results"]:
             print(f"    {row['params']}: CV accuracy {row['cv_accuracy']:.3f}")
-    print(f"{r.eval_split} split ({r.n_eval} images):")
+    if r.cv:
+        print(
+            f"{r.cv['folds']}-fold stratified cross-validation over {r.n_eval} labelled images "
+            "(each image predicted by the fold model that did not see it):"
+        )
+        for k in ("top1", "top5", "balanced_accuracy", "macro_f1"):
+            print(f"  {k:32s} {r.cv['mean'][k]:.3f} +- {r.cv['std'][k]:.3f} (mean +- sd of folds)")
+        print("pooled out-of-fold predictions:")
+    else:
+        print(f"{r.eval_split} split ({r.n_eval} images):")
     _print_metrics(r.metrics)
     path = save_model(r.model, args.out)
     print(f"saved {path} and {path}.json")
+    if "refit_all" in r.model.manifest:
+        print(
+            f"  the saved model is refit on all {r.model.manifest['refit_all']['images']} labelled "
+            "images; the scores above are its held-out estimate"
+        )
     if args.report:
-        if not args.out_of_core:  # (out of core, the streamed evaluation wrote it)
-            evaluate(r.model, args.store, report_dir=args.report)
-        print(f"report: {args.report}/report.md (and .html, PNGs, metrics.json, predictions.csv)")
+        _train_report(args, r, evaluate)
     return 0
+
+
+def _train_report(args: argparse.Namespace, r, evaluate) -> None:
+    if r.cv:
+        from classify.report import write_report
+
+        m = r.model.manifest
+        title = f"{m['kind']} {m['head']} on {' + '.join(r.model.backbones)}: {r.eval_split}"
+        info = [f"store {args.store}, {r.n_eval} labelled images, pooled out-of-fold predictions"]
+        write_report(args.report, title, r.metrics, info, r.truth, r.metrics["predictions"])
+        print(f"report: {args.report}/report.md (and .html, PNGs, metrics.json)")
+        return
+    if not args.out_of_core:  # (out of core, the streamed evaluation wrote it)
+        evaluate(r.scored or r.model, args.store, report_dir=args.report)
+    print(f"report: {args.report}/report.md (and .html, PNGs, metrics.json, predictions.csv)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ def evaluate(
     top_k: int = 5,
 ) -> Evaluation:
     """Score ``model`` on the held-out split of a store whose backbone fingerprints match."""
+    _refuse_refit_store(model, store_path)
     store = FeatureStore(store_path)
     names = resolve_backbones(model, store)
     data = load_dataset(store_path, names, label=model.manifest["label"])
@@ -81,6 +82,26 @@ def evaluate(
         truth = sub.column(model.manifest["label"])
         write_predictions(out, model, sub.paths, m["predictions"], truth, top_k)
     return Evaluation(m, name, len(sub), out)
+
+
+def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> None:
+    """A model refit on every labelled image of a store has no held-out split there."""
+    refit = model.manifest.get("refit_all")
+    trained = (model.manifest.get("trained_on") or {}).get("store")
+    if not refit or not trained:
+        return
+    try:
+        same = os.path.samefile(trained, store_path)
+    except OSError:
+        same = os.path.abspath(trained) == os.path.abspath(store_path)
+    if same:
+        top1 = (model.manifest.get("metrics") or {}).get("top1")
+        estimate = f": top-1 {top1:.3f}" if top1 is not None else ""
+        raise DataError(
+            f"{store_path}: this model was refit on all {refit['images']} labelled images of this "
+            f"store after it was scored, so none of them is held out; its held-out estimate "
+            f"({refit['metrics_from']}) is in its manifest{estimate}. Score it on another store"
+        )
 
 
 def write_predictions(

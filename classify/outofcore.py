@@ -42,7 +42,7 @@ from classify.train import (
     prepare,
     summary,
 )
-from features import FeatureStore
+from features import FeatureStore, OptionError
 from features.options import POSITIVE, option
 
 __all__ = [
@@ -251,6 +251,8 @@ def train_out_of_core(
 ) -> TrainResult:
     """Like :func:`classify.train`, reading the features a block at a time (see module docstring).
     ``report_dir``: also write the evaluation report (from the streamed predictions) there."""
+    if opts.cv or opts.refit_all:
+        raise OptionError("--cv and --refit-all train in memory; drop --out-of-core")
     store = FeatureStore(store_path)
     data = stream_dataset(store_path, default_backbones(store, opts.backbones), label=opts.label)
     plan = prepare(store_path, data, opts)

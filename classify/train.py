@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
@@ -26,7 +26,7 @@ from classify.data import (
 from classify.heads import HEADS, PREPROCESS, make_head, search_grid
 from classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
 from classify.metrics import classification_metrics
-from classify.model import Model
+from classify.model import Model, Predictions
 from classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
 from features import TRAIN, FeatureStore, OptionError
 from features.options import COUNT, FRACTION, POSITIVE, option, ranged
@@ -116,7 +116,20 @@ class TrainOptions:
     )
     whiten: bool = option(False, "whiten the PCA components")
     search: bool = option(False, "grid-search the head's main parameter by CV")
-    cv: int = option(3, "folds for --search and --ovr thresholds", parse=ranged(int, 2))
+    search_cv: int = option(3, "folds of the --search grid search", parse=ranged(int, 2))
+    cv: int | None = option(
+        None,
+        "score by K stratified folds over every labelled image (mean and spread, for small data "
+        "sets where one split leaves few test images) instead of one split; the saved model is "
+        "then fitted on every labelled image",
+        parse=ranged(int, 2),
+        metavar="K",
+    )
+    refit_all: bool = option(
+        False,
+        "after scoring on the held-out split, refit on every labelled image and save that model "
+        "(its manifest says so; `evaluate` then refuses to score it on this store)",
+    )
     split: str = option(
         "split", "label column with train/test (made if missing)", flags="--split-column"
     )
@@ -133,14 +146,17 @@ class TrainOptions:
 
 @dataclass
 class TrainResult:
-    model: Model
-    metrics: dict[str, Any]
+    model: Model  # the model to save (refit on every labelled image with refit_all or cv)
+    metrics: dict[str, Any]  # held-out (or pooled out-of-fold) metrics
     fit_seconds: float
     n_train: int
     n_eval: int
     eval_split: str
     search: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    scored: Model | None = None  # the train-split model the metrics are of, when not ``model``
+    cv: dict[str, Any] | None = None  # folds, per-fold headline numbers, their mean and spread
+    truth: np.ndarray | None = None  # the labels ``metrics["predictions"]`` are scored against
 
 
 def default_backbones(store: FeatureStore, backbones: tuple[str, ...]) -> tuple[str, ...]:
@@ -238,7 +254,7 @@ def _search(
     grid = search_grid(opts.head, prefix)
     if not grid:
         raise DataError(f"head {opts.head!r} has nothing to search")
-    folds = max(2, min(opts.cv, int(np.unique(y, return_counts=True)[1].min())))
+    folds = max(2, min(opts.search_cv, int(np.unique(y, return_counts=True)[1].min())))
     cv = StratifiedKFold(folds, shuffle=True, random_state=opts.seed)
     gs = GridSearchCV(est, grid, cv=cv, scoring="accuracy", n_jobs=_jobs(opts), refit=True)
     gs.fit(X, y)
@@ -277,6 +293,18 @@ def prepare(
     levels = resolve_levels(data, opts.levels)
     taxonomy = taxonomy_from_columns(y, {c: data.column(c) for c in levels}) if levels else None
     est = build_estimator(opts, taxonomy, levels)
+    notes = list(data.notes)
+    if tax_note:
+        notes.append(tax_note)
+    if opts.cv:  # every labelled image trains and is scored, fold by fold; no split is stored
+        classes, counts = np.unique(y, return_counts=True)
+        if counts.min() < 2:
+            raise DataError(
+                f"{store_path}: --cv needs 2 or more images of every class; "
+                f"{str(classes[counts.argmin()])!r} has 1"
+            )
+        every = np.ones(len(y), bool)
+        return Plan(est, y, every, every, f"{opts.cv}-fold CV", levels, taxonomy, notes)
     split = ensure_split(
         store_path,
         data,
@@ -287,45 +315,115 @@ def prepare(
     )
     ev, ev_name = eval_mask(split, opts.eval_split)
     tr = split == TRAIN
-    notes = list(data.notes)
     _check_classes(y[tr], y[ev], notes)
-    if tax_note:
-        notes.append(tax_note)
     return Plan(est, y, tr, ev, ev_name, levels, taxonomy, notes)
 
 
 def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions()) -> TrainResult:  # noqa: B008
-    """Fit a head on the train split of a store and score it on the held-out split."""
+    """Fit a head on the train split of a store and score it on the held-out split (or by K
+    folds with ``cv``); with ``refit_all`` or ``cv`` the model returned to save is then fitted on
+    every labelled image, and its manifest says which estimate its metrics are."""
     store = FeatureStore(store_path)
     backbones = default_backbones(store, opts.backbones)
     data = load_dataset(store_path, backbones, label=opts.label)
     plan = prepare(store_path, data, opts)
-    est, y, tr, ev, notes = plan.estimator, plan.y, plan.train, plan.eval, plan.notes
-    taxonomy, levels, ev_name = plan.taxonomy, plan.levels, plan.eval_split
+    y, tr, ev = plan.y, plan.train, plan.eval
+    est, search, fit_seconds = _fit(plan.estimator, opts, data.X[tr], y[tr])
+    manifest = _manifest(store, data, opts, plan.taxonomy, plan.levels, est, plan.eval_split)
+    model, counts = Model(est, manifest), _counts(y[tr])
+    result = TrainResult(
+        model, {}, fit_seconds, int(tr.sum()), int(ev.sum()), plan.eval_split, search, plan.notes
+    )
+    if opts.cv:  # ``est`` already saw every image: the folds refit clones of the plan
+        result.metrics, result.cv, result.truth = _cross_validate(plan, data, opts)
+        manifest["cv"] = result.cv
+    else:
+        result.metrics = score(model, data.subset(ev), train_counts=counts)
+        result.truth = y[ev]
+    manifest["metrics"] = summary(result.metrics)
+    manifest["train_counts"] = counts
+    manifest["fit_seconds"] = fit_seconds
+    if opts.refit_all and not opts.cv:
+        result.scored = model
+        result.model = _refit(plan, data, opts, manifest)
+    if opts.refit_all or opts.cv:
+        result.model.manifest["refit_all"] = {
+            "images": len(y),
+            "metrics_from": plan.eval_split,
+            "note": "fitted on every labelled image of the store after it was scored "
+            f"({plan.eval_split}); the metrics are that held-out estimate",
+        }
+    return result
+
+
+def _counts(y: np.ndarray) -> dict[str, int]:
+    return {str(k): int(v) for k, v in zip(*np.unique(y, return_counts=True), strict=True)}
+
+
+def _fit(est: Pipeline, opts: TrainOptions, X: np.ndarray, y: np.ndarray):
+    """(fitted estimator, CV search table or None, seconds)."""
     t0 = time.perf_counter()
     search = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if opts.search:
-            est, search = _search(est, opts, data.X[tr], y[tr])
+            est, search = _search(est, opts, X, y)
         else:
-            est.fit(data.X[tr], y[tr])
-    fit_seconds = time.perf_counter() - t0
-    model = Model(est, _manifest(store, data, opts, taxonomy, levels, est, ev_name))
-    counts = dict(zip(*np.unique(y[tr], return_counts=True), strict=True))
-    metrics = score(
-        model, data.subset(ev), train_counts={str(k): int(v) for k, v in counts.items()}
+            est.fit(X, y)
+    return est, search, time.perf_counter() - t0
+
+
+def _refit(plan: Plan, data: Dataset, opts: TrainOptions, manifest: dict) -> Model:
+    """The plan's estimator (searched again, if asked) fitted on every labelled image."""
+    est, search, seconds = _fit(clone(plan.estimator), opts, data.X, plan.y)
+    refit = {**manifest, "classes": np.asarray(est.classes_).astype(str).tolist()}
+    refit["train_counts"], refit["refit_seconds"] = _counts(plan.y), seconds
+    if search:
+        refit["refit_search"] = search["best"]
+    return Model(est, refit)
+
+
+def _cross_validate(plan: Plan, data: Dataset, opts: TrainOptions):
+    """Pooled out-of-fold metrics (each image predicted by the fold model that did not see it),
+    the per-fold headline numbers with their mean and spread, and the pooled true labels."""
+    y = plan.y
+    folds = min(opts.cv, int(np.unique(y, return_counts=True)[1].min()))
+    split = StratifiedKFold(folds, shuffle=True, random_state=opts.seed).split(data.X, y)
+    per_fold, preds, order = [], [], []
+    for a, b in split:
+        est, _, _ = _fit(clone(plan.estimator), opts, data.X[a], y[a])
+        model = Model(est, _manifest(None, data, opts, plan.taxonomy, plan.levels, est, "fold"))
+        held = np.zeros(len(y), bool)
+        held[b] = True
+        m = score(model, data.subset(held), train_counts=_counts(y[a]))
+        per_fold.append(summary(m))
+        preds.append(m["predictions"])
+        order.append(np.flatnonzero(held))
+    idx = np.concatenate(order)
+    paths = [p.path for p in preds]
+    pooled = Predictions(
+        np.concatenate([p.label for p in preds]),
+        np.vstack([p.proba for p in preds]),
+        preds[0].classes,
+        None if paths[0] is None else np.concatenate(paths),
     )
-    model.manifest["metrics"] = summary(metrics)
-    model.manifest["train_counts"] = {str(k): int(v) for k, v in counts.items()}
-    model.manifest["fit_seconds"] = fit_seconds
-    return TrainResult(
-        model, metrics, fit_seconds, int(tr.sum()), int(ev.sum()), ev_name, search, notes
-    )
+    metrics = classification_metrics(
+        y[idx], pooled.label, pooled.proba, pooled.classes, train_counts=_counts(y),
+        paths=model.paths, levels=model.levels, unknown=model.unknown,
+    ) | {"predictions": pooled}  # fmt: skip
+    keys = ("top1", "top5", "balanced_accuracy", "macro_f1")
+    cv = {
+        "folds": folds,
+        "seed": opts.seed,
+        "mean": {k: float(np.mean([f[k] for f in per_fold if k in f])) for k in keys},
+        "std": {k: float(np.std([f[k] for f in per_fold if k in f])) for k in keys},
+        "per_fold": per_fold,
+    }
+    return metrics, cv, y[idx]
 
 
 def _manifest(
-    store: FeatureStore,
+    store: FeatureStore | None,
     data: Dataset,
     opts: TrainOptions,
     taxonomy: dict[str, tuple[str, ...]] | None,
@@ -347,7 +445,7 @@ def _manifest(
         "backbones": [{"name": b, "fingerprint": data.fingerprints[b]} for b in data.backbones],
         "feature_dim": data.dim,
         "trained_on": {
-            "store": str(store.path),
+            "store": None if store is None else str(store.path),
             "split_column": opts.split,
             "eval_split": eval_split,
         },

@@ -33,6 +33,7 @@ from features import FeatureStore, LabelError, StoreWriter, make_split
         ["train", "s.h5", "--out", "m.skops", "--test-size", "1.5"],
         ["train", "s.h5", "--out", "m.skops", "--test-size", "0"],
         ["train", "s.h5", "--out", "m.skops", "--cv", "1"],
+        ["train", "s.h5", "--out", "m.skops", "--search-cv", "1"],
         ["train", "s.h5", "--out", "m.skops", "--pca", "-3"],
         ["train", "s.h5", "--out", "m.skops", "--pca", "1.5"],
         ["compare", "s.h5", "--test-size", "inf"],
@@ -91,8 +92,8 @@ def test_options_are_declared_once_the_cli_builds_them_from_the_dataclasses():
         assert cli._options(parser.parse_args(argv), cls, **given) == cls(**given), cls
         help_text = parser._subparsers._group_actions[0].choices[argv[0]].format_help()
         for f, flag in cli_fields(cls):
-            if argv[0] == "compare" and f.name == "head":
-                continue  # compare takes several heads
+            if argv[0] == "compare" and f.name in ("head", "refit_all"):
+                continue  # compare takes several heads and saves no model
             names = flag.flags or (f"--{f.name.replace('_', '-')}",)
             assert names[-1] in help_text, (argv[0], f.name)
             if isinstance(f.default, bool):  # a switch turns its field over, and only it

@@ -1,0 +1,87 @@
+"""Models for use and honest numbers on small data: `train --refit-all` saves a model fitted on
+every labelled image after scoring it held out, and `evaluate` refuses to call that store held
+out; `--cv K` scores by K stratified folds (hymenoptera: 397 photos, the small-data case)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import cli
+from classify import DataError, TrainOptions, evaluate, load_model, train
+from conftest import copy_store
+from features import FeatureStore
+
+
+def test_refit_all_scores_held_out_then_saves_a_model_of_every_image(hym_store, tmp_path):
+    store = tmp_path / "h.h5"
+    copy_store(hym_store, store)
+    plain = train(store, TrainOptions())
+    r = train(store, TrainOptions(refit_all=True))
+    assert r.metrics["top1"] == plain.metrics["top1"] > 0.85  # the same held-out estimate
+    refit = r.model.manifest["refit_all"]
+    n = plain.n_train + plain.n_eval
+    assert refit["images"] == n and refit["metrics_from"] == plain.eval_split
+    assert r.scored is not None and "refit_all" not in r.scored.manifest
+    assert sum(r.model.manifest["train_counts"].values()) == n > plain.n_train
+    w_scored = r.scored.estimator[-1].coef_
+    w_refit = r.model.estimator[-1].coef_
+    assert not np.allclose(w_scored, w_refit)  # the held-out images moved the saved model
+    with pytest.raises(DataError, match="refit on all .* labelled images of this store"):
+        evaluate(r.model, store)
+    evaluate(r.scored, store)  # the train-split model is still scored as before
+
+
+def test_refit_all_from_the_command_line(hym_store, tmp_path, capsys):
+    store = tmp_path / "h.h5"
+    copy_store(hym_store, store)
+    model = tmp_path / "m.skops"
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    argv = ["train", str(store), "--out", str(model), "--refit-all", "--report", str(rep)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "refit on all" in out and (rep / "report.md").exists()
+    assert json.loads(open(f"{model}.json").read())["refit_all"]["images"] > 300
+    assert cli.main(["evaluate", str(model), str(store)]) == 2
+    assert "none of them is held out" in capsys.readouterr().err
+    assert load_model(model).manifest["refit_all"]
+
+
+def test_cv_reports_mean_and_spread_over_stratified_folds(hym_store, tmp_path):
+    store = tmp_path / "h.h5"
+    copy_store(hym_store, store)
+    fs = FeatureStore(store)
+    before = set(fs.images().labels)
+    r = train(store, TrainOptions(cv=5))
+    cv = r.cv
+    assert cv["folds"] == 5 and len(cv["per_fold"]) == 5
+    tops = [f["top1"] for f in cv["per_fold"]]
+    assert min(tops) <= cv["mean"]["top1"] <= max(tops) and 0 < cv["std"]["top1"] < 0.1
+    n = r.model.manifest["refit_all"]["images"]
+    assert r.metrics["n"] == n == len(r.truth)  # every labelled image predicted exactly once
+    assert abs(r.metrics["top1"] - cv["mean"]["top1"]) < 0.01 and r.metrics["top1"] > 0.85
+    assert sum(r.model.manifest["train_counts"].values()) == n  # the saved model saw them all
+    assert r.model.manifest["cv"]["mean"]["top1"] == cv["mean"]["top1"]
+    assert set(FeatureStore(store).images().labels) == before  # no split was written
+    again = train(store, TrainOptions(cv=5))
+    assert again.cv["per_fold"] == cv["per_fold"]  # seeded folds
+    with pytest.raises(DataError, match="refit on all"):
+        evaluate(r.model, store)
+
+
+def test_cv_needs_two_images_of_every_class(hym_store, tmp_path):
+    store = tmp_path / "h.h5"
+    copy_store(hym_store, store)
+    t = FeatureStore(store).images()
+    labels = np.array(t.labels["label"], dtype=object)
+    labels[np.flatnonzero(labels == "ants")[0]] = "wasps"
+    from features import StoreWriter
+
+    with StoreWriter(store) as w:
+        w.set_labels("label", list(t.path), labels.tolist())
+    with pytest.raises(DataError, match="'wasps' has 1"):
+        train(store, dataclasses.replace(TrainOptions(), cv=3))
