@@ -459,7 +459,9 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
         mark = "*" if s.name == DEFAULT_BACKBONE else " "
         print(f"{mark} {s.name:20s} {s.dim:5d}-d  {s.source}:{s.arch:22s} {s.description}")
     print(
-        "* default; torchvision/timm weights load from their caches (download where online), or --weights FILE"
+        "* default; torchvision/timm weights load from their caches (download where online), or --weights FILE\n"
+        "  any timm model: timm/<model>.<tag> (e.g. timm/vit_small_patch14_dinov2.lvd142m); "
+        "open_clip image towers: open_clip/<arch>:<pretrained> (pip install 'penult[clip]')"
     )
     return 0
 

@@ -45,6 +45,14 @@ def build_network(spec: BackboneSpec) -> nn.Module:
         if spec.arch == "inception_v3":  # same keys as the pretrained file; fast default init
             kwargs = {"aux_logits": True, "init_weights": False}
         return getattr(torchvision.models, spec.arch)(weights=None, **kwargs)
+    if spec.source == "open_clip":
+        from extract.registry import import_open_clip
+
+        logging.disable(logging.WARNING)  # its "initialized randomly": weights load next
+        try:
+            return import_open_clip().create_model(spec.arch, pretrained=None)
+        finally:
+            logging.disable(logging.NOTSET)
     import timm
 
     return timm.create_model(spec.weights, pretrained=False)
@@ -61,6 +69,8 @@ def _truncate(net: nn.Module, spec: BackboneSpec, taps: tuple[str, ...]) -> nn.M
             warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
             nodes = {spec.layer: "features", **{t: t for t in taps}}
             return create_feature_extractor(net, return_nodes=nodes)
+    if spec.source == "open_clip":  # the image tower: encode_image without normalising
+        return net.visual
     net.reset_classifier(0)  # timm: forward() now returns global-pooled pre-logits
     return net
 

@@ -147,6 +147,8 @@ def load_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
             ) from None
         load_into(net, state, spec.weights)
         return f"torchvision:{spec.weights}"
+    if spec.source == "open_clip":
+        return _open_clip_pretrained(net, spec)
     import timm
 
     try:
@@ -154,6 +156,26 @@ def load_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
     except Exception as e:  # noqa: BLE001
         raise WeightsError(
             f"cannot load timm weights {spec.weights} ({type(e).__name__}). Offline? Fill the Hugging Face "
-            "cache or pass --weights FILE"
+            "cache (HF_HUB_OFFLINE=1 skips the network retries) or pass --weights FILE"
         ) from None
     return f"timm:{spec.weights}"
+
+
+def _open_clip_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
+    """The open_clip weights from the Hugging Face cache (or a download where online), read by
+    penult's own safe reader (tensors only)."""
+    from extract.registry import import_open_clip
+
+    open_clip = import_open_clip()
+    try:
+        path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(spec.arch, spec.weights))
+    except Exception as e:  # noqa: BLE001 - offline is the common case here
+        raise WeightsError(
+            f"cannot load open_clip weights {spec.arch}:{spec.weights} ({type(e).__name__}). "
+            "Offline? Fill the Hugging Face cache (HF_HUB_OFFLINE=1 skips the network retries) "
+            "or pass --weights FILE"
+        ) from None
+    if not path:
+        raise WeightsError(f"open_clip has no download for {spec.arch}:{spec.weights}")
+    load_into(net, read_state_dict(path), str(path))
+    return f"open_clip:{spec.arch}:{spec.weights}"
