@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks_common import cpu_flags  # noqa: E402
+
 from classify import TrainOptions, train  # noqa: E402
 from extract import ExtractOptions, extract, list_images  # noqa: E402
 from features import FeatureStore  # noqa: E402
@@ -29,15 +31,6 @@ from features import FeatureStore  # noqa: E402
 DATA = Path(os.environ.get("PENULT_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "bench-out" / "resize"
 SETS = {"cub": ("cub100", ("family", "genus")), "plankton": ("ndsb_plankton", ("name_group",))}
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor()
-    keep = [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")]
-    return " ".join(keep)
 
 
 def ensure(store: Path, data: Path, resize: str, tta: str) -> dict:
@@ -83,6 +76,26 @@ def bench(key: str) -> list[dict]:
     return rows
 
 
+def flip_cost(n: int = 640) -> dict:
+    """End-to-end extraction of the same ``n`` cub100 images without and with flips, one after
+    the other in this process (eager fp32: no compile in the timing), and the ratio."""
+    import tempfile
+
+    from extract import Listing
+
+    root = DATA / "cub100"
+    paths = list_images(str(root)).paths[:n]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for tta in ("none", "flip", "none", "flip"):  # twice each, interleaved: drift shows
+            opts = ExtractOptions(tta=tta, optimize="eager", progress=False)
+            s = extract(Path(tmp) / f"{tta}{len(out)}.h5", Listing(root=root, paths=paths), opts)
+            out.setdefault(tta, []).append(s.steady_images_per_s)
+            print(f"flip cost: tta={tta} {s.steady_images_per_s:.1f} img/s steady", flush=True)
+    best = {k: max(v) for k, v in out.items()}
+    return {"images": n, "img_per_s": out, "ratio": best["flip"] / best["none"]}
+
+
 def table(rows: list[dict], levels: tuple[str, ...]) -> str:
     head = ["resize", "flips", "top-1", "balanced", "macro-F1", *levels, "rare top-1",
             "extract s", "img/s", "fit s"]  # fmt: skip
@@ -100,7 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--only", choices=list(SETS), action="append")
+    ap.add_argument("--only", choices=[*SETS, "cost"], action="append")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     print(
@@ -108,11 +121,14 @@ def main() -> None:
     )
     path = OUT.parent / "resize.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    for key in args.only or list(SETS):
-        results[key] = bench(key)
+    for key in args.only or [*SETS, "cost"]:
+        results[key] = flip_cost() if key == "cost" else bench(key)
         path.write_text(json.dumps(results, indent=1))
     for key, rows in results.items():
-        print(f"\n{SETS[key][0]}\n{table(rows, SETS[key][1])}")
+        if key in SETS:
+            print(f"\n{SETS[key][0]}\n{table(rows, SETS[key][1])}")
+    if "cost" in results:
+        print(f"\nflips cost: {results['cost']}")
 
 
 if __name__ == "__main__":

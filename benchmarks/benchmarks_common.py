@@ -1,0 +1,17 @@
+"""What every benchmark prints first: the CPU, so that figures from different machines are never
+compared as if they were one."""
+
+from __future__ import annotations
+
+import platform
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags that decide the fast paths (AVX2, AVX-512, native bf16, AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(ln for ln in f if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return platform.processor()
+    keep = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    return " ".join(f for f in flags if f in keep) or "none of avx2/avx512/amx"
