@@ -57,7 +57,7 @@ def score(store: Path, entry: str, levels: tuple[str, ...]) -> dict:
     row = {"top1": m["top1"], "balanced": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
            "fit_seconds": r.fit_seconds,
            "rare_top1": (m.get("rare") or {}).get("top1"),
-           **{lv: m["levels"][lv]["accuracy"] for lv in levels if lv in m.get("levels", {})}}  # fmt: skip
+           **{lv: m["levels"]["accuracy"][lv] for lv in levels}}  # fmt: skip
     return row
 
 
