@@ -305,3 +305,32 @@ def test_coarse_head_taps_any_stage_without_changing_the_embedding(
         torch.testing.assert_close(emb, plain(x))
     assert emb.shape == (2, spec.dim) and taps[tap].shape[:2] == (2, channels)
     assert tapped.forward_taps(x)[1].keys() == {tap}  # none kept from the call before
+
+
+def test_plankton_augmentation_turns_and_flips_on_its_own_background_without_colour(data_dir):
+    from extract.loader import make_loader
+
+    files = sorted((data_dir / "ndsb_plankton" / "diatom_chain_string").glob("*.jpg"))[:8]
+    pre = get_spec("efficientnet_lite0").preprocess(mode="pad")
+    (batch,) = list(make_loader([str(f) for f in files], pre, batch_size=8, workers=0))
+    x = batch.images
+    a = ft.augment(x, pre.crop, torch.Generator().manual_seed(0), "plankton")
+    assert torch.equal(a, ft.augment(x, pre.crop, torch.Generator().manual_seed(0), "plankton"))
+    assert a.shape == x.shape and not torch.equal(a, x)
+    assert (a[:, 0] == a[:, 1]).all() and (a[:, 1] == a[:, 2]).all()  # greyscale stays grey
+    for img, src in zip(a, x, strict=True):  # corners turned in from outside: background, not black
+        edge = torch.cat([src[0, 0], src[0, -1], src[0, :, 0], src[0, :, -1]]).float()
+        corners = img[0, [0, 0, -1, -1], [0, -1, 0, -1]].float()
+        assert (corners - edge.median()).abs().max() <= 12
+    photo = ft.augment(x, pre.crop, torch.Generator().manual_seed(0))
+    assert photo.shape == x.shape
+
+
+def test_finetune_cli_takes_the_plankton_recipe():
+    import cli
+
+    a = cli.build_parser().parse_args(
+        ["finetune", "s.h5", "--out", "f", "--augment", "plankton", "--resize", "pad"]
+    )
+    opts = cli._options(a, ft.FinetuneOptions)
+    assert opts.augment_style == "plankton" and opts.resize == "pad" and opts.augment

@@ -138,7 +138,7 @@ def run_epoch(run: Run, split: Split, *, train: bool) -> dict[str, float]:
             ctarget = torch.as_tensor(split.coarse[rows], device=run.device)
         x = batch.images.to(run.device, non_blocking=True)
         if train and opts.augment:
-            x = augment(x, run.pre.crop, run.gen)
+            x = augment(x, run.pre.crop, run.gen, opts.augment_style)
         with torch.set_grad_enabled(train), run.autocast():
             logits, aux = run.model(x)
             loss, full = batch_loss(logits, aux, target, ctarget, opts, train)

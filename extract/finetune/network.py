@@ -125,11 +125,18 @@ def build(
     return Built(model, classifier, base_sha, n_frozen, trainable)
 
 
-def augment(batch: torch.Tensor, crop: int, rng: torch.Generator) -> torch.Tensor:
-    """Random resized crop, horizontal flip, small rotation and colour jitter, per image (uint8).
+def augment(
+    batch: torch.Tensor, crop: int, rng: torch.Generator, style: str = "photo"
+) -> torch.Tensor:
+    """Random augmentation per image (uint8 in, uint8 out).
 
-    Greyscale images (all channels equal, e.g. plankton) get brightness/contrast only.
+    ``photo``: random resized crop, horizontal flip, small rotation, colour jitter (brightness
+    and contrast only on greyscale images). ``plankton``: any rotation, both flips and a mild
+    scale change on the image's own background colour, no colour jitter: an organism in the
+    water has no up, no handedness and no colour to learn.
     """
+    if style == "plankton":
+        return torch.stack([_plankton_view(img, crop, rng) for img in batch])
     from torchvision.transforms import v2
 
     geo = v2.Compose(
@@ -147,3 +154,24 @@ def augment(batch: torch.Tensor, crop: int, rng: torch.Generator) -> torch.Tenso
         is_grey = bool((img[0] == img[1]).all() and (img[1] == img[2]).all())
         out.append((grey if is_grey else colour)(img))
     return torch.stack(out)
+
+
+def _plankton_view(img: torch.Tensor, crop: int, rng: torch.Generator) -> torch.Tensor:
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
+    fill = border.float().median(dim=1).values.tolist()  # the frame's background, per channel
+    u = torch.rand(4, generator=rng).tolist()
+    scale = 0.8 + 0.4 * u[1]  # 0.8x .. 1.2x
+    img = F.affine(
+        img, angle=360.0 * u[0], translate=[0, 0], scale=scale, shear=[0.0, 0.0],
+        interpolation=InterpolationMode.BILINEAR, fill=fill,
+    )  # fmt: skip
+    if u[2] < 0.5:
+        img = F.horizontal_flip(img)
+    if u[3] < 0.5:
+        img = F.vertical_flip(img)
+    if img.shape[-1] != crop:
+        img = F.resize(img, [crop, crop], antialias=True)
+    return img

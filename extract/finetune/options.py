@@ -36,6 +36,13 @@ class FinetuneOptions:
         0.1, "of the training loss", parse=ranged(float, 0, 1, open_hi=True)
     )
     augment: bool = option(True, "no random crops, flips, rotation, jitter", flags="--no-augment")
+    augment_style: str = option(
+        "photo",
+        "photo: random resized crop, horizontal flip, small rotation, colour jitter; plankton: "
+        "any rotation, both flips, mild scale on the image's own background, no colour jitter",
+        flags="--augment",
+        choices=("photo", "plankton"),
+    )
     balanced: bool = option(
         True, "plain shuffling instead of class-balanced sampling", flags="--no-balance"
     )
