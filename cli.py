@@ -575,7 +575,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "(each image predicted by the fold model that did not see it):"
         )
         for k in ("top1", "top5", "balanced_accuracy", "macro_f1"):
-            print(f"  {k:32s} {r.cv['mean'][k]:.3f} +- {r.cv['std'][k]:.3f} (mean +- sd of folds)")
+            if k != "top5" or r.metrics["n_classes"] > 5:  # top-5 of 5 classes or fewer is 1
+                print(
+                    f"  {k:32s} {r.cv['mean'][k]:.3f} +- {r.cv['std'][k]:.3f} (mean +- sd of folds)"
+                )
         print("pooled out-of-fold predictions:")
     else:
         print(f"{r.eval_split} split ({r.n_eval} images):")

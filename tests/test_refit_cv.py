@@ -49,6 +49,14 @@ def test_refit_all_from_the_command_line(hym_store, tmp_path, capsys):
     assert cli.main(["evaluate", str(model), str(store)]) == 2
     assert "none of them is held out" in capsys.readouterr().err
     assert load_model(model).manifest["refit_all"]
+    cv_rep = tmp_path / "cv"
+    cv_rep.mkdir()
+    argv = ["train", str(store), "--out", str(tmp_path / "cv.skops"), "--cv", "3"]
+    assert cli.main([*argv, "--report", str(cv_rep)]) == 0
+    out = capsys.readouterr().out
+    assert "3-fold stratified cross-validation" in out and "+-" in out and "top5" not in out
+    metrics = json.loads((cv_rep / "metrics.json").read_text())
+    assert metrics["n"] > 300 and "pooled out-of-fold" in metrics["info"][0]
 
 
 def test_cv_reports_mean_and_spread_over_stratified_folds(hym_store, tmp_path):
