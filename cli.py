@@ -59,7 +59,10 @@ def _add_options(
         if isinstance(f.default, bool):
             kw["action"] = "store_false" if f.default else "store_true"
         else:
-            kw.update(action="append", default=[]) if flag.repeat else kw.update(default=f.default)
+            if flag.repeat:
+                kw.update(action="append", default=[])
+            else:
+                kw["default"] = f.default
             if flag.parse:
                 kw["type"] = _typed(flag.parse)
             metavar = flag.metavar or (

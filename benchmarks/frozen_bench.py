@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks_common import cpu_flags  # noqa: E402
 
 from classify import TrainOptions, train  # noqa: E402
-from extract import ExtractOptions, extract, list_images  # noqa: E402
+from extract import ExtractOptions, extract, get_spec, list_images  # noqa: E402
 from features import FeatureStore  # noqa: E402
 
 DATA = Path(os.environ.get("PENULT_DATA", ROOT.parent / "shared" / "data"))
@@ -45,7 +45,7 @@ STEPS = [
 
 
 def entry(name: str, resize: str, tta: str) -> str:
-    return name + "".join(f"@{v}" for v, d in ((resize, "crop"), (tta, "none")) if v != d)
+    return name + get_spec(name).preprocess(mode=resize, tta=tta).suffix()
 
 
 def ensure(name: str, resize: str, tta: str) -> dict:

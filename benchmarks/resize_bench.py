@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks_common import cpu_flags  # noqa: E402
 
 from classify import TrainOptions, train  # noqa: E402
-from extract import ExtractOptions, extract, list_images  # noqa: E402
+from extract import ExtractOptions, extract, get_spec, list_images  # noqa: E402
 from features import FeatureStore  # noqa: E402
 
 DATA = Path(os.environ.get("PENULT_DATA", ROOT.parent / "shared" / "data"))
@@ -36,8 +36,9 @@ SETS = {"cub": ("cub100", ("family", "genus")), "plankton": ("ndsb_plankton", ("
 def ensure(store: Path, data: Path, resize: str, tta: str) -> dict:
     """Extract one entry if missing; its extraction summary (kept beside the store)."""
     opts = ExtractOptions(resize=resize, tta=tta, optimize="inductor", progress=False)
-    entry = "efficientnet_lite0" + "".join(
-        f"@{v}" for v, d in ((resize, "crop"), (tta, "none")) if v != d
+    entry = (
+        "efficientnet_lite0"
+        + get_spec("efficientnet_lite0").preprocess(mode=resize, tta=tta).suffix()
     )
     side = Path(f"{store}.{entry}.extract.json")
     if store.exists() and entry in FeatureStore(store).backbones() and side.exists():

@@ -38,6 +38,7 @@ from classify.train import (
     TrainOptions,
     TrainResult,
     _manifest,
+    class_counts,
     default_backbones,
     prepare,
     summary,
@@ -280,9 +281,7 @@ def train_out_of_core(
     if len(ev_idx) < ev.sum():
         notes.append(f"scored a seeded sample of {len(ev_idx)} of {int(ev.sum())} {ev_name} images")
     pos, pred = _predict(model, data, ev_idx, stream.memory_mb)
-    train_counts = {
-        str(k): int(v) for k, v in zip(*np.unique(y[tr], return_counts=True), strict=True)
-    }
+    train_counts = class_counts(y[tr])
     metrics = classification_metrics(
         y[pos], pred.label, pred.proba, pred.classes, train_counts=train_counts,
         paths=model.paths, levels=model.levels, unknown=model.unknown,

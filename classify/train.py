@@ -36,6 +36,7 @@ __all__ = [
     "TrainOptions",
     "TrainResult",
     "build_estimator",
+    "class_counts",
     "default_backbones",
     "parse_levels",
     "parse_param",
@@ -330,7 +331,7 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     y, tr, ev = plan.y, plan.train, plan.eval
     est, search, fit_seconds = _fit(plan.estimator, opts, data.X[tr], y[tr])
     manifest = _manifest(store, data, opts, plan.taxonomy, plan.levels, est, plan.eval_split)
-    model, counts = Model(est, manifest), _counts(y[tr])
+    model, counts = Model(est, manifest), class_counts(y[tr])
     result = TrainResult(
         model, {}, fit_seconds, int(tr.sum()), int(ev.sum()), plan.eval_split, search, plan.notes
     )
@@ -356,7 +357,8 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     return result
 
 
-def _counts(y: np.ndarray) -> dict[str, int]:
+def class_counts(y: np.ndarray) -> dict[str, int]:
+    """Images per class, keyed by the class name (what a manifest's ``train_counts`` holds)."""
     return {str(k): int(v) for k, v in zip(*np.unique(y, return_counts=True), strict=True)}
 
 
@@ -377,7 +379,7 @@ def _refit(plan: Plan, data: Dataset, opts: TrainOptions, manifest: dict) -> Mod
     """The plan's estimator (searched again, if asked) fitted on every labelled image."""
     est, search, seconds = _fit(clone(plan.estimator), opts, data.X, plan.y)
     refit = {**manifest, "classes": np.asarray(est.classes_).astype(str).tolist()}
-    refit["train_counts"], refit["refit_seconds"] = _counts(plan.y), seconds
+    refit["train_counts"], refit["refit_seconds"] = class_counts(plan.y), seconds
     if search:
         refit["refit_search"] = search["best"]
     return Model(est, refit)
@@ -395,7 +397,7 @@ def _cross_validate(plan: Plan, data: Dataset, opts: TrainOptions):
         model = Model(est, _manifest(None, data, opts, plan.taxonomy, plan.levels, est, "fold"))
         held = np.zeros(len(y), bool)
         held[b] = True
-        m = score(model, data.subset(held), train_counts=_counts(y[a]))
+        m = score(model, data.subset(held), train_counts=class_counts(y[a]))
         per_fold.append(summary(m))
         preds.append(m["predictions"])
         order.append(np.flatnonzero(held))
@@ -408,7 +410,7 @@ def _cross_validate(plan: Plan, data: Dataset, opts: TrainOptions):
         None if paths[0] is None else np.concatenate(paths),
     )
     metrics = classification_metrics(
-        y[idx], pooled.label, pooled.proba, pooled.classes, train_counts=_counts(y),
+        y[idx], pooled.label, pooled.proba, pooled.classes, train_counts=class_counts(y),
         paths=model.paths, levels=model.levels, unknown=model.unknown,
     ) | {"predictions": pooled}  # fmt: skip
     keys = ("top1", "top5", "balanced_accuracy", "macro_f1")

@@ -24,6 +24,7 @@ __all__ = [
     "Batch",
     "ImageFiles",
     "Item",
+    "border_colour",
     "collate",
     "default_workers",
     "make_loader",
@@ -49,12 +50,16 @@ def _pad_to_square(im: Image.Image, size: int, resample) -> Image.Image:
     w, h = im.size
     s = size / max(w, h)
     small = im.resize((max(1, round(w * s)), max(1, round(h * s))), resample)
-    a = np.asarray(small)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    colour = tuple(int(v) for v in np.median(border, axis=0))
-    canvas = Image.new("RGB", (size, size), colour)
+    canvas = Image.new("RGB", (size, size), border_colour(np.asarray(small)))
     canvas.paste(small, ((size - small.width) // 2, (size - small.height) // 2))
     return canvas
+
+
+def border_colour(a: np.ndarray) -> tuple[int, ...]:
+    """The median of an (H, W, C) image's outermost pixels, per channel: the background of a
+    plankton or microscope frame (what padding and turned-in corners are filled with)."""
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    return tuple(int(v) for v in np.median(border, axis=0))
 
 
 def _resize_crop(im: Image.Image, pre: Preprocess) -> Image.Image:

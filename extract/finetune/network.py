@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from extract.finetune.options import FinetuneError, FinetuneOptions
+from extract.loader import border_colour
 from extract.model import PreLogits, build_network
 from extract.registry import BackboneSpec, Preprocess
 from extract.weights import load_pretrained, state_sha256
@@ -160,8 +161,7 @@ def _plankton_view(img: torch.Tensor, crop: int, rng: torch.Generator) -> torch.
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
-    fill = border.float().median(dim=1).values.tolist()  # the frame's background, per channel
+    fill = list(border_colour(img.permute(1, 2, 0).cpu().numpy()))  # the frame's background
     u = torch.rand(4, generator=rng).tolist()
     scale = 0.8 + 0.4 * u[1]  # 0.8x .. 1.2x
     img = F.affine(
