@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   penult predict birds.skops new_photos/ --out predictions.csv --store birds.h5
   penult index birds.h5 && penult neighbors birds.h5 photo.jpg -k 10    similar images, contact sheet
   penult duplicates birds.h5 --threshold 0.95
+  penult serve birds.h5                         browse, similar images, uploads at http://127.0.0.1:8765/
 """
 
 
@@ -267,6 +268,57 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sheet", default="duplicates.html")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from features.options import POSITIVE, ranged
+
+    p = sub.add_parser(
+        "serve",
+        help="a local web page to look at a store: browse, similar images, a model's mistakes",
+        description="Start a small web app on this machine and print its address; Ctrl-C stops it. "
+        "Browse the store's images by label, coarse level, split or failure; click an image (or "
+        "drop a new one) to see its nearest stored neighbours. Read-only: the store is never "
+        "written (the neighbour index and thumbnails are cached beside it). A JSON API behind "
+        "the pages (/api/images, /api/neighbors, /api/mistakes, /api/predict, /api/info) serves "
+        "scripts too; see the README.",
+    )
+    p.add_argument("store")
+    p.add_argument("--backbone", help="store entry (default: the store's only backbone)")
+    p.add_argument(
+        "--model",
+        help="a saved model (penult train --out): adds Mistakes (its held-out split of this "
+        "store: confused pairs by name, recall per class) and Score (upload images, top-k)",
+    )
+    p.add_argument(
+        "--trust-model", action="store_true", help="load types outside sklearn/numpy/penult"
+    )
+    p.add_argument("--port", type=_typed(ranged(int, 1, 65535)), default=8765, help="default 8765")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; anything else is "
+        "reachable by others, with a warning)",
+    )
+    p.add_argument("-k", type=_typed(POSITIVE), default=12, help="neighbours shown (default 12)")
+    p.add_argument(
+        "--max-upload-mb", type=_typed(POSITIVE), default=20, help="largest upload (default 20)"
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from classify import load_model
+    from classify.web import Site, serve
+    from extract import Featuriser
+
+    model = load_model(args.model, trust=args.trust_model) if args.model else None
+    name = _backbone(args.store, args.backbone)
+    site = Site(
+        args.store, name, images=Featuriser(workers=0), model=model, model_file=args.model or "",
+        k=args.k,
+    )  # fmt: skip
+    serve(site, host=args.host, port=args.port, max_upload=args.max_upload_mb << 20)
+    return 0
+
+
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     from extract.finetune import FinetuneOptions
 
@@ -301,9 +353,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         )
 
     r = finetune(args.store, args.out, opts, on_epoch=show if opts.progress else None)
-    best = r.card.get("best_epoch")
+    best, used = r.card.get("best_epoch"), r.card["options"]
     print(
         f"{args.out}: best epoch {best} of {len(r.curve)}, val acc {r.curve[best - 1]['val_acc']:.3f} (card {args.out}.json)"
+        f"; --resize {used['resize']} --augment {used['augment_style']}"
     )
     if not args.no_extract:
         name = extract_finetuned(args.store, args.out, progress=opts.progress)
@@ -411,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(sub)
     _add_neighbors(sub)
     _add_finetune(sub)
+    _add_serve(sub)
     p = sub.add_parser(
         "merge",
         help="publish the parts written by `extract --shard`",
@@ -693,6 +747,7 @@ _HANDLERS = {
     "neighbors": _cmd_neighbors,
     "duplicates": _cmd_duplicates,
     "finetune": _cmd_finetune,
+    "serve": _cmd_serve,
 }
 
 

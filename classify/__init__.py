@@ -6,7 +6,7 @@ from classify.heads import HEADS, HeadError, make_head
 from classify.hierarchy import HierarchicalClassifier, TaxonomyError
 from classify.model import Model, ModelError, load_model, save_model
 from classify.ovr import ThresholdedOneVsRest
-from classify.predict import PredictOptions, predict_images, weights_for
+from classify.predict import PredictOptions, predict_files, predict_images, weights_for
 from classify.train import TrainOptions, TrainResult, train
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "load_dataset",
     "load_model",
     "make_head",
+    "predict_files",
     "predict_images",
     "weights_for",
     "save_model",

@@ -33,6 +33,8 @@ class Evaluation:
     split: str
     n: int
     report_dir: Path | None = None
+    paths: list[str] | None = None  # the scored images (store keys), in the predictions' order
+    truth: np.ndarray | None = None  # their true labels
 
 
 def evaluate(
@@ -79,9 +81,10 @@ def evaluate(
         out = write_report(
             report_dir, title, m, info, sub.column(model.manifest["label"]), m["predictions"]
         )
-        truth = sub.column(model.manifest["label"])
-        write_predictions(out, model, sub.paths, m["predictions"], truth, top_k)
-    return Evaluation(m, name, len(sub), out)
+        write_predictions(
+            out, model, sub.paths, m["predictions"], sub.column(model.manifest["label"]), top_k
+        )
+    return Evaluation(m, name, len(sub), out, list(sub.paths), sub.column(model.manifest["label"]))
 
 
 def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> None:

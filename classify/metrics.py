@@ -106,7 +106,27 @@ def classification_metrics(
         }
     if paths is not None and len(levels):
         out["levels"] = _level_metrics(y_true, y_pred, classes, paths, levels, known_truth)
+    out["confused"] = confused_pairs(y_true, y_pred)
     return out
+
+
+def confused_pairs(y_true: np.ndarray, y_pred: np.ndarray, top: int = 20) -> list[dict[str, Any]]:
+    """The ``top`` most frequent mistakes as named pairs (true -> predicted), most images first,
+    with the share of the true class they take: readable where a 100-class matrix is not."""
+    y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
+    wrong = y_true != y_pred
+    if not wrong.any():
+        return []
+    pairs, counts = np.unique(
+        np.stack([y_true[wrong], y_pred[wrong]], 1), axis=0, return_counts=True
+    )
+    support = dict(zip(*np.unique(y_true, return_counts=True), strict=True))
+    order = sorted(range(len(counts)), key=lambda i: (-counts[i], *pairs[i]))[:top]
+    return [
+        {"true": str(pairs[i][0]), "predicted": str(pairs[i][1]), "count": int(counts[i]),
+         "share": float(counts[i] / support[pairs[i][0]])}
+        for i in order
+    ]  # fmt: skip
 
 
 def _headline(y_true, y_pred, proba, classes, t_idx, known_truth) -> dict[str, Any]:

@@ -271,6 +271,39 @@ def _scored_on_cluster(
         close(client)
 
 
+def predict_files(
+    model: Model, files: list[str], images: Images, top_k: int = 5
+) -> list[dict[str, Any]]:
+    """Each file's prediction as a dict: label (the model's unknown label when no class passes a
+    one-vs-rest threshold), its probability, the coarse-to-fine path of a hierarchical model,
+    the top-k and an error for a file that could not be used. Same features and model as
+    `penult predict`; what `penult serve` shows for uploads."""
+    feats = _Features(model, PredictOptions(progress=False), images)
+    X, ok, errors = feats(files, PredictSummary(Path()))
+    out: list[dict[str, Any]] = [
+        {"label": "", "probability": None, "path": [], "top": [], "unknown": False,
+         "error": errors.get(i, "no features")}
+        for i in range(len(files))
+    ]  # fmt: skip
+    good = np.flatnonzero(ok)
+    if not len(good):
+        return out
+    pred = model.predict(X[good])
+    labels, probs = pred.top(max(1, min(top_k, len(pred.classes))))
+    col = {c: i for i, c in enumerate(pred.classes)}
+    for n, i in enumerate(good.tolist()):
+        j = col.get(pred.label[n])
+        out[i] = {
+            "label": str(pred.label[n]),
+            "probability": None if j is None else float(pred.proba[n, j]),
+            "path": [] if pred.path is None else [str(v) for v in pred.path[n]],
+            "top": [{"label": str(c), "probability": float(p)} for c, p in zip(labels[n], probs[n], strict=True)],
+            "unknown": j is None,
+            "error": "",
+        }  # fmt: skip
+    return out
+
+
 def predict_images(
     model: Model,
     inputs: Sequence[str],

@@ -74,12 +74,26 @@ def _class_rows(m: dict[str, Any]) -> list[list[str]]:
 
 
 _CLASS_HEAD = ["class", "train", "test", "precision", "recall", "F1", "ROC-AUC"]
+_PAIR_HEAD = ["true class", "taken for", "images", "share of the class"]
+
+
+def _pair_rows(m: dict[str, Any]) -> list[list[str]]:
+    """The most confused pairs by name (the matrix is unreadable beyond ~20 classes)."""
+    return [
+        [p["true"], p["predicted"], str(p["count"]), f"{p['share']:.0%}"]
+        for p in m.get("confused", [])
+    ]
 
 
 def markdown(title: str, m: dict[str, Any], info: list[str]) -> str:
     lines = [f"# {title}", "", *[f"- {i}" for i in info], "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in headline_rows(m)]
-    lines += ["", *[f"![{p}]({p})" for p in PLOTS], "", "## Per class (worst recall first)", ""]
+    lines += ["", *[f"![{p}]({p})" for p in PLOTS], ""]
+    if m.get("confused"):
+        lines += ["## Most confused pairs", ""]
+        lines += ["| " + " | ".join(_PAIR_HEAD) + " |", "|" + "---|" * len(_PAIR_HEAD)]
+        lines += ["| " + " | ".join(r) + " |" for r in _pair_rows(m)] + [""]
+    lines += ["## Per class (worst recall first)", ""]
     lines += ["| " + " | ".join(_CLASS_HEAD) + " |", "|" + "---|" * len(_CLASS_HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in _class_rows(m)]
     return "\n".join(lines) + "\n"
@@ -103,7 +117,13 @@ def html_page(title: str, m: dict[str, Any], info: list[str]) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><ul>{items}</ul>"
         + _table(["metric", "value"], [list(r) for r in headline_rows(m)])
-        + f"<p>{imgs}</p><h2>Per class (worst recall first)</h2>"
+        + f"<p>{imgs}</p>"
+        + (
+            f"<h2>Most confused pairs</h2>{_table(_PAIR_HEAD, _pair_rows(m))}"
+            if m.get("confused")
+            else ""
+        )
+        + "<h2>Per class (worst recall first)</h2>"
         + _table(_CLASS_HEAD, _class_rows(m))
         + "</body></html>\n"
     )

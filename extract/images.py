@@ -10,6 +10,7 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -22,7 +23,9 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageError",
     "decode_image",
+    "mostly_greyscale",
     "read_image_bytes",
+    "spread",
 ]
 
 IMAGE_SUFFIXES = frozenset(
@@ -34,6 +37,8 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485
 DEFAULT_MAX_BYTES = 1 << 30
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Images looked at to resolve ``auto`` modes: enough for a clear majority, under a second.
+AUTO_SAMPLE = 48
 
 
 class ImageError(PenultError):
@@ -162,3 +167,42 @@ def _file_kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a plain file"
+
+
+def looks_greyscale(im: Image.Image, tolerance: int = 12) -> bool:
+    """True when the picture carries no colour: in 99% of its pixels the three channels differ by
+    at most ``tolerance`` (JPEG chroma noise on a grey picture stays below that; colour does not).
+    Greyscale saved as RGB, as many imagers and microscopes write it, counts as greyscale."""
+    small = im.copy()
+    small.thumbnail((64, 64))
+    a = np.asarray(small.convert("RGB"), dtype=np.int16)
+    return float(np.percentile(np.ptp(a, axis=2), 99)) <= tolerance
+
+
+def sample_greyscale(files: Sequence[str]) -> tuple[int, int]:
+    """(greyscale, readable) among ``files``; unreadable ones are skipped (extraction reports them)."""
+    grey = seen = 0
+    for f in files:
+        try:
+            im = decode_image(read_image_bytes(f), draft=(64, 64))
+        except ImageError:
+            continue
+        seen += 1
+        grey += looks_greyscale(im)
+    return grey, seen
+
+
+def spread(count: int, n: int = AUTO_SAMPLE) -> list[int]:
+    """Up to ``n`` indices spread evenly over ``range(count)``: a sample that does not depend on
+    how a folder happens to be sorted into classes."""
+    if count <= 0:
+        return []
+    return np.unique(np.linspace(0, count - 1, num=min(n, count)).round().astype(int)).tolist()
+
+
+def mostly_greyscale(files: Sequence[str]) -> tuple[bool, str]:
+    """Whether most of these (sampled) files are greyscale, and a note saying how many: what the
+    ``auto`` modes decide from. Greyscale imagery (plankton imagers, microscopes) measured best
+    with ``--resize pad`` and the plankton augmentation; colour photos with the weights' crop."""
+    grey, seen = sample_greyscale(files)
+    return bool(seen) and 2 * grey > seen, f"{grey} of {seen} sampled images greyscale"

@@ -8,13 +8,19 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from extract.images import DEFAULT_MAX_PIXELS, ImageError, read_image_bytes
+from extract.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    mostly_greyscale,
+    read_image_bytes,
+    spread,
+)
 from extract.loader import default_workers, make_loader, to_device
 from extract.model import OPTIMIZE, PRECISIONS, Embedder, build_backbone, pick_optimize
 from extract.registry import DEFAULT_BACKBONE, RESIZE_MODES, TTA_MODES
@@ -42,11 +48,13 @@ class ExtractOptions:
         parse=CROP,
     )
     resize: str = option(
-        "crop",
-        "how images become squares: crop (the weights' resize + centre crop), whole (the whole "
-        "image squashed) or pad (aspect kept, padded with the image's border colour: plankton, "
-        "microscope images, long thin subjects). Stored as NAME@whole / NAME@pad",
-        choices=RESIZE_MODES,
+        "auto",
+        "how images become squares: crop (the weights' resize + centre crop: photos), whole (the "
+        "whole image squashed: photos already cropped to the subject) or pad (aspect kept, padded "
+        "with the image's border colour: plankton, microscope images, long thin subjects); auto = "
+        "pad when most of a sample of the images is greyscale, else crop. Stored as NAME@whole / "
+        "NAME@pad",
+        choices=("auto", *RESIZE_MODES),
     )
     tta: str = option(
         "none",
@@ -127,6 +135,7 @@ class ExtractSummary:
     warmup_seconds: float = 0.0  # loader start + first batch (compile is timed apart, before)
     warmup_images: int = 0
     interrupted: bool = False
+    resize: str = ""  # what --resize auto chose, and why
 
     @property
     def images_per_s(self) -> float:
@@ -162,6 +171,8 @@ class ExtractSummary:
             )
             + (f", compile {self.compile_seconds:.0f} s" if self.compile_seconds else ""),
         ]
+        if self.resize:
+            lines.append(f"  resize {self.resize}; pin it with --resize")
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} non-image files, e.g. {self.ignored[0]}")
         for p, why in self.failed[:max_failed]:
@@ -323,10 +334,12 @@ def extract(
         if int(getattr(opts, key)) < 1:
             raise OptionError(f"{key} must be at least 1, got {getattr(opts, key)!r}")
     t0 = time.perf_counter()
+    opts, resize_why = resolve_resize(opts, listing)
     backbone, embedder, name, fingerprint = build_embedder(opts)
     s = ExtractSummary(
         Path(store_path), name, str(embedder.device), embedder.precision, listed=len(listing)
     )
+    s.resize = resize_why
     s.ignored = listing.ignored
     if opts.cluster:  # parts finished by a driver that was killed: publish them, then plan
         merge(store_path)
@@ -367,6 +380,18 @@ def extract(
             _run(w, name, listing, sha, p.todo, embedder, backbone.preprocess, opts, s)
     s.seconds = time.perf_counter() - t0
     return s
+
+
+def resolve_resize(opts: ExtractOptions, listing: Listing) -> tuple[ExtractOptions, str]:
+    """``--resize auto`` made concrete once, from the whole listing, before any shard is taken:
+    every shard and cluster worker then writes the same entry. Also the reason, for the summary."""
+    if opts.resize != "auto":
+        return opts, ""
+    if opts.crop_pct is not None:
+        return replace(opts, resize="crop"), "crop (auto: --crop-pct given)"
+    grey, note = mostly_greyscale([listing.absolute(i) for i in spread(len(listing))])
+    mode = "pad" if grey else "crop"
+    return replace(opts, resize=mode), f"{mode} (auto: {note})"
 
 
 def build_embedder(opts: ExtractOptions):

@@ -287,7 +287,7 @@ def test_the_cpu_stage_does_not_import_torch_or_extract():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     root = Path(__file__).resolve().parents[1]
-    hidden = [p.name for p in (root / "classify").glob("*.py") if "from extract" in p.read_text() or "import extract" in p.read_text()]  # fmt: skip
+    hidden = [p.name for p in (root / "classify").rglob("*.py") if "from extract" in p.read_text() or "import extract" in p.read_text()]  # fmt: skip
     assert hidden == []
 
 
@@ -318,6 +318,9 @@ def test_cli_and_demo_install_inside_penult_not_as_top_level_modules(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"penult", "extract", "features", "classify"}
     assert {"penult/cli.py", "penult/demo.py"} <= set(names)
+    # subpackages and the web app's files travel too
+    assert {"extract/finetune/loop.py", "classify/web/app.py", "classify/web/templates/browse.html",
+            "classify/web/static/penult.js"} <= set(names)  # fmt: skip
     assert "penult = penult.cli:main" in entry
 
 

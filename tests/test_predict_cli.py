@@ -42,6 +42,14 @@ def test_train_writes_model_and_readable_report(hym_model, capsys):
     assert m["n"] == 153 and m["top1"] > 0.9
     assert "| top-1 accuracy |" in (out / "report" / "report.md").read_text()
     assert (out / "report" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    # the mistakes by name, counted from the predictions themselves
+    rows = _rows(out / "report" / "predictions.csv")
+    wrong = [(r["truth"], r["prediction"]) for r in rows if r["truth"] != r["prediction"]]
+    want = sorted({p: wrong.count(p) for p in wrong}.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert wrong and [((p["true"], p["predicted"]), p["count"]) for p in m["confused"]] == want
+    (t, pr), n = want[0]
+    share = n / sum(r["truth"] == t for r in rows)
+    assert f"| {t} | {pr} | {n} | {share:.0%} |" in (out / "report" / "report.md").read_text()
 
 
 def test_predict_matches_evaluate_on_the_same_images(hym_model, data_dir, tmp_path):

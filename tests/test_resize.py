@@ -17,7 +17,8 @@ from extract import (
     extract,
     list_images,
 )
-from extract.images import decode_image
+from extract.finetune import FinetuneOptions, resolve_auto
+from extract.images import decode_image, looks_greyscale
 from extract.loader import make_loader, preprocess_image
 from extract.registry import get_spec
 from features import FeatureStore, OptionError
@@ -107,3 +108,28 @@ def test_a_padded_flipped_entry_is_stored_and_rebuilt_for_scoring(data_dir, tmp_
     with torch.inference_mode():
         got = rebuilt.module(batch.images).numpy()
     np.testing.assert_allclose(got, fs.embeddings(s.backbone, np.arange(8)), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_pads_greyscale_imagery_and_keeps_the_crop_for_colour_photos(data_dir, tmp_path):
+    plankton = sorted((data_dir / "ndsb_plankton").glob("*/*.jpg"))[::500][:6]
+    photos = sorted((data_dir / "hymenoptera").glob("*/*.jpg"))[:6]
+    grey = decode_image(plankton[0].read_bytes())
+    assert looks_greyscale(grey) and not looks_greyscale(decode_image(photos[0].read_bytes()))
+    grey.save(tmp_path / "as_rgb.jpg", quality=70)  # greyscale written as a colour JPEG
+    assert Image.open(tmp_path / "as_rgb.jpg").mode == "RGB"
+    assert looks_greyscale(decode_image((tmp_path / "as_rgb.jpg").read_bytes()))
+    fast = ExtractOptions(weights="random", workers=0, progress=False)  # resize: auto
+    s = extract(tmp_path / "p.h5", Listing(root=data_dir, paths=[str(p) for p in plankton]), fast)
+    assert s.backbone == "efficientnet_lite0@random@pad" and s.extracted == 6
+    assert "resize pad (auto: 6 of 6 sampled images greyscale)" in s.report()
+    s = extract(tmp_path / "c.h5", Listing(root=data_dir, paths=[str(p) for p in photos]), fast)
+    assert s.backbone == "efficientnet_lite0@random" and "resize crop (auto: 0 of 6" in s.report()
+    # fine-tuning decides the same way, from its training images; what is asked is kept
+    ft = resolve_auto(FinetuneOptions(), [str(p) for p in plankton])
+    assert (ft.resize, ft.augment_style) == ("pad", "plankton")
+    ft = resolve_auto(FinetuneOptions(), [str(p) for p in photos])
+    assert (ft.resize, ft.augment_style) == ("crop", "photo")
+    ft = resolve_auto(FinetuneOptions(resize="whole"), [str(p) for p in plankton])
+    assert (ft.resize, ft.augment_style) == ("whole", "plankton")
+    ft = resolve_auto(FinetuneOptions(crop_pct=1.0), [str(p) for p in plankton])
+    assert ft.resize == "crop"

@@ -13,7 +13,7 @@ network (the trainable wrapper), probe (the head's starting point), loop (epochs
 """
 
 from extract.finetune.data import extract_finetuned
-from extract.finetune.loop import finetune
+from extract.finetune.loop import finetune, resolve_auto
 from extract.finetune.network import augment, stages
 from extract.finetune.options import FinetuneError, FinetuneOptions, FinetuneResult
 from extract.finetune.plot import plot_curve
@@ -26,5 +26,6 @@ __all__ = [
     "extract_finetuned",
     "finetune",
     "plot_curve",
+    "resolve_auto",
     "stages",
 ]

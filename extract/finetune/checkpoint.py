@@ -20,9 +20,8 @@ __all__ = ["card_path", "resume", "save_state", "save_weights", "write_card"]
 
 # options that change what is trained: a run with other values starts over instead of resuming
 SAME_RUN = ("backbone", "unfreeze", "crop_pct", "resize", "aux_level", "aux_stage", "head_init")
-
-
-DEFAULTS = asdict(FinetuneOptions())
+# what a card written before an option existed used (resize was always the weights' crop)
+DEFAULTS = {**asdict(FinetuneOptions()), "resize": "crop"}
 
 
 def card_path(out: Path) -> Path:

@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,13 @@ from extract.finetune.network import Built, augment, build
 from extract.finetune.options import FinetuneError, FinetuneOptions, FinetuneResult
 from extract.finetune.plot import plot_curve
 from extract.finetune.probe import probe_init
+from extract.images import mostly_greyscale, spread
 from extract.model import pick_device, pick_precision
 from extract.registry import Preprocess, get_spec
 from extract.weights import state_sha256
 from features import OptionError
 
-__all__ = ["Run", "batch_loss", "finetune", "run_epoch"]
+__all__ = ["Run", "batch_loss", "finetune", "resolve_auto", "run_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,22 @@ def _epochs(run: Run, data: TrainData, card: dict, out: Path, built: Built, on_e
             break
 
 
+def resolve_auto(opts: FinetuneOptions, files: list[str]) -> FinetuneOptions:
+    """``auto`` resize and augmentation made concrete from a sample of the training images, so
+    that the card, a resumed run and the new embeddings all record what was actually used."""
+    if "auto" not in (opts.resize, opts.augment_style):
+        return opts
+    grey, note = mostly_greyscale([files[i] for i in spread(len(files))])
+    resize = opts.resize
+    if resize == "auto":
+        resize = "crop" if opts.crop_pct is not None or not grey else "pad"
+    style = opts.augment_style
+    if style == "auto":
+        style = "plankton" if grey else "photo"
+    log.info("auto: --resize %s --augment %s (%s)", resize, style, note)
+    return replace(opts, resize=resize, augment_style=style)
+
+
 def finetune(
     store_path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -237,6 +254,7 @@ def finetune(
     if opts.head_init not in ("probe", "random"):
         raise OptionError(f"head_init must be 'probe' or 'random', not {opts.head_init!r}")
     data = load(store_path, opts)
+    opts = resolve_auto(opts, data.train.files)
     torch.manual_seed(opts.seed)
     pre = spec.preprocess(opts.crop_pct, mode=opts.resize)
     built = build(spec, pre, opts, len(data.classes), len(data.coarse_classes))

@@ -37,11 +37,12 @@ class FinetuneOptions:
     )
     augment: bool = option(True, "no random crops, flips, rotation, jitter", flags="--no-augment")
     augment_style: str = option(
-        "photo",
+        "auto",
         "photo: random resized crop, horizontal flip, small rotation, colour jitter; plankton: "
-        "any rotation, both flips, mild scale on the image's own background, no colour jitter",
+        "any rotation, both flips, mild scale on the image's own background, no colour jitter; "
+        "auto: plankton for greyscale images, else photo",
         flags="--augment",
-        choices=("photo", "plankton"),
+        choices=("auto", "photo", "plankton"),
     )
     balanced: bool = option(
         True, "plain shuffling instead of class-balanced sampling", flags="--no-balance"
@@ -69,10 +70,10 @@ class FinetuneOptions:
         parse=CROP,
     )
     resize: str = option(
-        "crop",
+        "auto",
         "how images become squares, for training and the new embeddings: crop, whole or pad "
-        "(as `penult extract --resize`)",
-        choices=RESIZE_MODES,
+        "(as `penult extract --resize`; auto: pad for greyscale images, else crop)",
+        choices=("auto", *RESIZE_MODES),
     )
     head_init: str = option(
         "probe",

@@ -1,0 +1,289 @@
+"""What `penult serve` knows about one store: its rows, the files behind them (and only those),
+thumbnails, filters and neighbour queries. No HTTP here: the app in ``app.py`` calls these.
+
+The store is opened read-only and never written; thumbnails are cached beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from classify.evaluate import Evaluation, evaluate
+from classify.images import Images
+from classify.model import Model
+from classify.neighbors import NeighborIndex, ensure_index
+from classify.predict import predict_files
+from features import FeatureStore, PenultError, atomic_path
+
+__all__ = ["PAGE", "Site", "SiteError", "Upload"]
+
+PAGE = 60  # thumbnails per grid page
+THUMB = 192  # longest side of a thumbnail, pixels
+UPLOAD_SUFFIXES = frozenset(".jpg .jpeg .png .gif .bmp .tif .tiff .webp".split())
+
+
+class SiteError(PenultError):
+    """A request that cannot be answered; the message is shown to the user as it is."""
+
+
+@dataclass
+class Upload:
+    """An uploaded image: its name as sent and its bytes."""
+
+    name: str
+    data: bytes
+
+
+@dataclass
+class Site:
+    """One store, opened once: rows, labels, the index of ``backbone`` and the thumbnail cache."""
+
+    store_path: Path
+    backbone: str
+    images: Images | None = None  # embeds uploads (an extract.Featuriser, from the CLI)
+    model: Model | None = None  # for Mistakes (its held-out split in this store) and Score
+    model_file: str = ""  # its file, for the pages
+    k: int = 12
+    thumbs: Path | None = None
+    store: FeatureStore = field(init=False)
+    index: NeighborIndex | None = field(init=False, default=None)
+    evaluation: Evaluation | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.store_path = Path(self.store_path)
+        self.store = FeatureStore(self.store_path)
+        if self.backbone not in self.store.backbones():
+            have = ", ".join(sorted(self.store.backbones())) or "none"
+            raise SiteError(f"{self.store_path}: no backbone {self.backbone!r} (it has: {have})")
+        t = self.store.images()
+        self.paths, self.roots = t.path, t.root
+        self.sha = t.sha256
+        self.errors = t.error
+        self.labels: dict[str, list[str]] = t.labels
+        self.row_of = t.index()
+        self.valid = self.store.valid(self.backbone)
+        self._real_roots: dict[str, str] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        if self.thumbs is None:
+            self.thumbs = _writable(Path(f"{self.store_path}.thumbs"))
+        if self.model is not None:  # refused now (other store, other features), not on a click
+            self.evaluation = evaluate(self.model, self.store_path)
+
+    # -- files -----------------------------------------------------------------------------
+
+    def file(self, key: str) -> Path:
+        """The image file of the store row ``key``, and nothing else: a key that is not a row, or
+        a file that resolves (through links) outside its image root, is refused."""
+        row = self.row_of.get(key)
+        if row is None:
+            raise FileNotFoundError(key)
+        root = self.roots[row]
+        real_root = self._real_roots.setdefault(root, os.path.realpath(root))
+        real = os.path.realpath(os.path.join(root, key))
+        if os.path.commonpath([real, real_root]) != real_root or not os.path.isfile(real):
+            raise FileNotFoundError(key)
+        return Path(real)
+
+    def thumbnail(self, key: str) -> Path:
+        """A JPEG thumbnail of row ``key``, made once and cached by the file's content hash."""
+        src = self.file(key)
+        row = self.row_of[key]
+        name = self.sha[row] or hashlib.sha256(str(src).encode()).hexdigest()
+        out = self.thumbs / name[:2] / f"{name}_{THUMB}.jpg"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:  # written beside and renamed in: readers never see half a thumbnail
+                with atomic_path(out) as tmp, Image.open(src) as im:  # Pillow's bomb limit applies
+                    im.draft("RGB", (THUMB, THUMB))
+                    small = im.convert("RGB")
+                    small.thumbnail((THUMB, THUMB))
+                    small.save(tmp, "JPEG", quality=85)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise FileNotFoundError(f"{key}: no thumbnail ({e})") from None
+        return out
+
+    # -- browsing ----------------------------------------------------------------------------
+
+    def columns(self) -> list[str]:
+        """Label columns a user can filter by (the class label first)."""
+        return sorted(self.labels, key=lambda c: (c != "label", c))
+
+    def values(self, column: str) -> list[str]:
+        return sorted({v for v in self.labels.get(column, []) if v})
+
+    def rows(self, filters: dict[str, str] | None = None, failed: bool | None = None) -> np.ndarray:
+        """Rows matching every ``column: value`` filter (and failed / not failed when asked)."""
+        keep = np.ones(len(self.paths), bool)
+        for column, value in (filters or {}).items():
+            if column not in self.labels:
+                raise SiteError(f"no label column {column!r}; the store has {self.columns()}")
+            keep &= self._column(column) == value
+        if failed is not None:
+            keep &= self._column("\0failed") == failed
+        return np.flatnonzero(keep)
+
+    def _column(self, column: str) -> np.ndarray:
+        """A label column (or the failed flags) as an array, made once."""
+        if column not in self._arrays:
+            values = [bool(e) for e in self.errors] if column == "\0failed" else self.labels[column]
+            self._arrays[column] = np.asarray(
+                values, dtype=bool if column == "\0failed" else object
+            )
+        return self._arrays[column]
+
+    def describe(self, row: int) -> dict[str, Any]:
+        """One row as the pages and the API show it."""
+        return {
+            "path": self.paths[row],
+            "label": self.labels.get("label", [""] * len(self.paths))[row],
+            "split": self.labels["split"][row] if "split" in self.labels else "",
+            "error": self.errors[row],
+            "embedded": bool(row < len(self.valid) and self.valid[row]),
+        }
+
+    # -- neighbours --------------------------------------------------------------------------
+
+    def open_index(self) -> NeighborIndex:
+        """The store's saved index for the backbone (built beside it on first use, as
+        `penult neighbors` does; the store itself is not written)."""
+        if self.index is None:
+            self.index = ensure_index(self.store_path, self.backbone)
+        return self.index
+
+    def similar(self, key: str, k: int | None = None) -> list[dict[str, Any]]:
+        """The k nearest stored images of the stored image ``key`` (not itself)."""
+        row = self.row_of.get(key)
+        if row is None:
+            raise SiteError(f"{key!r} is not an image of this store")
+        if not self.valid[row]:
+            why = self.errors[row] or "not extracted with this backbone"
+            raise SiteError(f"{key!r} has no embedding ({why})")
+        return self._search(self.store.embeddings(self.backbone, [row])[0], k, exclude=row)
+
+    def similar_upload(self, up: Upload, k: int | None = None) -> list[dict[str, Any]]:
+        """The k nearest stored images of an uploaded picture, embedded with the store's backbone
+        (rebuilt from its fingerprint: same weights and preprocessing, as `penult neighbors`)."""
+        return self._search(self.embed_upload(up), k)
+
+    def embed_upload(self, up: Upload) -> np.ndarray:
+        if self.images is None:
+            raise SiteError("this server was started without the image side; uploads are off")
+        fingerprint = self.store.backbone(self.backbone).fingerprint
+        with _uploaded(up) as f:
+            for _, X, failed in self.images.embed(self.backbone, fingerprint, [str(f)]):
+                if failed:
+                    raise SiteError(f"{up.name}: {failed[0][1]}")
+                if len(X):
+                    return X[0]
+        raise SiteError(f"{up.name}: could not be embedded")
+
+    def _search(self, x: np.ndarray, k: int | None, exclude: int = -1) -> list[dict[str, Any]]:
+        k = k or self.k
+        scores, rows = self.open_index().search(np.asarray(x, np.float32)[None], k + 1)
+        hits = [(int(r), float(s)) for s, r in zip(scores[0], rows[0], strict=True)]
+        return [
+            {**self.describe(r), "score": round(s, 6)} for r, s in hits if r >= 0 and r != exclude
+        ][:k]
+
+    # -- a model: its mistakes, and uploads scored ----------------------------------------------
+
+    def mistakes(self, per_pair: int = 12) -> dict[str, Any]:
+        """The model on its held-out split of this store: headline numbers, the most confused
+        pairs by name with the images behind each, and per-class recall, worst first."""
+        self.require_model()
+        ev = self.evaluation
+        m = ev.metrics
+        pred = m["predictions"]
+        col = {c: i for i, c in enumerate(pred.classes)}
+        wrong: dict[tuple[str, str], list[int]] = {}
+        for i, (t, p) in enumerate(zip(ev.truth.tolist(), pred.label.tolist(), strict=True)):
+            if t != p:
+                wrong.setdefault((t, p), []).append(i)
+        pairs = []
+        for pair in m["confused"]:
+            idx = wrong[(pair["true"], pair["predicted"])][:per_pair]
+            shown = [
+                {**self.describe(self.row_of[ev.paths[i]]), "predicted": pair["predicted"],
+                 "probability": float(pred.proba[i, col[pair["predicted"]]])
+                 if pair["predicted"] in col else None}
+                for i in idx
+            ]  # fmt: skip
+            pairs.append({**pair, "images": shown})
+        per_class = sorted(
+            ({"class": c, **{k: v[k] for k in ("recall", "precision", "support", "train")}}
+             for c, v in m["per_class"].items()),
+            key=lambda r: (r["recall"], r["class"]),
+        )  # fmt: skip
+        return {
+            "split": ev.split, "n": ev.n, "top1": m["top1"],
+            "balanced_accuracy": m["balanced_accuracy"], "classes": len(m["per_class"]),
+            "pairs": pairs, "per_class": per_class,
+        }  # fmt: skip
+
+    def score_uploads(self, ups: list[Upload], top_k: int = 5) -> list[dict[str, Any]]:
+        """The model's top-k for each uploaded image (and the path of a hierarchical model,
+        "unknown" for one-vs-rest when no class passes), as `penult predict` would say."""
+        self.require_model()
+        if self.images is None:
+            raise SiteError("this server was started without the image side; uploads are off")
+        if not ups:
+            raise SiteError("no image was sent")
+        with contextlib.ExitStack() as stack:
+            files = [str(stack.enter_context(_uploaded(u))) for u in ups]
+            out = predict_files(self.model, files, self.images, top_k)
+        return [{"upload": u.name, **r} for u, r in zip(ups, out, strict=True)]
+
+    @property
+    def model_name(self) -> str:
+        if self.model is None:
+            return ""
+        kind = f"{self.model.manifest.get('kind', '')} {self.model.manifest.get('head', '')}"
+        return f"{Path(self.model_file).name} ({kind})" if self.model_file else f"the {kind} model"
+
+    def require_model(self) -> None:
+        if self.model is None:
+            raise SiteError("start the server with --model MODEL to see its mistakes and scores")
+
+
+def _writable(folder: Path) -> Path:
+    """``folder`` if it can be made and written, else a private temporary one."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return folder
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="penult-thumbs-"))
+
+
+class _uploaded:
+    """The upload as a temporary file with a safe name (its suffix only), removed afterwards."""
+
+    def __init__(self, up: Upload):
+        suffix = Path(up.name).suffix.lower()
+        if suffix not in UPLOAD_SUFFIXES:
+            kinds = ", ".join(sorted(UPLOAD_SUFFIXES))
+            raise SiteError(f"{up.name or 'upload'}: not an image file name (use one of {kinds})")
+        if not up.data:
+            raise SiteError(f"{up.name}: empty file")
+        self.up, self.suffix = up, suffix
+
+    def __enter__(self) -> Path:
+        fd, name = tempfile.mkstemp(prefix="penult-upload-", suffix=self.suffix)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.up.data)
+        self.path = Path(name)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,107 @@
+// penult serve: the Similar page asks /api/neighbors (a stored image by key, or an upload), the
+// Score page /api/predict, and each draws the answer. No framework, no build step.
+"use strict";
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  for (const c of children) e.append(c);
+  return e;
+}
+
+function qpath(key) { return key.split("/").map(encodeURIComponent).join("/"); }
+
+function showHits(hits, queryLabel) {
+  const grid = document.getElementById("hits");
+  grid.replaceChildren();
+  for (const h of hits) {
+    const cls = queryLabel && h.label === queryLabel ? "same" : "";
+    const img = el("img", { src: "/thumb/" + qpath(h.path), alt: h.path, width: 160, height: 160 });
+    const link = el("a", { href: "/similar?key=" + encodeURIComponent(h.path), title: h.path }, img);
+    const cap = el("figcaption", {}, el("span", { class: cls }, h.label), el("br"),
+                   el("span", { class: "score" }, h.score.toFixed(3)));
+    grid.append(el("figure", { class: "hit", "data-path": h.path, "data-label": h.label }, link, cap));
+  }
+}
+
+function say(text, isError) {
+  const m = document.getElementById("message");
+  m.textContent = text;
+  m.className = "message" + (isError ? " error" : "");
+}
+
+async function answer(response) {
+  let body;
+  try { body = await response.json(); } catch { body = { error: "the server sent no answer (" + response.status + ")" }; }
+  if (!response.ok || body.error) { say(body.error || response.statusText, true); return null; }
+  return body;
+}
+
+async function byKey(key, k) {
+  say("searching…");
+  const body = await answer(await fetch("/api/neighbors?k=" + k + "&key=" + encodeURIComponent(key)));
+  if (body) { say(body.hits.length + " most similar to " + key); showHits(body.hits, body.query.label); }
+}
+
+async function byUpload(file, k) {
+  say("embedding " + file.name + "…");
+  const form = new FormData();
+  form.append("file", file);
+  const body = await answer(await fetch("/api/neighbors?k=" + k, { method: "POST", body: form }));
+  if (!body) return;
+  const q = document.getElementById("query");
+  const img = el("img", { src: URL.createObjectURL(file), alt: file.name });
+  q.replaceChildren(el("figure", {}, img, el("figcaption", {}, file.name)));
+  say(body.hits.length + " most similar to " + file.name);
+  showHits(body.hits, "");
+}
+
+function showScores(results, files) {
+  const table = document.getElementById("scores");
+  table.replaceChildren(el("tr", {}, el("th", {}, "image"), el("th", {}, "prediction"),
+                           el("th", {}, "top labels")));
+  results.forEach((r, i) => {
+    const img = el("img", { src: URL.createObjectURL(files[i]), alt: r.upload });
+    let said;
+    if (r.error) said = el("span", { class: "err" }, r.error);
+    else if (r.unknown) said = el("span", { class: "unknown" }, r.label + " (no class passed its threshold)");
+    else said = el("strong", {}, r.label + " " + r.probability.toFixed(3));
+    const cell = el("td", { class: "prediction" }, said);
+    if (r.path.length > 1) cell.append(el("br"), el("span", { class: "muted" }, r.path.join(" › ")));
+    const tops = el("td", { class: "top" }, r.top.map((t) => t.label + " " + t.probability.toFixed(3)).join(", "));
+    table.append(el("tr", { class: "scored", "data-upload": r.upload, "data-label": r.label },
+                    el("td", {}, img, el("br"), r.upload), cell, tops));
+  });
+}
+
+async function score(files, k) {
+  say("scoring " + files.length + " image" + (files.length > 1 ? "s" : "") + "…");
+  const form = new FormData();
+  for (const f of files) form.append("file", f);
+  const body = await answer(await fetch("/api/predict?k=" + k, { method: "POST", body: form }));
+  if (!body) return;
+  say(body.results.length + " scored");
+  showScores(body.results, files);
+}
+
+function dropZone(form, onFiles) {
+  const input = form.querySelector("input[type=file]");
+  input.addEventListener("change", () => { if (input.files.length) onFiles([...input.files]); });
+  form.addEventListener("dragover", (e) => { e.preventDefault(); form.classList.add("over"); });
+  form.addEventListener("dragleave", () => form.classList.remove("over"));
+  form.addEventListener("drop", (e) => {
+    e.preventDefault();
+    form.classList.remove("over");
+    if (e.dataTransfer.files.length) onFiles([...e.dataTransfer.files]);
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const scoring = document.getElementById("score");
+  if (scoring) dropZone(scoring, (files) => score(files, scoring.dataset.k || 5));
+  const q = document.getElementById("query");
+  if (!q) return;
+  const k = q.dataset.k || 12;
+  if (q.dataset.key) byKey(q.dataset.key, k);
+  dropZone(document.getElementById("upload"), (files) => byUpload(files[0], k));
+});
