@@ -69,7 +69,7 @@ def evaluate(
         m["notes"] = [
             f"{len(truth) - len(known)} labels of the {name} split are not classes of the model"
         ]
-    out = None
+    out, y_true = None, sub.column(model.manifest["label"])
     if report_dir is not None:
         title = f"{model.manifest['kind']} {model.manifest['head']} on {' + '.join(names)}: {name} split"
         info = [
@@ -78,13 +78,9 @@ def evaluate(
             f"({sum(model.manifest.get('train_counts', {}).values())} training images, "
             f"{len(model.classes)} classes)",
         ]
-        out = write_report(
-            report_dir, title, m, info, sub.column(model.manifest["label"]), m["predictions"]
-        )
-        write_predictions(
-            out, model, sub.paths, m["predictions"], sub.column(model.manifest["label"]), top_k
-        )
-    return Evaluation(m, name, len(sub), out, list(sub.paths), sub.column(model.manifest["label"]))
+        out = write_report(report_dir, title, m, info, y_true, m["predictions"])
+        write_predictions(out, model, sub.paths, m["predictions"], y_true, top_k)
+    return Evaluation(m, name, len(sub), out, list(sub.paths), y_true)
 
 
 def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> None:

@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,17 +93,29 @@ def csv_header(model: Model, top_k: int) -> list[str]:
     return ["path", "prediction", "probability", *levels, *tops, "error"]
 
 
-def csv_rows(paths: Sequence[str], pred: Predictions, model: Model, top_k: int) -> list[list[Any]]:
-    """One row per image: prediction and its probability, coarse levels, top-k pairs."""
+def answers(
+    pred: Predictions, top_k: int
+) -> Iterator[tuple[str, float | None, list[str], list[tuple[str, float]]]]:
+    """Per image: (label, its probability or None for "unknown" (no class passed its
+    threshold), the coarse-to-fine path ([] for a flat model), the top-k (label, probability))."""
     labels, probs = pred.top(top_k)
     col = {c: i for i, c in enumerate(pred.classes)}
+    for i, label in enumerate(pred.label):
+        j = col.get(label)
+        yield (
+            str(label),
+            None if j is None else float(pred.proba[i, j]),
+            [] if pred.path is None else [str(v) for v in pred.path[i]],
+            [(str(c), float(p)) for c, p in zip(labels[i], probs[i], strict=True)],
+        )
+
+
+def csv_rows(paths: Sequence[str], pred: Predictions, model: Model, top_k: int) -> list[list[Any]]:
+    """One row per image: prediction and its probability, coarse levels, top-k pairs."""
     rows = []
-    for i, p in enumerate(paths):
-        j = col.get(pred.label[i])  # None for "unknown": no class passed its threshold
-        prob = f"{pred.proba[i, j]:.6f}" if j is not None else ""
-        levels = list(pred.path[i, :-1]) if pred.path is not None else []
-        tops = [v for k in range(labels.shape[1]) for v in (labels[i, k], f"{probs[i, k]:.6f}")]
-        rows.append([p, pred.label[i], prob, *levels, *tops, ""])
+    for p, (label, prob, path, tops) in zip(paths, answers(pred, top_k), strict=True):
+        cells = [v for c, q in tops for v in (c, f"{q:.6f}")]
+        rows.append([p, label, "" if prob is None else f"{prob:.6f}", *path[:-1], *cells, ""])
     return rows
 
 
@@ -289,17 +301,12 @@ def predict_files(
     if not len(good):
         return out
     pred = model.predict(X[good])
-    labels, probs = pred.top(max(1, min(top_k, len(pred.classes))))
-    col = {c: i for i, c in enumerate(pred.classes)}
-    for n, i in enumerate(good.tolist()):
-        j = col.get(pred.label[n])
+    k = max(1, min(top_k, len(pred.classes)))
+    for i, (label, prob, path, tops) in zip(good.tolist(), answers(pred, k), strict=True):
         out[i] = {
-            "label": str(pred.label[n]),
-            "probability": None if j is None else float(pred.proba[n, j]),
-            "path": [] if pred.path is None else [str(v) for v in pred.path[n]],
-            "top": [{"label": str(c), "probability": float(p)} for c, p in zip(labels[n], probs[n], strict=True)],
-            "unknown": j is None,
-            "error": "",
+            "label": label, "probability": prob, "path": path,
+            "top": [{"label": c, "probability": q} for c, q in tops],
+            "unknown": prob is None, "error": "",
         }  # fmt: skip
     return out
 

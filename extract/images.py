@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_SUFFIXES",
     "ImageError",
+    "auto_resize",
     "decode_image",
     "mostly_greyscale",
     "read_image_bytes",
@@ -198,6 +199,12 @@ def spread(count: int, n: int = AUTO_SAMPLE) -> list[int]:
     if count <= 0:
         return []
     return np.unique(np.linspace(0, count - 1, num=min(n, count)).round().astype(int)).tolist()
+
+
+def auto_resize(grey: bool, crop_pct: float | None) -> str:
+    """What ``--resize auto`` becomes (extract and finetune alike): the weights' ``crop`` for
+    colour photos or when a crop fraction is asked for, ``pad`` for greyscale imagery."""
+    return "pad" if grey and crop_pct is None else "crop"
 
 
 def mostly_greyscale(files: Sequence[str]) -> tuple[bool, str]:

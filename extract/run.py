@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from extract.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
+    auto_resize,
     mostly_greyscale,
     read_image_bytes,
     spread,
@@ -390,7 +391,7 @@ def resolve_resize(opts: ExtractOptions, listing: Listing) -> tuple[ExtractOptio
     if opts.crop_pct is not None:
         return replace(opts, resize="crop"), "crop (auto: --crop-pct given)"
     grey, note = mostly_greyscale([listing.absolute(i) for i in spread(len(listing))])
-    mode = "pad" if grey else "crop"
+    mode = auto_resize(grey, opts.crop_pct)
     return replace(opts, resize=mode), f"{mode} (auto: {note})"
 
 

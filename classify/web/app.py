@@ -84,15 +84,14 @@ def make_app(site: Site, *, max_upload: int = MAX_UPLOAD) -> Starlette:
         )
 
     async def browse(request: Request) -> Response:
-        f, rows, page_no, pages = _browse(site, request)
-        items = [site.describe(int(r)) for r in rows[(page_no - 1) * PAGE : page_no * PAGE]]
+        f, total, items, page_no, pages = _browse(site, request)
         coarse = [c for c in site.columns() if c not in ("label", "split")]
 
         def query(n: int) -> str:
             return urlencode({**{k: v for k, v in f.items() if v}, "page": n})
 
         return page(
-            request, "browse", f=f, items=items, total=len(rows), page=page_no, pages=pages,
+            request, "browse", f=f, items=items, total=total, page=page_no, pages=pages,
             label_values=site.values("label"), coarse=coarse, splits=site.values("split"),
             query=query,
         )  # fmt: skip
@@ -119,10 +118,9 @@ def make_app(site: Site, *, max_upload: int = MAX_UPLOAD) -> Starlette:
         )
 
     async def api_images(request: Request) -> Response:
-        f, rows, page_no, pages = _browse(site, request)
-        items = [site.describe(int(r)) for r in rows[(page_no - 1) * PAGE : page_no * PAGE]]
+        f, total, items, page_no, pages = _browse(site, request)
         return JSONResponse(
-            {"total": len(rows), "page": page_no, "pages": pages, "filters": f, "items": items}
+            {"total": total, "page": page_no, "pages": pages, "filters": f, "items": items}
         )
 
     async def api_neighbors(request: Request) -> Response:
@@ -181,8 +179,9 @@ def make_app(site: Site, *, max_upload: int = MAX_UPLOAD) -> Starlette:
     )
 
 
-def _browse(site: Site, request: Request) -> tuple[dict[str, str], Any, int, int]:
-    """(filters as given, matching rows, page number, page count) from Browse's query string."""
+def _browse(site: Site, request: Request) -> tuple[dict[str, str], int, list[dict], int, int]:
+    """(filters as given, matching rows, the page's rows described, page number, page count)
+    from Browse's query string."""
     p = request.query_params
     f = {k: p.get(k, "") for k in ("label", "level", "value", "split", "failed")}
     filters = {c: f[c] for c in ("label", "split") if f[c]}
@@ -191,7 +190,9 @@ def _browse(site: Site, request: Request) -> tuple[dict[str, str], Any, int, int
     failed = {"yes": True, "no": False}.get(f["failed"])
     rows = site.rows(filters, failed)
     pages = max(1, math.ceil(len(rows) / PAGE))
-    return f, rows, _int(p.get("page"), 1, 1, pages), pages
+    page = _int(p.get("page"), 1, 1, pages)
+    items = [site.describe(int(r)) for r in rows[(page - 1) * PAGE : page * PAGE]]
+    return f, len(rows), items, page, pages
 
 
 def _int(text: str | None, default: int, lo: int, hi: int) -> int:

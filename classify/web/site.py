@@ -71,8 +71,10 @@ class Site:
         self.labels: dict[str, list[str]] = t.labels
         self.row_of = t.index()
         self.valid = self.store.valid(self.backbone)
+        self.failed = np.asarray([bool(e) for e in self.errors], bool)
         self._real_roots: dict[str, str] = {}
-        self._arrays: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, np.ndarray] = {}  # label columns as arrays, made on first filter
+        self._wrong: dict[tuple[str, str], list[int]] | None = None
         if self.thumbs is None:
             self.thumbs = _writable(Path(f"{self.store_path}.thumbs"))
         if self.model is not None:  # refused now (other store, other features), not on a click
@@ -126,25 +128,18 @@ class Site:
         for column, value in (filters or {}).items():
             if column not in self.labels:
                 raise SiteError(f"no label column {column!r}; the store has {self.columns()}")
-            keep &= self._column(column) == value
+            if column not in self._arrays:
+                self._arrays[column] = np.asarray(self.labels[column], dtype=object)
+            keep &= self._arrays[column] == value
         if failed is not None:
-            keep &= self._column("\0failed") == failed
+            keep &= self.failed == failed
         return np.flatnonzero(keep)
-
-    def _column(self, column: str) -> np.ndarray:
-        """A label column (or the failed flags) as an array, made once."""
-        if column not in self._arrays:
-            values = [bool(e) for e in self.errors] if column == "\0failed" else self.labels[column]
-            self._arrays[column] = np.asarray(
-                values, dtype=bool if column == "\0failed" else object
-            )
-        return self._arrays[column]
 
     def describe(self, row: int) -> dict[str, Any]:
         """One row as the pages and the API show it."""
         return {
             "path": self.paths[row],
-            "label": self.labels.get("label", [""] * len(self.paths))[row],
+            "label": self.labels["label"][row] if "label" in self.labels else "",
             "split": self.labels["split"][row] if "split" in self.labels else "",
             "error": self.errors[row],
             "embedded": bool(row < len(self.valid) and self.valid[row]),
@@ -175,8 +170,7 @@ class Site:
         return self._search(self.embed_upload(up), k)
 
     def embed_upload(self, up: Upload) -> np.ndarray:
-        if self.images is None:
-            raise SiteError("this server was started without the image side; uploads are off")
+        self.require_images()
         fingerprint = self.store.backbone(self.backbone).fingerprint
         with _uploaded(up) as f:
             for _, X, failed in self.images.embed(self.backbone, fingerprint, [str(f)]):
@@ -204,13 +198,14 @@ class Site:
         m = ev.metrics
         pred = m["predictions"]
         col = {c: i for i, c in enumerate(pred.classes)}
-        wrong: dict[tuple[str, str], list[int]] = {}
-        for i, (t, p) in enumerate(zip(ev.truth.tolist(), pred.label.tolist(), strict=True)):
-            if t != p:
-                wrong.setdefault((t, p), []).append(i)
+        if self._wrong is None:  # the evaluation is fixed: group its mistakes once
+            self._wrong = {}
+            for i, (t, p) in enumerate(zip(ev.truth.tolist(), pred.label.tolist(), strict=True)):
+                if t != p:
+                    self._wrong.setdefault((t, p), []).append(i)
         pairs = []
         for pair in m["confused"]:
-            idx = wrong[(pair["true"], pair["predicted"])][:per_pair]
+            idx = self._wrong[(pair["true"], pair["predicted"])][:per_pair]
             shown = [
                 {**self.describe(self.row_of[ev.paths[i]]), "predicted": pair["predicted"],
                  "probability": float(pred.proba[i, col[pair["predicted"]]])
@@ -233,8 +228,7 @@ class Site:
         """The model's top-k for each uploaded image (and the path of a hierarchical model,
         "unknown" for one-vs-rest when no class passes), as `penult predict` would say."""
         self.require_model()
-        if self.images is None:
-            raise SiteError("this server was started without the image side; uploads are off")
+        self.require_images()
         if not ups:
             raise SiteError("no image was sent")
         with contextlib.ExitStack() as stack:
@@ -252,6 +246,10 @@ class Site:
     def require_model(self) -> None:
         if self.model is None:
             raise SiteError("start the server with --model MODEL to see its mistakes and scores")
+
+    def require_images(self) -> None:
+        if self.images is None:
+            raise SiteError("this server was started without the image side; uploads are off")
 
 
 def _writable(folder: Path) -> Path:

@@ -22,7 +22,7 @@ from extract.finetune.network import Built, augment, build
 from extract.finetune.options import FinetuneError, FinetuneOptions, FinetuneResult
 from extract.finetune.plot import plot_curve
 from extract.finetune.probe import probe_init
-from extract.images import mostly_greyscale, spread
+from extract.images import auto_resize, mostly_greyscale, spread
 from extract.model import pick_device, pick_precision
 from extract.registry import Preprocess, get_spec
 from extract.weights import state_sha256
@@ -229,9 +229,7 @@ def resolve_auto(opts: FinetuneOptions, files: list[str]) -> FinetuneOptions:
     if "auto" not in (opts.resize, opts.augment_style):
         return opts
     grey, note = mostly_greyscale([files[i] for i in spread(len(files))])
-    resize = opts.resize
-    if resize == "auto":
-        resize = "crop" if opts.crop_pct is not None or not grey else "pad"
+    resize = auto_resize(grey, opts.crop_pct) if opts.resize == "auto" else opts.resize
     style = opts.augment_style
     if style == "auto":
         style = "plankton" if grey else "photo"
