@@ -8,7 +8,7 @@ STAMP := $(VENV)/.penult-installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,dask,slurm,clip]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,dask,slurm,clip,openvino]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -250,6 +250,11 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sheet", default="neighbors.html", help="HTML contact sheet (thumbnails beside it)"
     )
+    from extract import Featuriser
+
+    _add_options(
+        p.add_argument_group("embedding image queries"), Featuriser, skip=("trust_checkpoint",)
+    )
 
     p = sub.add_parser(
         "duplicates",
@@ -359,7 +364,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         f"; --resize {used['resize']} --augment {used['augment_style']}"
     )
     if not args.no_extract:
-        name = extract_finetuned(args.store, args.out, progress=opts.progress)
+        name = extract_finetuned(args.store, args.out, progress=opts.progress, engine=opts.engine)
         print(
             f"embedded the store as backbone {name!r}: `penult train {args.store} --backbone {name}`"
         )
@@ -404,7 +409,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
 
     results = neighbors(
         args.store, name, args.queries, k=args.k, metric=args.metric, nprobe=args.nprobe,
-        images=Featuriser(),
+        images=_options(args, Featuriser),
     )  # fmt: skip
     for r in results[:20]:
         print(f"{r.query} [{r.label}]" + (f"  ERROR {r.error}" if r.error else ""))
@@ -706,6 +711,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     images = _options(args, Featuriser, weights=weights_for(model, args.weights))
     opts = _options(args, PredictOptions)
     print(predict_images(model, args.inputs, args.out, opts, images).report())
+    for line in images.engines():  # what embedded the images the store did not hold
+        print(f"  engine {line}")
     return 0
 
 

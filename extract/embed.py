@@ -71,9 +71,15 @@ def embed_files(
     batch_size: int = 32,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    engine: str = "torch",
+    embedder: Embedder | None = None,
 ) -> Iterator[EmbeddedBatch]:
-    """Yield embeddings of ``files`` batch by batch (memory stays flat however many files)."""
-    embedder = Embedder(backbone, device=device, precision=precision, batch_size=batch_size)
+    """Yield embeddings of ``files`` batch by batch (memory stays flat however many files);
+    ``embedder`` (built once by the caller) serves many calls."""
+    if embedder is None:
+        embedder = Embedder(
+            backbone, device=device, precision=precision, batch_size=batch_size, engine=engine
+        )
     n_workers = default_workers(embedder.device) if workers is None else workers
     loader = make_loader(
         list(files),

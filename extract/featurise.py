@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from extract.embed import backbone_from_fingerprint, embed_files
+from extract.engines import ENGINES
 from extract.images import DEFAULT_MAX_PIXELS
-from extract.model import PRECISIONS
+from extract.model import TORCH_PRECISIONS, Embedder
 from extract.sources import list_images
 from features.options import COUNT, POSITIVE, option
 
@@ -29,7 +30,15 @@ class Featuriser:
         False, "allow full pickles in --weights (runs code from the file!)"
     )
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    precision: str = option("auto", "autocast precision", choices=PRECISIONS)
+    precision: str = option(
+        "auto", "autocast precision (an int8 model's own is used for it)", choices=TORCH_PRECISIONS
+    )
+    engine: str = option(
+        "auto",
+        "what runs the network: torch, onnxruntime, openvino, or auto (the fastest here, "
+        "measured once; see `penult extract --engine`)",
+        choices=ENGINES,
+    )
     batch_size: int = option(32, "images per batch", parse=POSITIVE)
     workers: int | None = option(
         None, "loader processes (default: by device and cores)", parse=COUNT
@@ -64,12 +73,24 @@ class Featuriser:
         self, name: str, fingerprint: dict[str, Any], files: list[str]
     ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
         """(indices into ``files``, their embeddings, (index, why) of files that failed) per batch."""
-        net = self._net(name, fingerprint)
+        net, embedder = self._net(name, fingerprint)
         for b in embed_files(
-            files, net, device=self.device, precision=self.precision, batch_size=self.batch_size,
-            workers=self.workers, max_pixels=self.max_pixels,
+            files, net, batch_size=self.batch_size, workers=self.workers,
+            max_pixels=self.max_pixels, embedder=embedder,
         ):  # fmt: skip
             yield b.indices, b.X, b.failed
+
+    def engine_of(self, name: str, fingerprint: dict[str, Any]) -> str:
+        """What runs backbone ``name`` (its precision and engine, and what auto measured)."""
+        e = self._net(name, fingerprint)[1]
+        return e.tag + (f" ({e.engine_note})" if e.engine_note else "")
+
+    def engines(self) -> list[str]:
+        """One line per network built so far: its name, precision and engine."""
+        return [
+            f"{name}: {e.tag}" + (f" ({e.engine_note})" if e.engine_note else "")
+            for name, (_, e) in self._nets.items()
+        ]
 
     def for_worker(self) -> Featuriser:
         from extract.cluster import for_this_worker
@@ -77,8 +98,18 @@ class Featuriser:
         return for_this_worker(self)
 
     def _net(self, name: str, fingerprint: dict[str, Any]):
+        """(backbone, embedder), built once; an int8 entry runs its own quantized model."""
         if name not in self._nets:
-            self._nets[name] = backbone_from_fingerprint(
+            net = backbone_from_fingerprint(
                 fingerprint, weights=self.weights.get(name), trust_checkpoint=self.trust_checkpoint
             )
+            q = fingerprint.get("quantization")
+            engine, precision = self.engine, self.precision
+            if isinstance(q, dict):
+                engine, precision = "onnxruntime", "int8"
+            embedder = Embedder(
+                net, device=self.device, precision=precision, batch_size=self.batch_size,
+                engine=engine, int8_digest=q.get("calibration_sha256", "") if q else "",
+            )  # fmt: skip
+            self._nets[name] = (net, embedder)
         return self._nets[name]

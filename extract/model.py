@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from extract.engines import (
+    AUTO_RUNTIMES,
+    ENGINES,
+    Runner,
+    calibrate,
+    check_engine,
+    engine_tag,
+    installed,
+    make_runner,
+    model_key,
+    onnx_file,
+)
 from extract.registry import BackboneSpec, Preprocess, get_spec
 from extract.weights import load_into, load_pretrained, read_state_dict, state_sha256
 from features import OptionError
@@ -18,10 +31,12 @@ from features import OptionError
 __all__ = [
     "Backbone",
     "COMPILE_MIN_IMAGES",
+    "ENGINES",
     "Embedder",
     "OPTIMIZE",
     "PRECISIONS",
     "PreLogits",
+    "TORCH_PRECISIONS",
     "build_backbone",
     "build_network",
     "cpu_has_bf16",
@@ -33,7 +48,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TORCH_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast; training takes only these
+PRECISIONS = (*TORCH_PRECISIONS, "int8")  # int8: ONNX Runtime static quantization
 
 
 def build_network(spec: BackboneSpec) -> nn.Module:
@@ -208,6 +224,8 @@ def cpu_has_bf16() -> bool:
 def pick_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise OptionError(f"precision {precision!r} not one of {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        raise OptionError("--precision int8 runs on --engine onnxruntime (or auto), not torch")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -231,10 +249,14 @@ def pick_optimize(optimize: str, device: torch.device, n_images: int) -> str:
 
 
 class Embedder:
-    """Runs a backbone on one device in one precision under ``inference_mode``.
+    """Runs a backbone on one device in one precision, with one engine.
 
-    With ``optimize="inductor"`` the module is compiled for a fixed ``batch_size`` (smaller batches
-    are padded, so one compile serves the whole run); if compiling fails it falls back to eager.
+    ``engine`` "torch" runs the module under ``inference_mode`` (with ``optimize="inductor"`` it is
+    compiled for a fixed ``batch_size``: smaller batches are padded, so one compile serves the
+    whole run; if compiling fails it falls back to eager). "onnxruntime" and "openvino" run the
+    same module exported to ONNX, on the CPU; "auto" takes the one a short calibration measured
+    fastest here (``engine_note`` says how fast each was). ``calibration`` is the images that
+    ``precision="int8"`` quantizes with (``int8_digest`` names an earlier calibration instead).
     """
 
     def __init__(
@@ -245,19 +267,81 @@ class Embedder:
         precision: str = "auto",
         optimize: str = "eager",
         batch_size: int = 32,
+        engine: str = "torch",
+        calibration: Sequence[str] = (),
+        int8_digest: str = "",
     ):
         self.device = pick_device(device)
-        self.precision = pick_precision(precision, self.device)
-        self.module = backbone.module.to(self.device).to(memory_format=torch.channels_last)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        check_engine(engine, self.device, precision)
+        self.backbone, self.batch_size = backbone, batch_size
+        self.module = backbone.module
         self.optimize = "eager"
-        self.batch_size = batch_size
         self._compiled: nn.Module | None = None
-        if optimize == "inductor":
-            self.compile()
+        self._runner: Runner | None = None
+        self.engine_note = ""
+        self.int8: dict[str, Any] = {}
+        if engine == "auto":
+            engine, self.engine_note = self._pick(precision)
+        self.engine = engine
+        if engine == "torch":
+            self._use_torch(pick_precision(precision, self.device))
+            if optimize == "inductor":
+                self.compile()
+        elif precision == "int8":
+            from extract.quantize import int8_file
+
+            path, self.int8 = int8_file(backbone, calibration, int8_digest, batch_size)
+            self._use_runtime(engine, path, "int8")
+        else:
+            self._use_runtime(engine, onnx_file(backbone), "fp32")
+
+    @property
+    def tag(self) -> str:
+        """The fingerprint's precision field: the precision and, for a runtime, the engine."""
+        return engine_tag(self.engine, self.precision)
+
+    def _use_torch(self, precision: str) -> Runner:
+        self.engine, self.precision, self._runner = "torch", precision, None
+        self.module = self.module.to(self.device).to(memory_format=torch.channels_last)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        return lambda x: self(torch.from_numpy(x))
+
+    def _use_runtime(self, engine: str, path, precision: str) -> Runner:
+        self._runner = make_runner(engine, path, torch.get_num_threads())
+        self.engine, self.precision, self.dtype = engine, precision, None
+        return self._runner
+
+    def _pick(self, precision: str) -> tuple[str, str]:
+        """The fastest engine here for this backbone, measured once (see engines.calibrate)."""
+        if self.device.type != "cpu" or precision in ("bf16", "fp16"):
+            return "torch", ""
+        if precision == "int8":
+            return "onnxruntime", ""
+        torch_precision = pick_precision(precision, self.device)
+        candidates = {f"torch {torch_precision}": lambda: self._use_torch(torch_precision)}
+        for e in AUTO_RUNTIMES:
+            if installed(e):
+                candidates[e] = lambda e=e: self._use_runtime(e, onnx_file(self.backbone), "fp32")
+        if len(candidates) == 1:
+            return "torch", ""
+        size = self.backbone.preprocess.crop
+        x = np.random.default_rng(0).integers(0, 256, (self.batch_size, 3, size, size), np.uint8)
+        key = {
+            "model": model_key(self.backbone.fingerprint),
+            "threads": torch.get_num_threads(),
+            "batch": self.batch_size,
+            "precision": precision,
+            "versions": _versions(),
+        }
+        best, rates, cached = calibrate(key, candidates, x)
+        note = ", ".join(f"{n} {r:.0f}" for n, r in sorted(rates.items(), key=lambda t: -t[1]))
+        note = f"auto: {note} img/s ({'calibration cached' if cached else 'calibrated now'})"
+        return best.split()[0], note
 
     def compile(self) -> None:
         """Switch to torch.compile (inductor, frozen weights); the compile happens on the first batch."""
+        if self.engine != "torch":
+            return
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self._compiled = torch.compile(
             self.module, dynamic=False, options={"freezing": True, "compile_threads": 1}
@@ -285,6 +369,8 @@ class Embedder:
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 (B, 3, H, W) on any device -> float32 numpy (B, D)."""
+        if self._runner is not None:
+            return np.asarray(self._runner(batch.cpu().numpy()), np.float32)
         batch = batch.to(self.device, non_blocking=True)
         n = batch.shape[0]
         if self._compiled is not None and n < self.batch_size:
@@ -298,3 +384,15 @@ class Embedder:
         ):
             out = self._forward(batch, n)
         return out.float().cpu().numpy()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "onnxruntime", "openvino"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from extract.engines import ENGINES, spread_files
 from extract.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -24,6 +25,7 @@ from extract.images import (
 )
 from extract.loader import default_workers, make_loader, to_device
 from extract.model import OPTIMIZE, PRECISIONS, Embedder, build_backbone, pick_optimize
+from extract.quantize import CALIBRATION_IMAGES
 from extract.registry import DEFAULT_BACKBONE, RESIZE_MODES, TTA_MODES
 from extract.sources import Listing
 from features import OptionError, StoreWriter, TableView, sha_raw
@@ -31,6 +33,13 @@ from features.options import COUNT, CROP, POSITIVE, option, parse_shard
 from features.parts import PartWriter, merge
 
 log = logging.getLogger(__name__)
+
+# The gate of issue 15, measured by benchmarks/int8_probe.py (docs/BENCHMARKS.md, "int8").
+INT8_REFUSED = (
+    "--precision int8 is not offered: ONNX Runtime static int8 lost 3.1 points of linear-probe "
+    "top-1 on cub100 (0.895 -> 0.864), more than the 0.5 allowed (benchmarks/int8_probe.py); "
+    "use fp32 (--engine onnxruntime or openvino is the fast CPU path)"
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,16 @@ class ExtractOptions:
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     precision: str = option(
         "auto",
-        "autocast precision (auto: bf16 on CPUs with native bf16, fp16/bf16 on CUDA)",
+        "auto: bf16 on CPUs with native bf16 (torch), fp16/bf16 on CUDA, else fp32. int8 (ONNX "
+        "Runtime static quantization) is refused: it failed its accuracy gate",
         choices=PRECISIONS,
+    )
+    engine: str = option(
+        "auto",
+        "what runs the network: torch, onnxruntime or openvino (CPU; the same module exported to "
+        "ONNX once, cached beside torch's weights); auto = on CPU the one a few calibration "
+        "batches measured fastest here (cached per CPU model and backbone), torch on CUDA",
+        choices=ENGINES,
     )
     optimize: str = option(
         "auto",
@@ -114,6 +131,8 @@ class ExtractOptions:
         parse=POSITIVE,
         metavar="N",
     )
+    int8_digest: str = ""  # an int8 entry's calibration (set by the driver for its workers)
+    int8_trial: bool = False  # run int8 although it failed its accuracy gate (benchmarks, tests)
 
 
 @dataclass
@@ -137,6 +156,8 @@ class ExtractSummary:
     warmup_images: int = 0
     interrupted: bool = False
     resize: str = ""  # what --resize auto chose, and why
+    engine: str = ""
+    engine_note: str = ""  # what --engine auto measured
 
     @property
     def images_per_s(self) -> float:
@@ -151,7 +172,8 @@ class ExtractSummary:
 
     def report(self, max_failed: int = 20) -> str:
         lines = [
-            f"{self.backbone} -> {self.store} on {self.device} ({self.precision}, {self.optimize})"
+            f"{self.backbone} -> {self.store} on {self.device} ({self.precision}, {self.engine}"
+            + (f", {self.optimize})" if self.engine == "torch" else ")")
             + (
                 "  INTERRUPTED: finished batches are saved; run again to resume"
                 if self.interrupted
@@ -174,6 +196,8 @@ class ExtractSummary:
         ]
         if self.resize:
             lines.append(f"  resize {self.resize}; pin it with --resize")
+        if self.engine_note:
+            lines.append(f"  engine {self.engine} ({self.engine_note}); pin it with --engine")
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} non-image files, e.g. {self.ignored[0]}")
         for p, why in self.failed[:max_failed]:
@@ -336,11 +360,12 @@ def extract(
             raise OptionError(f"{key} must be at least 1, got {getattr(opts, key)!r}")
     t0 = time.perf_counter()
     opts, resize_why = resolve_resize(opts, listing)
-    backbone, embedder, name, fingerprint = build_embedder(opts)
+    backbone, embedder, name, fingerprint = build_embedder(opts, listing, store_path)
+    opts = replace(opts, int8_digest=embedder.int8.get("calibration_sha256", ""))
     s = ExtractSummary(
         Path(store_path), name, str(embedder.device), embedder.precision, listed=len(listing)
     )
-    s.resize = resize_why
+    s.resize, s.engine, s.engine_note = resize_why, embedder.engine, embedder.engine_note
     s.ignored = listing.ignored
     if opts.cluster:  # parts finished by a driver that was killed: publish them, then plan
         merge(store_path)
@@ -395,8 +420,9 @@ def resolve_resize(opts: ExtractOptions, listing: Listing) -> tuple[ExtractOptio
     return replace(opts, resize=mode), f"{mode} (auto: {note})"
 
 
-def build_embedder(opts: ExtractOptions):
-    """(backbone, embedder, store entry name, fingerprint) for the options."""
+def build_embedder(opts: ExtractOptions, listing: Listing | None = None, store_path=None):
+    """(backbone, embedder, store entry name, fingerprint) for the options. An int8 entry
+    already in the store keeps its calibration; a new one calibrates on images of ``listing``."""
     backbone = build_backbone(
         opts.backbone,
         weights=opts.weights,
@@ -405,11 +431,36 @@ def build_embedder(opts: ExtractOptions):
         resize=opts.resize,
         tta=opts.tta,
     )
+    if opts.precision == "int8" and not opts.int8_trial:
+        raise OptionError(INT8_REFUSED)
+    name = opts.name or backbone.name + ("@int8" if opts.precision == "int8" else "")
+    digest, calibration = opts.int8_digest, []
+    if opts.precision == "int8" and not digest:
+        digest = _stored_calibration(store_path, name)
+        if not digest and listing is not None:
+            files = [listing.absolute(i) for i in range(len(listing))]
+            calibration = spread_files(files, CALIBRATION_IMAGES)
     embedder = Embedder(
-        backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size
-    )
-    fingerprint = {**backbone.fingerprint, "precision": embedder.precision}
-    return backbone, embedder, opts.name or backbone.name, fingerprint
+        backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size,
+        engine=opts.engine, calibration=calibration, int8_digest=digest,
+    )  # fmt: skip
+    fingerprint = {**backbone.fingerprint, "precision": embedder.tag}
+    if embedder.int8:
+        fingerprint["quantization"] = {
+            k: embedder.int8[k] for k in ("method", "calibration_sha256")
+        }  # (how many images is not part of the identity)
+    return backbone, embedder, name, fingerprint
+
+
+def _stored_calibration(store_path, name: str) -> str:
+    """The calibration digest of int8 entry ``name`` when the store has it, else ""."""
+    from features import FeatureStore
+
+    if store_path is None or not Path(store_path).exists():
+        return ""
+    entry = FeatureStore(store_path).backbones().get(name)
+    q = entry.fingerprint.get("quantization") if entry else None
+    return q.get("calibration_sha256", "") if isinstance(q, dict) else ""
 
 
 class _Pending:

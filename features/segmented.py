@@ -46,7 +46,10 @@ log = logging.getLogger(__name__)
 FORMAT = "penult-feature-store"
 SCHEMA_VERSION = 2
 SEGMENT_ROWS = 1_000_000
-IDENTITY_FIELDS = ("architecture", "weights_sha256", "preprocessing", "layer", "dim")
+# "quantization" (int8 entries only; absent = None for every float entry, old ones included)
+IDENTITY_FIELDS = (
+    "architecture", "weights_sha256", "preprocessing", "layer", "dim", "quantization"
+)  # fmt: skip
 TABLE, SIZE, ERROR = "table", "size", "error"
 TABLE_COLUMNS = {
     "key": Column(np.dtype(np.uint64), (2,)),

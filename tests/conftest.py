@@ -63,6 +63,16 @@ def small_folder(data_dir: Path, tmp_path: Path) -> Path:
     return root
 
 
+def real_batch(data_dir: Path, pre) -> torch.Tensor:
+    """Five real images of three kinds: bird photos, a greyscale plankton image, an ant photo."""
+    files = sorted((data_dir / "cub100").glob("*/*.jpg"))[::1500][:3]
+    files += sorted((data_dir / "ndsb_plankton").glob("*/*.jpg"))[:1]
+    files += sorted((data_dir / "hymenoptera" / "ants").glob("*.jpg"))[:1]
+    from extract.loader import make_loader
+
+    return next(iter(make_loader([str(f) for f in files], pre, batch_size=8, workers=0))).images
+
+
 def copy_store(src: Path, dst: Path) -> Path:
     """Copy a store: its top-level file and its segments folder (a store is both)."""
     shutil.copy(src, dst)

@@ -132,7 +132,11 @@ def loader(files: list[str], pre: Preprocess, opts: FinetuneOptions, device: tor
 
 
 def extract_finetuned(
-    store_path: str | os.PathLike[str], checkpoint: str | os.PathLike[str], *, progress: bool = True
+    store_path: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    engine: str = "auto",
 ) -> str:
     """Embed every image of the store with the fine-tuned network, as backbone ``<base>@ft-<hash>``."""
     card = json.loads(Path(f"{checkpoint}.json").read_text())
@@ -147,6 +151,7 @@ def extract_finetuned(
             crop_pct=card["options"].get("crop_pct"),
             resize=card["options"].get("resize", "crop"),
             progress=progress,
+            engine=engine,
         )
         s = extract(store_path, Listing(root=Path(root), paths=paths), opts)
         log.info(s.report())

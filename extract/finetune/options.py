@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extract.model import PRECISIONS
+from extract.engines import ENGINES
+from extract.model import TORCH_PRECISIONS
 from extract.registry import RESIZE_MODES
 from features import PenultError
 from features.options import COUNT, CROP, FRACTION, POSITIVE, RATE, option, ranged
@@ -56,7 +57,13 @@ class FinetuneOptions:
         parse=FRACTION,
     )
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    precision: str = option("auto", "autocast precision", choices=PRECISIONS)
+    precision: str = option("auto", "autocast precision", choices=TORCH_PRECISIONS)
+    engine: str = option(
+        "auto",
+        "what runs the network when the store is embedded with the result (see `penult "
+        "extract --engine`)",
+        choices=ENGINES,
+    )
     workers: int | None = option(
         None, "loader processes (default: by device and cores)", parse=COUNT
     )

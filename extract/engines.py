@@ -1,0 +1,258 @@
+"""CPU engines for the frozen backbone: ONNX Runtime and OpenVINO run penult's own pre-logits
+module (uint8 in, normalisation, flip averaging and pooling inside), exported once to ONNX.
+
+Why: on CPUs the runtimes built for inference beat torch eager by 1.8-4x on the same network
+(docs/BENCHMARKS.md, "CPU engines"). Nothing here is a kernel of ours: torch exports the graph,
+the runtimes run it. The export is cached by what identifies the embeddings (architecture,
+weights hash, preprocessing, layer), so every process that feeds a loader loads the same file.
+``auto`` times the engines on a few batches once per CPU model and backbone and keeps the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from features import OptionError, PenultError
+
+__all__ = [
+    "AUTO_RUNTIMES",
+    "ENGINES",
+    "RUNTIMES",
+    "EngineError",
+    "Runner",
+    "cache_dir",
+    "calibrate",
+    "check_engine",
+    "cpu_model",
+    "engine_tag",
+    "installed",
+    "lowest_cosine",
+    "make_runner",
+    "model_key",
+    "onnx_file",
+    "spread_files",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+RUNTIMES = ("onnxruntime", "openvino")
+# What ``auto`` times against torch. OpenVINO is left to an explicit --engine openvino: it was the
+# fastest on EfficientNet-Lite0 here, but a long-lived process (the test suite) that had loaded it
+# died later with SIGSEGV (in clock_gettime), twice in two runs, and never without it.
+AUTO_RUNTIMES = ("onnxruntime",)
+OPSET = 17
+_INSTALL = {
+    "onnxruntime": "pip install onnxruntime onnx (regular dependencies of penult)",
+    "openvino": "pip install 'penult[openvino]'",
+}
+Runner = Callable[[np.ndarray], np.ndarray]  # uint8 (B, 3, H, W) -> float32 (B, D)
+
+
+class EngineError(PenultError):
+    """An engine that is not installed, cannot run this backbone, or cannot run on this device."""
+
+
+def installed(engine: str) -> bool:
+    if engine == "torch":
+        return True
+    mods = ("onnxruntime", "onnx") if engine == "onnxruntime" else (engine,)
+    return all(importlib.util.find_spec(m) is not None for m in mods)
+
+
+def check_engine(engine: str, device: torch.device, precision: str) -> None:
+    """Refuse what cannot run, with the reason, before any model is built."""
+    if engine not in ENGINES:
+        raise OptionError(f"engine {engine!r} not one of {', '.join(ENGINES)}")
+    if engine == "torch":
+        if precision == "int8":
+            raise OptionError("--precision int8 runs on --engine onnxruntime (or auto), not torch")
+        return
+    if engine == "auto":
+        return
+    if device.type != "cpu":
+        raise OptionError(f"--engine {engine} runs on the CPU; use --engine torch on {device}")
+    if precision in ("bf16", "fp16"):
+        raise OptionError(f"--engine {engine} runs fp32 (or int8); {precision} is torch's")
+    if precision == "int8" and engine != "onnxruntime":
+        raise OptionError(
+            "--precision int8 is ONNX Runtime static quantization: --engine onnxruntime"
+        )
+    if not installed(engine):
+        raise EngineError(f"--engine {engine} is not installed: {_INSTALL[engine]}")
+
+
+def engine_tag(engine: str, precision: str) -> str:
+    """The fingerprint's precision field: torch keeps its plain names (stores written before the
+    engines existed read the same), a runtime is named after the precision."""
+    return precision if engine == "torch" else f"{precision}/{engine}"
+
+
+def cache_dir() -> Path:
+    """Beside torch's downloaded weights (``$TORCH_HOME/hub``), or ``$PENULT_ENGINE_CACHE``."""
+    env = os.environ.get("PENULT_ENGINE_CACHE")
+    return Path(env) if env else Path(torch.hub.get_dir()) / "penult-engines"
+
+
+def model_key(fingerprint: dict[str, Any]) -> str:
+    """What decides the exported graph: the embedding's identity, torch's version, the opset."""
+    from features import IDENTITY_FIELDS
+
+    ident = {k: fingerprint.get(k) for k in IDENTITY_FIELDS}
+    blob = json.dumps({**ident, "torch": torch.__version__, "opset": OPSET}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def onnx_file(backbone) -> Path:
+    """The backbone's pre-logits module as ONNX (dynamic batch), exported on first use; written
+    to a temporary name and renamed, so a kill never leaves half a file under the cached name."""
+    path = cache_dir() / f"{backbone.spec.name}-{model_key(backbone.fingerprint)}.onnx"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = backbone.preprocess.crop
+    x = torch.zeros((2, 3, size, size), dtype=torch.uint8)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    module = backbone.module
+    was = next(module.parameters()).device
+    t = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's notes on dynamo and tracing
+            torch.onnx.export(
+                module.cpu(), (x,), tmp, input_names=["images"], output_names=["embedding"],
+                dynamic_axes={"images": {0: "n"}, "embedding": {0: "n"}}, dynamo=False,
+                opset_version=OPSET,
+            )  # fmt: skip
+        os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - an op the exporter lacks: say which backbone and why
+        raise EngineError(
+            f"{backbone.spec.name} does not export to ONNX ({type(e).__name__}: {e}); "
+            "use --engine torch"
+        ) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+        module.to(was)
+    log.info("exported %s to %s in %.1f s", backbone.spec.name, path, time.perf_counter() - t)
+    return path
+
+
+def _ort_runner(path: Path, threads: int) -> Runner:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    # the loader's processes share these cores: idle threads sleep instead of spinning
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"images": x})[0]
+
+
+def _openvino_runner(path: Path, threads: int) -> Runner:
+    import openvino as ov
+
+    model = ov.Core().compile_model(
+        str(path),
+        "CPU",
+        {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",  # its default is bf16 where the CPU has it
+            "ENABLE_CPU_PINNING": False,  # the loader's processes share these cores
+        },
+    )
+    return lambda x: np.array(model(x)[0], copy=True)  # its buffer is reused by the next call
+
+
+def make_runner(engine: str, path: Path, threads: int) -> Runner:
+    """The runtime's session over an exported (or quantized) ONNX file."""
+    try:
+        return (_ort_runner if engine == "onnxruntime" else _openvino_runner)(path, threads)
+    except Exception as e:  # noqa: BLE001 - a graph the runtime refuses: name it
+        raise EngineError(f"{engine} cannot load {path.name} ({type(e).__name__}: {e})") from e
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its fast-path flags: what a calibration is valid for."""
+    name, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name") and not name:
+                    name = ln.split(":", 1)[1].strip()
+                elif ln.startswith("flags") and not flags:
+                    keep = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+                    flags = " ".join(f for f in ln.split() if f in keep) or "-"
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    return f"{name} [{flags}] x{os.cpu_count()}"
+
+
+def calibrate(
+    key: dict[str, Any], candidates: dict[str, Callable[[], Runner]], x: np.ndarray
+) -> tuple[str, dict[str, float], bool]:
+    """(fastest engine, images/s of each, whether the answer came from the cache).
+
+    Each candidate builds its runner, runs one warm-up batch, then is timed on two; a candidate
+    that fails to build or run is left out. The answer is kept in ``calibration.json`` in the
+    cache, under the CPU model, threads, batch, backbone and library versions (``key``)."""
+    path = cache_dir() / "calibration.json"
+    k = json.dumps({**key, "cpu": cpu_model(), "candidates": sorted(candidates)}, sort_keys=True)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if k in known:
+        rates = known[k]
+        return max(rates, key=rates.get), rates, True
+    rates: dict[str, float] = {}
+    for name, build in candidates.items():
+        try:
+            run = build()
+            run(x)
+            t = time.perf_counter()
+            for _ in range(2):
+                run(x)
+            rates[name] = 2 * len(x) / (time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001 - an engine that cannot run is simply not picked
+            log.warning("engine %s left out of the calibration: %s", name, e)
+    if not rates:
+        raise EngineError("no engine could run this backbone")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # re-read: another process may have calibrated something else meanwhile
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[k] = {n: round(r, 2) for n, r in rates.items()}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return max(rates, key=rates.get), rates, False
+
+
+def lowest_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The least cosine similarity between matching rows (1.0 = same direction)."""
+    num = (a.astype(np.float64) * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float((num / np.maximum(den, 1e-30)).min()) if len(a) else 1.0
+
+
+def spread_files(files: Sequence[str], n: int) -> list[str]:
+    """``n`` files evenly spread over the list (all of them when there are fewer)."""
+    if len(files) <= n:
+        return list(files)
+    return [files[int(i)] for i in np.linspace(0, len(files) - 1, n).round()]

@@ -1,0 +1,184 @@
+"""CPU engines (ONNX Runtime, OpenVINO): the same embeddings as torch on real images, an `auto`
+that picks what it measured and remembers it, stores that mix engines only where they agree,
+int8 as an entry of its own, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cub_manifest
+from extract import ExtractOptions, Featuriser, build_backbone, extract, list_images
+from extract import engines as eng
+from features import FeatureStore, FingerprintMismatchError, OptionError
+
+
+@pytest.fixture(autouse=True)
+def engine_cache(tmp_path_factory, monkeypatch) -> Path:
+    """One export cache for the session's tests (exports are the slow part), apart from the user's."""
+    d = tmp_path_factory.getbasetemp() / "engine-cache"
+    monkeypatch.setenv("PENULT_ENGINE_CACHE", str(d))
+    return d
+
+
+@pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
+def test_openvino_agrees_with_torch_on_real_images(data_dir, engine_cache) -> None:
+    """In a process of its own: a process that had loaded OpenVINO crashed later (see AUTO_RUNTIMES)."""
+    code = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from extract import build_backbone
+from extract.engines import lowest_cosine
+from extract.model import Embedder
+from conftest import real_batch
+for name in ("efficientnet_lite0", "resnet50", "inception_v3"):
+    bb = build_backbone(name, weights="pretrained" if name.startswith("efficientnet_lite") else "random")
+    x = real_batch(Path({str(data_dir)!r}), bb.preprocess)
+    ref = Embedder(bb, engine="torch", precision="fp32")(x)
+    e = Embedder(bb, engine="openvino")
+    print(name, e.tag, lowest_cosine(ref, e(x)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln.split() for ln in out.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["efficientnet_lite0", "resnet50", "inception_v3"]
+    for name, tag, cos in rows:
+        assert tag == "fp32/openvino" and float(cos) >= 0.999, (name, cos)
+
+
+def test_auto_picks_the_fastest_it_measured_and_remembers(engine_cache) -> None:
+    built = []
+
+    def runner(name: str, seconds: float):
+        def build():
+            built.append(name)
+            return lambda x: time.sleep(seconds) or x
+
+        return build
+
+    def broken():
+        raise eng.EngineError("does not export")
+
+    x = np.zeros((2, 3, 4, 4), np.uint8)
+    key = {"model": "m", "threads": 2}
+    cands = {"slow": runner("slow", 0.03), "fast": runner("fast", 0.001), "broken": broken}
+    best, rates, cached = eng.calibrate(key, cands, x)
+    assert (best, cached) == ("fast", False) and set(rates) == {"slow", "fast"}
+    assert rates["fast"] > rates["slow"]
+    built.clear()
+    assert eng.calibrate(key, cands, x)[::2] == ("fast", True) and built == []  # from the cache
+    stored = json.loads((engine_cache / "calibration.json").read_text())
+    assert any(eng.cpu_model() in k for k in stored)  # kept per CPU model
+    assert eng.calibrate({**key, "threads": 1}, cands, x)[2] is False  # other settings: measured
+
+
+def test_extract_mixes_engines_in_one_entry_only_where_they_agree(data_dir, tmp_path) -> None:
+    root = data_dir / "cub100"
+    listing = list_images(
+        cub_manifest(data_dir, tmp_path / "m.csv", classes=2, per_class=6), root=root
+    )
+    first = list_images(
+        cub_manifest(data_dir, tmp_path / "f.csv", classes=1, per_class=6), root=root
+    )
+    store = tmp_path / "s.h5"
+    a = extract(store, first, ExtractOptions(engine="onnxruntime", workers=2, progress=False))
+    assert (a.engine, a.extracted) == ("onnxruntime", 6) and "onnxruntime" in a.report()
+    b = extract(store, listing, ExtractOptions(engine="torch", workers=0, progress=False))
+    assert (b.engine, b.extracted, b.skipped) == ("torch", 6, 6)
+    fs = FeatureStore(store)
+    entry = fs.backbone("efficientnet_lite0")
+    assert entry.fingerprint["precision"] == "fp32/onnxruntime"
+    assert fs.backbones()["efficientnet_lite0"].count == 12
+    # every row, whichever engine wrote it, matches torch fp32 on the same image
+    ref = tmp_path / "ref.h5"
+    extract(ref, listing, ExtractOptions(engine="torch", precision="fp32", progress=False))
+    x, y = fs.embeddings("efficientnet_lite0"), FeatureStore(ref).embeddings("efficientnet_lite0")
+    assert eng.lowest_cosine(x, y) >= 0.999
+    # the predict path embeds new files with the engine asked for, to the same numbers
+    files = [str(listing.absolute(i)) for i in range(len(listing))]
+    f = Featuriser(engine="onnxruntime", workers=0)
+    (idx, got, failed), *_ = list(f.embed("efficientnet_lite0", entry.fingerprint, files))
+    assert failed == [] and eng.lowest_cosine(got, y[idx]) >= 0.999
+    assert f.engines() == ["efficientnet_lite0: fp32/onnxruntime"]
+
+
+def test_int8_is_an_entry_of_its_own_calibrated_on_the_users_images(data_dir, tmp_path) -> None:
+    listing = list_images(
+        cub_manifest(data_dir, tmp_path / "m.csv", classes=2, per_class=5), root=data_dir / "cub100"
+    )
+    store = tmp_path / "s.h5"
+    # it failed its accuracy gate (benchmarks/int8_probe.py), so users are refused, with numbers
+    with pytest.raises(OptionError, match=r"not offered.*lost 3.1 points"):
+        extract(store, listing, ExtractOptions(precision="int8", progress=False))
+    assert not store.exists()
+    s = extract(
+        store, listing, ExtractOptions(precision="int8", int8_trial=True, workers=0, progress=False)
+    )
+    assert (s.backbone, s.engine, s.precision) == ("efficientnet_lite0@int8", "onnxruntime", "int8")
+    fp = FeatureStore(store).backbone("efficientnet_lite0@int8").fingerprint
+    assert fp["precision"] == "int8/onnxruntime"
+    assert len(fp["quantization"]["calibration_sha256"]) == 64
+    # a float run cannot write into the int8 entry: they do not agree
+    with pytest.raises(FingerprintMismatchError, match="quantization"):
+        extract(store, listing, ExtractOptions(name="efficientnet_lite0@int8", progress=False))
+    # the predict path runs the entry's own quantized model, whatever engine is asked for
+    files = [str(listing.absolute(i)) for i in range(3)]
+    f = Featuriser(engine="torch", workers=0)
+    (idx, got, _), *_ = list(f.embed("efficientnet_lite0@int8", fp, files))
+    stored = FeatureStore(store).embeddings("efficientnet_lite0@int8")
+    assert np.allclose(got, stored[idx], atol=1e-5)
+
+
+def test_int8_entry_whose_model_left_the_cache_says_so(data_dir, tmp_path, monkeypatch) -> None:
+    listing = list_images(
+        cub_manifest(data_dir, tmp_path / "m.csv", classes=1, per_class=4), root=data_dir / "cub100"
+    )
+    store = tmp_path / "s.h5"
+    extract(
+        store, listing, ExtractOptions(precision="int8", int8_trial=True, workers=0, progress=False)
+    )
+    monkeypatch.setenv("PENULT_ENGINE_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(eng.EngineError, match="calibrated on other images"):
+        extract(
+            store,
+            listing,
+            ExtractOptions(precision="int8", int8_trial=True, retry_failed=True, progress=False),
+        )
+
+
+def test_refusals_are_clear() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(OptionError, match="runs on the CPU"):
+        eng.check_engine("onnxruntime", cuda, "auto")
+    with pytest.raises(OptionError, match="bf16 is torch's"):
+        eng.check_engine("openvino", cpu, "bf16")
+    with pytest.raises(OptionError, match="int8 runs on --engine onnxruntime"):
+        eng.check_engine("torch", cpu, "int8")
+    with pytest.raises(OptionError, match="not one of"):
+        eng.check_engine("tensorrt", cpu, "auto")
+
+
+def test_missing_runtime_names_the_install(monkeypatch) -> None:
+    monkeypatch.setattr(eng, "installed", lambda e: e == "torch")
+    with pytest.raises(eng.EngineError, match=r"pip install 'penult\[openvino\]'"):
+        eng.check_engine("openvino", torch.device("cpu"), "auto")
+
+
+def test_a_failed_export_leaves_nothing_under_the_cached_name(monkeypatch, engine_cache) -> None:
+    bb = build_backbone("resnet18", weights="random", seed=7)
+
+    def fail(*a, **k):
+        Path(a[2]).write_bytes(b"half a model")  # what a kill mid-write would leave
+        raise RuntimeError("unsupported operator aten::frobnicate")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    with pytest.raises(eng.EngineError, match="resnet18 does not export.*frobnicate"):
+        eng.onnx_file(bb)
+    assert not list(engine_cache.glob(f"resnet18-{eng.model_key(bb.fingerprint)}*"))
