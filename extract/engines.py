@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from features import OptionError, PenultError
+from features import OptionError, PenultError, atomic_path
+from features.files import write_text
 
 __all__ = [
     "AUTO_RUNTIMES",
@@ -117,34 +118,31 @@ def model_key(fingerprint: dict[str, Any]) -> str:
 
 
 def onnx_file(backbone) -> Path:
-    """The backbone's pre-logits module as ONNX (dynamic batch), exported on first use; written
-    to a temporary name and renamed, so a kill never leaves half a file under the cached name."""
+    """The backbone's pre-logits module as ONNX (dynamic batch), exported on first use, atomically:
+    a kill never leaves half a file under the cached name."""
     path = cache_dir() / f"{backbone.spec.name}-{model_key(backbone.fingerprint)}.onnx"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     size = backbone.preprocess.crop
     x = torch.zeros((2, 3, size, size), dtype=torch.uint8)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     module = backbone.module
     was = next(module.parameters()).device
     t = time.perf_counter()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's notes on dynamo and tracing
             torch.onnx.export(
                 module.cpu(), (x,), tmp, input_names=["images"], output_names=["embedding"],
                 dynamic_axes={"images": {0: "n"}, "embedding": {0: "n"}}, dynamo=False,
                 opset_version=OPSET,
             )  # fmt: skip
-        os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001 - an op the exporter lacks: say which backbone and why
         raise EngineError(
             f"{backbone.spec.name} does not export to ONNX ({type(e).__name__}: {e}); "
             "use --engine torch"
         ) from e
     finally:
-        tmp.unlink(missing_ok=True)
         module.to(was)
     log.info("exported %s to %s in %.1f s", backbone.spec.name, path, time.perf_counter() - t)
     return path
@@ -232,15 +230,16 @@ def calibrate(
             log.warning("engine %s left out of the calibration: %s", name, e)
     if not rates:
         raise EngineError("no engine could run this backbone")
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:  # re-read: another process may have calibrated something else meanwhile
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     known[k] = {n: round(r, 2) for n, r in rates.items()}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(known, indent=1, sort_keys=True))
+    except OSError as e:  # a read-only cache: measured again next time, still correct
+        log.warning("could not keep the engine calibration in %s: %s", path, e)
     return max(rates, key=rates.get), rates, False
 
 

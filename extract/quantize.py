@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from extract.engines import EngineError, onnx_file
-from features import OptionError
+from features import OptionError, atomic_path
+from features.files import temporary_name
 
 __all__ = ["CALIBRATION_IMAGES", "METHOD", "int8_file"]
 
@@ -77,8 +77,8 @@ def _calibration_batches(backbone, files: Sequence[str], batch_size: int):
 
 
 def _quantize(base: Path, path: Path, batches: list) -> None:
-    """Pre-process (shape inference, graph optimisation), then quantize; the result is renamed
-    into place, so a kill never leaves half a model under the cached name."""
+    """Pre-process (shape inference, graph optimisation), then quantize, atomically: a kill
+    never leaves half a model under the cached name."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -96,27 +96,25 @@ def _quantize(base: Path, path: Path, batches: list) -> None:
             return None if x is None else {"images": x}
 
     t = time.perf_counter()
-    pre = path.with_name(f"{path.name}.{os.getpid()}.pre.tmp")
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    pre = temporary_name(path.with_suffix(".pre.onnx"))  # a step only: never kept
     try:
-        quant_pre_process(str(base), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre),
-            str(tmp),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            reduce_range=True,
-        )  # fmt: skip  (7-bit weights: u8s8 products saturate on CPUs without VNNI, AVX2 ones)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            quant_pre_process(str(base), str(pre), skip_symbolic_shape=True)
+            quantize_static(
+                str(pre),
+                str(tmp),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                reduce_range=True,
+            )  # fmt: skip  (7-bit weights: u8s8 products saturate on CPUs without VNNI, AVX2 ones)
     except Exception as e:  # noqa: BLE001 - an op the quantizer cannot handle: say so
         raise EngineError(
             f"int8 quantization of {base.name} failed ({type(e).__name__}: {e})"
         ) from e
     finally:
         pre.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     n = sum(len(b) for b in batches)
     log.info("int8 model calibrated on %d images in %.0f s: %s", n, time.perf_counter() - t, path)

@@ -530,7 +530,8 @@ def _run(
 ) -> None:
     """Embed ``todo`` into ``w``; ``on_batch(n)`` is told of every ``n`` images done."""
     workers = default_workers(embedder.device) if opts.workers is None else opts.workers
-    if pick_optimize(opts.optimize, embedder.device, len(todo)) == "inductor":
+    optimize = pick_optimize(opts.optimize, embedder.device, len(todo))
+    if embedder.engine == "torch" and optimize == "inductor":  # (a runtime has its own graph)
         t = time.perf_counter()
         embedder.compile()
         embedder.warmup(pre.crop)

@@ -38,7 +38,7 @@ from extract import build_backbone
 from extract.engines import lowest_cosine
 from extract.model import Embedder
 from conftest import real_batch
-for name in ("efficientnet_lite0", "resnet50", "inception_v3"):
+for name in ("efficientnet_lite0", "resnet50"):
     bb = build_backbone(name, weights="pretrained" if name.startswith("efficientnet_lite") else "random")
     x = real_batch(Path({str(data_dir)!r}), bb.preprocess)
     ref = Embedder(bb, engine="torch", precision="fp32")(x)
@@ -48,7 +48,7 @@ for name in ("efficientnet_lite0", "resnet50", "inception_v3"):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [ln.split() for ln in out.stdout.splitlines()]
-    assert [r[0] for r in rows] == ["efficientnet_lite0", "resnet50", "inception_v3"]
+    assert [r[0] for r in rows] == ["efficientnet_lite0", "resnet50"]
     for name, tag, cos in rows:
         assert tag == "fp32/openvino" and float(cos) >= 0.999, (name, cos)
 
@@ -77,6 +77,14 @@ def test_auto_picks_the_fastest_it_measured_and_remembers(engine_cache) -> None:
     stored = json.loads((engine_cache / "calibration.json").read_text())
     assert any(eng.cpu_model() in k for k in stored)  # kept per CPU model
     assert eng.calibrate({**key, "threads": 1}, cands, x)[2] is False  # other settings: measured
+
+
+def test_a_cache_that_cannot_be_written_only_costs_a_new_calibration(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("PENULT_ENGINE_CACHE", str(tmp_path / "file" / "cache"))
+    x = np.zeros((1, 3, 4, 4), np.uint8)
+    for _ in range(2):
+        assert eng.calibrate({"m": 1}, {"only": lambda: lambda a: a}, x)[::2] == ("only", False)
 
 
 def test_extract_mixes_engines_in_one_entry_only_where_they_agree(data_dir, tmp_path) -> None:
@@ -109,7 +117,9 @@ def test_extract_mixes_engines_in_one_entry_only_where_they_agree(data_dir, tmp_
     assert f.engines() == ["efficientnet_lite0: fp32/onnxruntime"]
 
 
-def test_int8_is_an_entry_of_its_own_calibrated_on_the_users_images(data_dir, tmp_path) -> None:
+def test_int8_is_an_entry_of_its_own_calibrated_on_the_users_images(
+    data_dir, tmp_path, monkeypatch
+) -> None:
     listing = list_images(
         cub_manifest(data_dir, tmp_path / "m.csv", classes=2, per_class=5), root=data_dir / "cub100"
     )
@@ -134,23 +144,10 @@ def test_int8_is_an_entry_of_its_own_calibrated_on_the_users_images(data_dir, tm
     (idx, got, _), *_ = list(f.embed("efficientnet_lite0@int8", fp, files))
     stored = FeatureStore(store).embeddings("efficientnet_lite0@int8")
     assert np.allclose(got, stored[idx], atol=1e-5)
-
-
-def test_int8_entry_whose_model_left_the_cache_says_so(data_dir, tmp_path, monkeypatch) -> None:
-    listing = list_images(
-        cub_manifest(data_dir, tmp_path / "m.csv", classes=1, per_class=4), root=data_dir / "cub100"
-    )
-    store = tmp_path / "s.h5"
-    extract(
-        store, listing, ExtractOptions(precision="int8", int8_trial=True, workers=0, progress=False)
-    )
+    # a resumed run needs the very model the entry was made with; a cleared cache says so
     monkeypatch.setenv("PENULT_ENGINE_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(eng.EngineError, match="calibrated on other images"):
-        extract(
-            store,
-            listing,
-            ExtractOptions(precision="int8", int8_trial=True, retry_failed=True, progress=False),
-        )
+        extract(store, listing, ExtractOptions(precision="int8", int8_trial=True, progress=False))
 
 
 def test_refusals_are_clear() -> None:
