@@ -142,7 +142,7 @@ def main() -> None:
         mo = {e: model_only(name, weights, e) for e in engines}
         with tempfile.TemporaryDirectory() as d:
             once, s, store = penult(listing, name, weights, Path(d))
-            pr = predict_rate(store, name, files, Path(d)) if not args.no_predict else 0.0
+            pr = predict_rate(store, s.backbone, files, Path(d)) if not args.no_predict else 0.0
         rows.append((name, base, mo, once, s, pr))
         print(f"{name}: textbook {base:.1f}, model-only "
               + ", ".join(f"{e} {r:.1f} ({tag})" for e, (r, tag) in mo.items())
