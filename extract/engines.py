@@ -32,6 +32,7 @@ __all__ = [
     "AUTO_RUNTIMES",
     "ENGINES",
     "RUNTIMES",
+    "auto_runtimes",
     "EngineError",
     "Runner",
     "cache_dir",
@@ -55,6 +56,21 @@ RUNTIMES = ("onnxruntime", "openvino")
 # fastest on EfficientNet-Lite0 here, but a long-lived process (the test suite) that had loaded it
 # died later with SIGSEGV (in clock_gettime), twice in two runs, and never without it.
 AUTO_RUNTIMES = ("onnxruntime",)
+
+
+def auto_runtimes() -> tuple[str, ...]:
+    """The runtimes ``auto`` times against torch: AUTO_RUNTIMES, or ``$PENULT_AUTO_ENGINES``
+    (comma-separated, e.g. ``onnxruntime,openvino`` to let auto take OpenVINO too)."""
+    env = os.environ.get("PENULT_AUTO_ENGINES")
+    if not env:
+        return AUTO_RUNTIMES
+    names = tuple(e.strip() for e in env.split(",") if e.strip())
+    bad = [e for e in names if e not in RUNTIMES]
+    if bad:
+        raise OptionError(f"PENULT_AUTO_ENGINES: {', '.join(bad)} not among {', '.join(RUNTIMES)}")
+    return names
+
+
 OPSET = 17
 _INSTALL = {
     "onnxruntime": "pip install onnxruntime onnx (regular dependencies of penult)",

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from extract.engines import (
-    AUTO_RUNTIMES,
     ENGINES,
     Runner,
+    auto_runtimes,
     calibrate,
     check_engine,
     engine_tag,
@@ -319,7 +319,7 @@ class Embedder:
             return "onnxruntime", ""
         torch_precision = pick_precision(precision, self.device)
         candidates = {f"torch {torch_precision}": lambda: self._use_torch(torch_precision)}
-        for e in AUTO_RUNTIMES:
+        for e in auto_runtimes():
             if installed(e):
                 candidates[e] = lambda e=e: self._use_runtime(e, onnx_file(self.backbone), "fp32")
         if len(candidates) == 1:

@@ -150,6 +150,15 @@ def test_int8_is_an_entry_of_its_own_calibrated_on_the_users_images(
         extract(store, listing, ExtractOptions(precision="int8", int8_trial=True, progress=False))
 
 
+def test_auto_runtimes_can_be_chosen_by_the_environment(monkeypatch) -> None:
+    assert eng.auto_runtimes() == eng.AUTO_RUNTIMES == ("onnxruntime",)  # OpenVINO: opt in
+    monkeypatch.setenv("PENULT_AUTO_ENGINES", "onnxruntime, openvino")
+    assert eng.auto_runtimes() == ("onnxruntime", "openvino")
+    monkeypatch.setenv("PENULT_AUTO_ENGINES", "tensorrt")
+    with pytest.raises(OptionError, match="tensorrt not among"):
+        eng.auto_runtimes()
+
+
 def test_refusals_are_clear() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with pytest.raises(OptionError, match="runs on the CPU"):
