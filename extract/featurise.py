@@ -35,8 +35,8 @@ class Featuriser:
     )
     engine: str = option(
         "auto",
-        "what runs the network: torch, onnxruntime, openvino, or auto (the fastest here, "
-        "measured once; see `penult extract --engine`)",
+        "what runs the network: torch, onnxruntime, openvino, or auto (the faster of torch and "
+        "ONNX Runtime here, measured once; see `penult extract --engine`)",
         choices=ENGINES,
     )
     batch_size: int = option(32, "images per batch", parse=POSITIVE)

@@ -89,8 +89,9 @@ class ExtractOptions:
     engine: str = option(
         "auto",
         "what runs the network: torch, onnxruntime or openvino (CPU; the same module exported to "
-        "ONNX once, cached beside torch's weights); auto = on CPU the one a few calibration "
-        "batches measured fastest here (cached per CPU model and backbone), torch on CUDA",
+        "ONNX once, cached beside torch's weights); auto = on CPU the faster of torch and ONNX "
+        "Runtime, timed on a few batches (cached per CPU model and backbone; "
+        "PENULT_AUTO_ENGINES=onnxruntime,openvino times OpenVINO too), torch on CUDA",
         choices=ENGINES,
     )
     optimize: str = option(
