@@ -18,7 +18,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ __all__ = [
     "make_runner",
     "model_key",
     "onnx_file",
-    "spread_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 RUNTIMES = ("onnxruntime", "openvino")
 # What ``auto`` times against torch. OpenVINO is left to an explicit --engine openvino: it was the
 # fastest on EfficientNet-Lite0 here, but a long-lived process (the test suite) that had loaded it
-# died later with SIGSEGV (in clock_gettime), twice in two runs, and never without it.
+# died later with SIGSEGV (in clock_gettime), twice; the same tests passed without it installed.
 AUTO_RUNTIMES = ("onnxruntime",)
 
 
@@ -223,9 +222,10 @@ def calibrate(
 
     Each candidate builds its runner, runs one warm-up batch, then is timed on two; a candidate
     that fails to build or run is left out. The answer is kept in ``calibration.json`` in the
-    cache, under the CPU model, threads, batch, backbone and library versions (``key``)."""
+    cache, under ``key`` (threads, batch, backbone, ...), the CPU model and library versions."""
     path = cache_dir() / "calibration.json"
-    k = json.dumps({**key, "cpu": cpu_model(), "candidates": sorted(candidates)}, sort_keys=True)
+    here = {"cpu": cpu_model(), "versions": _versions(), "candidates": sorted(candidates)}
+    k = json.dumps({**key, **here}, sort_keys=True)
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -259,15 +259,20 @@ def calibrate(
     return max(rates, key=rates.get), rates, False
 
 
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "onnxruntime", "openvino"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def lowest_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """The least cosine similarity between matching rows (1.0 = same direction)."""
     num = (a.astype(np.float64) * b).sum(1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return float((num / np.maximum(den, 1e-30)).min()) if len(a) else 1.0
-
-
-def spread_files(files: Sequence[str], n: int) -> list[str]:
-    """``n`` files evenly spread over the list (all of them when there are fewer)."""
-    if len(files) <= n:
-        return list(files)
-    return [files[int(i)] for i in np.linspace(0, len(files) - 1, n).round()]

@@ -80,11 +80,6 @@ class Featuriser:
         ):  # fmt: skip
             yield b.indices, b.X, b.failed
 
-    def engine_of(self, name: str, fingerprint: dict[str, Any]) -> str:
-        """What runs backbone ``name`` (its precision and engine, and what auto measured)."""
-        e = self._net(name, fingerprint)[1]
-        return e.tag + (f" ({e.engine_note})" if e.engine_note else "")
-
     def engines(self) -> list[str]:
         """One line per network built so far: its name, precision and engine."""
         return [

@@ -331,7 +331,6 @@ class Embedder:
             "threads": torch.get_num_threads(),
             "batch": self.batch_size,
             "precision": precision,
-            "versions": _versions(),
         }
         best, rates, cached = calibrate(key, candidates, x)
         note = ", ".join(f"{n} {r:.0f}" for n, r in sorted(rates.items(), key=lambda t: -t[1]))
@@ -384,15 +383,3 @@ class Embedder:
         ):
             out = self._forward(batch, n)
         return out.float().cpu().numpy()
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "onnxruntime", "openvino"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out

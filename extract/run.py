@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from extract.engines import ENGINES, spread_files
+from extract.engines import ENGINES
 from extract.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -439,8 +439,7 @@ def build_embedder(opts: ExtractOptions, listing: Listing | None = None, store_p
     if opts.precision == "int8" and not digest:
         digest = _stored_calibration(store_path, name)
         if not digest and listing is not None:
-            files = [listing.absolute(i) for i in range(len(listing))]
-            calibration = spread_files(files, CALIBRATION_IMAGES)
+            calibration = [listing.absolute(i) for i in spread(len(listing), CALIBRATION_IMAGES)]
     embedder = Embedder(
         backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size,
         engine=opts.engine, calibration=calibration, int8_digest=digest,
