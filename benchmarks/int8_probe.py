@@ -1,13 +1,13 @@
 """Does int8 keep accuracy? The gate of `--precision int8` (issue 15): a linear probe on the
 stored split must stay within 0.5 points of fp32, on cub100 and on ndsb_plankton.
 
-    .venv/bin/python benchmarks/resize_bench.py        # once: the fp32 entries in bench-out/resize
     .venv/bin/python benchmarks/int8_probe.py
 
-Embeds every image of each store again as an int8 entry (ONNX Runtime static quantization,
-calibrated on 256 of the store's images), then fits the same flat logistic regression
-(`penult train` defaults) on the fp32 and the int8 entry and scores both on the test split.
-Also prints the int8 embeddings' cosine to fp32 (median, lowest) and the extraction rates.
+Embeds every image of each data set into a store of its own (bench-out/int8), once in fp32
+(`--engine auto`) and once as an int8 entry (OpenVINO NNCF, calibrated on 256 of the images),
+then fits the same flat logistic regression (`penult train` defaults) on both entries and
+scores both on the store's test split. Also prints the int8 embeddings' cosine to fp32 (median,
+lowest) and both extraction rates, measured in this one run.
 """
 
 from __future__ import annotations
@@ -25,16 +25,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks_common import cpu_flags  # noqa: E402
 
 from classify import TrainOptions, train  # noqa: E402
-from extract import ExtractOptions, extract  # noqa: E402
-from extract.sources import Listing  # noqa: E402
+from extract import ExtractOptions, extract, list_images  # noqa: E402
 from features import FeatureStore  # noqa: E402
 
-OUT = ROOT / "bench-out" / "resize"
-# data set -> (store, fp32 entry, its resize mode)
-SETS = {
-    "cub100": ("cub100.h5", "efficientnet_lite0", "crop"),
-    "ndsb_plankton": ("ndsb_plankton.h5", "efficientnet_lite0@pad", "pad"),
-}
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "bench-out" / "int8"
+SETS = {"cub100": "crop", "ndsb_plankton": "pad"}  # data set -> resize (what --resize auto picks)
 GATE = 0.005
 
 
@@ -42,17 +38,16 @@ def main() -> None:
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"flags: {cpu_flags()}", flush=True)  # fmt: skip
     print("| data set | fp32 top-1 | int8 top-1 | difference | gate (0.5 pts) | cosine to fp32, "
-          "median / lowest | int8 extraction |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for name, (file, entry, resize) in SETS.items():
-        store = OUT / file
-        t = FeatureStore(store).images()
-        root = sorted(set(t.root))[0]
-        paths = [p for p, r in zip(t.path, t.root, strict=True) if r == root]
-        s = extract(
-            store, Listing(root=Path(root), paths=paths),
-            ExtractOptions(resize=resize, precision="int8", int8_trial=True, progress=False),
-        )  # fmt: skip
+          "median / lowest | fp32 extraction | int8 extraction |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, resize in SETS.items():
+        store = OUT / f"{name}.h5"
+        store.unlink(missing_ok=True)
+        listing = list_images(str(DATA / name))
+        f32 = extract(store, listing, ExtractOptions(resize=resize, progress=False))
+        entry = f32.backbone
+        s = extract(store, listing, ExtractOptions(resize=resize, precision="int8", progress=False))
         int8 = s.backbone
         fs = FeatureStore(store)
         a, b = fs.embeddings(entry), fs.embeddings(int8)
@@ -62,9 +57,10 @@ def main() -> None:
         }
         d = top1[int8] - top1[entry]
         print(
-            f"| {name} | {top1[entry]:.3f} | {top1[int8]:.3f} | {100 * d:+.1f} pts | "
+            f"| {name} | {top1[entry]:.3f} | {top1[int8]:.3f} | {100 * d:+.2f} pts | "
             f"{'pass' if d >= -GATE else 'FAIL'} | {np.median(cos):.3f} / {cos.min():.3f} | "
-            f"{s.extracted} images, {s.images_per_s:.0f} img/s |",
+            f"{f32.engine}, {f32.images_per_s:.0f} img/s | {s.extracted} images, "
+            f"{s.images_per_s:.0f} img/s |",
             flush=True,
         )
 

@@ -10,12 +10,14 @@ weights hash, preprocessing, layer), so every process that feeds a loader loads 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import platform
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -51,15 +53,13 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 RUNTIMES = ("onnxruntime", "openvino")
-# What ``auto`` times against torch. OpenVINO is left to an explicit --engine openvino: it was the
-# fastest on EfficientNet-Lite0 here, but a long-lived process (the test suite) that had loaded it
-# died later with SIGSEGV (in clock_gettime), twice; the same tests passed without it installed.
-AUTO_RUNTIMES = ("onnxruntime",)
+# What ``auto`` times against torch, where installed (OpenVINO is the extra penult[openvino]).
+AUTO_RUNTIMES = RUNTIMES
 
 
 def auto_runtimes() -> tuple[str, ...]:
     """The runtimes ``auto`` times against torch: AUTO_RUNTIMES, or ``$PENULT_AUTO_ENGINES``
-    (comma-separated, e.g. ``onnxruntime,openvino`` to let auto take OpenVINO too)."""
+    (comma-separated, e.g. ``onnxruntime`` to keep OpenVINO out on a machine where it misbehaves)."""
     env = os.environ.get("PENULT_AUTO_ENGINES")
     if not env:
         return AUTO_RUNTIMES
@@ -95,18 +95,20 @@ def check_engine(engine: str, device: torch.device, precision: str) -> None:
         raise OptionError(f"engine {engine!r} not one of {', '.join(ENGINES)}")
     if engine == "torch":
         if precision == "int8":
-            raise OptionError("--precision int8 runs on --engine onnxruntime (or auto), not torch")
+            raise OptionError("--precision int8 runs on --engine openvino (or auto), not torch")
         return
     if engine == "auto":
+        if precision == "int8" and not installed("openvino"):
+            raise EngineError(f"--precision int8 runs on OpenVINO: {_INSTALL['openvino']}")
         return
     if device.type != "cpu":
         raise OptionError(f"--engine {engine} runs on the CPU; use --engine torch on {device}")
     if precision in ("bf16", "fp16"):
-        raise OptionError(f"--engine {engine} runs fp32 (or int8); {precision} is torch's")
-    if precision == "int8" and engine != "onnxruntime":
         raise OptionError(
-            "--precision int8 is ONNX Runtime static quantization: --engine onnxruntime"
+            f"--engine {engine} runs fp32 (openvino also int8); {precision} is torch's"
         )
+    if precision == "int8" and engine != "openvino":
+        raise OptionError("--precision int8 is OpenVINO NNCF quantization: --engine openvino")
     if not installed(engine):
         raise EngineError(f"--engine {engine} is not installed: {_INSTALL[engine]}")
 
@@ -174,10 +176,28 @@ def _ort_runner(path: Path, threads: int) -> Runner:
     return lambda x: session.run(None, {"images": x})[0]
 
 
-def _openvino_runner(path: Path, threads: int) -> Runner:
+_CORE_LOCK = threading.Lock()  # cluster workers build runners from several threads
+
+
+@functools.cache
+def _openvino_core():
+    """One OpenVINO Core for the whole process, never dropped. Each Core loads its own CPU plugin,
+    which installs a signal stack on the calling thread and puts back the one it found when it is
+    freed; Cores freed out of creation order (a calibration's runner, then the run's) left the
+    thread on the freed stack of an earlier plugin, and the next signal with a Python handler
+    (torch's DataLoader handles SIGCHLD) crashed the process with SIGSEGV. One Core: one plugin."""
     import openvino as ov
 
-    model = ov.Core().compile_model(
+    return ov.Core()
+
+
+def _shared_core():
+    with _CORE_LOCK:  # two threads racing here would make two Cores and drop one
+        return _openvino_core()
+
+
+def _openvino_runner(path: Path, threads: int) -> Runner:
+    model = _shared_core().compile_model(
         str(path),
         "CPU",
         {

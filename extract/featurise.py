@@ -15,7 +15,9 @@ from extract.embed import backbone_from_fingerprint, embed_files
 from extract.engines import ENGINES
 from extract.images import DEFAULT_MAX_PIXELS
 from extract.model import TORCH_PRECISIONS, Embedder
+from extract.quantize import METHOD
 from extract.sources import list_images
+from features import OptionError
 from features.options import COUNT, POSITIVE, option
 
 
@@ -35,8 +37,8 @@ class Featuriser:
     )
     engine: str = option(
         "auto",
-        "what runs the network: torch, onnxruntime, openvino, or auto (the faster of torch and "
-        "ONNX Runtime here, measured once; see `penult extract --engine`)",
+        "what runs the network: torch, onnxruntime, openvino, or auto (the fastest engine "
+        "installed here, measured once; see `penult extract --engine`)",
         choices=ENGINES,
     )
     batch_size: int = option(32, "images per batch", parse=POSITIVE)
@@ -101,7 +103,12 @@ class Featuriser:
             q = fingerprint.get("quantization")
             engine, precision = self.engine, self.precision
             if isinstance(q, dict):
-                engine, precision = "onnxruntime", "int8"
+                if q.get("method") != METHOD:  # made by the int8 trial before NNCF
+                    raise OptionError(
+                        f"{name} was quantized by {q.get('method')!r}, which this version does "
+                        f"not run; extract it again with --precision int8 (now {METHOD})"
+                    )
+                engine, precision = "openvino", "int8"
             embedder = Embedder(
                 net, device=self.device, precision=precision, batch_size=self.batch_size,
                 engine=engine, int8_digest=q.get("calibration_sha256", "") if q else "",

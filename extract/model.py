@@ -49,7 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TORCH_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast; training takes only these
-PRECISIONS = (*TORCH_PRECISIONS, "int8")  # int8: ONNX Runtime static quantization
+PRECISIONS = (*TORCH_PRECISIONS, "int8")  # int8: OpenVINO NNCF quantization (extract.quantize)
 
 
 def build_network(spec: BackboneSpec) -> nn.Module:
@@ -225,7 +225,7 @@ def pick_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise OptionError(f"precision {precision!r} not one of {', '.join(PRECISIONS)}")
     if precision == "int8":
-        raise OptionError("--precision int8 runs on --engine onnxruntime (or auto), not torch")
+        raise OptionError("--precision int8 runs on --engine openvino (or auto), not torch")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -316,7 +316,7 @@ class Embedder:
         if self.device.type != "cpu" or precision in ("bf16", "fp16"):
             return "torch", ""
         if precision == "int8":
-            return "onnxruntime", ""
+            return "openvino", ""
         torch_precision = pick_precision(precision, self.device)
         candidates = {f"torch {torch_precision}": lambda: self._use_torch(torch_precision)}
         for e in auto_runtimes():
