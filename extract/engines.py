@@ -46,6 +46,7 @@ __all__ = [
     "lowest_cosine",
     "make_runner",
     "model_key",
+    "speed_key",
     "onnx_file",
 ]
 
@@ -131,6 +132,15 @@ def model_key(fingerprint: dict[str, Any]) -> str:
 
     ident = {k: fingerprint.get(k) for k in IDENTITY_FIELDS}
     blob = json.dumps({**ident, "torch": torch.__version__, "opset": OPSET}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def speed_key(fingerprint: dict[str, Any]) -> str:
+    """What decides how fast a network runs: its architecture, layer and input (preprocessing:
+    size, flips), not its weights. A calibration then serves every checkpoint of an
+    architecture, a fine-tuned one included."""
+    keep = ("architecture", "layer", "dim", "preprocessing", "quantization")
+    blob = json.dumps({k: fingerprint.get(k) for k in keep}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -240,8 +250,9 @@ def calibrate(
 ) -> tuple[str, dict[str, float], bool]:
     """(fastest engine, images/s of each, whether the answer came from the cache).
 
-    Each candidate builds its runner, runs one warm-up batch, then is timed on two; a candidate
-    that fails to build or run is left out. The answer is kept in ``calibration.json`` in the
+    Each candidate builds its runner, runs one warm-up batch, then is timed on two, unless its
+    warm-up already ran at under half the best rate so far (its rate is then the warm-up's:
+    put the likely fastest first); a candidate that fails to build or run is left out. The answer is kept in ``calibration.json`` in the
     cache, under ``key`` (threads, batch, backbone, ...), the CPU model and library versions."""
     path = cache_dir() / "calibration.json"
     here = {"cpu": cpu_model(), "versions": _versions(), "candidates": sorted(candidates)}
@@ -257,7 +268,12 @@ def calibrate(
     for name, build in candidates.items():
         try:
             run = build()
+            t = time.perf_counter()
             run(x)
+            first = time.perf_counter() - t
+            if rates and len(x) / first < max(rates.values()) / 2:
+                rates[name] = len(x) / first  # under half the best even warm: cannot win
+                continue
             t = time.perf_counter()
             for _ in range(2):
                 run(x)

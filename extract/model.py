@@ -21,8 +21,8 @@ from extract.engines import (
     engine_tag,
     installed,
     make_runner,
-    model_key,
     onnx_file,
+    speed_key,
 )
 from extract.registry import BackboneSpec, Preprocess, get_spec
 from extract.weights import load_into, load_pretrained, read_state_dict, state_sha256
@@ -318,16 +318,20 @@ class Embedder:
         if precision == "int8":
             return "openvino", ""
         torch_precision = pick_precision(precision, self.device)
-        candidates = {f"torch {torch_precision}": lambda: self._use_torch(torch_precision)}
-        for e in auto_runtimes():
-            if installed(e):
-                candidates[e] = lambda e=e: self._use_runtime(e, onnx_file(self.backbone), "fp32")
-        if len(candidates) == 1:
+        candidates = {
+            e: lambda e=e: self._use_runtime(e, onnx_file(self.backbone), "fp32")
+            for e in auto_runtimes()
+            if installed(e)
+        }
+        if not candidates:
             return "torch", ""
+        # last: on CPUs without native bf16 torch is the slowest, and calibrate skips timing a
+        # candidate whose warm-up batch is under half the best rate so far
+        candidates[f"torch {torch_precision}"] = lambda: self._use_torch(torch_precision)
         size = self.backbone.preprocess.crop
         x = np.random.default_rng(0).integers(0, 256, (self.batch_size, 3, size, size), np.uint8)
         key = {
-            "model": model_key(self.backbone.fingerprint),
+            "network": speed_key(self.backbone.fingerprint),
             "threads": torch.get_num_threads(),
             "batch": self.batch_size,
             "precision": precision,

@@ -112,6 +112,11 @@ def test_auto_picks_the_fastest_it_measured_and_remembers(engine_cache) -> None:
     stored = json.loads((engine_cache / "calibration.json").read_text())
     assert any(eng.cpu_model() in k for k in stored)  # kept per CPU model
     assert eng.calibrate({**key, "threads": 1}, cands, x)[2] is False  # other settings: measured
+    # a candidate whose warm-up batch is already under half the best rate is not timed further
+    calls: list[int] = []
+    after = {"fast": runner("fast", 0.0), "slow": lambda: lambda a: calls.append(1) or sleep(a)}
+    sleep = lambda a: time.sleep(0.02) or a  # noqa: E731
+    assert eng.calibrate({"m": "order"}, after, x)[0] == "fast" and calls == [1]
 
 
 def test_a_cache_that_cannot_be_written_only_costs_a_new_calibration(tmp_path, monkeypatch):
@@ -189,6 +194,29 @@ def test_int8_is_an_entry_of_its_own_calibrated_on_the_users_images(
     monkeypatch.setenv("PENULT_ENGINE_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(eng.EngineError, match="calibrated on other images"):
         extract(store, listing, ExtractOptions(precision="int8", progress=False))
+
+
+def test_one_calibration_serves_every_checkpoint_of_an_architecture(engine_cache) -> None:
+    """Speed depends on the network's shape and input, not its weights: a second checkpoint (or
+    a fine-tuned one) reuses the calibration instead of timing every engine again."""
+    from extract.model import Embedder
+
+    def bb(seed: int):
+        return build_backbone("resnet18", weights="random", seed=seed)
+
+    notes = [Embedder(bb(s), engine="auto", batch_size=2).engine_note for s in (11, 12)]
+    assert "calibrated now" in notes[0] and "calibration cached" in notes[1], notes
+
+
+def test_an_int8_entry_of_an_earlier_method_is_refused_by_name() -> None:
+    """int8 entries made by the ONNX Runtime trial (never offered) cannot be scored silently."""
+    fp = {
+        **build_backbone("resnet18", weights="random").fingerprint,
+        "precision": "int8/onnxruntime",
+        "quantization": {"method": "onnxruntime static int8 (QDQ)", "calibration_sha256": "ab"},
+    }
+    with pytest.raises(OptionError, match=r"r18@int8 was quantized by .*extract it again"):
+        list(Featuriser(workers=0).embed("r18@int8", fp, []))
 
 
 def test_auto_runtimes_can_be_chosen_by_the_environment(monkeypatch) -> None:
