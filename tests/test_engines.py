@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cub_manifest
+from conftest import cub_manifest, real_batch
 from extract import ExtractOptions, Featuriser, build_backbone, extract, list_images
 from extract import engines as eng
 from features import FeatureStore, FingerprintMismatchError, OptionError
@@ -29,28 +29,16 @@ def engine_cache(tmp_path_factory, monkeypatch) -> Path:
 
 
 @pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
-def test_openvino_agrees_with_torch_on_real_images(data_dir, engine_cache) -> None:
-    """In a process of its own, so that this process's threads and signal stacks stay torch's."""
-    code = f"""
-import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
-from pathlib import Path
-from extract import build_backbone
-from extract.engines import lowest_cosine
-from extract.model import Embedder
-from conftest import real_batch
-for name in ("efficientnet_lite0", "resnet50"):
-    bb = build_backbone(name, weights="pretrained" if name.startswith("efficientnet_lite") else "random")
-    x = real_batch(Path({str(data_dir)!r}), bb.preprocess)
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+def test_openvino_agrees_with_torch_on_real_images(name, data_dir) -> None:
+    from extract.model import Embedder
+
+    weights = "pretrained" if name.startswith("efficientnet_lite") else "random"
+    bb = build_backbone(name, weights=weights)
+    x = real_batch(data_dir, bb.preprocess)
     ref = Embedder(bb, engine="torch", precision="fp32")(x)
     e = Embedder(bb, engine="openvino")
-    print(name, e.tag, lowest_cosine(ref, e(x)))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = [ln.split() for ln in out.stdout.splitlines()]
-    assert [r[0] for r in rows] == ["efficientnet_lite0", "resnet50"]
-    for name, tag, cos in rows:
-        assert tag == "fp32/openvino" and float(cos) >= 0.999, (name, cos)
+    assert e.tag == "fp32/openvino" and eng.lowest_cosine(ref, e(x)) >= 0.999
 
 
 @pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
