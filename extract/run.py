@@ -86,7 +86,7 @@ class ExtractOptions:
         "what runs the network: torch, onnxruntime or openvino (CPU; the same module exported to "
         "ONNX once, cached beside torch's weights); auto = on CPU the fastest of torch, ONNX "
         "Runtime and OpenVINO where installed, timed on a few batches (cached per CPU model and "
-        "backbone; PENULT_AUTO_ENGINES=onnxruntime limits the runtimes it tries), torch on CUDA",
+        "architecture; PENULT_AUTO_ENGINES=onnxruntime limits the runtimes it tries), torch on CUDA",
         choices=ENGINES,
     )
     optimize: str = option(
