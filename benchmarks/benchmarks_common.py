@@ -1,9 +1,18 @@
 """What every benchmark prints first: the CPU, so that figures from different machines are never
-compared as if they were one."""
+compared as if they were one. And a clean start for a benchmark's own store."""
 
 from __future__ import annotations
 
 import platform
+import shutil
+from pathlib import Path
+
+
+def remove_store(store: Path) -> None:
+    """Delete a store with everything beside it (.segments, .journal, .lock, parts): a new store
+    made under the same name must not find the old one's journal or segments."""
+    for p in store.parent.glob(store.name + "*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def cpu_flags() -> str:

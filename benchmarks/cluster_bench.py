@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from benchmarks_common import remove_store
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,8 +67,7 @@ def extract_run(lst, cluster: str | None, partition: int) -> float:
     from extract import ExtractOptions, extract
 
     store = OUT / "s.h5"
-    for p in OUT.glob("s.h5*"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    remove_store(store)
     opts = ExtractOptions(
         precision="fp32", progress=False, cluster=cluster, partition_size=partition
     )
@@ -97,8 +96,7 @@ def merge_rate(parts: int, rows: int, dim: int = 1280) -> dict[str, float]:
     from features.parts import PartWriter
 
     store = OUT / "m.h5"
-    for p in OUT.glob("m.h5*"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    remove_store(store)
     with StoreWriter(store):
         pass
     fp = {"architecture": "bench", "weights_sha256": "0" * 64, "preprocessing": {}, "layer": "x",

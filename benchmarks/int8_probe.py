@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_common import cpu_flags  # noqa: E402
+from benchmarks_common import cpu_flags, remove_store  # noqa: E402
 
 from classify import TrainOptions, train  # noqa: E402
 from extract import ExtractOptions, extract, list_images  # noqa: E402
@@ -43,7 +43,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name, resize in SETS.items():
         store = OUT / f"{name}.h5"
-        store.unlink(missing_ok=True)
+        remove_store(store)
         listing = list_images(str(DATA / name))
         f32 = extract(store, listing, ExtractOptions(resize=resize, progress=False))
         entry = f32.backbone
