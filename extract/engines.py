@@ -10,7 +10,6 @@ weights hash, preprocessing, layer), so every process that feeds a loader loads 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -31,11 +30,11 @@ from features import OptionError, PenultError, atomic_path
 from features.files import write_text
 
 __all__ = [
-    "AUTO_RUNTIMES",
     "ENGINES",
     "RUNTIMES",
     "auto_runtimes",
     "EngineError",
+    "INSTALL",
     "Runner",
     "cache_dir",
     "calibrate",
@@ -53,17 +52,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-RUNTIMES = ("onnxruntime", "openvino")
-# What ``auto`` times against torch, where installed (OpenVINO is the extra penult[openvino]).
-AUTO_RUNTIMES = RUNTIMES
+RUNTIMES = ("onnxruntime", "openvino")  # what ``auto`` times against torch, where installed
 
 
 def auto_runtimes() -> tuple[str, ...]:
-    """The runtimes ``auto`` times against torch: AUTO_RUNTIMES, or ``$PENULT_AUTO_ENGINES``
+    """The runtimes ``auto`` times against torch: RUNTIMES, or ``$PENULT_AUTO_ENGINES``
     (comma-separated, e.g. ``onnxruntime`` to keep OpenVINO out on a machine where it misbehaves)."""
     env = os.environ.get("PENULT_AUTO_ENGINES")
     if not env:
-        return AUTO_RUNTIMES
+        return RUNTIMES
     names = tuple(e.strip() for e in env.split(",") if e.strip())
     bad = [e for e in names if e not in RUNTIMES]
     if bad:
@@ -72,7 +69,7 @@ def auto_runtimes() -> tuple[str, ...]:
 
 
 OPSET = 17
-_INSTALL = {
+INSTALL = {  # what to run when an engine is missing
     "onnxruntime": "pip install onnxruntime onnx (regular dependencies of penult)",
     "openvino": "pip install 'penult[openvino]'",
 }
@@ -100,7 +97,7 @@ def check_engine(engine: str, device: torch.device, precision: str) -> None:
         return
     if engine == "auto":
         if precision == "int8" and not installed("openvino"):
-            raise EngineError(f"--precision int8 runs on OpenVINO: {_INSTALL['openvino']}")
+            raise EngineError(f"--precision int8 runs on OpenVINO: {INSTALL['openvino']}")
         return
     if device.type != "cpu":
         raise OptionError(f"--engine {engine} runs on the CPU; use --engine torch on {device}")
@@ -111,7 +108,7 @@ def check_engine(engine: str, device: torch.device, precision: str) -> None:
     if precision == "int8" and engine != "openvino":
         raise OptionError("--precision int8 is OpenVINO NNCF quantization: --engine openvino")
     if not installed(engine):
-        raise EngineError(f"--engine {engine} is not installed: {_INSTALL[engine]}")
+        raise EngineError(f"--engine {engine} is not installed: {INSTALL[engine]}")
 
 
 def engine_tag(engine: str, precision: str) -> str:
@@ -186,28 +183,26 @@ def _ort_runner(path: Path, threads: int) -> Runner:
     return lambda x: session.run(None, {"images": x})[0]
 
 
+_CORE: list[Any] = []  # the process's one OpenVINO Core, once made
 _CORE_LOCK = threading.Lock()  # cluster workers build runners from several threads
 
 
-@functools.cache
 def _openvino_core():
     """One OpenVINO Core for the whole process, never dropped. Each Core loads its own CPU plugin,
     which installs a signal stack on the calling thread and puts back the one it found when it is
     freed; Cores freed out of creation order (a calibration's runner, then the run's) left the
     thread on the freed stack of an earlier plugin, and the next signal with a Python handler
     (torch's DataLoader handles SIGCHLD) crashed the process with SIGSEGV. One Core: one plugin."""
-    import openvino as ov
-
-    return ov.Core()
-
-
-def _shared_core():
     with _CORE_LOCK:  # two threads racing here would make two Cores and drop one
-        return _openvino_core()
+        if not _CORE:
+            import openvino as ov
+
+            _CORE.append(ov.Core())
+        return _CORE[0]
 
 
 def _openvino_runner(path: Path, threads: int) -> Runner:
-    model = _shared_core().compile_model(
+    model = _openvino_core().compile_model(
         str(path),
         "CPU",
         {
@@ -251,9 +246,10 @@ def calibrate(
     """(fastest engine, images/s of each, whether the answer came from the cache).
 
     Each candidate builds its runner, runs one warm-up batch, then is timed on two, unless its
-    warm-up already ran at under half the best rate so far (its rate is then the warm-up's:
-    put the likely fastest first); a candidate that fails to build or run is left out. The answer is kept in ``calibration.json`` in the
-    cache, under ``key`` (threads, batch, backbone, ...), the CPU model and library versions."""
+    warm-up already ran at under half the best rate so far (its rate is then the warm-up's: put
+    the likely fastest first); a candidate that fails to build or run is left out. The answer is
+    kept in ``calibration.json`` in the cache, under ``key`` (threads, batch, network, ...), the
+    CPU model and library versions."""
     path = cache_dir() / "calibration.json"
     here = {"cpu": cpu_model(), "versions": _versions(), "candidates": sorted(candidates)}
     k = json.dumps({**key, **here}, sort_keys=True)

@@ -19,15 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from extract.engines import EngineError, onnx_file
+from extract.engines import INSTALL, EngineError, onnx_file
 from features import OptionError, atomic_path
 from features.files import temporary_name
 
-__all__ = ["CALIBRATION_IMAGES", "INSTALL", "METHOD", "int8_file"]
+__all__ = ["CALIBRATION_IMAGES", "METHOD", "int8_file"]
 
 log = logging.getLogger(__name__)
 
-INSTALL = "pip install 'penult[openvino]'"
 CALIBRATION_IMAGES = 256  # spread over the listing: "a few hundred of the user's own images"
 METHOD = "openvino nncf int8 (min-max, fast bias correction, first convolution fp32)"
 
@@ -87,7 +86,9 @@ def _quantize(base: Path, path: Path, batches: list) -> None:
         import nncf
         import openvino as ov
     except ImportError as e:
-        raise EngineError(f"--precision int8 needs OpenVINO and NNCF: {INSTALL} ({e})") from e
+        raise EngineError(
+            f"--precision int8 needs OpenVINO and NNCF: {INSTALL['openvino']} ({e})"
+        ) from e
 
     nncf.set_log_level(logging.WARNING)  # its per-node notes, not the user's business
     t = time.perf_counter()

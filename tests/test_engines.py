@@ -209,7 +209,7 @@ def test_an_int8_entry_of_an_earlier_method_is_refused_by_name() -> None:
 
 def test_auto_runtimes_can_be_chosen_by_the_environment(monkeypatch) -> None:
     monkeypatch.delenv("PENULT_AUTO_ENGINES", raising=False)
-    assert eng.auto_runtimes() == eng.AUTO_RUNTIMES == ("onnxruntime", "openvino")
+    assert eng.auto_runtimes() == eng.RUNTIMES == ("onnxruntime", "openvino")
     monkeypatch.setenv("PENULT_AUTO_ENGINES", " onnxruntime")  # e.g. to keep OpenVINO out
     assert eng.auto_runtimes() == ("onnxruntime",)
     monkeypatch.setenv("PENULT_AUTO_ENGINES", "tensorrt")
