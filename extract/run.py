@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -234,18 +234,31 @@ def hash_listing(
             sha[i] = stored.sha256[r].tobytes().hex()
         else:
             todo.append(i)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = pool.map(_hash_one, [listing.absolute(i) for i in todo])
-        quiet = not progress or len(todo) < 1000
-        for i, (h, e) in tqdm(
-            zip(todo, results, strict=True),
-            total=len(todo),
-            desc="hashing",
-            unit="file",
-            disable=quiet,
-        ):
-            sha[i], err[i] = h, e
+    quiet = not progress or len(todo) < 1000
+    results = _hash_files([listing.absolute(i) for i in todo])
+    for i, (h, e) in tqdm(
+        zip(todo, results, strict=True), total=len(todo), desc="hashing", unit="file", disable=quiet
+    ):
+        sha[i], err[i] = h, e
     return sha, err, nbytes, mtime
+
+
+SLOW_READ_S = 0.002  # a file slower than this to read and hash: storage that waits (network, disk)
+
+
+def _hash_files(paths: list[str]) -> Iterator[tuple[str, str]]:
+    """``_hash_one`` of each path, in order: in this thread while files come fast (from the page
+    cache threads only add lock hand-offs: 3x slower measured on 2,000 cached photos), on 8 threads
+    from the first file that came slowly, so reads from network storage overlap."""
+    for k, path in enumerate(paths):
+        t = time.perf_counter()
+        got = _hash_one(path)
+        slow = time.perf_counter() - t > SLOW_READ_S
+        yield got
+        if slow and k + 1 < len(paths):
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                yield from pool.map(_hash_one, paths[k + 1 :])
+            return
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,35 @@ def test_plan_on_an_empty_store_runs_everything():
         retry_failed=False,
     )
     assert (p.todo, p.reuse, p.skipped, p.unreadable) == ([0], [], 0, [1])
+
+
+def test_hashes_come_back_in_order_read_in_this_thread_or_on_threads(data_dir, monkeypatch):
+    """Files that read fast are hashed in the calling thread; from the first slow one (network
+    storage) on, on threads: either way each path gets its own hash or reason, in order."""
+    import hashlib
+
+    import extract.run as run
+
+    files = [str(f) for f in sorted((data_dir / "cub100").glob("*/*.jpg"))[:40]]
+    files.insert(7, str(data_dir / "no-such-file.jpg"))
+    want = [
+        (hashlib.sha256(open(f, "rb").read()).hexdigest(), "") if "no-such" not in f else None
+        for f in files
+    ]
+    threads_seen = []
+    real = run._hash_one
+
+    def spy(path):
+        threads_seen.append(threading.get_ident())
+        return real(path)
+
+    monkeypatch.setattr(run, "_hash_one", spy)
+    for slow_after in (float("inf"), 0.0):  # never slow; every file slow
+        monkeypatch.setattr(run, "SLOW_READ_S", slow_after)
+        threads_seen.clear()
+        got = list(run._hash_files(files))
+        assert [g for g, w in zip(got, want, strict=True) if w is not None] == [
+            w for w in want if w is not None
+        ]
+        assert got[7][0] == "" and "not found" in got[7][1]
+        assert (len(set(threads_seen)) > 1) == (slow_after == 0.0)

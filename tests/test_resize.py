@@ -55,7 +55,7 @@ def test_whole_squashes_everything_and_crop_cuts_the_ends(data_dir):
     spec = get_spec("efficientnet_lite0")
     whole = preprocess_image(im, spec.preprocess(mode="whole")).numpy().transpose(1, 2, 0)
     want = np.asarray(im.resize((whole.shape[1], whole.shape[0]), Image.Resampling.BICUBIC))
-    assert np.array_equal(whole, want)
+    assert np.abs(whole.astype(int) - want).mean() < 0.25  # Pillow's bicubic, but for overshoots
     crop = preprocess_image(im, spec.preprocess()).numpy().transpose(1, 2, 0)
     assert crop.shape == whole.shape and not np.array_equal(crop, whole)
     with pytest.raises(OptionError, match="crop mode"):
