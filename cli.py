@@ -453,7 +453,33 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The subcommands each builder declares. `penult CMD` builds only CMD's arguments: the option
+# classes of the others import scikit-learn and scipy, 1.5 s of every `penult extract`'s start
+# (a job array starts thousands).
+_GROUPS: tuple[tuple[Callable[[argparse._SubParsersAction], None], tuple[str, ...]], ...] = (
+    (_add_extract, ("extract",)),
+    (_add_classify, ("train", "evaluate", "compare", "predict")),
+    (_add_neighbors, ("index", "neighbors", "duplicates")),
+    (_add_finetune, ("finetune",)),
+    (_add_serve, ("serve",)),
+)
+
+
+_COMMON = ("backbones", "merge", "info", "check", "demo")  # cheap: always built
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names; None for none or one unknown (the full parser then lists
+    every command)."""
+    known = {*_COMMON, *(n for _, names in _GROUPS for n in names)}
+    for a in argv:
+        if not a.startswith("-"):
+            return a if a in known else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI, or (``command``) its common part and that one subcommand in full."""
     parser = argparse.ArgumentParser(
         prog="penult",
         description="Two-stage image classification: extract CNN embeddings once, train heads in seconds.",
@@ -465,11 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "backbones", help="list available backbones", description="List the backbone registry."
     )
-    _add_extract(sub)
-    _add_classify(sub)
-    _add_neighbors(sub)
-    _add_finetune(sub)
-    _add_serve(sub)
+    for add, names in _GROUPS:
+        if command is None or command in names:
+            add(sub)
     p = sub.add_parser(
         "merge",
         help="publish the parts written by `extract --shard`",
@@ -762,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 print escaped, not crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

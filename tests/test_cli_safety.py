@@ -108,6 +108,30 @@ def test_options_are_declared_once_the_cli_builds_them_from_the_dataclasses():
     assert t.split == "fold"
 
 
+def test_one_command_parser_is_the_full_parsers_and_extract_starts_without_sklearn():
+    """`penult CMD` builds only CMD's arguments: each command's help and parse equal the full
+    parser's, and `penult extract` never imports scikit-learn (1.5 s of every start)."""
+    import subprocess
+    import sys
+
+    full = cli.build_parser()
+    for argv, *_ in _option_commands():
+        assert cli._command(["-v", *argv]) == argv[0]
+        one = cli.build_parser(argv[0])
+        sub = {
+            p: x._subparsers._group_actions[0].choices[argv[0]]
+            for p, x in (("f", full), ("o", one))
+        }
+        assert sub["o"].format_help() == sub["f"].format_help(), argv[0]
+        assert vars(one.parse_args(argv)) == vars(full.parse_args(argv)), argv[0]
+    assert cli._command(["info", "s.h5"]) == "info" and cli._command(["--help"]) is None
+    assert cli._command(["extrac", "s.h5"]) is None  # a typo: the full parser lists every command
+    code = "import sys, cli; cli.build_parser(cli._command(['extract'])); print('sklearn' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_library_refuses_the_same_values():
     X = np.random.default_rng(0).normal(size=(40, 4))
     y = np.array(["a", "b"] * 20)
