@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchmarks_common import remove_store
+from benchmarks_common import cpu_flags, remove_store
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,13 +40,12 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def cpu() -> dict[str, object]:
-    info = open("/proc/cpuinfo").read()
-    flags = set(info.split("\nflags")[1].split("\n")[0].split(":")[1].split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    from extract.engines import cpu_model
+
     return {
-        "model": info.split("model name")[1].split("\n")[0].strip(": "),
+        "model": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
-        "flags": [f for f in wanted if f in flags],
+        "flags": cpu_flags().split(),
     }
 
 

@@ -82,6 +82,8 @@ def _calibration_batches(backbone, files: Sequence[str], batch_size: int):
 def _quantize(base: Path, path: Path, batches: list) -> None:
     """NNCF over OpenVINO's reading of the ONNX export; the IR is written weights first, graph
     last, each renamed into place: a kill never leaves a graph without its weights."""
+    # importing NNCF loads torch's C++-extension helper, which warns "No CUDA runtime is found"
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         import nncf
         import openvino as ov

@@ -42,6 +42,22 @@ def test_openvino_agrees_with_torch_on_real_images(name, data_dir) -> None:
 
 
 @pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
+def test_openvino_model_cache_survives_a_torn_blob(engine_cache, data_dir) -> None:
+    """OpenVINO keeps its compiled model beside the export (cheaper start); a blob cut short
+    (a kill while it was written) is compiled again, with the same embeddings."""
+    bb = build_backbone("efficientnet_lite0")
+    x = real_batch(data_dir, bb.preprocess).numpy()
+    path = eng.onnx_file(bb)
+    want = eng.make_runner("openvino", path, 2)(x)
+    blobs = list((engine_cache / "openvino").glob("*.blob"))
+    assert blobs
+    for b in blobs:
+        b.write_bytes(b.read_bytes()[: b.stat().st_size // 2])
+    got = eng.make_runner("openvino", path, 2)(x)
+    assert eng.lowest_cosine(want, got) >= 0.99999
+
+
+@pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
 def test_openvino_runners_freed_in_any_order_leave_signals_safe(engine_cache) -> None:
     """The crash that kept OpenVINO out of auto: each OpenVINO Core's CPU plugin installed a
     signal stack and, freed, put back the one it had found, so runners freed in creation order
