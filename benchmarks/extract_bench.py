@@ -115,18 +115,6 @@ def best_of(listing: Listing, name: str, weights: str, engine: str, n: int):
     return max(e2e), max(mo), e2e, mo
 
 
-def paired_ratio(listing: Listing, name: str, weights: str, engine: str):
-    """(end to end / model-only, end to end, model-only before, after): the engine timed alone
-    just before and just after a fresh-store run, so a shared machine's drifting speed (seen
-    here: the same model-only rate 89 to 148 img/s an hour apart) is the same for both sides."""
-    before = model_only(name, weights, engine)[0]
-    opts = ExtractOptions(backbone=name, weights=weights, engine="auto", progress=False)
-    with tempfile.TemporaryDirectory() as d:
-        s = extract(Path(d) / "s.h5", listing, opts)
-    after = model_only(name, weights, engine)[0]
-    return s.images_per_s / ((before + after) / 2), s.images_per_s, before, after
-
-
 def predict_rate(store: Path, name: str, files: list[str], d: Path) -> float:
     """`penult predict` (no store, every image through the network) over ``files``."""
     from classify import PredictOptions, TrainOptions, predict_images, save_model, train

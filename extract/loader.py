@@ -41,7 +41,8 @@ def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
     torchvision's Resize runs on tensors): 2.5-7x faster than Pillow's on one core. Shrinking, it
     is within 2 grey levels of Pillow; enlarging small images, bicubic overshoot at sharp edges is
     clipped differently (up to 8 levels on a few pixels). The embeddings agree (cosine >= 0.999),
-    so entries made with Pillow before keep their identity (docs/BENCHMARKS.md, "Resampling").
+    so entries made with Pillow before keep their identity (docs/BENCHMARKS.md, "Cheaper per
+    image and at start").
     The result may be a strided view; ``collate`` copies it into the batch."""
     x = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # HWC memory: the kernels' fast layout
     if pre.mode == "whole":
