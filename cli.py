@@ -787,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     argv = sys.argv[1:] if argv is None else argv
+    from features.cluster import freeze_at_exit
+
+    freeze_at_exit()  # `penult extract` exits 1-2 s sooner: no final collection over torch's objects
     args = build_parser(_command(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

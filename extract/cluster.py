@@ -18,9 +18,8 @@ from features.cluster import (
     CORES_ENV,
     ONE_AT_A_TIME,
     balanced_size,
-    client_for,
-    close,
     cores_here,
+    freeze_at_exit,
     report_progress,
     run_tasks,
 )
@@ -69,6 +68,7 @@ def for_this_worker(o):
     except (ImportError, ValueError):  # not inside a Dask worker
         cores, name = cores_here(), None
     torch.set_num_threads(cores)
+    freeze_at_exit()  # a worker being closed exits in a second less
     cuda = o.device in ("auto", "cuda") and torch.cuda.is_available()
     changes: dict[str, Any] = {}
     if o.workers is None:  # on one core, decoding in the task beats starting loader processes
@@ -116,32 +116,26 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
     return TaskResult(s.extracted, s.failed)
 
 
-def run_on_cluster(w, listing, sha: list[str], todo: list[int], opts, s) -> None:
-    """Embed ``todo`` (listing indices) on the cluster, then publish the parts through ``w``
-    (the driver's :class:`StoreWriter`)."""
+def run_on_cluster(client, w, listing, sha: list[str], todo: list[int], opts, s) -> None:
+    """Embed ``todo`` (listing indices) on the cluster of ``client``, then publish the parts
+    through ``w`` (the driver's :class:`StoreWriter`)."""
     from features.parts import adopt_parts
 
     o = {k: v for k, v in asdict(opts).items() if k not in ("cluster", "shard", "partition_size")}
     o.update(progress=False)
     store = str(w.path)
-    client = client_for(opts.cluster)
-    try:
-        size = balanced_size(
-            len(todo), opts.partition_size, len(client.scheduler_info()["workers"])
-        )
-        parts = partitions(
-            str(listing.root), [listing.paths[i] for i in todo], [sha[i] for i in todo], size
-        )
-        for i, r in run_tasks(
-            client,
-            run_partition,
-            [(store, p, o) for p in parts],
-            [len(p.paths) for p in parts],
-            "extract (cluster)",
-            opts.progress,
-        ):
-            s.extracted += r.extracted
-            s.failed += r.failed
-            adopt_parts(w, {parts[i].name})  # published while the other tasks run
-    finally:
-        close(client)
+    size = balanced_size(len(todo), opts.partition_size, len(client.scheduler_info()["workers"]))
+    parts = partitions(
+        str(listing.root), [listing.paths[i] for i in todo], [sha[i] for i in todo], size
+    )
+    for i, r in run_tasks(
+        client,
+        run_partition,
+        [(store, p, o) for p in parts],
+        [len(p.paths) for p in parts],
+        "extract (cluster)",
+        opts.progress,
+    ):
+        s.extracted += r.extracted
+        s.failed += r.failed
+        adopt_parts(w, {parts[i].name})  # published while the other tasks run

@@ -41,10 +41,9 @@ def backbone_from_fingerprint(
     origin = str(fingerprint.get("weights", ""))
     w = weights or ("random" if origin.startswith("random-init") else "pretrained")
     pre = fingerprint.get("preprocessing", {})
-    default = get_spec(name).preprocess()
     mode, tta = pre.get("mode", "crop"), pre.get("tta", "none")
-    crop_pct = None
-    if mode == "crop" and pre.get("resize") and pre.get("resize") != default.resize:
+    crop_pct = None  # the recorded crop, whether or not it is the weights' own (asking the
+    if mode == "crop" and pre.get("resize") and pre.get("crop"):  # weights imports timm)
         crop_pct = pre["crop"] / pre["resize"]
     bb = build_backbone(
         name, weights=w, trust_checkpoint=trust_checkpoint, crop_pct=crop_pct, resize=mode, tta=tta

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib.metadata
+import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +21,7 @@ from extract.engines import (
     ENGINES,
     Runner,
     auto_runtimes,
+    cache_dir,
     calibrate,
     check_engine,
     engine_tag,
@@ -24,9 +30,18 @@ from extract.engines import (
     onnx_file,
     speed_key,
 )
-from extract.registry import BackboneSpec, Preprocess, get_spec
-from extract.weights import load_into, load_pretrained, read_state_dict, state_sha256
+from extract.registry import REGISTRY, BackboneSpec, Preprocess, get_spec
+from extract.weights import (
+    PACKAGED_WEIGHTS,
+    WeightsError,
+    load_into,
+    load_pretrained,
+    packaged_weights_file,
+    read_state_dict,
+    state_sha256,
+)
 from features import OptionError
+from features.files import file_sha256, write_text
 
 __all__ = [
     "Backbone",
@@ -141,15 +156,41 @@ class PreLogits(nn.Module):
         return out.flatten(1), taps
 
 
-@dataclass
 class Backbone:
-    """A ready-to-run frozen backbone and the fingerprint that identifies its embeddings."""
+    """A ready-to-run frozen backbone and the fingerprint that identifies its embeddings.
 
-    name: str
-    spec: BackboneSpec
-    module: nn.Module
-    preprocess: Preprocess
-    fingerprint: dict[str, Any] = field(default_factory=dict)
+    ``module`` is built on first use: a run whose runtime engine finds its export cached never
+    builds the torch network, so it never imports timm or torchvision (2 s of every start)."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: BackboneSpec,
+        module: nn.Module | Callable[[], nn.Module],
+        preprocess: Preprocess,
+        fingerprint: dict[str, Any],
+    ) -> None:
+        self.name, self.spec, self.preprocess, self.fingerprint = (
+            name,
+            spec,
+            preprocess,
+            fingerprint,
+        )
+        self._module, self._build = (
+            (module, None) if isinstance(module, nn.Module) else (None, module)
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        if self._module is None:
+            with torch.inference_mode(False):  # first used inside inference mode, its weights
+                self._module = self._build()  # would be inference tensors: no export, no training
+        return self._module
+
+
+# Bump when build_backbone names entries or fills fingerprints differently: known identities
+# (below) are then worked out again.
+IDENTITY_VERSION = 1
 
 
 def build_backbone(
@@ -168,11 +209,31 @@ def build_backbone(
     already cropped to the subject); ``resize`` is the mode (crop, whole, pad) and ``tta``
     "flip" averages the image and its mirror. The entry name says what differs from the
     weights' own transform (``...@crop100``, ``...@pad``, ``...@flip``).
+
+    A backbone built before from the same weights bytes, options and library versions comes
+    back from its recorded identity, its network built only when used (and checked then).
     """
     spec = get_spec(name)
+    args = (name, spec, str(weights), trust_checkpoint, seed, crop_pct, resize, tta)
+    key = _identity_key(*args)
+    known = _read_identity(key) if key else None
+    if known is not None:
+        pre = Preprocess(**known["preprocess"])
+        return Backbone(known["name"], spec, lambda: _checked(_build(*args), known), pre,
+                        copy.deepcopy(known["fingerprint"]))  # fmt: skip
+    module, bb_name, pre, fingerprint = _build(*args)
+    bb = Backbone(bb_name, spec, module, pre, fingerprint)
+    if key:
+        _write_identity(key, bb)
+    return bb
+
+
+def _build(
+    name: str, spec: BackboneSpec, w: str, trust_checkpoint: bool, seed: int,
+    crop_pct: float | None, resize: str, tta: str,
+) -> tuple[nn.Module, str, Preprocess, dict[str, Any]]:  # fmt: skip
     torch.manual_seed(seed)
     net = build_network(spec)
-    w = str(weights)
     if w == "pretrained":
         origin = load_pretrained(net, spec)
         entry = spec.name
@@ -201,7 +262,76 @@ def build_backbone(
         "preprocessing": {**pre.to_dict(), "jpeg_draft": True, "input": "RGB uint8, EXIF-upright"},
         "precision": "fp32",
     }
-    return Backbone(name=entry, spec=spec, module=module, preprocess=pre, fingerprint=fingerprint)
+    return module, entry, pre, fingerprint
+
+
+def _checked(built: tuple, known: dict[str, Any]) -> nn.Module:
+    """The network of a recorded identity, built now: it must still be what was recorded."""
+    module, name, _, fingerprint = built
+    if (name, fingerprint) != (known["name"], known["fingerprint"]):
+        raise WeightsError(
+            f"{name}: built now, its weights hash {fingerprint['weights_sha256'][:12]}..., not "
+            f"{known['fingerprint']['weights_sha256'][:12]}... as recorded in {identity_dir()}; "
+            "delete that folder and run again"
+        )
+    return module
+
+
+def identity_dir() -> Path:
+    return cache_dir() / "identities"
+
+
+def _identity_key(
+    name: str, spec: BackboneSpec, w: str, trust_checkpoint: bool, seed: int,
+    crop_pct: float | None, resize: str, tta: str,
+) -> str | None:  # fmt: skip
+    """What decides a backbone's entry name, fingerprint and preprocessing, known without
+    building it: the weights file's bytes, the options, the registry entry and the versions of
+    the libraries that build it. None where only building tells (library hub weights)."""
+    if name not in REGISTRY:  # timm:NAME and the like: found by importing their library
+        return None
+    if w == "pretrained":
+        if spec.name not in PACKAGED_WEIGHTS:
+            return None
+        weights = f"sha256:{file_sha256(packaged_weights_file(spec.name))}"
+    elif w == "random":
+        weights = f"random:{seed}"
+    elif Path(w).is_file():
+        weights = f"sha256:{file_sha256(w)}:{os.path.basename(w)}"
+    else:
+        return None  # building says what is wrong with it
+    versions = {}
+    for lib in ("torch", "torchvision", "timm"):
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    blob = json.dumps(
+        {"v": IDENTITY_VERSION, "name": name, "spec": asdict(spec), "weights": weights,
+         "trust": trust_checkpoint, "crop_pct": crop_pct, "resize": resize, "tta": tta,
+         "libraries": versions},
+        sort_keys=True,
+    )  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _read_identity(key: str) -> dict[str, Any] | None:
+    try:
+        known = json.loads((identity_dir() / f"{key}.json").read_text())
+        known["preprocess"]["mean"] = tuple(known["preprocess"]["mean"])
+        known["preprocess"]["std"] = tuple(known["preprocess"]["std"])
+        return known
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: build
+        return None
+
+
+def _write_identity(key: str, bb: Backbone) -> None:
+    record = {"name": bb.name, "preprocess": asdict(bb.preprocess), "fingerprint": bb.fingerprint}
+    try:
+        identity_dir().mkdir(parents=True, exist_ok=True)
+        write_text(identity_dir() / f"{key}.json", json.dumps(record, sort_keys=True))
+    except OSError:  # a read-only cache: every start builds the network, still correct
+        pass
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -274,7 +404,7 @@ class Embedder:
         self.device = pick_device(device)
         check_engine(engine, self.device, precision)
         self.backbone, self.batch_size = backbone, batch_size
-        self.module = backbone.module
+        self._module: nn.Module | None = None  # the torch network, only where torch runs it
         self.optimize = "eager"
         self._compiled: nn.Module | None = None
         self._runner: Runner | None = None
@@ -300,9 +430,13 @@ class Embedder:
         """The fingerprint's precision field: the precision and, for a runtime, the engine."""
         return engine_tag(self.engine, self.precision)
 
+    @property
+    def module(self) -> nn.Module:
+        return self._module if self._module is not None else self.backbone.module
+
     def _use_torch(self, precision: str) -> Runner:
         self.engine, self.precision, self._runner = "torch", precision, None
-        self.module = self.module.to(self.device).to(memory_format=torch.channels_last)
+        self._module = self.module.to(self.device).to(memory_format=torch.channels_last)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         return lambda x: self(torch.from_numpy(x))
 

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from extract.quantize import CALIBRATION_IMAGES
 from extract.registry import DEFAULT_BACKBONE, RESIZE_MODES, TTA_MODES
 from extract.sources import Listing
 from features import OptionError, StoreWriter, TableView, sha_raw
+from features.cluster import ClusterStart
 from features.options import COUNT, CROP, POSITIVE, option, parse_shard
 from features.parts import PartWriter, merge
 
@@ -184,7 +186,7 @@ class ExtractSummary:
             f"  time {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
             + (
                 f" ({self.steady_images_per_s:.1f}/s after the first batch)"
-                if self.warmup_images
+                if self.warmup_images and self.extracted > self.warmup_images  # one batch: no rate
                 else ""
             )
             + (f", compile {self.compile_seconds:.0f} s" if self.compile_seconds else ""),
@@ -367,6 +369,13 @@ def extract(
         if int(getattr(opts, key)) < 1:
             raise OptionError(f"{key} must be at least 1, got {getattr(opts, key)!r}")
     t0 = time.perf_counter()
+    with ClusterStart(opts.cluster) if opts.cluster else nullcontext() as cluster:
+        s = _extract(store_path, listing, opts, cluster)
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> ExtractSummary:
     opts, resize_why = resolve_resize(opts, listing)
     backbone, embedder, name, fingerprint = build_embedder(opts, listing, store_path)
     opts = replace(opts, int8_digest=embedder.int8.get("calibration_sha256", ""))
@@ -409,10 +418,9 @@ def extract(
         if p.todo and opts.cluster:
             from extract.cluster import run_on_cluster
 
-            run_on_cluster(w, listing, sha, p.todo, opts, s)
+            run_on_cluster(cluster.client(), w, listing, sha, p.todo, opts, s)
         elif p.todo:
             _run(w, name, listing, sha, p.todo, embedder, backbone.preprocess, opts, s)
-    s.seconds = time.perf_counter() - t0
     return s
 
 

@@ -6,15 +6,19 @@ extract/ for extraction, classify/ for scoring and index shards.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from features.errors import PenultError
 
 __all__ = [
     "CORES_ENV",
+    "ClusterStart",
     "ClusterError",
     "ONE_AT_A_TIME",
     "PROGRESS_TOPIC",
@@ -22,6 +26,7 @@ __all__ = [
     "client_for",
     "close",
     "cores_here",
+    "freeze_at_exit",
     "report_progress",
     "run_tasks",
 ]
@@ -37,18 +42,13 @@ class ClusterError(PenultError):
 
 def client_for(spec: str):
     """A ``dask.distributed.Client`` for ``local[:N]``, ``tcp://HOST:PORT`` or ``slurm[:JOBS]``."""
-    try:
-        import dask
-        from dask.distributed import Client, LocalCluster
-    except ImportError:
-        raise ClusterError(
-            "--cluster needs Dask: pip install 'penult[dask]' (and 'penult[slurm]' for SLURM)"
-        ) from None
+    kind, n = _parse(spec)
+    import dask
+    from dask.distributed import Client, LocalCluster
+
     if not logging.getLogger().isEnabledFor(logging.INFO):  # Dask's start-up chatter only with -v
         logging.getLogger("distributed").setLevel(logging.WARNING)
-    kind, _, arg = spec.partition(":")
     if kind == "local":
-        n = _count(arg, spec) if arg else _local_workers()
         share = max(1, cores_here() // n)  # each worker's part of this machine
         # Dask's workers are daemonic by default, and daemonic processes cannot start the
         # DataLoader's worker processes: run them as ordinary processes. Dask also starts them
@@ -69,17 +69,70 @@ def client_for(spec: str):
         return Client(cluster)
     if kind == "tcp":
         return Client(spec)
+    from dask_jobqueue import SLURMCluster
+
+    cluster = SLURMCluster()  # queue, cores, memory, ... from ~/.config/dask/jobqueue.yaml
+    cluster.scale(jobs=n)
+    return Client(cluster)
+
+
+def _parse(spec: str) -> tuple[str, int]:
+    """(kind, workers or jobs) of a cluster spec, once its Dask packages are known importable."""
+    kind, _, arg = spec.partition(":")
+    if kind not in ("local", "tcp", "slurm"):
+        raise ClusterError(f"--cluster {spec!r}: use local[:N], tcp://HOST:PORT or slurm[:JOBS]")
+    n = _count(arg, spec) if arg and kind != "tcp" else (_local_workers() if kind == "local" else 1)
+    try:
+        import dask  # noqa: F401
+        import distributed  # noqa: F401
+    except ImportError:
+        raise ClusterError(
+            "--cluster needs Dask: pip install 'penult[dask]' (and 'penult[slurm]' for SLURM)"
+        ) from None
     if kind == "slurm":
         try:
-            from dask_jobqueue import SLURMCluster
+            import dask_jobqueue  # noqa: F401
         except ImportError:
             raise ClusterError(
                 "--cluster slurm needs dask-jobqueue: pip install 'penult[slurm]'"
             ) from None
-        cluster = SLURMCluster()  # queue, cores, memory, ... from ~/.config/dask/jobqueue.yaml
-        cluster.scale(jobs=_count(arg, spec) if arg else 1)
-        return Client(cluster)
-    raise ClusterError(f"--cluster {spec!r}: use local[:N], tcp://HOST:PORT or slurm[:JOBS]")
+    return kind, n
+
+
+class ClusterStart:
+    """:func:`client_for` begun in a background thread, so a LocalCluster's workers spawn and
+    import torch while the driver plans (3 s of a small run here). The spec is checked at once,
+    so a wrong one fails before any planning. As a context manager it closes the cluster on
+    leaving, used or not; a start that failed is raised by :meth:`client` only (unused, it
+    cost nothing)."""
+
+    def __init__(self, spec: str) -> None:
+        _parse(spec)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="penult-cluster")
+        self._future = self._pool.submit(client_for, spec)
+        self._pool.shutdown(wait=False)
+
+    def client(self):
+        return self._future.result()
+
+    def __enter__(self) -> ClusterStart:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            client = self._future.result()
+        except Exception:  # noqa: BLE001 -- raised by client() where it mattered
+            return
+        close(client)
+
+
+def freeze_at_exit() -> None:
+    """At this process's exit, keep the interpreter's final garbage collections off the objects
+    alive then (``gc.freeze``). With torch and a model loaded those collections cost 1-2 s per
+    process (a CLI command, a Dask worker being closed); the objects are still freed, atexit
+    handlers still run, and files are closed by their ``with`` blocks long before."""
+    atexit.unregister(gc.freeze)  # once per process, however often it is called
+    atexit.register(gc.freeze)
 
 
 def _count(arg: str, spec: str) -> int:

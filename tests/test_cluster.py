@@ -48,6 +48,40 @@ def test_cluster_spec_and_missing_dask_are_clear_errors(tmp_path: Path, monkeypa
     assert "use one" in capsys.readouterr().err
 
 
+def test_the_cluster_starts_while_the_driver_plans_and_is_closed_whatever_happens(
+    data_dir: Path, tmp_path: Path, capsys
+):
+    """`extract --cluster`: a wrong spec fails before any file is read; a good one starts its
+    workers in the background while the driver plans, and they are gone when the driver fails."""
+    pytest.importorskip("distributed")
+    import time
+
+    import psutil
+
+    from features.cluster import ClusterError, ClusterStart
+
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{p}\n" for p in sorted((data_dir / "hymenoptera").rglob("*.jpg"))))
+    assert cli.main(["extract", str(tmp_path / "s.h5"), str(listed), "--cluster", "yarn:3"]) == 2
+    assert "use local" in capsys.readouterr().err and not (tmp_path / "s.h5").exists()
+    t = time.perf_counter()
+    before = set(psutil.Process().children(recursive=True))
+    with pytest.raises(RuntimeError, match="driver failed"), ClusterStart("local:1") as cluster:
+        started = time.perf_counter() - t
+        assert started < 0.5, started  # the driver goes on at once
+        assert len(cluster.client().scheduler_info()["workers"]) == 1
+        workers = [
+            c for c in set(psutil.Process().children(recursive=True)) - before
+            if "spawn_main" in " ".join(c.cmdline())
+        ]  # fmt: skip
+        assert workers
+        raise RuntimeError("the driver failed after the cluster started: it is closed all the same")
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive
+    with pytest.raises(ClusterError, match="positive integer"):
+        ClusterStart("local:0")
+
+
 def test_local_cluster_equals_a_single_run_even_when_a_worker_is_killed(
     data_dir: Path, tmp_path: Path, capsys
 ):
@@ -161,8 +195,8 @@ def _number(text: str) -> bool:
 def test_driver_killed_at_random_moments_then_a_rerun_equals_an_uninterrupted_run(
     data_dir: Path, tmp_path: Path
 ):
-    """SIGKILL the driver of `extract --cluster local:2` at random moments (planning, tasks
-    running, parts being published): the store always opens and checks clean, and a rerun
+    """SIGKILL the driver of `extract --cluster local:2` while its tasks run and its parts are
+    published: the orphaned workers exit, the store always opens and checks clean, and a rerun
     publishes the parts left behind and finishes equal to an uninterrupted run."""
     pytest.importorskip("distributed")
     import os
@@ -171,47 +205,57 @@ def test_driver_killed_at_random_moments_then_a_rerun_equals_an_uninterrupted_ru
     import subprocess
     import time
 
+    import psutil
+
     manifest = cub_manifest(data_dir, tmp_path / "m.csv", classes=2, per_class=12)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    common = [str(manifest), "--root", str(data_dir / "cub100"), "-q", "--precision", "fp32",
+              "--workers", "0", "--batch-size", "4", "--commit-every", "4"]  # fmt: skip
 
     def cmd(store: Path) -> list[str]:
-        return [sys.executable, "-m", "cli", "extract", str(store), str(manifest), "--root",
-                str(data_dir / "cub100"), "-q", "--precision", "fp32", "--workers", "0",
-                "--batch-size", "4", "--cluster", "local:2", "--partition-size", "4",
-                "--commit-every", "4"]  # fmt: skip
+        return [sys.executable, "-m", "cli", "extract", str(store), *common,
+                "--cluster", "local:2", "--partition-size", "4"]  # fmt: skip
 
+    # the uninterrupted run in one process (the test above: a cluster run equals it)
     ref, store = tmp_path / "ref.h5", tmp_path / "s.h5"
-    t0 = time.perf_counter()
-    subprocess.run(cmd(ref), env=env, check=True, timeout=300, capture_output=True)
-    full = time.perf_counter() - t0
+    assert cli.main(["extract", str(ref), *common]) == 0
     rng = random.Random(1)
     landed = []
     for _ in range(5):
         if len(landed) >= 2:
             break
+        before = _files(parts_dir(store))
         proc = subprocess.Popen(
             cmd(store), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        wait = rng.uniform(0.3, 0.95) * full
+        # aim at the cluster phase: up to 1.2 s from the first file a worker writes (a model
+        # still being built, tasks running, parts published, the cluster closing)
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _files(parts_dir(store)) - before:
+                break
+            time.sleep(0.02)
+        wait = rng.uniform(0.0, 1.2)
         try:
             proc.wait(timeout=wait)  # finished before the kill: start over
             for f in tmp_path.glob("s.h5*"):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
             continue
         except subprocess.TimeoutExpired:
+            workers = psutil.Process(proc.pid).children(recursive=True)
             proc.kill()  # SIGKILL: no cleanup runs
             proc.wait()
-        time.sleep(1.0)  # the orphaned Dask workers notice and exit
-        if store.exists():
-            FeatureStore(store).images()  # always opens, whatever the moment
-            with StoreWriter(store):  # the next writer merges what was journaled
-                pass
-            assert check(store) == []
-            stored = FeatureStore(store).backbones()
-            parts = list(parts_dir(store).iterdir()) if parts_dir(store).is_dir() else []
-            landed.append(
-                (round(wait, 1), stored["efficientnet_lite0"].count if stored else 0, len(parts))
-            )
+        _, alive = psutil.wait_procs(workers, timeout=30)  # orphaned, they notice and exit
+        assert not alive, f"orphaned workers still running: {alive}"
+        FeatureStore(store).images()  # always opens, whatever the moment
+        with StoreWriter(store):  # the next writer merges what was journaled
+            pass
+        assert check(store) == []
+        stored = FeatureStore(store).backbones()
+        parts = list(parts_dir(store).iterdir()) if parts_dir(store).is_dir() else []
+        landed.append(
+            (round(wait, 2), stored["efficientnet_lite0"].count if stored else 0, len(parts))
+        )
     assert len(landed) >= 2, f"kills did not land mid-run: {landed}"
     subprocess.run(cmd(store), env=env, check=True, timeout=300, capture_output=True)
     want, got = _by_path(ref), _by_path(store)
@@ -219,6 +263,10 @@ def test_driver_killed_at_random_moments_then_a_rerun_equals_an_uninterrupted_ru
     for p, x in want.items():
         np.testing.assert_allclose(got[p], x, atol=1e-5)
     assert check(store) == [] and not parts_dir(store).exists()
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
 
 
 def test_on_disk_index_shards_added_on_a_cluster_equal_a_single_process_build(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,67 @@ def test_torchvision_weights_come_from_the_hub_cache(tmp_path: Path, monkeypatch
 def test_lite0_package_file_maps_every_tensor() -> None:
     state = read_state_dict(lite0_package_file())
     assert len(state) == 296 and next(iter(state)).startswith("_conv_stem")
+
+
+def test_a_known_backbone_starts_without_building_its_network(tmp_path: Path, monkeypatch) -> None:
+    """The second build of the same weights bytes and options comes from its recorded identity:
+    same name, fingerprint and preprocessing; the network is built only when used, and gives the
+    same embeddings. Other bytes under the same file name are another identity."""
+    monkeypatch.setenv("PENULT_ENGINE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(5)
+    f = tmp_path / "mine.pth"
+    torch.save(build_network(get_spec("resnet18")).state_dict(), f)
+    first = build_backbone("resnet18", weights=f, resize="pad")
+    again = build_backbone("resnet18", weights=f, resize="pad")
+    assert again._module is None  # not built yet
+    assert (again.name, again.fingerprint, again.preprocess) == (
+        first.name, first.fingerprint, first.preprocess
+    )  # fmt: skip
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():  # built here, yet with ordinary weights (export, training)
+        torch.testing.assert_close(again.module(x), first.module(x), rtol=0, atol=0)
+    assert not any(p.is_inference() for p in again.module.parameters())
+    state = torch.load(f, weights_only=True)
+    state["fc.bias"] += 1  # not part of the embedding, but other weights all the same
+    torch.save(state, f)
+    other = build_backbone("resnet18", weights=f, resize="pad")
+    assert other._module is not None and other.name != first.name
+    # a record that no longer matches what the network builds is refused when it is built
+    for record in (tmp_path / "cache" / "identities").glob("*.json"):
+        record.write_text(record.read_text().replace(other.fingerprint["weights_sha256"], "0" * 64))
+    stale = build_backbone("resnet18", weights=tmp_path / "mine.pth", resize="pad")
+    with pytest.raises(WeightsError, match="as recorded in .*identities; delete"):
+        _ = stale.module
+
+
+def test_the_cli_extract_of_a_known_backbone_never_imports_timm(data_dir, tmp_path) -> None:
+    """`penult extract` with a runtime engine whose export is cached: no torch network is built,
+    so timm and torchvision (2 s of every start) are never imported."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PENULT_ENGINE_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
+    files = sorted((data_dir / "hymenoptera" / "ants").glob("*.jpg"))[:4]
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in files))
+    code = (
+        "import sys, cli; r = cli.main(sys.argv[1:]); "
+        "print('IMPORTED', 'timm' in sys.modules, 'torchvision' in sys.modules); sys.exit(r)"
+    )
+    out = []
+    for k in range(2):
+        args = ["extract", str(tmp_path / f"s{k}.h5"), str(tmp_path / "list.txt"), "-q",
+                "--engine", "onnxruntime", "--workers", "0"]  # fmt: skip
+        r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        out.append(r.stdout.split("IMPORTED")[1].split())
+    assert out == [["True", "True"], ["False", "False"]]
+    from features import FeatureStore
+
+    a, b = (FeatureStore(tmp_path / f"s{k}.h5") for k in range(2))
+    fp = [s.backbone("efficientnet_lite0").fingerprint for s in (a, b)]
+    assert fp[0] == fp[1]
+    np.testing.assert_array_equal(
+        a.embeddings("efficientnet_lite0"), b.embeddings("efficientnet_lite0")
+    )
