@@ -9,16 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from store_rows import FP  # noqa: F401 -- tests import it from here
 
-# A made-up backbone fingerprint for store tests that write synthetic rows.
-FP = {
-    "architecture": "test:net",
-    "weights_sha256": "ab" * 32,
-    "preprocessing": {"crop": 4},
-    "layer": "x",
-    "dim": 8,
-    "precision": "fp32",
-}
 DATA = Path(os.environ.get("PENULT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 

@@ -25,9 +25,9 @@ from features import FeatureStore
 
 pytestmark = pytest.mark.slow
 # A random head, so that the training loss has somewhere to fall from in two short epochs.
-QUICK = ft.FinetuneOptions(epochs=2, batch_size=16, max_train=32, augment=False, balanced=False,
-                           lr_backbone=1e-3, lr_head=1e-2, warmup_epochs=0, head_init="random",
-                           progress=False)  # fmt: skip
+QUICK = ft.FinetuneOptions(epochs=2, batch_size=16, max_train=32, max_val=48, augment=False,
+                           balanced=False, lr_backbone=1e-3, lr_head=1e-2, warmup_epochs=0,
+                           head_init="random", progress=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from store_rows import FP, add_rows, synthetic_rows
 
 import cli
-from conftest import FP
 from features import FeatureStore, StoreError, StoreWriter, check, upgrade
 from features.segments import Piece, cut, path_keys
 
@@ -50,41 +50,25 @@ def test_path_keys_are_stable_keyed_and_width_independent() -> None:
     assert (path_keys(paths, 8) != k).all()  # another store's seed gives other keys
 
 
-def _batch(k: int, n: int = 20) -> tuple[list[str], list[str], np.ndarray]:
-    ids = range(k * n, k * n + n)
-    x = np.stack([np.random.default_rng(i).normal(size=8) for i in ids]).astype(np.float32)
-    return [f"d{i % 7}/{i:05d}.jpg" for i in ids], [f"{i + 1:064x}" for i in ids], x
-
-
-def _add(w: StoreWriter, k: int) -> None:
-    paths, sha, x = _batch(k)
-    n = len(paths)
-    w.upsert_images(
-        paths, ["/r"] * n, sha, np.arange(n), np.arange(n), {"label": [p[:2] for p in paths]}
-    )
-    w.register_backbone("net", {**FP, "dim": 8})
-    w.append("net", paths, sha, x, width=np.full(n, 3), height=np.full(n, 4))
-
-
 def test_small_commits_roll_into_segments_and_read_back_exactly(tmp_path: Path) -> None:
     p = tmp_path / "s.h5"
-    for k in range(40):  # 800 rows, 20 at a time, blocks of 64
-        with StoreWriter(p, segment_rows=64) as w:
-            _add(w, k)
+    for k in range(20):  # 400 rows, 20 at a time, blocks of 32
+        with StoreWriter(p, segment_rows=32) as w:
+            add_rows(w, k)
     fs = FeatureStore(p)
     t = fs.images()
-    want = np.concatenate([_batch(k)[2] for k in range(40)])
-    assert t.path == [q for k in range(40) for q in _batch(k)[0]]
+    want = np.concatenate([synthetic_rows(k)[2] for k in range(20)])
+    assert t.path == [q for k in range(20) for q in synthetic_rows(k)[0]]
     np.testing.assert_array_equal(fs.embeddings("net"), want)
-    rows = np.array([799, 3, 400, 3, 64])
+    rows = np.array([399, 3, 200, 3, 32])
     np.testing.assert_array_equal(fs.embeddings("net", rows), want[rows])
-    np.testing.assert_array_equal(fs.find(["d0/00007.jpg", "nope", t.path[650]]), [7, -1, 650])
+    np.testing.assert_array_equal(fs.find(["d0/00007.jpg", "nope", t.path[350]]), [7, -1, 350])
     with h5py.File(p) as f:
         for fam in ("table", "backbone:net"):
             lo, hi = f[f"segments/{fam}/lo"][()], f[f"segments/{fam}/hi"][()]
-            full = hi <= 768  # the 12 finished blocks are one segment each
-            assert (hi[full] - lo[full] == 64).all() and full.sum() == 12, fam
-        assert len(f["index/rows"]) < 8 and f["index/rows"][()].sum() == 800
+            full = hi <= 384  # the 12 finished blocks are one segment each
+            assert (hi[full] - lo[full] == 32).all() and full.sum() == 12, fam
+        assert len(f["index/rows"]) < 8 and f["index/rows"][()].sum() == 400
         np.testing.assert_array_equal(f["backbones/net/embeddings"][()], want)  # plain h5py
     files = os.listdir(f"{p}.segments")
     referenced = fs._b.state().files()
@@ -96,7 +80,7 @@ def test_changed_file_labels_and_failures_are_overlays(tmp_path: Path) -> None:
     p = tmp_path / "s.h5"
     with StoreWriter(p, segment_rows=64) as w:
         for k in range(4):
-            _add(w, k)
+            add_rows(w, k)
     seg = Path(f"{p}.segments")
     before = {f: (seg / f).stat().st_mtime_ns for f in os.listdir(seg)}
     paths = FeatureStore(p).images().path
@@ -121,7 +105,7 @@ def test_changed_file_labels_and_failures_are_overlays(tmp_path: Path) -> None:
 def test_failure_then_embedding_in_one_commit_clears_the_failure(tmp_path: Path) -> None:
     """A failure journaled earlier in the same commit (nothing stored yet) is cleared too."""
     p = tmp_path / "s.h5"
-    paths, sha, x = _batch(0)
+    paths, sha, x = synthetic_rows(0)
     with StoreWriter(p) as w:
         w.upsert_images(paths, ["/r"] * 20, sha, np.arange(20), np.arange(20), {})
         w.record_failures(paths[:2], sha[:2], ["truncated file"] * 2)
@@ -135,7 +119,7 @@ def test_missing_or_truncated_segment_is_named_and_repaired(tmp_path: Path, caps
     p = tmp_path / "s.h5"
     for k in range(3):
         with StoreWriter(p, segment_rows=32) as w:
-            _add(w, k)
+            add_rows(w, k)
     state = FeatureStore(p)._b.state()
     emb = state.maps["backbone:net"][0].file
     seg = Path(f"{p}.segments")
@@ -153,8 +137,8 @@ def test_missing_or_truncated_segment_is_named_and_repaired(tmp_path: Path, caps
     fs = FeatureStore(p)
     assert check(p) == [] and fs.valid("net").sum() == 28 and len(fs) == 60
     with StoreWriter(p) as w:  # the next run makes the lost embeddings again
-        _add(w, 0)
-        _add(w, 1)
+        add_rows(w, 0)
+        add_rows(w, 1)
     assert FeatureStore(p).valid("net").all()
     table = FeatureStore(p)._b.state().maps["table"][0].file
     (seg / table).unlink()
@@ -193,7 +177,7 @@ WRITER = textwrap.dedent("""
     sys.path[:0] = [{root!r}, {tests!r}]
     import numpy as np
     from features import FeatureStore, StoreWriter
-    from test_segments import _add
+    from store_rows import add_rows
     p = sys.argv[1]
     print("ready", flush=True)
     for k in range(20):
@@ -204,7 +188,7 @@ WRITER = textwrap.dedent("""
         except Exception:
             pass
         with StoreWriter(p, segment_rows=48) as w:
-            _add(w, k)
+            add_rows(w, k)
 """)
 
 UPGRADE = textwrap.dedent("""
@@ -235,7 +219,7 @@ def test_kill_during_commits_rolls_and_index_merges_then_resume(tmp_path: Path) 
     ref, p = tmp_path / "ref.h5", tmp_path / "s.h5"
     for k in range(20):
         with StoreWriter(ref, segment_rows=48) as w:
-            _add(w, k)
+            add_rows(w, k)
 
     def sound() -> None:
         if p.exists():
@@ -279,9 +263,9 @@ def test_readme_snippet_reads_a_store_with_plain_h5py(tmp_path: Path) -> None:
     p = tmp_path / "birds.h5"
     for k in range(3):
         with StoreWriter(p, segment_rows=32) as w:
-            _add(w, k)
+            add_rows(w, k)
             w.register_backbone("efficientnet_lite0", {**FP, "dim": 8, "architecture": "z"})
-            paths, sha, x = _batch(k)
+            paths, sha, x = synthetic_rows(k)
             w.append("efficientnet_lite0", paths[::2], sha[::2], x[::2])
     scope: dict = {}
     cwd = os.getcwd()

@@ -83,6 +83,8 @@ def load(store_path, opts: FinetuneOptions) -> TrainData:
     classes = sorted(set(y[tr]))
     idx = {c: i for i, c in enumerate(classes)}
     va = np.array([i for i in va if y[i] in idx], dtype=int)
+    if opts.max_val and len(va) > opts.max_val:
+        va = np.sort(rng.choice(va, opts.max_val, replace=False))
     d = TrainData(
         Split(files[tr].tolist(), np.array([idx[c] for c in y[tr]])),
         Split(files[va].tolist(), np.array([idx[c] for c in y[va]])),

@@ -70,6 +70,12 @@ class FinetuneOptions:
     max_train: int | None = option(
         None, "use at most this many training images (quick trials)", parse=POSITIVE
     )
+    max_val: int | None = option(
+        None,
+        "validate on at most this many images, drawn at random (quick trials: each epoch runs "
+        "the whole network over them)",
+        parse=POSITIVE,
+    )
     crop_pct: float | None = option(
         None,
         "centre crop / resize for training and the new embeddings (default: the weights' own; "
