@@ -727,6 +727,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from features import PenultError
+
+    for src in args.inputs:  # said at once, not after seconds of importing torch and sklearn
+        if not os.path.exists(os.path.expanduser(src)):
+            raise PenultError(f"{src}: no such file or folder")
     from classify import PredictOptions, load_model, predict_images, weights_for
     from extract import Featuriser
 

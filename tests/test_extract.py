@@ -175,6 +175,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
             "unknown backbone 'resnet5'. Did you mean",
         ),
         (["info", "{tmp}/nothing.h5"], "no such feature store"),
+        (["predict", "{tmp}/m.skops", "{tmp}/missing", "--out", "{tmp}/o.csv"], "no such file"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, tmp_path: Path, small_folder: Path, capsys) -> None:
