@@ -729,13 +729,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from features import PenultError
 
+    _out_folder(args.out)
     for src in args.inputs:  # said at once, not after seconds of importing torch and sklearn
         if not os.path.exists(os.path.expanduser(src)):
             raise PenultError(f"{src}: no such file or folder")
     from classify import PredictOptions, load_model, predict_images, weights_for
     from extract import Featuriser
 
-    _out_folder(args.out)
     model = load_model(args.model, trust=args.trust_model)
     images = _options(args, Featuriser, weights=weights_for(model, args.weights))
     opts = _options(args, PredictOptions)

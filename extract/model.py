@@ -218,9 +218,8 @@ def build_backbone(
     key = _identity_key(*args)
     known = _read_identity(key) if key else None
     if known is not None:
-        pre = Preprocess(**known["preprocess"])
-        return Backbone(known["name"], spec, lambda: _checked(_build(*args), known), pre,
-                        copy.deepcopy(known["fingerprint"]))  # fmt: skip
+        return Backbone(known["name"], spec, lambda: _checked(_build(*args), known),
+                        known["preprocess"], copy.deepcopy(known["fingerprint"]))  # fmt: skip
     module, bb_name, pre, fingerprint = _build(*args)
     bb = Backbone(bb_name, spec, module, pre, fingerprint)
     if key:
@@ -318,8 +317,11 @@ def _identity_key(
 def _read_identity(key: str) -> dict[str, Any] | None:
     try:
         known = json.loads((identity_dir() / f"{key}.json").read_text())
-        known["preprocess"]["mean"] = tuple(known["preprocess"]["mean"])
-        known["preprocess"]["std"] = tuple(known["preprocess"]["std"])
+        pre = known["preprocess"]
+        pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
+        known["preprocess"] = Preprocess(**pre)
+        if not isinstance(known["name"], str) or "weights_sha256" not in known["fingerprint"]:
+            return None
         return known
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: build
         return None

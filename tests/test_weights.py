@@ -134,33 +134,43 @@ def test_a_known_backbone_starts_without_building_its_network(tmp_path: Path, mo
     stale = build_backbone("resnet18", weights=tmp_path / "mine.pth", resize="pad")
     with pytest.raises(WeightsError, match="as recorded in .*identities; delete"):
         _ = stale.module
+    for garbage in ("{not json", '{"name": "x", "preprocess": {"size": 3}, "fingerprint": {}}'):
+        for record in (tmp_path / "cache" / "identities").glob("*.json"):
+            record.write_text(garbage)  # unreadable records: built again, and recorded again
+        rebuilt = build_backbone("resnet18", weights=f, resize="pad")
+        assert rebuilt._module is not None and rebuilt.fingerprint == other.fingerprint
 
 
-def test_the_cli_extract_of_a_known_backbone_never_imports_timm(data_dir, tmp_path) -> None:
+def test_the_cli_extract_of_a_known_backbone_never_imports_timm(
+    data_dir, tmp_path, monkeypatch
+) -> None:
     """`penult extract` with a runtime engine whose export is cached: no torch network is built,
-    so timm and torchvision (2 s of every start) are never imported."""
+    so timm and torchvision (2 s of every start) are never imported, and the entry and its
+    embeddings are those of a run that built it."""
     import subprocess
     import sys
 
-    env = {**os.environ, "PENULT_ENGINE_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
+    import cli
+    from features import FeatureStore
+
+    monkeypatch.setenv("PENULT_ENGINE_CACHE", str(tmp_path / "cache"))
     files = sorted((data_dir / "hymenoptera" / "ants").glob("*.jpg"))[:4]
     (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in files))
+
+    def args(k: int) -> list[str]:
+        return ["extract", str(tmp_path / f"s{k}.h5"), str(tmp_path / "list.txt"), "-q",
+                "--engine", "onnxruntime", "--workers", "0"]  # fmt: skip
+
+    assert cli.main(args(0)) == 0  # builds the network, exports it, records its identity
     code = (
         "import sys, cli; r = cli.main(sys.argv[1:]); "
         "print('IMPORTED', 'timm' in sys.modules, 'torchvision' in sys.modules); sys.exit(r)"
     )
-    out = []
-    for k in range(2):
-        args = ["extract", str(tmp_path / f"s{k}.h5"), str(tmp_path / "list.txt"), "-q",
-                "--engine", "onnxruntime", "--workers", "0"]  # fmt: skip
-        r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        out.append(r.stdout.split("IMPORTED")[1].split())
-    assert out == [["True", "True"], ["False", "False"]]
-    from features import FeatureStore
-
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-c", code, *args(1)], env=env, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("IMPORTED")[1].split() == ["False", "False"]
     a, b = (FeatureStore(tmp_path / f"s{k}.h5") for k in range(2))
     fp = [s.backbone("efficientnet_lite0").fingerprint for s in (a, b)]
     assert fp[0] == fp[1]
