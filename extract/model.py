@@ -170,15 +170,11 @@ class Backbone:
         preprocess: Preprocess,
         fingerprint: dict[str, Any],
     ) -> None:
-        self.name, self.spec, self.preprocess, self.fingerprint = (
-            name,
-            spec,
-            preprocess,
-            fingerprint,
-        )
-        self._module, self._build = (
-            (module, None) if isinstance(module, nn.Module) else (None, module)
-        )
+        self.name, self.spec, self.preprocess = name, spec, preprocess
+        self.fingerprint = fingerprint
+        built = isinstance(module, nn.Module)
+        self._module: nn.Module | None = module if built else None
+        self._build = None if built else module
 
     @property
     def module(self) -> nn.Module:

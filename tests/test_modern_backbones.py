@@ -37,7 +37,7 @@ def _round_trip(name: str, data_dir: Path, tmp_path: Path, n: int = 6) -> tuple[
     root = data_dir / "hymenoptera"
     listing = Listing(root=root, paths=list_images(str(root)).paths[:n])
     s = extract(store, listing, ExtractOptions(backbone=name, weights="random", workers=0,
-                                               progress=False))  # fmt: skip
+                                               engine="torch", progress=False))  # fmt: skip
     fs = FeatureStore(store)
     entry = fs.backbone(s.backbone)
     rebuilt = backbone_from_fingerprint(entry.fingerprint)
