@@ -45,6 +45,7 @@ def test_training_loss_falls_and_card_records_the_run(tuned):
     card = json.loads(open(f"{r.checkpoint}.json").read())
     assert card["finished"] and card["base_backbone"] == "efficientnet_lite0"
     assert card["data"]["train"] == 32 - card["data"]["val"] or card["data"]["val"] > 0
+    assert card["data"]["val"] == 48  # --max-val: 48 of the 153 images of the val split
     assert card["options"]["unfreeze"] == 1 and len(card["curve"]) == 2
     assert open(f"{r.checkpoint}.curve.png", "rb").read(4) == b"\x89PNG"
 
