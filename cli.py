@@ -364,7 +364,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         f"; --resize {used['resize']} --augment {used['augment_style']}"
     )
     if not args.no_extract:
-        name = extract_finetuned(args.store, args.out, progress=opts.progress, engine=opts.engine)
+        name = extract_finetuned(args.store, args.out, progress=opts.progress, engine=opts.engine,
+                                 precision=opts.precision)  # fmt: skip
         print(
             f"embedded the store as backbone {name!r}: `penult train {args.store} --backbone {name}`"
         )

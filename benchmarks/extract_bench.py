@@ -3,8 +3,9 @@
 
     .venv/bin/python benchmarks/extract_bench.py --limit 2000
 
-Engines: torch (eager, in the precision `auto` gives this CPU: bf16 + channels_last where it has
-native bf16, else fp32), ONNX Runtime and OpenVINO (when installed). `penult extract --engine auto`
+Engines: torch (eager, channels_last, in the precision `auto` gives this CPU: bf16 where it has
+native bf16, else fp32), ONNX Runtime and OpenVINO (when installed), each in the precision `auto`
+runs it in; where the CPU has native bf16, torch fp32 and OpenVINO fp32 are timed too. `penult extract --engine auto`
 runs end to end into a fresh store after a 64-image run has calibrated and exported (the one-off
 cost, printed apart), then ``--repeat`` more times, each followed by a model-only timing of the
 fastest engine: the best of each is compared too (a shared machine's speed drifts within a run).
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks_common import cpu_flags  # noqa: E402
 
 from extract import ExtractOptions, Featuriser, build_backbone, extract, list_images  # noqa: E402
-from extract.engines import RUNTIMES, installed  # noqa: E402
+from extract.engines import RUNTIMES, cpu_has_bf16, installed  # noqa: E402
 from extract.model import Embedder  # noqa: E402
 from extract.sources import Listing  # noqa: E402
 
@@ -77,9 +78,11 @@ def textbook(files: list[str], name: str, weights: str) -> float:
 
 
 def model_only(name: str, weights: str, engine: str, batch: int = 32, images: int = 256):
-    """(images/s of the engine alone on one uint8 batch, run over ``images``, its precision tag)."""
+    """(images/s of the engine alone on one uint8 batch, run over ``images``, its precision tag).
+    ``engine`` is ENGINE or ENGINE/PRECISION (default: auto's precision)."""
     bb = build_backbone(name, weights=weights)
-    emb = Embedder(bb, engine=engine, batch_size=batch)
+    engine, _, precision = engine.partition("/")
+    emb = Embedder(bb, engine=engine, precision=precision or "auto", batch_size=batch)
     x = torch.randint(0, 256, (batch, 3, bb.preprocess.crop, bb.preprocess.crop), dtype=torch.uint8)
     emb(x)
     reps = max(1, images // batch)
@@ -162,6 +165,9 @@ def main() -> None:
         f"(flags: {cpu_flags()}), threads {torch.get_num_threads()}"
     )
     engines = ["torch", *(e for e in RUNTIMES if installed(e))]
+    if cpu_has_bf16():  # what auto's bf16 is weighed against
+        engines[1:1] = ["torch/fp32"]
+        engines += ["openvino/fp32"] if installed("openvino") else []
     rows = []
     for name in args.backbones:
         weights = "pretrained" if name == "efficientnet_lite0" else "random"
@@ -189,7 +195,7 @@ def main() -> None:
         best = max(r for r, _ in mo.values())
         cells = " | ".join(f"{r:.1f} ({tag})" for r, tag in mo.values())
         print(
-            f"| {name} | {base:.1f} | {cells} | **{s.images_per_s:.1f}** ({s.engine}, {s.seconds:.1f} s; first run +{once:.0f} s) "
+            f"| {name} | {base:.1f} | {cells} | **{s.images_per_s:.1f}** ({s.precision} {s.engine}, {s.seconds:.1f} s; first run +{once:.0f} s) "
             f"| {s.images_per_s / best:.2f}x | {bo[0] / bo[1] if bo else float('nan'):.2f}x "
             f"| {s.images_per_s / base:.2f}x | {s.steady_images_per_s:.1f} "
             f"| {pr:.1f} | {pr / s.images_per_s:.2f}x |"

@@ -39,12 +39,14 @@ __all__ = [
     "cache_dir",
     "calibrate",
     "check_engine",
+    "cpu_has_bf16",
     "cpu_model",
     "engine_tag",
     "installed",
     "lowest_cosine",
     "make_runner",
     "model_key",
+    "runtime_precision",
     "speed_key",
     "onnx_file",
 ]
@@ -87,6 +89,23 @@ def installed(engine: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in mods)
 
 
+def cpu_has_bf16() -> bool:
+    """True where the CPU runs bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def runtime_precision(engine: str, precision: str) -> str:
+    """What a runtime runs for ``--precision`` (``int8`` aside): OpenVINO runs bf16 where the CPU
+    has it natively and bf16 or auto is asked (as torch does; 2.6-5x its fp32 on an AMX Xeon,
+    docs/BENCHMARKS.md), everything else fp32."""
+    if engine == "openvino" and precision in ("auto", "bf16") and cpu_has_bf16():
+        return "bf16"
+    return "fp32"
+
+
 def check_engine(engine: str, device: torch.device, precision: str) -> None:
     """Refuse what cannot run, with the reason, before any model is built."""
     if engine not in ENGINES:
@@ -101,9 +120,14 @@ def check_engine(engine: str, device: torch.device, precision: str) -> None:
         return
     if device.type != "cpu":
         raise OptionError(f"--engine {engine} runs on the CPU; use --engine torch on {device}")
-    if precision in ("bf16", "fp16"):
+    if precision == "fp16" or (precision == "bf16" and engine != "openvino"):
         raise OptionError(
-            f"--engine {engine} runs fp32 (openvino also int8); {precision} is torch's"
+            f"--engine {engine} runs fp32 (openvino also bf16 and int8); {precision} is torch's"
+        )
+    if precision == "bf16" and not cpu_has_bf16():
+        raise OptionError(
+            "--engine openvino runs bf16 only on CPUs with native bf16 (AVX-512 BF16 or AMX); "
+            "this one has none: --precision fp32 (or auto)"
         )
     if precision == "int8" and engine != "openvino":
         raise OptionError("--precision int8 is OpenVINO NNCF quantization: --engine openvino")
@@ -172,7 +196,7 @@ def onnx_file(backbone) -> Path:
     return path
 
 
-def _ort_runner(path: Path, threads: int) -> Runner:
+def _ort_runner(path: Path, threads: int, precision: str = "fp32") -> Runner:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -201,11 +225,12 @@ def _openvino_core():
         return _CORE[0]
 
 
-def _openvino_runner(path: Path, threads: int) -> Runner:
+def _openvino_runner(path: Path, threads: int, precision: str = "fp32") -> Runner:
     config: dict[str, Any] = {
         "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "f32",  # its default is bf16 where the CPU has it
+        # its default is bf16 where the CPU has it: asked for, never implied
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         "ENABLE_CPU_PINNING": False,  # the loader's processes share these cores
     }
     blobs = cache_dir() / "openvino"
@@ -219,10 +244,12 @@ def _openvino_runner(path: Path, threads: int) -> Runner:
     return lambda x: np.array(model(x)[0], copy=True)  # its buffer is reused by the next call
 
 
-def make_runner(engine: str, path: Path, threads: int) -> Runner:
-    """The runtime's session over an exported (or quantized) ONNX file."""
+def make_runner(engine: str, path: Path, threads: int, precision: str = "fp32") -> Runner:
+    """The runtime's session over an exported (or quantized) ONNX file; ``precision`` bf16 is
+    OpenVINO's inference precision on CPUs that have it (see runtime_precision)."""
+    make = _ort_runner if engine == "onnxruntime" else _openvino_runner
     try:
-        return (_ort_runner if engine == "onnxruntime" else _openvino_runner)(path, threads)
+        return make(path, threads, precision)
     except Exception as e:  # noqa: BLE001 - a graph the runtime refuses: name it
         raise EngineError(f"{engine} cannot load {path.name} ({type(e).__name__}: {e})") from e
 

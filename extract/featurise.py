@@ -33,7 +33,9 @@ class Featuriser:
     )
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     precision: str = option(
-        "auto", "autocast precision (an int8 model's own is used for it)", choices=TORCH_PRECISIONS
+        "auto",
+        "as for `penult extract` (an int8 entry runs its own model)",
+        choices=TORCH_PRECISIONS,
     )
     engine: str = option(
         "auto",

@@ -19,15 +19,18 @@ from torch import nn
 
 from extract.engines import (
     ENGINES,
+    INSTALL,
     Runner,
     auto_runtimes,
     cache_dir,
     calibrate,
     check_engine,
+    cpu_has_bf16,
     engine_tag,
     installed,
     make_runner,
     onnx_file,
+    runtime_precision,
     speed_key,
 )
 from extract.registry import REGISTRY, BackboneSpec, Preprocess, get_spec
@@ -341,14 +344,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return d
 
 
-def cpu_has_bf16() -> bool:
-    """True where the CPU runs bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
-
-
 def pick_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise OptionError(f"precision {precision!r} not one of {', '.join(PRECISIONS)}")
@@ -409,7 +404,7 @@ class Embedder:
         self.engine_note = ""
         self.int8: dict[str, Any] = {}
         if engine == "auto":
-            engine, self.engine_note = self._pick(precision)
+            engine, precision, self.engine_note = self._pick(precision)
         self.engine = engine
         if engine == "torch":
             self._use_torch(pick_precision(precision, self.device))
@@ -421,7 +416,7 @@ class Embedder:
             path, self.int8 = int8_file(backbone, calibration, int8_digest, batch_size)
             self._use_runtime(engine, path, "int8")
         else:
-            self._use_runtime(engine, onnx_file(backbone), "fp32")
+            self._use_runtime(engine, onnx_file(backbone), runtime_precision(engine, precision))
 
     @property
     def tag(self) -> str:
@@ -439,26 +434,30 @@ class Embedder:
         return lambda x: self(torch.from_numpy(x))
 
     def _use_runtime(self, engine: str, path, precision: str) -> Runner:
-        self._runner = make_runner(engine, path, torch.get_num_threads())
+        self._runner = make_runner(engine, path, torch.get_num_threads(), precision)
         self.engine, self.precision, self.dtype = engine, precision, None
         return self._runner
 
-    def _pick(self, precision: str) -> tuple[str, str]:
-        """The fastest engine here for this backbone, measured once (see engines.calibrate)."""
-        if self.device.type != "cpu" or precision in ("bf16", "fp16"):
-            return "torch", ""
+    def _pick(self, precision: str) -> tuple[str, str, str]:
+        """(engine, precision, note): the fastest engine here for this backbone, in the precision
+        each runs for ``precision`` (torch and OpenVINO bf16 where the CPU has it natively),
+        measured once (see engines.calibrate)."""
         if precision == "int8":
-            return "openvino", ""
-        torch_precision = pick_precision(precision, self.device)
-        candidates = {
-            e: lambda e=e: self._use_runtime(e, onnx_file(self.backbone), "fp32")
-            for e in auto_runtimes()
-            if installed(e)
-        }
+            return "openvino", precision, ""
+        if self.device.type != "cpu" or precision == "fp16":
+            return "torch", precision, ""
+        candidates = {}
+        for e in auto_runtimes():
+            p = runtime_precision(e, precision)
+            if installed(e) and (precision != "bf16" or p == "bf16"):
+                candidates[f"{e} {p}"] = lambda e=e, p=p: self._use_runtime(
+                    e, onnx_file(self.backbone), p
+                )
         if not candidates:
-            return "torch", ""
+            return "torch", precision, ""
         # last: on CPUs without native bf16 torch is the slowest, and calibrate skips timing a
         # candidate whose warm-up batch is under half the best rate so far
+        torch_precision = pick_precision(precision, self.device)
         candidates[f"torch {torch_precision}"] = lambda: self._use_torch(torch_precision)
         size = self.backbone.preprocess.crop
         x = np.random.default_rng(0).integers(0, 256, (self.batch_size, 3, size, size), np.uint8)
@@ -471,7 +470,10 @@ class Embedder:
         best, rates, cached = calibrate(key, candidates, x)
         note = ", ".join(f"{n} {r:.0f}" for n, r in sorted(rates.items(), key=lambda t: -t[1]))
         note = f"auto: {note} img/s ({'calibration cached' if cached else 'calibrated now'})"
-        return best.split()[0], note
+        if "openvino" in auto_runtimes() and not installed("openvino"):
+            note += f"; OpenVINO, fastest on every CPU measured, is not installed: {INSTALL['openvino']}"
+        engine, picked = best.split()
+        return engine, picked, note
 
     def compile(self) -> None:
         """Switch to torch.compile (inductor, frozen weights); the compile happens on the first batch."""

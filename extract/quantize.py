@@ -7,7 +7,7 @@ correction, with the first convolution kept in fp32 (it reads the normalised pix
 errors every later layer inherits), lost 0.3 (docs/BENCHMARKS.md, "int8"). The quantized model is
 cached under the digest of its calibration images' bytes, so shards, resumed runs and cluster
 workers on this machine use the very same model. Whether int8 keeps accuracy is measured, not
-assumed: benchmarks/int8_probe.py.
+assumed: benchmarks/precision_probe.py.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ class ExtractOptions:
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     precision: str = option(
         "auto",
-        "auto: bf16 on CPUs with native bf16 (torch), fp16/bf16 on CUDA, else fp32. int8: "
+        "auto: bf16 on CPUs with native bf16 (AVX-512 BF16, AMX: torch and OpenVINO; ONNX "
+        "Runtime stays fp32), fp16/bf16 on CUDA, else fp32. int8: "
         "OpenVINO NNCF quantization calibrated on 256 of your images, into an entry of its own "
         "(NAME@int8; needs penult[openvino]); on cub100 it kept linear-probe top-1 within 0.5 "
         "points of fp32 (docs/BENCHMARKS.md)",

@@ -37,8 +37,61 @@ def test_openvino_agrees_with_torch_on_real_images(name, data_dir) -> None:
     bb = build_backbone(name, weights=weights)
     x = real_batch(data_dir, bb.preprocess)
     ref = Embedder(bb, engine="torch", precision="fp32")(x)
-    e = Embedder(bb, engine="openvino")
+    e = Embedder(bb, engine="openvino", precision="fp32")
     assert e.tag == "fp32/openvino" and eng.lowest_cosine(ref, e(x)) >= 0.999
+
+
+@pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
+@pytest.mark.skipif(not eng.cpu_has_bf16(), reason="CPU has no native bf16")
+def test_openvino_bf16_where_the_cpu_has_it_agrees_like_torch_bf16(data_dir) -> None:
+    """On a CPU with native bf16, precision auto runs OpenVINO in bf16 (as torch): close to fp32
+    as torch's bf16 is (the bar of tests/test_precision.py), not equal to it."""
+    from extract.model import Embedder
+
+    bb = build_backbone("efficientnet_lite0")
+    x = real_batch(data_dir, bb.preprocess)
+    ref = Embedder(bb, engine="torch", precision="fp32")(x)
+    e = Embedder(bb, engine="openvino")
+    assert e.tag == "bf16/openvino"
+    assert 0.99 <= eng.lowest_cosine(ref, e(x)) < 0.99999  # bf16 indeed, and close
+    tb = Embedder(bb, engine="torch")(x)
+    assert abs(eng.lowest_cosine(ref, e(x)) - eng.lowest_cosine(ref, tb)) < 0.005
+
+
+def test_auto_times_each_engine_in_the_precision_it_runs_on_this_cpu(monkeypatch) -> None:
+    """Where the CPU has native bf16, auto times torch and OpenVINO in bf16 and ONNX Runtime in
+    fp32 (it has no CPU bf16); elsewhere all in fp32. ``--precision bf16`` times only bf16 ones;
+    fp32 keeps every engine fp32. The picked precision is the one recorded."""
+    from extract import model
+
+    seen = {}
+
+    def fake(key, candidates, x):
+        seen[key["precision"]] = sorted(candidates)
+        return "onnxruntime fp32", {"onnxruntime fp32": 1.0}, True
+
+    monkeypatch.setattr(model, "calibrate", fake)
+    monkeypatch.setattr(model, "installed", lambda e: True)
+    bb = build_backbone("resnet18", weights="random", seed=5)
+    for native in (True, False):
+        monkeypatch.setattr(eng, "cpu_has_bf16", lambda native=native: native)
+        monkeypatch.setattr(model, "cpu_has_bf16", lambda native=native: native)
+        seen.clear()
+        tags = {p: model.Embedder(bb, engine="auto", precision=p, batch_size=2).tag
+                for p in ("auto", "bf16", "fp32")}  # fmt: skip
+        half = "bf16" if native else "fp32"
+        assert seen["auto"] == ["onnxruntime fp32", f"openvino {half}", f"torch {half}"]
+        assert seen["fp32"] == ["onnxruntime fp32", "openvino fp32", "torch fp32"]
+        if native:
+            assert seen["bf16"] == ["openvino bf16", "torch bf16"]
+            assert set(tags.values()) == {"fp32/onnxruntime"}  # what the calibration picked
+        else:  # --precision bf16 is torch's emulated autocast, as before the engines
+            assert "bf16" not in seen and tags["bf16"] == "bf16"
+    # without OpenVINO, the summary says what it would take
+    monkeypatch.setattr(model, "installed", lambda e: e != "openvino")
+    note = model.Embedder(bb, engine="auto", batch_size=2).engine_note
+    assert seen["auto"] == ["onnxruntime fp32", "torch fp32"]
+    assert note.endswith("is not installed: pip install 'penult[openvino]'"), note
 
 
 @pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
@@ -142,7 +195,8 @@ def test_extract_mixes_engines_in_one_entry_only_where_they_agree(data_dir, tmp_
     store = tmp_path / "s.h5"
     a = extract(store, first, ExtractOptions(engine="onnxruntime", workers=2, progress=False))
     assert (a.engine, a.extracted) == ("onnxruntime", 6) and "onnxruntime" in a.report()
-    b = extract(store, listing, ExtractOptions(engine="torch", workers=0, progress=False))
+    b = extract(store, listing, ExtractOptions(engine="torch", precision="fp32", workers=0,
+                                               progress=False))  # fmt: skip
     assert (b.engine, b.extracted, b.skipped) == ("torch", 6, 6)
     fs = FeatureStore(store)
     entry = fs.backbone("efficientnet_lite0")
@@ -233,11 +287,16 @@ def test_auto_runtimes_can_be_chosen_by_the_environment(monkeypatch) -> None:
         eng.auto_runtimes()
 
 
-def test_refusals_are_clear() -> None:
+def test_refusals_are_clear(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with pytest.raises(OptionError, match="runs on the CPU"):
         eng.check_engine("onnxruntime", cuda, "auto")
     with pytest.raises(OptionError, match="bf16 is torch's"):
+        eng.check_engine("onnxruntime", cpu, "bf16")
+    with pytest.raises(OptionError, match="fp16 is torch's"):
+        eng.check_engine("openvino", cpu, "fp16")
+    monkeypatch.setattr(eng, "cpu_has_bf16", lambda: False)
+    with pytest.raises(OptionError, match="only on CPUs with native bf16"):
         eng.check_engine("openvino", cpu, "bf16")
     with pytest.raises(OptionError, match="int8 runs on --engine openvino"):
         eng.check_engine("torch", cpu, "int8")

@@ -265,13 +265,18 @@ def test_fp16_trains_through_a_gradient_scaler(data_dir):
     assert not torch.equal(before, model.fc.weight)
 
 
-def test_trained_network_embeds_exactly_what_extract_stores_for_its_weights(tuned):
+def test_trained_network_embeds_exactly_what_extract_stores_for_its_weights(
+    tuned, hym_store, tmp_path
+):
     """One pre-logits path: the training module, holding the checkpoint's weights, gives the
     embeddings `penult extract` stored for that checkpoint."""
     from extract.loader import make_loader
 
-    r, store = tuned
-    name = ft.extract_finetuned(store, r.checkpoint, progress=False)
+    r, _ = tuned
+    store = tmp_path / "own.h5"  # not the shared store, which other tests embed in precision auto
+    copy_store(hym_store, store)
+    # fp32: compared exactly (on a CPU with native bf16, precision auto would embed in bf16)
+    name = ft.extract_finetuned(store, r.checkpoint, progress=False, precision="fp32")
     model = r.model.cpu().eval()
     trunk = model.embedder.net
     saved = read_state_dict(r.checkpoint)

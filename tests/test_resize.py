@@ -94,7 +94,8 @@ def test_a_padded_flipped_entry_is_stored_and_rebuilt_for_scoring(data_dir, tmp_
     store = tmp_path / "s.h5"
     root = data_dir / "hymenoptera"
     listing = Listing(root=root, paths=list_images(str(root)).paths[:24])
-    opts = ExtractOptions(weights="random", resize="pad", tta="flip", workers=0, progress=False)
+    opts = ExtractOptions(weights="random", resize="pad", tta="flip", precision="fp32",
+                          workers=0, progress=False)  # fmt: skip
     s = extract(store, listing, opts)
     assert s.backbone == "efficientnet_lite0@random@pad@flip" and s.extracted == 24
     fs = FeatureStore(store)

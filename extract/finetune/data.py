@@ -139,8 +139,10 @@ def extract_finetuned(
     *,
     progress: bool = True,
     engine: str = "auto",
+    precision: str = "auto",
 ) -> str:
-    """Embed every image of the store with the fine-tuned network, as backbone ``<base>@ft-<hash>``."""
+    """Embed every image of the store with the fine-tuned network, as backbone ``<base>@ft-<hash>``
+    (``engine`` and ``precision`` as for ``penult extract``)."""
     card = json.loads(Path(f"{checkpoint}.json").read_text())
     name = f"{card['base_backbone']}@ft-{card['weights_sha256'][:8]}"
     table = FeatureStore(store_path).images()
@@ -154,6 +156,7 @@ def extract_finetuned(
             resize=card["options"].get("resize", "crop"),
             progress=progress,
             engine=engine,
+            precision=precision,
         )
         s = extract(store_path, Listing(root=Path(root), paths=paths), opts)
         log.info(s.report())

@@ -57,7 +57,11 @@ class FinetuneOptions:
         parse=FRACTION,
     )
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    precision: str = option("auto", "autocast precision", choices=TORCH_PRECISIONS)
+    precision: str = option(
+        "auto",
+        "autocast precision of training, and the precision the store is then embedded in",
+        choices=TORCH_PRECISIONS,
+    )
     engine: str = option(
         "auto",
         "what runs the network when the store is embedded with the result (see `penult "
