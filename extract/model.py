@@ -379,7 +379,8 @@ class Embedder:
     whole run; if compiling fails it falls back to eager). "onnxruntime" and "openvino" run the
     same module exported to ONNX, on the CPU; "auto" takes the one a short calibration measured
     fastest here (``engine_note`` says how fast each was). ``calibration`` is the images that
-    ``precision="int8"`` quantizes with (``int8_digest`` names an earlier calibration instead).
+    ``precision="int8"`` quantizes with (``int8_digest`` names an earlier calibration instead;
+    ``progress`` shows the quantizer's bars).
     """
 
     def __init__(
@@ -393,6 +394,7 @@ class Embedder:
         engine: str = "torch",
         calibration: Sequence[str] = (),
         int8_digest: str = "",
+        progress: bool = True,
     ):
         self.device = pick_device(device)
         check_engine(engine, self.device, precision)
@@ -413,7 +415,7 @@ class Embedder:
         elif precision == "int8":
             from extract.quantize import int8_file
 
-            path, self.int8 = int8_file(backbone, calibration, int8_digest, batch_size)
+            path, self.int8 = int8_file(backbone, calibration, int8_digest, batch_size, progress)
             self._use_runtime(engine, path, "int8")
         else:
             self._use_runtime(engine, onnx_file(backbone), runtime_precision(engine, precision))

@@ -13,9 +13,11 @@ assumed: benchmarks/precision_probe.py.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,13 @@ def _path(base: Path, digest: str) -> Path:
 
 
 def int8_file(
-    backbone, files: Sequence[str], digest: str = "", batch_size: int = 32
+    backbone, files: Sequence[str], digest: str = "", batch_size: int = 32, progress: bool = True
 ) -> tuple[Path, dict[str, Any]]:
     """(quantized OpenVINO model file, the fingerprint's ``quantization`` field).
 
     With ``digest`` (an entry's earlier calibration) the cached file of that calibration is used;
-    otherwise ``files`` are decoded as extraction decodes them and calibrate a new one."""
+    otherwise ``files`` are decoded as extraction decodes them and calibrate a new one (with
+    NNCF's progress bars where ``progress``)."""
     base = onnx_file(backbone)
     if digest:
         path = _path(base, digest)
@@ -61,7 +64,7 @@ def int8_file(
     digest = hashlib.sha256("\n".join(sorted(shas)).encode()).hexdigest()
     path = _path(base, digest)
     if not path.is_file():
-        _quantize(base, path, batches)
+        _quantize(base, path, batches, progress)
     info = {"method": METHOD, "calibration_sha256": digest, "calibration_images": len(shas)}
     return path, info
 
@@ -79,7 +82,7 @@ def _calibration_batches(backbone, files: Sequence[str], batch_size: int):
     return batches, shas
 
 
-def _quantize(base: Path, path: Path, batches: list) -> None:
+def _quantize(base: Path, path: Path, batches: list, progress: bool = True) -> None:
     """NNCF over OpenVINO's reading of the ONNX export; the IR is written weights first, graph
     last, each renamed into place: a kill never leaves a graph without its weights."""
     # importing NNCF loads torch's C++-extension helper, which warns "No CUDA runtime is found"
@@ -101,10 +104,13 @@ def _quantize(base: Path, path: Path, batches: list) -> None:
             for op in model.get_ordered_ops()
             if op.get_type_name() == "Convolution"
         )
-        quantized = nncf.quantize(
-            model, nncf.Dataset(batches), subset_size=len(batches),  # items are batches
-            ignored_scope=nncf.IgnoredScope(names=[first]),
-        )  # fmt: skip
+        # NNCF draws its bars (rich) on whatever sys.stdout is at the time: -q hides them
+        quiet = nullcontext() if progress else redirect_stdout(io.StringIO())
+        with quiet:
+            quantized = nncf.quantize(
+                model, nncf.Dataset(batches), subset_size=len(batches),  # items are batches
+                ignored_scope=nncf.IgnoredScope(names=[first]),
+            )  # fmt: skip
         tmp = temporary_name(path)
         tmp_xml, tmp_bin = tmp.with_name(tmp.name + ".xml"), tmp.with_name(tmp.name + ".bin")
         with atomic_path(path, tmp=tmp_xml), atomic_path(path.with_suffix(".bin"), tmp=tmp_bin):

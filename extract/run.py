@@ -456,7 +456,7 @@ def build_embedder(opts: ExtractOptions, listing: Listing | None = None, store_p
             calibration = [listing.absolute(i) for i in spread(len(listing), CALIBRATION_IMAGES)]
     embedder = Embedder(
         backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size,
-        engine=opts.engine, calibration=calibration, int8_digest=digest,
+        engine=opts.engine, calibration=calibration, int8_digest=digest, progress=opts.progress,
     )  # fmt: skip
     fingerprint = {**backbone.fingerprint, "precision": embedder.tag}
     if embedder.int8:

@@ -217,13 +217,17 @@ def test_extract_mixes_engines_in_one_entry_only_where_they_agree(data_dir, tmp_
 
 @pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
 def test_int8_is_an_entry_of_its_own_calibrated_on_the_users_images(
-    data_dir, tmp_path, monkeypatch
+    data_dir, tmp_path, monkeypatch, engine_cache, capfd
 ) -> None:
     listing = list_images(
         cub_manifest(data_dir, tmp_path / "m.csv", classes=2, per_class=5), root=data_dir / "cub100"
     )
     store = tmp_path / "s.h5"
+    before = set(engine_cache.glob("*-int8-*.xml"))
     s = extract(store, listing, ExtractOptions(precision="int8", workers=0, progress=False))
+    assert len(set(engine_cache.glob("*-int8-*.xml")) - before) == 1  # quantized just now ...
+    out = capfd.readouterr()
+    assert "Statistics collection" not in out.out + out.err  # ... without NNCF's bars
     assert (s.backbone, s.engine, s.precision) == ("efficientnet_lite0@int8", "openvino", "int8")
     fp = FeatureStore(store).backbone("efficientnet_lite0@int8").fingerprint
     assert fp["precision"] == "int8/openvino"
