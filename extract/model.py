@@ -403,6 +403,7 @@ class Embedder:
         self.optimize = "eager"
         self._compiled: nn.Module | None = None
         self._runner: Runner | None = None
+        self._timed: dict[str, Runner] = {}  # runtimes built by auto's calibration, by candidate
         self.engine_note = ""
         self.int8: dict[str, Any] = {}
         if engine == "auto":
@@ -418,7 +419,10 @@ class Embedder:
             path, self.int8 = int8_file(backbone, calibration, int8_digest, batch_size, progress)
             self._use_runtime(engine, path, "int8")
         else:
-            self._use_runtime(engine, onnx_file(backbone), runtime_precision(engine, precision))
+            p = runtime_precision(engine, precision)
+            ready = self._timed.get(f"{engine} {p}")  # the calibration's: not built twice
+            self._use_runtime(engine, onnx_file(backbone), p, ready)
+        self._timed = {}  # the losers' sessions and compiled models go
 
     @property
     def tag(self) -> str:
@@ -435,10 +439,18 @@ class Embedder:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         return lambda x: self(torch.from_numpy(x))
 
-    def _use_runtime(self, engine: str, path, precision: str) -> Runner:
-        self._runner = make_runner(engine, path, torch.get_num_threads(), precision)
+    def _use_runtime(self, engine: str, path, precision: str, runner: Runner | None = None) -> None:
+        self._runner = runner or make_runner(engine, path, torch.get_num_threads(), precision)
         self.engine, self.precision, self.dtype = engine, precision, None
-        return self._runner
+        self._module = None  # a torch network moved here for the calibration is not kept
+
+    def _time_runtime(self, engine: str, precision: str) -> Runner:
+        """A candidate of auto's calibration, kept for the run if it wins."""
+        name = f"{engine} {precision}"
+        if name not in self._timed:
+            path = onnx_file(self.backbone)
+            self._timed[name] = make_runner(engine, path, torch.get_num_threads(), precision)
+        return self._timed[name]
 
     def _pick(self, precision: str) -> tuple[str, str, str]:
         """(engine, precision, note): the fastest engine here for this backbone, in the precision
@@ -452,9 +464,7 @@ class Embedder:
         for e in auto_runtimes():
             p = runtime_precision(e, precision)
             if installed(e) and (precision != "bf16" or p == "bf16"):
-                candidates[f"{e} {p}"] = lambda e=e, p=p: self._use_runtime(
-                    e, onnx_file(self.backbone), p
-                )
+                candidates[f"{e} {p}"] = lambda e=e, p=p: self._time_runtime(e, p)
         if not candidates:
             return "torch", precision, ""
         # last: on CPUs without native bf16 torch is the slowest, and calibrate skips timing a

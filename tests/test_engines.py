@@ -270,6 +270,28 @@ def test_one_calibration_serves_every_checkpoint_of_an_architecture(engine_cache
     assert "calibrated now" in notes[0] and "calibration cached" in notes[1], notes
 
 
+def test_auto_builds_each_runtime_once_and_keeps_only_the_one_it_runs(monkeypatch) -> None:
+    """The calibration's session of the winner is the run's (not built again), and a torch
+    network moved for the calibration is not held by an embedder that runs a runtime."""
+    from extract import model
+
+    built = []
+    real = model.make_runner
+    monkeypatch.setattr(model, "make_runner", lambda e, *a: built.append(e) or real(e, *a))
+
+    def calibrate(key, candidates, x):  # builds every candidate, torch last, as the real one
+        for build in candidates.values():
+            build()
+        return next(iter(candidates)), {n: 1.0 for n in candidates}, False
+
+    monkeypatch.setattr(model, "calibrate", calibrate)
+    bb = build_backbone("resnet18", weights="random", seed=9)
+    e = model.Embedder(bb, engine="auto", batch_size=2)
+    runtimes = [r for r in eng.auto_runtimes() if eng.installed(r)]
+    assert sorted(built) == sorted(runtimes) and e.engine == runtimes[0]
+    assert e._module is None and e._timed == {}
+
+
 def test_an_int8_entry_of_an_earlier_method_is_refused_by_name() -> None:
     """int8 entries made by the ONNX Runtime trial (never offered) cannot be scored silently."""
     fp = {
