@@ -99,7 +99,7 @@ def cpu_has_bf16() -> bool:
 
 def runtime_precision(engine: str, precision: str) -> str:
     """What a runtime runs for ``--precision`` (``int8`` aside): OpenVINO runs bf16 where the CPU
-    has it natively and bf16 or auto is asked (as torch does; 2.6-5x its fp32 on an AMX Xeon,
+    has it natively and bf16 or auto is asked (as torch does; 2.4-5.3x its fp32 on an AMX Xeon,
     docs/BENCHMARKS.md), everything else fp32."""
     if engine == "openvino" and precision in ("auto", "bf16") and cpu_has_bf16():
         return "bf16"
