@@ -118,7 +118,7 @@ def decode_image(
     if reason:
         raise ImageError(reason)
     try:
-        im = ImageOps.exif_transpose(im) or im
+        ImageOps.exif_transpose(im, in_place=True)  # (not in place: a copy of every image)
     except Exception:  # noqa: BLE001 - broken EXIF must not lose an otherwise good photo
         pass
     return _to_rgb(im)
