@@ -403,11 +403,11 @@ class Embedder:
         self.optimize = "eager"
         self._compiled: nn.Module | None = None
         self._runner: Runner | None = None
-        self._timed: dict[str, Runner] = {}  # runtimes built by auto's calibration, by candidate
         self.engine_note = ""
         self.int8: dict[str, Any] = {}
+        ready = None  # the winner's runtime as auto's calibration built it: not built twice
         if engine == "auto":
-            engine, precision, self.engine_note = self._pick(precision)
+            engine, precision, self.engine_note, ready = self._pick(precision)
         self.engine = engine
         if engine == "torch":
             self._use_torch(pick_precision(precision, self.device))
@@ -420,9 +420,7 @@ class Embedder:
             self._use_runtime(engine, path, "int8")
         else:
             p = runtime_precision(engine, precision)
-            ready = self._timed.get(f"{engine} {p}")  # the calibration's: not built twice
             self._use_runtime(engine, onnx_file(backbone), p, ready)
-        self._timed = {}  # the losers' sessions and compiled models go
 
     @property
     def tag(self) -> str:
@@ -444,29 +442,29 @@ class Embedder:
         self.engine, self.precision, self.dtype = engine, precision, None
         self._module = None  # a torch network moved here for the calibration is not kept
 
-    def _time_runtime(self, engine: str, precision: str) -> Runner:
-        """A candidate of auto's calibration, kept for the run if it wins."""
-        name = f"{engine} {precision}"
-        if name not in self._timed:
-            path = onnx_file(self.backbone)
-            self._timed[name] = make_runner(engine, path, torch.get_num_threads(), precision)
-        return self._timed[name]
-
-    def _pick(self, precision: str) -> tuple[str, str, str]:
-        """(engine, precision, note): the fastest engine here for this backbone, in the precision
-        each runs for ``precision`` (torch and OpenVINO bf16 where the CPU has it natively),
-        measured once (see engines.calibrate)."""
+    def _pick(self, precision: str) -> tuple[str, str, str, Runner | None]:
+        """(engine, precision, note, the winner's runtime if the calibration built it): the
+        fastest engine here for this backbone, in the precision each runs for ``precision``
+        (torch and OpenVINO bf16 where the CPU has it natively), measured once (see
+        engines.calibrate). The losers' sessions go when this returns."""
         if precision == "int8":
-            return "openvino", precision, ""
+            return "openvino", precision, "", None
         if self.device.type != "cpu" or precision == "fp16":
-            return "torch", precision, ""
+            return "torch", precision, "", None
+        built: dict[str, Runner] = {}
+
+        def runtime(engine: str, p: str) -> Runner:
+            path = onnx_file(self.backbone)
+            built[f"{engine} {p}"] = make_runner(engine, path, torch.get_num_threads(), p)
+            return built[f"{engine} {p}"]
+
         candidates = {}
         for e in auto_runtimes():
             p = runtime_precision(e, precision)
             if installed(e) and (precision != "bf16" or p == "bf16"):
-                candidates[f"{e} {p}"] = lambda e=e, p=p: self._time_runtime(e, p)
+                candidates[f"{e} {p}"] = lambda e=e, p=p: runtime(e, p)
         if not candidates:
-            return "torch", precision, ""
+            return "torch", precision, "", None
         # last: on CPUs without native bf16 torch is the slowest, and calibrate skips timing a
         # candidate whose warm-up batch is under half the best rate so far
         torch_precision = pick_precision(precision, self.device)
@@ -485,7 +483,7 @@ class Embedder:
         if "openvino" in auto_runtimes() and not installed("openvino"):
             note += f"; OpenVINO, fastest on every CPU measured, is not installed: {INSTALL['openvino']}"
         engine, picked = best.split()
-        return engine, picked, note
+        return engine, picked, note, built.get(best)
 
     def compile(self) -> None:
         """Switch to torch.compile (inductor, frozen weights); the compile happens on the first batch."""

@@ -273,11 +273,21 @@ def test_one_calibration_serves_every_checkpoint_of_an_architecture(engine_cache
 def test_auto_builds_each_runtime_once_and_keeps_only_the_one_it_runs(monkeypatch) -> None:
     """The calibration's session of the winner is the run's (not built again), and a torch
     network moved for the calibration is not held by an embedder that runs a runtime."""
+    import gc
+    import weakref
+
     from extract import model
 
-    built = []
+    built, alive = [], []
+
+    def make_runner(e, *a):
+        built.append(e)
+        runner = real(e, *a)
+        alive.append(weakref.ref(runner))
+        return runner
+
     real = model.make_runner
-    monkeypatch.setattr(model, "make_runner", lambda e, *a: built.append(e) or real(e, *a))
+    monkeypatch.setattr(model, "make_runner", make_runner)
 
     def calibrate(key, candidates, x):  # builds every candidate, torch last, as the real one
         for build in candidates.values():
@@ -289,7 +299,9 @@ def test_auto_builds_each_runtime_once_and_keeps_only_the_one_it_runs(monkeypatc
     e = model.Embedder(bb, engine="auto", batch_size=2)
     runtimes = [r for r in eng.auto_runtimes() if eng.installed(r)]
     assert sorted(built) == sorted(runtimes) and e.engine == runtimes[0]
-    assert e._module is None and e._timed == {}
+    assert e._module is None
+    gc.collect()  # the losers' sessions are gone; the winner's is the one the embedder runs
+    assert [r() for r in alive if r() is not None] == [e._runner]
 
 
 def test_an_int8_entry_of_an_earlier_method_is_refused_by_name() -> None:
