@@ -10,7 +10,8 @@ import io
 import os
 import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -25,6 +26,7 @@ __all__ = [
     "auto_resize",
     "decode_image",
     "mostly_greyscale",
+    "open_image",
     "read_image_bytes",
     "spread",
 ]
@@ -82,30 +84,13 @@ def _placeholder_reason(im: Image.Image) -> str | None:
     return None
 
 
-def decode_image(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None
-) -> Image.Image:
-    """Decode file bytes to an upright 8-bit RGB image. Raises ImageError with the reason.
-
-    ``draft`` lets JPEG decode at a reduced scale that is still at least that size (fast path
-    for huge camera photos; the result is still resized afterwards).
-    """
-    if not data:
-        raise ImageError("empty file (0 bytes)")
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """Pillow's failures while opening or decoding, as ImageErrors that say what is wrong."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"too large: {w}x{h} = {w * h:,} pixels > limit {max_pixels:,} (decompression bomb?)"
-                )
-            if w < 1 or h < 1:
-                raise ImageError(f"image has no pixels ({w}x{h})")
-            if draft is not None and im.format == "JPEG":
-                im.draft("RGB", draft)
-            im.load()
+            yield
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -114,6 +99,42 @@ def decode_image(
         raise ImageError(f"too large: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
+
+
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image's header only (format, mode, size; nothing decoded), checked against the pixel
+    limit before any memory is spent on pixels. Raises ImageError with the reason."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    with _decoding():
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageError(
+                f"too large: {w}x{h} = {w * h:,} pixels > limit {max_pixels:,} (decompression bomb?)"
+            )
+        if w < 1 or h < 1:
+            raise ImageError(f"image has no pixels ({w}x{h})")
+    return im
+
+
+def decode_image(
+    data: bytes | Image.Image,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Decode file bytes (or an ``open_image`` header) to an upright 8-bit RGB image. Raises
+    ImageError with the reason.
+
+    ``draft`` lets JPEG decode at a reduced scale that is still at least that size (fast path
+    for huge camera photos; the result is still resized afterwards).
+    """
+    im = data if isinstance(data, Image.Image) else open_image(data, max_pixels=max_pixels)
+    with _decoding():
+        if draft is not None and im.format == "JPEG":
+            im.draft("RGB", draft)
+        im.load()
     reason = _placeholder_reason(im)
     if reason:
         raise ImageError(reason)

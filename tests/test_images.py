@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from extract.images import ImageError, decode_image
-from extract.loader import ImageFiles
+import extract.loader
+from extract.images import ImageError, decode_image, spread
+from extract.loader import ImageFiles, decode_tensor
 from extract.registry import get_spec
 
 
@@ -94,14 +96,15 @@ def _bomb() -> bytes:
     ],
     ids=["zero-byte", "text", "corrupt", "truncated", "decompression-bomb"],
 )
-def test_bad_bytes_are_explained(data, reason, data_dir: Path) -> None:
+@pytest.mark.parametrize("decode", [decode_image, decode_tensor], ids=["pillow", "loader"])
+def test_bad_bytes_are_explained(data, reason, decode, data_dir: Path) -> None:
     if data is None:
         full = (data_dir / "cub100/001.Black_footed_Albatross/0000.jpg").read_bytes()
         data = full[: len(full) // 2]
     elif data == "bomb":
         data = _bomb()
     with pytest.raises(ImageError, match=reason):
-        decode_image(data)
+        decode(data)
 
 
 def test_gif_placeholder_is_refused_but_real_gif_photo_is_not(data_dir: Path) -> None:
@@ -128,3 +131,85 @@ def test_loader_reports_unreadable_paths_and_keeps_going(tmp_path: Path, data_di
     )
     assert "directory" in items[1].error
     assert "not found" in items[2].error
+
+
+def _pillow_tensor(data: bytes, draft=None):
+    return torch.from_numpy(np.array(decode_image(data, draft=draft))).permute(2, 0, 1)
+
+
+@pytest.fixture
+def codec_calls(monkeypatch):
+    """How many images the loader's TorchCodec path decoded (none where it is not installed)."""
+    real = extract.loader._codec_jpeg
+    if real is None:
+        pytest.skip("torchcodec is not installed: the loader decodes every image with Pillow")
+    calls = []
+
+    def counted(data):
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(extract.loader, "_codec_jpeg", counted)
+    return calls
+
+
+@pytest.mark.parametrize("folder", ["cub100", "ndsb_plankton", "hymenoptera"])
+def test_loader_decodes_real_jpegs_to_pillows_exact_pixels(
+    folder, codec_calls, data_dir: Path
+) -> None:
+    """TorchCodec's JPEG path gives the very pixels Pillow gives (the store's embeddings must not
+    depend on which decoder ran), in the same upright orientation and HWC memory layout."""
+    files = sorted((data_dir / folder).rglob("*.jpg"))
+    sample = [files[i] for i in spread(len(files), 24)]
+    for f in sample:
+        data = f.read_bytes()
+        got, want = decode_tensor(data), _pillow_tensor(data)
+        assert got.dtype == torch.uint8 and got.shape == want.shape, f
+        assert torch.equal(got, want), f
+        assert got.permute(1, 2, 0).is_contiguous()  # HWC memory: the resize kernels' fast path
+    assert len(codec_calls) == len(sample)  # every one of these went the fast way
+
+
+def test_loader_applies_exif_orientation_as_pillow_does(codec_calls, data_dir: Path) -> None:
+    photo = Image.open(data_dir / "cub100/001.Black_footed_Albatross/0000.jpg").crop((0, 0, 90, 50))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = _png(photo, "JPEG", exif=exif.tobytes())
+        want = _pillow_tensor(data)
+        assert want.shape[1:] == ((90, 50) if orientation >= 5 else (50, 90))
+        assert torch.equal(decode_tensor(data), want), orientation
+    assert len(codec_calls) == 8
+
+
+def test_loader_leaves_to_pillow_what_torchcodec_would_decode_otherwise(
+    codec_calls, data_dir: Path
+) -> None:
+    """CMYK, orientation in XMP, and JPEGs large enough for Pillow's reduced-scale draft are
+    Pillow's; the results are Pillow's exactly."""
+    photo = Image.open(data_dir / "cub100/001.Black_footed_Albatross/0000.jpg")
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-'
+        b'rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    cases = {
+        "cmyk": (_png(photo.convert("CMYK"), "JPEG"), None),
+        "xmp": (_png(photo.crop((0, 0, 90, 50)), "JPEG", xmp=xmp), None),
+        "draft": (_png(photo.resize((1100, 1100)), "JPEG"), (512, 512)),
+    }
+    for name, (data, draft) in cases.items():
+        got = decode_tensor(data, draft=draft)
+        assert torch.equal(got, _pillow_tensor(data, draft=draft)), name
+    assert decode_tensor(cases["xmp"][0]).shape[1:] == (90, 50)  # turned, as Pillow turns it
+    assert decode_tensor(cases["draft"][0], draft=(512, 512)).shape[1:] == (550, 550)
+    assert codec_calls == []
+
+
+def test_loader_decodes_with_pillow_alone_without_torchcodec(monkeypatch, data_dir: Path) -> None:
+    monkeypatch.setattr(extract.loader, "_codec_jpeg", None)
+    for p in sorted((data_dir / "ndsb_plankton").rglob("*.jpg"))[:3]:
+        data = p.read_bytes()
+        assert torch.equal(decode_tensor(data), _pillow_tensor(data))
+    with pytest.raises(ImageError, match="not an image"):
+        decode_tensor(b"text, not a picture" * 10)
