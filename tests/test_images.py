@@ -170,6 +170,16 @@ def test_loader_decodes_real_jpegs_to_pillows_exact_pixels(
     assert len(codec_calls) == len(sample)  # every one of these went the fast way
 
 
+def test_loader_decodes_greyscale_and_progressive_jpegs_as_pillow_does(
+    codec_calls, data_dir: Path
+) -> None:
+    photo = Image.open(data_dir / "cub100/001.Black_footed_Albatross/0000.jpg")
+    for data in (_png(photo.convert("L"), "JPEG"), _png(photo, "JPEG", progressive=True)):
+        got = decode_tensor(data)
+        assert got.shape == (3, 227, 227) and torch.equal(got, _pillow_tensor(data))
+    assert len(codec_calls) == 2
+
+
 def test_loader_applies_exif_orientation_as_pillow_does(codec_calls, data_dir: Path) -> None:
     photo = Image.open(data_dir / "cub100/001.Black_footed_Albatross/0000.jpg").crop((0, 0, 90, 50))
     for orientation in range(1, 9):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -101,8 +102,9 @@ def test_plan_on_an_empty_store_runs_everything():
 
 
 def test_hashes_come_back_in_order_read_in_this_thread_or_on_threads(data_dir, monkeypatch):
-    """Files that read fast are hashed in the calling thread; from the first slow one (network
-    storage) on, on threads: either way each path gets its own hash or reason, in order."""
+    """Files that read fast are hashed in the calling thread; once most reads are slow (network
+    storage), on threads: either way each path gets its own hash or reason, in order. A single
+    slow read (a stall on a busy machine) does not switch."""
     import hashlib
 
     import extract.run as run
@@ -116,8 +118,12 @@ def test_hashes_come_back_in_order_read_in_this_thread_or_on_threads(data_dir, m
     threads_seen = []
     real = run._hash_one
 
+    stall = {3}  # the reads that wait (as for a core another process holds)
+
     def spy(path):
         threads_seen.append(threading.get_ident())
+        if len(threads_seen) - 1 in stall:
+            time.sleep(0.02)
         return real(path)
 
     monkeypatch.setattr(run, "_hash_one", spy)
@@ -130,3 +136,13 @@ def test_hashes_come_back_in_order_read_in_this_thread_or_on_threads(data_dir, m
         ]
         assert got[7][0] == "" and "not found" in got[7][1]
         assert (len(set(threads_seen)) > 1) == (slow_after == 0.0)
+    monkeypatch.setattr(run, "SLOW_READ_S", 0.01)
+    for stalls, switched in (({3}, False), ({3, 4, 12, 20}, False), (set(range(2, 40)), True)):
+        stall.clear()
+        stall.update(stalls)
+        threads_seen.clear()
+        got = list(run._hash_files(files))
+        assert [g for g, w in zip(got, want, strict=True) if w is not None] == [
+            w for w in want if w is not None
+        ]
+        assert (len(set(threads_seen)) > 1) == switched, stalls
