@@ -87,12 +87,15 @@ def run_partition(store: str, part: Partition, opts: dict[str, Any]) -> TaskResu
 
 
 def _run_partition(store: str, part: Partition, o) -> TaskResult:
+    from extract.loader import start_forkserver
     from extract.run import ExtractSummary, _run, build_embedder
     from extract.sources import Listing
     from features.parts import PartWriter
 
     key = repr(o)
     if key not in _MODELS:
+        if o.workers:  # its loaders start from a fork server: it starts while the model builds
+            start_forkserver()
         _MODELS[key] = build_embedder(o)
     backbone, embedder, name, fingerprint = _MODELS[key]
     listing = Listing(root=part.root, paths=part.paths)
@@ -112,6 +115,7 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
                 o,
                 s,
                 on_batch=report_progress,
+                start="forkserver",  # one loader per partition, beside a network already run
             )
     return TaskResult(s.extracted, s.failed)
 
