@@ -55,7 +55,8 @@ def for_this_worker(o):
     """``o`` (ExtractOptions) fitted to this Dask worker's share of its machine: torch threads
     and loader workers from its cores (``PENULT_WORKER_CORES`` for a LocalCluster, else the
     worker's Dask threads), and on a machine with several GPUs the GPU of its number. Dask
-    starts workers with OMP_NUM_THREADS=1, which alone would leave a CPU worker one core."""
+    starts workers with OMP_NUM_THREADS=1, which alone would leave a CPU worker one core. Its
+    loaders start from a fork server from then on (extract.loader.use_forkserver)."""
     from dataclasses import replace
 
     import torch
@@ -75,6 +76,10 @@ def for_this_worker(o):
         changes["workers"] = min(8, cores) if cuda else (0 if cores <= 1 else min(4, cores))
     if cuda and torch.cuda.device_count() > 1 and isinstance(name, int):
         changes["device"] = f"cuda:{name % torch.cuda.device_count()}"
+    if changes.get("workers", o.workers):  # a loader per partition or chunk, beside the network
+        from extract.loader import use_forkserver
+
+        use_forkserver()
     return replace(o, **changes)
 
 
@@ -87,15 +92,12 @@ def run_partition(store: str, part: Partition, opts: dict[str, Any]) -> TaskResu
 
 
 def _run_partition(store: str, part: Partition, o) -> TaskResult:
-    from extract.loader import start_forkserver
     from extract.run import ExtractSummary, _run, build_embedder
     from extract.sources import Listing
     from features.parts import PartWriter
 
     key = repr(o)
     if key not in _MODELS:
-        if o.workers:  # its loaders start from a fork server: it starts while the model builds
-            start_forkserver()
         _MODELS[key] = build_embedder(o)
     backbone, embedder, name, fingerprint = _MODELS[key]
     listing = Listing(root=part.root, paths=part.paths)
@@ -115,7 +117,6 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
                 o,
                 s,
                 on_batch=report_progress,
-                start="forkserver",  # one loader per partition, beside a network already run
             )
     return TaskResult(s.extracted, s.failed)
 

@@ -72,11 +72,9 @@ def embed_files(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     engine: str = "torch",
     embedder: Embedder | None = None,
-    start: str = "fork",
 ) -> Iterator[EmbeddedBatch]:
     """Yield embeddings of ``files`` batch by batch (memory stays flat however many files);
-    ``embedder`` (built once by the caller) serves many calls; ``start``: how the loader's
-    processes start (``extract.loader.worker_context``)."""
+    ``embedder`` (built once by the caller) serves many calls."""
     if embedder is None:
         embedder = Embedder(
             backbone, device=device, precision=precision, batch_size=batch_size, engine=engine
@@ -89,7 +87,6 @@ def embed_files(
         workers=min(n_workers, max(1, len(files) // batch_size)),
         pin_memory=embedder.device.type == "cuda",
         max_pixels=max_pixels,
-        start=start,
     )
     for batch in to_device(iter(loader), embedder.device):
         failed = [(it.index, it.error) for it in batch.failed]

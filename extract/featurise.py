@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,9 +50,6 @@ class Featuriser:
     max_pixels: int = option(
         DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs", parse=POSITIVE
     )
-    # how embed's loader processes start (extract.loader.worker_context): from a fork server on
-    # a Dask worker, which starts a loader for every chunk beside a network it has already run
-    loader_start: str = "fork"
     _nets: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:  # sent to Dask workers without its networks
@@ -83,7 +80,7 @@ class Featuriser:
         net, embedder = self._net(name, fingerprint)
         for b in embed_files(
             files, net, batch_size=self.batch_size, workers=self.workers,
-            max_pixels=self.max_pixels, embedder=embedder, start=self.loader_start,
+            max_pixels=self.max_pixels, embedder=embedder,
         ):  # fmt: skip
             yield b.indices, b.X, b.failed
 
@@ -96,12 +93,8 @@ class Featuriser:
 
     def for_worker(self) -> Featuriser:
         from extract.cluster import for_this_worker
-        from extract.loader import start_forkserver
 
-        fitted = for_this_worker(self)
-        if fitted.workers:
-            start_forkserver()  # (ready by the time the network is built)
-        return replace(fitted, loader_start="forkserver")
+        return for_this_worker(self)
 
     def _net(self, name: str, fingerprint: dict[str, Any]):
         """(backbone, embedder), built once; an int8 entry runs its own quantized model."""

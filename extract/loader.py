@@ -44,8 +44,8 @@ __all__ = [
     "default_workers",
     "make_loader",
     "preprocess_image",
-    "start_forkserver",
     "to_device",
+    "use_forkserver",
     "worker_context",
 ]
 
@@ -233,9 +233,10 @@ def make_loader(
     pin_memory: bool = False,
     prefetch: int = 4,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    start: str = "fork",
+    start: str | None = None,
 ) -> DataLoader:
-    """The reader stage over ``files``; ``start`` is how its processes start (worker_context)."""
+    """The reader stage over ``files``; ``start`` is how its processes start (worker_context;
+    default: this process's, fork unless ``use_forkserver`` was called)."""
     return DataLoader(
         ImageFiles(files, pre, max_pixels=max_pixels),
         batch_size=batch_size,
@@ -245,7 +246,7 @@ def make_loader(
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers > 0 else None,
         persistent_workers=False,
-        multiprocessing_context=worker_context(start) if workers > 0 else None,
+        multiprocessing_context=worker_context(start or _process_start) if workers > 0 else None,
     )
 
 
@@ -273,14 +274,21 @@ def worker_context(start: str = "fork"):
     return None
 
 
-def start_forkserver() -> None:
-    """Start the fork server now: it imports torch (1.5 s here) while this process does other
-    work, instead of when the first loader asks for processes."""
+_process_start = "fork"  # how this process's loaders start; see use_forkserver
+
+
+def use_forkserver() -> None:
+    """From now on this process's loaders start from a fork server (worker_context), started now:
+    it imports torch (1.5 s here) while this process builds its network, instead of when the
+    first loader asks for processes. For a Dask worker, which starts a loader for every partition
+    or chunk beside the network it keeps."""
+    global _process_start
     if "forkserver" in multiprocessing.get_all_start_methods():
         from multiprocessing import forkserver
 
         worker_context("forkserver")  # its preload is set before the server starts
         forkserver.ensure_running()
+        _process_start = "forkserver"
 
 
 def to_device(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:

@@ -547,10 +547,8 @@ def _run(
     s: ExtractSummary,
     *,
     on_batch: Callable[[int], None] | None = None,
-    start: str = "fork",
 ) -> None:
-    """Embed ``todo`` into ``w``; ``on_batch(n)`` is told of every ``n`` images done; ``start``:
-    how the loader's processes start (``extract.loader.worker_context``)."""
+    """Embed ``todo`` into ``w``; ``on_batch(n)`` is told of every ``n`` images done."""
     workers = default_workers(embedder.device) if opts.workers is None else opts.workers
     optimize = pick_optimize(opts.optimize, embedder.device, len(todo))
     if embedder.engine == "torch" and optimize == "inductor":  # (a runtime has its own graph)
@@ -565,7 +563,6 @@ def _run(
         workers=workers,
         pin_memory=embedder.device.type == "cuda",
         max_pixels=opts.max_pixels,
-        start=start,
     )
     pending = _Pending(w, name)
     bar = tqdm(
