@@ -11,8 +11,11 @@ import hashlib
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -237,6 +240,9 @@ def make_loader(
 ) -> DataLoader:
     """The reader stage over ``files``; ``start`` is how its processes start (worker_context;
     default: this process's, fork unless ``use_forkserver`` was called)."""
+    start = start or _process_start
+    ctx = worker_context(start) if workers > 0 else None
+    served = ctx is not None and ctx.get_start_method() == "forkserver"
     return DataLoader(
         ImageFiles(files, pre, max_pixels=max_pixels),
         batch_size=batch_size,
@@ -246,8 +252,26 @@ def make_loader(
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers > 0 else None,
         persistent_workers=False,
-        multiprocessing_context=worker_context(start or _process_start) if workers > 0 else None,
+        multiprocessing_context=ctx,
+        worker_init_fn=partial(_exit_with, os.getpid()) if served else None,
     )
+
+
+def _exit_with(pid: int, worker_id: int) -> None:
+    """In a loader process started by the fork server: exit when process ``pid`` (the one that
+    reads the batches) is gone. torch's own check watches the parent, which here is the server;
+    and the server stays while its children hold its pipe, so a SIGKILLed Dask worker left both
+    running for good."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError):  # gone (or its pid now another user's)
+                os._exit(0)
+
+    threading.Thread(target=watch, name="penult-parent-watch", daemon=True).start()
 
 
 def worker_context(start: str = "fork"):

@@ -199,3 +199,51 @@ def test_forkserver_loader_gives_the_same_batches_from_processes_that_share_noth
     for (_, _, a), (_, _, b) in zip(got["fork"], got["forkserver"], strict=True):
         assert torch.equal(a, b)
     assert sum(len(i) for i, _, _ in got["fork"]) == 12
+
+
+def _loader_then_wait(files: list[str], pre, q) -> None:
+    """A stand-in for a Dask worker: loaders from the fork server, one batch read, then idle."""
+    from extract.loader import use_forkserver
+
+    use_forkserver()
+    it = iter(make_loader(files, pre, batch_size=2, workers=2, prefetch=1))
+    next(it)
+    q.put([w.pid for w in it._workers])
+    time.sleep(600)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals as on Linux")
+def test_forkserver_loader_processes_exit_when_the_process_they_serve_is_killed(
+    data_dir: Path,
+) -> None:
+    """A Dask worker SIGKILLed mid-partition: its loader processes (children of the fork server,
+    which stays while they hold its pipe) and the server exit too, instead of running for good."""
+    import os
+    import signal
+
+    psutil = pytest.importorskip("psutil")
+    files = [str(f) for f in sorted((data_dir / "cub100").glob("*/*.jpg"))[:40]]
+    pre = get_spec("efficientnet_lite0").preprocess()
+    spawn = multiprocessing.get_context("spawn")
+    q = spawn.Queue()
+    worker = spawn.Process(target=_loader_then_wait, args=(files, pre, q))
+    worker.start()
+    loaders = q.get(timeout=120)
+    servers = {psutil.Process(p).ppid() for p in loaders}
+    assert worker.pid not in servers  # started by the fork server, not by the worker
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(map(alive, [*loaders, *servers])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in [*loaders, *servers] if alive(p)]
+    for p in left:  # (cleaned up, so a failure leaves nothing running)
+        psutil.Process(p).kill()
+    assert not left, left
