@@ -87,12 +87,28 @@ def _options(args: argparse.Namespace, cls: type, **given: Any):
     return cls(**values, **given)
 
 
+# One line per command that builds its arguments from a package (imports torch or sklearn):
+# `penult --help` lists them from here, importing neither.
+_HELP = {
+    "extract": "embed images with a frozen backbone into a feature store",
+    "train": "train a head on stored features, score it on the held-out split, save it",
+    "evaluate": "score a saved model on a store's held-out split; write a report",
+    "compare": "several heads and backbones on the same split, one table",
+    "predict": "score new images with a saved model, write a CSV",
+    "index": "build or update the nearest-neighbour index of a store",
+    "neighbors": "find the stored images most similar to images, folders or store keys",
+    "duplicates": "groups of near-duplicate images (resized, recompressed copies)",
+    "serve": "a local web page to look at a store: browse, similar images, a model's mistakes",
+    "finetune": "fine-tune a backbone on the store's labelled images; add it as a new backbone",
+}
+
+
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     from extract import ExtractOptions
 
     p = sub.add_parser(
         "extract",
-        help="embed images with a frozen backbone into a feature store",
+        help=_HELP["extract"],
         description="Run a frozen ImageNet backbone over images and store global-pooled penultimate-layer "
         "embeddings. Images already stored (same content hash) are skipped; an interrupted run resumes.",
     )
@@ -129,7 +145,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train",
-        help="train a head on stored features, score it on the held-out split, save it",
+        help=_HELP["train"],
         description="Train a classifier head on a store's embeddings (seconds, no CNN), evaluate it on "
         "the stored split (made once, seeded, if the store has none) and save MODEL plus MODEL.json.",
     )
@@ -150,7 +166,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "evaluate",
-        help="score a saved model on a store's held-out split; write a report",
+        help=_HELP["evaluate"],
         description="Top-1/top-5, balanced accuracy, macro-F1, per-class precision/recall/AUC, calibration, "
         "per-level accuracy and tree distance for taxonomies, rare classes apart. The store's backbone "
         "must have the fingerprint the model was trained on.",
@@ -167,7 +183,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "compare",
-        help="several heads and backbones on the same split, one table",
+        help=_HELP["compare"],
         description="Train each --head on each --backbone set (A+B fuses) on the store's split and print "
         "one table.",
     )
@@ -180,7 +196,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "predict",
-        help="score new images with a saved model, write a CSV",
+        help=_HELP["predict"],
         description="Images, folders, manifests or file lists in; per image the top-k labels with "
         "probabilities (and each level for taxonomy models, 'unknown' for --ovr models) out. Features come "
         "from the model's backbone, or from --store where already embedded there.",
@@ -212,7 +228,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "index",
-        help="build or update the nearest-neighbour index of a store",
+        help=_HELP["index"],
         description="Build a faiss index over a backbone's embeddings, saved beside the store "
         "(STORE.<backbone>.<metric>.faiss + .json + .rows.npy). Exact search up to 200,000 rows, then "
         "IVF; the choice is printed. Run again after extracting more images: new rows are added "
@@ -235,7 +251,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "neighbors",
-        help="find the stored images most similar to images, folders or store keys",
+        help=_HELP["neighbors"],
         description="A query is a path already in the store (its stored embedding), an image file or "
         "a folder (embedded on the fly with the store's backbone, same weights and preprocessing).",
     )
@@ -258,7 +274,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "duplicates",
-        help="groups of near-duplicate images (resized, recompressed copies)",
+        help=_HELP["duplicates"],
         description="Link images whose embeddings have cosine similarity >= --threshold, and report the "
         "connected groups as CSV plus a contact sheet. Uses (and updates) the cosine index.",
     )
@@ -278,7 +294,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "serve",
-        help="a local web page to look at a store: browse, similar images, a model's mistakes",
+        help=_HELP["serve"],
         description="Start a small web app on this machine and print its address; Ctrl-C stops it. "
         "Browse the store's images by label, coarse level, split or failure; click an image (or "
         "drop a new one) to see its nearest stored neighbours. Read-only: the store is never "
@@ -329,7 +345,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a backbone on the store's labelled images; add it as a new backbone",
+        help=_HELP["finetune"],
         description="Train the last stage(s) of a pretrained backbone plus a new head on the store's train "
         "split (validation: its 'val' split, else a seeded part of train; test is never touched). The best "
         "epoch is saved as OUT (safetensors) + OUT.json (card: recipe, data, validation curve); an "
@@ -479,8 +495,11 @@ def _command(argv: list[str]) -> str | None:
     return None
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole CLI, or (``command``) its common part and that one subcommand in full."""
+def build_parser(command: str | None = None, *, outline: bool = False) -> argparse.ArgumentParser:
+    """The whole CLI, or (``command``) its common part and that one subcommand in full; with
+    ``outline`` and no command, every command by name and one line (what `penult --help` and a
+    mistyped command show) without building the arguments of those that import torch or sklearn:
+    `penult --help` took 2.7 s."""
     parser = argparse.ArgumentParser(
         prog="penult",
         description="Two-stage image classification: extract CNN embeddings once, train heads in seconds.",
@@ -493,8 +512,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "backbones", help="list available backbones", description="List the backbone registry."
     )
     for add, names in _GROUPS:
-        if command is None or command in names:
+        if command in names or (command is None and not outline):
             add(sub)
+        elif command is None:
+            for name in names:
+                sub.add_parser(name, help=_HELP[name])
     p = sub.add_parser(
         "merge",
         help="publish the parts written by `extract --shard`",
@@ -796,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     from features.cluster import freeze_at_exit
 
     freeze_at_exit()  # `penult extract` exits 1-2 s sooner: no final collection over torch's objects
-    args = build_parser(_command(argv)).parse_args(argv)
+    args = build_parser(_command(argv), outline=True).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -132,6 +132,37 @@ def test_one_command_parser_is_the_full_parsers_and_extract_starts_without_sklea
     assert out.stdout.strip() == "False", out.stderr
 
 
+def test_penult_help_lists_every_command_without_importing_torch_or_sklearn(capsys):
+    """`penult --help` and a mistyped command show the outline: the same text and choices as the
+    full parser, built without the commands' arguments, so neither torch nor sklearn is imported
+    (2.7 s before)."""
+    import subprocess
+    import sys
+
+    full, outline = cli.build_parser(), cli.build_parser(outline=True)
+    assert outline.format_help() == full.format_help()
+    assert set(outline._subparsers._group_actions[0].choices) == set(
+        full._subparsers._group_actions[0].choices
+    )
+    for argv in (["extrac", "s.h5"], []):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert (
+            ("invalid choice: 'extrac'" in err and "'predict'" in err) if argv else "COMMAND" in err
+        )
+    code = (
+        "import sys, cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'sklearn' in sys.modules, file=sys.stderr)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stderr.strip().splitlines()[-1] == "False False", out.stderr
+    assert "finetune" in out.stdout and "fine-tune a backbone" in out.stdout
+
+
 def test_library_refuses_the_same_values():
     X = np.random.default_rng(0).normal(size=(40, 4))
     y = np.array(["a", "b"] * 20)
