@@ -10,7 +10,8 @@ runs end to end into a fresh store after a 64-image run has calibrated and expor
 cost, printed apart), then ``--repeat`` more times, each followed by a model-only timing of the
 fastest engine: the best of each is compared too (a shared machine's speed drifts within a run).
 `penult predict` scores the same images (no store: every image embedded) with a logistic
-regression trained on them.
+regression trained on them. Last, penult's loader feeds the fastest engine with nothing else
+running (no store, no hashing): the most any end-to-end run can reach on these cores.
 
 Textbook loop = what the torchvision transfer-learning tutorial teaches: ImageFolder-style dataset
 with Resize/CenterCrop/ToTensor/Normalize, DataLoader(batch_size=32, num_workers=2), fp32, NCHW,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -37,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks_common import cpu_flags  # noqa: E402
 
 from extract import ExtractOptions, Featuriser, build_backbone, extract, list_images  # noqa: E402
-from extract.engines import RUNTIMES, cpu_has_bf16, installed  # noqa: E402
+from extract.engines import RUNTIMES, cache_dir, cpu_has_bf16, installed  # noqa: E402
+from extract.loader import default_workers, make_loader  # noqa: E402
 from extract.model import Embedder  # noqa: E402
 from extract.sources import Listing  # noqa: E402
 
@@ -92,6 +95,32 @@ def model_only(name: str, weights: str, engine: str, batch: int = 32, images: in
     return batch * reps / (time.perf_counter() - t), emb.tag
 
 
+def ceiling(files: list[str], name: str, weights: str, engine: str, batch: int = 32):
+    """The loader and the engine alone, nothing else: no store, no hashing, no plan, no start-up
+    in the timing. No `extract` on these cores can beat it, so ``ceiling / model-only`` says how
+    much of the model-only rate a machine leaves once its cores also decode the images.
+    (images/s, network process core-ms per image, loader processes core-ms per image)."""
+    bb = build_backbone(name, weights=weights)
+    engine, _, precision = engine.partition("/")
+    emb = Embedder(bb, engine=engine, precision=precision or "auto", batch_size=batch)
+    emb(torch.zeros((batch, 3, bb.preprocess.crop, bb.preprocess.crop), dtype=torch.uint8))
+    loader = make_loader(
+        files, bb.preprocess, batch_size=batch, workers=default_workers(torch.device("cpu"))
+    )
+
+    def cpu(who: int) -> float:
+        r = resource.getrusage(who)
+        return r.ru_utime + r.ru_stime
+
+    me, kids = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
+    n, t = 0, time.perf_counter()
+    for b in loader:
+        n += len(emb(b.images))
+    wall = time.perf_counter() - t  # (the finished loop joined its processes: CPU counted)
+    mine = (cpu(resource.RUSAGE_SELF) - me) * 1e3 / n
+    return n / wall, mine, (cpu(resource.RUSAGE_CHILDREN) - kids) * 1e3 / n
+
+
 def penult(listing: Listing, name: str, weights: str, d: Path):
     """(one-off calibration + export seconds, the end-to-end summary, the store)."""
     opts = ExtractOptions(backbone=name, weights=weights, engine="auto", progress=False)
@@ -137,6 +166,19 @@ def predict_rate(store: Path, name: str, files: list[str], d: Path) -> float:
     return s.scored / s.seconds
 
 
+def as_avx2() -> None:
+    """Run on as if this CPU had AVX2 and no native bf16 (see --as-avx2)."""
+    global cpu_has_bf16
+    held = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    if any(os.environ.get(k) != v for k, v in held.items()):  # read when the libraries load
+        own = {"PENULT_ENGINE_CACHE": str(cache_dir() / "as-avx2")}  # its calibrations apart
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **held, **own})
+    import extract.engines
+    import extract.model
+
+    cpu_has_bf16 = extract.engines.cpu_has_bf16 = extract.model.cpu_has_bf16 = lambda: False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -154,7 +196,17 @@ def main() -> None:
         help="more end-to-end runs, each followed by a model-only timing of the fastest engine: "
         "the best of each compared (shared machines drift)",
     )
+    ap.add_argument(
+        "--as-avx2",
+        action="store_true",
+        help="on a CPU with AVX-512/AMX, stand in for an AVX2-only one: oneDNN's and torch's "
+        "kernels held to AVX2 (this script runs again with ONEDNN_MAX_CPU_ISA=AVX2 "
+        "ATEN_CPU_CAPABILITY=avx2) and penult told there is no native bf16. A proxy, not an "
+        "AVX2 machine: the cores, caches and clock are still this CPU's",
+    )
     args = ap.parse_args()
+    if args.as_avx2:
+        as_avx2()
     full = list_images(args.data)
     step = max(1, len(full) // args.limit)
     keep = list(range(0, len(full), step))[: args.limit]
@@ -163,6 +215,7 @@ def main() -> None:
     print(
         f"{len(files)} images from {args.data}; torch {torch.__version__}, {os.cpu_count()} CPUs "
         f"(flags: {cpu_flags()}), threads {torch.get_num_threads()}"
+        + (", held to AVX2 without bf16 (--as-avx2)" if args.as_avx2 else "")
     )
     engines = ["torch", *(e for e in RUNTIMES if installed(e))]
     if cpu_has_bf16():  # what auto's bf16 is weighed against
@@ -178,7 +231,11 @@ def main() -> None:
             pr = predict_rate(store, s.backbone, files, Path(d)) if not args.no_predict else 0.0
         fastest = max(mo, key=lambda e: mo[e][0])
         best = best_of(listing, name, weights, fastest, args.repeat) if args.repeat else None
-        rows.append((name, base, mo, once, s, pr, best))
+        top, net_ms, loader_ms = ceiling(files, name, weights, fastest)
+        print(f"{name}: loader + {fastest} alone {top:.1f} img/s = {top / mo[fastest][0]:.2f}x "
+              f"its model-only; CPU per image: network process {net_ms:.2f} ms, loader processes "
+              f"{loader_ms:.2f} ms")  # fmt: skip
+        rows.append((name, base, mo, once, s, pr, best, top / mo[fastest][0]))
         if best:
             print(f"{name}: end to end {[round(r, 1) for r in best[2]]}, {fastest} model-only "
                   f"{[round(r, 1) for r in best[3]]}: best / best {best[0] / best[1]:.3f}")  # fmt: skip
@@ -189,16 +246,16 @@ def main() -> None:
     cols = " | ".join(f"model only: {e}" for e in engines)
     print(f"\n| backbone | textbook loop (fp32, NCHW) | {cols} | `extract --engine auto` end to end "
           "(engine) | / fastest model-only | best of repeats | / textbook | steady | `predict` "
-          "| predict / extract |")  # fmt: skip
-    print("|---" * (9 + len(engines)) + "|")
-    for name, base, mo, once, s, pr, bo in rows:  # once: export + calibration, before the run
+          "| predict / extract | loader + engine alone / model-only |")  # fmt: skip
+    print("|---" * (10 + len(engines)) + "|")
+    for name, base, mo, once, s, pr, bo, top in rows:  # once: export + calibration, before the run
         best = max(r for r, _ in mo.values())
         cells = " | ".join(f"{r:.1f} ({tag})" for r, tag in mo.values())
         print(
             f"| {name} | {base:.1f} | {cells} | **{s.images_per_s:.1f}** ({s.precision} {s.engine}, {s.seconds:.1f} s; first run +{once:.0f} s) "
             f"| {s.images_per_s / best:.2f}x | {bo[0] / bo[1] if bo else float('nan'):.2f}x "
             f"| {s.images_per_s / base:.2f}x | {s.steady_images_per_s:.1f} "
-            f"| {pr:.1f} | {pr / s.images_per_s:.2f}x |"
+            f"| {pr:.1f} | {pr / s.images_per_s:.2f}x | {top:.2f}x |"
         )
 
 
