@@ -4,6 +4,7 @@ compared as if they were one. And a clean start for a benchmark's own store."""
 from __future__ import annotations
 
 import platform
+import resource
 import shutil
 from pathlib import Path
 
@@ -24,3 +25,10 @@ def cpu_flags() -> str:
         return platform.processor()
     keep = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
     return " ".join(f for f in flags if f in keep) or "none of avx2/avx512/amx"
+
+
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds of this process (``RUSAGE_SELF``: all its threads) or of its
+    finished, reaped children (``RUSAGE_CHILDREN``: a DataLoader's processes once it is done)."""
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime

@@ -36,7 +36,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks_common import cpu_flags  # noqa: E402
+from benchmarks_common import cpu_flags, cpu_seconds  # noqa: E402
 
 from extract import ExtractOptions, Featuriser, build_backbone, extract, list_images  # noqa: E402
 from extract.engines import RUNTIMES, cache_dir, cpu_has_bf16, installed  # noqa: E402
@@ -80,13 +80,18 @@ def textbook(files: list[str], name: str, weights: str) -> float:
     return n / (time.perf_counter() - t)
 
 
-def model_only(name: str, weights: str, engine: str, batch: int = 32, images: int = 256):
-    """(images/s of the engine alone on one uint8 batch, run over ``images``, its precision tag).
-    ``engine`` is ENGINE or ENGINE/PRECISION (default: auto's precision)."""
-    bb = build_backbone(name, weights=weights)
+def embedder(name: str, weights: str, engine: str, batch: int) -> Embedder:
+    """``engine`` is ENGINE or ENGINE/PRECISION (default: auto's precision)."""
     engine, _, precision = engine.partition("/")
-    emb = Embedder(bb, engine=engine, precision=precision or "auto", batch_size=batch)
-    x = torch.randint(0, 256, (batch, 3, bb.preprocess.crop, bb.preprocess.crop), dtype=torch.uint8)
+    bb = build_backbone(name, weights=weights)
+    return Embedder(bb, engine=engine, precision=precision or "auto", batch_size=batch)
+
+
+def model_only(name: str, weights: str, engine: str, batch: int = 32, images: int = 256):
+    """(images/s of the engine alone on one uint8 batch, run over ``images``, its precision tag)."""
+    emb = embedder(name, weights, engine, batch)
+    crop = emb.backbone.preprocess.crop
+    x = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8)
     emb(x)
     reps = max(1, images // batch)
     t = time.perf_counter()
@@ -100,25 +105,17 @@ def ceiling(files: list[str], name: str, weights: str, engine: str, batch: int =
     in the timing. No `extract` on these cores can beat it, so ``ceiling / model-only`` says how
     much of the model-only rate a machine leaves once its cores also decode the images.
     (images/s, network process core-ms per image, loader processes core-ms per image)."""
-    bb = build_backbone(name, weights=weights)
-    engine, _, precision = engine.partition("/")
-    emb = Embedder(bb, engine=engine, precision=precision or "auto", batch_size=batch)
-    emb(torch.zeros((batch, 3, bb.preprocess.crop, bb.preprocess.crop), dtype=torch.uint8))
-    loader = make_loader(
-        files, bb.preprocess, batch_size=batch, workers=default_workers(torch.device("cpu"))
-    )
-
-    def cpu(who: int) -> float:
-        r = resource.getrusage(who)
-        return r.ru_utime + r.ru_stime
-
-    me, kids = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
+    emb = embedder(name, weights, engine, batch)
+    pre = emb.backbone.preprocess
+    emb(torch.zeros((batch, 3, pre.crop, pre.crop), dtype=torch.uint8))
+    loader = make_loader(files, pre, batch_size=batch, workers=default_workers(torch.device("cpu")))
+    me, kids = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     n, t = 0, time.perf_counter()
     for b in loader:
         n += len(emb(b.images))
     wall = time.perf_counter() - t  # (the finished loop joined its processes: CPU counted)
-    mine = (cpu(resource.RUSAGE_SELF) - me) * 1e3 / n
-    return n / wall, mine, (cpu(resource.RUSAGE_CHILDREN) - kids) * 1e3 / n
+    mine = (cpu_seconds() - me) * 1e3 / n
+    return n / wall, mine, (cpu_seconds(resource.RUSAGE_CHILDREN) - kids) * 1e3 / n
 
 
 def penult(listing: Listing, name: str, weights: str, d: Path):

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks_common import cpu_flags  # noqa: E402
+from benchmarks_common import cpu_flags, cpu_seconds  # noqa: E402
 
 import extract.loader as loader  # noqa: E402
 from extract import get_spec, list_images  # noqa: E402
@@ -33,11 +33,6 @@ from extract.images import decode_image  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100"
 CODEC = loader._codec_jpeg
-
-
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def measure(files: list[str], datas: list[bytes], pre, workers: tuple[int, ...]) -> dict:
@@ -53,11 +48,11 @@ def measure(files: list[str], datas: list[bytes], pre, workers: tuple[int, ...])
         ds[i]
     out["item ms"] = (time.process_time() - t) / len(ds) * 1e3
     for w in workers:
-        c, t, n = children_cpu(), time.perf_counter(), 0
+        c, t, n = cpu_seconds(resource.RUSAGE_CHILDREN), time.perf_counter(), 0
         for b in loader.make_loader(files, pre, workers=w):  # (workers exit when it is done)
             n += len(b.indices)
         out[f"{w} workers img/s"] = n / (time.perf_counter() - t)
-        out[f"{w} workers core-ms/img"] = (children_cpu() - c) / n * 1e3
+        out[f"{w} workers core-ms/img"] = (cpu_seconds(resource.RUSAGE_CHILDREN) - c) / n * 1e3
     return out
 
 
