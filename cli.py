@@ -319,6 +319,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="address to listen on (default 127.0.0.1: this machine only; anything else is "
         "reachable by others, with a warning)",
     )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name the pages are reached by (repeatable), besides localhost, 127.0.0.1, [::1] "
+        "and --host: a request whose Host header names anything else is refused (403), so a web "
+        "page elsewhere cannot reach the server by pointing its own name at this machine",
+    )
     p.add_argument("-k", type=_typed(POSITIVE), default=12, help="neighbours shown (default 12)")
     p.add_argument(
         "--max-upload-mb", type=_typed(POSITIVE), default=20, help="largest upload (default 20)"
@@ -327,16 +336,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from classify import load_model
-    from classify.web import Site, serve
+    from classify.web import Site, listen, serve
     from extract import Featuriser
 
+    sock = listen(args.host, args.port)  # a port in use is said before anything loads
     model = load_model(args.model, trust=args.trust_model) if args.model else None
     name = _backbone(args.store, args.backbone)
     site = Site(
         args.store, name, images=Featuriser(workers=0), model=model, model_file=args.model or "",
         k=args.k,
     )  # fmt: skip
-    serve(site, host=args.host, port=args.port, max_upload=args.max_upload_mb << 20)
+    serve(
+        site, host=args.host, port=args.port, max_upload=args.max_upload_mb << 20,
+        allow_hosts=tuple(args.allow_host), sock=sock,
+    )  # fmt: skip
     return 0
 
 

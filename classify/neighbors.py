@@ -231,6 +231,7 @@ class NeighborIndex:
         """Index, rows and manifest replaced as one: each is written to a temporary name and
         fsynced, a redo list of the renames is committed, then the renames are done (a kill
         part-way is finished by the next reader), so a kill never mixes old and new files."""
+        _check_writable(self.path)
         tmp = temporary_name(self.path)
         faiss.write_index(self.index, str(tmp))
         np.save(f"{tmp}.rows.npy", self.rows)
@@ -244,6 +245,23 @@ class NeighborIndex:
         ]
         _write_json(_redo_path(self.path), {"renames": renames})
         finish_save(self.path)
+
+
+def writable(path: Path) -> bool:
+    """Whether the index files at ``path`` can be written (a store on a read-only share cannot)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    return os.access(folder, os.W_OK | os.X_OK) and all(
+        os.access(f, os.W_OK) for f in (path, Path(f"{path}.json")) if f.exists()
+    )
+
+
+def _check_writable(path: Path) -> None:
+    if not writable(path):
+        raise IndexError_(
+            f"cannot write the index {path.name} beside the store: {path.parent or '.'} is not "
+            "writable (a read-only share?); `penult serve` and `penult neighbors` build the index "
+            "in memory there, or copy the store to a writable folder"
+        )
 
 
 def _redo_path(path: Path) -> Path:
@@ -436,9 +454,13 @@ def build_index(
     pq_m: int | None = None,
     seed: int = 0,
     cluster: str | None = None,
+    save: bool = True,
 ) -> tuple[NeighborIndex, IndexPlan]:
     """Build and save an index over every valid row, streaming the store in chunks; with
-    ``cluster`` (a Dask spec, ivf-disk only), the shards are added by parallel tasks."""
+    ``cluster`` (a Dask spec, ivf-disk only), the shards are added by parallel tasks. Without
+    ``save`` it is kept in memory only (not for on-disk indexes, which live in their files)."""
+    if save:
+        _check_writable(index_path(store_path, backbone, metric))
     store = FeatureStore(store_path)
     entry = store.backbone(backbone)
     rows = np.flatnonzero(store.valid(backbone))
@@ -446,6 +468,11 @@ def build_index(
         raise IndexError_(f"{store_path}: backbone {backbone!r} has no embeddings to index")
     plan = plan_index(len(rows), entry.dim, kind, nlist=nlist, pq_m=pq_m)
     _check_cluster(cluster, plan.kind)
+    if not save and plan.kind == "ivf-disk":
+        raise IndexError_(
+            f"{store_path}: {len(rows):,} rows need an on-disk index, which cannot be written "
+            "beside this store; run `penult index` on a writable copy of it"
+        )
     index = faiss.index_factory(entry.dim, plan.factory, _faiss_metric(metric))
     t0 = time.perf_counter()
     if plan.train_rows:
@@ -473,8 +500,9 @@ def build_index(
         **({"ivfdata": ivfdata} if ivfdata else {}),
     }
     ni = NeighborIndex(index, meta, rows, path, store)
-    ni.save()
-    _remove_other_ivfdata(path, ivfdata)
+    if save:
+        ni.save()
+        _remove_other_ivfdata(path, ivfdata)
     return ni, plan
 
 
@@ -485,8 +513,10 @@ def open_index(
     metric: str = "cosine",
     update: bool = False,
     cluster: str | None = None,
+    save: bool = True,
 ) -> tuple[NeighborIndex, int]:
-    """Load the saved index, refusing a stale or mismatched one; with ``update``, add new rows.
+    """Load the saved index, refusing a stale or mismatched one; with ``update``, add new rows
+    (and save them, unless ``save`` is false: then they are added in memory only).
 
     Returns the index and how many rows were added. Rows added to the store since the build make
     the index incomplete: without ``update`` that is refused too.
@@ -501,7 +531,14 @@ def open_index(
             f"{path} lacks {len(new)} rows added to the store since it was built; run `penult index` again to add them"
         )
     if len(new):
-        _add_rows(ni, backbone, new, metric, cluster)
+        if save:
+            _check_writable(path)
+        elif meta.get("kind") == "ivf-disk":
+            raise IndexError_(
+                f"{path} lacks {len(new)} rows added since it was built, and cannot be updated "
+                "here (not writable); run `penult index` on a writable copy of the store"
+            )
+        _add_rows(ni, backbone, new, metric, cluster, save=save)
     return ni, len(new)
 
 
@@ -537,7 +574,9 @@ def _checked_meta(path: Path, store: FeatureStore, backbone: str, metric: str):
     return meta, rows
 
 
-def _add_rows(ni: NeighborIndex, backbone: str, new, metric: str, cluster: str | None) -> None:
+def _add_rows(
+    ni: NeighborIndex, backbone: str, new, metric: str, cluster: str | None, save: bool = True
+) -> None:
     """Add store rows ``new`` to the index and save it (an ivf-disk index gets a new lists file)."""
     meta, path, store, rows = ni.meta, ni.path, ni.store, ni.rows
     _check_cluster(cluster, meta.get("kind", ""))
@@ -556,6 +595,8 @@ def _add_rows(ni: NeighborIndex, backbone: str, new, metric: str, cluster: str |
     blocks = _block_digests(store, backbone, ni.rows, meta.get("blocks"))
     meta.update(rows=int(len(ni.rows)), blocks=blocks)
     meta.pop("rows_sha256", None)
+    if not save:
+        return
     ni.save()
     if meta.get("ivfdata"):
         _remove_other_ivfdata(path, meta["ivfdata"])
@@ -578,10 +619,23 @@ def _fresh(store: FeatureStore, backbone: str, rows: np.ndarray, meta: dict[str,
 
 
 def ensure_index(
-    store_path: str | os.PathLike[str], backbone: str, *, metric: str = "cosine"
+    store_path: str | os.PathLike[str],
+    backbone: str,
+    *,
+    metric: str = "cosine",
+    save: bool | str = True,
 ) -> NeighborIndex:
-    """The saved index with any new rows added, or a new one with the automatic plan."""
-    finish_save(index_path(store_path, backbone, metric))
-    if index_path(store_path, backbone, metric).exists():
-        return open_index(store_path, backbone, metric=metric, update=True)[0]
-    return build_index(store_path, backbone, metric=metric)[0]
+    """The saved index with any new rows added, or a new one with the automatic plan. With
+    ``save="if-writable"``, a store whose folder cannot be written (a read-only share) gets its
+    index built, or brought up to date, in memory instead of refused."""
+    path = index_path(store_path, backbone, metric)
+    keep = writable(path) if save == "if-writable" else bool(save)
+    if keep:
+        finish_save(path)
+    if path.exists() and (keep or not _redo_path(path).exists()):
+        try:
+            return open_index(store_path, backbone, metric=metric, update=True, save=keep)[0]
+        except IndexError_:
+            if keep:
+                raise  # a stale saved index is rebuilt on purpose, by `penult index --rebuild`
+    return build_index(store_path, backbone, metric=metric, save=keep)[0]

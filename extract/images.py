@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from features.errors import PenultError
+from features.options import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -34,8 +35,6 @@ __all__ = [
 IMAGE_SUFFIXES = frozenset(
     ".jpg .jpeg .jpe .png .gif .bmp .tif .tiff .webp .ppm .pgm .pbm .pnm .jfif".split()
 )
-# Above this many pixels an image is treated as a decompression bomb (Pillow's own hard limit).
-DEFAULT_MAX_PIXELS = 2 * 89_478_485
 # Larger files are refused unread: an uncompressed 16-bit RGB TIFF at the pixel limit is about 1 GB.
 DEFAULT_MAX_BYTES = 1 << 30
 

@@ -10,12 +10,14 @@ from features.errors import (
 from features.files import atomic_path, file_sha256
 from features.inspect import check, describe
 from features.labels import TEST, TRAIN, VAL, LabelError, Taxonomy, make_split, read_taxonomy
+from features.options import DEFAULT_MAX_PIXELS
 from features.parts import PartWriter, merge
 from features.store import IDENTITY_FIELDS, FeatureStore, StoreWriter, same_backbone
 from features.types import BackboneEntry, Chunk, ImageTable, TableView, sha_hex, sha_raw
 from features.upgrade import upgrade
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IDENTITY_FIELDS",
     "TEST",
     "TRAIN",

@@ -19,6 +19,7 @@ from features.errors import OptionError
 
 __all__ = [
     "COUNT",
+    "DEFAULT_MAX_PIXELS",
     "CROP",
     "FRACTION",
     "POSITIVE",
@@ -29,6 +30,10 @@ __all__ = [
     "ranged",
     "parse_shard",
 ]
+
+# Above this many pixels an image is treated as a decompression bomb (Pillow's own hard limit).
+# Both stages apply it: extract before decoding, serve before making a thumbnail.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
 
 @dataclass(frozen=True)

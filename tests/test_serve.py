@@ -27,6 +27,7 @@ from classify.web import Site, make_app
 from extract import ExtractOptions, Featuriser, extract, list_images
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL = "http://127.0.0.1"  # the server answers only to its own names (DNS rebinding)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def served(data_dir: Path, tmp_path_factory) -> Site:
 
 @pytest.fixture(scope="module")
 def client(served: Site) -> TestClient:
-    return TestClient(make_app(served, max_upload=200_000))
+    return TestClient(make_app(served, max_upload=200_000), base_url=LOCAL)
 
 
 def test_browse_filters_and_pages_come_from_the_store(client: TestClient, served: Site) -> None:
@@ -210,13 +211,13 @@ def test_serve_starts_on_localhost_warns_elsewhere_and_stops_on_ctrl_c(served: S
     said = []
     from classify.web import serve
 
-    real = uvicorn.run
+    real = uvicorn.Server.run
     try:
-        uvicorn.run = lambda app, **kw: said.append(kw)
+        uvicorn.Server.run = lambda self, sockets: said.append(sockets[0].getsockname())
         serve(served, host="0.0.0.0", port=port, announce=said.append)
     finally:
-        uvicorn.run = real
-    assert "WARNING" in said[0] and "no login" in said[0] and said[-1]["host"] == "0.0.0.0"
+        uvicorn.Server.run = real
+    assert "WARNING" in said[0] and "no login" in said[0] and said[-1] == ("0.0.0.0", port)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def with_model(hym_store: Path, tmp_path_factory) -> tuple[Site, TestClient]:
 
     site = Site(store, "efficientnet_lite0", images=Featuriser(workers=0),
                 model=load_model(out / "m.skops"), model_file=str(out / "m.skops"))  # fmt: skip
-    return site, TestClient(make_app(site))
+    return site, TestClient(make_app(site), base_url=LOCAL)
 
 
 def test_mistakes_name_the_confused_pairs_and_show_the_images_behind_them(with_model) -> None:
@@ -275,7 +276,7 @@ def test_score_gives_the_models_answer_for_uploaded_images(with_model, data_dir:
         assert [t["label"] for t in got["top"]][0] == got["label"] and len(got["top"]) == 2
     assert r[2]["upload"] == "bad.png" and r[2]["error"] and r[2]["label"] == ""
     assert "Score" in client.get("/score").text
-    bare = TestClient(make_app(Site(site.store_path, site.backbone)))
+    bare = TestClient(make_app(Site(site.store_path, site.backbone)), base_url=LOCAL)
     no = bare.get("/api/mistakes")
     assert no.status_code == 400 and "--model" in no.json()["error"]
 

@@ -5,20 +5,43 @@
 uploads) is handed in by the CLI, as for `penult neighbors`: classify/ never imports torch.
 """
 
-from classify.web.app import MAX_UPLOAD, make_app
+import socket
+
+from classify.web.app import LOCAL_NAMES, MAX_UPLOAD, allowed_hosts, make_app
 from classify.web.site import PAGE, Site, SiteError, Upload
 
-__all__ = ["MAX_UPLOAD", "PAGE", "Site", "SiteError", "Upload", "make_app", "serve"]
+__all__ = ["MAX_UPLOAD", "PAGE", "Site", "SiteError", "Upload", "listen", "make_app", "serve"]
 
-LOCAL = ("127.0.0.1", "localhost", "::1")
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is announced: a port in use (or an address
+    this machine does not have) is one clear error, never another server's URL."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "is in use by another program" if e.errno == 98 else f"cannot be used ({e.strerror})"
+        raise SiteError(
+            f"port {port} on {host} {why}; choose another with --port (e.g. --port {port + 1})"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve(site: Site, *, host: str = "127.0.0.1", port: int = 8765, max_upload: int = MAX_UPLOAD,
-          announce=print) -> None:  # fmt: skip
-    """Run the app until Ctrl-C (uvicorn handles the signal and shuts down cleanly)."""
+          allow_hosts: tuple[str, ...] = (), announce=print,
+          sock: socket.socket | None = None) -> None:  # fmt: skip
+    """Run the app until Ctrl-C (uvicorn handles the signal and shuts down cleanly). Requests
+    must name this server in ``Host`` (loopback names, ``host`` and ``allow_hosts``). ``sock``:
+    a socket already bound by :func:`listen` to ``host`` and ``port``."""
     import uvicorn
 
-    if host not in LOCAL:
+    sock = sock or listen(host, port)
+    if host not in LOCAL_NAMES:
         announce(
             f"WARNING: serving on {host}: anyone who can reach this machine can browse the store's "
             "images and upload files; there is no login"
@@ -27,4 +50,11 @@ def serve(site: Site, *, host: str = "127.0.0.1", port: int = 8765, max_upload: 
     announce(
         f"penult serve: http://{shown}:{port}/  ({site.store_path}, {site.backbone}); Ctrl-C stops"
     )
-    uvicorn.run(make_app(site, max_upload=max_upload), host=host, port=port, log_level="warning")
+    app = make_app(site, max_upload=max_upload, hosts=allowed_hosts(host, allow_hosts))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its clean shutdown
+        pass
+    finally:
+        sock.close()

@@ -14,10 +14,14 @@ Routes:
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import math
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode, urlsplit
 
 import jinja2
 from starlette.applications import Starlette
@@ -30,14 +34,19 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from classify.web.site import PAGE, Site, Upload
+from classify.web.site import PAGE, Site, Upload, shown
 from features import PenultError
 
-__all__ = ["MAX_UPLOAD", "make_app"]
+__all__ = ["LOCAL_NAMES", "MAX_UPLOAD", "allowed_hosts", "make_app"]
 
 HERE = Path(__file__).parent
 MAX_UPLOAD = 20 << 20  # bytes of one uploaded image
 MAX_FILES = 20  # images scored in one request
+MAX_INFLIGHT = 256 << 20  # bytes of upload bodies held at once, all requests together
+MAX_DECODING = 2  # upload requests read and embedded at once (two cores); more get a 503
+ENVELOPE = 64 << 10  # multipart headers and boundaries, per file
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 CSP = (
     "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
     "object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
@@ -62,25 +71,200 @@ class _Headers:
         await self.app(scope, receive, send_with)
 
 
-def make_app(site: Site, *, max_upload: int = MAX_UPLOAD) -> Starlette:
-    """The app for one store (``site``); ``max_upload`` caps an uploaded file's bytes."""
+def allowed_hosts(host: str = "127.0.0.1", extra: tuple[str, ...] = ()) -> frozenset[str]:
+    """The names a request's ``Host`` may carry: this machine's loopback names, the address
+    served on and ``extra``. Serving on every address (0.0.0.0, ::) adds this machine's own
+    names; an IP literal is always accepted then, since DNS rebinding needs a name."""
+    names = set(LOCAL_NAMES) | {_bare(h) for h in (host, *extra) if h}
+    if host in WILDCARDS:
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower(), "*ip"}
+    return frozenset(names - {""})
+
+
+def _bare(host: str) -> str:
+    """``Host``/netloc text without its port or IPv6 brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class _Guard:
+    """What a web page elsewhere must not do (Jupyter's rules): a request whose ``Host`` is not
+    one of this server's names (a DNS-rebinding page that resolved its own name to 127.0.0.1)
+    gets 403, and so does one whose ``Origin`` is another site: every non-GET request is
+    checked, and a GET that carries an Origin. No CORS headers are ever sent."""
+
+    def __init__(self, app, hosts: frozenset[str]):
+        self.app, self.hosts = app, hosts
+
+    def _known(self, name: str) -> bool:
+        return name in self.hosts or ("*ip" in self.hosts and _is_ip(name))
+
+    def refusal(self, scope) -> str:
+        h = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = h.get("host", "")
+        if not self._known(_bare(host)):
+            return (
+                f"host {host!r} is not this server's (allowed: {', '.join(sorted(self.hosts - {'*ip'}))}"
+                "; serve with --allow-host NAME to add a name)"
+            )
+        origin = h.get("origin")
+        if origin is not None:
+            o = urlsplit(origin)
+            if o.scheme != scope.get("scheme", "http") or o.netloc.lower() != host.lower():
+                return f"cross-origin request from {origin!r} refused"
+        elif scope.get("method", "GET") not in ("GET", "HEAD"):
+            if h.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+                return "cross-site request refused"
+        return ""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (why := self.refusal(scope)):
+            await _refuse(scope, send, 403, why)
+            return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class UploadLimits:
+    """What uploads may hold, and what they hold now (``peak``: the most bytes held at once)."""
+
+    max_upload: int  # bytes of one file
+    inflight: int  # bytes of upload bodies held at once, all requests together
+    decoding: int  # upload requests read and embedded at once
+    active: int = 0
+    held: int = 0
+    peak: int = 0
+
+    def cap(self, path: str) -> int:
+        """Most bytes one request's body may carry: its files and their multipart envelopes."""
+        files = 1 if path == "/api/neighbors" else MAX_FILES
+        return files * (self.max_upload + ENVELOPE)
+
+
+class _Uploads:
+    """Bounds on uploads: at most ``decoding`` upload requests are read and embedded at once,
+    and at most ``inflight`` bytes of their bodies are held together (beyond either, a 503 that
+    says so); one request's body is counted as it arrives and refused (413) at its cap, declared
+    length or not (a chunked body too), so nothing larger is ever spooled."""
+
+    def __init__(self, app, limits: UploadLimits):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        lim = self.limits
+        if lim.active >= lim.decoding:
+            await _refuse(
+                scope, send, 503,
+                f"busy: {lim.active} uploads are being read and embedded; try again in a moment",
+            )  # fmt: skip
+            return
+        cap = lim.cap(scope.get("path", ""))
+        lim.active += 1
+        mine = 0
+
+        async def counted():
+            nonlocal mine
+            message = await receive()
+            n = len(message.get("body", b""))
+            if n:
+                if mine + n > cap:
+                    raise HTTPException(
+                        413, f"upload refused: more than {cap / (1 << 20):.1f} MiB sent"
+                    )
+                if lim.held + n > lim.inflight:
+                    raise HTTPException(
+                        503, f"busy: {lim.held / (1 << 20):.0f} MiB of uploads are held "
+                        "already; try again in a moment",
+                    )  # fmt: skip
+                mine += n
+                lim.held += n
+                lim.peak = max(lim.peak, lim.held)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            lim.active -= 1
+            lim.held -= mine
+
+
+async def _refuse(scope, send, status: int, text: str) -> None:
+    """A refusal from a middleware (before any route ran): JSON for the API, text otherwise."""
+    if scope.get("path", "").startswith("/api/"):
+        r: Response = _JSON({"error": text}, status_code=status)
+    else:
+        r = Response(f"{status}: {text}", status_code=status, media_type="text/plain")
+    if status == 503:
+        r.headers["retry-after"] = "2"
+    if status in (413, 503):
+        r.headers["connection"] = "close"
+
+    async def nothing():
+        return {"type": "http.disconnect"}
+
+    await r(scope, nothing, send)
+
+
+class _JSON(JSONResponse):
+    """JSON that never fails on a name that is not UTF-8 (escaped as JSON allows)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+def _finalize(value: Any) -> Any:
+    """Every value a page shows: a name that is not UTF-8 with ``\\xNN`` escapes."""
+    return shown(value) if isinstance(value, str) else value
+
+
+def make_app(
+    site: Site,
+    *,
+    max_upload: int = MAX_UPLOAD,
+    hosts: frozenset[str] | None = None,
+    max_inflight: int = MAX_INFLIGHT,
+    max_decoding: int = MAX_DECODING,
+) -> Starlette:
+    """The app for one store (``site``); ``max_upload`` caps an uploaded file's bytes,
+    ``hosts`` the names it answers to (default: this machine's loopback names), and
+    ``max_inflight`` / ``max_decoding`` what all uploads together may hold."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, enable_async=False
-    )
-    env.filters["q"] = lambda s: quote(s, safe="")
-    env.filters["qpath"] = lambda s: quote(s, safe="/")
+        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, enable_async=False,
+        finalize=_finalize,
+    )  # fmt: skip
+    env.filters["q"] = lambda s: quote(s, safe="", errors="surrogateescape")
+    env.filters["qpath"] = lambda s: quote(s, safe="/", errors="surrogateescape")
+    env.filters["slashes"] = lambda key: key.replace("%2F", "/")  # a row's key in a URL path
     templates = Jinja2Templates(env=env)
-    common = {
-        "store_name": site.store_path.name,
-        "backbone": site.backbone,
-        "rows": len(site.paths),
-        "has_model": site.model is not None,
-        "model_name": site.model_name,
-    }
+
+    def common() -> dict[str, Any]:
+        return {
+            "store_name": site.store_path.name,
+            "backbone": site.backbone,
+            "rows": len(site.paths),  # of the commit being shown
+            "has_model": site.model is not None,
+            "model_name": site.model_name,
+        }
 
     def page(request: Request, name: str, **context: Any) -> Response:
         return templates.TemplateResponse(
-            request, f"{name}.html", {**common, "page_name": name, **context}
+            request, f"{name}.html", {**common(), "page_name": name, **context}
         )
 
     async def browse(request: Request) -> Response:
@@ -97,29 +281,35 @@ def make_app(site: Site, *, max_upload: int = MAX_UPLOAD) -> Starlette:
         )  # fmt: skip
 
     async def similar(request: Request) -> Response:
-        key = request.query_params.get("key") or ""
+        key = _query(request, "key")
         if key and key not in site.row_of:
             raise HTTPException(404, f"{key!r} is not an image of this store")
         label = site.describe(site.row_of[key])["label"] if key else ""
         return page(request, "similar", key=key, label=label, k=site.k)
 
     async def image(request: Request) -> Response:
-        return FileResponse(_file(site.file, request.path_params["key"]))
+        return FileResponse(_file(site.file, _path_key(request)))
 
     async def thumb(request: Request) -> Response:
-        path = _file(site.thumbnail, request.path_params["key"])
-        return FileResponse(
-            path, media_type="image/jpeg", headers={"cache-control": "max-age=3600"}
-        )
+        made = await _threaded(_file, site.thumbnail, _path_key(request))
+        headers = {"cache-control": "max-age=3600"}
+        if isinstance(made, bytes):  # a placeholder: the row failed, or is over the pixel limit
+            return Response(made, media_type="image/jpeg", headers=headers)
+        return FileResponse(made, media_type="image/jpeg", headers=headers)
 
     async def api_info(request: Request) -> Response:
-        return JSONResponse(
-            {**common, "store": str(site.store_path), "columns": site.columns(), "page_size": PAGE}
+        return _JSON(
+            {
+                **common(),
+                "store": str(site.store_path),
+                "columns": site.columns(),
+                "page_size": PAGE,
+            }
         )
 
     async def api_images(request: Request) -> Response:
         f, total, items, page_no, pages = _browse(site, request)
-        return JSONResponse(
+        return _JSON(
             {"total": total, "page": page_no, "pages": pages, "filters": f, "items": items}
         )
 
@@ -128,12 +318,12 @@ def make_app(site: Site, *, max_upload: int = MAX_UPLOAD) -> Starlette:
         if request.method == "POST":
             up = await _upload(request, max_upload)
             hits = await _threaded(site.similar_upload, up, k)
-            return JSONResponse({"query": {"upload": up.name, "label": ""}, "hits": hits})
-        key = request.query_params.get("key") or ""
+            return _JSON({"query": {"upload": up.name, "label": ""}, "hits": hits})
+        key = _query(request, "key")
         if not key:
             raise HTTPException(400, "say which stored image: ?key=<path in the store>")
         hits = await _threaded(site.similar, key, k)
-        return JSONResponse({"query": site.describe(site.row_of[key]), "hits": hits})
+        return _JSON({"query": site.describe(site.row_of[key]), "hits": hits})
 
     async def mistakes(request: Request) -> Response:
         return page(request, "mistakes", m=await _threaded(site.mistakes))
@@ -144,39 +334,62 @@ def make_app(site: Site, *, max_upload: int = MAX_UPLOAD) -> Starlette:
 
     async def api_mistakes(request: Request) -> Response:
         per_pair = _int(request.query_params.get("images"), 12, 0, 200)
-        return JSONResponse(await _threaded(site.mistakes, per_pair))
+        return _JSON(await _threaded(site.mistakes, per_pair))
 
     async def api_predict(request: Request) -> Response:
         k = _int(request.query_params.get("k"), 5, 1, 100)
         ups = await _uploads(request, max_upload, MAX_FILES)
-        return JSONResponse({"results": await _threaded(site.score_uploads, ups, k)})
+        return _JSON({"results": await _threaded(site.score_uploads, ups, k)})
 
     async def on_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 400)
         text = exc.detail if isinstance(exc, HTTPException) else str(exc)
         if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": text}, status_code=status)
-        return Response(f"{status}: {text}", status_code=status, media_type="text/plain")
+            r: Response = _JSON({"error": text}, status_code=status)
+        else:
+            body = f"{status}: {text}".encode("utf-8", "backslashreplace")
+            r = Response(body, status_code=status, media_type="text/plain")
+        if status in (413, 503):  # the rest of the body is not read: the connection ends here
+            r.headers["connection"] = "close"
+        if status == 503:
+            r.headers["retry-after"] = "2"
+        return r
+
+    def fresh(endpoint):
+        """The endpoint, answering from the store's latest commit (reloaded when it moved)."""
+
+        async def answer(request: Request) -> Response:
+            await _threaded(site.refresh)
+            return await endpoint(request)
+
+        return answer
 
     routes = [
-        Route("/", browse),
-        Route("/similar", similar),
-        Route("/image/{key:path}", image),
-        Route("/thumb/{key:path}", thumb),
-        Route("/api/info", api_info),
-        Route("/api/images", api_images),
-        Route("/api/neighbors", api_neighbors, methods=["GET", "POST"]),
-        Route("/mistakes", mistakes),
-        Route("/score", score),
-        Route("/api/mistakes", api_mistakes),
-        Route("/api/predict", api_predict, methods=["POST"]),
+        Route("/", fresh(browse)),
+        Route("/similar", fresh(similar)),
+        Route("/image/{key:path}", fresh(image)),
+        Route("/thumb/{key:path}", fresh(thumb)),
+        Route("/api/info", fresh(api_info)),
+        Route("/api/images", fresh(api_images)),
+        Route("/api/neighbors", fresh(api_neighbors), methods=["GET", "POST"]),
+        Route("/mistakes", fresh(mistakes)),
+        Route("/score", fresh(score)),
+        Route("/api/mistakes", fresh(api_mistakes)),
+        Route("/api/predict", fresh(api_predict), methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    return Starlette(
+    limits = UploadLimits(max_upload, max(max_inflight, max_upload + ENVELOPE), max_decoding)
+    app = Starlette(
         routes=routes,
-        middleware=[Middleware(_Headers)],
+        middleware=[
+            Middleware(_Guard, hosts=hosts or allowed_hosts()),
+            Middleware(_Headers),
+            Middleware(_Uploads, limits=limits),
+        ],
         exception_handlers={HTTPException: on_error, PenultError: on_error},  # never a traceback
     )
+    app.state.uploads = limits
+    return app
 
 
 def _browse(site: Site, request: Request) -> tuple[dict[str, str], int, list[dict], int, int]:
@@ -202,7 +415,28 @@ def _int(text: str | None, default: int, lo: int, hi: int) -> int:
         raise HTTPException(400, f"not a whole number: {text!r}") from None
 
 
-def _file(get, key: str) -> Path:
+def _query(request: Request, name: str) -> str:
+    """A query parameter decoded losslessly: percent-escaped bytes that are not UTF-8 come back
+    surrogate-escaped, as the store keeps such names (Starlette's own parsing would replace
+    them with U+FFFD, which names no row)."""
+    text = request.scope.get("query_string", b"").decode("latin-1")
+    for k, v in parse_qsl(text, keep_blank_values=True, errors="surrogateescape"):
+        if k == name:
+            return v
+    return ""
+
+
+def _path_key(request: Request) -> str:
+    """The store key of ``/image/<key>`` or ``/thumb/<key>``, from the raw path (lossless)."""
+    raw = request.scope.get("raw_path")
+    if not raw:
+        return request.path_params["key"]
+    head = raw.split(b"?", 1)[0]
+    rest = head.split(b"/", 2)[2] if head.count(b"/") >= 2 else b""
+    return unquote_to_bytes(rest).decode("utf-8", "surrogateescape")
+
+
+def _file(get, key: str):
     try:
         return get(key)
     except FileNotFoundError:
@@ -218,11 +452,12 @@ async def _uploads(request: Request, max_upload: int, max_files: int) -> list[Up
     (by the declared length before anything is read; by the parser's part limit while reading)."""
     limit = f"larger than the {max_upload / (1 << 20):g} MiB upload limit"
     declared = request.headers.get("content-length", "")
-    envelope = 64 << 10  # multipart headers and boundaries, per file
-    if declared.isdigit() and int(declared) > max_files * (max_upload + envelope):
+    if declared.isdigit() and int(declared) > max_files * (max_upload + ENVELOPE):
         raise HTTPException(413, f"upload refused: {limit}")
     try:
         form = await request.form(max_files=max_files, max_fields=4, max_part_size=max_upload)
+    except HTTPException:
+        raise  # the byte count's own refusal (413, 503)
     except Exception as e:  # noqa: BLE001 - Starlette says why (too large, malformed) in its text
         too_big = "exceed" in str(e).lower()
         raise HTTPException(
@@ -232,11 +467,14 @@ async def _uploads(request: Request, max_upload: int, max_files: int) -> list[Up
     if not files:
         raise HTTPException(400, "send the image as a multipart form field named 'file'")
     out = []
-    for f in files:
-        data = await f.read(max_upload + 1)
-        if len(data) > max_upload:
-            raise HTTPException(413, f"{f.filename}: {limit}")
-        out.append(Upload(f.filename or "upload", data))
+    try:
+        for f in files:
+            data = await f.read(max_upload + 1)
+            if len(data) > max_upload:
+                raise HTTPException(413, f"{f.filename}: {limit}")
+            out.append(Upload(f.filename or "upload", data))
+    finally:
+        await form.close()  # the spooled parts' temporary files go now, not at collection
     return out
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -22,12 +25,13 @@ from classify.images import Images
 from classify.model import Model
 from classify.neighbors import NeighborIndex, ensure_index
 from classify.predict import predict_files
-from features import FeatureStore, PenultError, atomic_path
+from features import DEFAULT_MAX_PIXELS, FeatureStore, PenultError, atomic_path
 
-__all__ = ["PAGE", "Site", "SiteError", "Upload"]
+__all__ = ["PAGE", "Site", "SiteError", "Upload", "shown", "url_key"]
 
 PAGE = 60  # thumbnails per grid page
 THUMB = 192  # longest side of a thumbnail, pixels
+THUMB_WORKERS = 2  # thumbnails decoded at once (first visits to a page ask for 60 together)
 UPLOAD_SUFFIXES = frozenset(".jpg .jpeg .png .gif .bmp .tif .tiff .webp".split())
 
 
@@ -60,25 +64,45 @@ class Site:
 
     def __post_init__(self) -> None:
         self.store_path = Path(self.store_path)
-        self.store = FeatureStore(self.store_path)
-        if self.backbone not in self.store.backbones():
-            have = ", ".join(sorted(self.store.backbones())) or "none"
+        self._lock = threading.Lock()
+        self._thumbing = threading.BoundedSemaphore(THUMB_WORKERS)
+        self._real_roots: dict[str, str] = {}
+        self._load()
+        if self.thumbs is None:
+            self.thumbs = _writable(Path(f"{self.store_path}.thumbs"))
+
+    def _load(self) -> None:
+        """Read the store as it is now (one commit: the top-level file is replaced atomically)
+        and make it what every request answers from."""
+        seen = _commit_of(self.store_path)
+        store = FeatureStore(self.store_path)
+        if self.backbone not in store.backbones():
+            have = ", ".join(sorted(store.backbones())) or "none"
             raise SiteError(f"{self.store_path}: no backbone {self.backbone!r} (it has: {have})")
-        t = self.store.images()
-        self.paths, self.roots = t.path, t.root
-        self.sha = t.sha256
+        t = store.images()
+        # refused now (other store, other features), not on a click
+        evaluation = evaluate(self.model, self.store_path) if self.model is not None else None
+        self.store, self.paths, self.roots, self.sha = store, t.path, t.root, t.sha256
         self.errors = t.error
         self.labels: dict[str, list[str]] = t.labels
         self.row_of = t.index()
-        self.valid = self.store.valid(self.backbone)
+        self.valid = store.valid(self.backbone)
         self.failed = np.asarray([bool(e) for e in self.errors], bool)
-        self._real_roots: dict[str, str] = {}
         self._arrays: dict[str, np.ndarray] = {}  # label columns as arrays, made on first filter
         self._wrong: dict[tuple[str, str], list[int]] | None = None
-        if self.thumbs is None:
-            self.thumbs = _writable(Path(f"{self.store_path}.thumbs"))
-        if self.model is not None:  # refused now (other store, other features), not on a click
-            self.evaluation = evaluate(self.model, self.store_path)
+        self.index, self.evaluation, self._commit = None, evaluation, seen
+
+    def refresh(self) -> bool:
+        """Take up a commit made since the store was read (another `penult extract` into it):
+        the pages then show the new rows, and the neighbour index is brought up to date with
+        them. Cheap when nothing changed (one stat). Returns whether anything was reloaded."""
+        if _commit_of(self.store_path) == self._commit:
+            return False
+        with self._lock:
+            if _commit_of(self.store_path) == self._commit:
+                return False
+            self._load()
+            return True
 
     # -- files -----------------------------------------------------------------------------
 
@@ -95,22 +119,35 @@ class Site:
             raise FileNotFoundError(key)
         return Path(real)
 
-    def thumbnail(self, key: str) -> Path:
-        """A JPEG thumbnail of row ``key``, made once and cached by the file's content hash."""
+    def thumbnail(self, key: str) -> Path | bytes:
+        """A JPEG thumbnail of row ``key``, made once and cached by the file's content hash; a
+        placeholder (bytes) for a row that failed in extract or an image over the pixel limit,
+        which is never decoded. At most ``THUMB_WORKERS`` are made at once."""
         src = self.file(key)
         row = self.row_of[key]
-        name = self.sha[row] or hashlib.sha256(str(src).encode()).hexdigest()
+        if self.errors[row]:  # extract refused it (a bomb, a corrupt file): not decoded here
+            return placeholder()
+        name = (
+            self.sha[row] or hashlib.sha256(str(src).encode("utf-8", "surrogateescape")).hexdigest()
+        )
         out = self.thumbs / name[:2] / f"{name}_{THUMB}.jpg"
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            return out
+        with self._thumbing:
+            if out.exists():  # made by another request while this one waited
+                return out
             try:  # written beside and renamed in: readers never see half a thumbnail
-                with atomic_path(out) as tmp, Image.open(src) as im:  # Pillow's bomb limit applies
+                with Image.open(src) as im:
+                    if im.width * im.height > DEFAULT_MAX_PIXELS:
+                        return placeholder()
                     im.draft("RGB", (THUMB, THUMB))
                     small = im.convert("RGB")
-                    small.thumbnail((THUMB, THUMB))
+                small.thumbnail((THUMB, THUMB))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(out) as tmp:
                     small.save(tmp, "JPEG", quality=85)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise FileNotFoundError(f"{key}: no thumbnail ({e})") from None
+            except (OSError, ValueError, Image.DecompressionBombError):
+                return placeholder()
         return out
 
     # -- browsing ----------------------------------------------------------------------------
@@ -136,9 +173,12 @@ class Site:
         return np.flatnonzero(keep)
 
     def describe(self, row: int) -> dict[str, Any]:
-        """One row as the pages and the API show it."""
+        """One row as the pages and the API show it: ``path`` for reading (a name that is not
+        UTF-8 shown with ``\\xNN`` escapes) and ``key``, the exact name percent-encoded, for
+        ``?key=`` and ``/image/``, ``/thumb/`` URLs."""
         return {
-            "path": self.paths[row],
+            "path": shown(self.paths[row]),
+            "key": url_key(self.paths[row]),
             "label": self.labels["label"][row] if "label" in self.labels else "",
             "split": self.labels["split"][row] if "split" in self.labels else "",
             "error": self.errors[row],
@@ -149,9 +189,12 @@ class Site:
 
     def open_index(self) -> NeighborIndex:
         """The store's saved index for the backbone (built beside it on first use, as
-        `penult neighbors` does; the store itself is not written)."""
+        `penult neighbors` does; the store itself is not written). Where the store's folder
+        cannot be written (a read-only share), the index is built and kept in memory."""
         if self.index is None:
-            self.index = ensure_index(self.store_path, self.backbone)
+            with self._lock:
+                if self.index is None:
+                    self.index = ensure_index(self.store_path, self.backbone, save="if-writable")
         return self.index
 
     def similar(self, key: str, k: int | None = None) -> list[dict[str, Any]]:
@@ -182,10 +225,15 @@ class Site:
 
     def _search(self, x: np.ndarray, k: int | None, exclude: int = -1) -> list[dict[str, Any]]:
         k = k or self.k
-        scores, rows = self.open_index().search(np.asarray(x, np.float32)[None], k + 1)
+        index = self.open_index()
+        extra = max(0, len(index.rows) - len(self.paths))  # rows committed since the snapshot
+        scores, rows = index.search(np.asarray(x, np.float32)[None], k + 1 + extra)
         hits = [(int(r), float(s)) for s, r in zip(scores[0], rows[0], strict=True)]
+        n = len(self.paths)
         return [
-            {**self.describe(r), "score": round(s, 6)} for r, s in hits if r >= 0 and r != exclude
+            {**self.describe(r), "score": round(s, 6)}
+            for r, s in hits
+            if 0 <= r < n and r != exclude
         ][:k]
 
     # -- a model: its mistakes, and uploads scored ----------------------------------------------
@@ -231,10 +279,17 @@ class Site:
         self.require_images()
         if not ups:
             raise SiteError("no image was sent")
+        refused: dict[int, str] = {}  # a bad name or an empty file: that image's error only
         with contextlib.ExitStack() as stack:
-            files = [str(stack.enter_context(_uploaded(u))) for u in ups]
-            out = predict_files(self.model, files, self.images, top_k)
-        return [{"upload": u.name, **r} for u, r in zip(ups, out, strict=True)]
+            files = []
+            for i, u in enumerate(ups):
+                try:
+                    files.append(str(stack.enter_context(_uploaded(u))))
+                except SiteError as e:
+                    refused[i] = str(e)
+            out = iter(predict_files(self.model, files, self.images, top_k) if files else [])
+            said = [_unscored(refused[i]) if i in refused else next(out) for i in range(len(ups))]
+        return [{"upload": u.name, **r} for u, r in zip(ups, said, strict=True)]
 
     @property
     def model_name(self) -> str:
@@ -250,6 +305,44 @@ class Site:
     def require_images(self) -> None:
         if self.images is None:
             raise SiteError("this server was started without the image side; uploads are off")
+
+
+def shown(name: str) -> str:
+    """A stored name for reading: bytes that are not UTF-8 (kept surrogate-escaped) as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def url_key(name: str) -> str:
+    """A stored name percent-encoded byte for byte: exact for ``?key=`` and path lookups."""
+    return quote(name.encode("utf-8", "surrogateescape"), safe="")
+
+
+def _unscored(error: str) -> dict[str, Any]:
+    """What ``predict_files`` says of an image it could not score."""
+    return {"label": "", "probability": None, "path": [], "top": [], "unknown": False,
+            "error": error}  # fmt: skip
+
+
+def _commit_of(store: Path) -> tuple[int, int, int]:
+    """What changes when a commit replaces the store's top-level file."""
+    st = os.stat(store)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+_PLACEHOLDER: list[bytes] = []
+
+
+def placeholder() -> bytes:
+    """The thumbnail of an image that cannot be shown: a plain grey JPEG."""
+    if not _PLACEHOLDER:
+        buf = io.BytesIO()
+        Image.new("RGB", (THUMB, THUMB), (200, 200, 200)).save(buf, "JPEG", quality=85)
+        _PLACEHOLDER.append(buf.getvalue())
+    return _PLACEHOLDER[0]
 
 
 def _writable(folder: Path) -> Path:

@@ -9,15 +9,14 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
-function qpath(key) { return key.split("/").map(encodeURIComponent).join("/"); }
-
 function showHits(hits, queryLabel) {
   const grid = document.getElementById("hits");
   grid.replaceChildren();
   for (const h of hits) {
     const cls = queryLabel && h.label === queryLabel ? "same" : "";
-    const img = el("img", { src: "/thumb/" + qpath(h.path), alt: h.path, width: 160, height: 160 });
-    const link = el("a", { href: "/similar?key=" + encodeURIComponent(h.path), title: h.path }, img);
+    // h.key is the stored name percent-encoded byte for byte (exact even where it is not UTF-8)
+    const img = el("img", { src: "/thumb/" + h.key, alt: h.path, width: 160, height: 160 });
+    const link = el("a", { href: "/similar?key=" + h.key, title: h.path }, img);
     const cap = el("figcaption", {}, el("span", { class: cls }, h.label), el("br"),
                    el("span", { class: "score" }, h.score.toFixed(3)));
     grid.append(el("figure", { class: "hit", "data-path": h.path, "data-label": h.label }, link, cap));
@@ -37,10 +36,10 @@ async function answer(response) {
   return body;
 }
 
-async function byKey(key, k) {
+async function byKey(key, k) {  // key: already percent-encoded (the page's data-key)
   say("searching…");
-  const body = await answer(await fetch("/api/neighbors?k=" + k + "&key=" + encodeURIComponent(key)));
-  if (body) { say(body.hits.length + " most similar to " + key); showHits(body.hits, body.query.label); }
+  const body = await answer(await fetch("/api/neighbors?k=" + k + "&key=" + key));
+  if (body) { say(body.hits.length + " most similar to " + body.query.path); showHits(body.hits, body.query.label); }
 }
 
 async function byUpload(file, k) {
