@@ -10,7 +10,7 @@ import numpy as np
 
 from features import journal, segmented
 from features.errors import StoreError
-from features.segments import Reader, read_run
+from features.segments import Reader, read_run, verify
 from features.store import FeatureStore, StoreWriter, check_root, real_path
 
 
@@ -108,7 +108,10 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
             f"damaged journal shard set aside: {d} (its images are extracted again by the next "
             "run; delete the file once you no longer need it)"
         )
-    t = store.images()
+    try:
+        t = store.images()
+    except StoreError as err:  # a damaged table or label segment, named above
+        return problems if problems else [str(err)]
     dup = [k for k, c in Counter(t.path).items() if c > 1]
     if dup:
         problems.append(f"{len(dup)} duplicate paths in the image table, e.g. {dup[0]}")
@@ -117,8 +120,12 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
         problems.append(f"{bad_hash} readable rows without a valid sha256")
     if store.version >= 2 and len(store.find(t.path[:1000])) and (store.find(t.path) < 0).any():
         problems.append("the path index misses rows; `penult check --repair` rebuilds it")
-    for name, e in store.backbones().items():
-        problems += _check_backbone(store, name, e.dim, len(t))
+    try:
+        for name, e in store.backbones().items():
+            problems += _check_backbone(store, name, e.dim, len(t))
+    except StoreError as err:  # a damaged segment, already named above
+        if not any(str(err).split(" is ")[0] in p for p in problems):
+            problems.append(str(err))
     return problems
 
 
@@ -145,7 +152,7 @@ def _segment_problems(path: Path, *, repair: bool) -> tuple[list[str], list[str]
             return [f"{path}: malformed store: {m}" for m in layout], []
         s = segmented.load(f)
     bad: dict[str, str] = {}
-    with Reader(segmented.segment_dir(path)) as r:
+    with Reader(segmented.segment_dir(path), s) as r:
         for fam, ps in s.maps.items():
             for piece in ps:
                 for col in s.columns(fam):
@@ -157,6 +164,11 @@ def _segment_problems(path: Path, *, repair: bool) -> tuple[list[str], list[str]
             try:
                 read_run(r, name)
             except (StoreError, KeyError) as e:
+                bad.setdefault(name, str(e))
+        for name in sorted({p.file for ps in s.maps.values() for p in ps} - set(bad)):
+            try:
+                verify(r, name)  # every chunk's checksum
+            except StoreError as e:
                 bad.setdefault(name, str(e))
     if not bad:
         return [], []

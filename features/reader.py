@@ -62,7 +62,7 @@ class Segmented:
     def _run(self, fn: Callable[[State, Reader], T]) -> T:
         s = self.state()
         for attempt in (0, 1):
-            with Reader(segment_dir(self.path)) as r:
+            with Reader(segment_dir(self.path), s) as r:
                 try:
                     return fn(s, r)
                 except StoreError:

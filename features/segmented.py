@@ -35,6 +35,7 @@ from features.segments import (
     path_keys,
     plan_runs,
     read_run,
+    store_id,
     to_merge,
     write_run,
     write_segment,
@@ -254,7 +255,8 @@ class Commit:
 
     def __init__(self, path: Path, state: State):
         self.path, self.s = path, state
-        self.reader = Reader(segment_dir(path))
+        self.reader = Reader(segment_dir(path), state)
+        self.store = store_id(state.attrs)
         self.n0 = state.rows
         self.n = state.rows
         self.pending: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
@@ -463,8 +465,9 @@ class Commit:
         if not pieces:
             return
         name = write_segment(
-            self.reader.folder, fam, {k: _cat(v, cols[k]) for k, v in parts.items()}
-        )
+            self.reader.folder, fam, {k: _cat(v, cols[k]) for k, v in parts.items()},
+            store=self.store,
+        )  # fmt: skip
         self.s.maps[fam] = cut(
             self.s.maps.get(fam, []), [Piece(a, b, name, o) for a, b, o in pieces]
         )
@@ -473,22 +476,22 @@ class Commit:
         cols = self.s.columns(fam)
         ps = self.s.maps[fam]
         data = {k: self.reader.span(ps, c, k, lo, hi) for k, c in cols.items()}
-        name = write_segment(self.reader.folder, fam, data)
+        name = write_segment(self.reader.folder, fam, data, store=self.store)
         self.s.maps[fam] = cut(ps, [Piece(lo, hi, name, 0)])
 
     def _write_index(self) -> None:
         if self.new_keys:
             run = KeyRun.merge(self.new_keys)
-            self.s.index.append((write_run(self.reader.folder, run), len(run.row)))
+            self.s.index.append((write_run(self.reader.folder, run, self.store), len(run.row)))
         for i, j in reversed(index_merges([r for _, r in self.s.index])):
             run = KeyRun.merge([read_run(self.reader, n) for n, _ in self.s.index[i:j]])
-            self.s.index[i:j] = [(write_run(self.reader.folder, run), len(run.row))]
+            self.s.index[i:j] = [(write_run(self.reader.folder, run, self.store), len(run.row))]
 
     def rebuild_index(self) -> None:
         """The path index made again from the table's key column (``check --repair``)."""
         key = self.reader.span(self.s.maps.get(TABLE, []), TABLE_COLUMNS["key"], "key", 0, self.n)
         run = KeyRun.sort(key, np.arange(self.n, dtype=np.int64))
-        self.s.index = [(write_run(self.reader.folder, run), len(run.row))]
+        self.s.index = [(write_run(self.reader.folder, run, self.store), len(run.row))]
         self.reader.close()
         save(self.path, self.s)
         collect_garbage(self.path, self.s)

@@ -11,8 +11,10 @@ rows into one file, so a finished block is one segment of about a million rows.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ STR = h5py.string_dtype("utf-8")
 GAP_FILL = 256  # updated rows closer than this share one piece (the rows between are copied)
 TIER = 8  # this many neighbouring pieces of about the same size are merged into one
 MAX_PIECES = 48  # a block with more pieces than this is rewritten as one
+CHECKSUMS = True  # Fletcher-32 on every chunk (benchmarks/store_bench.py --checksums measures it)
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,15 @@ class Reader:
     """Reads columns of one family through its piece map; files stay open until ``close``.
 
     A missing or truncated segment is a StoreError naming the file, never rows of fill values.
+    With ``state`` (the store's state: ``attrs``, ``maps``, ``index``), each segment is checked
+    when opened against what the state says it is: its family, its own name and the store it
+    was written for (a segment of another store, or two segments swapped, is refused); a chunk
+    whose bytes changed fails its Fletcher-32 checksum on read, also a StoreError.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, state=None):
         self.folder = folder
+        self.state = state
         self._files: dict[str, h5py.File] = {}
 
     def file(self, name: str) -> h5py.File:
@@ -91,8 +99,29 @@ class Reader:
                 raise StoreError(
                     f"segment {path} cannot be read (truncated or damaged: {e})"
                 ) from None
+            if self.state is not None and (why := self._foreign(name, f)):
+                f.close()
+                raise StoreError(
+                    f"segment {path} is not the one this store wrote there ({why}); "
+                    "`penult check --repair` sets it aside and its rows are made again"
+                )
             self._files[name] = f
         return f
+
+    def _foreign(self, name: str, f: h5py.File) -> str:
+        """Why segment ``name`` is not what the state says it is ("" when it is)."""
+        s = self.state
+        family = "index" if any(n == name for n, _ in s.index) else next(
+            (fam for fam, ps in s.maps.items() if any(p.file == name for p in ps)), None
+        )  # fmt: skip
+        a = f.attrs
+        if family is not None and a.get("family") is not None and a["family"] != family:
+            return f"it holds {a['family']!r}, the store's map says {family!r}"
+        if "store" in a and str(a["store"]) != store_id(s.attrs):
+            return "it was written for another store"
+        if "name" in a and a["name"] != name:
+            return f"it was written as {a['name']}"
+        return ""
 
     def dataset(self, piece: Piece, column: str) -> h5py.Dataset:
         ds = self.file(piece.file).get(column)
@@ -117,6 +146,23 @@ class Reader:
 
     def span(self, pieces: list[Piece], col: Column, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo..hi-1`` of one column (read straight into the output, piece by piece)."""
+        with self._checked(pieces, name):
+            return self._span(pieces, col, name, lo, hi)
+
+    @contextmanager
+    def _checked(self, pieces: list[Piece], name: str) -> Iterator[None]:
+        """An HDF5 read error (a chunk's checksum, a damaged file) as a StoreError naming it."""
+        try:
+            yield
+        except OSError as e:
+            files = sorted({p.file for p in pieces if p.file in self._files}) or ["?"]
+            raise StoreError(
+                f"segment {self.folder / files[-1] if len(files) == 1 else self.folder} is "
+                f"damaged: reading column {name!r} failed ({e}); `penult check` names the file, "
+                "`penult check --repair` sets it aside"
+            ) from None
+
+    def _span(self, pieces: list[Piece], col: Column, name: str, lo: int, hi: int) -> np.ndarray:
         out = _empty(col, hi - lo)
         at = lo
         for p in overlapping(pieces, lo, hi):
@@ -135,6 +181,10 @@ class Reader:
 
     def rows(self, pieces: list[Piece], col: Column, name: str, rows: np.ndarray) -> np.ndarray:
         """The column at sorted, unique ``rows``."""
+        with self._checked(pieces, name):
+            return self._rows(pieces, col, name, rows)
+
+    def _rows(self, pieces: list[Piece], col: Column, name: str, rows: np.ndarray) -> np.ndarray:
         out = _empty(col, len(rows))
         covered = np.zeros(len(rows), bool)
         if len(rows):
@@ -164,6 +214,39 @@ class Reader:
             out[i : i + n] = ds[local]
 
 
+def _strings_digest(v: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for x in v:
+        b = x if isinstance(x, bytes) else str(x).encode("utf-8", "surrogateescape")
+        h.update(len(b).to_bytes(4, "little") + b)
+    return h.hexdigest()
+
+
+def verify(reader: Reader, name: str, slab: int = 64 << 20) -> None:
+    """Read every chunk of every column of segment ``name`` (HDF5 checks each chunk's
+    Fletcher-32 checksum as it reads; string columns are checked against their digest); a
+    failure is a StoreError naming the file."""
+    f = reader.file(name)
+    k = ""
+    try:
+        for k, ds in f.items():
+            if not isinstance(ds, h5py.Dataset) or not ds.shape or ds.chunks is None:
+                continue
+            if ds.dtype == object or h5py.check_string_dtype(ds.dtype):
+                want = f.attrs.get(f"sha256:{k}")
+                if want is not None and _strings_digest(ds[()]) != want:
+                    raise OSError("its strings differ from their digest")
+                continue
+            row = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+            step = max(1, slab // row)
+            for s in range(0, ds.shape[0], step):
+                ds[s : s + step]
+    except OSError as e:
+        raise StoreError(
+            f"segment {reader.folder / name} is damaged: column {k!r} fails its checksum ({e})"
+        ) from None
+
+
 def _empty(col: Column, n: int) -> np.ndarray:
     if col.dtype is STR:
         return np.empty(n, dtype=object)
@@ -175,14 +258,28 @@ def _fill(col: Column) -> object:
     return b"" if col.dtype is STR else col.fill
 
 
+def store_id(attrs: dict) -> str:
+    """The identity a store's segments carry: its random per-store key seed."""
+    return str(attrs.get("key_seed", ""))
+
+
 def write_segment(
-    folder: Path, family: str, columns: dict[str, np.ndarray], *, contiguous: bool = False
+    folder: Path,
+    family: str,
+    columns: dict[str, np.ndarray],
+    *,
+    contiguous: bool = False,
+    store: str = "",
 ) -> str:
-    """Write one immutable segment (temporary name, fsync, rename); return its file name."""
+    """Write one immutable segment (temporary name, fsync, rename); return its file name. It
+    records its family, its own name and ``store`` (the store's identity), checked when read."""
     folder.mkdir(exist_ok=True)
     name = f"{_safe(family)}-{uuid.uuid4().hex[:16]}.h5"
     with atomic_path(folder / name) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["family"] = family
+        f.attrs["name"] = name
+        if store:
+            f.attrs["store"] = store
         for k, v in columns.items():
             if contiguous:  # for memory maps (the path index)
                 f.create_dataset(k, data=v)
@@ -192,13 +289,17 @@ def write_segment(
 
 
 def _create(f: h5py.File, name: str, v: np.ndarray) -> None:
+    """A chunked column with a Fletcher-32 checksum per chunk (HDF5 verifies it on every read:
+    changed bytes are an error, never other numbers)."""
     n = max(1, len(v))
-    if v.dtype == object:
+    if v.dtype == object:  # HDF5 filters cannot take variable-length strings: a digest instead
         f.create_dataset(name, data=v, dtype=STR, chunks=(min(n, 16384),))
+        if CHECKSUMS:
+            f.attrs[f"sha256:{name}"] = _strings_digest(v)
         return
     row_bytes = max(1, v.itemsize * int(np.prod(v.shape[1:], dtype=np.int64)))
     rows = max(1, min(n, (1 << 20) // row_bytes))  # about 1 MiB chunks
-    f.create_dataset(name, data=v, chunks=(rows, *v.shape[1:]))
+    f.create_dataset(name, data=v, chunks=(rows, *v.shape[1:]), fletcher32=CHECKSUMS)
 
 
 def _safe(family: str) -> str:
@@ -329,8 +430,8 @@ def find_keys(runs: Sequence[KeyRun], q: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_run(folder: Path, run: KeyRun) -> str:
-    return write_segment(folder, "index", run.columns(), contiguous=True)
+def write_run(folder: Path, run: KeyRun, store: str = "") -> str:
+    return write_segment(folder, "index", run.columns(), contiguous=True, store=store)
 
 
 def read_run(reader: Reader, name: str) -> KeyRun:

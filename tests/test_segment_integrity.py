@@ -1,0 +1,113 @@
+"""Segments are checked for what they are, not only that they exist: a chunk whose bytes changed
+(finite numbers, so no NaN check sees it), a segment copied in from another store, and two
+segments swapped are each found by `penult check`, refused by every read (train included) with
+the file named, and set aside by `check --repair` so the rows are made again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from store_rows import FP, synthetic_rows
+
+from features import FeatureStore, StoreError, StoreWriter, check
+from features.segmented import load, segment_dir
+
+
+def _store(path: Path, n: int = 600) -> Path:
+    """One commit of ``n`` synthetic rows with a label and a split column."""
+    paths, sha, _ = synthetic_rows(0, n)
+    x = np.random.default_rng(1).normal(size=(n, 8)).astype(np.float32)
+    with StoreWriter(path) as w:
+        w.upsert_images(
+            paths, ["/r"] * n, sha, np.arange(n), np.arange(n),
+            {"label": [p[:2] for p in paths], "split": ["train", "test"] * (n // 2)},
+        )  # fmt: skip
+        w.register_backbone("net", FP)
+        w.append("net", paths, sha, x, width=np.full(n, 3), height=np.full(n, 4))
+    return path
+
+
+def _files(store: Path) -> dict[str, list[str]]:
+    with h5py.File(store, "r") as f:
+        return {fam: sorted({p.file for p in ps}) for fam, ps in load(f).maps.items()}
+
+
+def _one(store: Path, family: str) -> Path:
+    (name,) = _files(store)[family]
+    return segment_dir(store) / name
+
+
+def _train(store: Path):
+    from classify import TrainOptions, train
+
+    return train(store, TrainOptions(test_size=0.3))
+
+
+def test_overwritten_bytes_in_an_embeddings_chunk_are_an_error_never_numbers(tmp_path) -> None:
+    store = _store(tmp_path / "s.h5")
+    good = FeatureStore(store).embeddings("net")
+    seg = _one(store, "backbone:net")
+    with h5py.File(seg, "r") as f:
+        info = f["embeddings"].id.get_chunk_info(0)
+    with open(seg, "r+b") as fh:  # a third of the chunk: finite floats, as a bad copy leaves
+        fh.seek(info.byte_offset + info.size // 3)
+        fh.write(np.full(info.size // 12, 0.5, np.float32).tobytes())
+    with pytest.raises(StoreError, match=f"segment .*{seg.name} is damaged"):
+        FeatureStore(store).embeddings("net")
+    with pytest.raises(StoreError, match=seg.name):
+        _train(store)
+    found = check(store)
+    assert any(seg.name in p and "checksum" in p for p in found), found
+    fixed = check(store, repair=True)
+    assert any("dropped 600 rows of backbone:net" in p for p in fixed), fixed
+    s = FeatureStore(store)
+    assert not s.valid("net").any()  # made again by the next extract, never read as they were
+    assert check(store) == [] and good.shape == (600, 8)
+
+
+def test_a_segment_of_another_store_is_refused(tmp_path) -> None:
+    a = _store(tmp_path / "a.h5")
+    b = _store(tmp_path / "b.h5")  # the same rows and shapes, written for another store
+    seg_a, seg_b = _one(a, "backbone:net"), _one(b, "backbone:net")
+    with h5py.File(seg_b, "r+") as f:  # other numbers, same shape
+        f["embeddings"][:] = f["embeddings"][:] + 1
+    shutil.copy(seg_b, seg_a)
+    with pytest.raises(StoreError, match=f"{seg_a.name} is not the one .*another store"):
+        FeatureStore(a).embeddings("net")
+    with pytest.raises(StoreError, match="another store"):
+        _train(a)
+    assert any(seg_a.name in p and "another store" in p for p in check(a))
+
+
+def test_label_and_split_segments_swapped_are_found(tmp_path) -> None:
+    store = _store(tmp_path / "s.h5")
+    label, split = _one(store, "label:label"), _one(store, "label:split")
+    tmp = label.with_suffix(".swap")
+    os.rename(label, tmp)
+    os.rename(split, label)
+    os.rename(tmp, split)
+    with pytest.raises(StoreError, match="holds 'label:split', the store's map says 'label:label'"):
+        FeatureStore(store).label_codes("label")
+    with pytest.raises(StoreError, match=r"label:"):
+        _train(store)
+    found = check(store)
+    assert sum(label.name in p or split.name in p for p in found) == 2, found
+
+
+def test_a_segment_renamed_over_another_of_its_store_is_found(tmp_path) -> None:
+    store = _store(tmp_path / "s.h5", n=200)
+    with StoreWriter(store) as w:  # a second embeddings segment of the same store and family
+        paths, sha, _ = synthetic_rows(5, 50)
+        w.upsert_images(paths, ["/r"] * 50, sha, np.arange(50), np.arange(50), {})
+        w.register_backbone("net", FP)
+        w.append("net", paths, sha, np.ones((50, 8), np.float32), width=np.full(50, 3),
+                 height=np.full(50, 4))  # fmt: skip
+    first, second = _files(store)["backbone:net"]
+    shutil.copy(segment_dir(store) / second, segment_dir(store) / first)
+    with pytest.raises(StoreError, match=f"{first} is not the one .*written as {second}"):
+        FeatureStore(store).embeddings("net")
