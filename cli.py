@@ -610,9 +610,12 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from features import merge
 
-    parts, shards = merge(args.store)
+    rejected: list[str] = []
+    parts, shards = merge(args.store, rejected)
+    for r in rejected:
+        print(f"REJECTED: {r}")
     print(f"{args.store}: merged {parts} part(s) ({shards} journal shards)")
-    return 0
+    return 1 if rejected else 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ hash), so a merge killed at any moment is simply run again.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from features import journal
 from features.errors import StoreError, StoreLockedError
 from features.store import FeatureStore, StoreWriter, Writes, real_path
 
+log = logging.getLogger(__name__)
+
 __all__ = ["PartWriter", "adopt_parts", "ensure_store", "list_parts", "merge", "parts_dir"]
 
 
@@ -30,8 +33,70 @@ def parts_dir(store: Path) -> Path:
 
 
 def list_parts(store: str | os.PathLike[str]) -> list[Path]:
+    """Part folders waiting to be merged (not those set aside as ``.rejected-<name>``)."""
     d = parts_dir(real_path(store))
-    return sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def part_problem(store: FeatureStore, part: Path) -> str:
+    """Why a part cannot be merged ("" when it can), found by reading every shard of it before
+    anything moves: a shard that does not read, a backbone registered with another fingerprint
+    or dtype than the store's (or than the part's own earlier shard), embeddings of another
+    width than their backbone, or arrays of unequal length."""
+    from features.segmented import same_backbone
+
+    have = store.backbones()
+    seen: dict[str, dict[str, Any]] = {}
+    for shard in journal.shards_in(part):
+        try:
+            meta, a = journal.read_shard(shard)
+        except journal.DamagedShardError as e:
+            return f"shard {shard.name} cannot be read ({e})"
+        kind, name = meta["kind"], meta.get("name")
+        if kind == "backbone":
+            fp, dtype = meta.get("fingerprint"), str(meta.get("dtype"))
+            if not isinstance(fp, dict) or int(meta.get("dim", -1)) != fp.get("dim"):
+                return f"shard {shard.name} registers {name!r} with a malformed fingerprint"
+            old = seen.get(name) or (
+                {"fingerprint": have[name].fingerprint, "dtype": have[name].dtype}
+                if name in have else None
+            )  # fmt: skip
+            if old is not None and not same_backbone(old["fingerprint"], fp):
+                return (
+                    f"it registers backbone {name!r} with another fingerprint than "
+                    f"{'the store' if name in have else 'its earlier shard'} (other weights, "
+                    "preprocessing or layer under one name)"
+                )
+            if old is not None and old["dtype"] != dtype:
+                return f"it stores backbone {name!r} as {dtype}, the store as {old['dtype']}"
+            seen[name] = {"fingerprint": fp, "dtype": dtype}
+        elif kind == "embeddings":
+            reg = seen.get(name) or (
+                {"fingerprint": have[name].fingerprint} if name in have else None
+            )
+            if reg is None:
+                return f"shard {shard.name} holds embeddings of {name!r}, never registered"
+            x, dim = a.get("embeddings"), int(reg["fingerprint"]["dim"])
+            if x is None or x.ndim != 2 or x.shape[1] != dim or x.dtype.kind != "f":
+                shape = None if x is None else f"{x.shape} {x.dtype}"
+                return f"shard {shard.name}: embeddings {shape} for {dim}-d backbone {name!r}"
+        n = {len(v) for k, v in a.items() if k in ("path", "sha256", "embeddings", "reason")}
+        if len(n) > 1:
+            return f"shard {shard.name}: its arrays differ in length ({sorted(n)})"
+    return ""
+
+
+def set_part_aside(part: Path) -> Path:
+    """Rename a part that cannot be merged out of the way (kept, with its lock, for a look)."""
+    dest = part.with_name(f".rejected-{part.name}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = part.with_name(f".rejected-{part.name}-{n}")
+    os.replace(part, dest)
+    return dest
 
 
 def ensure_store(path: Path, *, wait_s: float = 60.0) -> None:
@@ -118,10 +183,14 @@ def _try_lock(part: Path):
     return fh
 
 
-def adopt_parts(w: StoreWriter, names: set[str] | None = None) -> tuple[int, int]:
+def adopt_parts(
+    w: StoreWriter, names: set[str] | None = None, rejected: list[str] | None = None
+) -> tuple[int, int]:
     """Move the shards of every finished part (those in ``names`` when given) into ``w``'s
     journal and publish them, a part at a time; return (parts, shards). A part still being
-    written is left for later."""
+    written is left for later. A part is read whole first: one that cannot be merged is set
+    aside (``STORE.parts/.rejected-<name>``, its reason added to ``rejected``) and nothing of
+    it enters the journal, so later runs are never jammed by it."""
     n_parts = n_shards = 0
     for part in list_parts(w.path):
         if names is not None and part.name not in names:
@@ -131,6 +200,13 @@ def adopt_parts(w: StoreWriter, names: set[str] | None = None) -> tuple[int, int
             continue
         try:
             journal.remove_stale_temporaries_in(part)
+            why = part_problem(FeatureStore(w.path), part) if w.path.exists() else ""
+            if why:
+                dest = set_part_aside(part)
+                log.warning("%s: part %s set aside as %s: %s", w.path, part.name, dest.name, why)
+                if rejected is not None:
+                    rejected.append(f"part {part.name} set aside as {dest}: {why}")
+                continue
             for shard in journal.shards_in(part):
                 w.adopt(shard)
                 n_shards += 1
@@ -147,7 +223,14 @@ def adopt_parts(w: StoreWriter, names: set[str] | None = None) -> tuple[int, int
     return n_parts, n_shards
 
 
-def merge(store: str | os.PathLike[str]) -> tuple[int, int]:
-    """Publish every finished part into the store; return (parts, shards) merged."""
+def merge(store: str | os.PathLike[str], rejected: list[str] | None = None) -> tuple[int, int]:
+    """Publish every finished part into the store; return (parts, shards) merged. A store with
+    no parts beside it is refused (a mistyped name must not create an empty store)."""
+    path = real_path(store)
+    if not path.exists() and not list_parts(path):
+        raise StoreError(
+            f"{store}: no such feature store, and no parts ({parts_dir(path).name}/) to merge "
+            "into one; check the name"
+        )
     with StoreWriter(store) as w:
-        return adopt_parts(w)
+        return adopt_parts(w, rejected=rejected)

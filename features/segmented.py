@@ -52,6 +52,7 @@ IDENTITY_FIELDS = (
     "architecture", "weights_sha256", "preprocessing", "layer", "dim", "quantization"
 )  # fmt: skip
 TABLE, SIZE, ERROR = "table", "size", "error"
+NON_FINITE = "the network gave a non-finite embedding (NaN or inf)"
 TABLE_COLUMNS = {
     "key": Column(np.dtype(np.uint64), (2,)),
     "path": Column(STR),
@@ -404,6 +405,15 @@ class Commit:
             raise Orphan(f"embeddings for backbone {name!r}, which was never registered")
         rows, keep = self._matching(a)
         x = a["embeddings"][keep]
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():  # stored as failed with the reason, never as a valid row
+            bad = rows[~finite]
+            dim = self.s.columns(backbone_family(name))["embeddings"].shape
+            self.put(backbone_family(name), bad, {
+                "embeddings": np.full((len(bad), *dim), np.nan), "valid": np.zeros(len(bad), bool),
+            })  # fmt: skip
+            self.put(ERROR, bad, {"error": self.codes("error", [NON_FINITE] * len(bad))})
+            rows, x, keep = rows[finite], x[finite], keep[finite]
         self.put(backbone_family(name), rows, {"embeddings": x, "valid": np.ones(len(rows), bool)})
         self._clear_errors(rows)
         if "width" in a:
