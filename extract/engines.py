@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from features import OptionError, PenultError, atomic_path
+from features import OptionError, PenultError, atomic_path, file_sha256
 from features.files import write_text
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "INSTALL",
     "Runner",
     "cache_dir",
+    "cache_note",
+    "cache_notes",
     "calibrate",
     "check_engine",
     "cpu_has_bf16",
@@ -165,13 +167,73 @@ def speed_key(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+_NOTES: list[str] = []  # what was found wrong in the cache and made again, for the summary
+
+
+def cache_note(note: str) -> None:
+    """Say (in the log and the run's summary) that a cache entry was found bad and made again."""
+    log.warning(note)
+    _NOTES.append(note)
+
+
+def cache_notes() -> list[str]:
+    """What the cache checks found and rebuilt since the last call (for a run's summary)."""
+    out = list(_NOTES)
+    _NOTES.clear()
+    return out
+
+
+def _identity(backbone) -> dict[str, Any]:
+    from features import IDENTITY_FIELDS
+
+    ident = {k: backbone.fingerprint.get(k) for k in IDENTITY_FIELDS}
+    return {**ident, "torch": torch.__version__, "opset": OPSET}
+
+
+def _record(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _cached(path: Path, backbone) -> bool:
+    """Whether the cached export at ``path`` is the one made for ``backbone``: its record (the
+    identity it was exported for, and the file's SHA-256 at write time) must match both. A file
+    copied over it, cut short by a kill or a full disk, or made for another network is not."""
+    if not path.is_file():
+        return False
+    why = ""
+    try:
+        rec = json.loads(_record(path).read_text())
+        if not isinstance(rec, dict) or rec.get("identity") != _identity(backbone):
+            why = "it was made for another network"
+        elif rec.get("sha256") != file_sha256(path):
+            why = "its bytes changed since it was written"
+    except (OSError, ValueError):
+        why = "it has no valid record of what it holds"
+    if why:
+        cache_note(f"cached export {path.name} was not used ({why}): exported again")
+        path.unlink(missing_ok=True)
+        _record(path).unlink(missing_ok=True)
+        return False
+    return True
+
+
 def onnx_file(backbone) -> Path:
     """The backbone's pre-logits module as ONNX (dynamic batch), exported on first use, atomically:
-    a kill never leaves half a file under the cached name."""
+    a kill never leaves half a file under the cached name. The export is checked against torch
+    on a few images before it is kept, and recorded with its identity and SHA-256; a cached
+    file is used only where both still match (see _cached)."""
     path = cache_dir() / f"{backbone.spec.name}-{model_key(backbone.fingerprint)}.onnx"
-    if path.is_file():
+    if _cached(path, backbone):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path.parent} is not writable")
+    except OSError as e:
+        raise EngineError(
+            f"the engine cache {path.parent} cannot be written ({e}); set PENULT_ENGINE_CACHE "
+            "to a writable folder, or use --engine torch"
+        ) from None
     size = backbone.preprocess.crop
     x = torch.zeros((2, 3, size, size), dtype=torch.uint8)
     module = backbone.module
@@ -185,6 +247,11 @@ def onnx_file(backbone) -> Path:
                 dynamic_axes={"images": {0: "n"}, "embedding": {0: "n"}}, dynamo=False,
                 opset_version=OPSET,
             )  # fmt: skip
+            _agrees(module, tmp, size)
+    except EngineError:
+        raise
+    except OSError as e:  # a full disk, a cache that went away
+        raise EngineError(f"cannot write the export of {backbone.spec.name} ({e})") from None
     except Exception as e:  # noqa: BLE001 - an op the exporter lacks: say which backbone and why
         raise EngineError(
             f"{backbone.spec.name} does not export to ONNX ({type(e).__name__}: {e}); "
@@ -192,8 +259,30 @@ def onnx_file(backbone) -> Path:
         ) from e
     finally:
         module.to(was)
+    record = {"identity": _identity(backbone), "sha256": file_sha256(path)}
+    write_text(_record(path), json.dumps(record, sort_keys=True))
     log.info("exported %s to %s in %.1f s", backbone.spec.name, path, time.perf_counter() - t)
     return path
+
+
+PROBE_COSINE = 0.999  # an export that agrees less with torch on the probe images is not kept
+
+
+def _agrees(module, onnx_path: Path, size: int) -> None:
+    """The export, run by ONNX Runtime, against torch on three seeded random images: a graph
+    that disagrees (an exporter bug, a wrong module) is refused before it is cached."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).integers(0, 256, (3, 3, size, size), np.uint8)
+    with torch.inference_mode():
+        want = module(torch.from_numpy(x)).float().numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": x})[0]
+    if got.shape != want.shape or lowest_cosine(got, want) < PROBE_COSINE:
+        raise EngineError(
+            f"the ONNX export disagrees with torch on probe images (cosine "
+            f"{lowest_cosine(got, want) if got.shape == want.shape else 'n/a'}); use --engine torch"
+        )
 
 
 def _ort_runner(path: Path, threads: int, precision: str = "fp32") -> Runner:
@@ -284,13 +373,15 @@ def calibrate(
     path = cache_dir() / "calibration.json"
     here = {"cpu": cpu_model(), "versions": _versions(), "candidates": sorted(candidates)}
     k = json.dumps({**key, **here}, sort_keys=True)
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if k in known:
-        rates = known[k]
-        return max(rates, key=rates.get), rates, True
+    known = _calibrations(path)
+    kept = known.get(k)
+    if (
+        isinstance(kept, dict)
+        and kept
+        and set(kept) <= set(candidates)
+        and all(isinstance(v, int | float) and v > 0 for v in kept.values())
+    ):
+        return max(kept, key=kept.get), kept, True
     rates: dict[str, float] = {}
     for name, build in candidates.items():
         try:
@@ -309,10 +400,7 @@ def calibrate(
             log.warning("engine %s left out of the calibration: %s", name, e)
     if not rates:
         raise EngineError("no engine could run this backbone")
-    try:  # re-read: another process may have calibrated something else meanwhile
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = _calibrations(path)  # re-read: another process may have calibrated meanwhile
     known[k] = {n: round(r, 2) for n, r in rates.items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +408,19 @@ def calibrate(
     except OSError as e:  # a read-only cache: measured again next time, still correct
         log.warning("could not keep the engine calibration in %s: %s", path, e)
     return max(rates, key=rates.get), rates, False
+
+
+def _calibrations(path: Path) -> dict[str, Any]:
+    """The kept calibrations; a file that is missing, not JSON or not an object counts as none
+    (it is written again whole)."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(known, dict):
+        log.warning("%s is not a JSON object: calibrating again", path)
+        return {}
+    return known
 
 
 def _versions() -> dict[str, str]:

@@ -23,6 +23,7 @@ from extract.engines import (
     Runner,
     auto_runtimes,
     cache_dir,
+    cache_note,
     calibrate,
     check_engine,
     cpu_has_bf16,
@@ -216,10 +217,17 @@ def build_backbone(
     args = (name, spec, str(weights), trust_checkpoint, seed, crop_pct, resize, tta)
     key = _identity_key(*args)
     known = _read_identity(key) if key else None
+    if known is not None and not _consistent(
+        known, spec.preprocess(crop_pct, mode=resize, tta=tta)
+    ):
+        cache_note(f"identity record {key}.json disagrees with the options it stands for: rebuilt")
+        known = None
     if known is not None:
+        _as_named(name, known["name"], str(weights))
         return Backbone(known["name"], spec, lambda: _checked(_build(*args), known),
                         known["preprocess"], copy.deepcopy(known["fingerprint"]))  # fmt: skip
     module, bb_name, pre, fingerprint = _build(*args)
+    _as_named(name, bb_name, str(weights))
     bb = Backbone(bb_name, spec, module, pre, fingerprint)
     if key:
         _write_identity(key, bb)
@@ -257,10 +265,45 @@ def _build(
         "dim": spec.dim,
         "weights": origin,
         "weights_sha256": sha,
-        "preprocessing": {**pre.to_dict(), "jpeg_draft": True, "input": "RGB uint8, EXIF-upright"},
+        "preprocessing": _preprocessing(pre),
         "precision": "fp32",
     }
     return module, entry, pre, fingerprint
+
+
+def _as_named(asked: str, entry: str, weights: str) -> None:
+    """A name with ``@`` parts asks for what the options choose: refused unless the options make
+    exactly that entry (``efficientnet_lite0@random`` without ``--weights random`` would run the
+    pretrained network under a name that says otherwise)."""
+    if "@" not in asked or weights not in ("pretrained", "random") or asked == entry:
+        return
+    if asked.startswith(("timm", "open_clip")) and entry.endswith(asked.split("@", 1)[1]):
+        return
+    raise OptionError(
+        f"--backbone {asked}: the '@' parts of an entry name are made by options, not chosen by "
+        "name (@random: --weights random; @pad, @whole: --resize; @flip: --tta flip; @cropNN: "
+        f"--crop-pct); these options make {entry}. Pass --backbone {asked.split('@', 1)[0]} "
+        "with the options"
+    )
+
+
+def _preprocessing(pre: Preprocess) -> dict[str, Any]:
+    """The fingerprint's preprocessing field."""
+    return {**pre.to_dict(), "jpeg_draft": True, "input": "RGB uint8, EXIF-upright"}
+
+
+def _consistent(known: dict[str, Any], pre: Preprocess) -> bool:
+    """Whether a recorded identity says what its options make: the preprocessing they give
+    (worked out without building the network), the same in the record and in its fingerprint,
+    and an entry name that ends as that preprocessing's. An edited or stale record is not
+    trusted (it would make extract apply one preprocessing while the entry claims another)."""
+    fp = known["fingerprint"]
+    return (
+        known["preprocess"] == pre
+        and fp.get("preprocessing") == _preprocessing(pre)
+        and known["name"].endswith(pre.suffix())
+        and known["name"].split("@")[0] == fp.get("backbone", known["name"].split("@")[0])
+    )
 
 
 def _checked(built: tuple, known: dict[str, Any]) -> nn.Module:

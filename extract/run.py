@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from extract.engines import ENGINES
+from extract.engines import ENGINES, cache_notes
 from extract.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -157,6 +157,7 @@ class ExtractSummary:
     resize: str = ""  # what --resize auto chose, and why
     engine: str = ""
     engine_note: str = ""  # what --engine auto measured
+    cache_notes: list[str] = field(default_factory=list)  # engine cache entries found bad, remade
 
     @property
     def images_per_s(self) -> float:
@@ -197,6 +198,7 @@ class ExtractSummary:
             lines.append(f"  resize {self.resize}; pin it with --resize")
         if self.engine_note:
             lines.append(f"  engine {self.engine} ({self.engine_note}); pin it with --engine")
+        lines += [f"  engine cache: {n}" for n in self.cache_notes]
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} non-image files, e.g. {self.ignored[0]}")
         for p, why in self.failed[:max_failed]:
@@ -390,6 +392,7 @@ def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> Ext
         Path(store_path), name, str(embedder.device), embedder.precision, listed=len(listing)
     )
     s.resize, s.engine, s.engine_note = resize_why, embedder.engine, embedder.engine_note
+    s.cache_notes = cache_notes()
     s.ignored = listing.ignored
     if opts.cluster:  # parts finished by a driver that was killed: publish them, then plan
         merge(store_path)
