@@ -7,7 +7,9 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -841,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from features import PenultError
 
+    terminated = []
+    previous = _on_sigterm(args.command, terminated)
     try:
         return _HANDLERS[args.command](args)
     except BrokenPipeError:  # `penult info STORE | head`: the reader left; exit quietly
@@ -859,8 +863,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         why = _INTERRUPTED.get(args.command, "nothing more was written")
-        print(f"penult: interrupted; {why}", file=sys.stderr)
-        return 130
+        print(f"penult: {'terminated' if terminated else 'interrupted'}; {why}", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(command: str, terminated: list[int]):
+    """SIGTERM (a timeout, SLURM preemption, `kill`) ends a command as Ctrl-C does: what it
+    finished is kept and what it was writing is removed (no ``OUT.partial`` left), instead of
+    the process vanishing mid-write. `serve` keeps uvicorn's own handling. Returns the handler
+    it replaced (None where none was installed: not the main thread)."""
+    if command == "serve" or threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,10 @@ def neighbors(
     ni = index or open_index(store_path, backbone, metric=metric)[0]
     if nprobe and ni.meta.get("nprobe"):
         ni.meta["nprobe"] = int(nprobe)
+    if k > len(ni.rows):
+        raise IndexError_(
+            f"-k {k}: the index holds {len(ni.rows):,} images; ask for at most that many"
+        )
     shells, X, rows = resolve_queries(store, backbone, queries, images)
     ok = [i for i, s in enumerate(shells) if not s.error]
     if not ok:

@@ -212,7 +212,27 @@ def _unpack(path: Path, obj: Any, manifest: dict[str, Any]) -> BaseEstimator:
             f"{manifest_path(path)}: its classes differ from the model's own ({len(have)} classes, "
             f"first {have[:3]}): the manifest was edited or belongs to another model"
         )
+    own = _own_paths(est)
+    if (
+        own is not None
+        and manifest.get("paths") is not None
+        and own != [[str(v) for v in p] for p in manifest["paths"]]
+    ):
+        raise ModelError(
+            f"{manifest_path(path)}: its taxonomy paths differ from the model's own hierarchy "
+            "(the coarse labels predict would print): the manifest was edited; restore it or "
+            "retrain"
+        )
     return est
+
+
+def _own_paths(est: Any) -> list[list[str]] | None:
+    """The taxonomy paths a hierarchical estimator was fitted with (None for other heads)."""
+    for step in [est, *(s for _, s in getattr(est, "steps", []))]:
+        paths = getattr(step, "paths_", None)
+        if paths is not None:
+            return np.asarray(paths).astype(str).tolist()
+    return None
 
 
 def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> Model:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
 from classify.metrics import classification_metrics
 from classify.model import Model, Predictions
 from classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
-from features import TRAIN, FeatureStore, OptionError
+from features import TRAIN, FeatureStore, OptionError, PenultError
 from features.options import COUNT, FRACTION, POSITIVE, option, ranged
 
 __all__ = [
@@ -329,18 +330,21 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     data = load_dataset(store_path, backbones, label=opts.label)
     plan = prepare(store_path, data, opts)
     y, tr, ev = plan.y, plan.train, plan.eval
-    est, search, fit_seconds = _fit(plan.estimator, opts, data.X[tr], y[tr])
+    _check_pca(opts, int(tr.sum()), data.X.shape[1])
+    with _head_settings(opts):
+        est, search, fit_seconds = _fit(plan.estimator, opts, data.X[tr], y[tr])
     manifest = _manifest(store, data, opts, plan.taxonomy, plan.levels, est, plan.eval_split)
     model, counts = Model(est, manifest), class_counts(y[tr])
     result = TrainResult(
         model, {}, fit_seconds, int(tr.sum()), int(ev.sum()), plan.eval_split, search, plan.notes
     )
-    if opts.cv:  # ``est`` already saw every image: the folds refit clones of the plan
-        result.metrics, result.cv, result.truth = _cross_validate(plan, data, opts)
-        manifest["cv"] = result.cv
-    else:
-        result.metrics = score(model, data.subset(ev), train_counts=counts)
-        result.truth = y[ev]
+    with _head_settings(opts):
+        if opts.cv:  # ``est`` already saw every image: the folds refit clones of the plan
+            result.metrics, result.cv, result.truth = _cross_validate(plan, data, opts)
+            manifest["cv"] = result.cv
+        else:
+            result.metrics = score(model, data.subset(ev), train_counts=counts)
+            result.truth = y[ev]
     manifest["metrics"] = summary(result.metrics)
     manifest["train_counts"] = counts
     manifest["fit_seconds"] = fit_seconds
@@ -355,6 +359,31 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
             f"({plan.eval_split}); the metrics are that held-out estimate",
         }
     return result
+
+
+def _check_pca(opts: TrainOptions, n: int, dim: int) -> None:
+    """``--pca N`` within what the data allows, said before anything is fitted."""
+    if isinstance(opts.pca, int) and not isinstance(opts.pca, bool) and opts.pca > min(n, dim):
+        raise OptionError(
+            f"--pca {opts.pca}: at most {min(n, dim)} components here ({n} training images of "
+            f"{dim} dimensions); pass a smaller number, or a fraction of variance such as 0.95"
+        )
+
+
+@contextlib.contextmanager
+def _head_settings(opts: TrainOptions):
+    """A head that refuses its settings for this data (scikit-learn's ValueError, e.g.
+    ``--param n_neighbors=1000`` with fewer training images) as one line naming them."""
+    try:
+        yield
+    except ValueError as e:
+        if isinstance(e, PenultError):
+            raise
+        given = " ".join(f"--param {k}={v}" for k, v in opts.params)
+        raise OptionError(
+            f"the {opts.head} head cannot use its settings on this data ({e})"
+            + (f"; check {given}" if given else "")
+        ) from None
 
 
 def class_counts(y: np.ndarray) -> dict[str, int]:

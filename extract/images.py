@@ -83,6 +83,11 @@ def _placeholder_reason(im: Image.Image) -> str | None:
     return None
 
 
+# penult applies its own pixel limit (``--max-pixels``) in open_image, from the header, before
+# any pixel is decoded; Pillow's fixed one would refuse what the user allowed above it.
+Image.MAX_IMAGE_PIXELS = None
+
+
 @contextmanager
 def _decoding() -> Iterator[None]:
     """Pillow's failures while opening or decoding, as ImageErrors that say what is wrong."""

@@ -217,9 +217,7 @@ def build_backbone(
     args = (name, spec, str(weights), trust_checkpoint, seed, crop_pct, resize, tta)
     key = _identity_key(*args)
     known = _read_identity(key) if key else None
-    if known is not None and not _consistent(
-        known, spec.preprocess(crop_pct, mode=resize, tta=tta)
-    ):
+    if known is not None and not _consistent(key, known, resize, tta, crop_pct):
         cache_note(f"identity record {key}.json disagrees with the options it stands for: rebuilt")
         known = None
     if known is not None:
@@ -292,18 +290,30 @@ def _preprocessing(pre: Preprocess) -> dict[str, Any]:
     return {**pre.to_dict(), "jpeg_draft": True, "input": "RGB uint8, EXIF-upright"}
 
 
-def _consistent(known: dict[str, Any], pre: Preprocess) -> bool:
-    """Whether a recorded identity says what its options make: the preprocessing they give
-    (worked out without building the network), the same in the record and in its fingerprint,
-    and an entry name that ends as that preprocessing's. An edited or stale record is not
-    trusted (it would make extract apply one preprocessing while the entry claims another)."""
-    fp = known["fingerprint"]
+def _consistent(
+    key: str, known: dict[str, Any], resize: str, tta: str, crop_pct: float | None
+) -> bool:
+    """Whether a recorded identity is whole and says what its options make: its digest (over
+    its key and contents) holds, its preprocessing is the one its fingerprint claims, with the
+    options' resize mode, flips and crop, and the entry name ends as that preprocessing's. An
+    edited, torn or stale record is not trusted (it would make extract apply one preprocessing
+    while the entry claims another). Nothing here imports timm or builds the network."""
+    pre, fp = known["preprocess"], known["fingerprint"]
+    crop_ok = crop_pct is None or pre.mode != "crop" or abs(pre.crop / pre.resize - crop_pct) < 0.01
     return (
-        known["preprocess"] == pre
+        known.get("digest") == _record_digest(key, known)
         and fp.get("preprocessing") == _preprocessing(pre)
+        and (pre.mode, pre.tta) == (resize, tta)
+        and crop_ok
         and known["name"].endswith(pre.suffix())
-        and known["name"].split("@")[0] == fp.get("backbone", known["name"].split("@")[0])
     )
+
+
+def _record_digest(key: str, known: dict[str, Any]) -> str:
+    """What a record's ``digest`` holds: its key and contents, hashed."""
+    body = {"name": known["name"], "fingerprint": known["fingerprint"]}
+    body["preprocess"] = asdict(known["preprocess"])
+    return hashlib.sha256((key + json.dumps(body, sort_keys=True)).encode()).hexdigest()
 
 
 def _checked(built: tuple, known: dict[str, Any]) -> nn.Module:
@@ -371,6 +381,7 @@ def _read_identity(key: str) -> dict[str, Any] | None:
 
 def _write_identity(key: str, bb: Backbone) -> None:
     record = {"name": bb.name, "preprocess": asdict(bb.preprocess), "fingerprint": bb.fingerprint}
+    record["digest"] = _record_digest(key, {**record, "preprocess": bb.preprocess})
     try:
         identity_dir().mkdir(parents=True, exist_ok=True)
         write_text(identity_dir() / f"{key}.json", json.dumps(record, sort_keys=True))

@@ -33,7 +33,7 @@ from extract.sources import Listing
 from features import OptionError, StoreWriter, TableView, sha_raw
 from features.cluster import ClusterStart
 from features.options import COUNT, CROP, POSITIVE, option, parse_shard
-from features.parts import PartWriter, merge
+from features.parts import PartWriter, list_parts, merge
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> Ext
     s.resize, s.engine, s.engine_note = resize_why, embedder.engine, embedder.engine_note
     s.cache_notes = cache_notes()
     s.ignored = listing.ignored
-    if opts.cluster:  # parts finished by a driver that was killed: publish them, then plan
+    if opts.cluster and list_parts(store_path):  # a killed driver's parts: publish, then plan
         merge(store_path)
     writer: StoreWriter | PartWriter = StoreWriter(store_path)
     if opts.shard is not None:

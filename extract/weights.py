@@ -68,8 +68,15 @@ def read_state_dict(
     Accepts the common wrappers ``{"state_dict": ...}`` / ``{"model": ...}`` and a ``module.`` prefix.
     """
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         raise WeightsError(f"{p}: weights file not found")
+    if not p.is_file():  # a device (/dev/zero), a folder, a FIFO: never read
+        raise WeightsError(f"{p}: not a regular file; give a .pth, .pt or .safetensors file")
+    if p.suffix != ".safetensors" and not _looks_like_torch(p):
+        raise WeightsError(
+            f"{p}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor a "
+            "pickle); give a .pth, .pt or .safetensors file"
+        )
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -79,7 +86,7 @@ def read_state_dict(
             obj = torch.load(p, map_location="cpu", weights_only=not trust_checkpoint)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise WeightsError(
                 f"{p}: refused to load: the file contains pickled objects beyond tensors ({msg}). "
                 "If you trust its author, pass --trust-checkpoint"
@@ -91,6 +98,13 @@ def read_state_dict(
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{p}: not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _looks_like_torch(p: Path) -> bool:
+    """What torch.save writes: a zip archive, or (before torch 1.6) a pickle (protocol 2+)."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _map_in_order(

@@ -96,7 +96,44 @@ def _parse(spec: str) -> tuple[str, int]:
             raise ClusterError(
                 "--cluster slurm needs dask-jobqueue: pip install 'penult[slurm]'"
             ) from None
+        _check_jobqueue(spec)
+    if kind == "local" and n > (most := max(8, 4 * cores_here())):
+        raise ClusterError(
+            f"--cluster {spec!r}: {n:,} local workers on {cores_here()} cores; each loads the "
+            f"network and competes for the same cores: use local:N with N at most {most}"
+        )
+    if kind == "tcp":
+        _check_address(spec)
     return kind, n
+
+
+def _check_address(spec: str) -> None:
+    """``tcp://HOST:PORT`` of a running Dask scheduler, checked before anything starts."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(spec)
+        host, port = u.hostname, u.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None or not 0 < port < 65536:
+        raise ClusterError(
+            f"--cluster {spec!r}: give the scheduler's address as tcp://HOST:PORT "
+            "(e.g. tcp://10.0.0.5:8786, as `dask scheduler` prints it)"
+        )
+
+
+def _check_jobqueue(spec: str) -> None:
+    """SLURM jobs need cores and memory per job from dask-jobqueue's configuration."""
+    import dask
+
+    missing = [k for k in ("cores", "memory") if not dask.config.get(f"jobqueue.slurm.{k}", None)]
+    if missing:
+        raise ClusterError(
+            f"--cluster {spec!r}: no SLURM job size configured ({' and '.join(missing)} missing); "
+            "set jobqueue: slurm: cores, memory (and queue, walltime) in "
+            "~/.config/dask/jobqueue.yaml, see the dask-jobqueue documentation"
+        )
 
 
 class ClusterStart:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
+    "set_aside",
     "TMP_PREFIX",
     "atomic_path",
     "file_sha256",
@@ -75,6 +76,20 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically."""
     write_bytes(path, text.encode("utf-8"))
+
+
+def set_aside(path: str | os.PathLike[str], label: str) -> Path:
+    """Rename a finished file or folder that must not be used, nor lost, out of the way as
+    ``.<label>-<name>`` (numbered if taken) beside it; returns the new path."""
+    path = Path(path)
+    dest = path.with_name(f".{label}-{path.name}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f".{label}-{path.name}-{n}")
+    os.replace(path, dest)
+    fsync_dir(path.parent)
+    return dest
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -119,7 +119,11 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
     if bad_hash:
         problems.append(f"{bad_hash} readable rows without a valid sha256")
     if store.version >= 2 and len(store.find(t.path[:1000])) and (store.find(t.path) < 0).any():
-        problems.append("the path index misses rows; `penult check --repair` rebuilds it")
+        if repair:
+            _rebuild_index(p)
+            problems.append("repaired: rebuilt the path index from the image table")
+        else:
+            problems.append("the path index misses rows; `penult check --repair` rebuilds it")
     try:
         for name, e in store.backbones().items():
             problems += _check_backbone(store, name, e.dim, len(t))
@@ -178,12 +182,31 @@ def _segment_problems(path: Path, *, repair: bool) -> tuple[list[str], list[str]
     return found, _repair(path, s, set(bad))
 
 
+def _rebuild_index(path: Path) -> None:
+    """The path index made again from the table's keys, under the writer's lock."""
+    lock = StoreWriter(path)
+    lock._acquire_lock()
+    try:
+        with h5py.File(path, "r") as f:
+            s = segmented.load(f)
+        segmented.Commit(path, s).rebuild_index()
+    finally:
+        lock._release_lock()
+
+
 def _repair(path: Path, s: segmented.State, bad: set[str]) -> list[str]:
     lock = StoreWriter(path)
     lock._acquire_lock()
     try:
         done = []
         table_lost = [p for p in s.maps.get(segmented.TABLE, []) if p.file in bad]
+        if table_lost:  # the rows themselves are gone: nothing else is worth changing
+            return [
+                f"cannot repair: image-table rows {p.lo}..{p.hi - 1} were in {p.file}; restore "
+                "that file (or the store's whole .segments folder) from a backup, or extract "
+                "into a new store; nothing was changed"
+                for p in table_lost
+            ]
         for fam in list(s.maps):
             if fam == segmented.TABLE:
                 continue

@@ -21,6 +21,7 @@ import numpy as np
 
 from features import journal
 from features.errors import StoreError, StoreLockedError
+from features.files import set_aside
 from features.store import FeatureStore, StoreWriter, Writes, real_path
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,6 @@ def part_problem(store: FeatureStore, part: Path) -> str:
         if len(n) > 1:
             return f"shard {shard.name}: its arrays differ in length ({sorted(n)})"
     return ""
-
-
-def set_part_aside(part: Path) -> Path:
-    """Rename a part that cannot be merged out of the way (kept, with its lock, for a look)."""
-    dest = part.with_name(f".rejected-{part.name}")
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = part.with_name(f".rejected-{part.name}-{n}")
-    os.replace(part, dest)
-    return dest
 
 
 def ensure_store(path: Path, *, wait_s: float = 60.0) -> None:
@@ -202,7 +192,7 @@ def adopt_parts(
             journal.remove_stale_temporaries_in(part)
             why = part_problem(FeatureStore(w.path), part) if w.path.exists() else ""
             if why:
-                dest = set_part_aside(part)
+                dest = set_aside(part, "rejected")
                 log.warning("%s: part %s set aside as %s: %s", w.path, part.name, dest.name, why)
                 if rejected is not None:
                     rejected.append(f"part {part.name} set aside as {dest}: {why}")

@@ -236,6 +236,32 @@ def _virtual_columns(f: h5py.File, folder: str, s: State) -> None:
         _virtual(g, "valid", folder, s, backbone_family(name), "valid")
 
 
+def linked_folder(f: h5py.File) -> str | None:
+    """The segments folder the top-level file's virtual datasets name (None where none do)."""
+    ds = f.get("images/path")
+    if isinstance(ds, h5py.Dataset) and ds.is_virtual:
+        sources = ds.virtual_sources()
+        if sources:
+            return sources[0].file_name.split("/", 1)[0]
+    return None
+
+
+def stale_links(path: Path) -> bool:
+    """Whether the virtual datasets name another store's folder (the store was renamed, or
+    copied under a new name): plain h5py would read fill values, or the other store's rows."""
+    with h5py.File(path, "r") as f:
+        have = linked_folder(f)
+    return have is not None and have != segment_dir(path).name
+
+
+def relink(path: Path) -> None:
+    """Write the top-level file again (atomically, same state) with virtual datasets that name
+    this store's own segments folder. The caller holds the writer's lock."""
+    with h5py.File(path, "r") as f:
+        s = load(f)
+    save(path, s)
+
+
 def collect_garbage(path: Path, s: State) -> int:
     """Delete segment files no map refers to (superseded, or left by a killed writer)."""
     folder = segment_dir(path)

@@ -62,6 +62,31 @@ def _layout_problems(f: h5py.File, path: Path, version: int) -> list[str]:
     return problems or segmented.referenced_problems(path, segmented.load(f))
 
 
+def _relink(path: Path) -> bool:
+    """A store renamed or copied under a new name has virtual datasets that still name the old
+    segments folder: plain h5py would read fill values (or the original's rows). The first
+    penult command that opens it writes its top-level file again with its own folder's name
+    (under the writer's lock; skipped while another process writes, whose commit does the same,
+    and where the store cannot be written). Returns whether it did."""
+    try:
+        if not segmented.stale_links(path):
+            return False
+        lock = StoreWriter(path)
+        lock._acquire_lock()
+    except (OSError, StoreLockedError):
+        return False
+    try:
+        if segmented.stale_links(path):
+            segmented.relink(path)
+            log.info("%s: its virtual datasets now name %s", path, segmented.segment_dir(path).name)
+            return True
+        return False
+    except OSError:  # a read-only store: penult reads through its piece maps all the same
+        return False
+    finally:
+        lock._release_lock()
+
+
 class FeatureStore:
     """Read-only view of a store. Safe to use while a writer runs (files are never edited in place)."""
 
@@ -84,6 +109,8 @@ class FeatureStore:
         self._b: Legacy | Segmented = (
             Legacy(self.path) if self.version < 2 else Segmented(self.path)
         )
+        if self.version >= 2:
+            _relink(self.path)
 
     @property
     def attrs(self) -> dict[str, Any]:

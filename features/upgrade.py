@@ -15,7 +15,8 @@ import h5py
 import numpy as np
 
 from features import segmented
-from features.files import atomic_path
+from features.errors import StoreError
+from features.files import atomic_path, set_aside
 from features.legacy import read_table
 from features.store import FeatureStore, StoreWriter, real_path
 
@@ -23,6 +24,8 @@ from features.store import FeatureStore, StoreWriter, real_path
 def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGMENT_ROWS) -> str:
     """Convert the store at ``path``; return a one-line summary."""
     path = real_path(path)
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder, not a feature store file")
     if FeatureStore(path).version >= 2:
         return f"{path} is already store format {segmented.SCHEMA_VERSION}; nothing to do"
     lock = StoreWriter(path)
@@ -31,14 +34,21 @@ def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGME
         tmp = path.with_name(f".{path.name}.upgrade")
         tmp.unlink(missing_ok=True)
         folder = segmented.segment_dir(path)
-        if folder.is_dir():  # segments of an upgrade that was killed: never published
+        marker = path.with_name(f".{path.name}.upgrading")  # says whose files the folder holds
+        kept = ""
+        if folder.is_dir() and marker.exists():  # segments of an upgrade that was killed
             for p in folder.iterdir():
                 p.unlink()
+        elif folder.is_dir() and any(folder.iterdir()):  # not ours: a format-2 store's segments
+            aside = set_aside(folder, "before-upgrade")  # under a restored format-1 backup: kept
+            kept = f"; the files already in {folder.name}/ were kept as {aside.name}/"
+        marker.write_bytes(b"")
         with atomic_path(path, tmp=tmp) as t:
             rows = _convert(path, t, segment_rows)
+        marker.unlink()
     finally:
         lock._release_lock()
-    return f"{path}: upgraded to store format {segmented.SCHEMA_VERSION} ({rows} images)"
+    return f"{path}: upgraded to store format {segmented.SCHEMA_VERSION} ({rows} images){kept}"
 
 
 def _convert(path: Path, tmp: Path, block: int) -> int:

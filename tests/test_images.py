@@ -107,6 +107,18 @@ def test_bad_bytes_are_explained(data, reason, decode, data_dir: Path) -> None:
         decode(data)
 
 
+def test_max_pixels_governs_above_and_below_pillows_own_limit() -> None:
+    """--max-pixels is the limit both ways: a 200 Mpx header (over Pillow's fixed 179 Mpx) opens
+    when the user allows 250 Mpx, and a 12 Mpx one is refused at 10 Mpx."""
+    from extract.images import open_image
+
+    assert open_image(_bomb(), max_pixels=250_000_000).size == (20000, 10000)
+    with pytest.raises(ImageError, match="200,000,000 pixels > limit 199,999,999"):
+        open_image(_bomb(), max_pixels=199_999_999)
+    with pytest.raises(ImageError, match="too large"):
+        open_image(_png(Image.new("1", (4000, 3000))), max_pixels=10_000_000)
+
+
 def test_gif_placeholder_is_refused_but_real_gif_photo_is_not(data_dir: Path) -> None:
     with pytest.raises(ImageError, match="placeholder"):
         decode_image((data_dir / "hymenoptera/ants/imageNotFound.gif").read_bytes())

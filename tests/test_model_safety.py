@@ -211,3 +211,19 @@ def test_save_refuses_a_missing_folder(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         save_model(Model(est, _manifest(est.classes_)), tmp_path / "no" / "such" / "m.skops")
     assert not (tmp_path / "no").exists()
+
+
+def test_taxonomy_paths_edited_in_both_manifests_are_refused(tmp_path):
+    """Paths edited alike in the embedded manifest and MODEL.json (hash re-signed) would make
+    predict print coarse labels that disagree with the estimator's own hierarchy."""
+    from classify.hierarchy import HierarchicalClassifier
+
+    tax = {"c0": ("g0",), "c1": ("g0",), "c2": ("g1",)}
+    est = HierarchicalClassifier(taxonomy=tax, level_names=("genus",)).fit(X, Y)
+    paths = [[*tax[c], c] for c in est.classes_]
+    good = save_model(Model(est, {**_manifest(est.classes_), "paths": paths}), tmp_path / "h.skops")
+    assert load_model(good).paths.tolist() == paths
+    lied = [["g1", "c0"], ["g1", "c1"], ["g0", "c2"]]  # consistent in both files, signed anew
+    bad = save_model(Model(est, {**_manifest(est.classes_), "paths": lied}), tmp_path / "b.skops")
+    with pytest.raises(ModelError, match="taxonomy paths differ from the model's own"):
+        load_model(bad)

@@ -111,3 +111,97 @@ def test_a_segment_renamed_over_another_of_its_store_is_found(tmp_path) -> None:
     shutil.copy(segment_dir(store) / second, segment_dir(store) / first)
     with pytest.raises(StoreError, match=f"{first} is not the one .*written as {second}"):
         FeatureStore(store).embeddings("net")
+
+
+# -- check and --upgrade say what they do -------------------------------------------------------
+
+
+def test_plain_check_lists_a_truncated_segment(tmp_path, capsys) -> None:
+    import cli
+
+    store = _store(tmp_path / "s.h5")
+    seg = _one(store, "backbone:net")
+    seg.write_bytes(seg.read_bytes()[: seg.stat().st_size // 2])
+    assert cli.main(["check", str(store)]) == 1  # listed as a problem, not an error (exit 2)
+    out = capsys.readouterr().out
+    assert f"PROBLEM: {store}: segment {seg} cannot be read" in out
+
+
+def test_check_repair_rebuilds_a_path_index_that_misses_rows(tmp_path) -> None:
+    from features.segmented import save
+
+    store = _store(tmp_path / "s.h5", n=200)
+    with StoreWriter(store) as w:  # a second run of the index
+        paths, sha, _ = synthetic_rows(5, 50)
+        w.upsert_images(paths, ["/r"] * 50, sha, np.arange(50), np.arange(50), {})
+    with h5py.File(store, "r") as f:
+        s = load(f)
+    assert len(s.index) == 2
+    s.index.pop()  # the newest run's rows are no longer found by path
+    save(store, s)
+    assert any("misses rows" in p for p in check(store))
+    assert check(store, repair=True) == ["repaired: rebuilt the path index from the image table"]
+    assert check(store) == [] and (FeatureStore(store).find(paths) >= 0).all()
+
+
+def test_repair_without_the_segments_folder_changes_nothing_and_says_so(tmp_path) -> None:
+    store = _store(tmp_path / "s.h5")
+    before = store.read_bytes()
+    shutil.rmtree(segment_dir(store))
+    said = check(store, repair=True)
+    assert said and all("cannot repair" in p or "is missing" in p for p in said), said
+    assert not any(p.startswith("repaired") for p in said)
+    assert any("nothing was changed" in p for p in said)
+    assert store.read_bytes() == before
+
+
+def test_upgrade_keeps_files_it_did_not_write(tmp_path) -> None:
+    from features import upgrade
+
+    fixture = Path(__file__).parent / "fixtures" / "store_v1.h5"
+    p = tmp_path / "old.h5"
+    shutil.copy(fixture, p)
+    foreign = segment_dir(p)
+    foreign.mkdir()
+    (foreign / "backbone_x-0123.h5").write_bytes(b"a newer store's segment")
+    said = upgrade(p)
+    kept = [d for d in tmp_path.iterdir() if d.name.startswith(".before-upgrade-old.h5.segments")]
+    assert len(kept) == 1 and (kept[0] / "backbone_x-0123.h5").read_bytes().startswith(b"a newer")
+    assert kept[0].name in said and check(p) == []
+    with pytest.raises(StoreError, match="is a folder, not a feature store"):
+        upgrade(tmp_path)
+
+
+# -- a store renamed or copied under a new name reads the same through plain h5py -------------
+
+
+def _plain(store: Path) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    with h5py.File(store, "r") as f:  # what the README's snippet does: plain h5py, no penult
+        return (f["backbones/net/valid"][:], f["backbones/net/embeddings"][:],
+                f["images/path"][:].tolist())  # fmt: skip
+
+
+def test_a_renamed_store_reads_the_same_through_plain_h5py_once_penult_opened_it(tmp_path):
+    store = _store(tmp_path / "birds.h5", n=100)
+    valid, x, paths = _plain(store)
+    assert valid.all() and np.isfinite(x).all()
+    new = tmp_path / "moved" / "plankton.h5"
+    new.parent.mkdir()
+    store.rename(new)
+    segment_dir(store).rename(segment_dir(new))
+    assert not _plain(new)[0].any()  # before: the old folder's name, fill values (HDF5's way)
+    assert len(FeatureStore(new)) == 100  # any penult command on it points it at its folder
+    v2, x2, p2 = _plain(new)
+    assert v2.all() and np.array_equal(x2, x) and p2 == paths and check(new) == []
+
+
+def test_a_copy_under_a_new_name_reads_its_own_segments(tmp_path) -> None:
+    from conftest import copy_store
+
+    a = _store(tmp_path / "a.h5", n=100)
+    _, x, _ = _plain(a)
+    b = copy_store(a, tmp_path / "b.h5")
+    FeatureStore(b)
+    shutil.rmtree(segment_dir(a))  # the original changes (here: is gone)
+    valid, xb, _ = _plain(b)
+    assert valid.all() and np.array_equal(xb, x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -86,6 +87,17 @@ def test_wrong_architecture_file_is_refused(tmp_path: Path) -> None:
         build_backbone("resnet50", weights=tmp_path / "nope.pth")
 
 
+def test_weights_that_are_not_a_file_or_not_a_checkpoint_say_so(tmp_path: Path) -> None:
+    import os
+
+    with pytest.raises(WeightsError, match="/dev/zero: not a regular file"):
+        build_backbone("resnet18", weights="/dev/zero")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(4096).replace(b"\x80", b"\x00").replace(b"PK", b"pk"))
+    with pytest.raises(WeightsError, match="junk.pth: not a PyTorch checkpoint"):
+        build_backbone("resnet18", weights=junk)
+
+
 def test_torchvision_weights_come_from_the_hub_cache(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match="Offline\\? Put the file at .*resnet18-f37072fd.pth"):
@@ -128,9 +140,27 @@ def test_a_known_backbone_starts_without_building_its_network(tmp_path: Path, mo
     torch.save(state, f)
     other = build_backbone("resnet18", weights=f, resize="pad")
     assert other._module is not None and other.name != first.name
-    # a record that no longer matches what the network builds is refused when it is built
+    # an edited record is not trusted: built again from the weights, and said
+    from extract import engines
+    from extract.model import _record_digest
+
+    engines.cache_notes()
     for record in (tmp_path / "cache" / "identities").glob("*.json"):
         record.write_text(record.read_text().replace(other.fingerprint["weights_sha256"], "0" * 64))
+    edited = build_backbone("resnet18", weights=tmp_path / "mine.pth", resize="pad")
+    assert edited._module is not None and edited.fingerprint == other.fingerprint
+    assert any("identity record" in n for n in engines.cache_notes())
+    # a whole record that no longer matches what the network builds (other library builds)
+    # is refused when the network is built
+    for record in (tmp_path / "cache" / "identities").glob("*.json"):
+        r = json.loads(record.read_text().replace(other.fingerprint["weights_sha256"], "0" * 64))
+        key = record.stem
+        pre = r["preprocess"]
+        pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
+        from extract.registry import Preprocess
+
+        r["digest"] = _record_digest(key, {**r, "preprocess": Preprocess(**pre)})
+        record.write_text(json.dumps(r))
     stale = build_backbone("resnet18", weights=tmp_path / "mine.pth", resize="pad")
     with pytest.raises(WeightsError, match="as recorded in .*identities; delete"):
         _ = stale.module
