@@ -3,6 +3,7 @@ on every chunk, against the same store without, interleaved in one run on the sa
 
     .venv/bin/python benchmarks/checksum_bench.py                 # 100,000 rows of 1280-d float32
     .venv/bin/python benchmarks/checksum_bench.py --rows 20000 --repeats 2
+    .venv/bin/python benchmarks/checksum_bench.py --extract 600     # also penult extract, both ways
 
 Each round writes the rows through a StoreWriter (upsert, append, commit: what extract's commits
 cost beside the network), then reads every embedding back from a cold open of the store
@@ -48,10 +49,25 @@ def one(rows: int, checksums: bool, x: np.ndarray) -> tuple[float, float]:
     return write, read
 
 
+def extract_once(files: list[str], checksums: bool) -> float:
+    """images/s of a whole `extract` (the default engine) into a new store."""
+    from extract import ExtractOptions, extract, list_images
+
+    segments.CHECKSUMS = checksums
+    store = OUT / f"e-{int(checksums)}.h5"
+    remove_store(store)
+    listing = OUT / "files.txt"
+    listing.write_text("".join(f"{f}\n" for f in files))
+    s = extract(store, list_images(str(listing)), ExtractOptions(progress=False))
+    remove_store(store)
+    return s.extracted / s.seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--extract", type=int, default=0, help="also time extract on N cub100 images")
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     x = np.random.default_rng(0).normal(size=(a.rows, 1280)).astype(np.float32)
@@ -72,6 +88,17 @@ def main() -> None:
     print(f"checksums cost: write {w1 / w0:.2f}x, full read {r1 / r0:.2f}x")
     for c in (False, True):
         remove_store(OUT / f"s-{int(c)}.h5")
+    if a.extract:
+        files = [str(f) for f in sorted((ROOT.parent / "shared/data/cub100").glob("*/*.jpg"))]
+        files = files[:: max(1, len(files) // a.extract)][: a.extract]
+        extract_once(files[:64], True)  # warm-up: the engine's export and calibration
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(a.repeats):
+            for checksums in (False, True):
+                rates[checksums].append(extract_once(files, checksums))
+        e0, e1 = (statistics.median(rates[c]) for c in (False, True))
+        print(f"extract of {len(files)} cub100 images: {e0:.1f} img/s without checksums, "
+              f"{e1:.1f} with ({e1 / e0:.3f}x; runs {rates})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def onnx_file(backbone) -> Path:
                 dynamic_axes={"images": {0: "n"}, "embedding": {0: "n"}}, dynamo=False,
                 opset_version=OPSET,
             )  # fmt: skip
-            _agrees(module, tmp, size)
+            probe = _agrees(module, tmp, size)
     except EngineError:
         raise
     except OSError as e:  # a full disk, a cache that went away
@@ -259,21 +259,28 @@ def onnx_file(backbone) -> Path:
         ) from e
     finally:
         module.to(was)
-    record = {"identity": _identity(backbone), "sha256": file_sha256(path)}
+    record = {"identity": _identity(backbone), "sha256": file_sha256(path), "size": size,
+              "probe": np.round(probe, 6).tolist()}  # fmt: skip
     write_text(_record(path), json.dumps(record, sort_keys=True))
     log.info("exported %s to %s in %.1f s", backbone.spec.name, path, time.perf_counter() - t)
     return path
 
 
 PROBE_COSINE = 0.999  # an export that agrees less with torch on the probe images is not kept
+PROBE_COSINE_BF16 = 0.98  # a runtime in bf16, against the torch fp32 reference
 
 
-def _agrees(module, onnx_path: Path, size: int) -> None:
+def _probe_images(size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (3, 3, size, size), np.uint8)
+
+
+def _agrees(module, onnx_path: Path, size: int) -> np.ndarray:
     """The export, run by ONNX Runtime, against torch on three seeded random images: a graph
-    that disagrees (an exporter bug, a wrong module) is refused before it is cached."""
+    that disagrees (an exporter bug, a wrong module) is refused before it is cached. Returns
+    torch's embeddings of them: the reference every runtime built later is checked against."""
     import onnxruntime as ort
 
-    x = np.random.default_rng(0).integers(0, 256, (3, 3, size, size), np.uint8)
+    x = _probe_images(size)
     with torch.inference_mode():
         want = module(torch.from_numpy(x)).float().numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -283,6 +290,7 @@ def _agrees(module, onnx_path: Path, size: int) -> None:
             f"the ONNX export disagrees with torch on probe images (cosine "
             f"{lowest_cosine(got, want) if got.shape == want.shape else 'n/a'}); use --engine torch"
         )
+    return want
 
 
 def _ort_runner(path: Path, threads: int, precision: str = "fp32") -> Runner:
@@ -338,9 +346,42 @@ def make_runner(engine: str, path: Path, threads: int, precision: str = "fp32") 
     OpenVINO's inference precision on CPUs that have it (see runtime_precision)."""
     make = _ort_runner if engine == "onnxruntime" else _openvino_runner
     try:
-        return make(path, threads, precision)
+        run = make(path, threads, precision)
+        if not _runs_true(run, path, precision) and engine == "openvino":
+            _clear_blobs()  # a compiled model from OpenVINO's cache that is not this one
+            run = make(path, threads, precision)
     except Exception as e:  # noqa: BLE001 - a graph the runtime refuses: name it
         raise EngineError(f"{engine} cannot load {path.name} ({type(e).__name__}: {e})") from e
+    if not _runs_true(run, path, precision):
+        path.unlink(missing_ok=True)  # the next run exports it again
+        _record(path).unlink(missing_ok=True)
+        raise EngineError(
+            f"{engine} ({precision}) disagrees with torch's recorded output for {path.name} on "
+            "the probe images; the cached export was removed (the next run makes it again), or "
+            "use --engine torch"
+        )
+    return run
+
+
+def _runs_true(run: Runner, path: Path, precision: str) -> bool:
+    """A newly built runtime, on the three probe images, against torch's embeddings of them
+    recorded at export (a few milliseconds; no torch network needed). True where the file has
+    no such record (an int8 model, an export from before records)."""
+    try:
+        rec = json.loads(_record(path).read_text())
+        want, size = np.asarray(rec["probe"], np.float32), int(rec["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    got = run(_probe_images(size))
+    bar = PROBE_COSINE if precision == "fp32" else PROBE_COSINE_BF16
+    return got.shape == want.shape and lowest_cosine(got, want) >= bar
+
+
+def _clear_blobs() -> None:
+    cache_note("OpenVINO's compiled-model cache gave another network: cleared and compiled again")
+    for f in (cache_dir() / "openvino").glob("*"):
+        if f.is_file():
+            f.unlink(missing_ok=True)
 
 
 def cpu_model() -> str:

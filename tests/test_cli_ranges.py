@@ -57,6 +57,7 @@ def test_train_pca_and_params_beyond_the_data(store: Path, capsys, tmp_path) -> 
     ],
 )
 def test_cluster_specs_that_cannot_start(spec, words, data_dir, tmp_path, capsys):
+    pytest.importorskip("dask_jobqueue")  # its defaults loaded first: set() restores over them
     import dask
 
     with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):

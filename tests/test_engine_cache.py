@@ -118,3 +118,18 @@ def test_entry_suffixes_are_made_by_options_not_by_name() -> None:
         == "efficientnet_lite0@random"
     )
     assert build_backbone("efficientnet_lite0@pad", resize="pad").name == "efficientnet_lite0@pad"
+
+
+def test_a_runtime_that_disagrees_with_the_recorded_torch_output_is_refused(monkeypatch) -> None:
+    """Each runtime built is run on the three probe images and compared with torch's embeddings
+    of them, recorded at export: a runtime that computes another network (a stale compiled
+    model, a runtime bug) is refused, and the export is removed to be made again."""
+    real = build_backbone("efficientnet_lite0")
+    other = build_backbone("efficientnet_lite0", weights="random", seed=3)
+    ours, theirs = eng.onnx_file(real), eng.onnx_file(other)
+    assert eng.make_runner("onnxruntime", ours, 1) is not None  # agrees: built
+    build = eng._ort_runner
+    monkeypatch.setattr(eng, "_ort_runner", lambda path, *a: build(theirs, *a))
+    with pytest.raises(eng.EngineError, match="disagrees with torch's recorded output"):
+        eng.make_runner("onnxruntime", ours, 1)
+    assert not ours.exists()
