@@ -260,7 +260,7 @@ def onnx_file(backbone) -> Path:
     finally:
         module.to(was)
     record = {"identity": _identity(backbone), "sha256": file_sha256(path), "size": size,
-              "probe": np.round(probe, 6).tolist()}  # fmt: skip
+              "probe": probe.astype(np.float32).tolist()}  # fmt: skip
     write_text(_record(path), json.dumps(record, sort_keys=True))
     log.info("exported %s to %s in %.1f s", backbone.spec.name, path, time.perf_counter() - t)
     return path

@@ -44,15 +44,19 @@ def cub_manifest(data_dir: Path, out: Path, *, classes: int, per_class: int | No
     return out
 
 
+def copy_hymenoptera(data_dir: Path, root: Path, per_class: int = 6) -> Path:
+    """A writable ImageFolder copy at ``root``: the first ``per_class`` ants and bees."""
+    for cls in ("ants", "bees"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((data_dir / "hymenoptera" / cls).glob("*.jpg"))[:per_class]:
+            shutil.copy(f, root / cls / f.name)
+    return root
+
+
 @pytest.fixture
 def small_folder(data_dir: Path, tmp_path: Path) -> Path:
     """A writable ImageFolder copy: 6 ants + 6 bees (real photos, odd sizes)."""
-    root = tmp_path / "imgs"
-    for cls in ("ants", "bees"):
-        (root / cls).mkdir(parents=True)
-        for f in sorted((data_dir / "hymenoptera" / cls).glob("*.jpg"))[:6]:
-            shutil.copy(f, root / cls / f.name)
-    return root
+    return copy_hymenoptera(data_dir, tmp_path / "imgs")
 
 
 def real_batch(data_dir: Path, pre) -> torch.Tensor:

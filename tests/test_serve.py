@@ -4,26 +4,26 @@ clear message, and the server starts on localhost and stops cleanly on Ctrl-C.""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import uvicorn
 from PIL import Image
+from servers import free_port
+from servers import live as live_app
 from starlette.testclient import TestClient
 
 from classify.web import Site, make_app
+from conftest import copy_hymenoptera
 from extract import ExtractOptions, Featuriser, extract, list_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +35,7 @@ def served(data_dir: Path, tmp_path_factory) -> Site:
     """A store of 6 ants + 6 bees, a resized copy of the first ant filed under bees, a corrupt
     file, and a link that leads out of the image root (to a file that must never be served)."""
     tmp = tmp_path_factory.mktemp("serve")
-    root = tmp / "imgs"
-    for cls in ("ants", "bees"):
-        (root / cls).mkdir(parents=True)
-        for f in sorted((data_dir / "hymenoptera" / cls).glob("*.jpg"))[:6]:
-            shutil.copy(f, root / cls / f.name)
+    root = copy_hymenoptera(data_dir, tmp / "imgs")
     first = sorted((root / "ants").glob("*.jpg"))[0]
     with Image.open(first) as im:
         im.convert("RGB").resize((im.width * 3 // 4, im.height * 3 // 4)).save(
@@ -130,26 +126,9 @@ def test_an_upload_above_the_pixel_limit_is_refused_like_extract_refuses_it(clie
     assert "too large" in r.json()["error"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
 def live(site: Site):
-    """The app on a real uvicorn server in a thread; yields its port."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(site), port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    """The app of ``site`` on a real uvicorn server in a thread; yields its port."""
+    return live_app(make_app(site))
 
 
 def test_only_the_stores_own_files_are_served(served: Site) -> None:
@@ -189,7 +168,7 @@ def test_only_the_stores_own_files_are_served(served: Site) -> None:
 
 
 def test_serve_starts_on_localhost_warns_elsewhere_and_stops_on_ctrl_c(served: Site) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "penult.cli", "serve", str(served.store_path), "--port", str(port)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:

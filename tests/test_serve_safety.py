@@ -20,13 +20,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-import uvicorn
 from PIL import Image
+from servers import live
 from starlette.testclient import TestClient
 
 from classify.web import Site, make_app
 from classify.web.app import allowed_hosts
 from classify.web.site import placeholder
+from conftest import copy_hymenoptera
 from extract import ExtractOptions, Featuriser, extract, list_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +40,7 @@ def odd_store(data_dir: Path, tmp_path_factory) -> Path:
     """Five ants and five bees, one of the ants under a name that is not UTF-8, and a 144 Mpx
     PNG that extract refused as a decompression bomb (at --max-pixels 50,000,000)."""
     tmp = tmp_path_factory.mktemp("serve_safety")
-    root = tmp / "imgs"
-    for cls in ("ants", "bees"):
-        (root / cls).mkdir(parents=True)
-        for f in sorted((data_dir / "hymenoptera" / cls).glob("*.jpg"))[:5]:
-            shutil.copy(f, root / cls / f.name)
+    root = copy_hymenoptera(data_dir, tmp / "imgs", 5)
     first = sorted((root / "ants").glob("*.jpg"))[0]
     os.rename(first, os.path.join(os.fsencode(root / "ants"), ODD))
     Image.new("1", (12000, 12000)).save(root / "bees" / "bomb.png")
@@ -55,28 +52,6 @@ def odd_store(data_dir: Path, tmp_path_factory) -> Path:
 
 def _site(store: Path, **kw) -> Site:
     return Site(store, "efficientnet_lite0", images=Featuriser(workers=0), k=4, **kw)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live(app):
-    """The app on a real uvicorn server in a thread; yields its port."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def raw(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b""):
