@@ -150,11 +150,8 @@ def cache_dir() -> Path:
 
 
 def model_key(fingerprint: dict[str, Any]) -> str:
-    """What decides the exported graph: the embedding's identity, torch's version, the opset."""
-    from features import IDENTITY_FIELDS
-
-    ident = {k: fingerprint.get(k) for k in IDENTITY_FIELDS}
-    blob = json.dumps({**ident, "torch": torch.__version__, "opset": OPSET}, sort_keys=True)
+    """What decides the exported graph (see _identity), hashed: the cached export's name."""
+    blob = json.dumps(_identity(fingerprint), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -183,10 +180,11 @@ def cache_notes() -> list[str]:
     return out
 
 
-def _identity(backbone) -> dict[str, Any]:
+def _identity(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What decides the exported graph: the embedding's identity, torch's version, the opset."""
     from features import IDENTITY_FIELDS
 
-    ident = {k: backbone.fingerprint.get(k) for k in IDENTITY_FIELDS}
+    ident = {k: fingerprint.get(k) for k in IDENTITY_FIELDS}
     return {**ident, "torch": torch.__version__, "opset": OPSET}
 
 
@@ -203,7 +201,7 @@ def _cached(path: Path, backbone) -> bool:
     why = ""
     try:
         rec = json.loads(_record(path).read_text())
-        if not isinstance(rec, dict) or rec.get("identity") != _identity(backbone):
+        if not isinstance(rec, dict) or rec.get("identity") != _identity(backbone.fingerprint):
             why = "it was made for another network"
         elif rec.get("sha256") != file_sha256(path):
             why = "its bytes changed since it was written"
@@ -259,7 +257,7 @@ def onnx_file(backbone) -> Path:
         ) from e
     finally:
         module.to(was)
-    record = {"identity": _identity(backbone), "sha256": file_sha256(path), "size": size,
+    record = {"identity": _identity(backbone.fingerprint), "sha256": file_sha256(path), "size": size,
               "probe": probe.astype(np.float32).tolist()}  # fmt: skip
     write_text(_record(path), json.dumps(record, sort_keys=True))
     log.info("exported %s to %s in %.1f s", backbone.spec.name, path, time.perf_counter() - t)

@@ -11,7 +11,7 @@ import numpy as np
 from features import journal, segmented
 from features.errors import StoreError
 from features.segments import Reader, read_run, verify
-from features.store import FeatureStore, StoreWriter, check_root, real_path
+from features.store import FeatureStore, StoreWriter, check_root, real_path, store_lock
 
 
 def _size(store: FeatureStore) -> int:
@@ -88,6 +88,7 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
     except (OSError, StoreError) as e:
         return [str(e) if isinstance(e, StoreError) else f"{p}: cannot open as HDF5 ({e})"]
     problems: list[str] = []
+    found: list[str] = []  # damaged or missing segments, each named once
     if version >= 2:
         found, fixed = _segment_problems(p, repair=repair)
         problems += found
@@ -127,8 +128,8 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
     try:
         for name, e in store.backbones().items():
             problems += _check_backbone(store, name, e.dim, len(t))
-    except StoreError as err:  # a damaged segment, already named above
-        if not any(str(err).split(" is ")[0] in p for p in problems):
+    except StoreError as err:  # a damaged segment: already named, where the segments were read
+        if not found:
             problems.append(str(err))
     return problems
 
@@ -184,20 +185,14 @@ def _segment_problems(path: Path, *, repair: bool) -> tuple[list[str], list[str]
 
 def _rebuild_index(path: Path) -> None:
     """The path index made again from the table's keys, under the writer's lock."""
-    lock = StoreWriter(path)
-    lock._acquire_lock()
-    try:
+    with store_lock(path):
         with h5py.File(path, "r") as f:
             s = segmented.load(f)
         segmented.Commit(path, s).rebuild_index()
-    finally:
-        lock._release_lock()
 
 
 def _repair(path: Path, s: segmented.State, bad: set[str]) -> list[str]:
-    lock = StoreWriter(path)
-    lock._acquire_lock()
-    try:
+    with store_lock(path):
         done = []
         table_lost = [p for p in s.maps.get(segmented.TABLE, []) if p.file in bad]
         if table_lost:  # the rows themselves are gone: nothing else is worth changing
@@ -215,17 +210,9 @@ def _repair(path: Path, s: segmented.State, bad: set[str]) -> list[str]:
                 s.maps[fam] = [p for p in s.maps[fam] if p.file not in bad]
                 rows = sum(p.hi - p.lo for p in gone)
                 done.append(f"repaired: dropped {rows} rows of {fam} (made again by the next run)")
-        if any(n in bad for n, _ in s.index) and not table_lost:
-            c = segmented.Commit(path, s)
-            c.rebuild_index()
+        if any(n in bad for n, _ in s.index):
+            segmented.Commit(path, s).rebuild_index()
             done.append("repaired: rebuilt the path index from the image table")
-        elif not table_lost:
+        else:
             segmented.save(path, s)
-        for p in table_lost:
-            done.append(
-                f"cannot repair: image-table rows {p.lo}..{p.hi - 1} were in {p.file}; restore "
-                "that file from a backup, or extract into a new store"
-            )
         return done
-    finally:
-        lock._release_lock()

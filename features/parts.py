@@ -190,7 +190,7 @@ def adopt_parts(
             continue
         try:
             journal.remove_stale_temporaries_in(part)
-            why = part_problem(FeatureStore(w.path), part) if w.path.exists() else ""
+            why = part_problem(w.store, part)  # the writer's view, refreshed at each commit
             if why:
                 dest = set_aside(part, "rejected")
                 log.warning("%s: part %s set aside as %s: %s", w.path, part.name, dest.name, why)

@@ -28,7 +28,7 @@ STR = h5py.string_dtype("utf-8")
 GAP_FILL = 256  # updated rows closer than this share one piece (the rows between are copied)
 TIER = 8  # this many neighbouring pieces of about the same size are merged into one
 MAX_PIECES = 48  # a block with more pieces than this is rewritten as one
-CHECKSUMS = True  # Fletcher-32 on every chunk (benchmarks/store_bench.py --checksums measures it)
+CHECKSUMS = True  # Fletcher-32 on every chunk (benchmarks/checksum_bench.py measures it)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ them by replacing the top-level file atomically, so a kill at any moment leaves 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -62,6 +63,18 @@ def _layout_problems(f: h5py.File, path: Path, version: int) -> list[str]:
     return problems or segmented.referenced_problems(path, segmented.load(f))
 
 
+@contextlib.contextmanager
+def store_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """The store's single-writer lock, without opening it for writing (repairs, upgrades,
+    relinking); StoreLockedError while another process writes."""
+    lock = StoreWriter(path)
+    lock._acquire_lock()
+    try:
+        yield
+    finally:
+        lock._release_lock()
+
+
 def _relink(path: Path) -> bool:
     """A store renamed or copied under a new name has virtual datasets that still name the old
     segments folder: plain h5py would read fill values (or the original's rows). The first
@@ -69,22 +82,14 @@ def _relink(path: Path) -> bool:
     (under the writer's lock; skipped while another process writes, whose commit does the same,
     and where the store cannot be written). Returns whether it did."""
     try:
-        if not segmented.stale_links(path):
-            return False
-        lock = StoreWriter(path)
-        lock._acquire_lock()
-    except (OSError, StoreLockedError):
-        return False
-    try:
-        if segmented.stale_links(path):
+        with store_lock(path):
+            if not segmented.stale_links(path):  # relinked by another process meanwhile
+                return False
             segmented.relink(path)
-            log.info("%s: its virtual datasets now name %s", path, segmented.segment_dir(path).name)
-            return True
+    except (OSError, StoreLockedError):  # a read-only store: penult reads it all the same
         return False
-    except OSError:  # a read-only store: penult reads through its piece maps all the same
-        return False
-    finally:
-        lock._release_lock()
+    log.info("%s: its virtual datasets now name %s", path, segmented.segment_dir(path).name)
+    return True
 
 
 class FeatureStore:
@@ -98,6 +103,9 @@ class FeatureStore:
             with h5py.File(self.path, "r") as f:
                 self.version = check_root(f, self.path)
                 problems = _layout_problems(f, self.path, self.version)
+                stale = self.version >= 2 and segmented.linked_folder(f) not in (
+                    None, segmented.segment_dir(self.path).name,
+                )  # fmt: skip
         except OSError as e:
             raise StoreError(f"{self.path}: cannot open as HDF5 ({e})") from None
         if problems:
@@ -109,7 +117,7 @@ class FeatureStore:
         self._b: Legacy | Segmented = (
             Legacy(self.path) if self.version < 2 else Segmented(self.path)
         )
-        if self.version >= 2:
+        if stale:
             _relink(self.path)
 
     @property

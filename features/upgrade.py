@@ -18,7 +18,7 @@ from features import segmented
 from features.errors import StoreError
 from features.files import atomic_path, set_aside
 from features.legacy import read_table
-from features.store import FeatureStore, StoreWriter, real_path
+from features.store import FeatureStore, real_path, store_lock
 
 
 def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGMENT_ROWS) -> str:
@@ -28,9 +28,7 @@ def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGME
         raise StoreError(f"{path} is a folder, not a feature store file")
     if FeatureStore(path).version >= 2:
         return f"{path} is already store format {segmented.SCHEMA_VERSION}; nothing to do"
-    lock = StoreWriter(path)
-    lock._acquire_lock()  # the store's single-writer lock, without opening it for writing
-    try:
+    with store_lock(path):
         tmp = path.with_name(f".{path.name}.upgrade")
         tmp.unlink(missing_ok=True)
         folder = segmented.segment_dir(path)
@@ -46,8 +44,6 @@ def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGME
         with atomic_path(path, tmp=tmp) as t:
             rows = _convert(path, t, segment_rows)
         marker.unlink()
-    finally:
-        lock._release_lock()
     return f"{path}: upgraded to store format {segmented.SCHEMA_VERSION} ({rows} images){kept}"
 
 

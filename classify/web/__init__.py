@@ -5,6 +5,7 @@
 uploads) is handed in by the CLI, as for `penult neighbors`: classify/ never imports torch.
 """
 
+import errno
 import socket
 
 from classify.web.app import LOCAL_NAMES, MAX_UPLOAD, allowed_hosts, make_app
@@ -23,7 +24,11 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        why = "is in use by another program" if e.errno == 98 else f"cannot be used ({e.strerror})"
+        why = (
+            "is in use by another program"
+            if e.errno == errno.EADDRINUSE
+            else f"cannot be used ({e.strerror})"
+        )
         raise SiteError(
             f"port {port} on {host} {why}; choose another with --port (e.g. --port {port + 1})"
         ) from None

@@ -172,6 +172,11 @@ class _Uploads:
             )  # fmt: skip
             return
         cap = lim.cap(scope.get("path", ""))
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > cap:  # refused before anything is read
+            limit = f"{lim.max_upload / (1 << 20):g} MiB"
+            await _refuse(scope, send, 413, f"upload refused: larger than the {limit} upload limit")
+            return
         lim.active += 1
         mine = 0
 
@@ -201,21 +206,28 @@ class _Uploads:
             lim.held -= mine
 
 
-async def _refuse(scope, send, status: int, text: str) -> None:
-    """A refusal from a middleware (before any route ran): JSON for the API, text otherwise."""
-    if scope.get("path", "").startswith("/api/"):
+def _error(path: str, status: int, text: str) -> Response:
+    """Every error the server answers: JSON for the API, one line of text otherwise; a refused
+    upload's connection ends (the rest of its body is not read), a 503 says when to retry."""
+    if path.startswith("/api/"):
         r: Response = _JSON({"error": text}, status_code=status)
     else:
-        r = Response(f"{status}: {text}", status_code=status, media_type="text/plain")
-    if status == 503:
-        r.headers["retry-after"] = "2"
+        body = f"{status}: {text}".encode("utf-8", "backslashreplace")
+        r = Response(body, status_code=status, media_type="text/plain")
     if status in (413, 503):
         r.headers["connection"] = "close"
+    if status == 503:
+        r.headers["retry-after"] = "2"
+    return r
+
+
+async def _refuse(scope, send, status: int, text: str) -> None:
+    """A refusal from a middleware, before any route ran."""
 
     async def nothing():
         return {"type": "http.disconnect"}
 
-    await r(scope, nothing, send)
+    await _error(scope.get("path", ""), status, text)(scope, nothing, send)
 
 
 class _JSON(JSONResponse):
@@ -344,16 +356,7 @@ def make_app(
     async def on_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 400)
         text = exc.detail if isinstance(exc, HTTPException) else str(exc)
-        if request.url.path.startswith("/api/"):
-            r: Response = _JSON({"error": text}, status_code=status)
-        else:
-            body = f"{status}: {text}".encode("utf-8", "backslashreplace")
-            r = Response(body, status_code=status, media_type="text/plain")
-        if status in (413, 503):  # the rest of the body is not read: the connection ends here
-            r.headers["connection"] = "close"
-        if status == 503:
-            r.headers["retry-after"] = "2"
-        return r
+        return _error(request.url.path, status, text)
 
     def fresh(endpoint):
         """The endpoint, answering from the store's latest commit (reloaded when it moved)."""
@@ -449,11 +452,8 @@ async def _upload(request: Request, max_upload: int) -> Upload:
 
 async def _uploads(request: Request, max_upload: int, max_files: int) -> list[Upload]:
     """The multipart ``file`` fields, refused with a clear message when missing or too large
-    (by the declared length before anything is read; by the parser's part limit while reading)."""
+    (the body's length is the _Uploads middleware's to bound; each file's here)."""
     limit = f"larger than the {max_upload / (1 << 20):g} MiB upload limit"
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_files * (max_upload + ENVELOPE):
-        raise HTTPException(413, f"upload refused: {limit}")
     try:
         form = await request.form(max_files=max_files, max_fields=4, max_part_size=max_upload)
     except HTTPException:
