@@ -2,7 +2,10 @@
 
 The top-level file is the one thing replaced (atomically) by a commit. It holds the piece maps
 (``/segments/<family>``), the category names of coded columns, the backbones' fingerprints, and
-virtual datasets that present every column as one dataset to plain h5py readers. A commit replays
+external links to a *view* file inside the segments folder, whose virtual datasets present every
+column as one dataset to plain h5py readers. The view names its segments as siblings, so a store
+moved or copied with its folder reads the same; renamed, the top-level file's links name a folder
+that is not there and plain h5py fails loudly (never fill values) until penult relinks it. A commit replays
 the journal into new segment files (cost: the new rows), compacts the blocks it touched, writes
 the new top-level file, and only then deletes segments no map refers to any more.
 """
@@ -91,6 +94,7 @@ class State:
     index: list[tuple[str, int]] = field(default_factory=list)  # (file, rows) oldest first
     names: dict[str, list[str]] = field(default_factory=dict)  # "root", "error", "label:<c>"
     backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
+    view: str | None = None  # the view file (in the segments folder) the top-level file links to
 
     @property
     def rows(self) -> int:
@@ -175,11 +179,17 @@ def load(f: h5py.File) -> State:
         s.names[label_family(col)] = decode(g["names"][()])
     for name, g in f["backbones"].items():
         s.backbones[name] = attributes(g)
+    link = f.get("images/path", getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        s.view = link.filename.rsplit("/", 1)[-1]
     return s
 
 
 def save(path: Path, s: State, *, segments: Path | None = None) -> None:
-    """Write the top-level file to a temporary name, fsync, and rename it over ``path``."""
+    """Write a new view file into the segments folder, then the top-level file (to a temporary
+    name, fsynced, renamed over ``path``) with links to it. ``s.view`` names the new view."""
+    folder = segments or segment_dir(path)
+    s.view = _write_view(folder, s)
     with atomic_path(path, tmp=path.with_name(f".{path.name}.top-{os.getpid()}")) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(s.attrs)
@@ -193,7 +203,9 @@ def save(path: Path, s: State, *, segments: Path | None = None) -> None:
             ix = f.create_group("index")
             ix.create_dataset("file", data=_strs([n for n, _ in s.index]), dtype=STR)
             ix["rows"] = np.array([r for _, r in s.index], np.int64)
-            _virtual_columns(f, (segments or segment_dir(path)).name, s)
+            target = f"{folder.name}/{s.view}"
+            for name in _columns(f, s):
+                f[name] = h5py.ExternalLink(target, f"/{name}")
 
 
 def _strs(values: list[str]) -> np.ndarray:
@@ -202,64 +214,70 @@ def _strs(values: list[str]) -> np.ndarray:
     return out
 
 
-def _virtual(f: h5py.Group, name: str, folder: str, s: State, family: str, column: str) -> None:
-    col = s.columns(family)[column]
-    layout = h5py.VirtualLayout(shape=(s.rows, *col.shape), dtype=col.dtype)
-    for p in s.maps.get(family, []):
-        src = h5py.VirtualSource(
-            f"{folder}/{p.file}", column, shape=(p.offset + p.hi - p.lo, *col.shape)
-        )
-        layout[p.lo : p.hi] = src[p.offset : p.offset + p.hi - p.lo]
-    fill = None if col.dtype is STR else col.fill
-    f.create_virtual_dataset(name, layout, fillvalue=fill)
-
-
-def _virtual_columns(f: h5py.File, folder: str, s: State) -> None:
+def _columns(f: h5py.File, s: State) -> dict[str, tuple[str, str]]:
+    """The groups, names and attributes of the plain-h5py layout in ``f``; returns each column's
+    dataset path with the (family, column) it shows."""
+    out = {f"images/{c}": (TABLE, c) for c in TABLE_COLUMNS}
+    out |= {f"images/{c}": (SIZE, c) for c in SIZE_COLUMNS}
+    out["images/error"] = (ERROR, "error")
     images = f.create_group("images")
-    for c in TABLE_COLUMNS:
-        _virtual(images, c, folder, s, TABLE, c)
-    for c in SIZE_COLUMNS:
-        _virtual(images, c, folder, s, SIZE, c)
-    _virtual(images, "error", folder, s, ERROR, "error")
     images.create_dataset("root_names", data=_strs(s.names["root"]), dtype=STR)
     images.create_dataset("error_names", data=_strs(s.names["error"]), dtype=STR)
     labels = images.create_group("labels")
     for col in s.labels:
         g = labels.create_group(col)
-        _virtual(g, "codes", folder, s, label_family(col), "code")
         g.create_dataset("names", data=_strs(s.names[label_family(col)]), dtype=STR)
+        out[f"images/labels/{col}/codes"] = (label_family(col), "code")
     bb = f.create_group("backbones")
     for name, meta in s.backbones.items():
-        g = bb.create_group(name)
-        g.attrs.update(meta)
-        _virtual(g, "embeddings", folder, s, backbone_family(name), "embeddings")
-        _virtual(g, "valid", folder, s, backbone_family(name), "valid")
+        bb.create_group(name).attrs.update(meta)
+        out[f"backbones/{name}/embeddings"] = (backbone_family(name), "embeddings")
+        out[f"backbones/{name}/valid"] = (backbone_family(name), "valid")
+    return out
 
 
-def linked_folder(f: h5py.File) -> str | None:
-    """The segments folder the top-level file's virtual datasets name (None where none do)."""
-    ds = f.get("images/path")
-    if isinstance(ds, h5py.Dataset) and ds.is_virtual:
-        sources = ds.virtual_sources()
-        if sources:
-            return sources[0].file_name.split("/", 1)[0]
-    return None
+def _write_view(folder: Path, s: State) -> str:
+    """The view file: one virtual dataset per column over the segments beside it (named as
+    siblings, so the folder may be moved or renamed). Written whole under a new name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"view-{secrets.token_hex(8)}.h5"
+    with atomic_path(folder / name, tmp=folder / f".{name}.tmp") as tmp:
+        with h5py.File(tmp, "w") as f:
+            for path, (family, column) in _columns(f, s).items():
+                col = s.columns(family)[column]
+                layout = h5py.VirtualLayout(shape=(s.rows, *col.shape), dtype=col.dtype)
+                for p in s.maps.get(family, []):
+                    n = p.offset + p.hi - p.lo
+                    layout[p.lo : p.hi] = h5py.VirtualSource(p.file, column, shape=(n, *col.shape))[
+                        p.offset : n
+                    ]
+                fill = None if col.dtype is STR else col.fill
+                f.create_virtual_dataset(path, layout, fillvalue=fill)
+    return name
 
 
-def stale_links(path: Path) -> bool:
-    """Whether the virtual datasets name another store's folder (the store was renamed, or
-    copied under a new name): plain h5py would read fill values, or the other store's rows."""
-    with h5py.File(path, "r") as f:
-        have = linked_folder(f)
-    return have is not None and have != segment_dir(path).name
+def stale_links(f: h5py.File, path: Path) -> bool:
+    """Whether plain h5py would not read this store's own segments: the top-level file names
+    another store's folder (renamed, or copied under a new name), its view file is gone, or it
+    predates view files (virtual datasets that read fill values once the store is renamed)."""
+    link = f.get("images/path", getlink=True)
+    if link is None:
+        return False
+    if not isinstance(link, h5py.ExternalLink):
+        return True
+    folder, _, view = link.filename.partition("/")
+    return folder != segment_dir(path).name or not (segment_dir(path) / view).is_file()
 
 
 def relink(path: Path) -> None:
-    """Write the top-level file again (atomically, same state) with virtual datasets that name
+    """Write the view and the top-level file again (atomically, same state) so that they name
     this store's own segments folder. The caller holds the writer's lock."""
     with h5py.File(path, "r") as f:
         s = load(f)
+    old = s.view
     save(path, s)
+    if old and old != s.view:
+        (segment_dir(path) / old).unlink(missing_ok=True)
 
 
 def collect_garbage(path: Path, s: State) -> int:
@@ -267,7 +285,7 @@ def collect_garbage(path: Path, s: State) -> int:
     folder = segment_dir(path)
     if not folder.is_dir():
         return 0
-    keep, n = s.files(), 0
+    keep, n = s.files() | {s.view}, 0
     for p in folder.iterdir():
         if p.name not in keep:
             p.unlink(missing_ok=True)

@@ -76,19 +76,20 @@ def store_lock(path: str | os.PathLike[str]) -> Iterator[None]:
 
 
 def _relink(path: Path) -> bool:
-    """A store renamed or copied under a new name has virtual datasets that still name the old
-    segments folder: plain h5py would read fill values (or the original's rows). The first
-    penult command that opens it writes its top-level file again with its own folder's name
+    """A store renamed or copied under a new name has links that still name the old segments
+    folder: plain h5py fails (or reads the original's view). The first penult command that
+    opens it writes its view and top-level file again with its own folder's name
     (under the writer's lock; skipped while another process writes, whose commit does the same,
     and where the store cannot be written). Returns whether it did."""
     try:
         with store_lock(path):
-            if not segmented.stale_links(path):  # relinked by another process meanwhile
-                return False
+            with h5py.File(path, "r") as f:
+                if not segmented.stale_links(f, path):  # relinked by another process meanwhile
+                    return False
             segmented.relink(path)
     except (OSError, StoreLockedError):  # a read-only store: penult reads it all the same
         return False
-    log.info("%s: its virtual datasets now name %s", path, segmented.segment_dir(path).name)
+    log.info("%s: its columns now name %s", path, segmented.segment_dir(path).name)
     return True
 
 
@@ -103,9 +104,7 @@ class FeatureStore:
             with h5py.File(self.path, "r") as f:
                 self.version = check_root(f, self.path)
                 problems = _layout_problems(f, self.path, self.version)
-                stale = self.version >= 2 and segmented.linked_folder(f) not in (
-                    None, segmented.segment_dir(self.path).name,
-                )  # fmt: skip
+                stale = self.version >= 2 and not problems and segmented.stale_links(f, self.path)
         except OSError as e:
             raise StoreError(f"{self.path}: cannot open as HDF5 ({e})") from None
         if problems:

@@ -181,7 +181,7 @@ def _plain(store: Path) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
                 f["images/path"][:].tolist())  # fmt: skip
 
 
-def test_a_renamed_store_reads_the_same_through_plain_h5py_once_penult_opened_it(tmp_path):
+def test_a_renamed_store_fails_loudly_in_plain_h5py_until_penult_opened_it(tmp_path):
     store = _store(tmp_path / "birds.h5", n=100)
     valid, x, paths = _plain(store)
     assert valid.all() and np.isfinite(x).all()
@@ -189,10 +189,36 @@ def test_a_renamed_store_reads_the_same_through_plain_h5py_once_penult_opened_it
     new.parent.mkdir()
     store.rename(new)
     segment_dir(store).rename(segment_dir(new))
-    assert not _plain(new)[0].any()  # before: the old folder's name, fill values (HDF5's way)
+    with pytest.raises(KeyError, match="open"):  # the old folder's view: an error, no fill values
+        _plain(new)
     assert len(FeatureStore(new)) == 100  # any penult command on it points it at its folder
     v2, x2, p2 = _plain(new)
     assert v2.all() and np.array_equal(x2, x) and p2 == paths and check(new) == []
+    assert len(list(segment_dir(new).glob("view-*"))) == 1  # the old view went with the relink
+
+
+def test_a_store_moved_with_its_folder_reads_the_same_without_penult(tmp_path) -> None:
+    (tmp_path / "a").mkdir()
+    store = _store(tmp_path / "a" / "birds.h5", n=100)
+    want = _plain(store)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    got = _plain(tmp_path / "b" / "birds.h5")
+    assert got[0].all() and np.array_equal(got[1], want[1]) and got[2] == want[2]
+
+
+def test_a_copy_read_before_penult_fails_once_the_original_changes(tmp_path) -> None:
+    from conftest import copy_store
+
+    a = _store(tmp_path / "a.h5", n=100)
+    _, x, _ = _plain(a)
+    b = copy_store(a, tmp_path / "b.h5")
+    assert np.array_equal(_plain(b)[1], x)  # the original's view: the same rows as the copy's
+    with StoreWriter(a) as w:  # the original changes: its view is replaced, b's link dangles
+        w.set_labels("label", _plain(a)[2][:3], ["other"] * 3)
+    with pytest.raises(KeyError):
+        _plain(b)
+    FeatureStore(b)
+    assert np.array_equal(_plain(b)[1], x)
 
 
 def test_a_copy_under_a_new_name_reads_its_own_segments(tmp_path) -> None:

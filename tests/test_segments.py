@@ -71,8 +71,9 @@ def test_small_commits_roll_into_segments_and_read_back_exactly(tmp_path: Path) 
         assert len(f["index/rows"]) < 8 and f["index/rows"][()].sum() == 400
         np.testing.assert_array_equal(f["backbones/net/embeddings"][()], want)  # plain h5py
     files = os.listdir(f"{p}.segments")
-    referenced = fs._b.state().files()
-    assert set(files) == referenced  # superseded pieces were deleted
+    state = fs._b.state()
+    referenced = state.files() | {state.view}  # segments, and the plain-h5py view over them
+    assert set(files) == referenced  # superseded pieces and views were deleted
     assert check(p) == []
 
 

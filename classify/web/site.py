@@ -82,15 +82,19 @@ class Site:
         t = store.images()
         # refused now (other store, other features), not on a click
         evaluation = evaluate(self.model, self.store_path) if self.model is not None else None
+        row_of, valid = t.index(), store.valid(self.backbone)
+        failed = np.asarray([bool(e) for e in t.error], bool)
+        # A request running meanwhile may see some attributes old and some new. Rows are only
+        # ever added, so what is read by row (paths, labels, ...) is replaced before what hands
+        # out rows (lookups, masks, the index): an old row number is always a row of the new.
         self.store, self.paths, self.roots, self.sha = store, t.path, t.root, t.sha256
         self.errors = t.error
         self.labels: dict[str, list[str]] = t.labels
-        self.row_of = t.index()
-        self.valid = store.valid(self.backbone)
-        self.failed = np.asarray([bool(e) for e in self.errors], bool)
         self._arrays: dict[str, np.ndarray] = {}  # label columns as arrays, made on first filter
         self._wrong: dict[tuple[str, str], list[int]] | None = None
-        self.index, self.evaluation, self._commit = None, evaluation, seen
+        self.evaluation = evaluation
+        self.row_of, self.valid, self.failed = row_of, valid, failed
+        self.index, self._commit = None, seen
 
     def refresh(self) -> bool:
         """Take up a commit made since the store was read (another `penult extract` into it):
