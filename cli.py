@@ -32,7 +32,7 @@ EXAMPLES = """examples:
 
 def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse type from a package's parser: its OptionError message becomes argparse's."""
-    from features import OptionError
+    from penult.core import OptionError
 
     def typed(text: str):
         try:
@@ -52,7 +52,7 @@ def _add_options(
     helps: dict[str, str] | None = None,
 ) -> None:
     """One argument per CLI field of options dataclass ``cls``: its flag, default, parser and help."""
-    from features.options import cli_fields
+    from penult.core.options import cli_fields
 
     for f, flag in cli_fields(cls):
         if f.name in skip:
@@ -79,7 +79,7 @@ def _add_options(
 
 def _options(args: argparse.Namespace, cls: type, **given: Any):
     """``cls`` built from the parsed arguments that ``_add_options`` declared (and ``given``)."""
-    from features.options import cli_fields
+    from penult.core.options import cli_fields
 
     values = {
         f.name: tuple(getattr(args, f.name)) if flag.repeat else getattr(args, f.name)
@@ -106,7 +106,7 @@ _HELP = {
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
-    from extract import ExtractOptions
+    from penult.extract import ExtractOptions
 
     p = sub.add_parser(
         "extract",
@@ -129,7 +129,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
-    from classify import HEADS, TrainOptions
+    from penult.classify import HEADS, TrainOptions
 
     helps = {}
     if compare:
@@ -141,9 +141,9 @@ def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> N
 
 
 def _add_classify(sub: argparse._SubParsersAction) -> None:
-    from classify import PredictOptions
-    from classify.outofcore import StreamOptions
-    from extract import Featuriser
+    from penult.classify import PredictOptions
+    from penult.classify.outofcore import StreamOptions
+    from penult.extract import Featuriser
 
     p = sub.add_parser(
         "train",
@@ -219,8 +219,8 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_neighbors(sub: argparse._SubParsersAction) -> None:
-    from classify.neighbors import KINDS, METRICS
-    from features.options import POSITIVE, ranged
+    from penult.classify.neighbors import KINDS, METRICS
+    from penult.core.options import POSITIVE, ranged
 
     positive = _typed(POSITIVE)
 
@@ -268,7 +268,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sheet", default="neighbors.html", help="HTML contact sheet (thumbnails beside it)"
     )
-    from extract import Featuriser
+    from penult.extract import Featuriser
 
     _add_options(
         p.add_argument_group("embedding image queries"), Featuriser, skip=("trust_checkpoint",)
@@ -292,7 +292,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from features.options import POSITIVE, ranged
+    from penult.core.options import POSITIVE, ranged
 
     p = sub.add_parser(
         "serve",
@@ -337,9 +337,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from classify import load_model
-    from classify.web import Site, listen, serve
-    from extract import Featuriser
+    from penult.classify import load_model
+    from penult.classify.web import Site, listen, serve
+    from penult.extract import Featuriser
 
     sock = listen(args.host, args.port)  # a port in use is said before anything loads
     model = load_model(args.model, trust=args.trust_model) if args.model else None
@@ -356,7 +356,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from extract.finetune import FinetuneOptions
+    from penult.extract.finetune import FinetuneOptions
 
     p = sub.add_parser(
         "finetune",
@@ -375,7 +375,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from extract.finetune import FinetuneOptions, extract_finetuned, finetune
+    from penult.extract.finetune import FinetuneOptions, extract_finetuned, finetune
 
     opts = _options(args, FinetuneOptions)
 
@@ -404,14 +404,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _backbone(store: str, name: str | None) -> str:
-    from classify.train import default_backbones
-    from features import FeatureStore
+    from penult.classify.train import default_backbones
+    from penult.features import FeatureStore
 
     return default_backbones(FeatureStore(store), (name,) if name else ())[0]
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from classify.neighbors import build_index, index_path, open_index
+    from penult.classify.neighbors import build_index, index_path, open_index
 
     name = _backbone(args.store, args.backbone)
     path = index_path(args.store, name, args.metric)
@@ -432,12 +432,12 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_neighbors(args: argparse.Namespace) -> int:
-    from classify.lookup import contact_sheet, neighbors, write_table
+    from penult.classify.lookup import contact_sheet, neighbors, write_table
 
     _out_folder(args.out)
     _out_folder(args.sheet)
     name = _backbone(args.store, args.backbone)
-    from extract import Featuriser
+    from penult.extract import Featuriser
 
     results = neighbors(
         args.store, name, args.queries, k=args.k, metric=args.metric, nprobe=args.nprobe,
@@ -462,8 +462,8 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
 
 
 def _cmd_duplicates(args: argparse.Namespace) -> int:
-    from classify.lookup import contact_sheet, find_duplicates, write_table
-    from classify.neighbors import ensure_index
+    from penult.classify.lookup import contact_sheet, find_duplicates, write_table
+    from penult.classify.neighbors import ensure_index
 
     _out_folder(args.out)
     _out_folder(args.sheet)
@@ -577,7 +577,7 @@ def build_parser(command: str | None = None, *, outline: bool = False) -> argpar
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
-    from extract import DEFAULT_BACKBONE, REGISTRY
+    from penult.extract import DEFAULT_BACKBONE, REGISTRY
 
     for s in REGISTRY.values():
         mark = "*" if s.name == DEFAULT_BACKBONE else " "
@@ -591,8 +591,8 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from extract import ExtractOptions, extract, list_images
-    from features import OptionError
+    from penult.core import OptionError
+    from penult.extract import ExtractOptions, extract, list_images
 
     if args.shard and args.cluster:
         raise OptionError("--shard and --cluster are two ways to split a run; use one")
@@ -610,7 +610,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from features import merge
+    from penult.features import merge
 
     rejected: list[str] = []
     parts, shards = merge(args.store, rejected)
@@ -621,14 +621,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from features import describe
+    from penult.features import describe
 
     print(describe(args.store))
     return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from features import check, upgrade
+    from penult.features import check, upgrade
 
     if args.upgrade:
         print(upgrade(args.store))
@@ -642,7 +642,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     # penult.demo when installed, demo when run from the repository (python -m cli)
     run_demo = importlib.import_module(f"{__package__}.demo" if __package__ else "demo").run_demo
-    from extract import DEFAULT_BACKBONE
+    from penult.extract import DEFAULT_BACKBONE
 
     print(
         run_demo(
@@ -656,7 +656,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(m: dict) -> None:
-    from classify.report import headline_rows
+    from penult.classify.report import headline_rows
 
     for k, v in headline_rows(m):
         print(f"  {k:32s} {v}")
@@ -664,7 +664,7 @@ def _print_metrics(m: dict) -> None:
 
 def _out_folder(path: str) -> None:
     """Refuse an output whose folder is missing: a typo should not create directories."""
-    from features import OptionError
+    from penult.core import OptionError
 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -672,14 +672,14 @@ def _out_folder(path: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from classify import TrainOptions, save_model, train
-    from classify.evaluate import evaluate
+    from penult.classify import TrainOptions, save_model, train
+    from penult.classify.evaluate import evaluate
 
     _out_folder(args.out)
     if args.report:
         _out_folder(args.report)
     if args.out_of_core:
-        from classify.outofcore import StreamOptions, train_out_of_core
+        from penult.classify.outofcore import StreamOptions, train_out_of_core
 
         so = _options(args, StreamOptions)
         r = train_out_of_core(args.store, _options(args, TrainOptions), so, report_dir=args.report)
@@ -724,7 +724,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train_report(args: argparse.Namespace, r, evaluate) -> None:
     if r.cv:
-        from classify.report import write_report
+        from penult.classify.report import write_report
 
         m = r.model.manifest
         title = f"{m['kind']} {m['head']} on {' + '.join(r.model.backbones)}: {r.eval_split}"
@@ -738,7 +738,7 @@ def _train_report(args: argparse.Namespace, r, evaluate) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from classify import evaluate, load_model
+    from penult.classify import evaluate, load_model
 
     if args.report:
         _out_folder(args.report)
@@ -756,7 +756,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import json
 
-    from classify import HEADS, TrainOptions, compare, compare_table
+    from penult.classify import HEADS, TrainOptions, compare, compare_table
 
     sets = [tuple(b.split("+")) for b in args.backbones] or [()]
     rows = compare(args.store, args.heads or list(HEADS), sets, _options(args, TrainOptions))
@@ -768,14 +768,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from features import PenultError
+    from penult.core import PenultError
 
     _out_folder(args.out)
     for src in args.inputs:  # said at once, not after seconds of importing torch and sklearn
         if not os.path.exists(os.path.expanduser(src)):
             raise PenultError(f"{src}: no such file or folder")
-    from classify import PredictOptions, load_model, predict_images, weights_for
-    from extract import Featuriser
+    from penult.classify import PredictOptions, load_model, predict_images, weights_for
+    from penult.extract import Featuriser
 
     model = load_model(args.model, trust=args.trust_model)
     images = _options(args, Featuriser, weights=weights_for(model, args.weights))
@@ -833,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     argv = sys.argv[1:] if argv is None else argv
-    from features.cluster import freeze_at_exit
+    from penult.core.cluster import freeze_at_exit
 
     freeze_at_exit()  # `penult extract` exits 1-2 s sooner: no final collection over torch's objects
     args = build_parser(_command(argv), outline=True).parse_args(argv)
@@ -841,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from features import PenultError
+    from penult.core import PenultError
 
     terminated = []
     previous = _on_sigterm(args.command, terminated)

@@ -12,9 +12,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-
-from extract import DEFAULT_BACKBONE, ExtractOptions, Listing, extract, list_images
-from features import describe
+from penult.extract import DEFAULT_BACKBONE, ExtractOptions, Listing, extract, list_images
+from penult.features import describe
 
 
 def elpv_listing() -> Listing:
@@ -41,8 +40,8 @@ def elpv_listing() -> Listing:
 
 def _train_and_report(store: Path, out_dir: Path, *, elpv: bool) -> list[str]:
     """Flat and hierarchical heads on the held-out split, a report, and their headline numbers."""
-    from classify import TrainOptions, evaluate, save_model, train
-    from classify.report import headline_rows
+    from penult.classify import TrainOptions, evaluate, save_model, train
+    from penult.classify.report import headline_rows
 
     lines = ["", "== train a flat head (logistic regression) on the stored features"]
     flat = train(store, TrainOptions())
@@ -81,20 +80,20 @@ def _train_and_report(store: Path, out_dir: Path, *, elpv: bool) -> list[str]:
 
 
 def _eval_truth(store: Path, r) -> np.ndarray:
-    from classify import load_dataset
+    from penult.classify import load_dataset
 
     d = load_dataset(store, r.model.backbones)
     return d.labels["label"][d.labels["split"] == r.eval_split]
 
 
 def _score_a_few(model: Path, listing: Listing, out_dir: Path, n: int = 5) -> list[str]:
-    from classify import PredictOptions, load_model, predict_images
+    from penult.classify import PredictOptions, load_model, predict_images
 
     files = out_dir / "to_score.txt"
     picks = listing.paths[:: max(1, len(listing) // n)][:n]
     files.write_text("\n".join(str(Path(listing.root) / p) for p in picks) + "\n")
     csv_out = out_dir / "predictions.csv"
-    from extract import Featuriser
+    from penult.extract import Featuriser
 
     s = predict_images(
         load_model(model), [str(files)], csv_out, PredictOptions(progress=False, top_k=2),
@@ -118,8 +117,8 @@ def _score_a_few(model: Path, listing: Listing, out_dir: Path, n: int = 5) -> li
 
 def _neighbours(store: Path, listing: Listing, out_dir: Path, name: str, n: int = 3) -> list[str]:
     """Index the store (or add new rows to its index) and show the neighbours of a few images."""
-    from classify.lookup import contact_sheet, neighbors
-    from classify.neighbors import ensure_index
+    from penult.classify.lookup import contact_sheet, neighbors
+    from penult.classify.neighbors import ensure_index
 
     ni = ensure_index(store, name)
     keys = listing.paths[len(listing) // (2 * n) :: max(1, len(listing) // n)][:n]

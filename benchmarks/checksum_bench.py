@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import penult.features.segments as segments
 from benchmarks_common import cpu_flags, remove_store
-
-import features.segments as segments
-from features import FeatureStore, StoreWriter
+from penult.features import FeatureStore, StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench-out" / "checksum"
@@ -51,7 +50,7 @@ def one(rows: int, checksums: bool, x: np.ndarray) -> tuple[float, float]:
 
 def extract_once(files: list[str], checksums: bool) -> float:
     """images/s of a whole `extract` (the default engine) into a new store."""
-    from extract import ExtractOptions, extract, list_images
+    from penult.extract import ExtractOptions, extract, list_images
 
     segments.CHECKSUMS = checksums
     store = OUT / f"e-{int(checksums)}.h5"

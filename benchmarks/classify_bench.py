@@ -25,10 +25,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from classify import TrainOptions, train  # noqa: E402
-from classify.train import summary  # noqa: E402
-from extract import ExtractOptions, extract, list_images  # noqa: E402
-from features import FeatureStore  # noqa: E402
+from penult.classify import TrainOptions, train  # noqa: E402
+from penult.classify.train import summary  # noqa: E402
+from penult.extract import ExtractOptions, extract, list_images  # noqa: E402
+from penult.features import FeatureStore  # noqa: E402
 
 DATA = Path(os.environ.get("PENULT_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "bench-out"
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["cub", "plankton", "predict"], action="append")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
-    path = OUT / "classify.json"
+    path = OUT / "penult.classify.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     for part, fn in (("cub", cub), ("plankton", plankton), ("predict", predict)):
         if not args.only or part in args.only:

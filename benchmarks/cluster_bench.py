@@ -40,7 +40,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def cpu() -> dict[str, object]:
-    from extract.engines import cpu_model
+    from penult.extract.engines import cpu_model
 
     return {
         "model": cpu_model(),
@@ -50,7 +50,7 @@ def cpu() -> dict[str, object]:
 
 
 def listing(n: int):
-    from extract import list_images
+    from penult.extract import list_images
 
     full = list_images(str(DATA / "cub100"))
     step = max(1, len(full.paths) // n)
@@ -63,7 +63,7 @@ def listing(n: int):
 
 
 def extract_run(lst, cluster: str | None, partition: int) -> float:
-    from extract import ExtractOptions, extract
+    from penult.extract import ExtractOptions, extract
 
     store = OUT / "s.h5"
     remove_store(store)
@@ -78,7 +78,7 @@ def extract_run(lst, cluster: str | None, partition: int) -> float:
 
 
 def scheduling(spec: str, tasks: int = 200) -> float:
-    from features.cluster import client_for, close
+    from penult.core.cluster import client_for, close
 
     client = client_for(spec)
     try:
@@ -91,8 +91,8 @@ def scheduling(spec: str, tasks: int = 200) -> float:
 
 
 def merge_rate(parts: int, rows: int, dim: int = 1280) -> dict[str, float]:
-    from features import StoreWriter, merge
-    from features.parts import PartWriter
+    from penult.features import StoreWriter, merge
+    from penult.features.parts import PartWriter
 
     store = OUT / "m.h5"
     remove_store(store)
@@ -126,10 +126,9 @@ def input_rates(n: int = 1500) -> dict[str, dict[str, float]]:
     import hashlib
 
     import torch
-
-    from extract import list_images
-    from extract.loader import make_loader
-    from extract.model import build_backbone
+    from penult.extract import list_images
+    from penult.extract.loader import make_loader
+    from penult.extract.model import build_backbone
 
     torch.set_num_threads(1)
     pre = build_backbone("efficientnet_lite0").preprocess
@@ -182,7 +181,7 @@ def main() -> None:
     result["single_img_s"] = round(n / s_med, 2)
     result["cluster_img_s"] = round(n / c_med, 2)
     result["cluster_over_single"] = round(s_med / c_med, 3)
-    from features.cluster import balanced_size
+    from penult.core.cluster import balanced_size
 
     workers = int(args.cluster.partition(":")[2] or 2)
     size, small = balanced_size(n, args.partition_size, workers), 32

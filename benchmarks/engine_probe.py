@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks_common import cpu_flags  # noqa: E402
-
-from extract import build_backbone  # noqa: E402
+from penult.extract import build_backbone  # noqa: E402
 
 
 def rate(f, batch: int, n: int = 4) -> float:
@@ -38,8 +37,7 @@ def rate(f, batch: int, n: int = 4) -> float:
 
 def main() -> None:
     import onnxruntime as ort
-
-    from extract.engines import RUNTIMES, installed, lowest_cosine, make_runner, onnx_file
+    from penult.extract.engines import RUNTIMES, installed, lowest_cosine, make_runner, onnx_file
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("backbone", nargs="?", default="efficientnet_lite0")

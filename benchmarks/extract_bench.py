@@ -37,12 +37,11 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks_common import cpu_flags, cpu_seconds  # noqa: E402
-
-from extract import ExtractOptions, Featuriser, build_backbone, extract, list_images  # noqa: E402
-from extract.engines import RUNTIMES, cache_dir, cpu_has_bf16, installed  # noqa: E402
-from extract.loader import default_workers, make_loader  # noqa: E402
-from extract.model import Embedder  # noqa: E402
-from extract.sources import Listing  # noqa: E402
+from penult.extract import ExtractOptions, Featuriser, build_backbone, extract, list_images  # noqa: E402
+from penult.extract.engines import RUNTIMES, cache_dir, cpu_has_bf16, installed  # noqa: E402
+from penult.extract.loader import default_workers, make_loader  # noqa: E402
+from penult.extract.model import Embedder  # noqa: E402
+from penult.extract.sources import Listing  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100"
 
@@ -146,8 +145,8 @@ def best_of(listing: Listing, name: str, weights: str, engine: str, n: int):
 
 def predict_rate(store: Path, name: str, files: list[str], d: Path) -> float:
     """`penult predict` (no store, every image through the network) over ``files``."""
-    from classify import PredictOptions, TrainOptions, predict_images, save_model, train
-    from features import StoreWriter
+    from penult.classify import PredictOptions, TrainOptions, predict_images, save_model, train
+    from penult.features import StoreWriter
 
     listing_labels = [Path(f).parent.name for f in files]
     with StoreWriter(store) as w:
@@ -170,10 +169,10 @@ def as_avx2() -> None:
     if any(os.environ.get(k) != v for k, v in held.items()):  # read when the libraries load
         own = {"PENULT_ENGINE_CACHE": str(cache_dir() / "as-avx2")}  # its calibrations apart
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **held, **own})
-    import extract.engines
-    import extract.model
+    import penult.extract.engines as engines
+    import penult.extract.model as model
 
-    cpu_has_bf16 = extract.engines.cpu_has_bf16 = extract.model.cpu_has_bf16 = lambda: False
+    cpu_has_bf16 = engines.cpu_has_bf16 = model.cpu_has_bf16 = lambda: False
 
 
 def main() -> None:

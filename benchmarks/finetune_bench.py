@@ -22,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from penult.classify import TrainOptions, train  # noqa: E402
+from penult.classify.data import eval_mask, load_dataset  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
-
-from classify import TrainOptions, train  # noqa: E402
-from classify.data import eval_mask, load_dataset  # noqa: E402
 
 OUT = ROOT / "bench-out"
 STORE = OUT / "cub100.h5"

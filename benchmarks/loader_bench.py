@@ -25,11 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import penult.extract.loader as loader  # noqa: E402
 from benchmarks_common import cpu_flags, cpu_seconds  # noqa: E402
-
-import extract.loader as loader  # noqa: E402
-from extract import get_spec, list_images  # noqa: E402
-from extract.images import decode_image  # noqa: E402
+from penult.extract import get_spec, list_images  # noqa: E402
+from penult.extract.images import decode_image  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100"
 CODEC = loader._codec_jpeg

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench-out"
 
-from classify.neighbors import build_index, plan_index  # noqa: E402
-from features import StoreWriter  # noqa: E402
+from penult.classify.neighbors import build_index, plan_index  # noqa: E402
+from penult.features import StoreWriter  # noqa: E402
 
 
 def clustered(

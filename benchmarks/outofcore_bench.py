@@ -25,11 +25,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from classify_bench import DATA, OUT, ensure_store  # noqa: E402
+from penult.classify import TrainOptions, train  # noqa: E402
+from penult.classify.data import stream_dataset  # noqa: E402
+from penult.classify.outofcore import StreamOptions, shuffle_buffers, train_out_of_core  # noqa: E402
 from sklearn.linear_model import SGDClassifier  # noqa: E402
-
-from classify import TrainOptions, train  # noqa: E402
-from classify.data import stream_dataset  # noqa: E402
-from classify.outofcore import StreamOptions, shuffle_buffers, train_out_of_core  # noqa: E402
 
 
 def sgd_top1(store: Path, so: StreamOptions) -> tuple[float, float]:

@@ -23,9 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks_common import cpu_flags  # noqa: E402
-
-from classify import TrainOptions, train  # noqa: E402
-from extract.finetune import FinetuneOptions, extract_finetuned, finetune  # noqa: E402
+from penult.classify import TrainOptions, train  # noqa: E402
+from penult.extract.finetune import FinetuneOptions, extract_finetuned, finetune  # noqa: E402
 
 STORE = ROOT / "bench-out" / "resize" / "ndsb_plankton.h5"
 HEADS = {

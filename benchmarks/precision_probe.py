@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks_common import cpu_flags, remove_store  # noqa: E402
-
-from classify import TrainOptions, train  # noqa: E402
-from extract import ExtractOptions, extract, list_images  # noqa: E402
-from features import FeatureStore  # noqa: E402
+from penult.classify import TrainOptions, train  # noqa: E402
+from penult.extract import ExtractOptions, extract, list_images  # noqa: E402
+from penult.features import FeatureStore  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "bench-out" / "precision"

@@ -23,10 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks_common import cpu_flags  # noqa: E402
-
-from classify import TrainOptions, train  # noqa: E402
-from extract import ExtractOptions, extract, get_spec, list_images  # noqa: E402
-from features import FeatureStore  # noqa: E402
+from penult.classify import TrainOptions, train  # noqa: E402
+from penult.extract import ExtractOptions, extract, get_spec, list_images  # noqa: E402
+from penult.features import FeatureStore  # noqa: E402
 
 DATA = Path(os.environ.get("PENULT_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "bench-out" / "resize"
@@ -82,7 +81,7 @@ def flip_cost(n: int = 640) -> dict:
     the other in this process (eager fp32: no compile in the timing), and the ratio."""
     import tempfile
 
-    from extract import Listing
+    from penult.extract import Listing
 
     root = DATA / "cub100"
     paths = list_images(str(root)).paths[:n]

@@ -29,9 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import uvicorn  # noqa: E402
 from benchmarks_common import cpu_flags  # noqa: E402
-
-from classify.web import Site, make_app  # noqa: E402
-from extract import Featuriser  # noqa: E402
+from penult.classify.web import Site, make_app  # noqa: E402
+from penult.extract import Featuriser  # noqa: E402
 
 STORE = ROOT / "bench-out" / "resize" / "cub100.h5"
 BACKBONE = "efficientnet_lite0"

@@ -21,11 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import uvicorn  # noqa: E402
+from penult.classify import TrainOptions, load_model, save_model, train  # noqa: E402
+from penult.classify.web import Site, make_app  # noqa: E402
+from penult.extract import Featuriser  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
-
-from classify import TrainOptions, load_model, save_model, train  # noqa: E402
-from classify.web import Site, make_app  # noqa: E402
-from extract import Featuriser  # noqa: E402
 
 STORE = ROOT / "bench-out" / "resize" / "cub100.h5"
 BACKBONE = "efficientnet_lite0"

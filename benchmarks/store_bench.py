@@ -62,14 +62,14 @@ def _add(w, start: int, n: int, rng: np.random.Generator) -> None:
 
 
 def _new_format() -> bool:
-    from features import FeatureStore
+    from penult.features import FeatureStore
 
     return hasattr(FeatureStore, "table_view")
 
 
 def build(path: Path, n: int) -> float:
     """A store of ``n`` rows; returns the build seconds (a commit per million rows)."""
-    from features import StoreWriter
+    from penult.features import StoreWriter
 
     rng = np.random.default_rng(0)
     t = time.perf_counter()
@@ -82,7 +82,7 @@ def build(path: Path, n: int) -> float:
 
 
 def add_1000(path: Path, n: int) -> float:
-    from features import StoreWriter
+    from penult.features import StoreWriter
 
     times = []
     rng = np.random.default_rng(1)
@@ -95,7 +95,7 @@ def add_1000(path: Path, n: int) -> float:
 
 
 def relabel(path: Path, n: int) -> float:
-    from features import StoreWriter
+    from penult.features import StoreWriter
 
     paths = _rows(0, n)[0]
     values = ["train" if i % 10 else "test" for i in range(n)]
@@ -109,9 +109,9 @@ PLAN = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
     sys.path.insert(1, {bench!r})
-    from features import FeatureStore
-    from extract import run
-    from extract.sources import Listing
+    from penult.features import FeatureStore
+    from penult.extract import run
+    from penult.extract.sources import Listing
     from store_bench import _rows
     status = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0])
     paths, sha = _rows(0, {n})
@@ -143,7 +143,7 @@ def open_and_plan(path: Path, n: int) -> tuple[float, float, int]:
 
 def read_all(path: Path, n: int) -> float:
     """MB/s reading every embedding block by block (float16 on disk, float32 out)."""
-    from features import FeatureStore
+    from penult.features import FeatureStore
 
     subprocess.run(["sync"], check=False)
     fs = FeatureStore(path)
@@ -173,7 +173,7 @@ def _size(path: Path) -> float:
 EXTRACT = textwrap.dedent("""
     import csv, sys, time
     sys.path.insert(0, {root!r})
-    from extract import ExtractOptions, extract, list_images
+    from penult.extract import ExtractOptions, extract, list_images
     data = {data!r}
     rows = sorted(r["path"] for r in csv.DictReader(open(data + "/split.csv")))[: {n}]
     with open({manifest!r}, "w") as fh:

@@ -1,13 +1,13 @@
 """The classification stage: heads on stored features, evaluation, reports, saved models, scoring."""
 
-from classify.data import DataError, Dataset, load_dataset
-from classify.evaluate import compare, compare_table, evaluate
-from classify.heads import HEADS, HeadError, make_head
-from classify.hierarchy import HierarchicalClassifier, TaxonomyError
-from classify.model import Model, ModelError, load_model, save_model
-from classify.ovr import ThresholdedOneVsRest
-from classify.predict import PredictOptions, predict_files, predict_images, weights_for
-from classify.train import TrainOptions, TrainResult, train
+from penult.classify.data import DataError, Dataset, load_dataset
+from penult.classify.evaluate import compare, compare_table, evaluate
+from penult.classify.heads import HEADS, HeadError, make_head
+from penult.classify.hierarchy import HierarchicalClassifier, TaxonomyError
+from penult.classify.model import Model, ModelError, load_model, resolve_backbones, save_model
+from penult.classify.ovr import ThresholdedOneVsRest
+from penult.classify.predict import PredictOptions, predict_files, predict_images, weights_for
+from penult.classify.train import TrainOptions, TrainResult, train
 
 __all__ = [
     "HEADS",
@@ -31,6 +31,7 @@ __all__ = [
     "predict_files",
     "predict_images",
     "weights_for",
+    "resolve_backbones",
     "save_model",
     "train",
 ]

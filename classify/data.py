@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from features import FeatureStore, StoreWriter
-from features.errors import PenultError
-from features.labels import TEST, VAL, make_split
+from penult.core.errors import PenultError
+from penult.core.labels import TEST, VAL
+from penult.core.split import ensure_split as _stored_split
+from penult.features import FeatureStore
 
 __all__ = [
     "DataError",
@@ -212,24 +212,13 @@ def ensure_split(
     test_size: float = 0.3,
     seed: int = 0,
 ) -> np.ndarray:
-    """The split for ``data``: the stored column where set, else made once (seeded) and stored.
-
-    Assignments already in the store never change, so every head is compared on the same images;
-    rows without one (new images) are split among themselves and written back.
-    """
-    split = data.labels.get(column, np.full(len(data), "", dtype=str)).astype(object)
-    missing = np.flatnonzero(split == "")
-    if len(missing):
-        new = make_split(data.column(label)[missing], test_size=test_size, seed=seed)
-        split[missing] = new
-        with StoreWriter(store_path) as w:
-            w.set_labels(column, [data.paths[i] for i in missing], [str(s) for s in new])
-        data.notes.append(
-            f"made a seeded ({seed}) stratified split for {len(missing)} images "
-            f"({int(np.sum(new == TEST))} test) and stored it as label column {column!r}"
-        )
-        log.info(data.notes[-1])
-    split = split.astype(str)
+    """The split for ``data`` (see :func:`penult.core.split.ensure_split`), kept in its labels."""
+    split, note = _stored_split(
+        store_path, data.paths, data.column(label), data.labels.get(column),
+        column=column, test_size=test_size, seed=seed,
+    )  # fmt: skip
+    if note:
+        data.notes.append(note)
     data.labels[column] = split
     return split
 

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from classify.csvout import SafeWriter, open_csv
-from classify.data import DataError, eval_mask, load_dataset
-from classify.model import Model, Predictions, resolve_backbones
-from classify.predict import csv_header, csv_rows
-from classify.report import write_report
-from classify.train import TrainOptions, score, summary, train
-from features import FeatureStore
+from penult.classify.csvout import SafeWriter, open_csv
+from penult.classify.data import DataError, eval_mask, load_dataset
+from penult.classify.model import Model, Predictions, resolve_backbones
+from penult.classify.predict import csv_header, csv_rows
+from penult.classify.report import write_report
+from penult.classify.train import TrainOptions, score, summary, train
+from penult.features import FeatureStore
 
 __all__ = [
     "Evaluation",

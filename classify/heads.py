@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from penult.core.errors import PenultError
 from sklearn.base import BaseEstimator
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
@@ -20,8 +21,6 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
-
-from features.errors import PenultError
 
 PREPROCESS = ("standard", "l2", "l2+standard", "none")
 
@@ -87,7 +86,7 @@ def _knn(**kw: Any) -> KNeighborsClassifier:
 
 
 def _nn(**kw: Any) -> BaseEstimator:
-    from classify.knn import FaissKNeighborsClassifier
+    from penult.classify.knn import FaissKNeighborsClassifier
 
     return FaissKNeighborsClassifier(**kw)
 

@@ -12,11 +12,10 @@ import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from penult.core.errors import PenultError
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
-
-from features.errors import PenultError
 
 
 class TaxonomyError(PenultError, ValueError):
@@ -176,6 +175,6 @@ class HierarchicalClassifier(ClassifierMixin, BaseEstimator):
 
 
 def _default_estimator() -> BaseEstimator:
-    from classify.heads import make_head
+    from penult.classify.heads import make_head
 
     return make_head("lr")

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from classify.csvout import SafeWriter, open_csv
-from classify.images import Images
-from classify.neighbors import IndexError_, NeighborIndex, open_index
-from features import FeatureStore
+from penult.classify.csvout import SafeWriter, open_csv
+from penult.classify.images import Images
+from penult.classify.neighbors import IndexError_, NeighborIndex, open_index
+from penult.features import FeatureStore
 
 __all__ = [
     "Hit",

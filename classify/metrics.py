@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from penult.classify.hierarchy import tree_distance
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -17,8 +18,6 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
-
-from classify.hierarchy import tree_distance
 
 ECE_BINS = 15
 

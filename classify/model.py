@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from penult.core.errors import PenultError
+from penult.core.files import atomic_path, file_sha256
+from penult.features import IDENTITY_FIELDS, FeatureStore, same_backbone
 from sklearn.base import BaseEstimator
-
-from features import IDENTITY_FIELDS, FeatureStore, same_backbone
-from features.errors import PenultError
-from features.files import atomic_path, file_sha256
 
 FORMAT = "penult-model"
 VERSION = 2  # 2: the model file holds {"estimator", "manifest"}; 1: the bare estimator
@@ -169,9 +168,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_types(path: Path, trust: bool) -> list[str]:
-    """The type names skops must trust to rebuild ``path``; refuses any outside the allow-list."""
-    from classify import safe_types
+def _check_types(path: Path, trust: bool) -> tuple[list[str], bytes | None]:
+    """The type names skops must trust to rebuild ``path``; refuses any outside the allow-list.
+    A file written before penult's modules moved under ``penult.`` comes back rewritten (bytes)."""
+    from penult.classify import safe_types
 
     try:
         schema = safe_types.read_schema(path)
@@ -179,6 +179,7 @@ def _check_types(path: Path, trust: bool) -> list[str]:
         raise ModelError(
             f"{path}: not a readable skops model file ({type(e).__name__}: {e})"
         ) from None
+    moved = safe_types.with_schema(path, schema) if safe_types.rehome(schema) else None
     unsafe = safe_types.unsafe_nodes(schema)
     if unsafe and not trust:
         shown = ", ".join(unsafe[:8]) + (f" and {len(unsafe) - 8} more" if len(unsafe) > 8 else "")
@@ -186,7 +187,7 @@ def _check_types(path: Path, trust: bool) -> list[str]:
             f"{path}: refusing to load, it names types or calls that penult's models never contain "
             f"and that could run code: {shown}. Only if you trust who made the file, pass --trust-model."
         )
-    return safe_types.names_in(schema)
+    return safe_types.names_in(schema), moved
 
 
 def _unpack(path: Path, obj: Any, manifest: dict[str, Any]) -> BaseEstimator:
@@ -247,11 +248,16 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> Model:
             f"{path}: SHA-256 {digest[:12]}... does not match its manifest "
             f"({str(manifest.get('model_sha256'))[:12]}...): the file was modified or corrupted"
         )
-    trusted = _check_types(path, trust)
+    trusted, moved = _check_types(path, trust)
     import skops.io as sio
 
     try:
-        obj = sio.load(path, trusted=sio.get_untrusted_types(file=path) if trust else trusted)
+        if moved is not None:
+            everything = sio.get_untrusted_types(data=moved)
+            obj = sio.loads(moved, trusted=everything if trust else trusted)
+        else:
+            everything = sio.get_untrusted_types(file=path)
+            obj = sio.load(path, trusted=everything if trust else trusted)
     except Exception as e:  # noqa: BLE001 - skops raises many types for a malformed file
         raise ModelError(f"{path}: cannot rebuild the model ({type(e).__name__}: {e})") from None
     return Model(estimator=_unpack(path, obj, manifest), manifest=manifest)

@@ -24,10 +24,9 @@ from typing import Any
 
 import faiss
 import numpy as np
-
-from features import FeatureStore, same_backbone
-from features.errors import PenultError
-from features.files import atomic_path, fsync_file, temporary_name, write_text
+from penult.core.errors import PenultError
+from penult.core.files import atomic_path, fsync_file, temporary_name, write_text
+from penult.features import FeatureStore, same_backbone
 
 __all__ = [
     "CHUNK_BYTES",
@@ -342,7 +341,7 @@ def _add_on_disk(
             for k, s in enumerate(starts)
         ]
         if cluster:
-            from features.cluster import client_for, close, run_tasks
+            from penult.core.cluster import client_for, close, run_tasks
 
             client = client_for(cluster)
             try:

@@ -23,18 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import train_test_split
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.utils.validation import check_is_fitted, validate_data
-
-from classify.data import StreamingData, stream_dataset
-from classify.metrics import classification_metrics
-from classify.model import Model, Predictions
-from classify.train import (
+from penult.classify.data import StreamingData, stream_dataset
+from penult.classify.metrics import classification_metrics
+from penult.classify.model import Model, Predictions
+from penult.classify.train import (
     TrainOptions,
     TrainResult,
     _manifest,
@@ -43,8 +35,16 @@ from classify.train import (
     prepare,
     summary,
 )
-from features import FeatureStore, OptionError
-from features.options import POSITIVE, option
+from penult.core import OptionError
+from penult.core.options import POSITIVE, option
+from penult.features import FeatureStore
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 __all__ = [
     "StreamOptions",
@@ -302,8 +302,8 @@ def train_out_of_core(
 
 
 def _report(out, model: Model, data: StreamingData, store_path, split: str, pos, metrics) -> None:
-    from classify.evaluate import write_predictions
-    from classify.report import write_report
+    from penult.classify.evaluate import write_predictions
+    from penult.classify.report import write_report
 
     truth = data.column(model.manifest["label"])[pos]
     title = f"{model.manifest['kind']} {model.manifest['head']} (out of core) on {' + '.join(data.backbones)}: {split} split"

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from penult.classify.csvout import SafeWriter, open_csv
+from penult.classify.images import Images
+from penult.classify.model import Model, Predictions, resolve_backbones
+from penult.core import OptionError, atomic_path, file_sha256
+from penult.core.options import POSITIVE, option
+from penult.features import FeatureStore
 from tqdm.auto import tqdm
-
-from classify.csvout import SafeWriter, open_csv
-from classify.images import Images
-from classify.model import Model, Predictions, resolve_backbones
-from features import FeatureStore, OptionError, atomic_path, file_sha256
-from features.options import POSITIVE, option
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def _score_task(
     job: str, model: Model, opts: PredictOptions, images: Images, part: list, top_k: int
 ) -> Scored:
     """One chunk on a Dask worker (threads, loader and GPU fitted to the worker's share)."""
-    from features.cluster import ONE_AT_A_TIME
+    from penult.core.cluster import ONE_AT_A_TIME
 
     with ONE_AT_A_TIME:
         if job not in _WORKER_FEATURES:
@@ -260,7 +260,7 @@ def _scored_on_cluster(
     worker dies); chunks that finish early wait in memory for the ones before them."""
     import uuid
 
-    from features.cluster import balanced_size, client_for, close, run_tasks
+    from penult.core.cluster import balanced_size, client_for, close, run_tasks
 
     client = client_for(opts.cluster)
     try:

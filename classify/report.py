@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from classify.model import Predictions
+from penult.classify.model import Predictions
 
 __all__ = [
     "PLOTS",

@@ -12,6 +12,7 @@ so a re-exported path never matches.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import zipfile
 from collections.abc import Iterator
@@ -46,11 +47,11 @@ _CLASSES = (
     "sklearn.neighbors:BallTree",
     "sklearn.multiclass:OneVsRestClassifier",
     "sklearn.multiclass:_ConstantPredictor",
-    "classify.hierarchy:HierarchicalClassifier",
-    "classify.hierarchy:_Constant",
-    "classify.ovr:ThresholdedOneVsRest",
-    "classify.knn:FaissKNeighborsClassifier",
-    "classify.outofcore:StreamingCentroid",
+    "penult.classify.hierarchy:HierarchicalClassifier",
+    "penult.classify.hierarchy:_Constant",
+    "penult.classify.ovr:ThresholdedOneVsRest",
+    "penult.classify.knn:FaissKNeighborsClassifier",
+    "penult.classify.outofcore:StreamingCentroid",
 )
 # skops node kinds that only rebuild data or set attributes on an allowed class. Kinds that call
 # something named in the file (FunctionNode, MethodNode, PartialNode, ConstructorFromReduceNode,
@@ -142,6 +143,39 @@ def unsafe_nodes(schema: Any) -> list[str]:
     """'Kind module.name' for every node outside the allow-list (empty: the file is safe to load)."""
     ok = allowed()
     return sorted({f"{k} {n}" for k, n in _nodes(schema) if n not in ok.get(k, ())})
+
+
+# penult's own modules before they installed under the ``penult.`` namespace
+_OLD_HOMES = ("classify.",)
+
+
+def rehome(schema: Any) -> bool:
+    """Point ``__module__`` names of penult's own classes in a schema written before its modules
+    moved under ``penult.`` (``classify.hierarchy`` -> ``penult.classify.hierarchy``), in place;
+    returns whether any changed. Nothing is imported or trusted here: the names are then checked
+    like any other."""
+    changed, stack = False, [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            module = node.get("__module__")
+            if "__loader__" in node and isinstance(module, str) and module.startswith(_OLD_HOMES):
+                node["__module__"] = f"penult.{module}"
+                changed = True
+            stack.extend(node.values())
+    return changed
+
+
+def with_schema(path: str | Path, schema: Any) -> bytes:
+    """The skops file's bytes with ``schema.json`` replaced (the arrays are kept as they are)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(path) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as w:
+        for info in z.infolist():
+            data = json.dumps(schema).encode() if info.filename == "schema.json" else z.read(info)
+            w.writestr(info, data)
+    return out.getvalue()
 
 
 def names_in(schema: Any) -> list[str]:

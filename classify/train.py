@@ -11,12 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, clone
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
-from sklearn.pipeline import Pipeline
-
-from classify.data import (
+from penult.classify.data import (
     DataError,
     Dataset,
     StreamingData,
@@ -24,13 +19,18 @@ from classify.data import (
     eval_mask,
     load_dataset,
 )
-from classify.heads import HEADS, PREPROCESS, make_head, search_grid
-from classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
-from classify.metrics import classification_metrics
-from classify.model import Model, Predictions
-from classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
-from features import TRAIN, FeatureStore, OptionError, PenultError
-from features.options import COUNT, FRACTION, POSITIVE, option, ranged
+from penult.classify.heads import HEADS, PREPROCESS, make_head, search_grid
+from penult.classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
+from penult.classify.metrics import classification_metrics
+from penult.classify.model import Model, Predictions
+from penult.classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
+from penult.core import TRAIN, OptionError, PenultError
+from penult.core.options import COUNT, FRACTION, POSITIVE, option, ranged
+from penult.features import FeatureStore
+from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.pipeline import Pipeline
 
 __all__ = [
     "Plan",
@@ -223,8 +223,8 @@ def resolve_levels(data: Dataset, levels: tuple[str, ...]) -> list[str]:
 
 
 def join_taxonomy(data: Dataset, csv_path: str, label: str) -> str:
-    """Add the levels of a class -> coarse-levels CSV to ``data`` (rules: features.labels)."""
-    from features.labels import read_taxonomy
+    """Add the levels of a class -> coarse-levels CSV to ``data`` (rules: core.labels)."""
+    from penult.core.labels import read_taxonomy
 
     columns = read_taxonomy(csv_path).columns(data.column(label).tolist())
     for level, values in columns.items():

@@ -1,13 +1,13 @@
 """The extraction stage (the only code that builds torch models)."""
 
-from extract.embed import EmbeddedBatch, backbone_from_fingerprint, embed_files
-from extract.featurise import Featuriser
-from extract.images import ImageError, decode_image
-from extract.model import Backbone, Embedder, build_backbone
-from extract.registry import DEFAULT_BACKBONE, REGISTRY, UnknownBackboneError, get_spec
-from extract.run import ExtractOptions, ExtractSummary, extract
-from extract.sources import Listing, SourceError, list_images
-from extract.weights import WeightsError
+from penult.extract.embed import EmbeddedBatch, backbone_from_fingerprint, embed_files
+from penult.extract.featurise import Featuriser
+from penult.extract.images import ImageError, decode_image
+from penult.extract.model import Backbone, Embedder, build_backbone
+from penult.extract.registry import DEFAULT_BACKBONE, REGISTRY, UnknownBackboneError, get_spec
+from penult.extract.run import ExtractOptions, ExtractSummary, extract
+from penult.extract.sources import Listing, SourceError, list_images
+from penult.extract.weights import WeightsError
 
 __all__ = [
     "DEFAULT_BACKBONE",

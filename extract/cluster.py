@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from features.cluster import (
+from penult.core.cluster import (
     CORES_ENV,
     ONE_AT_A_TIME,
     balanced_size,
@@ -77,7 +77,7 @@ def for_this_worker(o):
     if cuda and torch.cuda.device_count() > 1 and isinstance(name, int):
         changes["device"] = f"cuda:{name % torch.cuda.device_count()}"
     if changes.get("workers", o.workers):  # a loader per partition or chunk, beside the network
-        from extract.loader import use_forkserver
+        from penult.extract.loader import use_forkserver
 
         use_forkserver()
     return replace(o, **changes)
@@ -85,16 +85,16 @@ def for_this_worker(o):
 
 def run_partition(store: str, part: Partition, opts: dict[str, Any]) -> TaskResult:
     """Embed one partition into its part (on a worker). Resumes what an earlier attempt wrote."""
-    from extract.run import ExtractOptions
+    from penult.extract.run import ExtractOptions
 
     with ONE_AT_A_TIME:
         return _run_partition(store, part, for_this_worker(ExtractOptions(**opts)))
 
 
 def _run_partition(store: str, part: Partition, o) -> TaskResult:
-    from extract.run import ExtractSummary, _run, build_embedder
-    from extract.sources import Listing
-    from features.parts import PartWriter
+    from penult.extract.run import ExtractSummary, _run, build_embedder
+    from penult.extract.sources import Listing
+    from penult.features.parts import PartWriter
 
     key = repr(o)
     if key not in _MODELS:
@@ -124,7 +124,7 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
 def run_on_cluster(client, w, listing, sha: list[str], todo: list[int], opts, s) -> None:
     """Embed ``todo`` (listing indices) on the cluster of ``client``, then publish the parts
     through ``w`` (the driver's :class:`StoreWriter`)."""
-    from features.parts import adopt_parts
+    from penult.features.parts import adopt_parts
 
     o = {k: v for k, v in asdict(opts).items() if k not in ("cluster", "shard", "partition_size")}
     o.update(progress=False)

@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from extract.images import DEFAULT_MAX_PIXELS
-from extract.loader import default_workers, make_loader, to_device
-from extract.model import Backbone, Embedder, build_backbone
-from extract.registry import REGISTRY, get_spec
-from extract.weights import WeightsError
+from penult.extract.images import DEFAULT_MAX_PIXELS
+from penult.extract.loader import default_workers, make_loader, to_device
+from penult.extract.model import Backbone, Embedder, build_backbone
+from penult.extract.registry import REGISTRY, get_spec
+from penult.extract.weights import WeightsError
 
 
 @dataclass

@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from features import OptionError, PenultError, atomic_path, file_sha256
-from features.files import write_text
+from penult.core import OptionError, PenultError, atomic_path, file_sha256
+from penult.core.files import write_text
 
 __all__ = [
     "ENGINES",
@@ -182,7 +181,7 @@ def cache_notes() -> list[str]:
 
 def _identity(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """What decides the exported graph: the embedding's identity, torch's version, the opset."""
-    from features import IDENTITY_FIELDS
+    from penult.features import IDENTITY_FIELDS
 
     ident = {k: fingerprint.get(k) for k in IDENTITY_FIELDS}
     return {**ident, "torch": torch.__version__, "opset": OPSET}

@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from extract.embed import backbone_from_fingerprint, embed_files
-from extract.engines import ENGINES
-from extract.images import DEFAULT_MAX_PIXELS
-from extract.model import TORCH_PRECISIONS, Embedder
-from extract.quantize import METHOD
-from extract.sources import list_images
-from features import OptionError
-from features.options import COUNT, POSITIVE, option
+from penult.core import OptionError
+from penult.core.options import COUNT, POSITIVE, option
+from penult.extract.embed import backbone_from_fingerprint, embed_files
+from penult.extract.engines import ENGINES
+from penult.extract.images import DEFAULT_MAX_PIXELS
+from penult.extract.model import TORCH_PRECISIONS, Embedder
+from penult.extract.quantize import METHOD
+from penult.extract.sources import list_images
 
 
 @dataclass
@@ -92,7 +91,7 @@ class Featuriser:
         ]
 
     def for_worker(self) -> Featuriser:
-        from extract.cluster import for_this_worker
+        from penult.extract.cluster import for_this_worker
 
         return for_this_worker(self)
 

@@ -14,10 +14,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
+from penult.core.errors import PenultError
+from penult.core.options import DEFAULT_MAX_PIXELS
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-
-from features.errors import PenultError
-from features.options import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

@@ -20,17 +20,16 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
-
-from extract.images import (
+from penult.extract.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     decode_image,
     open_image,
     read_image_bytes,
 )
-from extract.registry import Preprocess
+from penult.extract.registry import Preprocess
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 try:  # TorchCodec: the PyTorch project's image decoders (torchvision's are deprecated since 0.29)
     from torchcodec.decoders import decode_jpeg as _codec_jpeg
@@ -291,7 +290,7 @@ def worker_context(start: str = "fork"):
     methods = multiprocessing.get_all_start_methods()
     if start == "forkserver" and "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["extract.loader"])  # (no effect once the server runs)
+        ctx.set_forkserver_preload(["penult.extract.loader"])  # (no effect once the server runs)
         return ctx
     if sys.platform.startswith("linux") and "fork" in methods:
         return multiprocessing.get_context("fork")

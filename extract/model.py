@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from extract.engines import (
+from penult.core import OptionError
+from penult.core.files import file_sha256, write_text
+from penult.extract.engines import (
     ENGINES,
     INSTALL,
     Runner,
@@ -34,8 +34,8 @@ from extract.engines import (
     runtime_precision,
     speed_key,
 )
-from extract.registry import REGISTRY, BackboneSpec, Preprocess, get_spec
-from extract.weights import (
+from penult.extract.registry import REGISTRY, BackboneSpec, Preprocess, get_spec
+from penult.extract.weights import (
     PACKAGED_WEIGHTS,
     WeightsError,
     load_into,
@@ -44,8 +44,7 @@ from extract.weights import (
     read_state_dict,
     state_sha256,
 )
-from features import OptionError
-from features.files import file_sha256, write_text
+from torch import nn
 
 __all__ = [
     "Backbone",
@@ -81,7 +80,7 @@ def build_network(spec: BackboneSpec) -> nn.Module:
             kwargs = {"aux_logits": True, "init_weights": False}
         return getattr(torchvision.models, spec.arch)(weights=None, **kwargs)
     if spec.source == "open_clip":
-        from extract.registry import import_open_clip
+        from penult.extract.registry import import_open_clip
 
         logging.disable(logging.WARNING)  # its "initialized randomly": weights load next
         try:
@@ -468,7 +467,7 @@ class Embedder:
             if optimize == "inductor":
                 self.compile()
         elif precision == "int8":
-            from extract.quantize import int8_file
+            from penult.extract.quantize import int8_file
 
             path, self.int8 = int8_file(backbone, calibration, int8_digest, batch_size, progress)
             self._use_runtime(engine, path, "int8")

@@ -21,9 +21,9 @@ from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from extract.engines import INSTALL, EngineError, onnx_file
-from features import OptionError, atomic_path
-from features.files import temporary_name
+from penult.core import OptionError, atomic_path
+from penult.core.files import temporary_name
+from penult.extract.engines import INSTALL, EngineError, onnx_file
 
 __all__ = ["CALIBRATION_IMAGES", "METHOD", "int8_file"]
 
@@ -71,7 +71,7 @@ def int8_file(
 
 def _calibration_batches(backbone, files: Sequence[str], batch_size: int):
     """uint8 batches of ``files`` through the extraction loader, and the content hashes read."""
-    from extract.loader import make_loader
+    from penult.extract.loader import make_loader
 
     loader = make_loader(list(files), backbone.preprocess, batch_size=batch_size, workers=2)
     batches, shas = [], []

@@ -10,8 +10,8 @@ import functools
 import math
 from dataclasses import asdict, dataclass, replace
 
-from features import OptionError
-from features.errors import PenultError
+from penult.core import OptionError
+from penult.core.errors import PenultError
 
 RESIZE_MODES = ("crop", "whole", "pad")
 TTA_MODES = ("none", "flip")

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
-
-from extract.engines import ENGINES, cache_notes
-from extract.images import (
+from penult.core import OptionError
+from penult.core.cluster import ClusterStart
+from penult.core.options import COUNT, CROP, POSITIVE, option, parse_shard
+from penult.extract.engines import ENGINES, cache_notes
+from penult.extract.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     auto_resize,
@@ -25,15 +26,14 @@ from extract.images import (
     read_image_bytes,
     spread,
 )
-from extract.loader import default_workers, make_loader, to_device
-from extract.model import OPTIMIZE, PRECISIONS, Embedder, build_backbone, pick_optimize
-from extract.quantize import CALIBRATION_IMAGES
-from extract.registry import DEFAULT_BACKBONE, RESIZE_MODES, TTA_MODES
-from extract.sources import Listing
-from features import OptionError, StoreWriter, TableView, sha_raw
-from features.cluster import ClusterStart
-from features.options import COUNT, CROP, POSITIVE, option, parse_shard
-from features.parts import PartWriter, list_parts, merge
+from penult.extract.loader import default_workers, make_loader, to_device
+from penult.extract.model import OPTIMIZE, PRECISIONS, Embedder, build_backbone, pick_optimize
+from penult.extract.quantize import CALIBRATION_IMAGES
+from penult.extract.registry import DEFAULT_BACKBONE, RESIZE_MODES, TTA_MODES
+from penult.extract.sources import Listing
+from penult.features import StoreWriter, TableView, sha_raw
+from penult.features.parts import PartWriter, list_parts, merge
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +426,7 @@ def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> Ext
         if isinstance(w, PartWriter):  # a shard run again after a kill: resume its part
             p.todo = w.not_done(name, listing.paths, sha, p.todo)
         if p.todo and opts.cluster:
-            from extract.cluster import run_on_cluster
+            from penult.extract.cluster import run_on_cluster
 
             run_on_cluster(cluster.client(), w, listing, sha, p.todo, opts, s)
         elif p.todo:
@@ -477,7 +477,7 @@ def build_embedder(opts: ExtractOptions, listing: Listing | None = None, store_p
 
 def _stored_calibration(store_path, name: str) -> str:
     """The calibration digest of int8 entry ``name`` when the store has it, else ""."""
-    from features import FeatureStore
+    from penult.features import FeatureStore
 
     if store_path is None or not Path(store_path).exists():
         return ""

@@ -15,8 +15,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from extract.images import IMAGE_SUFFIXES
-from features.errors import PenultError
+from penult.core.errors import PenultError
+from penult.extract.images import IMAGE_SUFFIXES
 
 __all__ = ["Listing", "SourceError", "list_images"]
 
@@ -166,7 +166,7 @@ def _from_file_list(list_path: Path, root: Path | None) -> Listing:
 
 
 def _join_taxonomy(listing: Listing, taxonomy: Path) -> None:
-    from features.labels import read_taxonomy
+    from penult.core.labels import read_taxonomy
 
     if "label" not in listing.labels:
         raise SourceError(

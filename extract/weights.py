@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 
 import torch
+from penult.core.errors import PenultError
+from penult.extract.registry import BackboneSpec
 from torch import nn
-
-from extract.registry import BackboneSpec
-from features.errors import PenultError
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ def load_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
 def _open_clip_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
     """The open_clip weights from the Hugging Face cache (or a download where online), read by
     penult's own safe reader (tensors only)."""
-    from extract.registry import import_open_clip
+    from penult.extract.registry import import_open_clip
 
     open_clip = import_open_clip()
     try:

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from features import journal, segmented
-from features.errors import StoreError
-from features.segments import Reader, read_run, verify
-from features.store import FeatureStore, StoreWriter, check_root, real_path, store_lock
+from penult.core.errors import StoreError
+from penult.features import journal, segmented
+from penult.features.segments import Reader, read_run, verify
+from penult.features.store import FeatureStore, StoreWriter, check_root, real_path, store_lock
 
 
 def _size(store: FeatureStore) -> int:

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from features.errors import PenultError
-from features.files import TMP_PREFIX, atomic_path, fsync_dir
+from penult.core.errors import PenultError
+from penult.core.files import TMP_PREFIX, atomic_path, fsync_dir
 
 _SUFFIX = ".npz"
 _DAMAGED = ".damaged"

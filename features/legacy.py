@@ -11,9 +11,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from features.segmented import backbone_attr_problems, decode
-from features.types import BackboneEntry, ImageTable, TableView, sha_raw
+from penult.features.segmented import backbone_attr_problems, decode
+from penult.features.types import BackboneEntry, ImageTable, TableView, sha_raw
 
 _STR_COLUMNS = ("path", "root", "sha256", "error")
 _INT_COLUMNS = {"nbytes": np.int64, "mtime_ns": np.int64, "width": np.int32, "height": np.int32}

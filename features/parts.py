@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from features import journal
-from features.errors import StoreError, StoreLockedError
-from features.files import set_aside
-from features.store import FeatureStore, StoreWriter, Writes, real_path
+from penult.core.errors import StoreError, StoreLockedError
+from penult.core.files import set_aside
+from penult.features import journal
+from penult.features.store import FeatureStore, StoreWriter, Writes, real_path
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def part_problem(store: FeatureStore, part: Path) -> str:
     anything moves: a shard that does not read, a backbone registered with another fingerprint
     or dtype than the store's (or than the part's own earlier shard), embeddings of another
     width than their backbone, or arrays of unequal length."""
-    from features.segmented import same_backbone
+    from penult.features.segmented import same_backbone
 
     have = store.backbones()
     seen: dict[str, dict[str, Any]] = {}

@@ -10,9 +10,8 @@ from typing import TypeVar
 
 import h5py
 import numpy as np
-
-from features.errors import StoreError
-from features.segmented import (
+from penult.core.errors import StoreError
+from penult.features.segmented import (
     ERROR,
     SIZE,
     TABLE,
@@ -23,8 +22,8 @@ from features.segmented import (
     load,
     segment_dir,
 )
-from features.segments import KeyRun, Reader, find_keys, path_keys, read_run
-from features.types import BackboneEntry, ImageTable, TableView, sha_hex
+from penult.features.segments import KeyRun, Reader, find_keys, path_keys, read_run
+from penult.features.types import BackboneEntry, ImageTable, TableView, sha_hex
 
 T = TypeVar("T")
 

@@ -23,10 +23,9 @@ from typing import Any
 
 import h5py
 import numpy as np
-
-from features.errors import FingerprintMismatchError, PenultError
-from features.files import atomic_path, fsync_dir
-from features.segments import (
+from penult.core.errors import FingerprintMismatchError, PenultError
+from penult.core.files import atomic_path, fsync_dir
+from penult.features.segments import (
     STR,
     Column,
     KeyRun,
@@ -43,7 +42,7 @@ from features.segments import (
     write_run,
     write_segment,
 )
-from features.types import sha_raw
+from penult.features.types import sha_raw
 
 log = logging.getLogger(__name__)
 

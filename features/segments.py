@@ -20,9 +20,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from features.errors import StoreError
-from features.files import atomic_path
+from penult.core.errors import StoreError
+from penult.core.files import atomic_path
 
 STR = h5py.string_dtype("utf-8")
 GAP_FILL = 256  # updated rows closer than this share one piece (the rows between are copied)

@@ -33,13 +33,12 @@ from typing import Any
 
 import h5py
 import numpy as np
-
-from features import journal, segmented
-from features.errors import FingerprintMismatchError, StoreError, StoreLockedError
-from features.legacy import Legacy, structure_problems
-from features.reader import Segmented
-from features.segmented import FORMAT, IDENTITY_FIELDS, SCHEMA_VERSION, same_backbone
-from features.types import BackboneEntry, Chunk, ImageTable, TableView
+from penult.core.errors import FingerprintMismatchError, StoreError, StoreLockedError
+from penult.features import journal, segmented
+from penult.features.legacy import Legacy, structure_problems
+from penult.features.reader import Segmented
+from penult.features.segmented import FORMAT, IDENTITY_FIELDS, SCHEMA_VERSION, same_backbone
+from penult.features.types import BackboneEntry, Chunk, ImageTable, TableView
 
 log = logging.getLogger(__name__)
 

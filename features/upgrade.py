@@ -13,12 +13,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from features import segmented
-from features.errors import StoreError
-from features.files import atomic_path, set_aside
-from features.legacy import read_table
-from features.store import FeatureStore, real_path, store_lock
+from penult.core.errors import StoreError
+from penult.core.files import atomic_path, set_aside
+from penult.features import segmented
+from penult.features.legacy import read_table
+from penult.features.store import FeatureStore, real_path, store_lock
 
 
 def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGMENT_ROWS) -> str:

@@ -64,7 +64,7 @@ def real_batch(data_dir: Path, pre) -> torch.Tensor:
     files = sorted((data_dir / "cub100").glob("*/*.jpg"))[::1500][:3]
     files += sorted((data_dir / "ndsb_plankton").glob("*/*.jpg"))[:1]
     files += sorted((data_dir / "hymenoptera" / "ants").glob("*.jpg"))[:1]
-    from extract.loader import make_loader
+    from penult.extract.loader import make_loader
 
     return next(iter(make_loader([str(f) for f in files], pre, batch_size=8, workers=0))).images
 
@@ -84,7 +84,7 @@ def cub_store(data_dir: Path, tmp_path_factory) -> Path:
 
     Read-only for tests: copy it (``copy_store``) before anything that writes.
     """
-    from extract import ExtractOptions, extract, list_images
+    from penult.extract import ExtractOptions, extract, list_images
 
     out = tmp_path_factory.mktemp("cub_store")
     manifest = cub_manifest(data_dir, out / "cub20.csv", classes=20)
@@ -98,7 +98,7 @@ def cub_store(data_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hym_store(data_dir: Path, tmp_path_factory) -> Path:
     """EfficientNet-Lite0 features of hymenoptera (train/val split.csv, one GIF placeholder)."""
-    from extract import ExtractOptions, extract, list_images
+    from penult.extract import ExtractOptions, extract, list_images
 
     out = tmp_path_factory.mktemp("hym_store")
     extract(out / "hym.h5", list_images(data_dir / "hymenoptera"), ExtractOptions(progress=False))

@@ -4,8 +4,7 @@ processes start in a fraction of a second instead of importing torch through con
 from __future__ import annotations
 
 import numpy as np
-
-from features import StoreWriter
+from penult.features import StoreWriter
 
 # A made-up backbone fingerprint for store tests that write synthetic rows.
 FP = {

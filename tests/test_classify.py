@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from penult.classify import DataError, TrainOptions, load_dataset, train
+from penult.classify.data import ensure_split, fused_features
+from penult.classify.heads import HEADS, make_head
+from penult.classify.hierarchy import HierarchicalClassifier, _Constant, taxonomy_from_columns
+from penult.classify.metrics import classification_metrics, expected_calibration_error
+from penult.classify.ovr import ThresholdedOneVsRest, best_f1_threshold
+from penult.core import make_split
+from penult.features import FeatureStore, StoreWriter
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from classify import DataError, TrainOptions, load_dataset, train
-from classify.data import ensure_split, fused_features
-from classify.heads import HEADS, make_head
-from classify.hierarchy import HierarchicalClassifier, _Constant, taxonomy_from_columns
-from classify.metrics import classification_metrics, expected_calibration_error
-from classify.ovr import ThresholdedOneVsRest, best_f1_threshold
 from conftest import copy_store
-from features import FeatureStore, StoreWriter, make_split
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from penult import cli
 
-import cli
 from conftest import copy_store
 
 
@@ -28,7 +28,7 @@ def _refused(argv: list[str], capsys, *words: str) -> str:
 
 
 def test_neighbors_k_beyond_the_index(store: Path, capsys, tmp_path) -> None:
-    from features import FeatureStore
+    from penult.features import FeatureStore
 
     key = FeatureStore(store).images().path[0]
     out = tmp_path / "n.csv"
@@ -75,7 +75,7 @@ def test_predict_ended_by_sigterm_leaves_no_partial_file(hym_store, data_dir, tm
     import sys
     import time
 
-    from classify import TrainOptions, save_model, train
+    from penult.classify import TrainOptions, save_model, train
 
     store = copy_store(hym_store, tmp_path / "h.h5")
     save_model(train(store, TrainOptions()).model, tmp_path / "m.skops")

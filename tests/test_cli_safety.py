@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from penult import cli
+from penult.classify import DataError, TrainOptions, train
+from penult.classify.csvout import safe_cell
+from penult.classify.lookup import Hit, Result, write_table
+from penult.classify.ovr import ThresholdedOneVsRest
+from penult.core import LabelError, make_split
+from penult.features import FeatureStore, StoreWriter
 
-import cli
-from classify import DataError, TrainOptions, train
-from classify.csvout import safe_cell
-from classify.lookup import Hit, Result, write_table
-from classify.ovr import ThresholdedOneVsRest
 from conftest import copy_store
-from features import FeatureStore, LabelError, StoreWriter, make_split
 
 
 @pytest.mark.parametrize(
@@ -64,10 +65,10 @@ def test_sensible_numbers_still_parse():
 
 
 def _option_commands():
-    from classify import PredictOptions
-    from classify.outofcore import StreamOptions
-    from extract import ExtractOptions, Featuriser
-    from extract.finetune import FinetuneOptions
+    from penult.classify import PredictOptions
+    from penult.classify.outofcore import StreamOptions
+    from penult.extract import ExtractOptions, Featuriser
+    from penult.extract.finetune import FinetuneOptions
 
     return [
         (["extract", "s.h5", "imgs"], ExtractOptions, {}),
@@ -85,7 +86,7 @@ def test_options_are_declared_once_the_cli_builds_them_from_the_dataclasses():
     fields: with no flags the options equal the dataclass defaults; a flag sets its field."""
     import dataclasses
 
-    from features.options import cli_fields
+    from penult.core.options import cli_fields
 
     parser = cli.build_parser()
     for argv, cls, given in _option_commands():
@@ -253,8 +254,8 @@ def test_predict_reports_skipped_files_escapes_cells_and_cleans_up(hym_store, da
     assert "unsupported file type '.txt'" in errors["notes.txt"] and "FIFO" in errors["pipe.jpg"]
     assert "notes.txt: unsupported file type" in printed
     # a run that fails or is interrupted leaves neither the CSV nor OUT.partial
-    import classify.predict as cp
-    from features import StoreError
+    import penult.classify.predict as cp
+    from penult.features import StoreError
 
     for exc in (StoreError("boom"), RuntimeError("a bug"), KeyboardInterrupt()):
 
@@ -284,12 +285,10 @@ def test_only_penult_errors_become_one_line_and_v_shows_tracebacks(tmp_path, cap
     of memory) through with its traceback."""
     import inspect
 
-    import classify
-    import extract
-    import features
-    from features import PenultError
+    from penult import classify, core, extract, features
+    from penult.core import PenultError
 
-    mods = [m for pkg in (classify, extract, features) for m in _submodules(pkg)]
+    mods = [m for pkg in (classify, core, extract, features) for m in _submodules(pkg)]
     defined = {
         c for m in mods for _, c in inspect.getmembers(m, inspect.isclass)
         if issubclass(c, Exception) and c.__module__ == m.__name__
@@ -307,8 +306,8 @@ def test_only_penult_errors_become_one_line_and_v_shows_tracebacks(tmp_path, cap
         raise RuntimeError("CUDA out of memory")
 
     for param, message in (("C=-1", "'C' parameter"), ("C=abc", "'C' parameter"), ("foo=1", "foo")):
-        from classify import HeadError, make_head
-        from classify.train import parse_param
+        from penult.classify import HeadError, make_head
+        from penult.classify.train import parse_param
 
         with pytest.raises(HeadError, match=message):
             make_head("svm", **dict([parse_param(param)]))
@@ -346,9 +345,11 @@ def test_the_cpu_stage_does_not_import_torch_or_extract():
     assert hidden == []
 
 
-def test_cli_and_demo_install_inside_penult_not_as_top_level_modules(tmp_path):
-    """The wheel holds penult/cli.py and penult/demo.py, no top-level cli.py or demo.py (they
-    would collide with any other project's `cli`), and `penult` runs penult.cli:main."""
+def test_everything_installs_inside_penult_not_as_top_level_modules(tmp_path):
+    """The wheel holds one top-level package, penult: the folders core/, features/, extract/,
+    classify/ and cli.py/demo.py install as penult.core, ..., penult.cli (top-level `extract`,
+    `features`, `classify` or `cli` would collide with other projects), and `penult` runs
+    penult.cli:main. Installed that way (outside this checkout) the API imports."""
     import shutil
     import subprocess
     import sys
@@ -357,9 +358,9 @@ def test_cli_and_demo_install_inside_penult_not_as_top_level_modules(tmp_path):
     root = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "cli.py", "demo.py"):
+    for name in ("pyproject.toml", "README.md", "__init__.py", "api.py", "cli.py", "demo.py"):
         shutil.copy(root / name, src / name)
-    for pkg in ("extract", "features", "classify"):
+    for pkg in ("core", "extract", "features", "classify"):
         shutil.copytree(root / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -370,30 +371,41 @@ def test_cli_and_demo_install_inside_penult_not_as_top_level_modules(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+        z.extractall(tmp_path / "site", [n for n in names if n.startswith("penult/")])
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert tops == {"penult", "extract", "features", "classify"}
-    assert {"penult/cli.py", "penult/demo.py"} <= set(names)
+    assert tops == {"penult"}
+    assert {"penult/__init__.py", "penult/api.py", "penult/cli.py", "penult/demo.py"} <= set(names)
     # subpackages and the web app's files travel too
-    assert {"extract/finetune/loop.py", "classify/web/app.py", "classify/web/templates/browse.html",
-            "classify/web/static/penult.js"} <= set(names)  # fmt: skip
+    assert {"penult/core/errors.py", "penult/extract/finetune/loop.py", "penult/classify/web/app.py",
+            "penult/classify/web/templates/browse.html", "penult/classify/web/static/penult.js",
+            "penult/features/store.py"} <= set(names)  # fmt: skip
     assert "penult = penult.cli:main" in entry
+    code = "import penult, penult.features, penult.classify; print(penult.open_store.__module__)"
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True,
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
+    )  # fmt: skip
+    assert out.stdout.strip() == "penult.api"
 
 
 def test_nothing_private_crosses_a_package_boundary():
-    """Every name that cli.py, demo.py, a benchmark or one of the three packages imports from
-    another of extract/, classify/ or features/ is listed in that module's ``__all__``."""
+    """Every name that cli.py, demo.py, api.py, a benchmark or one of the four packages imports
+    from another of core/, extract/, classify/ or features/ is listed in that module's
+    ``__all__``."""
     import ast
     import importlib
 
     root = Path(__file__).resolve().parents[1]
-    packages = ("extract", "classify", "features")
-    files = ["cli.py", "demo.py", *(str(p.relative_to(root)) for p in root.glob("benchmarks/*.py"))]
+    packages = ("core", "extract", "classify", "features")
+    files = ["cli.py", "demo.py", "api.py"]
+    files += [str(p.relative_to(root)) for p in root.glob("benchmarks/*.py")]
     files += [str(p.relative_to(root)) for pkg in packages for p in (root / pkg).rglob("*.py")]
     used = []
     for f in files:
         home = f.split("/")[0]
         for node in ast.walk(ast.parse((root / f).read_text())):
-            top = (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else ""
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            top = module.split(".")[1] if module.startswith("penult.") else ""
             if top in packages and top != home:
                 used += [(f, node.module, a.name) for a in node.names]
     assert len(used) > 100

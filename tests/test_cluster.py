@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from penult import cli
+from penult.features import FeatureStore, StoreWriter, check
+from penult.features.parts import parts_dir
 
-import cli
 from conftest import cub_manifest
-from features import FeatureStore, StoreWriter, check
-from features.parts import parts_dir
 
 
 def _by_path(store: Path) -> dict[str, np.ndarray]:
@@ -22,7 +22,7 @@ def _by_path(store: Path) -> dict[str, np.ndarray]:
 
 
 def test_cluster_spec_and_missing_dask_are_clear_errors(tmp_path: Path, monkeypatch, capsys):
-    from features.cluster import ClusterError, client_for
+    from penult.core.cluster import ClusterError, client_for
 
     with pytest.raises(ClusterError, match="use local"):
         client_for("yarn:3")
@@ -57,8 +57,7 @@ def test_the_cluster_starts_while_the_driver_plans_and_is_closed_whatever_happen
     import time
 
     import psutil
-
-    from features.cluster import ClusterError, ClusterStart
+    from penult.core.cluster import ClusterError, ClusterStart
 
     listed = tmp_path / "list.txt"
     listed.write_text("".join(f"{p}\n" for p in sorted((data_dir / "hymenoptera").rglob("*.jpg"))))
@@ -276,9 +275,8 @@ def test_on_disk_index_shards_added_on_a_cluster_equal_a_single_process_build(
     are added by Dask tasks from one trained quantiser and merged on disk; the index, built and
     then updated that way, answers exactly as one built in one process."""
     pytest.importorskip("distributed")
+    import penult.classify.neighbors as nb
     from test_neighbors import _append, _clustered, _fake_store
-
-    import classify.neighbors as nb
 
     monkeypatch.setattr(nb, "SHARD_ROWS", 700)
     X = _clustered(3000, 32, seed=2)
@@ -312,8 +310,7 @@ def test_slurm_spec_submits_jobs_from_the_jobqueue_config(tmp_path: Path, monkey
     import time
 
     import dask
-
-    from features.cluster import client_for, close
+    from penult.core.cluster import client_for, close
 
     log = tmp_path / "sbatch.log"
     for tool, reply in (("sbatch", "Submitted batch job 4242"), ("scancel", "")):

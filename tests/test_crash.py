@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from penult.features import FeatureStore, StoreWriter, check
+from penult.features.journal import list_shards
 
 from conftest import cub_manifest
-from features import FeatureStore, StoreWriter, check
-from features.journal import list_shards
 
 KILLS = 4  # kills that should land mid-run
 MAX_TRIES = 10

@@ -6,8 +6,7 @@ import os
 import shutil
 
 import pytest
-
-from demo import run_demo
+from penult.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

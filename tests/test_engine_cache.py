@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from penult.core import OptionError
+from penult.extract import ExtractOptions, build_backbone, extract, list_images
+from penult.extract import engines as eng
+from penult.extract.model import Embedder, identity_dir
+from penult.features import FeatureStore
 
 from conftest import real_batch
-from extract import ExtractOptions, build_backbone, extract, list_images
-from extract import engines as eng
-from extract.model import Embedder, identity_dir
-from features import FeatureStore, OptionError
 
 
 @pytest.fixture(autouse=True)

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from penult.core import OptionError
+from penult.extract import ExtractOptions, Featuriser, build_backbone, extract, list_images
+from penult.extract import engines as eng
+from penult.features import FeatureStore, FingerprintMismatchError
 
 from conftest import cub_manifest, real_batch
-from extract import ExtractOptions, Featuriser, build_backbone, extract, list_images
-from extract import engines as eng
-from features import FeatureStore, FingerprintMismatchError, OptionError
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def engine_cache(tmp_path_factory, monkeypatch) -> Path:
 @pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
 def test_openvino_agrees_with_torch_on_real_images(name, data_dir) -> None:
-    from extract.model import Embedder
+    from penult.extract.model import Embedder
 
     weights = "pretrained" if name.startswith("efficientnet_lite") else "random"
     bb = build_backbone(name, weights=weights)
@@ -46,7 +47,7 @@ def test_openvino_agrees_with_torch_on_real_images(name, data_dir) -> None:
 def test_openvino_bf16_where_the_cpu_has_it_agrees_like_torch_bf16(data_dir) -> None:
     """On a CPU with native bf16, precision auto runs OpenVINO in bf16 (as torch): close to fp32
     as torch's bf16 is (the bar of tests/test_precision.py), not equal to it."""
-    from extract.model import Embedder
+    from penult.extract.model import Embedder
 
     bb = build_backbone("efficientnet_lite0")
     x = real_batch(data_dir, bb.preprocess)
@@ -62,7 +63,7 @@ def test_auto_times_each_engine_in_the_precision_it_runs_on_this_cpu(monkeypatch
     """Where the CPU has native bf16, auto times torch and OpenVINO in bf16 and ONNX Runtime in
     fp32 (it has no CPU bf16); elsewhere all in fp32. ``--precision bf16`` times only bf16 ones;
     fp32 keeps every engine fp32. The picked precision is the one recorded."""
-    from extract import model
+    from penult.extract import model
 
     seen = {}
 
@@ -119,8 +120,8 @@ def test_openvino_runners_freed_in_any_order_leave_signals_safe(engine_cache) ->
     code = f"""
 import ctypes, faulthandler, gc, signal, subprocess, sys
 sys.path.insert(0, {str(Path(__file__).parents[1])!r})
-from extract import build_backbone
-from extract.engines import make_runner, onnx_file
+from penult.extract import build_backbone
+from penult.extract.engines import make_runner, onnx_file
 class Stack(ctypes.Structure):
     _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
 def stack():
@@ -261,7 +262,7 @@ def test_int8_is_an_entry_of_its_own_calibrated_on_the_users_images(
 def test_one_calibration_serves_every_checkpoint_of_an_architecture(engine_cache) -> None:
     """Speed depends on the network's shape and input, not its weights: a second checkpoint (or
     a fine-tuned one) reuses the calibration instead of timing every engine again."""
-    from extract.model import Embedder
+    from penult.extract.model import Embedder
 
     def bb(seed: int):
         return build_backbone("resnet18", weights="random", seed=seed)
@@ -276,7 +277,7 @@ def test_auto_builds_each_runtime_once_and_keeps_only_the_one_it_runs(monkeypatc
     import gc
     import weakref
 
-    from extract import model
+    from penult.extract import model
 
     built, alive = [], []
 

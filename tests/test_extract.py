@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from penult.cli import main
+from penult.extract import ExtractOptions, build_backbone, extract, list_images
+from penult.extract.images import decode_image
+from penult.extract.loader import make_loader, preprocess_image
+from penult.features import FeatureStore, FingerprintMismatchError, check, describe
 from PIL import Image
-
-from cli import main
-from extract import ExtractOptions, build_backbone, extract, list_images
-from extract.images import decode_image
-from extract.loader import make_loader, preprocess_image
-from features import FeatureStore, FingerprintMismatchError, check, describe
 
 FAST = ExtractOptions(progress=False, workers=1, batch_size=8, precision="fp32")
 
@@ -152,7 +151,7 @@ def test_taxonomy_and_split_are_stored(data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_loader_uses_workers_and_prefetch() -> None:
-    from extract.registry import get_spec
+    from penult.extract.registry import get_spec
 
     dl = make_loader(["a.jpg"] * 4, get_spec("resnet18").preprocess(), workers=2, prefetch=4)
     assert dl.num_workers == 2 and dl.prefetch_factor == 4

@@ -11,17 +11,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from penult.classify import TrainOptions, train
+from penult.extract import build_backbone
+from penult.extract import finetune as ft
+from penult.extract.finetune import data as ft_data
+from penult.extract.finetune import loop as ft_loop
+from penult.extract.model import build_network
+from penult.extract.registry import get_spec
+from penult.extract.weights import load_pretrained, read_state_dict
+from penult.features import FeatureStore
 
-from classify import TrainOptions, train
 from conftest import copy_store
-from extract import build_backbone
-from extract import finetune as ft
-from extract.finetune import data as ft_data
-from extract.finetune import loop as ft_loop
-from extract.model import build_network
-from extract.registry import get_spec
-from extract.weights import load_pretrained, read_state_dict
-from features import FeatureStore
 
 pytestmark = pytest.mark.slow
 # A random head, so that the training loss has somewhere to fall from in two short epochs.
@@ -66,8 +66,8 @@ def test_frozen_layers_are_bitwise_unchanged_and_embeddings_change(tuned, data_d
     assert not any(k.endswith(("running_mean", "running_var")) for k in changed), changed
     assert last  # the last stage is the one that may change
     imgs = sorted((data_dir / "hymenoptera" / "bees").glob("*.jpg"))[:2]
-    from extract.images import decode_image
-    from extract.loader import preprocess_image
+    from penult.extract.images import decode_image
+    from penult.extract.loader import preprocess_image
 
     x = torch.stack(
         [preprocess_image(decode_image(f.read_bytes()), spec.preprocess()) for f in imgs]
@@ -89,7 +89,7 @@ def test_result_becomes_a_store_backbone_that_heads_train_on(tuned):
 
 
 def test_info_and_compare_show_frozen_and_finetuned_side_by_side(tuned, capsys):
-    import cli
+    from penult import cli
 
     r, store = tuned
     name = ft.extract_finetuned(store, r.checkpoint, progress=False)  # already there: a no-op
@@ -270,7 +270,7 @@ def test_trained_network_embeds_exactly_what_extract_stores_for_its_weights(
 ):
     """One pre-logits path: the training module, holding the checkpoint's weights, gives the
     embeddings `penult extract` stored for that checkpoint."""
-    from extract.loader import make_loader
+    from penult.extract.loader import make_loader
 
     r, _ = tuned
     store = tmp_path / "own.h5"  # not the shared store, which other tests embed in precision auto
@@ -300,7 +300,7 @@ def test_coarse_head_taps_any_stage_without_changing_the_embedding(
     backbone, tap, channels, data_dir
 ):
     """The tap (through the torchvision graph or a timm hook) adds an output and changes nothing."""
-    from extract.model import PreLogits
+    from penult.extract.model import PreLogits
 
     spec = get_spec(backbone)
     torch.manual_seed(0)
@@ -315,7 +315,7 @@ def test_coarse_head_taps_any_stage_without_changing_the_embedding(
 
 
 def test_plankton_augmentation_turns_and_flips_on_its_own_background_without_colour(data_dir):
-    from extract.loader import make_loader
+    from penult.extract.loader import make_loader
 
     files = sorted((data_dir / "ndsb_plankton" / "diatom_chain_string").glob("*.jpg"))[:8]
     pre = get_spec("efficientnet_lite0").preprocess(mode="pad")
@@ -334,10 +334,32 @@ def test_plankton_augmentation_turns_and_flips_on_its_own_background_without_col
 
 
 def test_finetune_cli_takes_the_plankton_recipe():
-    import cli
+    from penult import cli
 
     a = cli.build_parser().parse_args(
         ["finetune", "s.h5", "--out", "f", "--augment", "plankton", "--resize", "pad"]
     )
     opts = cli._options(a, ft.FinetuneOptions)
     assert opts.augment_style == "plankton" and opts.resize == "pad" and opts.augment
+
+
+def test_finetune_makes_the_split_train_would_and_stores_it(tmp_path):
+    """A store without a split: fine-tuning makes the seeded split itself (no head trained first)
+    and stores it, and `train` then uses that same split (it makes none of its own)."""
+    from penult.classify.data import ensure_split, load_dataset
+    from penult.features import StoreWriter
+    from store_rows import add_rows
+
+    store = tmp_path / "s.h5"
+    for k in range(6):  # 120 images, 7 classes
+        with StoreWriter(store) as w:
+            add_rows(w, k)
+    assert "split" not in FeatureStore(store).images().labels
+    d = ft_data.load(store, ft.FinetuneOptions(backbone="resnet18", val_fraction=0.2))
+    stored = np.array(FeatureStore(store).images().labels["split"])
+    assert set(stored) == {"train", "test"} and (stored == "test").mean() == pytest.approx(
+        0.3, abs=0.05
+    )
+    assert len(d.train.files) + len(d.val.files) == (stored == "train").sum()  # test kept out
+    data = load_dataset(store, ("net",))
+    assert (ensure_split(store, data) == stored).all() and data.notes == []  # the same split

@@ -5,12 +5,11 @@ Exceptions are listed with the reason; each is a property of the method, not a b
 
 from __future__ import annotations
 
+from penult.classify.heads import HEADS, make_head
+from penult.classify.hierarchy import HierarchicalClassifier
+from penult.classify.ovr import ThresholdedOneVsRest
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
-
-from classify.heads import HEADS, make_head
-from classify.hierarchy import HierarchicalClassifier
-from classify.ovr import ThresholdedOneVsRest
 
 PIPELINE = {
     # sklearn's own Pipeline fits its steps in place; sklearn xfails these checks for Pipeline too.

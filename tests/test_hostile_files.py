@@ -15,10 +15,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from penult import cli
+from penult.features import FeatureStore, StoreLockedError, StoreWriter, check, journal
 
-import cli
 from conftest import FP
-from features import FeatureStore, StoreLockedError, StoreWriter, check, journal
 
 NON_UTF8 = b"caf\xe9 photo.jpg"  # Latin-1 bytes: not valid UTF-8
 
@@ -196,7 +196,7 @@ def test_disk_full_keeps_the_journal_and_says_how_to_finish(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(a[0]) + ".journal")
         return real_write(*a, **k)
 
-    import features.store as fstore
+    import penult.features.store as fstore
 
     real_finish = fstore.segmented.Commit.finish
 

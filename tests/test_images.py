@@ -7,14 +7,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import penult.extract.loader as loader_module
 import pytest
 import torch
+from penult.extract.images import ImageError, decode_image, spread
+from penult.extract.loader import ImageFiles, decode_tensor
+from penult.extract.registry import get_spec
 from PIL import Image
-
-import extract.loader
-from extract.images import ImageError, decode_image, spread
-from extract.loader import ImageFiles, decode_tensor
-from extract.registry import get_spec
 
 
 def _png(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -110,7 +109,7 @@ def test_bad_bytes_are_explained(data, reason, decode, data_dir: Path) -> None:
 def test_max_pixels_governs_above_and_below_pillows_own_limit() -> None:
     """--max-pixels is the limit both ways: a 200 Mpx header (over Pillow's fixed 179 Mpx) opens
     when the user allows 250 Mpx, and a 12 Mpx one is refused at 10 Mpx."""
-    from extract.images import open_image
+    from penult.extract.images import open_image
 
     assert open_image(_bomb(), max_pixels=250_000_000).size == (20000, 10000)
     with pytest.raises(ImageError, match="200,000,000 pixels > limit 199,999,999"):
@@ -152,7 +151,7 @@ def _pillow_tensor(data: bytes, draft=None):
 @pytest.fixture
 def codec_calls(monkeypatch):
     """How many images the loader's TorchCodec path decoded (none where it is not installed)."""
-    real = extract.loader._codec_jpeg
+    real = loader_module._codec_jpeg
     if real is None:
         pytest.skip("torchcodec is not installed: the loader decodes every image with Pillow")
     calls = []
@@ -161,7 +160,7 @@ def codec_calls(monkeypatch):
         calls.append(len(data))
         return real(data)
 
-    monkeypatch.setattr(extract.loader, "_codec_jpeg", counted)
+    monkeypatch.setattr(loader_module, "_codec_jpeg", counted)
     return calls
 
 
@@ -229,7 +228,7 @@ def test_loader_leaves_to_pillow_what_torchcodec_would_decode_otherwise(
 
 
 def test_loader_decodes_with_pillow_alone_without_torchcodec(monkeypatch, data_dir: Path) -> None:
-    monkeypatch.setattr(extract.loader, "_codec_jpeg", None)
+    monkeypatch.setattr(loader_module, "_codec_jpeg", None)
     for p in sorted((data_dir / "ndsb_plankton").rglob("*.jpg"))[:3]:
         data = p.read_bytes()
         assert torch.equal(decode_tensor(data), _pillow_tensor(data))

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from penult import cli
+from penult.core import LabelError, read_taxonomy
+from penult.features import FeatureStore
 
-import cli
 from conftest import copy_store, cub_manifest
-from features import FeatureStore, LabelError, read_taxonomy
 
 
 def _odd_csv(path: Path, genus: dict[str, str], drop: str | None = None) -> Path:
@@ -24,7 +25,7 @@ def _odd_csv(path: Path, genus: dict[str, str], drop: str | None = None) -> Path
 def test_one_odd_taxonomy_gives_the_same_labels_or_error_to_all_three_commands(
     cub_store: Path, data_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    import extract.finetune as ft
+    import penult.extract.finetune as ft
 
     store = tmp_path / "c.h5"
     copy_store(cub_store, store)

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skops.io as sio
-
-import cli
-from classify import Model, ModelError, TrainOptions, load_model, save_model
-from classify.safe_types import unsafe_nodes
-from classify.train import build_estimator
-from features.files import file_sha256
+from penult import cli
+from penult.classify import Model, ModelError, TrainOptions, load_model, save_model
+from penult.classify.safe_types import unsafe_nodes
+from penult.classify.train import build_estimator
+from penult.core.files import file_sha256
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(90, 12)).astype(np.float32)
@@ -216,7 +215,7 @@ def test_save_refuses_a_missing_folder(tmp_path):
 def test_taxonomy_paths_edited_in_both_manifests_are_refused(tmp_path):
     """Paths edited alike in the embedded manifest and MODEL.json (hash re-signed) would make
     predict print coarse labels that disagree with the estimator's own hierarchy."""
-    from classify.hierarchy import HierarchicalClassifier
+    from penult.classify.hierarchy import HierarchicalClassifier
 
     tax = {"c0": ("g0",), "c1": ("g0",), "c2": ("g1",)}
     est = HierarchicalClassifier(taxonomy=tax, level_names=("genus",)).fit(X, Y)
@@ -227,3 +226,39 @@ def test_taxonomy_paths_edited_in_both_manifests_are_refused(tmp_path):
     bad = save_model(Model(est, {**_manifest(est.classes_), "paths": lied}), tmp_path / "b.skops")
     with pytest.raises(ModelError, match="taxonomy paths differ from the model's own"):
         load_model(bad)
+
+
+def _old_homes(path: Path, module: str = "") -> None:
+    """Rewrite a saved model as penult wrote it before its modules moved under `penult.`
+    (``classify.hierarchy`` for ``penult.classify.hierarchy``), or name ``module`` instead."""
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    text = members["schema.json"].decode()
+    assert '"penult.classify.' in text
+    members["schema.json"] = text.replace('"penult.classify.', f'"{module or "classify."}').encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    man_path = Path(f"{path}.json")
+    man = json.loads(man_path.read_text())
+    man["model_sha256"] = file_sha256(path)
+    man_path.write_text(json.dumps(man))
+
+
+def test_a_model_saved_before_the_penult_namespace_still_loads(tmp_path):
+    """Models name penult's own classes by module: those written as `classify.x` load as
+    `penult.classify.x`, checked against the same allow-list (nothing else is trusted)."""
+    from penult.classify.hierarchy import HierarchicalClassifier
+
+    tax = {"c0": ("g0",), "c1": ("g0",), "c2": ("g1",)}
+    est = HierarchicalClassifier(taxonomy=tax, level_names=("genus",)).fit(X, Y)
+    paths = [[*tax[c], c] for c in est.classes_]
+    old = save_model(Model(est, {**_manifest(est.classes_), "paths": paths}), tmp_path / "h.skops")
+    _old_homes(old)
+    m = load_model(old)
+    np.testing.assert_array_equal(m.predict(X).label, est.predict(X))
+    assert type(m.estimator) is HierarchicalClassifier
+    _old_homes(old := save_model(Model(est, {**_manifest(est.classes_), "paths": paths}),
+                                 tmp_path / "x.skops"), "classify.os.")  # fmt: skip
+    with pytest.raises(ModelError, match="refusing to load"):
+        load_model(old)

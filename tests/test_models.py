@@ -9,10 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import skops.io as sio
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import FunctionTransformer
-
-from classify import (
+from penult.classify import (
     Model,
     ModelError,
     TrainOptions,
@@ -22,7 +19,9 @@ from classify import (
     save_model,
     train,
 )
-from extract import ExtractOptions, extract, list_images
+from penult.extract import ExtractOptions, extract, list_images
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +89,7 @@ def test_planted_payload_is_refused_and_never_runs(tmp_path):
     pkl = tmp_path / "pickle.skops"
     pkl.write_bytes(pickle.dumps(Boom()))
     man = json.loads(open(f"{path}.json").read())
-    from features.files import file_sha256
+    from penult.core.files import file_sha256
 
     man["model_sha256"] = file_sha256(pkl)
     open(f"{pkl}.json", "w").write(json.dumps(man))
@@ -150,8 +149,8 @@ def test_predict_refuses_a_backbone_whose_weights_differ(hier_model, data_dir, t
     """Without a store, predict rebuilds the backbone; other weights than the model's are refused."""
     import copy
 
-    from classify import PredictOptions, predict_images
-    from extract import Featuriser, WeightsError
+    from penult.classify import PredictOptions, predict_images
+    from penult.extract import Featuriser, WeightsError
 
     path, _ = hier_model
     model = load_model(path)

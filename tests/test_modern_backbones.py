@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from extract import (
+from penult.extract import (
     ExtractOptions,
     Listing,
     UnknownBackboneError,
@@ -23,8 +22,8 @@ from extract import (
     get_spec,
     list_images,
 )
-from extract.loader import make_loader
-from features import FeatureStore
+from penult.extract.loader import make_loader
+from penult.features import FeatureStore
 
 CONVNEXT = "timm/convnextv2_tiny.fcmae_ft_in22k_in1k"
 DINO = "timm/vit_small_patch14_dinov2.lvd142m"
@@ -77,9 +76,8 @@ def test_dinov2_embeds_its_pooled_output_at_its_own_resolution():
 
 
 def test_weights_file_for_a_timm_model(tmp_path):
+    from penult.extract.model import build_network
     from safetensors.torch import save_file
-
-    from extract.model import build_network
 
     torch.manual_seed(3)
     net = build_network(get_spec(CONVNEXT))
@@ -89,7 +87,7 @@ def test_weights_file_for_a_timm_model(tmp_path):
     assert bb.name.startswith("timm:convnextv2_tiny.fcmae_ft_in22k_in1k@")
     assert bb.fingerprint["weights"] == "file:mine.safetensors"
     x = torch.randint(0, 255, (2, 3, 224, 224), dtype=torch.uint8)
-    from extract.model import PreLogits
+    from penult.extract.model import PreLogits
 
     spec = get_spec(CONVNEXT)
     with torch.inference_mode():

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from penult.classify.knn import FaissKNeighborsClassifier
+from penult.classify.lookup import contact_sheet, find_duplicates, neighbors, write_table
+from penult.classify.neighbors import IndexError_, build_index, open_index, plan_index
+from penult.extract import ExtractOptions, Featuriser, extract, list_images
+from penult.features import FeatureStore, StoreWriter
 from PIL import Image
 
-from classify.knn import FaissKNeighborsClassifier
-from classify.lookup import contact_sheet, find_duplicates, neighbors, write_table
-from classify.neighbors import IndexError_, build_index, open_index, plan_index
 from conftest import copy_store
-from extract import ExtractOptions, Featuriser, extract, list_images
-from features import FeatureStore, StoreWriter
 
 pytestmark = pytest.mark.slow
 B = "efficientnet_lite0"
@@ -242,8 +242,8 @@ def test_index_build_streams_under_a_memory_cap(tmp_path):
     script = textwrap.dedent(f"""
         import resource
         import faiss, numpy as np
-        from classify.neighbors import build_index
-        from features import FeatureStore
+        from penult.classify.neighbors import build_index
+        from penult.features import FeatureStore
         def used():
             for line in open("/proc/self/status"):
                 if line.startswith("VmData:"):
@@ -280,7 +280,7 @@ def test_index_build_streams_under_a_memory_cap(tmp_path):
 
 
 def test_index_neighbors_duplicates_commands(cub_store, tmp_path, capsys):
-    from cli import main
+    from penult.cli import main
 
     store = tmp_path / "s.h5"
     copy_store(cub_store, store)
@@ -335,8 +335,8 @@ def test_row_digest_is_vectorised_and_unchanged():
     """Indexes saved before the digest was vectorised stay valid: the same bytes are hashed."""
     import hashlib
 
-    from classify.neighbors import _digest
-    from features import sha_raw
+    from penult.classify.neighbors import _digest
+    from penult.features import sha_raw
 
     sha = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
 
@@ -387,7 +387,7 @@ def test_on_disk_index_moves_updates_by_copy_and_reranks_exactly(tmp_path, capfd
     """ivf-disk: lists in a file beside the store (memory-mapped), found again after the folder
     moves; an update writes a new lists file (the old index stays whole until the rename); the
     PQ candidates are re-ranked with exact scores from the store."""
-    from classify.neighbors import DISK_MIN_ROWS
+    from penult.classify.neighbors import DISK_MIN_ROWS
 
     assert plan_index(DISK_MIN_ROWS, 1280).kind == "ivf-disk"
     assert plan_index(DISK_MIN_ROWS, 1280).factory.endswith(",PQ320x4")  # 160 bytes a vector
@@ -405,7 +405,7 @@ def test_on_disk_index_moves_updates_by_copy_and_reranks_exactly(tmp_path, capfd
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     np.testing.assert_allclose(scores, np.einsum("nd,nkd->nk", qn, Xn[rows]), rtol=1e-4, atol=1e-5)
-    import classify.neighbors as nb
+    import penult.classify.neighbors as nb
 
     saved_bytes, nb.RERANK_BYTES = nb.RERANK_BYTES, 1  # one query per re-ranking block
     try:
@@ -446,7 +446,7 @@ def test_on_disk_index_moves_updates_by_copy_and_reranks_exactly(tmp_path, capfd
 UPDATE = """
 import sys
 sys.path[:0] = [{root!r}]
-from classify.neighbors import open_index
+from penult.classify.neighbors import open_index
 print("ready", flush=True)
 open_index(sys.argv[1], "fake", update=True)
 """

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from penult import cli
+from penult.classify import TrainOptions, load_dataset, load_model, train
+from penult.classify.data import stream_dataset
+from penult.classify.outofcore import StreamingCentroid, StreamOptions, train_out_of_core
 
-import cli
-from classify import TrainOptions, load_dataset, load_model, train
-from classify.data import stream_dataset
-from classify.outofcore import StreamingCentroid, StreamOptions, train_out_of_core
 from conftest import copy_store
 
 pytestmark = pytest.mark.slow
@@ -96,9 +96,9 @@ def test_trains_under_a_memory_cap_smaller_than_the_matrix(tmp_path):
     n, d = 60_000, 512
     script = textwrap.dedent(f"""
         import resource, numpy as np
-        from features import StoreWriter
-        from classify import TrainOptions, train
-        from classify.outofcore import StreamOptions, train_out_of_core
+        from penult.features import StoreWriter
+        from penult.classify import TrainOptions, train
+        from penult.classify.outofcore import StreamOptions, train_out_of_core
         rng = np.random.default_rng(0)
         fp = {{"architecture": "t", "weights_sha256": "0" * 64, "preprocessing": {{}}, "layer": "x", "dim": {d}, "precision": "fp32"}}
         means = rng.normal(size=(10, {d})).astype(np.float32)
@@ -150,7 +150,7 @@ def test_trains_under_a_memory_cap_smaller_than_the_matrix(tmp_path):
 
 def test_store_iterates_fused_chunks_with_labels(store):
     """FeatureStore.iter_chunks: every image once, features and labels aligned, bounded chunks."""
-    from features import FeatureStore
+    from penult.features import FeatureStore
 
     fs, d = FeatureStore(store), load_dataset(store, [B])
     rows, X, labels = [], [], []

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from penult import cli
+from penult.features import FeatureStore, StoreError, StoreWriter, check, journal, merge
+from penult.features.parts import PartWriter, list_parts, parts_dir
 from store_rows import FP, synthetic_rows
-
-import cli
-from features import FeatureStore, StoreError, StoreWriter, check, journal, merge
-from features.parts import PartWriter, list_parts, parts_dir
 
 
 def _base(store: Path) -> Path:
@@ -101,7 +100,7 @@ def test_a_nan_row_is_stored_as_failed_with_the_reason(tmp_path) -> None:
     assert all("non-finite" in e for e in failed.values())
     assert fs.backbone("net").count == 58 and np.isfinite(fs.features("net")[1]).all()
     assert check(store) == []
-    from classify import TrainOptions, train
+    from penult.classify import TrainOptions, train
 
     assert train(store, TrainOptions(test_size=0.3)).metrics["top1"] >= 0  # trains on the rest
 

@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 import pytest
-
-from extract.run import lookup, plan
-from extract.sources import Listing
-from features import ImageTable, TableView, sha_raw
+from penult.extract.run import lookup, plan
+from penult.extract.sources import Listing
+from penult.features import ImageTable, TableView, sha_raw
 
 
 def _reference(listing, sha, err, table, valid, *, retry_failed):
@@ -77,7 +76,7 @@ def test_lookup_confirms_hits_and_survives_hash_collisions():
 
 
 def test_match_hashes_confirms_all_bytes_when_prefixes_collide():
-    from extract.run import match_hashes
+    from penult.extract.run import match_hashes
 
     keys = np.zeros((4, 32), np.uint8)
     keys[:, 31] = [1, 2, 2, 3]  # the same 8-byte prefix for every key
@@ -107,7 +106,7 @@ def test_hashes_come_back_in_order_read_in_this_thread_or_on_threads(data_dir, m
     slow read (a stall on a busy machine) does not switch."""
     import hashlib
 
-    import extract.run as run
+    import penult.extract.run as run
 
     files = [str(f) for f in sorted((data_dir / "cub100").glob("*/*.jpg"))[:40]]
     files.insert(7, str(data_dir / "no-such-file.jpg"))

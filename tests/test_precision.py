@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from penult.extract import ExtractOptions, extract, list_images
+from penult.extract.model import cpu_has_bf16
+from penult.features import FeatureStore
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from conftest import cub_manifest
-from extract import ExtractOptions, extract, list_images
-from extract.model import cpu_has_bf16
-from features import FeatureStore
 
 
 @pytest.mark.slow

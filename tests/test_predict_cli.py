@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from penult.cli import main
 
-from cli import main
 from conftest import copy_store
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,11 @@ import json
 
 import numpy as np
 import pytest
+from penult import cli
+from penult.classify import DataError, TrainOptions, evaluate, load_model, train
+from penult.features import FeatureStore
 
-import cli
-from classify import DataError, TrainOptions, evaluate, load_model, train
 from conftest import copy_store
-from features import FeatureStore
 
 
 def test_refit_all_scores_held_out_then_saves_a_model_of_every_image(hym_store, tmp_path):
@@ -87,7 +87,7 @@ def test_cv_needs_two_images_of_every_class(hym_store, tmp_path):
     t = FeatureStore(store).images()
     labels = np.array(t.labels["label"], dtype=object)
     labels[np.flatnonzero(labels == "ants")[0]] = "wasps"
-    from features import StoreWriter
+    from penult.features import StoreWriter
 
     with StoreWriter(store) as w:
         w.set_labels("label", list(t.path), labels.tolist())

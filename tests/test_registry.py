@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from penult.extract import REGISTRY, UnknownBackboneError, build_backbone, get_spec
+from penult.extract.engines import EngineError, lowest_cosine, onnx_file
+from penult.extract.model import Embedder
 
 from conftest import real_batch
-from extract import REGISTRY, UnknownBackboneError, build_backbone, get_spec
-from extract.engines import EngineError, lowest_cosine, onnx_file
-from extract.model import Embedder
 
 # Registry entries the ONNX exporter cannot take, and why (none today: every entry exports).
 DOES_NOT_EXPORT: dict[str, str] = {}
@@ -80,7 +80,7 @@ def test_embeddings_are_the_pooled_penultimate_layer() -> None:
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2", "resnet18"])
 def test_crop_pct_is_part_of_the_fingerprint_and_rebuilds(name):
-    from extract import backbone_from_fingerprint, build_backbone
+    from penult.extract import backbone_from_fingerprint, build_backbone
 
     default = build_backbone(name, weights="random")
     full = build_backbone(name, weights="random", crop_pct=1.0)

@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from extract import (
+from penult.core import OptionError
+from penult.extract import (
     ExtractOptions,
     Listing,
     backbone_from_fingerprint,
@@ -17,11 +16,12 @@ from extract import (
     extract,
     list_images,
 )
-from extract.finetune import FinetuneOptions, resolve_auto
-from extract.images import decode_image, looks_greyscale
-from extract.loader import make_loader, preprocess_image
-from extract.registry import get_spec
-from features import FeatureStore, OptionError
+from penult.extract.finetune import FinetuneOptions, resolve_auto
+from penult.extract.images import decode_image, looks_greyscale
+from penult.extract.loader import make_loader, preprocess_image
+from penult.extract.registry import get_spec
+from penult.features import FeatureStore
+from PIL import Image
 
 
 def _long_thin(data_dir) -> Image.Image:

@@ -12,10 +12,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from penult.features import FeatureStore, StoreError, StoreWriter, check
+from penult.features.segmented import load, segment_dir
 from store_rows import FP, synthetic_rows
-
-from features import FeatureStore, StoreError, StoreWriter, check
-from features.segmented import load, segment_dir
 
 
 def _store(path: Path, n: int = 600) -> Path:
@@ -43,7 +42,7 @@ def _one(store: Path, family: str) -> Path:
 
 
 def _train(store: Path):
-    from classify import TrainOptions, train
+    from penult.classify import TrainOptions, train
 
     return train(store, TrainOptions(test_size=0.3))
 
@@ -117,7 +116,7 @@ def test_a_segment_renamed_over_another_of_its_store_is_found(tmp_path) -> None:
 
 
 def test_plain_check_lists_a_truncated_segment(tmp_path, capsys) -> None:
-    import cli
+    from penult import cli
 
     store = _store(tmp_path / "s.h5")
     seg = _one(store, "backbone:net")
@@ -128,7 +127,7 @@ def test_plain_check_lists_a_truncated_segment(tmp_path, capsys) -> None:
 
 
 def test_check_repair_rebuilds_a_path_index_that_misses_rows(tmp_path) -> None:
-    from features.segmented import save
+    from penult.features.segmented import save
 
     store = _store(tmp_path / "s.h5", n=200)
     with StoreWriter(store) as w:  # a second run of the index
@@ -156,7 +155,7 @@ def test_repair_without_the_segments_folder_changes_nothing_and_says_so(tmp_path
 
 
 def test_upgrade_keeps_files_it_did_not_write(tmp_path) -> None:
-    from features import upgrade
+    from penult.features import upgrade
 
     fixture = Path(__file__).parent / "fixtures" / "store_v1.h5"
     p = tmp_path / "old.h5"

@@ -14,11 +14,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from penult import cli
+from penult.features import FeatureStore, StoreError, StoreWriter, check, upgrade
+from penult.features.segments import Piece, cut, path_keys
 from store_rows import FP, add_rows, synthetic_rows
-
-import cli
-from features import FeatureStore, StoreError, StoreWriter, check, upgrade
-from features.segments import Piece, cut, path_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "store_v1.h5"  # written by penult before format 2
@@ -177,7 +176,7 @@ WRITER = textwrap.dedent("""
     import sys
     sys.path[:0] = [{root!r}, {tests!r}]
     import numpy as np
-    from features import FeatureStore, StoreWriter
+    from penult.features import FeatureStore, StoreWriter
     from store_rows import add_rows
     p = sys.argv[1]
     print("ready", flush=True)
@@ -195,7 +194,7 @@ WRITER = textwrap.dedent("""
 UPGRADE = textwrap.dedent("""
     import sys
     sys.path[:0] = [{root!r}]
-    from features import upgrade
+    from penult.features import upgrade
     print("ready", flush=True)
     upgrade(sys.argv[1], segment_rows=2)
 """)

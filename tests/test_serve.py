@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from penult.classify.web import Site, make_app
+from penult.extract import ExtractOptions, Featuriser, extract, list_images
 from PIL import Image
 from servers import free_port
 from servers import live as live_app
 from starlette.testclient import TestClient
 
-from classify.web import Site, make_app
 from conftest import copy_hymenoptera
-from extract import ExtractOptions, Featuriser, extract, list_images
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = "http://127.0.0.1"  # the server answers only to its own names (DNS rebinding)
@@ -188,7 +188,7 @@ def test_serve_starts_on_localhost_warns_elsewhere_and_stops_on_ctrl_c(served: S
     finally:
         p.kill()
     said = []
-    from classify.web import serve
+    from penult.classify.web import serve
 
     real = uvicorn.Server.run
     try:
@@ -202,13 +202,14 @@ def test_serve_starts_on_localhost_warns_elsewhere_and_stops_on_ctrl_c(served: S
 @pytest.fixture(scope="module")
 def with_model(hym_store: Path, tmp_path_factory) -> tuple[Site, TestClient]:
     """The hymenoptera store served with a flat LR trained on its train split."""
-    from classify import TrainOptions, save_model, train
+    from penult.classify import TrainOptions, save_model, train
+
     from conftest import copy_store
 
     out = tmp_path_factory.mktemp("served_model")
     store = copy_store(hym_store, out / "hym.h5")
     save_model(train(store, TrainOptions()).model, out / "m.skops")
-    from classify import load_model
+    from penult.classify import load_model
 
     site = Site(store, "efficientnet_lite0", images=Featuriser(workers=0),
                 model=load_model(out / "m.skops"), model_file=str(out / "m.skops"))  # fmt: skip
@@ -323,8 +324,8 @@ def test_in_a_browser_mistakes_and_score(browser, with_model, data_dir: Path) ->
 
 
 def test_scores_name_the_path_of_a_hierarchical_model_and_unknown_for_ovr(cub_store: Path) -> None:
-    from classify import TrainOptions, predict_files, train
-    from features import FeatureStore
+    from penult.classify import TrainOptions, predict_files, train
+    from penult.features import FeatureStore
 
     t = FeatureStore(cub_store).images()
     files = [str(Path(t.root[i]) / t.path[i]) for i in (0, 600)]

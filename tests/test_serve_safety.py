@@ -20,15 +20,15 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from penult.classify.web import Site, make_app
+from penult.classify.web.app import allowed_hosts
+from penult.classify.web.site import placeholder
+from penult.extract import ExtractOptions, Featuriser, extract, list_images
 from PIL import Image
 from servers import live
 from starlette.testclient import TestClient
 
-from classify.web import Site, make_app
-from classify.web.app import allowed_hosts
-from classify.web.site import placeholder
 from conftest import copy_hymenoptera
-from extract import ExtractOptions, Featuriser, extract, list_images
 
 ROOT = Path(__file__).resolve().parents[1]
 ODD = b"caf\xe9.jpg"  # Latin-1, not UTF-8: stored as its own bytes
@@ -444,7 +444,8 @@ def test_a_port_in_use_is_one_line_and_exit_2(odd_store: Path) -> None:
 
 
 def test_an_empty_file_is_that_images_error_not_the_batchs(odd_store, data_dir, tmp_path):
-    from classify import TrainOptions, load_model, save_model, train
+    from penult.classify import TrainOptions, load_model, save_model, train
+
     from conftest import copy_store
 
     store = copy_store(odd_store, tmp_path / "m.h5")

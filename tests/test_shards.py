@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from penult import cli
+from penult.features import FeatureStore, check, merge
+from penult.features.parts import list_parts, parts_dir
 
-import cli
 from conftest import cub_manifest
-from features import FeatureStore, check, merge
-from features.parts import list_parts, parts_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from extract import SourceError, list_images
+from penult.extract import SourceError, list_images
 
 
 def _touch(root: Path, *rels: str) -> None:

@@ -12,12 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
-
-from extract import build_backbone
-from extract.loader import (
+from penult.extract import build_backbone
+from penult.extract.loader import (
     ImageFiles,
     border_colour,
     collate,
@@ -25,8 +21,11 @@ from extract.loader import (
     preprocess_image,
     to_device,
 )
-from extract.model import Embedder
-from extract.registry import get_spec
+from penult.extract.model import Embedder
+from penult.extract.registry import get_spec
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 
 def _pillow(im: Image.Image, pre) -> torch.Tensor:
@@ -103,7 +102,7 @@ def test_torch_resampling_keeps_the_embeddings_of_pillow_resampling(mode, data_d
 
 
 def test_batches_are_uint8_with_failures_split_off() -> None:
-    from extract.loader import Item
+    from penult.extract.loader import Item
 
     img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
     b = collate([Item(0, "a", img), Item(1, "b", None, error="bad"), Item(2, "c", img)])
@@ -203,7 +202,7 @@ def test_forkserver_loader_gives_the_same_batches_from_processes_that_share_noth
 
 def _loader_then_wait(files: list[str], pre, q) -> None:
     """A stand-in for a Dask worker: loaders from the fork server, one batch read, then idle."""
-    from extract.loader import use_forkserver
+    from penult.extract.loader import use_forkserver
 
     use_forkserver()
     it = iter(make_loader(files, pre, batch_size=2, workers=2, prefetch=1))

@@ -12,9 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-from conftest import FP
-from features import (
+from penult.features import (
     FeatureStore,
     FingerprintMismatchError,
     StoreError,
@@ -23,6 +21,8 @@ from features import (
     check,
     journal,
 )
+
+from conftest import FP
 
 
 def _sha(i: int) -> str:
@@ -165,7 +165,7 @@ def test_second_writer_is_refused_in_another_process(tmp_path: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parents[1])!r})
-        from features import StoreWriter, StoreLockedError
+        from penult.features import StoreWriter, StoreLockedError
         try:
             with StoreWriter({str(p)!r}):
                 print("GOT LOCK")
@@ -209,7 +209,7 @@ def test_crash_during_commit_keeps_store_and_journal(tmp_path: Path, monkeypatch
 
     with StoreWriter(p) as w:
         w.upsert_images(["new.jpg"], ["/data"], [_sha(50)], [1], [1], {"label": ["c0"]})
-        monkeypatch.setattr("features.store.os.replace", boom)
+        monkeypatch.setattr("penult.features.store.os.replace", boom)
         with pytest.raises(StoreError, match="disk on fire.*journal.*check --repair"):
             w.commit()
         monkeypatch.undo()
@@ -256,7 +256,7 @@ def test_one_atomic_write_helper_and_one_file_hash(tmp_path: Path, data_dir: Pat
     files: journal shards adopted, the renames of an index's redo list)."""
     import hashlib
 
-    from features import atomic_path, file_sha256
+    from penult.core import atomic_path, file_sha256
 
     target = tmp_path / "card.json"
     target.write_text("old")
@@ -272,8 +272,8 @@ def test_one_atomic_write_helper_and_one_file_hash(tmp_path: Path, data_dir: Pat
     root = Path(__file__).resolve().parents[1]
     renames = {
         str(p.relative_to(root))
-        for pkg in ("classify", "extract", "features")
+        for pkg in ("classify", "core", "extract", "features")
         for p in (root / pkg).rglob("*.py")
         if "os.replace(" in p.read_text() or "os.rename(" in p.read_text()
     }
-    assert renames == {"features/files.py", "features/journal.py", "classify/neighbors.py"}
+    assert renames == {"core/files.py", "features/journal.py", "classify/neighbors.py"}

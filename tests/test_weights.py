@@ -9,13 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from extract import WeightsError, build_backbone
-from extract.images import decode_image
-from extract.loader import preprocess_image
-from extract.model import build_network
-from extract.registry import get_spec
-from extract.weights import lite0_package_file, load_pretrained, read_state_dict, state_sha256
+from penult.extract import WeightsError, build_backbone
+from penult.extract.images import decode_image
+from penult.extract.loader import preprocess_image
+from penult.extract.model import build_network
+from penult.extract.registry import get_spec
+from penult.extract.weights import (
+    lite0_package_file,
+    load_pretrained,
+    read_state_dict,
+    state_sha256,
+)
 
 IMAGENET_BEE, IMAGENET_ANT, IMAGENET_ALBATROSS = 309, 310, 146
 
@@ -141,8 +145,8 @@ def test_a_known_backbone_starts_without_building_its_network(tmp_path: Path, mo
     other = build_backbone("resnet18", weights=f, resize="pad")
     assert other._module is not None and other.name != first.name
     # an edited record is not trusted: built again from the weights, and said
-    from extract import engines
-    from extract.model import _record_digest
+    from penult.extract import engines
+    from penult.extract.model import _record_digest
 
     engines.cache_notes()
     for record in (tmp_path / "cache" / "identities").glob("*.json"):
@@ -157,7 +161,7 @@ def test_a_known_backbone_starts_without_building_its_network(tmp_path: Path, mo
         key = record.stem
         pre = r["preprocess"]
         pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
-        from extract.registry import Preprocess
+        from penult.extract.registry import Preprocess
 
         r["digest"] = _record_digest(key, {**r, "preprocess": Preprocess(**pre)})
         record.write_text(json.dumps(r))
@@ -180,8 +184,8 @@ def test_the_cli_extract_of_a_known_backbone_never_imports_timm(
     import subprocess
     import sys
 
-    import cli
-    from features import FeatureStore
+    from penult import cli
+    from penult.features import FeatureStore
 
     monkeypatch.setenv("PENULT_ENGINE_CACHE", str(tmp_path / "cache"))
     files = sorted((data_dir / "hymenoptera" / "ants").glob("*.jpg"))[:4]

@@ -8,8 +8,8 @@ uploads) is handed in by the CLI, as for `penult neighbors`: classify/ never imp
 import errno
 import socket
 
-from classify.web.app import LOCAL_NAMES, MAX_UPLOAD, allowed_hosts, make_app
-from classify.web.site import PAGE, Site, SiteError, Upload
+from penult.classify.web.app import LOCAL_NAMES, MAX_UPLOAD, allowed_hosts, make_app
+from penult.classify.web.site import PAGE, Site, SiteError, Upload
 
 __all__ = ["MAX_UPLOAD", "PAGE", "Site", "SiteError", "Upload", "listen", "make_app", "serve"]
 

@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode, urlsplit
 
 import jinja2
+from penult.classify.web.site import PAGE, Site, Upload, shown
+from penult.core import PenultError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -33,9 +35,6 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
-
-from classify.web.site import PAGE, Site, Upload, shown
-from features import PenultError
 
 __all__ = ["LOCAL_NAMES", "MAX_UPLOAD", "allowed_hosts", "make_app"]
 

@@ -18,14 +18,14 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+from penult.classify.evaluate import Evaluation, evaluate
+from penult.classify.images import Images
+from penult.classify.model import Model
+from penult.classify.neighbors import NeighborIndex, ensure_index
+from penult.classify.predict import predict_files
+from penult.core import DEFAULT_MAX_PIXELS, PenultError, atomic_path
+from penult.features import FeatureStore
 from PIL import Image
-
-from classify.evaluate import Evaluation, evaluate
-from classify.images import Images
-from classify.model import Model
-from classify.neighbors import NeighborIndex, ensure_index
-from classify.predict import predict_files
-from features import DEFAULT_MAX_PIXELS, FeatureStore, PenultError, atomic_path
 
 __all__ = ["PAGE", "Site", "SiteError", "Upload", "shown", "url_key"]
 

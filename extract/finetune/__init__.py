@@ -12,11 +12,11 @@ network (the trainable wrapper), probe (the head's starting point), loop (epochs
 (weights, card, resume), plot (the validation curve).
 """
 
-from extract.finetune.data import extract_finetuned
-from extract.finetune.loop import finetune, resolve_auto
-from extract.finetune.network import augment, stages
-from extract.finetune.options import FinetuneError, FinetuneOptions, FinetuneResult
-from extract.finetune.plot import plot_curve
+from penult.extract.finetune.data import extract_finetuned
+from penult.extract.finetune.loop import finetune, resolve_auto
+from penult.extract.finetune.network import augment, stages
+from penult.extract.finetune.options import FinetuneError, FinetuneOptions, FinetuneResult
+from penult.extract.finetune.plot import plot_curve
 
 __all__ = [
     "FinetuneError",

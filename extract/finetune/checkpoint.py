@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from extract.finetune.options import FinetuneError, FinetuneOptions
-from extract.weights import state_sha256
-from features.files import atomic_path, write_text
+from penult.core.files import atomic_path, write_text
+from penult.extract.finetune.options import FinetuneError, FinetuneOptions
+from penult.extract.weights import state_sha256
 
 __all__ = ["card_path", "resume", "save_state", "save_weights", "write_card"]
 

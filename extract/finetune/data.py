@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from extract.finetune.options import FinetuneError, FinetuneOptions
-from extract.loader import default_workers, make_loader
-from extract.registry import Preprocess
-from extract.run import ExtractOptions, extract
-from extract.sources import Listing
-from features import FeatureStore
-from features.labels import TEST, TRAIN, VAL, make_split, read_taxonomy
+from penult.core.labels import TEST, TRAIN, VAL, make_split, read_taxonomy
+from penult.core.split import ensure_split
+from penult.extract.finetune.options import FinetuneError, FinetuneOptions
+from penult.extract.loader import default_workers, make_loader
+from penult.extract.registry import Preprocess
+from penult.extract.run import ExtractOptions, extract
+from penult.extract.sources import Listing
+from penult.features import FeatureStore
 
 __all__ = [
     "Split",
@@ -65,13 +65,18 @@ def _coarse_of(store_path, table, opts: FinetuneOptions, y: np.ndarray) -> np.nd
 def load(store_path, opts: FinetuneOptions) -> TrainData:
     """Training and validation images from the store's train (and val) split, with their labels."""
     t = FeatureStore(store_path).images()
-    if opts.label not in t.labels or opts.split not in t.labels:
-        raise FinetuneError(
-            f"{store_path}: fine-tuning needs label columns {opts.label!r} and {opts.split!r}; "
-            "train a head first to make a split"
-        )
-    y, split = np.array(t.labels[opts.label]), np.array(t.labels[opts.split])
+    if opts.label not in t.labels:
+        have = ", ".join(sorted(t.labels)) or "none"
+        raise FinetuneError(f"{store_path}: no label column {opts.label!r} (columns: {have})")
+    y = np.array(t.labels[opts.label])
     ok = np.array([not e for e in t.error]) & (y != "")
+    split = np.array(t.labels.get(opts.split, [""] * len(y)), dtype=object)
+    if (split[ok] == "").any():  # the split train makes, made here first (the same one)
+        made, _ = ensure_split(
+            store_path, [t.path[i] for i in np.flatnonzero(ok)], y[ok], split[ok], column=opts.split
+        )
+        split[ok] = made
+    split = split.astype(str)
     files = np.array([os.path.join(r, p) for r, p in zip(t.root, t.path, strict=True)])
     tr, va = np.flatnonzero(ok & (split == TRAIN)), np.flatnonzero(ok & (split == VAL))
     rng = np.random.default_rng(opts.seed)

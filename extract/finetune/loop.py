@@ -13,20 +13,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from penult.core import OptionError
+from penult.extract.finetune.checkpoint import resume, save_state, save_weights, write_card
+from penult.extract.finetune.data import Split, TrainData, epoch_order, load, loader
+from penult.extract.finetune.network import Built, augment, build
+from penult.extract.finetune.options import FinetuneError, FinetuneOptions, FinetuneResult
+from penult.extract.finetune.plot import plot_curve
+from penult.extract.finetune.probe import probe_init
+from penult.extract.images import auto_resize, mostly_greyscale, spread
+from penult.extract.model import pick_device, pick_precision
+from penult.extract.registry import Preprocess, get_spec
+from penult.extract.weights import state_sha256
 from torch import nn
 from tqdm.auto import tqdm
-
-from extract.finetune.checkpoint import resume, save_state, save_weights, write_card
-from extract.finetune.data import Split, TrainData, epoch_order, load, loader
-from extract.finetune.network import Built, augment, build
-from extract.finetune.options import FinetuneError, FinetuneOptions, FinetuneResult
-from extract.finetune.plot import plot_curve
-from extract.finetune.probe import probe_init
-from extract.images import auto_resize, mostly_greyscale, spread
-from extract.model import pick_device, pick_precision
-from extract.registry import Preprocess, get_spec
-from extract.weights import state_sha256
-from features import OptionError
 
 __all__ = ["Run", "batch_loss", "finetune", "resolve_auto", "run_epoch"]
 

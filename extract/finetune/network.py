@@ -6,14 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from penult.core import OptionError
+from penult.extract.finetune.options import FinetuneError, FinetuneOptions
+from penult.extract.loader import border_colour
+from penult.extract.model import PreLogits, build_network
+from penult.extract.registry import BackboneSpec, Preprocess
+from penult.extract.weights import load_pretrained, state_sha256
 from torch import nn
-
-from extract.finetune.options import FinetuneError, FinetuneOptions
-from extract.loader import border_colour
-from extract.model import PreLogits, build_network
-from extract.registry import BackboneSpec, Preprocess
-from extract.weights import load_pretrained, state_sha256
-from features import OptionError
 
 __all__ = ["Built", "Trainable", "augment", "build", "stages"]
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extract.engines import ENGINES
-from extract.model import TORCH_PRECISIONS
-from extract.registry import RESIZE_MODES
-from features import PenultError
-from features.options import COUNT, CROP, FRACTION, POSITIVE, RATE, option, ranged
+from penult.core import PenultError
+from penult.core.options import COUNT, CROP, FRACTION, POSITIVE, RATE, option, ranged
+from penult.extract.engines import ENGINES
+from penult.extract.model import TORCH_PRECISIONS
+from penult.extract.registry import RESIZE_MODES
 
 
 class FinetuneError(PenultError, ValueError):

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from penult.extract.finetune.data import TrainData, loader, stored_embeddings
 from tqdm.auto import tqdm
-
-from extract.finetune.data import TrainData, loader, stored_embeddings
 
 __all__ = ["embed_pass", "probe_init"]
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from features.errors import PenultError
+from penult.core.errors import PenultError
 
 __all__ = ["LabelError", "TEST", "TRAIN", "Taxonomy", "VAL", "make_split", "read_taxonomy"]
 

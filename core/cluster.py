@@ -14,7 +14,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from features.errors import PenultError
+from penult.core.errors import PenultError
 
 __all__ = [
     "CORES_ENV",

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from features.errors import OptionError
+from penult.core.errors import OptionError
 
 __all__ = [
     "COUNT",

@@ -1,0 +1,26 @@
+"""The shared kernel both stages and the store stand on: errors, option declarations, safe file
+writes, label columns, splits and taxonomies, and Dask helpers. Nothing here touches HDF5 or torch.
+
+Layering: ``core`` (this package) <- ``features`` (the store) <- ``extract`` / ``classify``;
+``core.split`` alone sits above the store (it stores the split it makes).
+"""
+
+from penult.core.errors import OptionError, PenultError
+from penult.core.files import atomic_path, file_sha256
+from penult.core.labels import TEST, TRAIN, VAL, LabelError, Taxonomy, make_split, read_taxonomy
+from penult.core.options import DEFAULT_MAX_PIXELS
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "TEST",
+    "TRAIN",
+    "VAL",
+    "LabelError",
+    "OptionError",
+    "PenultError",
+    "Taxonomy",
+    "atomic_path",
+    "file_sha256",
+    "make_split",
+    "read_taxonomy",
+]
