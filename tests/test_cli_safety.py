@@ -380,12 +380,16 @@ def test_everything_installs_inside_penult_not_as_top_level_modules(tmp_path):
             "penult/classify/web/templates/browse.html", "penult/classify/web/static/penult.js",
             "penult/features/store.py"} <= set(names)  # fmt: skip
     assert "penult = penult.cli:main" in entry
-    code = "import penult, penult.features, penult.classify; print(penult.open_store.__module__)"
+    code = (
+        "import penult, penult.features, penult.classify\n"
+        "print(penult.open_store.__module__, penult.classify.__file__)"
+    )
     out = subprocess.run(
-        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True,
-        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
     )  # fmt: skip
-    assert out.stdout.strip() == "penult.api"
+    module, where = out.stdout.split()
+    assert module == "penult.api" and where.startswith(str(tmp_path / "site" / "penult"))
 
 
 def test_nothing_private_crosses_a_package_boundary():
