@@ -663,12 +663,9 @@ def _print_metrics(m: dict) -> None:
 
 
 def _out_folder(path: str) -> None:
-    """Refuse an output whose folder is missing: a typo should not create directories."""
-    from penult.core import OptionError
+    from penult.core import check_out_folder
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise OptionError(f"{path}: folder {folder} does not exist (create it first)")
+    check_out_folder(path)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

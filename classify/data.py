@@ -24,7 +24,6 @@ __all__ = [
     "StreamingData",
     "ensure_split",
     "eval_mask",
-    "fused_features",
     "fused_rows",
     "load_dataset",
     "stream_dataset",
@@ -91,15 +90,6 @@ def fused_rows(
     if not backbones or len(set(backbones)) != len(backbones):
         raise DataError(f"name each backbone once (got {list(backbones)}: one listed twice?)")
     return store.fused_rows(backbones)
-
-
-def fused_features(
-    store: FeatureStore, backbones: list[str] | tuple[str, ...]
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(table rows, (n, sum D) features, rows dropped) for images embedded by every backbone;
-    concatenation order follows ``backbones`` (see :func:`fused_rows`)."""
-    rows, dropped = fused_rows(store, backbones)
-    return rows[0], store.fused_embeddings(backbones, rows), dropped
 
 
 def load_dataset(

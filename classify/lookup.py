@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.images import Images
-from penult.classify.neighbors import IndexError_, NeighborIndex, open_index
+from penult.classify.neighbors import NeighborIndex, NeighborIndexError, open_index
 from penult.features import FeatureStore
 
 __all__ = [
@@ -79,7 +79,7 @@ def resolve_queries(
                 if images is not None or not Path(q).exists()
                 else "an image file: embedding it needs the image side (extract.Featuriser)"
             )
-            raise IndexError_(f"query {q!r}: {why}")
+            raise NeighborIndexError(f"query {q!r}: {why}")
     X = np.zeros((len(shells), store.backbone(backbone).dim), np.float32)
     known = [i for i, r in enumerate(rows) if r is not None]
     if known:
@@ -125,7 +125,7 @@ def neighbors(
     if nprobe and ni.meta.get("nprobe"):
         ni.meta["nprobe"] = int(nprobe)
     if k > len(ni.rows):
-        raise IndexError_(
+        raise NeighborIndexError(
             f"-k {k}: the index holds {len(ni.rows):,} images; ask for at most that many"
         )
     shells, X, rows = resolve_queries(store, backbone, queries, images)
@@ -253,7 +253,7 @@ def find_duplicates(
     store = FeatureStore(store_path)
     ni = index or open_index(store_path, backbone, metric="cosine")[0]
     if ni.metric != "cosine":
-        raise IndexError_("duplicates need a cosine index")
+        raise NeighborIndexError("duplicates need a cosine index")
     parent = {int(r): int(r) for r in ni.rows}
 
     def find(a: int) -> int:

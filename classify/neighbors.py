@@ -1,4 +1,5 @@
-"""Nearest-neighbour search over a store's embeddings with faiss (the only faiss importer in penult).
+"""Nearest-neighbour search over a store's embeddings with faiss (faiss is imported only here and
+in ``knn.py``, the k-NN head).
 
 An index is saved beside its store as ``STORE.<backbone>.<metric>.faiss`` plus a JSON manifest
 (backbone fingerprint, index kind, row count) and ``.rows.npy`` (the store rows it holds, which
@@ -32,7 +33,7 @@ __all__ = [
     "CHUNK_BYTES",
     "DISK_MIN_ROWS",
     "FLAT_MAX_ROWS",
-    "IndexError_",
+    "NeighborIndexError",
     "IndexPlan",
     "KINDS",
     "METRICS",
@@ -61,7 +62,7 @@ SHARD_ROWS = 1_000_000  # rows per shard of an on-disk index: bounds the memory 
 RERANK_BYTES = 32 * 2**20  # candidate vectors gathered at once when re-ranking a query batch
 
 
-class IndexError_(PenultError, ValueError):
+class NeighborIndexError(PenultError, ValueError):
     """An index is missing, stale, or made for another backbone or metric."""
 
 
@@ -84,7 +85,7 @@ def plan_index(
 ) -> IndexPlan:
     """Choose the index by size: exact while fast enough, then IVF (PQ or HNSW quantiser at scale)."""
     if kind not in KINDS:
-        raise IndexError_(f"index kind {kind!r} unknown; choose from {', '.join(KINDS)}")
+        raise NeighborIndexError(f"index kind {kind!r} unknown; choose from {', '.join(KINDS)}")
     if kind == "auto":
         kind = "flat" if n <= FLAT_MAX_ROWS else ("ivf" if n <= 5_000_000 else "ivf-hnsw")
         kind = "ivf-disk" if n >= DISK_MIN_ROWS else kind
@@ -139,7 +140,7 @@ def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
 
 def _faiss_metric(metric: str) -> int:
     if metric not in METRICS:
-        raise IndexError_(f"metric {metric!r} unknown; choose cosine or l2")
+        raise NeighborIndexError(f"metric {metric!r} unknown; choose cosine or l2")
     return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
 
 
@@ -194,7 +195,7 @@ class NeighborIndex:
         """(n, k) scores and store rows (-1 where fewer than k exist). Cosine: similarity, higher is
         closer; l2: squared distance, lower is closer."""
         if x.ndim != 2 or x.shape[1] != self.index.d:
-            raise IndexError_(f"queries must be (n, {self.index.d}), got {x.shape}")
+            raise NeighborIndexError(f"queries must be (n, {self.index.d}), got {x.shape}")
         if self.meta.get("nprobe"):
             faiss.extract_index_ivf(self.index).nprobe = int(self.meta["nprobe"])
         if "RFlat" in self.meta.get("factory", ""):
@@ -256,7 +257,7 @@ def writable(path: Path) -> bool:
 
 def _check_writable(path: Path) -> None:
     if not writable(path):
-        raise IndexError_(
+        raise NeighborIndexError(
             f"cannot write the index {path.name} beside the store: {path.parent or '.'} is not "
             "writable (a read-only share?); `penult serve` and `penult neighbors` build the index "
             "in memory there, or copy the store to a writable folder"
@@ -464,11 +465,11 @@ def build_index(
     entry = store.backbone(backbone)
     rows = np.flatnonzero(store.valid(backbone))
     if len(rows) == 0:
-        raise IndexError_(f"{store_path}: backbone {backbone!r} has no embeddings to index")
+        raise NeighborIndexError(f"{store_path}: backbone {backbone!r} has no embeddings to index")
     plan = plan_index(len(rows), entry.dim, kind, nlist=nlist, pq_m=pq_m)
     _check_cluster(cluster, plan.kind)
     if not save and plan.kind == "ivf-disk":
-        raise IndexError_(
+        raise NeighborIndexError(
             f"{store_path}: {len(rows):,} rows need an on-disk index, which cannot be written "
             "beside this store; run `penult index` on a writable copy of it"
         )
@@ -526,14 +527,14 @@ def open_index(
     ni = NeighborIndex(_read_index(path, meta), meta, rows, path, store)
     new = np.setdiff1d(np.flatnonzero(store.valid(backbone)), rows)
     if len(new) and not update:
-        raise IndexError_(
+        raise NeighborIndexError(
             f"{path} lacks {len(new)} rows added to the store since it was built; run `penult index` again to add them"
         )
     if len(new):
         if save:
             _check_writable(path)
         elif meta.get("kind") == "ivf-disk":
-            raise IndexError_(
+            raise NeighborIndexError(
                 f"{path} lacks {len(new)} rows added since it was built, and cannot be updated "
                 "here (not writable); run `penult index` on a writable copy of the store"
             )
@@ -546,13 +547,13 @@ def _checked_meta(path: Path, store: FeatureStore, backbone: str, metric: str):
     embeddings, stale (rows changed or removed in the store) or without its inverted lists."""
     finish_save(path)
     if not path.exists() or not Path(f"{path}.json").exists():
-        raise IndexError_(
+        raise NeighborIndexError(
             f"no {metric} index for {backbone!r} beside {store.path}; run `penult index {store.path} --backbone {backbone}`"
         )
     meta = json.loads(Path(f"{path}.json").read_text())
     entry = store.backbone(backbone)
     if not same_backbone(entry.fingerprint, meta["fingerprint"]):
-        raise IndexError_(
+        raise NeighborIndexError(
             f"{path} was built from other {backbone!r} embeddings (fingerprint differs); rebuild it with `penult index --rebuild`"
         )
     rows = np.load(f"{path}.rows.npy", allow_pickle=False)
@@ -563,11 +564,11 @@ def _checked_meta(path: Path, store: FeatureStore, backbone: str, metric: str):
         or not valid[rows].all()
         or not _fresh(store, backbone, rows, meta)
     ):
-        raise IndexError_(
+        raise NeighborIndexError(
             f"{path} is stale: images it holds were changed or removed in the store; rebuild it with `penult index --rebuild`"
         )
     if meta.get("ivfdata") and not path.with_name(meta["ivfdata"]).exists():
-        raise IndexError_(
+        raise NeighborIndexError(
             f"{path}: its inverted lists {meta['ivfdata']} are missing; rebuild it with `penult index --rebuild`"
         )
     return meta, rows
@@ -603,7 +604,7 @@ def _add_rows(
 
 def _check_cluster(cluster: str | None, kind: str) -> None:
     if cluster and kind != "ivf-disk":
-        raise IndexError_(
+        raise NeighborIndexError(
             f"--cluster builds on-disk indexes (--kind ivf-disk); a {kind} index is built in "
             "one process"
         )
@@ -634,7 +635,7 @@ def ensure_index(
     if path.exists() and (keep or not _redo_path(path).exists()):
         try:
             return open_index(store_path, backbone, metric=metric, update=True, save=keep)[0]
-        except IndexError_:
+        except NeighborIndexError:
             if keep:
                 raise  # a stale saved index is rebuilt on purpose, by `penult index --rebuild`
     return build_index(store_path, backbone, metric=metric, save=keep)[0]

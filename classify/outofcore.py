@@ -29,9 +29,9 @@ from penult.classify.model import Model, Predictions
 from penult.classify.train import (
     TrainOptions,
     TrainResult,
-    _manifest,
     class_counts,
     default_backbones,
+    model_manifest,
     prepare,
     summary,
 )
@@ -276,7 +276,7 @@ def train_out_of_core(
                 f"head {opts.head!r} cannot stream: trained on a seeded sample of {len(sub)} of {len(tr)} training images"
             )
     fit_seconds = time.perf_counter() - t0
-    model = Model(est, _manifest(store, data, opts, plan.taxonomy, plan.levels, est, ev_name))
+    model = Model(est, model_manifest(store, data, opts, plan.taxonomy, plan.levels, est, ev_name))
     ev_idx = _subsample(np.flatnonzero(ev), y, stream.max_eval, opts.seed)
     if len(ev_idx) < ev.sum():
         notes.append(f"scored a seeded sample of {len(ev_idx)} of {int(ev.sum())} {ev_name} images")

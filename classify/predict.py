@@ -8,7 +8,6 @@ hash, same backbone fingerprint) are not run through the network again.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import time
@@ -22,7 +21,7 @@ import numpy as np
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.images import Images
 from penult.classify.model import Model, Predictions, resolve_backbones
-from penult.core import OptionError, atomic_path, file_sha256
+from penult.core import OptionError, atomic_path, check_out_folder, file_sha256
 from penult.core.options import POSITIVE, option
 from penult.features import FeatureStore
 from tqdm.auto import tqdm
@@ -325,8 +324,7 @@ def predict_images(
     files, ignored = list_inputs(inputs, images)
     s = PredictSummary(Path(out), listed=len(files) + len(ignored))
     partial = Path(f"{out}.partial")
-    if not partial.parent.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "folder does not exist", str(partial.parent))
+    check_out_folder(out)
     feats = _Features(model, opts, images)  # networks and store checked before anything runs
     with atomic_path(out, tmp=partial) as tmp:  # a failed run leaves no partial file behind
         _write(model, files, ignored, tmp, feats, opts, s)

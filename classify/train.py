@@ -36,6 +36,7 @@ __all__ = [
     "Plan",
     "TrainOptions",
     "TrainResult",
+    "model_manifest",
     "build_estimator",
     "class_counts",
     "default_backbones",
@@ -333,7 +334,7 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     _check_pca(opts, int(tr.sum()), data.X.shape[1])
     with _head_settings(opts):
         est, search, fit_seconds = _fit(plan.estimator, opts, data.X[tr], y[tr])
-    manifest = _manifest(store, data, opts, plan.taxonomy, plan.levels, est, plan.eval_split)
+    manifest = model_manifest(store, data, opts, plan.taxonomy, plan.levels, est, plan.eval_split)
     model, counts = Model(est, manifest), class_counts(y[tr])
     result = TrainResult(
         model, {}, fit_seconds, int(tr.sum()), int(ev.sum()), plan.eval_split, search, plan.notes
@@ -423,7 +424,9 @@ def _cross_validate(plan: Plan, data: Dataset, opts: TrainOptions):
     per_fold, preds, order = [], [], []
     for a, b in split:
         est, _, _ = _fit(clone(plan.estimator), opts, data.X[a], y[a])
-        model = Model(est, _manifest(None, data, opts, plan.taxonomy, plan.levels, est, "fold"))
+        model = Model(
+            est, model_manifest(None, data, opts, plan.taxonomy, plan.levels, est, "fold")
+        )
         held = np.zeros(len(y), bool)
         held[b] = True
         m = score(model, data.subset(held), train_counts=class_counts(y[a]))
@@ -453,7 +456,7 @@ def _cross_validate(plan: Plan, data: Dataset, opts: TrainOptions):
     return metrics, cv, y[idx]
 
 
-def _manifest(
+def model_manifest(
     store: FeatureStore | None,
     data: Dataset,
     opts: TrainOptions,

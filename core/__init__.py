@@ -6,7 +6,7 @@ Layering: ``core`` (this package) <- ``features`` (the store) <- ``extract`` / `
 """
 
 from penult.core.errors import OptionError, PenultError
-from penult.core.files import atomic_path, file_sha256
+from penult.core.files import atomic_path, check_out_folder, file_sha256
 from penult.core.labels import TEST, TRAIN, VAL, LabelError, Taxonomy, make_split, read_taxonomy
 from penult.core.options import DEFAULT_MAX_PIXELS
 
@@ -20,6 +20,7 @@ __all__ = [
     "PenultError",
     "Taxonomy",
     "atomic_path",
+    "check_out_folder",
     "file_sha256",
     "make_split",
     "read_taxonomy",

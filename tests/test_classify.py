@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from penult.classify import DataError, TrainOptions, load_dataset, train
-from penult.classify.data import ensure_split, fused_features
+from penult.classify.data import ensure_split, fused_rows
 from penult.classify.heads import HEADS, make_head
 from penult.classify.hierarchy import HierarchicalClassifier, _Constant, taxonomy_from_columns
 from penult.classify.metrics import classification_metrics, expected_calibration_error
@@ -233,14 +233,16 @@ def test_fusion_joins_rows_by_content_hash(cub_store, tmp_path):
             [table.sha256[r] for r in keep[order]],
             fake[order],
         )
-    fused_rows, F, dropped = fused_features(FeatureStore(store), ["efficientnet_lite0", "fake"])
-    assert dropped == len(rows) - len(keep) and np.array_equal(fused_rows, keep)
+    fs, both = FeatureStore(store), ["efficientnet_lite0", "fake"]
+    (rows_a, rows_b), dropped = fused_rows(fs, both)
+    F = fs.fused_embeddings(both, [rows_a, rows_b])
+    assert dropped == len(rows) - len(keep) and np.array_equal(rows_a, keep)
     np.testing.assert_array_equal(F[:, :1280], X[::2])
     np.testing.assert_array_equal(F[:, 1280:], fake)
     r = train(store, TrainOptions(backbones=("efficientnet_lite0", "fake")))
     assert r.model.manifest["feature_dim"] == 1296 and len(r.model.backbones) == 2
     with pytest.raises(DataError, match="twice"):
-        fused_features(FeatureStore(store), ["fake", "fake"])
+        fused_rows(FeatureStore(store), ["fake", "fake"])
 
 
 def test_bad_training_input_is_reported(cub_store, tmp_path):

@@ -96,3 +96,22 @@ def test_predict_ended_by_sigterm_leaves_no_partial_file(hym_store, data_dir, tm
     _, err = p.communicate(timeout=60)
     assert p.returncode == 143 and "terminated" in err, err
     assert not partial.exists() and not out.exists()
+
+
+def test_a_missing_output_folder_is_one_line_in_every_command(store: Path, capsys, tmp_path):
+    """train, predict and neighbors refuse an output in a missing folder alike, before any work."""
+    from penult.features import FeatureStore
+
+    model = tmp_path / "m.skops"
+    assert cli.main(["train", str(store), "--out", str(model)]) == 0
+    capsys.readouterr()
+    gone = tmp_path / "no" / "such"
+    t = FeatureStore(store).images()
+    key, image = t.path[0], str(Path(t.root[0]) / t.path[0])
+    for argv in (
+        ["train", str(store), "--out", str(gone / "m.skops")],
+        ["predict", str(model), image, "--store", str(store), "--out", str(gone / "p.csv")],
+        ["neighbors", str(store), key, "--out", str(gone / "n.csv")],
+    ):
+        _refused(argv, capsys, f"folder {gone} does not exist (create it first)")
+    assert not (tmp_path / "no").exists()

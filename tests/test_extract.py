@@ -150,17 +150,43 @@ def test_taxonomy_and_split_are_stored(data_dir: Path, tmp_path: Path) -> None:
     assert set(t.labels["split"]) <= {"train", "test"}
 
 
-def test_loader_uses_workers_and_prefetch() -> None:
+def test_loader_decodes_ahead_in_worker_processes(data_dir: Path, tmp_path: Path) -> None:
+    """With 2 workers and a prefetch of 4 (8 batches in flight), every batch after the first
+    is read while the consumer still works on the first: files deleted meanwhile come back
+    decoded. Read in this process (no workers), the same deletions are failures."""
+    import shutil
+    import time
+
     from penult.extract.registry import get_spec
 
-    dl = make_loader(["a.jpg"] * 4, get_spec("resnet18").preprocess(), workers=2, prefetch=4)
-    assert dl.num_workers == 2 and dl.prefetch_factor == 4
+    pre = get_spec("resnet18").preprocess()
+
+    def after_deleting(workers: int) -> tuple[int, int]:
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        files = []
+        for i, src in enumerate(sorted((data_dir / "cub100").rglob("*.jpg"))[:32]):
+            files.append(str(shutil.copy(src, folder / f"{i:02d}.jpg")))
+        it = iter(make_loader(files, pre, batch_size=4, workers=workers, prefetch=4))
+        next(it)
+        time.sleep(3.0 if workers else 0.0)  # the consumer busy with the first batch
+        for f in files[4:]:
+            os.remove(f)
+        batches = list(it)
+        return sum(len(b.indices) for b in batches), sum(len(b.failed) for b in batches)
+
+    assert after_deleting(2) == (28, 0)
+    assert after_deleting(0) == (0, 28)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "penult.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from penult.classify.knn import FaissKNeighborsClassifier
 from penult.classify.lookup import contact_sheet, find_duplicates, neighbors, write_table
-from penult.classify.neighbors import IndexError_, build_index, open_index, plan_index
+from penult.classify.neighbors import NeighborIndexError, build_index, open_index, plan_index
 from penult.extract import ExtractOptions, Featuriser, extract, list_images
 from penult.features import FeatureStore, StoreWriter
 from PIL import Image
@@ -87,7 +87,7 @@ def test_incremental_add_equals_full_rebuild(tmp_path, kind):
     _append(a, paths, X, np.arange(2000))
     pq = {"pq_m": 16} if kind == "ivf-disk" else {}  # 8 bytes a vector for these 32-d points
     build_index(a, "fake", kind=kind, nlist=16, **pq)
-    with pytest.raises(IndexError_, match="lacks 1000 rows"):
+    with pytest.raises(NeighborIndexError, match="lacks 1000 rows"):
         _append(a, paths, X, np.arange(2000, 3000))
         open_index(a, "fake")
     inc, added = open_index(a, "fake", update=True)
@@ -123,7 +123,7 @@ def test_stale_or_mismatched_index_is_refused(tmp_path):
     table = FeatureStore(s).images()
     with StoreWriter(s) as w:  # the file behind row 7 changed: its embedding is gone
         w.upsert_images([paths[7]], [table.root[7]], ["f" * 64], np.zeros(1), np.zeros(1), {})
-    with pytest.raises(IndexError_, match="stale"):
+    with pytest.raises(NeighborIndexError, match="stale"):
         open_index(s, "fake", update=True)
     other = tmp_path / "o.h5"
     paths = _fake_store(other, X)
@@ -131,9 +131,9 @@ def test_stale_or_mismatched_index_is_refused(tmp_path):
     build_index(other, "fake")
     meta = Path(f"{other}.fake.cosine.faiss.json")
     meta.write_text(meta.read_text().replace('"weights_sha256": "0"', '"weights_sha256": "1"'))
-    with pytest.raises(IndexError_, match="fingerprint differs"):
+    with pytest.raises(NeighborIndexError, match="fingerprint differs"):
         open_index(other, "fake")
-    with pytest.raises(IndexError_, match="no l2 index"):
+    with pytest.raises(NeighborIndexError, match="no l2 index"):
         open_index(other, "fake", metric="l2")
 
 
@@ -185,7 +185,7 @@ def test_queries_by_key_file_and_folder_with_contact_sheet(cub_store, data_dir, 
     assert parser.tags[:2] == ["html", "head"] and len(parser.src) == 5 * 6
     for src in parser.src:
         assert (sheet.parent / src).is_file(), src
-    with pytest.raises(IndexError_, match="not a file, folder or store key"):
+    with pytest.raises(NeighborIndexError, match="not a file, folder or store key"):
         neighbors(store, B, ["no/such.jpg"], images=Featuriser())
 
 
@@ -378,7 +378,7 @@ def test_staleness_check_reads_only_blocks_whose_segments_moved(tmp_path, monkey
         w.register_backbone("fake", FeatureStore(p).backbone("fake").fingerprint)
         w.append("fake", [paths[1500]], ["ab" * 32], X[:1])
     assert FeatureStore(p).valid("fake").all()
-    with pytest.raises(IndexError_, match="stale"):
+    with pytest.raises(NeighborIndexError, match="stale"):
         open_index(p, "fake")
     assert [r.min() // 1000 for r in read] == [1]
 
@@ -421,7 +421,7 @@ def test_on_disk_index_moves_updates_by_copy_and_reranks_exactly(tmp_path, capfd
             open_index(s, "fake", update=True)
     finally:
         nb.NeighborIndex.save = real_save
-    with pytest.raises(IndexError_, match="lacks 500 rows"):
+    with pytest.raises(NeighborIndexError, match="lacks 500 rows"):
         open_index(s, "fake")  # the old index, intact
     inc, added = open_index(s, "fake", update=True)
     assert added == 500 and len(inc.rows) == 3000
@@ -439,7 +439,7 @@ def test_on_disk_index_moves_updates_by_copy_and_reranks_exactly(tmp_path, capfd
     assert np.mean([r in f for r, f in zip(range(2500, 3000), found, strict=True)]) > 0.95
     for f in moved.glob("*.ivfdata"):
         f.unlink()
-    with pytest.raises(IndexError_, match="inverted lists .* are missing"):
+    with pytest.raises(NeighborIndexError, match="inverted lists .* are missing"):
         open_index(moved / "s.h5", "fake")
 
 
@@ -492,7 +492,7 @@ def test_kill_during_on_disk_index_update_leaves_the_old_or_the_new_index(tmp_pa
         proc.wait()
         try:
             outcomes.append(len(open_index(work / "a.h5", "fake")[0].rows))
-        except IndexError_ as e:
+        except NeighborIndexError as e:
             assert "lacks 1000 rows" in str(e), e
             outcomes.append(2000)
         got = open_index(work / "a.h5", "fake", update=True)[0].search(X[:50], 5)

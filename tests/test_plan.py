@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from penult.extract.run import lookup, plan
+from penult.extract.run import plan
 from penult.extract.sources import Listing
 from penult.features import ImageTable, TableView, sha_raw
 
@@ -61,18 +61,11 @@ def test_vectorised_plan_equals_the_reference(seed, retry_failed):
         np.zeros(n_stored, np.int64),
         np.array([bool(e) for e in table.error], bool),
     )
-    row = lookup(table.path, listing.paths)
+    at = table.index()
+    row = np.array([at.get(p, -1) for p in listing.paths], np.int64)
     got = plan(sha, err, row, stored, valid, retry_failed=retry_failed)
     want = _reference(listing, sha, err, table, valid, retry_failed=retry_failed)
     assert (got.todo, got.reuse, got.skipped, got.previously_failed, got.unreadable) == want
-
-
-def test_lookup_confirms_hits_and_survives_hash_collisions():
-    assert lookup(["a", "b", "a"], ["a", "c", "b"]).tolist() == [0, -1, 1]
-    assert lookup([], ["a"]).tolist() == [-1] and lookup(["a"], []).tolist() == []
-    # hash(-1) == hash(-2) in CPython: a collision must still find the right key
-    assert hash(-1) == hash(-2)
-    assert lookup([-1, -2], [-2, -1, -3]).tolist() == [1, 0, -1]
 
 
 def test_match_hashes_confirms_all_bytes_when_prefixes_collide():

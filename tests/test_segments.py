@@ -94,8 +94,17 @@ def test_changed_file_labels_and_failures_are_overlays(tmp_path: Path) -> None:
     assert t.labels["label"][10] == "new" and t.sha256[10] == "ab" * 32
     assert not fs.valid("net")[10] and fs.valid("net").sum() == 79
     assert t.error[11] == "truncated file" and t.error.count("") == 79
+    view = fs._b.state().view
     for f, m in before.items():  # no segment was rewritten: the changes are new small pieces
-        assert not (seg / f).exists() or (seg / f).stat().st_mtime_ns == m
+        assert f.startswith("view-") or (seg / f).stat().st_mtime_ns == m, f
+    with h5py.File(p) as f:  # every new piece covers only the rows that changed
+        new = [
+            (fam, hi - lo)
+            for fam, g in f["segments"].items()
+            for lo, hi, name in zip(g["lo"][()], g["hi"][()], g["file"][()], strict=True)
+            if name.decode() not in before and name.decode() != view
+        ]
+    assert new and all(n <= 16 or fam == "label:split" for fam, n in new), new
     with StoreWriter(p) as w:  # re-embedding the changed file makes it valid again
         w.register_backbone("net", {**FP, "dim": 8})
         w.append("net", [paths[10]], ["ab" * 32], np.ones((1, 8)))

@@ -15,8 +15,8 @@ from penult.extract.loader import preprocess_image
 from penult.extract.model import build_network
 from penult.extract.registry import get_spec
 from penult.extract.weights import (
-    lite0_package_file,
     load_pretrained,
+    packaged_weights_file,
     read_state_dict,
     state_sha256,
 )
@@ -117,7 +117,7 @@ def test_torchvision_weights_come_from_the_hub_cache(tmp_path: Path, monkeypatch
 
 
 def test_lite0_package_file_maps_every_tensor() -> None:
-    state = read_state_dict(lite0_package_file())
+    state = read_state_dict(packaged_weights_file("efficientnet_lite0"))
     assert len(state) == 296 and next(iter(state)).startswith("_conv_stem")
 
 
