@@ -4,9 +4,11 @@ from penult.extract.embed import EmbeddedBatch, backbone_from_fingerprint, embed
 from penult.extract.featurise import Featuriser
 from penult.extract.images import ImageError, decode_image
 from penult.extract.model import Backbone, Embedder, build_backbone
+from penult.extract.options import ExtractOptions
 from penult.extract.registry import DEFAULT_BACKBONE, REGISTRY, UnknownBackboneError, get_spec
-from penult.extract.run import ExtractOptions, ExtractSummary, extract
+from penult.extract.run import extract
 from penult.extract.sources import Listing, SourceError, list_images
+from penult.extract.summary import ExtractSummary
 from penult.extract.weights import WeightsError
 
 __all__ = [

@@ -85,15 +85,16 @@ def for_this_worker(o):
 
 def run_partition(store: str, part: Partition, opts: dict[str, Any]) -> TaskResult:
     """Embed one partition into its part (on a worker). Resumes what an earlier attempt wrote."""
-    from penult.extract.run import ExtractOptions
+    from penult.extract.options import ExtractOptions
 
     with ONE_AT_A_TIME:
         return _run_partition(store, part, for_this_worker(ExtractOptions(**opts)))
 
 
 def _run_partition(store: str, part: Partition, o) -> TaskResult:
-    from penult.extract.run import ExtractSummary, _run, build_embedder
+    from penult.extract.embed import build_embedder, embed_into
     from penult.extract.sources import Listing
+    from penult.extract.summary import ExtractSummary
     from penult.features.parts import PartWriter
 
     key = repr(o)
@@ -106,7 +107,7 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
         w.register_backbone(name, fingerprint, dtype=o.dtype)
         todo = w.not_done(name, part.paths, part.sha256, list(range(len(part.paths))))
         if todo:
-            _run(
+            embed_into(
                 w,
                 name,
                 listing,

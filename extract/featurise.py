@@ -10,13 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from penult.core import OptionError
 from penult.core.options import COUNT, POSITIVE, option
-from penult.extract.embed import backbone_from_fingerprint, embed_files
+from penult.extract.embed import backbone_from_fingerprint, embed_files, make_embedder
 from penult.extract.engines import ENGINES
 from penult.extract.images import DEFAULT_MAX_PIXELS
-from penult.extract.model import TORCH_PRECISIONS, Embedder
-from penult.extract.quantize import METHOD
+from penult.extract.model import TORCH_PRECISIONS
 from penult.extract.sources import list_images
 
 
@@ -78,10 +76,10 @@ class Featuriser:
         """(indices into ``files``, their embeddings, (index, why) of files that failed) per batch."""
         net, embedder = self._net(name, fingerprint)
         for b in embed_files(
-            files, net, batch_size=self.batch_size, workers=self.workers,
-            max_pixels=self.max_pixels, embedder=embedder,
+            files, net.preprocess, embedder, embedder.device, batch_size=self.batch_size,
+            workers=self.workers, max_pixels=self.max_pixels,
         ):  # fmt: skip
-            yield b.indices, b.X, b.failed
+            yield b.indices, b.X if b.indices else np.zeros((0, net.spec.dim), np.float32), b.failed
 
     def engines(self) -> list[str]:
         """One line per network built so far: its name, precision and engine."""
@@ -101,18 +99,9 @@ class Featuriser:
             net = backbone_from_fingerprint(
                 fingerprint, weights=self.weights.get(name), trust_checkpoint=self.trust_checkpoint
             )
-            q = fingerprint.get("quantization")
-            engine, precision = self.engine, self.precision
-            if isinstance(q, dict):
-                if q.get("method") != METHOD:  # made by the int8 trial before NNCF
-                    raise OptionError(
-                        f"{name} was quantized by {q.get('method')!r}, which this version does "
-                        f"not run; extract it again with --precision int8 (now {METHOD})"
-                    )
-                engine, precision = "openvino", "int8"
-            embedder = Embedder(
-                net, device=self.device, precision=precision, batch_size=self.batch_size,
-                engine=engine, int8_digest=q.get("calibration_sha256", "") if q else "",
+            embedder = make_embedder(
+                net, device=self.device, precision=self.precision, batch_size=self.batch_size,
+                engine=self.engine, quantization=fingerprint.get("quantization"), entry=name,
             )  # fmt: skip
             self._nets[name] = (net, embedder)
         return self._nets[name]

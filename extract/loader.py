@@ -37,6 +37,7 @@ except Exception:  # noqa: BLE001 - a platform without its wheel or libraries: P
     _codec_jpeg = None
 
 __all__ = [
+    "batches",
     "Batch",
     "ImageFiles",
     "Item",
@@ -254,6 +255,30 @@ def make_loader(
         multiprocessing_context=ctx,
         worker_init_fn=partial(_exit_with, os.getpid()) if served else None,
     )
+
+
+def batches(
+    files: Sequence[str],
+    pre: Preprocess,
+    device: torch.device,
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[Batch]:
+    """Decoded batches of ``files`` on ``device``: the one reader every caller uses (extract,
+    scoring, fine-tuning). ``workers`` defaults by device and cores, and is never more than
+    there are batches (a process started for nothing costs a second)."""
+    n = default_workers(device) if workers is None else workers
+    loader = make_loader(
+        files,
+        pre,
+        batch_size=batch_size,
+        workers=min(n, max(1, len(files) // batch_size)) if n else 0,
+        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
+        max_pixels=max_pixels,
+    )
+    return to_device(iter(loader), device)
 
 
 def _exit_with(pid: int, worker_id: int) -> None:

@@ -416,3 +416,39 @@ def test_nothing_private_crosses_a_package_boundary():
     for f, module, name in used:
         exported = getattr(importlib.import_module(module), "__all__", [])
         assert name in exported and not name.startswith("_"), f"{f}: {module}.{name}"
+
+
+def test_no_import_circles_between_modules():
+    """No module of core/, features/, extract/ or classify/ imports (at the top or inside a
+    function) a module that imports it back, directly or around a loop: each job has one home,
+    and the layers only look down (extract.run <-> extract.cluster was such a circle)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    mods = {}
+    for pkg in ("core", "features", "extract", "classify"):
+        for p in (root / pkg).rglob("*.py"):
+            if p.name != "__init__.py":
+                mods["penult." + ".".join(p.relative_to(root).with_suffix("").parts)] = p
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("penult."):
+                edges[m] |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+            elif isinstance(node, ast.Import):
+                edges[m] |= {a.name for a in node.names}
+        edges[m] &= set(mods)
+    assert sum(map(len, edges.values())) > 150
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(edges[m]):
+            assert state.get(t) != 1, " -> ".join([*path[path.index(t) :], t])
+            if t not in state:
+                visit(t, [*path, t])
+        state[m] = 2
+
+    for m in sorted(mods):
+        if m not in state:
+            visit(m, [m])

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from penult.extract.run import plan
+from penult.extract.plan import plan
 from penult.extract.sources import Listing
 from penult.features import ImageTable, TableView, sha_raw
 
@@ -69,7 +69,7 @@ def test_vectorised_plan_equals_the_reference(seed, retry_failed):
 
 
 def test_match_hashes_confirms_all_bytes_when_prefixes_collide():
-    from penult.extract.run import match_hashes
+    from penult.extract.plan import match_hashes
 
     keys = np.zeros((4, 32), np.uint8)
     keys[:, 31] = [1, 2, 2, 3]  # the same 8-byte prefix for every key
@@ -99,7 +99,7 @@ def test_hashes_come_back_in_order_read_in_this_thread_or_on_threads(data_dir, m
     slow read (a stall on a busy machine) does not switch."""
     import hashlib
 
-    import penult.extract.run as run
+    import penult.extract.plan as run
 
     files = [str(f) for f in sorted((data_dir / "cub100").glob("*/*.jpg"))[:40]]
     files.insert(7, str(data_dir / "no-such-file.jpg"))

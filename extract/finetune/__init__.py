@@ -7,7 +7,7 @@ class-balanced sampling, online hard-example mining, an auxiliary coarse-label l
 on an intermediate stage, and early stopping on validation loss. Images come through the
 extraction loader; the network reads them through the same pre-logits module `penult extract` runs.
 
-Modules: options (what is asked), data (store rows, splits, loader, the result written back),
+Modules: options (what is asked), data (store rows, splits, the result written back),
 network (the trainable wrapper), probe (the head's starting point), loop (epochs), checkpoint
 (weights, card, resume), plot (the validation curve).
 """

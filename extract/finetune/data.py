@@ -1,5 +1,5 @@
 """The store's side of fine-tuning: which images train and validate, their labels, the frozen
-embeddings already stored, the loader that feeds the network, and the result written back."""
+embeddings already stored, and the result written back."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from penult.core.labels import TEST, TRAIN, VAL, make_split, read_taxonomy
 from penult.core.split import ensure_split
 from penult.extract.finetune.options import FinetuneError, FinetuneOptions
-from penult.extract.loader import default_workers, make_loader
+from penult.extract.options import ExtractOptions
 from penult.extract.registry import Preprocess
-from penult.extract.run import ExtractOptions, extract
+from penult.extract.run import extract
 from penult.extract.sources import Listing
 from penult.features import FeatureStore
 
@@ -26,7 +25,6 @@ __all__ = [
     "epoch_order",
     "extract_finetuned",
     "load",
-    "loader",
     "stored_embeddings",
 ]
 
@@ -124,18 +122,6 @@ def epoch_order(y: np.ndarray, balanced: bool, rng: np.random.Generator) -> np.n
         return rng.permutation(len(y))
     w = 1.0 / np.bincount(y)[y]
     return rng.choice(len(y), len(y), replace=True, p=w / w.sum())
-
-
-def loader(files: list[str], pre: Preprocess, opts: FinetuneOptions, device: torch.device):
-    """The extraction loader with the run's workers (no more than there are batches)."""
-    workers = default_workers(device) if opts.workers is None else opts.workers
-    return make_loader(
-        files,
-        pre,
-        batch_size=opts.batch_size,
-        workers=min(workers, max(1, len(files) // opts.batch_size)),
-        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
-    )
 
 
 def extract_finetuned(

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from penult.core import OptionError
 from penult.extract.finetune.checkpoint import resume, save_state, save_weights, write_card
-from penult.extract.finetune.data import Split, TrainData, epoch_order, load, loader
+from penult.extract.finetune.data import Split, TrainData, epoch_order, load
 from penult.extract.finetune.network import Built, augment, build
 from penult.extract.finetune.options import FinetuneError, FinetuneOptions, FinetuneResult
 from penult.extract.finetune.plot import plot_curve
 from penult.extract.finetune.probe import probe_init
 from penult.extract.images import auto_resize, mostly_greyscale, spread
+from penult.extract.loader import batches
 from penult.extract.model import pick_device, pick_precision
 from penult.extract.registry import Preprocess, get_spec
 from penult.extract.weights import state_sha256
@@ -126,7 +127,10 @@ def run_epoch(run: Run, split: Split, *, train: bool) -> dict[str, float]:
     bar = tqdm(total=len(order), desc=desc, unit="img", disable=not opts.progress, leave=False)
     if train:
         run.opt.zero_grad(set_to_none=True)
-    for batch in loader([split.files[i] for i in order], run.pre, opts, run.device):
+    files = [split.files[i] for i in order]
+    for batch in batches(
+        files, run.pre, run.device, batch_size=opts.batch_size, workers=opts.workers
+    ):
         bar.update(len(batch.indices) + len(batch.failed))
         if not len(batch.indices):
             continue

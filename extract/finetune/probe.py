@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from penult.extract.finetune.data import TrainData, loader, stored_embeddings
+from penult.extract.embed import embed_files
+from penult.extract.finetune.data import TrainData, stored_embeddings
 from tqdm.auto import tqdm
 
 __all__ = ["embed_pass", "probe_init"]
@@ -38,10 +39,16 @@ def embed_pass(run, files: list[str]) -> np.ndarray:
     """Embeddings of ``files`` under the network as it is (eval mode, no augmentation)."""
     run.model.eval()
     out = np.zeros((len(files), run.model.head.in_features), np.float32)
+
+    def embed(images: torch.Tensor) -> np.ndarray:
+        return run.model.embed(images.to(run.device)).float().cpu().numpy()
+
     with torch.no_grad(), run.autocast():
-        batches = loader(files, run.pre, run.opts, run.device)
-        for batch in tqdm(batches, desc="probe", disable=not run.opts.progress, leave=False):
-            if len(batch.indices):
-                x = batch.images.to(run.device)
-                out[batch.indices] = run.model.embed(x).float().cpu().numpy()
+        done = embed_files(
+            files, run.pre, embed, run.device, batch_size=run.opts.batch_size,
+            workers=run.opts.workers,
+        )  # fmt: skip
+        for b in tqdm(done, desc="probe", disable=not run.opts.progress, leave=False):
+            if b.indices:
+                out[b.indices] = b.X
     return out
