@@ -66,8 +66,17 @@ def option(
 
 
 def cli_fields(cls: type) -> list[tuple[dataclasses.Field, Flag]]:
-    """The fields of options dataclass ``cls`` that the command line sets, in declaration order."""
-    return [(f, f.metadata["cli"]) for f in dataclasses.fields(cls) if "cli" in f.metadata]
+    """The fields of options dataclass ``cls`` that the command line sets: its own in declaration
+    order, then those it inherits (shared groups such as RuntimeOptions), each with the choices
+    or help the class narrows in its ``narrowed`` mapping."""
+    own = set(vars(cls).get("__annotations__", {}))
+    narrowed = getattr(cls, "narrowed", {})
+    out = [
+        (f, dataclasses.replace(f.metadata["cli"], **narrowed.get(f.name, {})))
+        for f in dataclasses.fields(cls)
+        if "cli" in f.metadata
+    ]
+    return sorted(out, key=lambda fs: fs[0].name not in own)  # (stable: each part in order)
 
 
 def ranged(

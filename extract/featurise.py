@@ -7,19 +7,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from penult.core.options import COUNT, POSITIVE, option
+from penult.core.options import option
 from penult.extract.embed import backbone_from_fingerprint, embed_files, make_embedder
-from penult.extract.engines import ENGINES
-from penult.extract.images import DEFAULT_MAX_PIXELS
 from penult.extract.model import TORCH_PRECISIONS
+from penult.extract.options import RuntimeOptions
 from penult.extract.sources import list_images
 
 
-@dataclass
-class Featuriser:
+@dataclass(frozen=True)
+class Featuriser(RuntimeOptions):
     """Lists image inputs and embeds files with the backbone a fingerprint names (rebuilt with
     the same weights and preprocessing, checked); networks are built once per backbone.
     ``weights`` maps a store entry name to a weights file when it is not the registry's own."""
@@ -28,26 +27,17 @@ class Featuriser:
     trust_checkpoint: bool = option(
         False, "allow full pickles in --weights (runs code from the file!)"
     )
-    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    precision: str = option(
-        "auto",
-        "as for `penult extract` (an int8 entry runs its own model)",
-        choices=TORCH_PRECISIONS,
-    )
-    engine: str = option(
-        "auto",
-        "what runs the network: torch, onnxruntime, openvino, or auto (the fastest engine "
-        "installed here, measured once; see `penult extract --engine`)",
-        choices=ENGINES,
-    )
-    batch_size: int = option(32, "images per batch", parse=POSITIVE)
-    workers: int | None = option(
-        None, "loader processes (default: by device and cores)", parse=COUNT
-    )
-    max_pixels: int = option(
-        DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs", parse=POSITIVE
-    )
-    _nets: dict[str, Any] = field(default_factory=dict, repr=False)
+    _nets: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    narrowed: ClassVar[dict[str, dict[str, Any]]] = {
+        "precision": {
+            "help": "as for `penult extract` (an int8 entry runs its own model)",
+            "choices": TORCH_PRECISIONS,
+        },
+        "engine": {
+            "help": "what runs the network: torch, onnxruntime, openvino, or auto (the fastest "
+            "engine installed here, measured once; see `penult extract --engine`)"
+        },
+    }
 
     def __getstate__(self) -> dict[str, Any]:  # sent to Dask workers without its networks
         return {**self.__dict__, "_nets": {}}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from penult.core import OptionError
 from penult.core.options import COUNT, CROP, POSITIVE, option, parse_shard
 from penult.extract.engines import ENGINES
 from penult.extract.images import (
@@ -17,7 +19,51 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ExtractOptions:
+class RuntimeOptions:
+    """How a network runs over images: declared once here, and the same fields (flags, defaults,
+    help) in every command that runs one. ExtractOptions, FinetuneOptions and the Featuriser are
+    RuntimeOptions; a command narrows a field's choices or words its help in ``narrowed``."""
+
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    precision: str = option(
+        "auto",
+        "auto: bf16 on CPUs with native bf16 (AVX-512 BF16, AMX: torch and OpenVINO; ONNX "
+        "Runtime stays fp32), fp16/bf16 on CUDA, else fp32. int8: "
+        "OpenVINO NNCF quantization calibrated on 256 of your images, into an entry of its own "
+        "(NAME@int8; needs penult[openvino]); on cub100 it kept linear-probe top-1 within 0.5 "
+        "points of fp32 (docs/BENCHMARKS.md)",
+        choices=PRECISIONS,
+    )
+    engine: str = option(
+        "auto",
+        "what runs the network: torch, onnxruntime or openvino (CPU; the same module exported to "
+        "ONNX once, cached beside torch's weights); auto = on CPU the fastest of torch, ONNX "
+        "Runtime and OpenVINO where installed, timed on a few batches (cached per CPU model and "
+        "architecture; PENULT_AUTO_ENGINES=onnxruntime limits the runtimes it tries), torch on CUDA",
+        choices=ENGINES,
+    )
+    batch_size: int = option(32, "images per batch", parse=POSITIVE)
+    workers: int | None = option(
+        None, "loader processes (default: by device and cores)", parse=COUNT
+    )
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs", parse=POSITIVE
+    )
+
+    narrowed: ClassVar[dict[str, dict[str, Any]]] = {}  # field -> Flag fields to override
+
+    def __post_init__(self) -> None:
+        for name, flag in self.narrowed.items():
+            allowed = flag.get("choices")
+            if allowed is not None and getattr(self, name) not in allowed:
+                raise OptionError(
+                    f"{type(self).__name__}: {name} {getattr(self, name)!r} is not one of "
+                    f"{', '.join(map(str, allowed))}"
+                )
+
+
+@dataclass(frozen=True)
+class ExtractOptions(RuntimeOptions):
     backbone: str = option(DEFAULT_BACKBONE, "registry name (see `penult backbones`)")
     weights: str = option(
         "pretrained", "'pretrained' (library default/cache), 'random', or a state-dict FILE"
@@ -49,28 +95,6 @@ class ExtractOptions:
     trust_checkpoint: bool = option(
         False, "allow full pickles in --weights (runs code from the file!)"
     )
-    batch_size: int = option(32, "images per batch", parse=POSITIVE)
-    workers: int | None = option(
-        None, "loader processes (default: by device and cores)", parse=COUNT
-    )
-    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    precision: str = option(
-        "auto",
-        "auto: bf16 on CPUs with native bf16 (AVX-512 BF16, AMX: torch and OpenVINO; ONNX "
-        "Runtime stays fp32), fp16/bf16 on CUDA, else fp32. int8: "
-        "OpenVINO NNCF quantization calibrated on 256 of your images, into an entry of its own "
-        "(NAME@int8; needs penult[openvino]); on cub100 it kept linear-probe top-1 within 0.5 "
-        "points of fp32 (docs/BENCHMARKS.md)",
-        choices=PRECISIONS,
-    )
-    engine: str = option(
-        "auto",
-        "what runs the network: torch, onnxruntime or openvino (CPU; the same module exported to "
-        "ONNX once, cached beside torch's weights); auto = on CPU the fastest of torch, ONNX "
-        "Runtime and OpenVINO where installed, timed on a few batches (cached per CPU model and "
-        "architecture; PENULT_AUTO_ENGINES=onnxruntime limits the runtimes it tries), torch on CUDA",
-        choices=ENGINES,
-    )
     optimize: str = option(
         "auto",
         "inductor = torch.compile with frozen weights (10-40 s compile, about 1.5x faster on "
@@ -82,9 +106,6 @@ class ExtractOptions:
         512, "rows per journal commit (the most a crash can lose)", parse=POSITIVE
     )
     retry_failed: bool = option(False, "try again images that failed in an earlier run")
-    max_pixels: int = option(
-        DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs", parse=POSITIVE
-    )
     progress: bool = option(True, "no progress bar", flags=("-q", "--quiet"))
     shard: tuple[int, int] | None = option(
         None,

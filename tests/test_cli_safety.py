@@ -4,6 +4,7 @@ leave nothing behind."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -452,3 +453,23 @@ def test_no_import_circles_between_modules():
     for m in sorted(mods):
         if m not in state:
             visit(m, [m])
+
+
+def test_runtime_options_are_declared_once():
+    """device, precision, engine, batch size, workers and max pixels are fields of one type,
+    RuntimeOptions; every command that runs a network takes them from it (no class declares its
+    own), narrowing only what differs (fine-tuning and scoring have no int8 precision)."""
+    from penult.core import OptionError
+    from penult.extract import ExtractOptions, Featuriser
+    from penult.extract.finetune import FinetuneOptions
+    from penult.extract.options import RuntimeOptions
+
+    runtime = {f.name for f in dataclasses.fields(RuntimeOptions)}
+    assert runtime == {"device", "precision", "engine", "batch_size", "workers", "max_pixels"}
+    for cls in (ExtractOptions, FinetuneOptions, Featuriser):
+        assert issubclass(cls, RuntimeOptions)
+        assert not runtime & set(vars(cls).get("__annotations__", {})), cls
+    assert ExtractOptions(precision="int8").precision == "int8"
+    for cls in (FinetuneOptions, Featuriser):
+        with pytest.raises(OptionError, match="precision 'int8' is not one of"):
+            cls(precision="int8")

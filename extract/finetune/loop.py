@@ -129,8 +129,9 @@ def run_epoch(run: Run, split: Split, *, train: bool) -> dict[str, float]:
         run.opt.zero_grad(set_to_none=True)
     files = [split.files[i] for i in order]
     for batch in batches(
-        files, run.pre, run.device, batch_size=opts.batch_size, workers=opts.workers
-    ):
+        files, run.pre, run.device, batch_size=opts.batch_size, workers=opts.workers,
+        max_pixels=opts.max_pixels,
+    ):  # fmt: skip
         bar.update(len(batch.indices) + len(batch.failed))
         if not len(batch.indices):
             continue

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from penult.core import PenultError
 from penult.core.options import COUNT, CROP, FRACTION, POSITIVE, RATE, option, ranged
-from penult.extract.engines import ENGINES
 from penult.extract.model import TORCH_PRECISIONS
+from penult.extract.options import RuntimeOptions
 from penult.extract.registry import RESIZE_MODES
 
 
@@ -18,13 +18,24 @@ class FinetuneError(PenultError, ValueError):
 
 
 @dataclass(frozen=True)
-class FinetuneOptions:
+class FinetuneOptions(RuntimeOptions):
+    narrowed: ClassVar[dict[str, dict[str, Any]]] = {
+        "precision": {
+            "help": "autocast precision of training, and the precision the store is then "
+            "embedded in",
+            "choices": TORCH_PRECISIONS,
+        },
+        "engine": {
+            "help": "what runs the network when the store is embedded with the result (see "
+            "`penult extract --engine`)"
+        },
+    }
+
     backbone: str = option("efficientnet_lite0", "backbone to fine-tune (timm ones and ResNets)")
     label: str = option("label", "label column to learn")
     split: str = "split"  # label column with train/val/test
     unfreeze: int = option(1, "stages trained, counted from the deepest", parse=POSITIVE)
     epochs: int = option(10, "passes over the training images", parse=POSITIVE)
-    batch_size: int = option(32, "images per batch", parse=POSITIVE)
     accumulate: int = option(
         1, "batches per optimiser step (effective batch = batch size x this)", parse=POSITIVE
     )
@@ -55,21 +66,6 @@ class FinetuneOptions:
         0.1,
         "of train held out for validation when the store has no 'val' split (test is never used)",
         parse=FRACTION,
-    )
-    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    precision: str = option(
-        "auto",
-        "autocast precision of training, and the precision the store is then embedded in",
-        choices=TORCH_PRECISIONS,
-    )
-    engine: str = option(
-        "auto",
-        "what runs the network when the store is embedded with the result (see `penult "
-        "extract --engine`)",
-        choices=ENGINES,
-    )
-    workers: int | None = option(
-        None, "loader processes (default: by device and cores)", parse=COUNT
     )
     max_train: int | None = option(
         None, "use at most this many training images (quick trials)", parse=POSITIVE

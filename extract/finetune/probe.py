@@ -46,7 +46,7 @@ def embed_pass(run, files: list[str]) -> np.ndarray:
     with torch.no_grad(), run.autocast():
         done = embed_files(
             files, run.pre, embed, run.device, batch_size=run.opts.batch_size,
-            workers=run.opts.workers,
+            workers=run.opts.workers, max_pixels=run.opts.max_pixels,
         )  # fmt: skip
         for b in tqdm(done, desc="probe", disable=not run.opts.progress, leave=False):
             if b.indices:
