@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from penult.core.errors import PenultError
 from penult.core.files import atomic_path, file_sha256
-from penult.features import IDENTITY_FIELDS, FeatureStore, same_backbone
+from penult.features import FeatureStore
 from sklearn.base import BaseEstimator
 
 FORMAT = "penult-model"
@@ -273,14 +273,13 @@ def resolve_backbones(model: Model, store: FeatureStore) -> list[str]:
     out = []
     for want in model.manifest["backbones"]:
         fp = want["fingerprint"]
-        same = [n for n, e in entries.items() if same_backbone(e.fingerprint, fp)]
+        same = [n for n, e in entries.items() if e.fingerprint.same_as(fp)]
         if want["name"] in same:
             out.append(want["name"])
         elif same:
             out.append(same[0])
         elif want["name"] in entries:
-            have = entries[want["name"]].fingerprint
-            diff = [k for k in IDENTITY_FIELDS if have.get(k) != fp.get(k)]
+            diff = entries[want["name"]].fingerprint.differences(fp)
             raise ModelError(
                 f"{store.path}: backbone {want['name']!r} differs from the one the model was trained on "
                 f"({', '.join(diff)} differ); the model needs features from {fp.get('architecture')} "

@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 from penult.core.errors import PenultError
 from penult.core.files import atomic_path, fsync_file, temporary_name, write_text
-from penult.features import FeatureStore, same_backbone
+from penult.features import FeatureStore
 
 __all__ = [
     "CHUNK_BYTES",
@@ -552,7 +552,7 @@ def _checked_meta(path: Path, store: FeatureStore, backbone: str, metric: str):
         )
     meta = json.loads(Path(f"{path}.json").read_text())
     entry = store.backbone(backbone)
-    if not same_backbone(entry.fingerprint, meta["fingerprint"]):
+    if not entry.fingerprint.same_as(meta["fingerprint"]):
         raise NeighborIndexError(
             f"{path} was built from other {backbone!r} embeddings (fingerprint differs); rebuild it with `penult index --rebuild`"
         )

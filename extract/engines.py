@@ -181,10 +181,9 @@ def cache_notes() -> list[str]:
 
 def _identity(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """What decides the exported graph: the embedding's identity, torch's version, the opset."""
-    from penult.features import IDENTITY_FIELDS
+    from penult.features import Fingerprint
 
-    ident = {k: fingerprint.get(k) for k in IDENTITY_FIELDS}
-    return {**ident, "torch": torch.__version__, "opset": OPSET}
+    return {**Fingerprint.of(fingerprint).identity(), "torch": torch.__version__, "opset": OPSET}
 
 
 def _record(path: Path) -> Path:

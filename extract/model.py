@@ -44,6 +44,7 @@ from penult.extract.weights import (
     read_state_dict,
     state_sha256,
 )
+from penult.features import Fingerprint
 from torch import nn
 
 __all__ = [
@@ -255,17 +256,24 @@ def _build(
         entry = f"{entry}@crop{round(100 * pre.crop / pre.resize)}"
     entry += pre.suffix()
     module = PreLogits(net, spec, pre).eval().requires_grad_(False)
-    fingerprint = {
-        "backbone": spec.name,  # registry entry to rebuild it from (not part of the identity)
-        "architecture": f"{spec.source}:{spec.arch}",
-        "layer": spec.layer,
-        "dim": spec.dim,
-        "weights": origin,
-        "weights_sha256": sha,
-        "preprocessing": _preprocessing(pre),
-        "precision": "fp32",
-    }
-    return module, entry, pre, fingerprint
+    return module, entry, pre, network_fingerprint(spec, pre, sha, origin)
+
+
+def network_fingerprint(
+    spec, pre: Preprocess, weights_sha256: str, origin: str = ""
+) -> Fingerprint:
+    """The fingerprint of ``spec``'s float network with these weights and preprocessing: what
+    extraction stores for it, and what fine-tuning looks for among stored entries."""
+    return Fingerprint(
+        backbone=spec.name,  # registry entry to rebuild it from (not part of the identity)
+        architecture=f"{spec.source}:{spec.arch}",
+        layer=spec.layer,
+        dim=spec.dim,
+        weights=origin,
+        weights_sha256=weights_sha256,
+        preprocessing=_preprocessing(pre),
+        precision="fp32",
+    )
 
 
 def _as_named(asked: str, entry: str, weights: str) -> None:

@@ -3,8 +3,17 @@
 from penult.core.errors import FingerprintMismatchError, StoreError, StoreLockedError
 from penult.features.inspect import check, describe
 from penult.features.parts import PartWriter, merge
-from penult.features.store import IDENTITY_FIELDS, FeatureStore, StoreWriter, same_backbone
-from penult.features.types import BackboneEntry, Chunk, ImageTable, TableView, sha_hex, sha_raw
+from penult.features.store import FeatureStore, StoreWriter
+from penult.features.types import (
+    IDENTITY_FIELDS,
+    BackboneEntry,
+    Chunk,
+    Fingerprint,
+    ImageTable,
+    TableView,
+    sha_hex,
+    sha_raw,
+)
 from penult.features.upgrade import upgrade
 
 __all__ = [
@@ -12,6 +21,7 @@ __all__ = [
     "BackboneEntry",
     "Chunk",
     "FeatureStore",
+    "Fingerprint",
     "FingerprintMismatchError",
     "ImageTable",
     "PartWriter",
@@ -22,7 +32,6 @@ __all__ = [
     "check",
     "describe",
     "merge",
-    "same_backbone",
     "sha_hex",
     "sha_raw",
     "upgrade",

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from penult.features.segmented import backbone_attr_problems, decode
-from penult.features.types import BackboneEntry, ImageTable, TableView, sha_raw
+from penult.features.types import BackboneEntry, Fingerprint, ImageTable, TableView, sha_raw
 
 _STR_COLUMNS = ("path", "root", "sha256", "error")
 _INT_COLUMNS = {"nbytes": np.int64, "mtime_ns": np.int64, "width": np.int32, "height": np.int32}
@@ -135,7 +135,7 @@ class Legacy:
     def _entry(name: str, g: h5py.Group) -> BackboneEntry:
         return BackboneEntry(
             name=name,
-            fingerprint=json.loads(g.attrs["fingerprint"]),
+            fingerprint=Fingerprint(json.loads(g.attrs["fingerprint"])),
             dim=int(g.attrs["dim"]),
             dtype=str(g.attrs["dtype"]),
             count=int(np.count_nonzero(g["valid"][()])),

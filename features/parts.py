@@ -22,6 +22,7 @@ from penult.core.errors import StoreError, StoreLockedError
 from penult.core.files import set_aside
 from penult.features import journal
 from penult.features.store import FeatureStore, StoreWriter, Writes, real_path
+from penult.features.types import Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ def part_problem(store: FeatureStore, part: Path) -> str:
     anything moves: a shard that does not read, a backbone registered with another fingerprint
     or dtype than the store's (or than the part's own earlier shard), embeddings of another
     width than their backbone, or arrays of unequal length."""
-    from penult.features.segmented import same_backbone
 
     have = store.backbones()
     seen: dict[str, dict[str, Any]] = {}
@@ -63,7 +63,7 @@ def part_problem(store: FeatureStore, part: Path) -> str:
                 {"fingerprint": have[name].fingerprint, "dtype": have[name].dtype}
                 if name in have else None
             )  # fmt: skip
-            if old is not None and not same_backbone(old["fingerprint"], fp):
+            if old is not None and not Fingerprint.of(old["fingerprint"]).same_as(fp):
                 return (
                     f"it registers backbone {name!r} with another fingerprint than "
                     f"{'the store' if name in have else 'its earlier shard'} (other weights, "

@@ -23,7 +23,7 @@ from penult.features.segmented import (
     segment_dir,
 )
 from penult.features.segments import KeyRun, Reader, find_keys, path_keys, read_run
-from penult.features.types import BackboneEntry, ImageTable, TableView, sha_hex
+from penult.features.types import BackboneEntry, Fingerprint, ImageTable, TableView, sha_hex
 
 T = TypeVar("T")
 
@@ -173,7 +173,7 @@ class Segmented:
         meta = s.backbones[name]
         return BackboneEntry(
             name=name,
-            fingerprint=json.loads(meta["fingerprint"]),
+            fingerprint=Fingerprint(json.loads(meta["fingerprint"])),
             dim=int(meta["dim"]),
             dtype=str(meta["dtype"]),
             count=int(np.count_nonzero(self.valid(name))),

@@ -42,17 +42,13 @@ from penult.features.segments import (
     write_run,
     write_segment,
 )
-from penult.features.types import sha_raw
+from penult.features.types import Fingerprint, sha_raw
 
 log = logging.getLogger(__name__)
 
 FORMAT = "penult-feature-store"
 SCHEMA_VERSION = 2
 SEGMENT_ROWS = 1_000_000
-# "quantization" (int8 entries only; absent = None for every float entry, old ones included)
-IDENTITY_FIELDS = (
-    "architecture", "weights_sha256", "preprocessing", "layer", "dim", "quantization"
-)  # fmt: skip
 TABLE, SIZE, ERROR = "table", "size", "error"
 NON_FINITE = "the network gave a non-finite embedding (NaN or inf)"
 TABLE_COLUMNS = {
@@ -66,10 +62,6 @@ TABLE_COLUMNS = {
 SIZE_COLUMNS = {"width": Column(np.dtype(np.int32)), "height": Column(np.dtype(np.int32))}
 ERROR_COLUMNS = {"error": Column(np.dtype(np.int32))}
 LABEL_COLUMNS = {"code": Column(np.dtype(np.int32))}
-
-
-def same_backbone(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return all(a.get(k) == b.get(k) for k in IDENTITY_FIELDS)
 
 
 def segment_dir(path: Path) -> Path:
@@ -421,7 +413,7 @@ class Commit:
         name, fp = meta["name"], meta["fingerprint"]
         have = self.s.backbones.get(name)
         if have is not None:
-            if not same_backbone(json.loads(have["fingerprint"]), fp):
+            if not Fingerprint(json.loads(have["fingerprint"])).same_as(fp):
                 raise FingerprintMismatchError(
                     f"journal registers backbone {name!r} with another fingerprint"
                 )

@@ -37,7 +37,7 @@ from penult.core.errors import FingerprintMismatchError, StoreError, StoreLocked
 from penult.features import journal, segmented
 from penult.features.legacy import Legacy, structure_problems
 from penult.features.reader import Segmented
-from penult.features.segmented import FORMAT, IDENTITY_FIELDS, SCHEMA_VERSION, same_backbone
+from penult.features.segmented import FORMAT, SCHEMA_VERSION
 from penult.features.types import BackboneEntry, Chunk, ImageTable, TableView
 
 log = logging.getLogger(__name__)
@@ -361,10 +361,8 @@ class Writes:
             raise StoreError(f"embedding dtype {dtype!r} not supported; use float32 or float16")
         existing = self.store.backbones().get(name)
         if existing is not None:
-            if not same_backbone(existing.fingerprint, fingerprint):
-                diff = [
-                    k for k in IDENTITY_FIELDS if existing.fingerprint.get(k) != fingerprint.get(k)
-                ]
+            diff = existing.fingerprint.differences(fingerprint)
+            if diff:
                 raise FingerprintMismatchError(
                     f"{self.path} already holds backbone {name!r} made with different {', '.join(diff)}; "
                     "use another --name or another store"

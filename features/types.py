@@ -53,10 +53,57 @@ class Chunk:
     labels: dict[str, np.ndarray]  # (k,) str per label column asked for
 
 
+# What makes two backbones' embeddings the same (not the name, the weights file's name, the
+# precision tag or when it was made). "quantization": int8 entries only (absent = None for every
+# float entry, old ones included).
+IDENTITY_FIELDS = (
+    "architecture", "weights_sha256", "preprocessing", "layer", "dim", "quantization"
+)  # fmt: skip
+
+
+class Fingerprint(dict):
+    """What made a backbone's embeddings, as stored (a JSON object: still a dict), with the one
+    rule that decides whether two entries hold the same embeddings: :meth:`same_as`. The store,
+    model files, neighbour indexes, the engine cache and fine-tuning all ask it."""
+
+    @classmethod
+    def of(cls, value: dict[str, Any]) -> Fingerprint:
+        return value if isinstance(value, Fingerprint) else cls(value)
+
+    def same_as(self, other: dict[str, Any]) -> bool:
+        """Whether ``other`` describes the same embeddings (every identity field equal)."""
+        return not self.differences(other)
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """The identity fields that differ from ``other``'s, in a fixed order."""
+        return [k for k in IDENTITY_FIELDS if self.get(k) != other.get(k)]
+
+    def identity(self) -> dict[str, Any]:
+        """Only the identity fields (what an engine cache or export is keyed by)."""
+        return {k: self.get(k) for k in IDENTITY_FIELDS}
+
+    @property
+    def architecture(self) -> str:
+        return str(self.get("architecture", ""))
+
+    @property
+    def weights_sha256(self) -> str:
+        return str(self.get("weights_sha256", ""))
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return dict(self.get("preprocessing") or {})
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        q = self.get("quantization")
+        return q if isinstance(q, dict) else None
+
+
 @dataclass(frozen=True)
 class BackboneEntry:
     name: str
-    fingerprint: dict[str, Any]
+    fingerprint: Fingerprint
     dim: int
     dtype: str
     count: int

@@ -363,3 +363,36 @@ def test_finetune_makes_the_split_train_would_and_stores_it(tmp_path):
     assert len(d.train.files) + len(d.val.files) == (stored == "train").sum()  # test kept out
     data = load_dataset(store, ("net",))
     assert (ensure_split(store, data) == stored).all() and data.notes == []  # the same split
+
+
+def test_the_probe_reads_only_the_base_networks_own_embeddings(tmp_path):
+    """Stored embeddings seed the probe only from an entry with the base network's identity:
+    not one with the same weights and preprocessing that is int8 (other numbers), nor another
+    layer; the float entry itself is used."""
+    from penult.extract.model import network_fingerprint
+    from penult.features import StoreWriter
+    from store_rows import synthetic_rows
+
+    spec = get_spec("resnet18")
+    pre = spec.preprocess()
+    base = network_fingerprint(spec, pre, "cd" * 32)
+    paths, sha, _ = synthetic_rows(0)
+    x = np.random.default_rng(0).normal(size=(len(paths), spec.dim)).astype(np.float32)
+    store = tmp_path / "s.h5"
+    int8 = {
+        **base,
+        "precision": "int8/openvino",
+        "quantization": {"method": "m", "calibration_sha256": "ab"},
+    }
+    other_layer = {**base, "layer": "layer3"}
+    with StoreWriter(store) as w:
+        w.upsert_images(paths, ["/r"] * 20, sha, np.arange(20), np.arange(20), {})
+        for name, fp in (("r18@int8", int8), ("r18-l3", other_layer)):
+            w.register_backbone(name, fp)
+            w.append(name, paths, sha, x + 1)
+    rows = np.arange(20)
+    assert ft_data.stored_embeddings(store, rows, base) is None
+    with StoreWriter(store) as w:
+        w.register_backbone("r18", base)
+        w.append("r18", paths, sha, x)
+    np.testing.assert_array_equal(ft_data.stored_embeddings(store, rows, base), x)

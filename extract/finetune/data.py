@@ -14,10 +14,9 @@ from penult.core.labels import TEST, TRAIN, VAL, make_split, read_taxonomy
 from penult.core.split import ensure_split
 from penult.extract.finetune.options import FinetuneError, FinetuneOptions
 from penult.extract.options import ExtractOptions
-from penult.extract.registry import Preprocess
 from penult.extract.run import extract
 from penult.extract.sources import Listing
-from penult.features import FeatureStore
+from penult.features import FeatureStore, Fingerprint
 
 __all__ = [
     "Split",
@@ -103,13 +102,12 @@ def load(store_path, opts: FinetuneOptions) -> TrainData:
     return d
 
 
-def stored_embeddings(store_path, rows: np.ndarray, base_sha: str, pre: Preprocess):
-    """The store's embeddings of ``rows`` from an entry with exactly these weights and
-    preprocessing, or None."""
+def stored_embeddings(store_path, rows: np.ndarray, want: Fingerprint):
+    """The store's embeddings of ``rows`` from an entry that holds the same embeddings as
+    ``want`` (the base network before fine-tuning; an int8 entry of it does not), or None."""
     fs = FeatureStore(store_path)
     for name, entry in fs.backbones().items():
-        fp = entry.fingerprint
-        if fp.get("weights_sha256") != base_sha or not pre.matches(fp.get("preprocessing", {})):
+        if not entry.fingerprint.same_as(want):
             continue
         if fs.valid(name)[rows].all():
             return fs.embeddings(name, rows)

@@ -22,7 +22,7 @@ from penult.extract.finetune.plot import plot_curve
 from penult.extract.finetune.probe import probe_init
 from penult.extract.images import auto_resize, mostly_greyscale, spread
 from penult.extract.loader import batches
-from penult.extract.model import pick_device, pick_precision
+from penult.extract.model import network_fingerprint, pick_device, pick_precision
 from penult.extract.registry import Preprocess, get_spec
 from penult.extract.weights import state_sha256
 from torch import nn
@@ -264,7 +264,8 @@ def finetune(
     run = Run(built.model.to(device), opts, pre, device, pick_precision(opts.precision, device))
     head_init = "random"
     if opts.head_init == "probe":
-        head_init = probe_init(run, store_path, data, built.base_sha)
+        base = network_fingerprint(spec, pre, built.base_sha)
+        head_init = probe_init(run, store_path, data, base)
     _optimiser(run, built.trainable, len(data.train.files))
     card = _card(spec, run, data, built, head_init, store_path)
     _epochs(run, data, card, out, built, on_epoch)

@@ -7,18 +7,19 @@ import numpy as np
 import torch
 from penult.extract.embed import embed_files
 from penult.extract.finetune.data import TrainData, stored_embeddings
+from penult.features import Fingerprint
 from tqdm.auto import tqdm
 
 __all__ = ["embed_pass", "probe_init"]
 
 
-def probe_init(run, store_path, data: TrainData, base_sha: str) -> str:
-    """Fit the probe on embeddings read from the store when it holds this backbone with this
-    preprocessing (else computed in one pass) and copy it into the head; says where they came from."""
+def probe_init(run, store_path, data: TrainData, base: Fingerprint) -> str:
+    """Fit the probe on embeddings read from the store when it holds the base network's own
+    (``base``: its fingerprint; else computed in one pass) and copy it into the head; says where they came from."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    x, source = stored_embeddings(store_path, data.rows, base_sha, run.pre), "store"
+    x, source = stored_embeddings(store_path, data.rows, base), "store"
     if x is None:
         x, source = embed_pass(run, data.train.files), "computed"
     y = data.train.y
