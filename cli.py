@@ -670,7 +670,6 @@ def _out_folder(path: str) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from penult.classify import TrainOptions, save_model, train
-    from penult.classify.evaluate import evaluate
 
     _out_folder(args.out)
     if args.report:
@@ -679,7 +678,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from penult.classify.outofcore import StreamOptions, train_out_of_core
 
         so = _options(args, StreamOptions)
-        r = train_out_of_core(args.store, _options(args, TrainOptions), so, report_dir=args.report)
+        r = train_out_of_core(args.store, _options(args, TrainOptions), so)
     else:
         r = train(args.store, _options(args, TrainOptions))
     for note in r.notes:
@@ -715,22 +714,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "images; the scores above are its held-out estimate"
         )
     if args.report:
-        _train_report(args, r, evaluate)
+        _train_report(args, r)
     return 0
 
 
-def _train_report(args: argparse.Namespace, r, evaluate) -> None:
-    if r.cv:
-        from penult.classify.report import write_report
+def _train_report(args: argparse.Namespace, r) -> None:
+    from penult.classify.evaluate import write_training_report
 
-        m = r.model.manifest
-        title = f"{m['kind']} {m['head']} on {' + '.join(r.model.backbones)}: {r.eval_split}"
-        info = [f"store {args.store}, {r.n_eval} labelled images, pooled out-of-fold predictions"]
-        write_report(args.report, title, r.metrics, info, r.truth, r.metrics["predictions"])
-        print(f"report: {args.report}/report.md (and .html, PNGs, metrics.json)")
-        return
-    if not args.out_of_core:  # (out of core, the streamed evaluation wrote it)
-        evaluate(r.scored or r.model, args.store, report_dir=args.report)
+    write_training_report(args.report, r, args.store)
     print(f"report: {args.report}/report.md (and .html, PNGs, metrics.json, predictions.csv)")
 
 

@@ -14,7 +14,7 @@ from penult.classify.data import DataError, eval_mask, load_dataset
 from penult.classify.model import Model, Predictions, resolve_backbones
 from penult.classify.predict import csv_header, csv_rows
 from penult.classify.report import write_report
-from penult.classify.train import TrainOptions, score, summary, train
+from penult.classify.train import TrainOptions, TrainResult, score, summary, train
 from penult.features import FeatureStore
 
 __all__ = [
@@ -22,7 +22,9 @@ __all__ = [
     "compare",
     "compare_table",
     "evaluate",
+    "write_evaluation",
     "write_predictions",
+    "write_training_report",
 ]
 
 
@@ -77,9 +79,46 @@ def evaluate(
             f"({sum(model.manifest.get('train_counts', {}).values())} training images, "
             f"{len(model.classes)} classes)",
         ]
-        out = write_report(report_dir, title, m, info, y_true, m["predictions"])
-        write_predictions(out, model, sub.paths, m["predictions"], y_true, top_k)
+        out = write_evaluation(report_dir, model, m, sub.paths, y_true, title, info, top_k)
     return Evaluation(m, name, len(sub), out, list(sub.paths), y_true)
+
+
+def write_evaluation(
+    folder: str | os.PathLike[str],
+    model: Model,
+    metrics: dict[str, Any],
+    paths: list[str],
+    truth: np.ndarray,
+    title: str,
+    info: list[str],
+    top_k: int = 5,
+) -> Path:
+    """The one report of a scored model: report.md/.html, plots and metrics.json from
+    ``metrics`` (with its ``predictions``), and predictions.csv (the images ``paths``)."""
+    out = write_report(folder, title, metrics, info, truth, metrics["predictions"])
+    write_predictions(out, model, paths, metrics["predictions"], truth, top_k)
+    return out
+
+
+def write_training_report(
+    folder: str | os.PathLike[str], result: TrainResult, store_path: str | os.PathLike[str]
+) -> Path:
+    """The report of what ``penult train`` scored (held out, pooled folds, or streamed), from
+    its own predictions: the model is not scored again."""
+    model = result.scored or result.model
+    m = model.manifest
+    if result.cv:
+        how = "pooled out-of-fold predictions"
+    elif "out_of_core" in m:
+        how = f"{result.eval_split} split, scored block by block (out of core)"
+    else:
+        how = f"{result.eval_split} split (column {m['trained_on']['split_column']!r})"
+    title = f"{m['kind']} {m['head']} on {' + '.join(model.backbones)}: {result.eval_split}"
+    info = [
+        f"store {store_path}, {result.n_eval} labelled images, {how}",
+        f"model trained on {result.n_train} images, {len(model.classes)} classes",
+    ]
+    return write_evaluation(folder, model, result.metrics, result.paths, result.truth, title, info)
 
 
 def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> None:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from penult.classify.data import StreamingData, stream_dataset
-from penult.classify.metrics import classification_metrics
 from penult.classify.model import Model, Predictions
 from penult.classify.train import (
     TrainOptions,
@@ -33,6 +32,7 @@ from penult.classify.train import (
     default_backbones,
     model_manifest,
     prepare,
+    scored,
     summary,
 )
 from penult.core import OptionError
@@ -247,11 +247,9 @@ def train_out_of_core(
     store_path: str | os.PathLike[str],
     opts: TrainOptions = TrainOptions(),  # noqa: B008
     stream: StreamOptions = StreamOptions(),  # noqa: B008
-    *,
-    report_dir: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
-    """Like :func:`classify.train`, reading the features a block at a time (see module docstring).
-    ``report_dir``: also write the evaluation report (from the streamed predictions) there."""
+    """Like :func:`classify.train`, reading the features a block at a time (see module docstring);
+    the result's predictions, truth and paths feed the same report as in memory."""
     if opts.cv or opts.refit_all:
         raise OptionError("--cv and --refit-all train in memory; drop --out-of-core")
     store = FeatureStore(store_path)
@@ -282,10 +280,7 @@ def train_out_of_core(
         notes.append(f"scored a seeded sample of {len(ev_idx)} of {int(ev.sum())} {ev_name} images")
     pos, pred = _predict(model, data, ev_idx, stream.memory_mb)
     train_counts = class_counts(y[tr])
-    metrics = classification_metrics(
-        y[pos], pred.label, pred.proba, pred.classes, train_counts=train_counts,
-        paths=model.paths, levels=model.levels, unknown=model.unknown,
-    ) | {"predictions": pred}  # fmt: skip
+    metrics = scored(model, y[pos], pred, train_counts)
     model.manifest.update(
         metrics=summary(metrics),
         train_counts=train_counts,
@@ -296,17 +291,6 @@ def train_out_of_core(
             "subsample": stream.subsample,
         },
     )
-    if report_dir is not None:
-        _report(report_dir, model, data, store_path, ev_name, pos, metrics)
-    return TrainResult(model, metrics, fit_seconds, len(tr), len(pos), ev_name, None, notes)
-
-
-def _report(out, model: Model, data: StreamingData, store_path, split: str, pos, metrics) -> None:
-    from penult.classify.evaluate import write_predictions
-    from penult.classify.report import write_report
-
-    truth = data.column(model.manifest["label"])[pos]
-    title = f"{model.manifest['kind']} {model.manifest['head']} (out of core) on {' + '.join(data.backbones)}: {split} split"
-    info = [f"store {store_path}, {len(pos)} {split} images, scored block by block"]
-    folder = write_report(out, title, metrics, info, truth, metrics["predictions"])
-    write_predictions(folder, model, [data.paths[i] for i in pos], metrics["predictions"], truth, 5)
+    r = TrainResult(model, metrics, fit_seconds, len(tr), len(pos), ev_name, None, notes)
+    r.truth, r.paths = y[pos], [data.paths[i] for i in pos]
+    return r

@@ -23,7 +23,7 @@ from penult.classify.images import Images
 from penult.classify.model import Model, Predictions, resolve_backbones
 from penult.core import OptionError, atomic_path, check_out_folder, file_sha256
 from penult.core.options import POSITIVE, option
-from penult.features import FeatureStore
+from penult.features import FeatureStore, HashIndex, sha_raw
 from tqdm.auto import tqdm
 
 
@@ -156,15 +156,11 @@ class _Features:
             for spec in model.manifest["backbones"]:
                 images.check(spec["name"], spec["fingerprint"])
 
-    def stored_rows(self) -> list[tuple[str, dict[str, int]]]:
-        """Per backbone: (store entry, content hash -> stored row). Read on first use, so a
+    def stored_rows(self) -> list[tuple[str, HashIndex]]:
+        """Per backbone: (store entry, its rows by content hash). Read on first use, so a
         driver that only hands chunks to Dask workers never reads the store's hash table."""
         if self._cache is None:
-            sha = self.store.images().sha256
-            self._cache = [
-                (name, {sha[r]: int(r) for r in np.flatnonzero(self.store.valid(name))})
-                for name in self.names
-            ]
+            self._cache = [(name, self.store.hash_index(name)) for name in self.names]
         return self._cache
 
     def __call__(
@@ -180,10 +176,11 @@ class _Features:
             x = np.zeros((n, int(spec["fingerprint"]["dim"])), np.float32)
             have = np.zeros(n, bool)
             if self.store is not None:
-                name, rows = self.stored_rows()[k]
-                hit = [i for i in range(n) if sha[i] in rows]
-                if hit:
-                    x[hit] = self.store.embeddings(name, [rows[sha[i]] for i in hit])
+                name, index = self.stored_rows()[k]
+                rows = index.find(sha_raw(sha))
+                hit = np.flatnonzero((rows >= 0) & np.array([bool(h) for h in sha]))
+                if len(hit):
+                    x[hit] = self.store.embeddings(name, rows[hit])
                     have[hit] = True
             cached = int(have.sum())
             todo = np.flatnonzero(~have & ok)

@@ -37,6 +37,7 @@ __all__ = [
     "TrainOptions",
     "TrainResult",
     "model_manifest",
+    "scored",
     "build_estimator",
     "class_counts",
     "default_backbones",
@@ -160,6 +161,7 @@ class TrainResult:
     scored: Model | None = None  # the train-split model the metrics are of, when not ``model``
     cv: dict[str, Any] | None = None  # folds, per-fold headline numbers, their mean and spread
     truth: np.ndarray | None = None  # the labels ``metrics["predictions"]`` are scored against
+    paths: list[str] | None = None  # the images (store keys) scored, in the predictions' order
 
 
 def default_backbones(store: FeatureStore, backbones: tuple[str, ...]) -> tuple[str, ...]:
@@ -341,11 +343,13 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     )
     with _head_settings(opts):
         if opts.cv:  # ``est`` already saw every image: the folds refit clones of the plan
-            result.metrics, result.cv, result.truth = _cross_validate(plan, data, opts)
+            result.metrics, result.cv, result.truth, result.paths = _cross_validate(
+                plan, data, opts
+            )
             manifest["cv"] = result.cv
         else:
             result.metrics = score(model, data.subset(ev), train_counts=counts)
-            result.truth = y[ev]
+            result.truth, result.paths = y[ev], [data.paths[i] for i in np.flatnonzero(ev)]
     manifest["metrics"] = summary(result.metrics)
     manifest["train_counts"] = counts
     manifest["fit_seconds"] = fit_seconds
@@ -441,10 +445,7 @@ def _cross_validate(plan: Plan, data: Dataset, opts: TrainOptions):
         preds[0].classes,
         None if paths[0] is None else np.concatenate(paths),
     )
-    metrics = classification_metrics(
-        y[idx], pooled.label, pooled.proba, pooled.classes, train_counts=class_counts(y),
-        paths=model.paths, levels=model.levels, unknown=model.unknown,
-    ) | {"predictions": pooled}  # fmt: skip
+    metrics = scored(model, y[idx], pooled, class_counts(y))
     keys = ("top1", "top5", "balanced_accuracy", "macro_f1")
     cv = {
         "folds": folds,
@@ -453,7 +454,7 @@ def _cross_validate(plan: Plan, data: Dataset, opts: TrainOptions):
         "std": {k: float(np.std([f[k] for f in per_fold if k in f])) for k in keys},
         "per_fold": per_fold,
     }
-    return metrics, cv, y[idx]
+    return metrics, cv, y[idx], [data.paths[i] for i in idx]
 
 
 def model_manifest(
@@ -486,22 +487,25 @@ def model_manifest(
     }
 
 
+def scored(
+    model: Model, y_true: np.ndarray, pred: Predictions, train_counts: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The metrics of ``model``'s predictions ``pred`` against ``y_true``, with the predictions
+    kept (``["predictions"]``) for reports: the one place every score is made (held-out split,
+    folds pooled, out of core, evaluate)."""
+    return classification_metrics(
+        y_true, pred.label, pred.proba, pred.classes,
+        train_counts=train_counts or model.manifest.get("train_counts"),
+        paths=model.paths, levels=model.levels, unknown=model.unknown,
+    ) | {"predictions": pred}  # fmt: skip
+
+
 def score(
     model: Model, data: Dataset, *, train_counts: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (labels in the model's label column)."""
     y = data.column(model.manifest["label"])
-    pred = model.predict(data.X)
-    return classification_metrics(
-        y,
-        pred.label,
-        pred.proba,
-        pred.classes,
-        train_counts=train_counts or model.manifest.get("train_counts"),
-        paths=model.paths,
-        levels=model.levels,
-        unknown=model.unknown,
-    ) | {"predictions": pred}
+    return scored(model, y, model.predict(data.X), train_counts)
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from penult.extract.images import (
 )
 from penult.extract.options import ExtractOptions
 from penult.extract.sources import Listing
-from penult.features import TableView, sha_raw
+from penult.features import TableView, match_hashes, sha_raw
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -141,27 +141,6 @@ def plan(
         previously_failed=int(prev.sum()),
         unreadable=np.flatnonzero(unreadable).tolist(),
     )
-
-
-def match_hashes(digests: np.ndarray, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """For each query digest, the first of ``rows`` whose entry in ``digests`` (n, 32) equals it,
-    -1 where none does: sorted 8-byte prefixes and a binary search, every hit confirmed on all 32
-    bytes (a prefix shared by two digests is looked up exactly)."""
-    out = np.full(len(queries), -1, np.int64)
-    if not len(rows) or not len(queries):
-        return out
-    k = np.ascontiguousarray(digests[:, :8]).view(np.uint64).ravel()[rows]
-    q = np.ascontiguousarray(queries[:, :8]).view(np.uint64).ravel()
-    order = np.argsort(k, kind="stable")
-    pos = np.minimum(np.searchsorted(k[order], q), len(k) - 1)
-    cand = order[pos]
-    same_prefix = k[cand] == q
-    exact = same_prefix & (digests[rows[cand]] == queries).all(axis=1)
-    out[exact] = rows[cand[exact]]
-    for i in np.flatnonzero(same_prefix & ~exact).tolist():  # another digest, same prefix
-        hit = np.flatnonzero((digests[rows] == queries[i]).all(axis=1))
-        out[i] = rows[hit[0]] if len(hit) else -1
-    return out
 
 
 def resolve_resize(opts: ExtractOptions, listing: Listing) -> tuple[ExtractOptions, str]:

@@ -38,7 +38,7 @@ from penult.features import journal, segmented
 from penult.features.legacy import Legacy, structure_problems
 from penult.features.reader import Segmented
 from penult.features.segmented import FORMAT, SCHEMA_VERSION
-from penult.features.types import BackboneEntry, Chunk, ImageTable, TableView
+from penult.features.types import BackboneEntry, Chunk, HashIndex, ImageTable, TableView
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +204,14 @@ class FeatureStore:
         if len(backbones) == 1:
             return valid, 0
         sha = self.table_view().sha256
-        per = [{sha[r].tobytes(): int(r) for r in v[::-1]} for v in valid[1:]]
-        keep = np.array(
-            [r for r in valid[0] if all(sha[r].tobytes() in m for m in per)], dtype=np.int64
-        )
-        rows = [keep] + [np.array([m[sha[r].tobytes()] for r in keep], np.int64) for m in per]
-        return rows, len(valid[0]) - len(keep)
+        found = [HashIndex(sha, v).find(sha[valid[0]]) for v in valid[1:]]
+        ok = np.logical_and.reduce([f >= 0 for f in found])
+        rows = [valid[0][ok]] + [f[ok] for f in found]
+        return rows, int(len(valid[0]) - ok.sum())
+
+    def hash_index(self, name: str) -> HashIndex:
+        """The rows backbone ``name`` holds, found by their files' content hash."""
+        return HashIndex(self.table_view().sha256, np.flatnonzero(self.valid(name)))
 
     def fused_embeddings(self, backbones: Sequence[str], rows: Sequence[np.ndarray]) -> np.ndarray:
         """(k, sum of dims) float32: backbone ``i``'s embeddings of ``rows[i]``, side by side."""

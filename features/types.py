@@ -132,3 +132,40 @@ def sha_raw(hexes: list[str] | np.ndarray) -> np.ndarray:
 
 def sha_hex(raw: np.ndarray) -> list[str]:
     return [r.tobytes().hex() if r.any() else "" for r in raw]
+
+
+class HashIndex:
+    """Stored rows found by the content hash of their file: sorted 8-byte prefixes and a binary
+    search, every hit confirmed on all 32 bytes (a prefix shared by two digests is looked up
+    exactly). Of rows with the same hash, the first in ``rows``' order is found. The one way
+    penult joins by content (extract's copies of identical files, fused backbones, scoring
+    files the store already holds); built once, asked many times."""
+
+    def __init__(self, digests: np.ndarray, rows: np.ndarray):
+        self.digests, self.rows = digests, np.asarray(rows, np.int64)
+        k = np.ascontiguousarray(digests[:, :8]).view(np.uint64).ravel()[self.rows]
+        self.order = np.argsort(k, kind="stable")
+        self.sorted = k[self.order]
+
+    def find(self, queries: np.ndarray) -> np.ndarray:
+        """The row of each (n, 32) query digest, -1 where none has it."""
+        out = np.full(len(queries), -1, np.int64)
+        if not len(self.rows) or not len(queries):
+            return out
+        rows, digests = self.rows, self.digests
+        q = np.ascontiguousarray(queries[:, :8]).view(np.uint64).ravel()
+        pos = np.minimum(np.searchsorted(self.sorted, q), len(rows) - 1)
+        cand = self.order[pos]
+        same_prefix = self.sorted[pos] == q
+        exact = same_prefix & (digests[rows[cand]] == queries).all(axis=1)
+        out[exact] = rows[cand[exact]]
+        for i in np.flatnonzero(same_prefix & ~exact).tolist():  # another digest, same prefix
+            hit = np.flatnonzero((digests[rows] == queries[i]).all(axis=1))
+            out[i] = rows[hit[0]] if len(hit) else -1
+        return out
+
+
+def match_hashes(digests: np.ndarray, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """For each query digest, the first of ``rows`` whose entry in ``digests`` (n, 32) equals
+    it, -1 where none does (a :class:`HashIndex` asked once)."""
+    return HashIndex(digests, rows).find(queries)

@@ -69,7 +69,7 @@ def test_vectorised_plan_equals_the_reference(seed, retry_failed):
 
 
 def test_match_hashes_confirms_all_bytes_when_prefixes_collide():
-    from penult.extract.plan import match_hashes
+    from penult.features import match_hashes
 
     keys = np.zeros((4, 32), np.uint8)
     keys[:, 31] = [1, 2, 2, 3]  # the same 8-byte prefix for every key

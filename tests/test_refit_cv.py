@@ -93,3 +93,47 @@ def test_cv_needs_two_images_of_every_class(hym_store, tmp_path):
         w.set_labels("label", list(t.path), labels.tolist())
     with pytest.raises(DataError, match="'wasps' has 1"):
         train(store, dataclasses.replace(TrainOptions(), cv=3))
+
+
+def test_every_train_report_is_one_writer_from_one_scoring(hym_store, tmp_path, monkeypatch):
+    """`train --report` writes the report from the predictions train made (the model is scored
+    once, not again for the report), and a --cv report has its predictions.csv like the others:
+    one row per pooled out-of-fold prediction."""
+    import csv
+
+    from penult.classify.model import Model
+
+    store = copy_store(hym_store, tmp_path / "hym.h5")
+    calls = []
+    real = Model.predict
+
+    def counted(self, X):
+        calls.append(len(X))
+        return real(self, X)
+
+    monkeypatch.setattr(Model, "predict", counted)
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    assert (
+        cli.main(["train", str(store), "--out", str(tmp_path / "m.skops"), "--report", str(rep)])
+        == 0
+    )
+    assert len(calls) == 1  # the held-out split, scored once
+    rows = list(csv.DictReader(open(rep / "predictions.csv")))
+    assert len(rows) == calls[0] == json.loads((rep / "metrics.json").read_text())["n"]
+    cv_rep = tmp_path / "cv"
+    cv_rep.mkdir()
+    argv = [
+        "train",
+        str(store),
+        "--out",
+        str(tmp_path / "cv.skops"),
+        "--cv",
+        "3",
+        "--report",
+        str(cv_rep),
+    ]
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader(open(cv_rep / "predictions.csv")))
+    n = json.loads((cv_rep / "metrics.json").read_text())["n"]
+    assert len(rows) == n > 300 and len({r["path"] for r in rows}) == n  # every image once
