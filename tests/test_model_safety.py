@@ -68,6 +68,12 @@ def _rewrite(path: Path, node: dict) -> None:
             stack.extend(d)
     assert done, "no LogisticRegression node to replace"
     members["schema.json"] = json.dumps(schema).encode()
+    _resign(path, members)
+
+
+def _resign(path: Path, members: dict[str, bytes]) -> None:
+    """Write the model file's members back and re-sign its manifest, as an attacker who can
+    edit both files would (or as a file from an earlier penult reads)."""
     with zipfile.ZipFile(path, "w") as z:
         for n, b in members.items():
             z.writestr(n, b)
@@ -236,13 +242,7 @@ def _old_homes(path: Path, module: str = "") -> None:
     text = members["schema.json"].decode()
     assert '"penult.classify.' in text
     members["schema.json"] = text.replace('"penult.classify.', f'"{module or "classify."}').encode()
-    with zipfile.ZipFile(path, "w") as z:
-        for n, b in members.items():
-            z.writestr(n, b)
-    man_path = Path(f"{path}.json")
-    man = json.loads(man_path.read_text())
-    man["model_sha256"] = file_sha256(path)
-    man_path.write_text(json.dumps(man))
+    _resign(path, members)
 
 
 def test_a_model_saved_before_the_penult_namespace_still_loads(tmp_path):
