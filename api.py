@@ -24,6 +24,7 @@ from penult.classify import (
     Model,
     TrainOptions,
     TrainResult,
+    answers,
     load_model,
     predict_files,
     resolve_backbones,
@@ -96,12 +97,12 @@ def predict(
     store: Store | str | os.PathLike[str] | None = None,
     *,
     files: list[str] | None = None,
-    top_k: int = 1,
 ) -> pd.DataFrame:
-    """The model's answer for every image of ``store`` that has its features (CPU only), or for
-    image ``files`` (embedded first with the model's backbones: torch is loaded then). Columns:
-    ``path``, ``label`` (the model's unknown label where a one-vs-rest model passes no class),
-    ``probability``, and the store's own label columns for stored images."""
+    """The model's answer for every image of ``store`` that has its features (CPU only; images
+    joined across backbones as `penult train` joins them), or for image ``files`` (embedded
+    first with the model's backbones: torch is loaded then). Columns: ``path``, ``label`` (the
+    model's unknown label where a one-vs-rest model passes no class), ``probability`` (of that
+    label, as `penult predict` writes it), and the store's own label columns for stored images."""
     import pandas as pd
 
     model = model if isinstance(model, Model) else load_model(model)
@@ -110,7 +111,7 @@ def predict(
     if files is not None:
         from penult.extract import Featuriser
 
-        out = predict_files(model, list(files), Featuriser(), top_k=top_k)
+        out = predict_files(model, list(files), Featuriser(), top_k=1)
         return pd.DataFrame(
             {
                 "path": list(files),
@@ -121,18 +122,19 @@ def predict(
         )
     s = store if isinstance(store, Store) else open_store(store)
     names = resolve_backbones(model, s.features)
-    ok = np.logical_and.reduce([s.features.valid(n) for n in names])
-    rows = np.flatnonzero(ok)
-    table = s.table().iloc[rows]
-    pred = model.predict(s.features.fused_embeddings(names, [rows] * len(names)))
-    best = pred.proba.max(axis=1) if len(rows) else np.zeros(0)
+    rows, _ = s.features.fused_rows(names)
+    said = list(answers(model.predict(s.features.fused_embeddings(names, rows)), 1))
+    t, first = s.features.images(), rows[0]
     frame = pd.DataFrame(
-        {"path": table["path"].to_numpy(), "label": pred.label, "probability": best}
+        {
+            "path": [t.path[r] for r in first],
+            "label": [label for label, *_ in said],
+            "probability": [prob for _, prob, *_ in said],
+        },
+        index=first,
     )
-    labels = [c for c in s.features.images().labels]
-    for c in labels:
-        frame[c if c != "label" else "true_label"] = table[c].to_numpy()
-    frame.index = rows
+    for c, values in t.labels.items():
+        frame["true_label" if c == "label" else c] = np.asarray(values)[first]
     return frame
 
 

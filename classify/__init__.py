@@ -6,7 +6,13 @@ from penult.classify.heads import HEADS, HeadError, make_head
 from penult.classify.hierarchy import HierarchicalClassifier, TaxonomyError
 from penult.classify.model import Model, ModelError, load_model, resolve_backbones, save_model
 from penult.classify.ovr import ThresholdedOneVsRest
-from penult.classify.predict import PredictOptions, predict_files, predict_images, weights_for
+from penult.classify.predict import (
+    PredictOptions,
+    answers,
+    predict_files,
+    predict_images,
+    weights_for,
+)
 from penult.classify.train import TrainOptions, TrainResult, train
 
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
     "ThresholdedOneVsRest",
     "TrainOptions",
     "TrainResult",
+    "answers",
     "compare",
     "compare_table",
     "evaluate",

@@ -158,8 +158,11 @@ def speed_key(fingerprint: dict[str, Any]) -> str:
     """What decides how fast a network runs: its architecture, layer and input (preprocessing:
     size, flips), not its weights. A calibration then serves every checkpoint of an
     architecture, a fine-tuned one included."""
-    keep = ("architecture", "layer", "dim", "preprocessing", "quantization")
-    blob = json.dumps({k: fingerprint.get(k) for k in keep}, sort_keys=True)
+    from penult.features import Fingerprint
+
+    speed = Fingerprint.of(fingerprint).identity()
+    del speed["weights_sha256"]
+    blob = json.dumps(speed, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -262,13 +262,12 @@ def stale_links(f: h5py.File, path: Path) -> bool:
 
 def relink(path: Path) -> None:
     """Write the view and the top-level file again (atomically, same state) so that they name
-    this store's own segments folder. The caller holds the writer's lock."""
+    this store's own segments folder, then collect what nothing names (the old view). The
+    caller holds the writer's lock."""
     with h5py.File(path, "r") as f:
         s = load(f)
-    old = s.view
     save(path, s)
-    if old and old != s.view:
-        (segment_dir(path) / old).unlink(missing_ok=True)
+    collect_garbage(path, s)
 
 
 def collect_garbage(path: Path, s: State) -> int:

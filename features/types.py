@@ -82,23 +82,6 @@ class Fingerprint(dict):
         """Only the identity fields (what an engine cache or export is keyed by)."""
         return {k: self.get(k) for k in IDENTITY_FIELDS}
 
-    @property
-    def architecture(self) -> str:
-        return str(self.get("architecture", ""))
-
-    @property
-    def weights_sha256(self) -> str:
-        return str(self.get("weights_sha256", ""))
-
-    @property
-    def preprocessing(self) -> dict[str, Any]:
-        return dict(self.get("preprocessing") or {})
-
-    @property
-    def quantization(self) -> dict[str, Any] | None:
-        q = self.get("quantization")
-        return q if isinstance(q, dict) else None
-
 
 @dataclass(frozen=True)
 class BackboneEntry:

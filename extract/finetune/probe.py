@@ -42,7 +42,7 @@ def embed_pass(run, files: list[str]) -> np.ndarray:
     out = np.zeros((len(files), run.model.head.in_features), np.float32)
 
     def embed(images: torch.Tensor) -> np.ndarray:
-        return run.model.embed(images.to(run.device)).float().cpu().numpy()
+        return run.model.embed(images).float().cpu().numpy()  # (already on run.device)
 
     with torch.no_grad(), run.autocast():
         done = embed_files(
