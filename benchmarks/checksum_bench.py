@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import penult.features.segments as segments
+import penult.features.format2.files as segments
 from benchmarks_common import cpu_flags, remove_store
 from penult.features import FeatureStore, StoreWriter
 

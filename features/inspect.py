@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 
 import h5py
 import numpy as np
 from penult.core.errors import StoreError
-from penult.features import journal, segmented
-from penult.features.segments import Reader, read_run, verify
-from penult.features.store import FeatureStore, StoreWriter, check_root, real_path, store_lock
+from penult.features import journal
+from penult.features.backends import backend_for
+from penult.features.store import FeatureStore, StoreWriter, real_path, store_lock
 
 
 def _size(store: FeatureStore) -> int:
-    folder = segmented.segment_dir(store.path)
-    extra = sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
-    return store.path.stat().st_size + extra
+    return sum(p.stat().st_size for p in store.backend.files())
 
 
 def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -> str:
@@ -26,11 +25,11 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
     t = store.images()
     attrs = store.attrs
     lines = [
-        f"store      {p}  ({_size(store) / 2**20:.1f} MiB, schema v{attrs.get('schema_version')}, created {attrs.get('created_at')})",
+        f"store      {p}  ({_size(store) / 2**20:.1f} MiB, format {store.version}, created {attrs.get('created_at')})",
         f"images     {len(t)} ({sum(1 for e in t.error if e)} failed)",
     ]
-    if store.version < 2:
-        lines.append(f"format     1 (read-only here; `penult check --upgrade {p}` converts it)")
+    if store.read_only:
+        lines.append(f"read-only  this store {store.read_only}")
     pending = store.pending_shards()
     if pending:
         lines.append(
@@ -83,21 +82,25 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
         return [f"{path}: no such feature store"]
     try:
         with h5py.File(p, "r") as f:
-            version = check_root(f, p)
+            kind = backend_for(f, p)
+            layout = kind.layout_problems(f, p, files=False)
     except (OSError, StoreError) as e:
         return [str(e) if isinstance(e, StoreError) else f"{p}: cannot open as HDF5 ({e})"]
-    problems: list[str] = []
-    found: list[str] = []  # damaged or missing segments, each named once
-    if version >= 2:
-        found, fixed = _segment_problems(p, repair=repair)
-        problems += found
-        if fixed:
-            return [*problems, *fixed]
+    if layout:
+        return [f"{p}: malformed store: {m}" for m in layout]
+    backend = kind(p)
+    # repairs hold the writer's lock from the first read, so no commit changes what they fix
+    with store_lock(p) if repair and not backend.read_only else contextlib.nullcontext():
+        damaged = backend.damaged()
+        found = [f"{p}: {why}" for why in damaged.values()]
+        if repair and damaged:
+            return [*found, *backend.repair(damaged)]
+    problems: list[str] = list(found)
     try:
         store = FeatureStore(p)
     except StoreError as e:
         return [*problems, str(e)]
-    if repair and journal.list_shards(p) and store.version >= 2:
+    if repair and journal.list_shards(p) and not store.read_only:
         with StoreWriter(p):
             pass
     pending = journal.list_shards(p)
@@ -118,12 +121,8 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
     bad_hash = sum(1 for h, e in zip(t.sha256, t.error, strict=True) if len(h) != 64 and not e)
     if bad_hash:
         problems.append(f"{bad_hash} readable rows without a valid sha256")
-    if store.version >= 2 and len(store.find(t.path[:1000])) and (store.find(t.path) < 0).any():
-        if repair:
-            _rebuild_index(p)
-            problems.append("repaired: rebuilt the path index from the image table")
-        else:
-            problems.append("the path index misses rows; `penult check --repair` rebuilds it")
+    with store_lock(p) if repair and not store.read_only else contextlib.nullcontext():
+        problems += store.backend.index_problems(t.path, repair=repair)
     try:
         for name, e in store.backbones().items():
             problems += _check_backbone(store, name, e.dim, len(t))
@@ -145,73 +144,3 @@ def _check_backbone(
             return [f"backbone {name}: dim {x.shape[1]} but fingerprint says {dim}"]
         bad += int((~np.isfinite(x)).any(axis=1).sum())
     return [f"backbone {name}: {bad} valid rows hold NaN/inf"] if bad else []
-
-
-def _segment_problems(path: Path, *, repair: bool) -> tuple[list[str], list[str]]:
-    """Every segment the maps name: present, readable, long enough. With ``repair``, pieces of
-    rebuildable families that fail are dropped (their rows are simply made again later)."""
-    with h5py.File(path, "r") as f:
-        layout = segmented.structure_problems(f)
-        if layout:
-            return [f"{path}: malformed store: {m}" for m in layout], []
-        s = segmented.load(f)
-    bad: dict[str, str] = {}
-    with Reader(segmented.segment_dir(path), s) as r:
-        for fam, ps in s.maps.items():
-            for piece in ps:
-                for col in s.columns(fam):
-                    try:
-                        r.dataset(piece, col)
-                    except StoreError as e:
-                        bad.setdefault(piece.file, str(e))
-        for name, _ in s.index:
-            try:
-                read_run(r, name)
-            except (StoreError, KeyError) as e:
-                bad.setdefault(name, str(e))
-        for name in sorted({p.file for ps in s.maps.values() for p in ps} - set(bad)):
-            try:
-                verify(r, name)  # every chunk's checksum
-            except StoreError as e:
-                bad.setdefault(name, str(e))
-    if not bad:
-        return [], []
-    found = [f"{path}: {why}" for why in bad.values()]
-    if not repair:
-        return found, []
-    return found, _repair(path, s, set(bad))
-
-
-def _rebuild_index(path: Path) -> None:
-    """The path index made again from the table's keys, under the writer's lock."""
-    with store_lock(path):
-        with h5py.File(path, "r") as f:
-            s = segmented.load(f)
-        segmented.Commit(path, s).rebuild_index()
-
-
-def _repair(path: Path, s: segmented.State, bad: set[str]) -> list[str]:
-    with store_lock(path):
-        done = []
-        table_lost = [p for p in s.maps.get(segmented.TABLE, []) if p.file in bad]
-        if table_lost:  # the rows themselves are gone: nothing else is worth changing
-            return [
-                f"cannot repair: image-table rows {p.lo}..{p.hi - 1} were in {p.file}; restore "
-                "that file (or the store's whole .segments folder) from a backup, or extract "
-                "into a new store; nothing was changed"
-                for p in table_lost
-            ]
-        for fam in list(s.maps):
-            if fam == segmented.TABLE:
-                continue
-            gone = [p for p in s.maps[fam] if p.file in bad]
-            if gone:
-                s.maps[fam] = [p for p in s.maps[fam] if p.file not in bad]
-                rows = sum(p.hi - p.lo for p in gone)
-                done.append(f"repaired: dropped {rows} rows of {fam} (made again by the next run)")
-        if any(n in bad for n, _ in s.index):
-            segmented.Commit(path, s).rebuild_index()
-            done.append("repaired: rebuilt the path index from the image table")
-        else:
-            segmented.save(path, s)
-        return done

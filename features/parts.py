@@ -116,10 +116,8 @@ class PartWriter(Writes):
     def __enter__(self) -> PartWriter:
         ensure_store(self.path)
         self.store = FeatureStore(self.path)
-        if self.store.version < 2:
-            raise StoreError(
-                f"{self.path} is store format 1; run `penult check --upgrade {self.path}` first"
-            )
+        if self.store.read_only:
+            raise StoreError(f"{self.path} {self.store.read_only}")
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock_fh = _try_lock(self.folder)
         if self._lock_fh is None:

@@ -1,7 +1,7 @@
 """The feature store: an image table and one embedding set per backbone, in HDF5.
 
 Format 2 (written by this penult) is a small top-level HDF5 file over immutable segment files in
-``STORE.segments/`` (see ``segmented.py``); it presents every column as one (virtual) dataset::
+``STORE.segments/`` (see ``format2/``); it presents every column as one (virtual) dataset::
 
     /                        attrs: format="penult-feature-store", schema_version=2, rows, created_at
     /images/path             (N,) str    relative POSIX path (the row key; a name that is not valid
@@ -16,6 +16,7 @@ Format 2 (written by this penult) is a small top-level HDF5 file over immutable 
     /backbones/<name>        attrs: fingerprint (JSON) and its fields, dim, dtype, created_at
 
 Format 1 (one file rewritten by every commit) is still read; ``penult check --upgrade`` converts it.
+Each format is a backend (``backends.py``); this module never asks which one a store has.
 Writes go through :class:`StoreWriter`, which journals them (see ``journal.py``) and publishes
 them by replacing the top-level file atomically, so a kill at any moment leaves a store that opens.
 """
@@ -34,32 +35,14 @@ from typing import Any
 import h5py
 import numpy as np
 from penult.core.errors import FingerprintMismatchError, StoreError, StoreLockedError
-from penult.features import journal, segmented
-from penult.features.legacy import Legacy, structure_problems
-from penult.features.reader import Segmented
-from penult.features.segmented import FORMAT, SCHEMA_VERSION
+from penult.features import journal
+from penult.features.backends import StoreBackend, backend_for
+from penult.features.format2.commit import publish_journal
+from penult.features.format2.state import SEGMENT_ROWS
+from penult.features.hdf5 import attributes
 from penult.features.types import BackboneEntry, Chunk, HashIndex, ImageTable, TableView
 
 log = logging.getLogger(__name__)
-
-
-def check_root(f: h5py.File, path: Path) -> int:
-    """The store's schema version, or a StoreError if it is not a store this penult reads."""
-    if f.attrs.get("format") != FORMAT:
-        raise StoreError(f"{path} is an HDF5 file but not a penult feature store")
-    version = int(f.attrs.get("schema_version", -1))
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"{path} has schema version {version}, newer than this penult ({SCHEMA_VERSION}); upgrade penult"
-        )
-    return version
-
-
-def _layout_problems(f: h5py.File, path: Path, version: int) -> list[str]:
-    if version < 2:
-        return structure_problems(f)
-    problems = segmented.structure_problems(f)
-    return problems or segmented.referenced_problems(path, segmented.load(f))
 
 
 @contextlib.contextmanager
@@ -74,22 +57,18 @@ def store_lock(path: str | os.PathLike[str]) -> Iterator[None]:
         lock._release_lock()
 
 
-def _relink(path: Path) -> bool:
+def _relink(backend: StoreBackend) -> None:
     """A store renamed or copied under a new name has links that still name the old segments
     folder: plain h5py fails (or reads the original's view). The first penult command that
     opens it writes its view and top-level file again with its own folder's name
     (under the writer's lock; skipped while another process writes, whose commit does the same,
-    and where the store cannot be written). Returns whether it did."""
+    and where the store cannot be written)."""
     try:
-        with store_lock(path):
-            with h5py.File(path, "r") as f:
-                if not segmented.stale_links(f, path):  # relinked by another process meanwhile
-                    return False
-            segmented.relink(path)
+        with store_lock(backend.path):
+            backend.relink()
     except (OSError, StoreLockedError):  # a read-only store: penult reads it all the same
-        return False
-    log.info("%s: its columns now name %s", path, segmented.segment_dir(path).name)
-    return True
+        return
+    log.info("%s: relinked to its own segments", backend.path)
 
 
 class FeatureStore:
@@ -101,9 +80,9 @@ class FeatureStore:
             raise StoreError(f"{path}: no such feature store")
         try:
             with h5py.File(self.path, "r") as f:
-                self.version = check_root(f, self.path)
-                problems = _layout_problems(f, self.path, self.version)
-                stale = self.version >= 2 and not problems and segmented.stale_links(f, self.path)
+                kind = backend_for(f, self.path)
+                problems = kind.layout_problems(f, self.path)
+                stale = not problems and kind.needs_relink(f, self.path)
         except OSError as e:
             raise StoreError(f"{self.path}: cannot open as HDF5 ({e})") from None
         if problems:
@@ -112,16 +91,28 @@ class FeatureStore:
             )
             raise StoreError(f"{self.path}: malformed store: {problems[0]}{more}")
         self._seen: set[str] = set()
-        self._b: Legacy | Segmented = (
-            Legacy(self.path) if self.version < 2 else Segmented(self.path)
-        )
+        self._b: StoreBackend = kind(self.path)
         if stale:
-            _relink(self.path)
+            _relink(self._b)
+
+    @property
+    def version(self) -> int:
+        """The store format (shown by ``penult info``; nothing branches on it)."""
+        return self._b.version
+
+    @property
+    def read_only(self) -> str:
+        """Why penult does not write this store and what converts it; "" where it does."""
+        return self._b.read_only.format(path=self.path) if self._b.read_only else ""
+
+    @property
+    def backend(self) -> StoreBackend:
+        return self._b
 
     @property
     def attrs(self) -> dict[str, Any]:
         with h5py.File(self.path, "r") as f:
-            return segmented.attributes(f)
+            return attributes(f)
 
     def __len__(self) -> int:
         return self._b.rows()
@@ -164,7 +155,7 @@ class FeatureStore:
     def _known(self, name: str) -> str:
         if name in self._seen:  # a backbone is never removed from a store
             return name
-        have = self._b.backbones() if self.version < 2 else self._b.state().backbones
+        have = self._b.backbone_names()
         self._seen |= set(have)
         if name not in have:
             names = ", ".join(sorted(have)) or "none"
@@ -258,50 +249,6 @@ def real_path(path: str | os.PathLike[str]) -> Path:
     """The store's real file: a symlinked store is written through its link, and the journal and
     lock sit beside the real file, so two spellings of one store share one lock."""
     return Path(os.path.realpath(os.fspath(path)))
-
-
-def compact(path: Path, *, segment_rows: int = segmented.SEGMENT_ROWS) -> int:
-    """Publish committed journal shards as segments; return how many were merged.
-
-    Shards that cannot be read are renamed ``*.damaged`` and reported, the rest are merged: the
-    images they held are simply extracted again. Caller must hold the write lock.
-    """
-    journal.remove_stale_temporaries(path)
-    for stale in path.parent.glob(f".{path.name}.top-*"):
-        stale.unlink(missing_ok=True)
-    if path.exists():
-        with h5py.File(path, "r") as f:
-            state = segmented.load(f)
-    else:
-        state = segmented.new_state(segment_rows)
-    segmented.collect_garbage(path, state)  # segments of a commit killed before it published
-    shards = journal.list_shards(path)
-    done = int(state.attrs.get("journal_seq", 0))
-    fresh = [s for s in shards if _seq(s) > done]
-    if not fresh and path.exists():
-        for s in shards:  # published before a kill, not yet deleted
-            s.unlink(missing_ok=True)
-        return 0
-    c = segmented.Commit(path, state)
-    damaged = []
-    for shard in fresh:
-        try:
-            meta, arrays = journal.read_shard(shard)
-            c.apply(meta, arrays)
-        except (journal.DamagedShardError, segmented.Orphan) as e:
-            damaged.append(shard)
-            log.warning("journal shard %s set aside: %s", shard.name, e)
-    c.finish(max([_seq(s) for s in shards], default=done))
-    for shard in shards:
-        if shard in damaged:
-            journal.set_aside(shard)
-        else:
-            shard.unlink(missing_ok=True)
-    return len(fresh) - len(damaged)
-
-
-def _seq(shard: Path) -> int:
-    return int(shard.name.split("-")[0])
 
 
 _LOCKED_HERE: set[str] = set()
@@ -450,7 +397,7 @@ class StoreWriter(Writes):
     so finished work is never lost; after a kill it is committed by the next writer.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGMENT_ROWS):
+    def __init__(self, path: str | os.PathLike[str], *, segment_rows: int = SEGMENT_ROWS):
         if int(segment_rows) < 1:
             raise StoreError(f"segment_rows must be at least 1, got {segment_rows!r}")
         self.path = real_path(path)
@@ -462,14 +409,13 @@ class StoreWriter(Writes):
     def __enter__(self) -> StoreWriter:
         if not self.path.parent.is_dir():
             raise StoreError(f"{self.path}: folder {self.path.parent} does not exist")
-        if self.path.exists() and FeatureStore(self.path).version < 2:  # validates it too
-            raise StoreError(
-                f"{self.path} was written by an older penult (store format 1) and is read-only "
-                f"here; convert it once with `penult check --upgrade {self.path}`"
-            )
+        if self.path.exists():
+            why = FeatureStore(self.path).read_only  # validates it too
+            if why:
+                raise StoreError(f"{self.path} {why}")
         self._acquire_lock()
         try:
-            merged = compact(self.path, segment_rows=self.segment_rows)
+            merged = publish_journal(self.path, segment_rows=self.segment_rows)
             if merged:
                 log.info("merged %d journal shards left by an interrupted run", merged)
             self._refresh()
@@ -532,7 +478,7 @@ class StoreWriter(Writes):
     def commit(self) -> None:
         """Merge the journal into the store file (atomic replace) and refresh ``self.store``."""
         try:
-            compact(self.path)
+            publish_journal(self.path)
         except OSError as e:  # e.g. no room for the new file: the old file and journal are intact
             if e.errno == errno.ENOSPC:
                 raise

@@ -15,22 +15,23 @@ import h5py
 import numpy as np
 from penult.core.errors import StoreError
 from penult.core.files import atomic_path, set_aside
-from penult.features import segmented
-from penult.features.legacy import read_table
+from penult.features.format1 import read_table
+from penult.features.format2 import state as format2
+from penult.features.format2.commit import Commit
 from penult.features.store import FeatureStore, real_path, store_lock
 
 
-def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGMENT_ROWS) -> str:
+def upgrade(path: str | os.PathLike[str], *, segment_rows: int = format2.SEGMENT_ROWS) -> str:
     """Convert the store at ``path``; return a one-line summary."""
     path = real_path(path)
     if path.is_dir():
         raise StoreError(f"{path} is a folder, not a feature store file")
-    if FeatureStore(path).version >= 2:
-        return f"{path} is already store format {segmented.SCHEMA_VERSION}; nothing to do"
+    if not FeatureStore(path).read_only:
+        return f"{path} is already store format {format2.SCHEMA_VERSION}; nothing to do"
     with store_lock(path):
         tmp = path.with_name(f".{path.name}.upgrade")
         tmp.unlink(missing_ok=True)
-        folder = segmented.segment_dir(path)
+        folder = format2.segment_dir(path)
         marker = path.with_name(f".{path.name}.upgrading")  # says whose files the folder holds
         kept = ""
         if folder.is_dir() and marker.exists():  # segments of an upgrade that was killed
@@ -43,13 +44,13 @@ def upgrade(path: str | os.PathLike[str], *, segment_rows: int = segmented.SEGME
         with atomic_path(path, tmp=tmp) as t:
             rows = _convert(path, t, segment_rows)
         marker.unlink()
-    return f"{path}: upgraded to store format {segmented.SCHEMA_VERSION} ({rows} images){kept}"
+    return f"{path}: upgraded to store format {format2.SCHEMA_VERSION} ({rows} images){kept}"
 
 
 def _convert(path: Path, tmp: Path, block: int) -> int:
     with h5py.File(path, "r") as f:
         t = read_table(f)
-        c = segmented.Commit(path, segmented.new_state(block))
+        c = Commit(path, format2.new_state(block))
         arrays = {
             "path": np.array(t.path, dtype=str),
             "root": np.array(t.root, dtype=str),
@@ -60,9 +61,9 @@ def _convert(path: Path, tmp: Path, block: int) -> int:
         }
         c.apply({"kind": "images"}, arrays)
         rows = np.arange(len(t), dtype=np.int64)
-        c.put(segmented.SIZE, rows, {"width": t.width, "height": t.height})
+        c.put(format2.SIZE, rows, {"width": t.width, "height": t.height})
         failed = np.flatnonzero([bool(e) for e in t.error])
-        c.put(segmented.ERROR, failed, {"error": c.codes("error", [t.error[i] for i in failed])})
+        c.put(format2.ERROR, failed, {"error": c.codes("error", [t.error[i] for i in failed])})
         names = list(f["backbones"])
         for name in names:
             g = f["backbones"][name]
@@ -82,15 +83,15 @@ def _convert(path: Path, tmp: Path, block: int) -> int:
 
 def _copy_backbone(path: Path, tmp: Path, g: h5py.Group, name: str, n: int, block: int) -> None:
     """One block of embeddings at a time: memory stays bounded by the block."""
-    fam = segmented.backbone_family(name)
+    fam = format2.backbone_family(name)
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         valid = np.asarray(g["valid"][lo:hi], bool)
         if not valid.any():
             continue
         with h5py.File(tmp, "r") as top:
-            state = segmented.load(top)
-        c = segmented.Commit(path, state)
+            state = format2.load(top)
+        c = Commit(path, state)
         rows = np.arange(lo, hi)[valid]
         x = np.asarray(g["embeddings"][lo:hi])[valid]
         c.put(fam, rows, {"embeddings": x, "valid": np.ones(len(rows), bool)})

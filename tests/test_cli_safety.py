@@ -473,3 +473,44 @@ def test_runtime_options_are_declared_once():
     for cls in (FinetuneOptions, Featuriser):
         with pytest.raises(OptionError, match="precision 'int8' is not one of"):
             cls(precision="int8")
+
+
+def test_only_the_store_backends_know_which_format_a_store_has():
+    """No module outside features/backends.py, format1.py and format2/ compares a format version
+    or reads ``schema_version``; every registered backend has every member of the protocol."""
+    import ast
+    import inspect
+
+    from penult.features.backends import BACKENDS, StoreBackend
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / f for f in ("cli.py", "api.py", "demo.py")]
+    files += [
+        p for pkg in ("core", "features", "extract", "classify") for p in (root / pkg).rglob("*.py")
+    ]
+    backends = {root / "features/backends.py", root / "features/format1.py"}
+    asked = []
+    for p in files:
+        if p in backends or p.parent.name == "format2":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Compare):
+                names = [n for n in ast.walk(node) if isinstance(n, ast.Attribute)]
+                if any(n.attr in ("version", "schema_version") for n in names):
+                    asked.append(f"{p.relative_to(root)}:{node.lineno}")
+            if isinstance(node, ast.Constant) and node.value == "schema_version":
+                asked.append(f"{p.relative_to(root)}:{node.lineno}")
+    assert asked == []
+    members = {n for n in vars(StoreBackend) if not n.startswith("_")}
+    members |= set(StoreBackend.__annotations__) - {"path"}
+    assert {"read_only", "layout_problems", "damaged", "embeddings"} <= members
+    for version, cls in BACKENDS.items():
+        assert cls.version == version
+        missing = [m for m in members if not hasattr(cls, m)]
+        assert missing == [], (cls.__name__, missing)
+        for m in members:
+            proto, impl = getattr(StoreBackend, m, None), getattr(cls, m)
+            if callable(proto):
+                assert list(inspect.signature(proto).parameters) == list(
+                    inspect.signature(impl).parameters
+                ), (cls.__name__, m)

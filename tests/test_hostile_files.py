@@ -196,9 +196,9 @@ def test_disk_full_keeps_the_journal_and_says_how_to_finish(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(a[0]) + ".journal")
         return real_write(*a, **k)
 
-    import penult.features.store as fstore
+    from penult.features.format2.commit import Commit
 
-    real_finish = fstore.segmented.Commit.finish
+    real_finish = Commit.finish
 
     def merge_fails_when_full(self, *a, **k):
         if calls["n"] > 4:
@@ -206,7 +206,7 @@ def test_disk_full_keeps_the_journal_and_says_how_to_finish(
         return real_finish(self, *a, **k)
 
     monkeypatch.setattr(journal, "write_shard", write_until_full)
-    monkeypatch.setattr(fstore.segmented.Commit, "finish", merge_fails_when_full)
+    monkeypatch.setattr(Commit, "finish", merge_fails_when_full)
     argv = ["extract", str(store), str(small_folder), "--weights", "random", "-q"]
     rc = cli.main([*argv, "--commit-every", "4", "--batch-size", "4", "--workers", "0"])
     err = capsys.readouterr().err

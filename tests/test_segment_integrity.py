@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from penult.features import FeatureStore, StoreError, StoreWriter, check
-from penult.features.segmented import load, segment_dir
+from penult.features.format2.state import load, segment_dir
 from store_rows import FP, synthetic_rows
 
 
@@ -127,7 +127,7 @@ def test_plain_check_lists_a_truncated_segment(tmp_path, capsys) -> None:
 
 
 def test_check_repair_rebuilds_a_path_index_that_misses_rows(tmp_path) -> None:
-    from penult.features.segmented import save
+    from penult.features.format2.state import save
 
     store = _store(tmp_path / "s.h5", n=200)
     with StoreWriter(store) as w:  # a second run of the index

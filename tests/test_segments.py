@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from penult import cli
 from penult.features import FeatureStore, StoreError, StoreWriter, check, upgrade
-from penult.features.segments import Piece, cut, path_keys
+from penult.features.format2.files import Piece, cut, path_keys
 from store_rows import FP, add_rows, synthetic_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""Store format 2, read side: columns read through the piece maps of the top-level file."""
+"""Store format 2's backend: columns read through the piece maps of the top-level file, and the
+format's own checks (layout, missing or damaged segments, the path index) and repairs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import TypeVar
 import h5py
 import numpy as np
 from penult.core.errors import StoreError
-from penult.features.segmented import (
+from penult.features.format2.commit import Commit
+from penult.features.format2.files import KeyRun, Reader, find_keys, path_keys, read_run, verify
+from penult.features.format2.state import (
     ERROR,
     SIZE,
     TABLE,
@@ -20,9 +23,13 @@ from penult.features.segmented import (
     decode,
     label_family,
     load,
+    referenced_problems,
+    relink,
+    save,
     segment_dir,
+    stale_links,
+    structure_problems,
 )
-from penult.features.segments import KeyRun, Reader, find_keys, path_keys, read_run
 from penult.features.types import BackboneEntry, Fingerprint, ImageTable, TableView, sha_hex
 
 T = TypeVar("T")
@@ -44,15 +51,40 @@ def to_float32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-class Segmented:
-    """Format-2 reader behind :class:`features.store.FeatureStore`. Every call reads the current
+class Format2:
+    """The format-2 :class:`~penult.features.backends.StoreBackend`. Every call reads the current
     top-level file, so it sees each commit whole; a segment deleted by a concurrent commit
     between the two is retried once on the new state."""
 
     version = 2
+    read_only = ""
 
     def __init__(self, path: Path):
         self.path = path
+
+    @staticmethod
+    def layout_problems(f: h5py.File, path: Path, *, files: bool = True) -> list[str]:
+        """What is malformed in the top-level file, then (``files``) which segments are missing."""
+        problems = structure_problems(f)
+        return problems or (referenced_problems(path, load(f)) if files else [])
+
+    @staticmethod
+    def needs_relink(f: h5py.File, path: Path) -> bool:
+        return stale_links(f, path)
+
+    def relink(self) -> None:
+        """Make the links name this store's own segments folder (the caller holds the lock)."""
+        with h5py.File(self.path, "r") as f:
+            if not stale_links(f, self.path):  # relinked by another process meanwhile
+                return
+        relink(self.path)
+
+    def files(self) -> list[Path]:
+        folder = segment_dir(self.path)
+        return [self.path, *(folder.iterdir() if folder.is_dir() else [])]
+
+    def backbone_names(self) -> list[str]:
+        return list(self.state().backbones)
 
     def state(self) -> State:
         with h5py.File(self.path, "r") as f:
@@ -201,3 +233,65 @@ class Segmented:
             return x if out is None else to_float32(x, out)
 
         return self._run(read)
+
+    def damaged(self) -> dict[str, str]:
+        """Every segment the maps name that is missing, unreadable, short or fails a chunk's
+        checksum: file name -> why (each named once)."""
+        s = self.state()
+        bad: dict[str, str] = {}
+        with Reader(segment_dir(self.path), s) as r:
+            for fam, ps in s.maps.items():
+                for piece in ps:
+                    for col in s.columns(fam):
+                        try:
+                            r.dataset(piece, col)
+                        except StoreError as e:
+                            bad.setdefault(piece.file, str(e))
+            for name, _ in s.index:
+                try:
+                    read_run(r, name)
+                except (StoreError, KeyError) as e:
+                    bad.setdefault(name, str(e))
+            for name in sorted({p.file for ps in s.maps.values() for p in ps} - set(bad)):
+                try:
+                    verify(r, name)  # every chunk's checksum
+                except StoreError as e:
+                    bad.setdefault(name, str(e))
+        return bad
+
+    def repair(self, damaged: dict[str, str]) -> list[str]:
+        """Drop the pieces of rebuildable families held in ``damaged`` files (their rows are
+        made again by the next run) and rebuild a damaged path index; refuse, changing nothing,
+        where image-table rows are lost. The caller holds the writer's lock."""
+        s, bad = self.state(), set(damaged)
+        table_lost = [p for p in s.maps.get(TABLE, []) if p.file in bad]
+        if table_lost:  # the rows themselves are gone: nothing else is worth changing
+            return [
+                f"cannot repair: image-table rows {p.lo}..{p.hi - 1} were in {p.file}; restore "
+                "that file (or the store's whole .segments folder) from a backup, or extract "
+                "into a new store; nothing was changed"
+                for p in table_lost
+            ]
+        done = []
+        for fam in list(s.maps):
+            gone = [p for p in s.maps[fam] if p.file in bad] if fam != TABLE else []
+            if gone:
+                s.maps[fam] = [p for p in s.maps[fam] if p.file not in bad]
+                rows = sum(p.hi - p.lo for p in gone)
+                done.append(f"repaired: dropped {rows} rows of {fam} (made again by the next run)")
+        if any(n in bad for n, _ in s.index):
+            Commit(self.path, s).rebuild_index()
+            done.append("repaired: rebuilt the path index from the image table")
+        else:
+            save(self.path, s)
+        return done
+
+    def index_problems(self, paths: list[str], *, repair: bool) -> list[str]:
+        """Whether the path index finds every row of the table (``paths``, in row order);
+        ``repair`` rebuilds it from the table's keys (the caller holds the writer's lock)."""
+        if not len(paths) or not (self.find(paths) < 0).any():
+            return []
+        if not repair:
+            return ["the path index misses rows; `penult check --repair` rebuilds it"]
+        Commit(self.path, self.state()).rebuild_index()
+        return ["repaired: rebuilt the path index from the image table"]

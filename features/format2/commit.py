@@ -1,31 +1,21 @@
-"""Store format 2: a small top-level HDF5 file over immutable segment files.
+"""Store format 2, write side: journal shards replayed over a state into new segment files.
 
-The top-level file is the one thing replaced (atomically) by a commit. It holds the piece maps
-(``/segments/<family>``), the category names of coded columns, the backbones' fingerprints, and
-external links to a *view* file inside the segments folder, whose virtual datasets present every
-column as one dataset to plain h5py readers. The view names its segments as siblings, so a store
-moved or copied with its folder reads the same; renamed, the top-level file's links name a folder
-that is not there and plain h5py fails loudly (never fill values) until penult relinks it. A commit replays
-the journal into new segment files (cost: the new rows), compacts the blocks it touched, writes
-the new top-level file, and only then deletes segments no map refers to any more.
+A commit writes the new rows (cost: what is new), compacts the blocks it touched, publishes a
+new top-level file (``state.save``) and only then deletes segments no map refers to any more.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from penult.core.errors import FingerprintMismatchError, PenultError
-from penult.core.files import atomic_path, fsync_dir
-from penult.features.segments import (
+from penult.core.errors import FingerprintMismatchError
+from penult.features import journal
+from penult.features.format2.files import (
     STR,
     Column,
     KeyRun,
@@ -42,247 +32,28 @@ from penult.features.segments import (
     write_run,
     write_segment,
 )
+from penult.features.format2.state import (
+    ERROR,
+    NON_FINITE,
+    SEGMENT_ROWS,
+    SIZE,
+    TABLE,
+    TABLE_COLUMNS,
+    Orphan,
+    State,
+    backbone_family,
+    collect_garbage,
+    encoded,
+    label_family,
+    load,
+    new_state,
+    now,
+    save,
+    segment_dir,
+)
 from penult.features.types import Fingerprint, sha_raw
 
 log = logging.getLogger(__name__)
-
-FORMAT = "penult-feature-store"
-SCHEMA_VERSION = 2
-SEGMENT_ROWS = 1_000_000
-TABLE, SIZE, ERROR = "table", "size", "error"
-NON_FINITE = "the network gave a non-finite embedding (NaN or inf)"
-TABLE_COLUMNS = {
-    "key": Column(np.dtype(np.uint64), (2,)),
-    "path": Column(STR),
-    "root": Column(np.dtype(np.int32)),
-    "sha256": Column(np.dtype(np.uint8), (32,)),
-    "nbytes": Column(np.dtype(np.int64)),
-    "mtime_ns": Column(np.dtype(np.int64)),
-}
-SIZE_COLUMNS = {"width": Column(np.dtype(np.int32)), "height": Column(np.dtype(np.int32))}
-ERROR_COLUMNS = {"error": Column(np.dtype(np.int32))}
-LABEL_COLUMNS = {"code": Column(np.dtype(np.int32))}
-
-
-def segment_dir(path: Path) -> Path:
-    return path.with_name(path.name + ".segments")
-
-
-def label_family(col: str) -> str:
-    return "label:" + col
-
-
-def backbone_family(name: str) -> str:
-    return "backbone:" + name
-
-
-@dataclass
-class State:
-    """Everything the top-level file says, in memory (small: no per-row data)."""
-
-    attrs: dict[str, Any]
-    maps: dict[str, list[Piece]] = field(default_factory=dict)
-    index: list[tuple[str, int]] = field(default_factory=list)  # (file, rows) oldest first
-    names: dict[str, list[str]] = field(default_factory=dict)  # "root", "error", "label:<c>"
-    backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
-    view: str | None = None  # the view file (in the segments folder) the top-level file links to
-
-    @property
-    def rows(self) -> int:
-        return int(self.attrs["rows"])
-
-    @property
-    def block(self) -> int:
-        return int(self.attrs["segment_rows"])
-
-    @property
-    def labels(self) -> list[str]:
-        return sorted(k[len("label:") :] for k in self.names if k.startswith("label:"))
-
-    def columns(self, family: str) -> dict[str, Column]:
-        if family == TABLE:
-            return TABLE_COLUMNS
-        if family == SIZE:
-            return SIZE_COLUMNS
-        if family == ERROR:
-            return ERROR_COLUMNS
-        if family.startswith("label:"):
-            return LABEL_COLUMNS
-        meta = self.backbones[family[len("backbone:") :]]
-        dt = np.dtype(meta["dtype"])
-        return {
-            "embeddings": Column(dt, (int(meta["dim"]),), np.nan),
-            "valid": Column(np.dtype(bool), (), False),
-        }
-
-    def files(self) -> set[str]:
-        out = {p.file for ps in self.maps.values() for p in ps}
-        return out | {f for f, _ in self.index}
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-class Orphan(PenultError):
-    """A shard refers to something a damaged (set-aside) shard should have created."""
-
-
-def new_state(block: int = SEGMENT_ROWS) -> State:
-    attrs = dict(
-        format=FORMAT,
-        schema_version=SCHEMA_VERSION,
-        created_at=now(),
-        rows=0,
-        segment_rows=int(block),
-        key_seed=secrets.randbits(63),
-        journal_seq=0,
-    )
-    return State(attrs, names={"root": [], "error": [""]})
-
-
-def attributes(obj: h5py.HLObject) -> dict[str, Any]:
-    """An HDF5 object's attributes as plain Python values."""
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in obj.attrs.items()}
-
-
-def decode(values: np.ndarray) -> list[str]:
-    """Stored strings back to str; bytes that are not UTF-8 come back surrogate-escaped (lossless)."""
-    return [
-        v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values
-    ]
-
-
-def load(f: h5py.File) -> State:
-    s = State(attributes(f))
-    for fam, g in f["segments"].items():
-        s.maps[fam] = [
-            Piece(int(a), int(b), n.decode(), int(o))
-            for a, b, n, o in zip(
-                g["lo"][()], g["hi"][()], g["file"][()], g["offset"][()], strict=True
-            )
-        ]
-    ix = f["index"]
-    s.index = [(n.decode(), int(r)) for n, r in zip(ix["file"][()], ix["rows"][()], strict=True)]
-    s.names["root"] = decode(f["images/root_names"][()])
-    s.names["error"] = decode(f["images/error_names"][()])
-    for col, g in f["images/labels"].items():
-        s.names[label_family(col)] = decode(g["names"][()])
-    for name, g in f["backbones"].items():
-        s.backbones[name] = attributes(g)
-    link = f.get("images/path", getlink=True)
-    if isinstance(link, h5py.ExternalLink):
-        s.view = link.filename.rsplit("/", 1)[-1]
-    return s
-
-
-def save(path: Path, s: State, *, segments: Path | None = None) -> None:
-    """Write a new view file into the segments folder, then the top-level file (to a temporary
-    name, fsynced, renamed over ``path``) with links to it. ``s.view`` names the new view."""
-    folder = segments or segment_dir(path)
-    s.view = _write_view(folder, s)
-    with atomic_path(path, tmp=path.with_name(f".{path.name}.top-{os.getpid()}")) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(s.attrs)
-            seg = f.create_group("segments")
-            for fam, ps in s.maps.items():
-                g = seg.create_group(fam)
-                g["lo"] = np.array([p.lo for p in ps], np.int64)
-                g["hi"] = np.array([p.hi for p in ps], np.int64)
-                g["offset"] = np.array([p.offset for p in ps], np.int64)
-                g.create_dataset("file", data=_strs([p.file for p in ps]), dtype=STR)
-            ix = f.create_group("index")
-            ix.create_dataset("file", data=_strs([n for n, _ in s.index]), dtype=STR)
-            ix["rows"] = np.array([r for _, r in s.index], np.int64)
-            target = f"{folder.name}/{s.view}"
-            for name in _columns(f, s):
-                f[name] = h5py.ExternalLink(target, f"/{name}")
-
-
-def _strs(values: list[str]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = [v.encode("utf-8", "surrogateescape") for v in values]
-    return out
-
-
-def _columns(f: h5py.File, s: State) -> dict[str, tuple[str, str]]:
-    """The groups, names and attributes of the plain-h5py layout in ``f``; returns each column's
-    dataset path with the (family, column) it shows."""
-    out = {f"images/{c}": (TABLE, c) for c in TABLE_COLUMNS}
-    out |= {f"images/{c}": (SIZE, c) for c in SIZE_COLUMNS}
-    out["images/error"] = (ERROR, "error")
-    images = f.create_group("images")
-    images.create_dataset("root_names", data=_strs(s.names["root"]), dtype=STR)
-    images.create_dataset("error_names", data=_strs(s.names["error"]), dtype=STR)
-    labels = images.create_group("labels")
-    for col in s.labels:
-        g = labels.create_group(col)
-        g.create_dataset("names", data=_strs(s.names[label_family(col)]), dtype=STR)
-        out[f"images/labels/{col}/codes"] = (label_family(col), "code")
-    bb = f.create_group("backbones")
-    for name, meta in s.backbones.items():
-        bb.create_group(name).attrs.update(meta)
-        out[f"backbones/{name}/embeddings"] = (backbone_family(name), "embeddings")
-        out[f"backbones/{name}/valid"] = (backbone_family(name), "valid")
-    return out
-
-
-def _write_view(folder: Path, s: State) -> str:
-    """The view file: one virtual dataset per column over the segments beside it (named as
-    siblings, so the folder may be moved or renamed). Written whole under a new name."""
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"view-{secrets.token_hex(8)}.h5"
-    with atomic_path(folder / name, tmp=folder / f".{name}.tmp") as tmp:
-        with h5py.File(tmp, "w") as f:
-            for path, (family, column) in _columns(f, s).items():
-                col = s.columns(family)[column]
-                layout = h5py.VirtualLayout(shape=(s.rows, *col.shape), dtype=col.dtype)
-                for p in s.maps.get(family, []):
-                    n = p.offset + p.hi - p.lo
-                    layout[p.lo : p.hi] = h5py.VirtualSource(p.file, column, shape=(n, *col.shape))[
-                        p.offset : n
-                    ]
-                fill = None if col.dtype is STR else col.fill
-                f.create_virtual_dataset(path, layout, fillvalue=fill)
-    return name
-
-
-def stale_links(f: h5py.File, path: Path) -> bool:
-    """Whether plain h5py would not read this store's own segments: the top-level file names
-    another store's folder (renamed, or copied under a new name), its view file is gone, or it
-    predates view files (virtual datasets that read fill values once the store is renamed)."""
-    link = f.get("images/path", getlink=True)
-    if link is None:
-        return False
-    if not isinstance(link, h5py.ExternalLink):
-        return True
-    folder, _, view = link.filename.partition("/")
-    return folder != segment_dir(path).name or not (segment_dir(path) / view).is_file()
-
-
-def relink(path: Path) -> None:
-    """Write the view and the top-level file again (atomically, same state) so that they name
-    this store's own segments folder, then collect what nothing names (the old view). The
-    caller holds the writer's lock."""
-    with h5py.File(path, "r") as f:
-        s = load(f)
-    save(path, s)
-    collect_garbage(path, s)
-
-
-def collect_garbage(path: Path, s: State) -> int:
-    """Delete segment files no map refers to (superseded, or left by a killed writer)."""
-    folder = segment_dir(path)
-    if not folder.is_dir():
-        return 0
-    keep, n = s.files() | {s.view}, 0
-    for p in folder.iterdir():
-        if p.name not in keep:
-            p.unlink(missing_ok=True)
-            n += 1
-    if n:
-        fsync_dir(folder)
-    return n
 
 
 class Commit:
@@ -350,7 +121,7 @@ class Commit:
         shas = a["sha256"].tolist()
         values = {
             "key": keys,
-            "path": _strs(paths),
+            "path": encoded(paths),
             "root": self.codes("root", a["root"].tolist()),
             "sha256": sha_raw(shas),
             "nbytes": np.asarray(a["nbytes"], np.int64),
@@ -558,48 +329,45 @@ def _cat(parts: list[np.ndarray], col: Column) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def structure_problems(f: h5py.File) -> list[str]:
-    """What is missing or inconsistent in a top-level file (cheap: no segment is opened)."""
-    for g in ("segments", "index", "images", "images/labels", "backbones"):
-        if not isinstance(f.get(g), h5py.Group):
-            return [f"no /{g} group"]
-    try:
-        s = load(f)
-    except (KeyError, ValueError, TypeError, OSError) as e:
-        return [f"top-level file is malformed ({type(e).__name__}: {e})"]
-    out = []
-    for fam, ps in s.maps.items():
-        if fam.startswith("backbone:") and fam[len("backbone:") :] not in s.backbones:
-            out.append(f"segments of {fam!r} but no such backbone")
-        for p in ps:
-            if not 0 <= p.lo < p.hi <= s.rows or p.offset < 0:
-                out.append(f"{fam}: piece {p.lo}..{p.hi} lies outside the table's {s.rows} rows")
-                break
-    for name, g in f["backbones"].items():
-        out += [f"backbone {name!r}: {m}" for m in backbone_attr_problems(g)]
-    return out
+def publish_journal(path: Path, *, segment_rows: int = SEGMENT_ROWS) -> int:
+    """Publish committed journal shards as segments; return how many were merged.
+
+    Shards that cannot be read are renamed ``*.damaged`` and reported, the rest are merged: the
+    images they held are simply extracted again. Caller must hold the write lock.
+    """
+    journal.remove_stale_temporaries(path)
+    for stale in path.parent.glob(f".{path.name}.top-*"):
+        stale.unlink(missing_ok=True)
+    if path.exists():
+        with h5py.File(path, "r") as f:
+            state = load(f)
+    else:
+        state = new_state(segment_rows)
+    collect_garbage(path, state)  # segments of a commit killed before it published
+    shards = journal.list_shards(path)
+    done = int(state.attrs.get("journal_seq", 0))
+    fresh = [s for s in shards if _seq(s) > done]
+    if not fresh and path.exists():
+        for s in shards:  # published before a kill, not yet deleted
+            s.unlink(missing_ok=True)
+        return 0
+    c = Commit(path, state)
+    damaged = []
+    for shard in fresh:
+        try:
+            meta, arrays = journal.read_shard(shard)
+            c.apply(meta, arrays)
+        except (journal.DamagedShardError, Orphan) as e:
+            damaged.append(shard)
+            log.warning("journal shard %s set aside: %s", shard.name, e)
+    c.finish(max([_seq(s) for s in shards], default=done))
+    for shard in shards:
+        if shard in damaged:
+            journal.set_aside(shard)
+        else:
+            shard.unlink(missing_ok=True)
+    return len(fresh) - len(damaged)
 
 
-def backbone_attr_problems(g: h5py.Group) -> list[str]:
-    """Fingerprint, dim and dtype attributes of a backbone group (both formats)."""
-    try:
-        fp = json.loads(g.attrs["fingerprint"])
-        if not isinstance(fp, dict):
-            raise ValueError("not a JSON object")
-        dim = int(g.attrs["dim"])
-        np.dtype(str(g.attrs["dtype"]))
-    except KeyError as e:
-        return [f"attribute {e} is missing"]
-    except (TypeError, ValueError) as e:
-        return [f"fingerprint/dim/dtype attributes are malformed ({e})"]
-    if "dim" in fp and fp["dim"] != dim:
-        return [f"fingerprint dim {fp['dim']} but dim attribute {dim}"]
-    return []
-
-
-def referenced_problems(path: Path, s: State) -> list[str]:
-    """Segment files the maps name that are missing (cheap: a stat per file)."""
-    folder = segment_dir(path)
-    return [
-        f"segment {folder / n} is missing" for n in sorted(s.files()) if not (folder / n).is_file()
-    ]
+def _seq(shard: Path) -> int:
+    return int(shard.name.split("-")[0])

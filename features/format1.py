@@ -11,7 +11,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from penult.features.segmented import backbone_attr_problems, decode
+from penult.features.hdf5 import backbone_attr_problems, decode
 from penult.features.types import BackboneEntry, Fingerprint, ImageTable, TableView, sha_raw
 
 _STR_COLUMNS = ("path", "root", "sha256", "error")
@@ -80,13 +80,44 @@ def _backbone_problems(b: h5py.Group | h5py.Dataset, n: int | None) -> list[str]
     return out
 
 
-class Legacy:
-    """Format-1 reader behind :class:`features.store.FeatureStore`."""
+class Format1:
+    """The format-1 :class:`~penult.features.backends.StoreBackend`: read, never written."""
 
     version = 1
+    read_only = (
+        "was written by an older penult (store format 1) and is read-only here; "
+        "convert it once with `penult check --upgrade {path}`"
+    )
 
     def __init__(self, path: Path):
         self.path = path
+
+    @staticmethod
+    def layout_problems(f: h5py.File, path: Path, *, files: bool = True) -> list[str]:
+        return structure_problems(f)
+
+    @staticmethod
+    def needs_relink(f: h5py.File, path: Path) -> bool:
+        return False  # one file: nothing in it names another
+
+    def relink(self) -> None:
+        pass
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def damaged(self) -> dict[str, str]:
+        return {}  # one file: what h5py cannot read shows up as a reading error
+
+    def repair(self, damaged: dict[str, str]) -> list[str]:
+        return []
+
+    def index_problems(self, paths: list[str], *, repair: bool) -> list[str]:
+        return []  # the path index is made from the table each time
+
+    def backbone_names(self) -> list[str]:
+        with self._open() as f:
+            return list(f["backbones"])
 
     def _open(self) -> h5py.File:
         return h5py.File(self.path, "r")
