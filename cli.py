@@ -685,7 +685,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(note)
     m = r.model.manifest
     print(
-        f"{m['kind']} {m['head']} on {' + '.join(r.model.backbones)} ({m['feature_dim']}-d): "
+        f"{m.kind} {m.head} on {' + '.join(r.model.backbones)} ({m.feature_dim}-d): "
         f"{len(r.model.classes)} classes, {r.n_train} training images, fit {r.fit_seconds:.1f} s"
     )
     if r.search:
@@ -708,9 +708,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _print_metrics(r.metrics)
     path = save_model(r.model, args.out)
     print(f"saved {path} and {path}.json")
-    if "refit_all" in r.model.manifest:
+    if r.model.manifest.refit_all:
         print(
-            f"  the saved model is refit on all {r.model.manifest['refit_all']['images']} labelled "
+            f"  the saved model is refit on all {r.model.manifest.refit_all.images} labelled "
             "images; the scores above are its held-out estimate"
         )
     if args.report:

@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks_common import cpu_flags, cpu_seconds  # noqa: E402
 from penult.extract import ExtractOptions, Featuriser, build_backbone, extract, list_images  # noqa: E402
+from penult.extract.embed import make_embedder  # noqa: E402
+from penult.extract.embedder import Embedder  # noqa: E402
 from penult.extract.engines import RUNTIMES, cache_dir, cpu_has_bf16, installed  # noqa: E402
 from penult.extract.loader import default_workers, make_loader  # noqa: E402
-from penult.extract.model import Embedder  # noqa: E402
 from penult.extract.sources import Listing  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100"
@@ -83,7 +84,7 @@ def embedder(name: str, weights: str, engine: str, batch: int) -> Embedder:
     """``engine`` is ENGINE or ENGINE/PRECISION (default: auto's precision)."""
     engine, _, precision = engine.partition("/")
     bb = build_backbone(name, weights=weights)
-    return Embedder(bb, engine=engine, precision=precision or "auto", batch_size=batch)
+    return make_embedder(bb, engine=engine, precision=precision or "auto", batch_size=batch)
 
 
 def model_only(name: str, weights: str, engine: str, batch: int = 32, images: int = 256):

@@ -70,7 +70,7 @@ def main() -> None:
                                       levels=("family", "genus")))  # fmt: skip
         m = r.metrics
         rows.append({"step": label, "top1": m["top1"], "balanced": m["balanced_accuracy"],
-                     "macro_f1": m["macro_f1"], "dim": r.model.manifest["feature_dim"],
+                     "macro_f1": m["macro_f1"], "dim": r.model.manifest.feature_dim,
                      "fit_seconds": r.fit_seconds,
                      "extract_seconds": sum(e.get("seconds", 0.0) for e in ext)})  # fmt: skip
         print(f"{label:40s} top1 {m['top1']:.3f}  fit {r.fit_seconds:.1f} s", flush=True)

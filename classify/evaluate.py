@@ -50,37 +50,42 @@ def evaluate(
     _refuse_refit_store(model, store_path)
     store = FeatureStore(store_path)
     names = resolve_backbones(model, store)
-    data = load_dataset(store_path, names, label=model.manifest["label"])
-    column = model.manifest["trained_on"]["split_column"]
+    m, trained = model.manifest, model.manifest.trained_on
+    if trained is None:
+        raise DataError(
+            f"{store_path}: the model does not say which split it was trained with (it was not "
+            "made by `penult train`); score it with `penult predict` instead"
+        )
+    data = load_dataset(store_path, names, label=m.label)
+    column = trained.split_column
     if column not in data.labels:
         raise DataError(
             f"{store_path}: no {column!r} column; train on this store first to make the split"
         )
-    mask, name = eval_mask(data.labels[column], split or model.manifest["trained_on"]["eval_split"])
+    mask, name = eval_mask(data.labels[column], split or trained.eval_split)
     sub = data.subset(mask)
-    truth = set(sub.column(model.manifest["label"]).tolist())
+    truth = set(sub.column(m.label).tolist())
     known = truth & set(model.classes.tolist())
     if not known:
         raise DataError(
             f"{store_path}: none of the {len(truth)} labels in its {name} split (e.g. {sorted(truth)[0]!r}) "
             f"is a class of this model (e.g. {str(model.classes[0])!r}); is this the right store?"
         )
-    m = score(model, sub)
+    scores = score(model, sub)
     if len(known) < len(truth):
-        m["notes"] = [
+        scores["notes"] = [
             f"{len(truth) - len(known)} labels of the {name} split are not classes of the model"
         ]
-    out, y_true = None, sub.column(model.manifest["label"])
+    out, y_true = None, sub.column(m.label)
     if report_dir is not None:
-        title = f"{model.manifest['kind']} {model.manifest['head']} on {' + '.join(names)}: {name} split"
+        title = f"{m.kind} {m.head} on {' + '.join(names)}: {name} split"
         info = [
             f"store {store_path}, split column {column!r}, {len(sub)} images",
-            f"model trained on {model.manifest.get('trained_on', {}).get('store')} "
-            f"({sum(model.manifest.get('train_counts', {}).values())} training images, "
-            f"{len(model.classes)} classes)",
+            f"model trained on {trained.store} ({sum((m.train_counts or {}).values())} training "
+            f"images, {len(model.classes)} classes)",
         ]
-        out = write_evaluation(report_dir, model, m, sub.paths, y_true, title, info, top_k)
-    return Evaluation(m, name, len(sub), out, list(sub.paths), y_true)
+        out = write_evaluation(report_dir, model, scores, sub.paths, y_true, title, info, top_k)
+    return Evaluation(scores, name, len(sub), out, list(sub.paths), y_true)
 
 
 def write_evaluation(
@@ -109,11 +114,12 @@ def write_training_report(
     m = model.manifest
     if result.cv:
         how = "pooled out-of-fold predictions"
-    elif "out_of_core" in m:
+    elif m.out_of_core:
         how = f"{result.eval_split} split, scored block by block (out of core)"
     else:
-        how = f"{result.eval_split} split (column {m['trained_on']['split_column']!r})"
-    title = f"{m['kind']} {m['head']} on {' + '.join(model.backbones)}: {result.eval_split}"
+        column = m.trained_on.split_column if m.trained_on else "split"
+        how = f"{result.eval_split} split (column {column!r})"
+    title = f"{m.kind} {m.head} on {' + '.join(model.backbones)}: {result.eval_split}"
     info = [
         f"store {store_path}, {result.n_eval} labelled images, {how}",
         f"model trained on {result.n_train} images, {len(model.classes)} classes",
@@ -123,8 +129,8 @@ def write_training_report(
 
 def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> None:
     """A model refit on every labelled image of a store has no held-out split there."""
-    refit = model.manifest.get("refit_all")
-    trained = (model.manifest.get("trained_on") or {}).get("store")
+    refit = model.manifest.refit_all
+    trained = model.manifest.trained_on.store if model.manifest.trained_on else None
     if not refit or not trained:
         return
     try:
@@ -132,12 +138,12 @@ def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> Non
     except OSError:
         same = os.path.abspath(trained) == os.path.abspath(store_path)
     if same:
-        top1 = (model.manifest.get("metrics") or {}).get("top1")
+        top1 = (model.manifest.metrics or {}).get("top1")
         estimate = f": top-1 {top1:.3f}" if top1 is not None else ""
         raise DataError(
-            f"{store_path}: this model was refit on all {refit['images']} labelled images of this "
+            f"{store_path}: this model was refit on all {refit.images} labelled images of this "
             f"store after it was scored, so none of them is held out; its held-out estimate "
-            f"({refit['metrics_from']}) is in its manifest{estimate}. Score it on another store"
+            f"({refit.metrics_from}) is in its manifest{estimate}. Score it on another store"
         )
 
 
@@ -167,7 +173,7 @@ def compare(
             t = time.perf_counter()
             r = train(store_path, replace(base, head=head, backbones=bbs))
             rows.append(
-                {"backbones": " + ".join(r.model.backbones), "head": head, "kind": r.model.manifest["kind"],
+                {"backbones": " + ".join(r.model.backbones), "head": head, "kind": r.model.manifest.kind,
                  "fit_seconds": r.fit_seconds, "seconds": time.perf_counter() - t,
                  "n_train": r.n_train, "n_eval": r.n_eval, **summary(r.metrics)}
             )  # fmt: skip

@@ -29,6 +29,10 @@ class BackboneUse:
     name: str
     fingerprint: Fingerprint
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.fingerprint, Fingerprint):
+            self.fingerprint = Fingerprint(self.fingerprint)
+
     @property
     def dim(self) -> int:
         return int(self.fingerprint["dim"])

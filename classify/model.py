@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from penult.classify.manifest import Manifest, ManifestError
 from penult.core.errors import PenultError
 from penult.core.files import atomic_path, file_sha256
 from penult.features import FeatureStore
@@ -55,33 +56,37 @@ class Predictions:
 @dataclass
 class Model:
     estimator: BaseEstimator
-    manifest: dict[str, Any]
+    manifest: Manifest  # a JSON object (dict) given here is read as one
+
+    def __post_init__(self) -> None:
+        if isinstance(self.manifest, dict):
+            self.manifest = Manifest.from_json(self.manifest)
 
     @property
     def classes(self) -> np.ndarray:
-        return np.asarray(self.manifest["classes"], dtype=str)
+        return np.asarray(self.manifest.classes, dtype=str)
 
     @property
     def backbones(self) -> list[str]:
-        return [b["name"] for b in self.manifest["backbones"]]
+        return self.manifest.backbone_names
 
     @property
     def levels(self) -> list[str]:
-        return list(self.manifest.get("levels", []))
+        return list(self.manifest.levels)
 
     @property
     def paths(self) -> np.ndarray | None:
         """(n_classes, depth) taxonomy path per class, coarse first, class last (None if flat)."""
-        p = self.manifest.get("paths")
+        p = self.manifest.paths
         return np.asarray(p, dtype=str) if p else None
 
     @property
     def unknown(self) -> str | None:
-        return self.manifest.get("unknown")
+        return self.manifest.unknown
 
     def predict(self, X: np.ndarray) -> Predictions:
         """Run the head on (n, D) features (the backbones' embeddings concatenated in order)."""
-        dim = int(self.manifest["feature_dim"])
+        dim = self.manifest.feature_dim
         if X.ndim != 2 or X.shape[1] != dim:
             raise ModelError(
                 f"model expects {dim}-d features ({' + '.join(self.backbones)}), got shape {X.shape}"
@@ -123,19 +128,20 @@ def save_model(model: Model, path: str | os.PathLike[str]) -> Path:
         raise ModelError(f"{path}: folder {path.parent} does not exist (create it first)")
     import skops.io as sio  # imported here: it pulls in torch (2 s, 600 MB) when imported
 
-    manifest = {
-        **{k: v for k, v in model.manifest.items() if k not in _FILE_FIELDS},
-        "format": FORMAT,
-        "version": VERSION,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": versions(),
-    }
-    text = json.dumps(manifest, indent=1, default=_json_default)
+    manifest = model.manifest.replace(
+        format=FORMAT,
+        version=VERSION,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        versions=versions(),
+        model_file=None,
+        model_sha256=None,
+    )
+    text = json.dumps(manifest.to_json(), indent=1, default=_json_default)
     with atomic_path(path) as tmp, atomic_path(manifest_path(path)) as mtmp:
         sio.dump({"estimator": model.estimator, "manifest": text}, tmp, compression=8)
-        manifest = {**json.loads(text), "model_file": path.name, "model_sha256": file_sha256(tmp)}
-        mtmp.write_text(json.dumps(manifest, indent=1))
-    model.manifest = manifest
+        written = {**json.loads(text), "model_file": path.name, "model_sha256": file_sha256(tmp)}
+        mtmp.write_text(json.dumps(written, indent=1))
+    model.manifest = Manifest.from_json(written)
     return path
 
 
@@ -147,7 +153,8 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot store {type(o).__name__} in a manifest")
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def _read_manifest(path: Path) -> tuple[dict[str, Any], Manifest]:
+    """The manifest beside ``path``: as read (to compare with the file's own copy), and typed."""
     mpath = manifest_path(path)
     if not mpath.is_file():
         raise ModelError(f"{path}: its manifest {mpath.name} is missing; a model is the pair")
@@ -165,7 +172,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         ) from None
     if version > VERSION:
         raise ModelError(f"{mpath}: made by a newer penult (model format {version})")
-    return manifest
+    try:
+        return manifest, Manifest.from_json({**manifest, "version": version})
+    except ManifestError as e:
+        raise ModelError(f"{mpath}: {e}") from None
 
 
 def _check_types(path: Path, trust: bool) -> tuple[list[str], bytes | None]:
@@ -190,9 +200,10 @@ def _check_types(path: Path, trust: bool) -> tuple[list[str], bytes | None]:
     return safe_types.names_in(schema), moved
 
 
-def _unpack(path: Path, obj: Any, manifest: dict[str, Any]) -> BaseEstimator:
-    """The estimator; for format 2 also checks the JSON manifest against the embedded copy."""
-    if int(manifest.get("version", 0)) < 2:
+def _unpack(path: Path, obj: Any, manifest: dict[str, Any], typed: Manifest) -> BaseEstimator:
+    """The estimator; for format 2 also checks the JSON manifest (``manifest`` as read, and
+    ``typed``) against the embedded copy."""
+    if (typed.version or 0) < 2:
         est = obj
     else:
         if not isinstance(obj, dict) or not isinstance(obj.get("manifest"), str):
@@ -208,7 +219,7 @@ def _unpack(path: Path, obj: Any, manifest: dict[str, Any]) -> BaseEstimator:
                 "the manifest was edited; restore it or retrain"
             )
     have = np.asarray(getattr(est, "classes_", [])).astype(str).tolist()
-    if hasattr(est, "classes_") and have != [str(c) for c in manifest.get("classes", [])]:
+    if hasattr(est, "classes_") and have != typed.classes:
         raise ModelError(
             f"{manifest_path(path)}: its classes differ from the model's own ({len(have)} classes, "
             f"first {have[:3]}): the manifest was edited or belongs to another model"
@@ -216,8 +227,8 @@ def _unpack(path: Path, obj: Any, manifest: dict[str, Any]) -> BaseEstimator:
     own = _own_paths(est)
     if (
         own is not None
-        and manifest.get("paths") is not None
-        and own != [[str(v) for v in p] for p in manifest["paths"]]
+        and typed.paths is not None
+        and own != [[str(v) for v in p] for p in typed.paths]
     ):
         raise ModelError(
             f"{manifest_path(path)}: its taxonomy paths differ from the model's own hierarchy "
@@ -241,12 +252,12 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> Model:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
-    manifest = _read_manifest(path)
+    manifest, typed = _read_manifest(path)
     digest = file_sha256(path)
-    if digest != manifest.get("model_sha256"):
+    if digest != typed.model_sha256:
         raise ModelError(
             f"{path}: SHA-256 {digest[:12]}... does not match its manifest "
-            f"({str(manifest.get('model_sha256'))[:12]}...): the file was modified or corrupted"
+            f"({str(typed.model_sha256)[:12]}...): the file was modified or corrupted"
         )
     trusted, moved = _check_types(path, trust)
     import skops.io as sio
@@ -260,7 +271,7 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> Model:
             obj = sio.load(path, trusted=everything if trust else trusted)
     except Exception as e:  # noqa: BLE001 - skops raises many types for a malformed file
         raise ModelError(f"{path}: cannot rebuild the model ({type(e).__name__}: {e})") from None
-    return Model(estimator=_unpack(path, obj, manifest), manifest=manifest)
+    return Model(estimator=_unpack(path, obj, manifest, typed), manifest=typed)
 
 
 def resolve_backbones(model: Model, store: FeatureStore) -> list[str]:
@@ -271,23 +282,23 @@ def resolve_backbones(model: Model, store: FeatureStore) -> list[str]:
     """
     entries = store.backbones()
     out = []
-    for want in model.manifest["backbones"]:
-        fp = want["fingerprint"]
+    for want in model.manifest.backbones:
+        fp = want.fingerprint
         same = [n for n, e in entries.items() if e.fingerprint.same_as(fp)]
-        if want["name"] in same:
-            out.append(want["name"])
+        if want.name in same:
+            out.append(want.name)
         elif same:
             out.append(same[0])
-        elif want["name"] in entries:
-            diff = entries[want["name"]].fingerprint.differences(fp)
+        elif want.name in entries:
+            diff = entries[want.name].fingerprint.differences(fp)
             raise ModelError(
-                f"{store.path}: backbone {want['name']!r} differs from the one the model was trained on "
+                f"{store.path}: backbone {want.name!r} differs from the one the model was trained on "
                 f"({', '.join(diff)} differ); the model needs features from {fp.get('architecture')} "
                 f"with weights {str(fp.get('weights_sha256'))[:12]}..."
             )
         else:
             raise ModelError(
-                f"{store.path} has no features from {want['name']!r} ({fp.get('architecture')}); "
-                f"run `penult extract {store.path} IMAGES --backbone {want['name']}` first"
+                f"{store.path} has no features from {want.name!r} ({fp.get('architecture')}); "
+                f"run `penult extract {store.path} IMAGES --backbone {want.name}` first"
             )
     return out

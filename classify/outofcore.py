@@ -281,16 +281,14 @@ def train_out_of_core(
     pos, pred = _predict(model, data, ev_idx, stream.memory_mb)
     train_counts = class_counts(y[tr])
     metrics = scored(model, y[pos], pred, train_counts)
-    model.manifest.update(
-        metrics=summary(metrics),
-        train_counts=train_counts,
-        fit_seconds=fit_seconds,
-        out_of_core={
-            "memory_mb": stream.memory_mb,
-            "epochs": stream.epochs,
-            "subsample": stream.subsample,
-        },
-    )
+    model.manifest.metrics = summary(metrics)
+    model.manifest.train_counts = train_counts
+    model.manifest.fit_seconds = fit_seconds
+    model.manifest.out_of_core = {
+        "memory_mb": stream.memory_mb,
+        "epochs": stream.epochs,
+        "subsample": stream.subsample,
+    }
     r = TrainResult(model, metrics, fit_seconds, len(tr), len(pos), ev_name, None, notes)
     r.truth, r.paths = y[pos], [data.paths[i] for i in pos]
     return r

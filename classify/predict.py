@@ -153,8 +153,8 @@ class _Features:
         if self.store is not None:
             self.names = resolve_backbones(model, self.store)  # checked before anything runs
         else:  # every image goes through the network: build (and check) it before writing anything
-            for spec in model.manifest["backbones"]:
-                images.check(spec["name"], spec["fingerprint"])
+            for spec in model.manifest.backbones:
+                images.check(spec.name, spec.fingerprint)
 
     def stored_rows(self) -> list[tuple[str, HashIndex]]:
         """Per backbone: (store entry, its rows by content hash). Read on first use, so a
@@ -172,8 +172,8 @@ class _Features:
         if self.store is not None:
             with ThreadPoolExecutor(4) as pool:
                 sha = list(pool.map(_hash, files))
-        for k, spec in enumerate(self.model.manifest["backbones"]):
-            x = np.zeros((n, int(spec["fingerprint"]["dim"])), np.float32)
+        for k, spec in enumerate(self.model.manifest.backbones):
+            x = np.zeros((n, spec.dim), np.float32)
             have = np.zeros(n, bool)
             if self.store is not None:
                 name, index = self.stored_rows()[k]
@@ -185,9 +185,7 @@ class _Features:
             cached = int(have.sum())
             todo = np.flatnonzero(~have & ok)
             if len(todo):
-                batches = self.images.embed(
-                    spec["name"], spec["fingerprint"], [files[i] for i in todo]
-                )
+                batches = self.images.embed(spec.name, spec.fingerprint, [files[i] for i in todo])
                 for idx, X, failed in batches:
                     x[todo[idx]] = X
                     have[todo[idx]] = True

@@ -21,6 +21,7 @@ from penult.classify.data import (
 )
 from penult.classify.heads import HEADS, PREPROCESS, make_head, search_grid
 from penult.classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
+from penult.classify.manifest import BackboneUse, Manifest, Refit, TrainedOn
 from penult.classify.metrics import classification_metrics
 from penult.classify.model import Model, Predictions
 from penult.classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
@@ -346,23 +347,23 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
             result.metrics, result.cv, result.truth, result.paths = _cross_validate(
                 plan, data, opts
             )
-            manifest["cv"] = result.cv
+            manifest.cv = result.cv
         else:
             result.metrics = score(model, data.subset(ev), train_counts=counts)
             result.truth, result.paths = y[ev], [data.paths[i] for i in np.flatnonzero(ev)]
-    manifest["metrics"] = summary(result.metrics)
-    manifest["train_counts"] = counts
-    manifest["fit_seconds"] = fit_seconds
+    manifest.metrics = summary(result.metrics)
+    manifest.train_counts = counts
+    manifest.fit_seconds = fit_seconds
     if opts.refit_all and not opts.cv:
         result.scored = model
         result.model = _refit(plan, data, opts, manifest)
     if opts.refit_all or opts.cv:
-        result.model.manifest["refit_all"] = {
-            "images": len(y),
-            "metrics_from": plan.eval_split,
-            "note": "fitted on every labelled image of the store after it was scored "
+        result.model.manifest.refit_all = Refit(
+            images=len(y),
+            metrics_from=plan.eval_split,
+            note="fitted on every labelled image of the store after it was scored "
             f"({plan.eval_split}); the metrics are that held-out estimate",
-        }
+        )
     return result
 
 
@@ -409,14 +410,18 @@ def _fit(est: Pipeline, opts: TrainOptions, X: np.ndarray, y: np.ndarray):
     return est, search, time.perf_counter() - t0
 
 
-def _refit(plan: Plan, data: Dataset, opts: TrainOptions, manifest: dict) -> Model:
+def _refit(plan: Plan, data: Dataset, opts: TrainOptions, manifest: Manifest) -> Model:
     """The plan's estimator (searched again, if asked) fitted on every labelled image."""
     est, search, seconds = _fit(clone(plan.estimator), opts, data.X, plan.y)
-    refit = {**manifest, "classes": np.asarray(est.classes_).astype(str).tolist()}
-    refit["train_counts"], refit["refit_seconds"] = class_counts(plan.y), seconds
-    if search:
-        refit["refit_search"] = search["best"]
-    return Model(est, refit)
+    return Model(
+        est,
+        manifest.replace(
+            classes=np.asarray(est.classes_).astype(str).tolist(),
+            train_counts=class_counts(plan.y),
+            refit_seconds=seconds,
+            refit_search=search["best"] if search else None,
+        ),
+    )
 
 
 def _cross_validate(plan: Plan, data: Dataset, opts: TrainOptions):
@@ -465,26 +470,26 @@ def model_manifest(
     levels: list[str],
     est: Pipeline,
     eval_split: str,
-) -> dict[str, Any]:
+) -> Manifest:
     classes = np.asarray(est.classes_).astype(str)
-    return {
-        "kind": "ovr" if opts.ovr else ("hierarchical" if opts.hierarchical else "flat"),
-        "head": opts.head,
-        "options": {k: v for k, v in asdict(opts).items() if k != "params"}
+    return Manifest(
+        kind="ovr" if opts.ovr else ("hierarchical" if opts.hierarchical else "flat"),
+        head=opts.head,
+        options={k: v for k, v in asdict(opts).items() if k != "params"}
         | {"params": dict(opts.params)},
-        "label": opts.label,
-        "classes": classes.tolist(),
-        "levels": [*levels, opts.label] if taxonomy else [],
-        "paths": [[*taxonomy[c], c] for c in classes] if taxonomy else None,
-        "unknown": UNKNOWN if opts.ovr else None,
-        "backbones": [{"name": b, "fingerprint": data.fingerprints[b]} for b in data.backbones],
-        "feature_dim": data.dim,
-        "trained_on": {
-            "store": None if store is None else str(store.path),
-            "split_column": opts.split,
-            "eval_split": eval_split,
-        },
-    }
+        label=opts.label,
+        classes=classes.tolist(),
+        levels=[*levels, opts.label] if taxonomy else [],
+        paths=[[*taxonomy[c], c] for c in classes] if taxonomy else None,
+        unknown=UNKNOWN if opts.ovr else None,
+        backbones=[BackboneUse(b, data.fingerprints[b]) for b in data.backbones],
+        feature_dim=data.dim,
+        trained_on=TrainedOn(
+            store=None if store is None else str(store.path),
+            split_column=opts.split,
+            eval_split=eval_split,
+        ),
+    )
 
 
 def scored(
@@ -495,7 +500,7 @@ def scored(
     folds pooled, out of core, evaluate)."""
     return classification_metrics(
         y_true, pred.label, pred.proba, pred.classes,
-        train_counts=train_counts or model.manifest.get("train_counts"),
+        train_counts=train_counts or model.manifest.train_counts,
         paths=model.paths, levels=model.levels, unknown=model.unknown,
     ) | {"predictions": pred}  # fmt: skip
 
@@ -504,7 +509,7 @@ def score(
     model: Model, data: Dataset, *, train_counts: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (labels in the model's label column)."""
-    y = data.column(model.manifest["label"])
+    y = data.column(model.manifest.label)
     return scored(model, y, model.predict(data.X), train_counts)
 
 

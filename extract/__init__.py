@@ -1,9 +1,10 @@
 """The extraction stage (the only code that builds torch models)."""
 
 from penult.extract.embed import EmbeddedBatch, backbone_from_fingerprint, embed_files
+from penult.extract.embedder import Embedder
 from penult.extract.featurise import Featuriser
 from penult.extract.images import ImageError, decode_image
-from penult.extract.model import Backbone, Embedder, build_backbone
+from penult.extract.model import Backbone, build_backbone
 from penult.extract.options import ExtractOptions
 from penult.extract.registry import DEFAULT_BACKBONE, REGISTRY, UnknownBackboneError, get_spec
 from penult.extract.run import extract

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 from penult.core import OptionError
+from penult.extract.embedder import Embedder, choose_engine
 from penult.extract.images import DEFAULT_MAX_PIXELS, spread
 from penult.extract.loader import batches
-from penult.extract.model import Backbone, Embedder, build_backbone, pick_optimize
+from penult.extract.model import Backbone, build_backbone, pick_optimize
 from penult.extract.options import ExtractOptions
 from penult.extract.quantize import CALIBRATION_IMAGES, METHOD
 from penult.extract.registry import REGISTRY, get_spec
@@ -26,6 +27,16 @@ from penult.extract.weights import WeightsError
 from penult.features import StoreWriter
 from penult.features.parts import PartWriter
 from tqdm.auto import tqdm
+
+
+__all__ = [
+    "EmbeddedBatch",
+    "backbone_from_fingerprint",
+    "build_embedder",
+    "embed_files",
+    "embed_into",
+    "make_embedder",
+]
 
 
 @dataclass
@@ -49,7 +60,7 @@ def backbone_from_fingerprint(
     name = fingerprint.get("backbone")
     if name is None:  # stores written before the field existed: match the architecture
         arch = fingerprint.get("architecture", "")
-        name = next((s.name for s in REGISTRY.values() if f"{s.source}:{s.arch}" == arch), None)
+        name = next((s.name for s in REGISTRY.values() if s.architecture == arch), None)
         if name is None:
             raise WeightsError(f"no registry backbone has architecture {arch!r}")
     get_spec(name)
@@ -115,6 +126,7 @@ def make_embedder(
     calibration: Sequence[str] = (),
     progress: bool = False,
     entry: str = "",
+    optimize: str = "eager",
 ) -> Embedder:
     """The embedder for ``backbone``. A stored int8 entry (``quantization`` from its fingerprint)
     runs its own quantized model, made by this version's method, whatever engine was asked;
@@ -129,10 +141,11 @@ def make_embedder(
             )
         engine, precision = "openvino", "int8"
         digest = quantization.get("calibration_sha256", "")
-    return Embedder(
+    choice = choose_engine(
         backbone, device=device, precision=precision, batch_size=batch_size, engine=engine,
         calibration=list(calibration), int8_digest=digest, progress=progress,
     )  # fmt: skip
+    return Embedder(backbone, choice, batch_size=batch_size, optimize=optimize)
 
 
 def build_embedder(opts: ExtractOptions, listing: Listing | None = None, store_path=None):

@@ -8,38 +8,25 @@ import importlib.metadata
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from penult.core import OptionError
 from penult.core.files import file_sha256, write_text
 from penult.extract.engines import (
     ENGINES,
-    INSTALL,
-    Runner,
-    auto_runtimes,
     cache_dir,
     cache_note,
-    calibrate,
-    check_engine,
     cpu_has_bf16,
-    engine_tag,
-    installed,
-    make_runner,
-    onnx_file,
-    runtime_precision,
-    speed_key,
 )
 from penult.extract.registry import REGISTRY, BackboneSpec, Preprocess, get_spec
 from penult.extract.weights import (
     PACKAGED_WEIGHTS,
     WeightsError,
     load_into,
-    load_pretrained,
     packaged_weights_file,
     read_state_dict,
     state_sha256,
@@ -51,13 +38,13 @@ __all__ = [
     "Backbone",
     "COMPILE_MIN_IMAGES",
     "ENGINES",
-    "Embedder",
     "OPTIMIZE",
     "PRECISIONS",
     "PreLogits",
     "TORCH_PRECISIONS",
     "build_backbone",
     "build_network",
+    "load_pretrained",
     "cpu_has_bf16",
     "pick_device",
     "pick_optimize",
@@ -73,41 +60,16 @@ PRECISIONS = (*TORCH_PRECISIONS, "int8")  # int8: OpenVINO NNCF quantization (ex
 
 def build_network(spec: BackboneSpec) -> nn.Module:
     """The whole classifier network with random (seeded) weights."""
-    if spec.source == "torchvision":
-        import torchvision
-
-        kwargs: dict[str, Any] = {}
-        if spec.arch == "inception_v3":  # same keys as the pretrained file; fast default init
-            kwargs = {"aux_logits": True, "init_weights": False}
-        return getattr(torchvision.models, spec.arch)(weights=None, **kwargs)
-    if spec.source == "open_clip":
-        from penult.extract.registry import import_open_clip
-
-        logging.disable(logging.WARNING)  # its "initialized randomly": weights load next
-        try:
-            return import_open_clip().create_model(spec.arch, pretrained=None)
-        finally:
-            logging.disable(logging.NOTSET)
-    import timm
-
-    return timm.create_model(spec.weights, pretrained=False)
+    return spec.adapter.build(spec.arch, spec.weights)
 
 
-def _truncate(net: nn.Module, spec: BackboneSpec, taps: tuple[str, ...]) -> nn.Module:
-    """Keep the network up to its pre-logits layer, through the libraries' documented APIs."""
-    if spec.source == "torchvision":
-        import warnings
-
-        from torchvision.models.feature_extraction import create_feature_extractor
-
-        with warnings.catch_warnings():  # train/eval graphs differ (dropout, aux heads)
-            warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
-            nodes = {spec.layer: "features", **{t: t for t in taps}}
-            return create_feature_extractor(net, return_nodes=nodes)
-    if spec.source == "open_clip":  # the image tower: encode_image without normalising
-        return net.visual
-    net.reset_classifier(0)  # timm: forward() now returns global-pooled pre-logits
-    return net
+def load_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
+    """Load the registry's default weights into ``net``; returns a description of their origin."""
+    if spec.name in PACKAGED_WEIGHTS:
+        path = packaged_weights_file(spec.name)
+        load_into(net, read_state_dict(path), str(path))
+        return f"file:{path.name}"
+    return spec.adapter.load_pretrained(net, spec.arch, spec.weights)
 
 
 class PreLogits(nn.Module):
@@ -122,11 +84,11 @@ class PreLogits(nn.Module):
         super().__init__()
         self.taps = tuple(taps)
         self.flip = pre.tta == "flip"  # evaluation only: training sees its own augmentation
-        self.net = _truncate(net, spec, self.taps)
+        self.net = spec.adapter.truncate(net, spec.layer, self.taps)
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0))
         self._tapped: dict[str, torch.Tensor] = {}
-        if spec.source != "torchvision":  # timm keeps its modules: read them through hooks
+        if spec.adapter.taps_by_hooks:  # timm keeps its modules: read them through hooks
             for name in self.taps:
                 self.net.get_submodule(name).register_forward_hook(self._keeper(name))
 
@@ -266,7 +228,7 @@ def network_fingerprint(
     extraction stores for it, and what fine-tuning looks for among stored entries."""
     return Fingerprint(
         backbone=spec.name,  # registry entry to rebuild it from (not part of the identity)
-        architecture=f"{spec.source}:{spec.arch}",
+        architecture=spec.architecture,
         layer=spec.layer,
         dim=spec.dim,
         weights=origin,
@@ -430,165 +392,3 @@ def pick_optimize(optimize: str, device: torch.device, n_images: int) -> str:
     if optimize != "auto":
         return optimize
     return "inductor" if device.type == "cpu" and n_images >= COMPILE_MIN_IMAGES else "eager"
-
-
-class Embedder:
-    """Runs a backbone on one device in one precision, with one engine.
-
-    ``engine`` "torch" runs the module under ``inference_mode`` (with ``optimize="inductor"`` it is
-    compiled for a fixed ``batch_size``: smaller batches are padded, so one compile serves the
-    whole run; if compiling fails it falls back to eager). "onnxruntime" and "openvino" run the
-    same module exported to ONNX, on the CPU; "auto" takes the one a short calibration measured
-    fastest here (``engine_note`` says how fast each was). ``calibration`` is the images that
-    ``precision="int8"`` quantizes with (``int8_digest`` names an earlier calibration instead;
-    ``progress`` shows the quantizer's bars).
-    """
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        device: str = "auto",
-        precision: str = "auto",
-        optimize: str = "eager",
-        batch_size: int = 32,
-        engine: str = "torch",
-        calibration: Sequence[str] = (),
-        int8_digest: str = "",
-        progress: bool = True,
-    ):
-        self.device = pick_device(device)
-        check_engine(engine, self.device, precision)
-        self.backbone, self.batch_size = backbone, batch_size
-        self._module: nn.Module | None = None  # the torch network, only where torch runs it
-        self.optimize = "eager"
-        self._compiled: nn.Module | None = None
-        self._runner: Runner | None = None
-        self.engine_note = ""
-        self.int8: dict[str, Any] = {}
-        ready = None  # the winner's runtime as auto's calibration built it: not built twice
-        if engine == "auto":
-            engine, precision, self.engine_note, ready = self._pick(precision)
-        self.engine = engine
-        if engine == "torch":
-            self._use_torch(pick_precision(precision, self.device))
-            if optimize == "inductor":
-                self.compile()
-        elif precision == "int8":
-            from penult.extract.quantize import int8_file
-
-            path, self.int8 = int8_file(backbone, calibration, int8_digest, batch_size, progress)
-            self._use_runtime(engine, path, "int8")
-        else:
-            p = runtime_precision(engine, precision)
-            self._use_runtime(engine, onnx_file(backbone), p, ready)
-
-    @property
-    def tag(self) -> str:
-        """The fingerprint's precision field: the precision and, for a runtime, the engine."""
-        return engine_tag(self.engine, self.precision)
-
-    @property
-    def module(self) -> nn.Module:
-        return self._module if self._module is not None else self.backbone.module
-
-    def _use_torch(self, precision: str) -> Runner:
-        self.engine, self.precision, self._runner = "torch", precision, None
-        self._module = self.module.to(self.device).to(memory_format=torch.channels_last)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        return lambda x: self(torch.from_numpy(x))
-
-    def _use_runtime(self, engine: str, path, precision: str, runner: Runner | None = None) -> None:
-        self._runner = runner or make_runner(engine, path, torch.get_num_threads(), precision)
-        self.engine, self.precision, self.dtype = engine, precision, None
-        self._module = None  # a torch network moved here for the calibration is not kept
-
-    def _pick(self, precision: str) -> tuple[str, str, str, Runner | None]:
-        """(engine, precision, note, the winner's runtime if the calibration built it): the
-        fastest engine here for this backbone, in the precision each runs for ``precision``
-        (torch and OpenVINO bf16 where the CPU has it natively), measured once (see
-        engines.calibrate). The losers' sessions go when this returns."""
-        if precision == "int8":
-            return "openvino", precision, "", None
-        if self.device.type != "cpu" or precision == "fp16":
-            return "torch", precision, "", None
-        built: dict[str, Runner] = {}
-
-        def runtime(engine: str, p: str) -> Runner:
-            path = onnx_file(self.backbone)
-            built[f"{engine} {p}"] = make_runner(engine, path, torch.get_num_threads(), p)
-            return built[f"{engine} {p}"]
-
-        candidates = {}
-        for e in auto_runtimes():
-            p = runtime_precision(e, precision)
-            if installed(e) and (precision != "bf16" or p == "bf16"):
-                candidates[f"{e} {p}"] = lambda e=e, p=p: runtime(e, p)
-        if not candidates:
-            return "torch", precision, "", None
-        # last: on CPUs without native bf16 torch is the slowest, and calibrate skips timing a
-        # candidate whose warm-up batch is under half the best rate so far
-        torch_precision = pick_precision(precision, self.device)
-        candidates[f"torch {torch_precision}"] = lambda: self._use_torch(torch_precision)
-        size = self.backbone.preprocess.crop
-        x = np.random.default_rng(0).integers(0, 256, (self.batch_size, 3, size, size), np.uint8)
-        key = {
-            "network": speed_key(self.backbone.fingerprint),
-            "threads": torch.get_num_threads(),
-            "batch": self.batch_size,
-            "precision": precision,
-        }
-        best, rates, cached = calibrate(key, candidates, x)
-        note = ", ".join(f"{n} {r:.0f}" for n, r in sorted(rates.items(), key=lambda t: -t[1]))
-        note = f"auto: {note} img/s ({'calibration cached' if cached else 'calibrated now'})"
-        if "openvino" in auto_runtimes() and not installed("openvino"):
-            note += f"; OpenVINO, fastest on every CPU measured, is not installed: {INSTALL['openvino']}"
-        engine, picked = best.split()
-        return engine, picked, note, built.get(best)
-
-    def compile(self) -> None:
-        """Switch to torch.compile (inductor, frozen weights); the compile happens on the first batch."""
-        if self.engine != "torch":
-            return
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        self._compiled = torch.compile(
-            self.module, dynamic=False, options={"freezing": True, "compile_threads": 1}
-        )
-        self.optimize = "inductor"
-
-    def warmup(self, size: int) -> None:
-        """Compile now, on a dummy batch shaped like the loader's (uint8 NCHW).
-
-        Must run before loader workers are forked: compiling while they run crashed (SIGSEGV) here.
-        """
-        self(torch.zeros((self.batch_size, 3, size, size), dtype=torch.uint8))
-
-    def _forward(self, batch: torch.Tensor, n: int) -> torch.Tensor:
-        if self._compiled is None:
-            return self.module(batch[:n])
-        try:
-            return self._compiled(batch)[:n]
-        except Exception as e:  # noqa: BLE001 - no C++ compiler, unsupported op, ...: stay correct
-            log.warning(
-                "torch.compile failed (%s: %s); continuing in eager mode", type(e).__name__, e
-            )
-            self._compiled, self.optimize = None, "eager"
-            return self.module(batch[:n])
-
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        """uint8 (B, 3, H, W) on any device -> float32 numpy (B, D)."""
-        if self._runner is not None:
-            return np.asarray(self._runner(batch.cpu().numpy()), np.float32)
-        batch = batch.to(self.device, non_blocking=True)
-        n = batch.shape[0]
-        if self._compiled is not None and n < self.batch_size:
-            # pad outside inference_mode: an inference tensor would fail the compiled guards (recompile)
-            batch = torch.cat([batch, batch.new_zeros((self.batch_size - n, *batch.shape[1:]))])
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
-            ),
-        ):
-            out = self._forward(batch, n)
-        return out.float().cpu().numpy()

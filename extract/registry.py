@@ -7,11 +7,10 @@ Preprocessing is never chosen apart from the weights: torchvision entries take i
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import asdict, dataclass, replace
 
 from penult.core import OptionError
-from penult.core.errors import PenultError
+from penult.extract.adapters import ADAPTERS, Adapter, UnknownBackboneError
 
 RESIZE_MODES = ("crop", "whole", "pad")
 TTA_MODES = ("none", "flip")
@@ -89,47 +88,18 @@ class BackboneSpec:
             pre = replace(pre, resize=int(round(pre.crop / crop_pct)))
         return replace(pre, tta=tta)
 
+    @property
+    def architecture(self) -> str:
+        """What a fingerprint records as the network: ``<source>:<arch>``."""
+        return f"{self.source}:{self.arch}"
+
+    @property
+    def adapter(self) -> Adapter:
+        """The library this backbone comes from (build, cut, preprocess, load weights)."""
+        return ADAPTERS[self.source]
+
     def _weights_preprocess(self) -> Preprocess:
-        if self.source == "torchvision":
-            from torchvision.models import get_weight
-
-            t = get_weight(self.weights).transforms()
-            return Preprocess(
-                resize=int(t.resize_size[0]),
-                crop=int(t.crop_size[0]),
-                mean=tuple(float(v) for v in t.mean),
-                std=tuple(float(v) for v in t.std),
-                interpolation=t.interpolation.value,
-            )
-        if self.source == "open_clip":
-            return self._open_clip_preprocess()
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(self.weights)
-        if cfg is None:
-            raise KeyError(f"timm has no pretrained config {self.weights!r}")
-        crop = int(cfg.input_size[-1])
-        return Preprocess(
-            resize=int(math.floor(crop / cfg.crop_pct)),
-            crop=crop,
-            mean=tuple(float(v) for v in cfg.mean),
-            std=tuple(float(v) for v in cfg.std),
-            interpolation=cfg.interpolation,
-        )
-
-    def _open_clip_preprocess(self) -> Preprocess:
-        """open_clip's eval transform: shorter side to the tower's size, centre crop, its mean/std."""
-        open_clip = import_open_clip()
-        size = open_clip.get_model_config(self.arch)["vision_cfg"]["image_size"]
-        size = int(size if isinstance(size, int) else size[-1])
-        cfg = open_clip.get_pretrained_cfg(self.arch, self.weights)
-        return Preprocess(
-            resize=size,
-            crop=size,
-            mean=tuple(float(v) for v in cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN),
-            std=tuple(float(v) for v in cfg.get("std") or open_clip.OPENAI_DATASET_STD),
-            interpolation=cfg.get("interpolation") or "bicubic",
-        )
+        return Preprocess(**self.adapter.eval_transform(self.arch, self.weights))
 
 
 def _tv(name: str, arch: str, dim: int, layer: str, weights: str, description: str) -> BackboneSpec:
@@ -175,11 +145,6 @@ REGISTRY: dict[str, BackboneSpec] = {e.name: e for e in _ENTRIES}
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
-class UnknownBackboneError(PenultError, KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
 def get_spec(name: str) -> BackboneSpec:
     """Look up a registry entry; a fine-tuned entry ``base@ft-...`` resolves to its base.
 
@@ -188,10 +153,10 @@ def get_spec(name: str) -> BackboneSpec:
     with ``:`` instead of ``/`` (``timm:<model>.<tag>``), which both spellings resolve to.
     """
     base = name.split("@", 1)[0]
-    for prefix, make in (("timm", _timm_hub_spec), ("open_clip", _open_clip_spec)):
+    for source in ("timm", "open_clip"):
         for sep in ("/", ":"):
-            if base.startswith(prefix + sep):
-                return make(base[len(prefix) + 1 :])
+            if base.startswith(source + sep):
+                return _hub_spec(source, base[len(source) + 1 :])
     if base not in REGISTRY:
         import difflib
 
@@ -204,61 +169,9 @@ def get_spec(name: str) -> BackboneSpec:
     return REGISTRY[base]
 
 
-def _pooled_dim(net, size: int) -> int:
-    """Width of the pooled output, from a shape-only forward pass (meta tensors: no compute)."""
-    import torch
-
-    with torch.no_grad():
-        return int(net(torch.empty(1, 3, size, size, device="meta")).shape[-1])
-
-
 @functools.lru_cache(maxsize=32)
-def _timm_hub_spec(tagged: str) -> BackboneSpec:
-    """Any timm model, e.g. ``vit_small_patch14_dinov2.lvd142m``: preprocessing from its
-    pretrained config, the embedding from timm's pooled pre-logits (``num_classes=0``)."""
-    import timm
-    import torch
-
-    arch = tagged.split(".", 1)[0]
-    if not timm.is_model(arch) or timm.models.get_pretrained_cfg(tagged) is None:
-        raise UnknownBackboneError(
-            f"timm has no model {tagged!r} (see timm.list_models(pretrained=True))"
-        )
-    with torch.device("meta"):
-        net = timm.create_model(tagged, pretrained=False, num_classes=0)
-    size = int(timm.models.get_pretrained_cfg(tagged).input_size[-1])
-    return BackboneSpec(
-        f"timm:{tagged}", "timm", arch, _pooled_dim(net, size), "pre_logits", tagged,
-        f"timm {tagged}, pooled pre-logits",
-    )  # fmt: skip
-
-
-def import_open_clip():
-    try:
-        import open_clip
-    except ImportError:
-        raise UnknownBackboneError(
-            "open_clip backbones need the optional package open_clip_torch: "
-            "pip install 'penult[clip]'"
-        ) from None
-    return open_clip
-
-
-@functools.lru_cache(maxsize=32)
-def _open_clip_spec(arch_tag: str) -> BackboneSpec:
-    """An open_clip image tower, e.g. ``ViT-B-32:laion2b_s34b_b79k``: the embedding is
-    ``encode_image`` (the projected pooled output), preprocessing from its own config."""
-    open_clip = import_open_clip()
-    arch, _, tag = arch_tag.partition(":")
-    if arch not in open_clip.list_models():
-        raise UnknownBackboneError(f"open_clip has no architecture {arch!r}")
-    if not tag or tag not in open_clip.list_pretrained_tags_by_model(arch):
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
-        raise UnknownBackboneError(
-            f"open_clip/{arch_tag}: name the weights as open_clip/{arch}:<pretrained> ({tags})"
-        )
-    dim = int(open_clip.get_model_config(arch)["embed_dim"])
-    return BackboneSpec(
-        f"open_clip:{arch}:{tag}", "open_clip", arch, dim, "image_embeds", tag,
-        f"open_clip {arch} ({tag}) image tower, encode_image",
-    )  # fmt: skip
+def _hub_spec(source: str, tagged: str) -> BackboneSpec:
+    """A model its library names beyond the registry (``timm/<model>.<tag>``,
+    ``open_clip/<arch>:<pretrained>``), stored as ``<source>:<tagged>``."""
+    arch, dim, layer, weights, description = ADAPTERS[source].resolve(tagged)
+    return BackboneSpec(f"{source}:{tagged}", source, arch, dim, layer, weights, description)

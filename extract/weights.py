@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from penult.core.errors import PenultError
-from penult.extract.registry import BackboneSpec
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -133,57 +132,3 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], src: str) -> None:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise WeightsError(f"{src}: {str(e).splitlines()[0]} ...") from None
-
-
-def load_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
-    """Load the registry's default weights into ``net``; returns a description of their origin."""
-    if spec.name in PACKAGED_WEIGHTS:
-        path = packaged_weights_file(spec.name)
-        load_into(net, read_state_dict(path), str(path))
-        return f"file:{path.name}"
-    if spec.source == "torchvision":
-        from torchvision.models import get_weight
-
-        w = get_weight(spec.weights)
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
-        try:
-            state = w.get_state_dict(progress=False, check_hash=True)
-        except Exception as e:  # noqa: BLE001 - offline is the common case here
-            raise WeightsError(
-                f"cannot load {spec.weights} ({type(e).__name__}: {e}). Offline? Put the file at {cache} "
-                "or pass --weights FILE"
-            ) from None
-        load_into(net, state, spec.weights)
-        return f"torchvision:{spec.weights}"
-    if spec.source == "open_clip":
-        return _open_clip_pretrained(net, spec)
-    import timm
-
-    try:
-        timm.models.load_pretrained(net)  # uses net.pretrained_cfg, set by create_model
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(
-            f"cannot load timm weights {spec.weights} ({type(e).__name__}). Offline? Fill the Hugging Face "
-            "cache (HF_HUB_OFFLINE=1 skips the network retries) or pass --weights FILE"
-        ) from None
-    return f"timm:{spec.weights}"
-
-
-def _open_clip_pretrained(net: nn.Module, spec: BackboneSpec) -> str:
-    """The open_clip weights from the Hugging Face cache (or a download where online), read by
-    penult's own safe reader (tensors only)."""
-    from penult.extract.registry import import_open_clip
-
-    open_clip = import_open_clip()
-    try:
-        path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(spec.arch, spec.weights))
-    except Exception as e:  # noqa: BLE001 - offline is the common case here
-        raise WeightsError(
-            f"cannot load open_clip weights {spec.arch}:{spec.weights} ({type(e).__name__}). "
-            "Offline? Fill the Hugging Face cache (HF_HUB_OFFLINE=1 skips the network retries) "
-            "or pass --weights FILE"
-        ) from None
-    if not path:
-        raise WeightsError(f"open_clip has no download for {spec.arch}:{spec.weights}")
-    load_into(net, read_state_dict(path), str(path))
-    return f"open_clip:{spec.arch}:{spec.weights}"

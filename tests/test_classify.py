@@ -86,11 +86,11 @@ def test_hierarchy_paths_are_consistent_and_probabilities_multiply(cub):
 def test_hierarchical_training_reports_levels_and_beats_chance(cub_store):
     r = train(cub_store, TrainOptions(levels=("family", "genus"), hierarchical=True))
     m = r.metrics
-    assert r.model.manifest["kind"] == "hierarchical"
+    assert r.model.manifest.kind == "hierarchical"
     assert m["levels"]["accuracy"]["family"] >= m["levels"]["accuracy"]["genus"] >= m["top1"] > 0.75
     assert m["levels"]["mean_tree_distance_of_mistakes"] > 0
     flat = train(cub_store, TrainOptions(levels=("family", "genus")))
-    assert flat.model.manifest["kind"] == "flat" and "levels" in flat.metrics
+    assert flat.model.manifest.kind == "flat" and "levels" in flat.metrics
 
 
 def test_taxonomy_errors_name_the_class(cub):
@@ -164,7 +164,7 @@ def test_class_weights_and_rare_classes_on_an_imbalanced_subset(cub_store, tmp_p
     assert (
         weighted.metrics["rare"]["balanced_accuracy"] >= plain.metrics["rare"]["balanced_accuracy"]
     )
-    assert weighted.model.manifest["options"]["class_weight"] == "balanced"
+    assert weighted.model.manifest.options["class_weight"] == "balanced"
     with pytest.raises(ValueError, match="takes no class weights"):
         train(store, TrainOptions(split="split2", head="knn", class_weight="balanced"))
 
@@ -240,7 +240,7 @@ def test_fusion_joins_rows_by_content_hash(cub_store, tmp_path):
     np.testing.assert_array_equal(F[:, :1280], X[::2])
     np.testing.assert_array_equal(F[:, 1280:], fake)
     r = train(store, TrainOptions(backbones=("efficientnet_lite0", "fake")))
-    assert r.model.manifest["feature_dim"] == 1296 and len(r.model.backbones) == 2
+    assert r.model.manifest.feature_dim == 1296 and len(r.model.backbones) == 2
     with pytest.raises(DataError, match="twice"):
         fused_rows(FeatureStore(store), ["fake", "fake"])
 

@@ -489,6 +489,7 @@ def test_only_the_store_backends_know_which_format_a_store_has():
         p for pkg in ("core", "features", "extract", "classify") for p in (root / pkg).rglob("*.py")
     ]
     backends = {root / "features/backends.py", root / "features/format1.py"}
+    backends.add(root / "classify/model.py")  # model files have a format version of their own
     asked = []
     for p in files:
         if p in backends or p.parent.name == "format2":
@@ -514,3 +515,50 @@ def test_only_the_store_backends_know_which_format_a_store_has():
                 assert list(inspect.signature(proto).parameters) == list(
                     inspect.signature(impl).parameters
                 ), (cls.__name__, m)
+
+
+def test_model_manifests_are_read_by_field_not_by_key():
+    """Outside the loader's check of the raw JSON, no module reads ``manifest["..."]``: the
+    manifest is a typed object (``classify.manifest.Manifest``)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / f for f in ("cli.py", "api.py", "demo.py")]
+    files += [p for pkg in ("extract", "classify") for p in (root / pkg).rglob("*.py")]
+    files += list((root / "benchmarks").glob("*.py"))
+    keyed = []
+    for p in files:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+                base = node.value
+                name = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", "")
+                if name == "manifest":
+                    keyed.append(f"{p.relative_to(root)}:{node.lineno}")
+    assert keyed == []
+
+
+def test_only_the_adapters_ask_which_library_a_backbone_comes_from():
+    """``spec.source`` is compared nowhere but in extract/adapters.py: each library's build,
+    cut, preprocessing, weights and names are its adapter's, reached through ``spec.adapter``."""
+    import ast
+
+    from penult.extract.adapters import ADAPTERS
+    from penult.extract.registry import REGISTRY
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / f for f in ("cli.py", "api.py", "demo.py")]
+    files += [
+        p for pkg in ("core", "features", "extract", "classify") for p in (root / pkg).rglob("*.py")
+    ]
+    asked = []
+    for p in files:
+        if p == root / "extract/adapters.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Compare):
+                names = [n for n in ast.walk(node) if isinstance(n, ast.Attribute)]
+                if any(n.attr == "source" for n in names):
+                    asked.append(f"{p.relative_to(root)}:{node.lineno}")
+    assert asked == []
+    assert {s.source for s in REGISTRY.values()} <= set(ADAPTERS)
+    assert all(s.adapter is ADAPTERS[s.source] for s in REGISTRY.values())

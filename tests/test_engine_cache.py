@@ -15,7 +15,8 @@ import torch
 from penult.core import OptionError
 from penult.extract import ExtractOptions, build_backbone, extract, list_images
 from penult.extract import engines as eng
-from penult.extract.model import Embedder, identity_dir
+from penult.extract.embed import make_embedder
+from penult.extract.model import identity_dir
 from penult.features import FeatureStore
 
 from conftest import real_batch
@@ -31,14 +32,14 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def _runtime(bb, x) -> np.ndarray:
-    return Embedder(bb, engine="onnxruntime", precision="fp32")(x)
+    return make_embedder(bb, engine="onnxruntime", precision="fp32")(x)
 
 
 def test_an_export_of_another_network_under_the_cached_name_is_not_used(data_dir) -> None:
     real = build_backbone("efficientnet_lite0")
     other = build_backbone("efficientnet_lite0", weights="random", seed=3)  # same shapes
     x = real_batch(data_dir, real.preprocess)
-    want = Embedder(real, engine="torch", precision="fp32")(x)
+    want = make_embedder(real, engine="torch", precision="fp32")(x)
     theirs, ours = eng.onnx_file(other), eng.onnx_file(real)
     for suffix in ("", ".json"):  # the file and its record, both copied over
         shutil.copy(f"{theirs}{suffix}", f"{ours}{suffix}")

@@ -32,13 +32,13 @@ def engine_cache(tmp_path_factory, monkeypatch) -> Path:
 @pytest.mark.skipif(not eng.installed("openvino"), reason="penult[openvino] not installed")
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
 def test_openvino_agrees_with_torch_on_real_images(name, data_dir) -> None:
-    from penult.extract.model import Embedder
+    from penult.extract.embed import make_embedder
 
     weights = "pretrained" if name.startswith("efficientnet_lite") else "random"
     bb = build_backbone(name, weights=weights)
     x = real_batch(data_dir, bb.preprocess)
-    ref = Embedder(bb, engine="torch", precision="fp32")(x)
-    e = Embedder(bb, engine="openvino", precision="fp32")
+    ref = make_embedder(bb, engine="torch", precision="fp32")(x)
+    e = make_embedder(bb, engine="openvino", precision="fp32")
     assert e.tag == "fp32/openvino" and eng.lowest_cosine(ref, e(x)) >= 0.999
 
 
@@ -47,15 +47,15 @@ def test_openvino_agrees_with_torch_on_real_images(name, data_dir) -> None:
 def test_openvino_bf16_where_the_cpu_has_it_agrees_like_torch_bf16(data_dir) -> None:
     """On a CPU with native bf16, precision auto runs OpenVINO in bf16 (as torch): close to fp32
     as torch's bf16 is (the bar of tests/test_precision.py), not equal to it."""
-    from penult.extract.model import Embedder
+    from penult.extract.embed import make_embedder
 
     bb = build_backbone("efficientnet_lite0")
     x = real_batch(data_dir, bb.preprocess)
-    ref = Embedder(bb, engine="torch", precision="fp32")(x)
-    e = Embedder(bb, engine="openvino")
+    ref = make_embedder(bb, engine="torch", precision="fp32")(x)
+    e = make_embedder(bb, engine="openvino")
     assert e.tag == "bf16/openvino"
     assert 0.99 <= eng.lowest_cosine(ref, e(x)) < 0.99999  # bf16 indeed, and close
-    tb = Embedder(bb, engine="torch")(x)
+    tb = make_embedder(bb, engine="torch")(x)
     assert abs(eng.lowest_cosine(ref, e(x)) - eng.lowest_cosine(ref, tb)) < 0.005
 
 
@@ -63,7 +63,7 @@ def test_auto_times_each_engine_in_the_precision_it_runs_on_this_cpu(monkeypatch
     """Where the CPU has native bf16, auto times torch and OpenVINO in bf16 and ONNX Runtime in
     fp32 (it has no CPU bf16); elsewhere all in fp32. ``--precision bf16`` times only bf16 ones;
     fp32 keeps every engine fp32. The picked precision is the one recorded."""
-    from penult.extract import model
+    from penult.extract import embed, embedder, model
 
     seen = {}
 
@@ -71,14 +71,14 @@ def test_auto_times_each_engine_in_the_precision_it_runs_on_this_cpu(monkeypatch
         seen[key["precision"]] = sorted(candidates)
         return "onnxruntime fp32", {"onnxruntime fp32": 1.0}, True
 
-    monkeypatch.setattr(model, "calibrate", fake)
-    monkeypatch.setattr(model, "installed", lambda e: True)
+    monkeypatch.setattr(embedder, "calibrate", fake)
+    monkeypatch.setattr(embedder, "installed", lambda e: True)
     bb = build_backbone("resnet18", weights="random", seed=5)
     for native in (True, False):
         monkeypatch.setattr(eng, "cpu_has_bf16", lambda native=native: native)
         monkeypatch.setattr(model, "cpu_has_bf16", lambda native=native: native)
         seen.clear()
-        tags = {p: model.Embedder(bb, engine="auto", precision=p, batch_size=2).tag
+        tags = {p: embed.make_embedder(bb, engine="auto", precision=p, batch_size=2).tag
                 for p in ("auto", "bf16", "fp32")}  # fmt: skip
         half = "bf16" if native else "fp32"
         assert seen["auto"] == ["onnxruntime fp32", f"openvino {half}", f"torch {half}"]
@@ -89,8 +89,8 @@ def test_auto_times_each_engine_in_the_precision_it_runs_on_this_cpu(monkeypatch
         else:  # --precision bf16 is torch's emulated autocast, as before the engines
             assert "bf16" not in seen and tags["bf16"] == "bf16"
     # without OpenVINO, the summary says what it would take
-    monkeypatch.setattr(model, "installed", lambda e: e != "openvino")
-    note = model.Embedder(bb, engine="auto", batch_size=2).engine_note
+    monkeypatch.setattr(embedder, "installed", lambda e: e != "openvino")
+    note = embed.make_embedder(bb, engine="auto", batch_size=2).engine_note
     assert seen["auto"] == ["onnxruntime fp32", "torch fp32"]
     assert note.endswith("is not installed: pip install 'penult[openvino]'"), note
 
@@ -262,12 +262,12 @@ def test_int8_is_an_entry_of_its_own_calibrated_on_the_users_images(
 def test_one_calibration_serves_every_checkpoint_of_an_architecture(engine_cache) -> None:
     """Speed depends on the network's shape and input, not its weights: a second checkpoint (or
     a fine-tuned one) reuses the calibration instead of timing every engine again."""
-    from penult.extract.model import Embedder
+    from penult.extract.embed import make_embedder
 
     def bb(seed: int):
         return build_backbone("resnet18", weights="random", seed=seed)
 
-    notes = [Embedder(bb(s), engine="auto", batch_size=2).engine_note for s in (11, 12)]
+    notes = [make_embedder(bb(s), engine="auto", batch_size=2).engine_note for s in (11, 12)]
     assert "calibrated now" in notes[0] and "calibration cached" in notes[1], notes
 
 
@@ -277,7 +277,7 @@ def test_auto_builds_each_runtime_once_and_keeps_only_the_one_it_runs(monkeypatc
     import gc
     import weakref
 
-    from penult.extract import model
+    from penult.extract import embed, embedder
 
     built, alive = [], []
 
@@ -287,17 +287,17 @@ def test_auto_builds_each_runtime_once_and_keeps_only_the_one_it_runs(monkeypatc
         alive.append(weakref.ref(runner))
         return runner
 
-    real = model.make_runner
-    monkeypatch.setattr(model, "make_runner", make_runner)
+    real = embedder.make_runner
+    monkeypatch.setattr(embedder, "make_runner", make_runner)
 
     def calibrate(key, candidates, x):  # builds every candidate, torch last, as the real one
         for build in candidates.values():
             build()
         return next(iter(candidates)), {n: 1.0 for n in candidates}, False
 
-    monkeypatch.setattr(model, "calibrate", calibrate)
+    monkeypatch.setattr(embedder, "calibrate", calibrate)
     bb = build_backbone("resnet18", weights="random", seed=9)
-    e = model.Embedder(bb, engine="auto", batch_size=2)
+    e = embed.make_embedder(bb, engine="auto", batch_size=2)
     runtimes = [r for r in eng.auto_runtimes() if eng.installed(r)]
     assert sorted(built) == sorted(runtimes) and e.engine == runtimes[0]
     assert e._module is None
@@ -362,3 +362,31 @@ def test_a_failed_export_leaves_nothing_under_the_cached_name(monkeypatch, engin
     with pytest.raises(eng.EngineError, match="resnet18 does not export.*frobnicate"):
         eng.onnx_file(bb)
     assert not list(engine_cache.glob(f"resnet18-{eng.model_key(bb.fingerprint)}*"))
+
+
+def test_the_engine_is_chosen_once_and_the_embedder_only_runs_the_choice(monkeypatch) -> None:
+    """choose_engine() is the decision (and the heavy work: timing, export); an Embedder built
+    from that decision times, exports and calibrates nothing, and embeds as the choice says."""
+    from penult.extract import embedder
+    from penult.extract.embedder import Embedder, EngineChoice, choose_engine
+
+    bb = build_backbone("resnet18", weights="random", seed=3)
+    size = bb.preprocess.crop
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, size, size), np.uint8)
+    choice = choose_engine(bb, engine="onnxruntime", precision="fp32", batch_size=2)
+    assert isinstance(choice, EngineChoice) and choice.runner is not None
+    assert (choice.engine, choice.precision, choice.tag) == (
+        "onnxruntime",
+        "fp32",
+        "fp32/onnxruntime",
+    )
+
+    def refuse(*a, **k):
+        raise AssertionError("the embedder did heavy work of its own")
+
+    for name in ("calibrate", "make_runner", "onnx_file"):
+        monkeypatch.setattr(embedder, name, refuse)
+    e = Embedder(bb, choice, batch_size=2)
+    assert e.engine == "onnxruntime" and e._module is None
+    ref = Embedder(bb, EngineChoice(choice.device, "torch", "fp32"), batch_size=2)
+    np.testing.assert_allclose(e(torch.from_numpy(x)), ref(torch.from_numpy(x)), atol=1e-3)

@@ -16,9 +16,9 @@ from penult.extract import build_backbone
 from penult.extract import finetune as ft
 from penult.extract.finetune import data as ft_data
 from penult.extract.finetune import loop as ft_loop
-from penult.extract.model import build_network
+from penult.extract.model import build_network, load_pretrained
 from penult.extract.registry import get_spec
-from penult.extract.weights import load_pretrained, read_state_dict
+from penult.extract.weights import read_state_dict
 from penult.features import FeatureStore
 
 from conftest import copy_store

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,25 @@ def test_round_trip_predicts_identically_and_manifest_says_what_it_is(hier_model
     assert man["metrics"]["top1"] == pytest.approx(r.metrics["top1"])
     assert {"scikit-learn", "numpy", "skops"} <= set(man["versions"])
     assert len(man["model_sha256"]) == 64
+
+
+def test_the_typed_manifest_reads_and_writes_the_json_it_came_from(hier_model, tmp_path):
+    """What ``load_model`` types is the JSON beside the file: every field it knows read back as
+    written, a field it does not know kept, and a missing one named in a one-line error."""
+    from penult.classify.manifest import Manifest
+
+    path, _ = hier_model
+    raw = json.loads(open(f"{path}.json").read())
+    m = load_model(path).manifest
+    assert m.to_json() == raw
+    assert m.kind == "hierarchical" and m.levels == ["family", "genus", "label"]
+    assert m.trained_on.split_column == "split" and m.backbones[0].dim == m.feature_dim
+    assert Manifest.from_json({**raw, "added_later": [1, 2]}).to_json()["added_later"] == [1, 2]
+    bad = tmp_path / "b.skops"
+    shutil.copy(path, bad)
+    Path(f"{bad}.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "classes"}))
+    with pytest.raises(ModelError, match=r"b\.skops\.json: field 'classes' is missing"):
+        load_model(bad)
 
 
 def test_tampered_model_file_is_refused(hier_model, tmp_path):
@@ -142,7 +162,7 @@ def test_skops_sees_only_safe_types_in_every_head(cub_store, tmp_path):
         path = save_model(r.model, tmp_path / f"{opts.head}-{opts.ovr}.skops")
         assert not [t for t in sio.get_untrusted_types(file=path) if t.startswith("posix")]
         m = load_model(path)
-        assert m.manifest["head"] == opts.head
+        assert m.manifest.head == opts.head
 
 
 def test_predict_refuses_a_backbone_whose_weights_differ(hier_model, data_dir, tmp_path):
@@ -155,7 +175,7 @@ def test_predict_refuses_a_backbone_whose_weights_differ(hier_model, data_dir, t
     path, _ = hier_model
     model = load_model(path)
     model.manifest = copy.deepcopy(model.manifest)
-    model.manifest["backbones"][0]["fingerprint"]["weights_sha256"] = "0" * 64
+    model.manifest.backbones[0].fingerprint["weights_sha256"] = "0" * 64
     img = sorted((data_dir / "cub100" / "001.Black_footed_Albatross").glob("*.jpg"))[0]
     with pytest.raises(WeightsError, match="pass --weights FILE"):
         predict_images(

@@ -84,7 +84,7 @@ def test_cli_out_of_core_saves_a_safe_model_and_report(store, tmp_path, capsys):
     assert cli.main([*argv, "--report", str(tmp_path / "rep")]) == 0
     assert "streamed" in capsys.readouterr().out
     m = load_model(out)  # the streamed model loads without --trust-model
-    assert m.manifest["out_of_core"]["memory_mb"] == 4
+    assert m.manifest.out_of_core["memory_mb"] == 4
     assert (tmp_path / "rep" / "report.md").exists() and (
         tmp_path / "rep" / "predictions.csv"
     ).exists()

@@ -22,11 +22,11 @@ def test_refit_all_scores_held_out_then_saves_a_model_of_every_image(hym_store, 
     plain = train(store, TrainOptions())
     r = train(store, TrainOptions(refit_all=True))
     assert r.metrics["top1"] == plain.metrics["top1"] > 0.85  # the same held-out estimate
-    refit = r.model.manifest["refit_all"]
+    refit = r.model.manifest.refit_all
     n = plain.n_train + plain.n_eval
-    assert refit["images"] == n and refit["metrics_from"] == plain.eval_split
-    assert r.scored is not None and "refit_all" not in r.scored.manifest
-    assert sum(r.model.manifest["train_counts"].values()) == n > plain.n_train
+    assert refit.images == n and refit.metrics_from == plain.eval_split
+    assert r.scored is not None and r.scored.manifest.refit_all is None
+    assert sum(r.model.manifest.train_counts.values()) == n > plain.n_train
     w_scored = r.scored.estimator[-1].coef_
     w_refit = r.model.estimator[-1].coef_
     assert not np.allclose(w_scored, w_refit)  # the held-out images moved the saved model
@@ -48,7 +48,7 @@ def test_refit_all_from_the_command_line(hym_store, tmp_path, capsys):
     assert json.loads(open(f"{model}.json").read())["refit_all"]["images"] > 300
     assert cli.main(["evaluate", str(model), str(store)]) == 2
     assert "none of them is held out" in capsys.readouterr().err
-    assert load_model(model).manifest["refit_all"]
+    assert load_model(model).manifest.refit_all
     cv_rep = tmp_path / "cv"
     cv_rep.mkdir()
     argv = ["train", str(store), "--out", str(tmp_path / "cv.skops"), "--cv", "3"]
@@ -69,11 +69,11 @@ def test_cv_reports_mean_and_spread_over_stratified_folds(hym_store, tmp_path):
     assert cv["folds"] == 5 and len(cv["per_fold"]) == 5
     tops = [f["top1"] for f in cv["per_fold"]]
     assert min(tops) <= cv["mean"]["top1"] <= max(tops) and 0 < cv["std"]["top1"] < 0.1
-    n = r.model.manifest["refit_all"]["images"]
+    n = r.model.manifest.refit_all.images
     assert r.metrics["n"] == n == len(r.truth)  # every labelled image predicted exactly once
     assert abs(r.metrics["top1"] - cv["mean"]["top1"]) < 0.01 and r.metrics["top1"] > 0.85
-    assert sum(r.model.manifest["train_counts"].values()) == n  # the saved model saw them all
-    assert r.model.manifest["cv"]["mean"]["top1"] == cv["mean"]["top1"]
+    assert sum(r.model.manifest.train_counts.values()) == n  # the saved model saw them all
+    assert r.model.manifest.cv["mean"]["top1"] == cv["mean"]["top1"]
     assert set(FeatureStore(store).images().labels) == before  # no split was written
     again = train(store, TrainOptions(cv=5))
     assert again.cv["per_fold"] == cv["per_fold"]  # seeded folds

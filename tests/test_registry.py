@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from penult.extract import REGISTRY, UnknownBackboneError, build_backbone, get_spec
+from penult.extract.embed import make_embedder
 from penult.extract.engines import EngineError, lowest_cosine, onnx_file
-from penult.extract.model import Embedder
 
 from conftest import real_batch
 
@@ -37,8 +37,8 @@ def test_every_entry_builds_random_and_yields_stated_dim(
             onnx_file(bb)
         return
     images = real_batch(data_dir, bb.preprocess)
-    ref = Embedder(bb, engine="torch", precision="fp32")(images)
-    got = Embedder(bb, engine="onnxruntime")(images)
+    ref = make_embedder(bb, engine="torch", precision="fp32")(images)
+    got = make_embedder(bb, engine="onnxruntime")(images)
     assert got.shape == ref.shape and lowest_cosine(ref, got) >= 0.999
 
 

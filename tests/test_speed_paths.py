@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from penult.extract import build_backbone
+from penult.extract.embed import make_embedder
 from penult.extract.loader import (
     ImageFiles,
     border_colour,
@@ -21,7 +22,6 @@ from penult.extract.loader import (
     preprocess_image,
     to_device,
 )
-from penult.extract.model import Embedder
 from penult.extract.registry import get_spec
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -94,7 +94,7 @@ def test_torch_resampling_keeps_the_embeddings_of_pillow_resampling(mode, data_d
     else:
         files = sorted((data_dir / "ndsb_plankton").glob("*/*.jpg"))[::300]
     ims = [Image.open(f).convert("RGB") for f in files]
-    emb = Embedder(bb, engine="torch", precision="fp32")
+    emb = make_embedder(bb, engine="torch", precision="fp32")
     new = emb(torch.stack([preprocess_image(im, bb.preprocess) for im in ims]))
     old = emb(torch.stack([_pillow(im, bb.preprocess) for im in ims]))
     cos = (new * old).sum(1) / np.linalg.norm(new, axis=1) / np.linalg.norm(old, axis=1)
@@ -114,9 +114,10 @@ def test_batches_are_uint8_with_failures_split_off() -> None:
 def test_compiled_embedder_matches_eager_and_pads_last_batch() -> None:
     bb = build_backbone("resnet18", weights="random")
     x = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
-    eager = Embedder(bb, precision="fp32")(x)
-    comp = Embedder(
+    eager = make_embedder(bb, engine="torch", precision="fp32")(x)
+    comp = make_embedder(
         build_backbone("resnet18", weights="random"),
+        engine="torch",
         precision="fp32",
         optimize="inductor",
         batch_size=4,
@@ -137,8 +138,10 @@ def test_cpu_prefetch_path_passes_batches_through(data_dir: Path) -> None:
 def test_cuda_extraction_matches_cpu(data_dir: Path) -> None:
     files = [str(p) for p in sorted((data_dir / "cub100/013.Bobolink").glob("*.jpg"))[:16]]
     bb = build_backbone("efficientnet_lite0")
-    cpu = Embedder(bb, device="cpu", precision="fp32")
-    gpu = Embedder(build_backbone("efficientnet_lite0"), device="cuda", precision="auto")
+    cpu = make_embedder(bb, engine="torch", device="cpu", precision="fp32")
+    gpu = make_embedder(
+        build_backbone("efficientnet_lite0"), engine="torch", device="cuda", precision="auto"
+    )
     loader = make_loader(files, bb.preprocess, batch_size=8, workers=2, pin_memory=True)
     for b in to_device(iter(loader), gpu.device):
         assert b.images.is_cuda

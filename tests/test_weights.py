@@ -12,10 +12,9 @@ import torch
 from penult.extract import WeightsError, build_backbone
 from penult.extract.images import decode_image
 from penult.extract.loader import preprocess_image
-from penult.extract.model import build_network
+from penult.extract.model import build_network, load_pretrained
 from penult.extract.registry import get_spec
 from penult.extract.weights import (
-    load_pretrained,
     packaged_weights_file,
     read_state_dict,
     state_sha256,

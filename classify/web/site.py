@@ -299,7 +299,7 @@ class Site:
     def model_name(self) -> str:
         if self.model is None:
             return ""
-        kind = f"{self.model.manifest.get('kind', '')} {self.model.manifest.get('head', '')}"
+        kind = f"{self.model.manifest.kind} {self.model.manifest.head}"
         return f"{Path(self.model_file).name} ({kind})" if self.model_file else f"the {kind} model"
 
     def require_model(self) -> None:

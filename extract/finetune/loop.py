@@ -251,7 +251,7 @@ def finetune(
     ``out.json`` (card) and ``out.curve.png``. ``on_epoch`` sees each epoch's curve row."""
     out = Path(out)
     spec = get_spec(opts.backbone)
-    if spec.source != "timm" and not spec.arch.startswith("resnet"):
+    if not spec.adapter.finetunable(spec.arch):
         raise FinetuneError(f"fine-tuning supports timm backbones and ResNets, not {spec.name}")
     if opts.head_init not in ("probe", "random"):
         raise OptionError(f"head_init must be 'probe' or 'random', not {opts.head_init!r}")

@@ -9,9 +9,9 @@ import torch
 from penult.core import OptionError
 from penult.extract.finetune.options import FinetuneError, FinetuneOptions
 from penult.extract.loader import border_colour
-from penult.extract.model import PreLogits, build_network
+from penult.extract.model import PreLogits, build_network, load_pretrained
 from penult.extract.registry import BackboneSpec, Preprocess
-from penult.extract.weights import load_pretrained, state_sha256
+from penult.extract.weights import state_sha256
 from torch import nn
 
 __all__ = ["Built", "Trainable", "augment", "build", "stages"]
