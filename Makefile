@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/penult demo
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # Chromium for the browser tests of `penult serve` (Playwright drives the system's browser);
 # where it cannot be installed those tests are skipped and say why.

@@ -14,6 +14,15 @@ from store_rows import FP  # noqa: F401 -- tests import it from here
 DATA = Path(os.environ.get("PENULT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+def pytest_configure(config):
+    """Under ``pytest -n N`` (pytest-xdist: ``make test`` runs one worker per core) the workers
+    share the cores: torch in each takes its share instead of every core, so N workers do not
+    fight over the same cores (in-process threads; a subprocess a test starts sets its own)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -78,6 +87,27 @@ def copy_store(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _shared(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's folder, built once for the whole run: under pytest-xdist every worker
+    asks for it, the first builds it (under a file lock, as xdist's docs advise) and the others
+    wait for it instead of building their own copy on the same cores."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of one run
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def cub_store(data_dir: Path, tmp_path_factory) -> Path:
     """EfficientNet-Lite0 features of 20 cub100 species (1,155 images), with taxonomy and split.
@@ -86,13 +116,14 @@ def cub_store(data_dir: Path, tmp_path_factory) -> Path:
     """
     from penult.extract import ExtractOptions, extract, list_images
 
-    out = tmp_path_factory.mktemp("cub_store")
-    manifest = cub_manifest(data_dir, out / "cub20.csv", classes=20)
-    listing = list_images(
-        manifest, root=data_dir / "cub100", taxonomy=data_dir / "cub100" / "taxonomy.csv"
-    )
-    extract(out / "cub20.h5", listing, ExtractOptions(progress=False))
-    return out / "cub20.h5"
+    def build(out: Path) -> None:
+        manifest = cub_manifest(data_dir, out / "cub20.csv", classes=20)
+        listing = list_images(
+            manifest, root=data_dir / "cub100", taxonomy=data_dir / "cub100" / "taxonomy.csv"
+        )
+        extract(out / "cub20.h5", listing, ExtractOptions(progress=False))
+
+    return _shared(tmp_path_factory, "cub_store", build) / "cub20.h5"
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +131,9 @@ def hym_store(data_dir: Path, tmp_path_factory) -> Path:
     """EfficientNet-Lite0 features of hymenoptera (train/val split.csv, one GIF placeholder)."""
     from penult.extract import ExtractOptions, extract, list_images
 
-    out = tmp_path_factory.mktemp("hym_store")
-    extract(out / "hym.h5", list_images(data_dir / "hymenoptera"), ExtractOptions(progress=False))
-    return out / "hym.h5"
+    def build(out: Path) -> None:
+        extract(
+            out / "hym.h5", list_images(data_dir / "hymenoptera"), ExtractOptions(progress=False)
+        )
+
+    return _shared(tmp_path_factory, "hym_store", build) / "hym.h5"
