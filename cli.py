@@ -106,7 +106,7 @@ _HELP = {
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
-    from penult.extract import ExtractOptions
+    from penult.extract import ExtractOptions, SampleOptions
 
     p = sub.add_parser(
         "extract",
@@ -125,6 +125,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--taxonomy", help="CSV: class,<coarse levels...> joined onto labels")
     p.add_argument("--split", help="CSV: path,split (train/val/test) stored with the labels")
+    _add_options(p, SampleOptions)
     _add_options(p, ExtractOptions)
 
 
@@ -271,7 +272,9 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     from penult.extract import Featuriser
 
     _add_options(
-        p.add_argument_group("embedding image queries"), Featuriser, skip=("trust_checkpoint",)
+        p.add_argument_group("embedding image queries"),
+        Featuriser,
+        skip=("trust_checkpoint", "sample_level", "samples"),
     )
 
     p = sub.add_parser(
@@ -596,7 +599,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     if args.shard and args.cluster:
         raise OptionError("--shard and --cluster are two ways to split a run; use one")
-    listing = list_images(args.input, root=args.root, taxonomy=args.taxonomy, split=args.split)
+    listing = list_images(
+        args.input, root=args.root, taxonomy=args.taxonomy, split=args.split,
+        sample_level=args.sample_level, samples=args.samples,
+    )  # fmt: skip
     for note in listing.notes:
         print(note)
     opts = _options(args, ExtractOptions)

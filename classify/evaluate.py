@@ -15,6 +15,7 @@ from penult.classify.model import Model, Predictions, resolve_backbones
 from penult.classify.predict import csv_header, csv_rows
 from penult.classify.report import write_report
 from penult.classify.train import TrainOptions, TrainResult, score, summary, train
+from penult.core import sample_columns
 from penult.features import FeatureStore
 
 __all__ = [
@@ -84,7 +85,9 @@ def evaluate(
             f"model trained on {trained.store} ({sum((m.train_counts or {}).values())} training "
             f"images, {len(model.classes)} classes)",
         ]
-        out = write_evaluation(report_dir, model, scores, sub.paths, y_true, title, info, top_k)
+        out = write_evaluation(
+            report_dir, model, scores, sub.paths, y_true, title, info, top_k, store_path
+        )
     return Evaluation(scores, name, len(sub), out, list(sub.paths), y_true)
 
 
@@ -97,12 +100,26 @@ def write_evaluation(
     title: str,
     info: list[str],
     top_k: int = 5,
+    store_path: str | os.PathLike[str] | None = None,
 ) -> Path:
     """The one report of a scored model: report.md/.html, plots and metrics.json from
-    ``metrics`` (with its ``predictions``), and predictions.csv (the images ``paths``)."""
+    ``metrics`` (with its ``predictions``), and predictions.csv (the images ``paths``, with
+    their samples and sample metadata where ``store_path`` has them)."""
     out = write_report(folder, title, metrics, info, truth, metrics["predictions"])
-    write_predictions(out, model, paths, metrics["predictions"], truth, top_k)
+    carried = stored_samples(store_path, paths) if store_path is not None else {}
+    write_predictions(out, model, paths, metrics["predictions"], truth, top_k, carried)
     return out
+
+
+def stored_samples(store_path: str | os.PathLike[str], paths: list[str]) -> dict[str, list[str]]:
+    """The sample column and its metadata (``core.sample_columns``) of the stored ``paths``."""
+    store = FeatureStore(store_path)
+    have = store.images().labels if len(store) else {}
+    names = sample_columns(have)
+    if not names:
+        return {}
+    rows = store.find(list(paths))
+    return {c: [have[c][r] if r >= 0 else "" for r in rows] for c in names}
 
 
 def write_training_report(
@@ -124,7 +141,10 @@ def write_training_report(
         f"store {store_path}, {result.n_eval} labelled images, {how}",
         f"model trained on {result.n_train} images, {len(model.classes)} classes",
     ]
-    return write_evaluation(folder, model, result.metrics, result.paths, result.truth, title, info)
+    return write_evaluation(
+        folder, model, result.metrics, result.paths, result.truth, title, info,
+        store_path=store_path,
+    )  # fmt: skip
 
 
 def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> None:
@@ -148,15 +168,25 @@ def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> Non
 
 
 def write_predictions(
-    folder: Path, model: Model, paths: list[str], pred: Predictions, truth: np.ndarray, top_k: int
+    folder: Path,
+    model: Model,
+    paths: list[str],
+    pred: Predictions,
+    truth: np.ndarray,
+    top_k: int,
+    carried: dict[str, list[str]] | None = None,
 ) -> Path:
-    """``folder/predictions.csv``: the predict CSV's columns plus the true label."""
+    """``folder/predictions.csv``: the predict CSV's columns (``carried`` ones, the samples,
+    after the path, as `penult predict` writes them) plus the true label."""
     k = max(1, min(top_k, len(model.classes)))
+    carried = carried or {}
+    header = csv_header(model, k)
     with open_csv(folder / "predictions.csv") as fh:
         w = SafeWriter(fh)
-        w.writerow([*csv_header(model, k), "truth"])
-        for row, t in zip(csv_rows(paths, pred, model, k), truth, strict=True):
-            w.writerow([*row, t])
+        w.writerow([header[0], *carried, *header[1:], "truth"])
+        rows = csv_rows(paths, pred, model, k)
+        for i, (row, t) in enumerate(zip(rows, truth, strict=True)):
+            w.writerow([row[0], *(v[i] for v in carried.values()), *row[1:], t])
     return folder / "predictions.csv"
 
 

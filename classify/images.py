@@ -10,9 +10,9 @@ import numpy as np
 
 
 class Images(Protocol):
-    def list(self, source: str) -> tuple[list[tuple[str, str]], list[str]]:
-        """(shown path, absolute path) of every image under ``source``; and the files skipped
-        for their type."""
+    def list(self, source: str) -> tuple[list[tuple[str, str]], list[str], dict[str, list[str]]]:
+        """(shown path, absolute path) of every image under ``source``; the files skipped
+        for their type; and the images' sample columns (name -> one value per image)."""
         ...
 
     def check(self, name: str, fingerprint: dict[str, Any]) -> None:

@@ -71,19 +71,32 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-def list_inputs(inputs: Sequence[str], images: Images) -> tuple[list[tuple[str, str]], list[str]]:
+def list_inputs(
+    inputs: Sequence[str], images: Images
+) -> tuple[list[tuple[str, str]], list[str], dict[str, list[str]]]:
     """(shown path, absolute path) for every image under the inputs, each file once, in order;
-    and the files skipped for their extension (shown paths)."""
+    the files skipped for their extension (shown paths); and the images' sample columns, one
+    value per listed image ("" where an input has no such column)."""
     seen: set[str] = set()
     out, ignored = [], []
+    parts: list[tuple[list[int], dict[str, list[str]]]] = []
     for src in inputs:
-        files, skipped = images.list(src)
-        for shown, absolute in files:
+        files, skipped, columns = images.list(src)
+        kept = []
+        for i, (shown, absolute) in enumerate(files):
             if absolute not in seen:
                 seen.add(absolute)
                 out.append((shown, absolute))
+                kept.append(i)
+        parts.append((kept, columns))
         ignored += skipped
-    return out, ignored
+    names = list(dict.fromkeys(c for _, columns in parts for c in columns))
+    carried = {c: [] for c in names}
+    for kept, columns in parts:
+        for c in names:
+            values = columns.get(c)
+            carried[c] += [values[i] for i in kept] if values else [""] * len(kept)
+    return out, ignored, carried
 
 
 def csv_header(model: Model, top_k: int) -> list[str]:
@@ -316,13 +329,13 @@ def predict_images(
     ``images`` lists the inputs and embeds what the store does not hold (the CLI builds it
     as an ``extract.Featuriser``)."""
     t0 = time.perf_counter()
-    files, ignored = list_inputs(inputs, images)
+    files, ignored, carried = list_inputs(inputs, images)
     s = PredictSummary(Path(out), listed=len(files) + len(ignored))
     partial = Path(f"{out}.partial")
     check_out_folder(out)
     feats = _Features(model, opts, images)  # networks and store checked before anything runs
     with atomic_path(out, tmp=partial) as tmp:  # a failed run leaves no partial file behind
-        _write(model, files, ignored, tmp, feats, opts, s)
+        _write(model, files, ignored, tmp, feats, opts, s, carried)
     s.seconds = time.perf_counter() - t0
     return s
 
@@ -335,10 +348,15 @@ def _write(
     feats: _Features,
     opts: PredictOptions,
     s: PredictSummary,
+    carried: dict[str, list[str]] | None = None,
 ) -> None:
-    """Score ``files`` chunk by chunk into ``partial``; skipped files get a row with the reason."""
+    """Score ``files`` chunk by chunk into ``partial``; skipped files get a row with the reason.
+    ``carried`` columns (the sample and its metadata) follow the path, as the input gave them."""
     top_k = max(1, min(opts.top_k, len(model.classes)))
+    carried = carried or {}
     header = csv_header(model, top_k)
+    header = [header[0], *carried, *header[1:]]
+    done = 0
     if opts.cluster:
         scored = _scored_on_cluster(model, files, opts, feats.images, top_k)
         bar = tqdm(disable=True)  # the cluster's own bar counts over all workers
@@ -353,7 +371,15 @@ def _write(
         w = SafeWriter(fh)
         w.writerow(header)
         for r in scored:
-            w.writerows(r.rows)
+            if carried:
+                rows = range(done, done + len(r.rows))
+                w.writerows(
+                    [row[0], *(v[i] for v in carried.values()), *row[1:]]
+                    for i, row in zip(rows, r.rows, strict=True)
+                )
+                done += len(r.rows)
+            else:
+                w.writerows(r.rows)
             s.failed += r.failed
             s.scored += r.scored
             s.from_store += r.from_store

@@ -7,11 +7,22 @@ Layering: ``core`` (this package) <- ``features`` (the store) <- ``extract`` / `
 
 from penult.core.errors import OptionError, PenultError
 from penult.core.files import atomic_path, check_out_folder, file_sha256
-from penult.core.labels import TEST, TRAIN, VAL, LabelError, Taxonomy, make_split, read_taxonomy
+from penult.core.labels import (
+    SAMPLE,
+    TEST,
+    TRAIN,
+    VAL,
+    LabelError,
+    Taxonomy,
+    make_split,
+    read_taxonomy,
+    sample_columns,
+)
 from penult.core.options import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "SAMPLE",
     "TEST",
     "TRAIN",
     "VAL",
@@ -24,4 +35,5 @@ __all__ = [
     "file_sha256",
     "make_split",
     "read_taxonomy",
+    "sample_columns",
 ]

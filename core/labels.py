@@ -19,10 +19,39 @@ from pathlib import Path
 import numpy as np
 from penult.core.errors import PenultError
 
-__all__ = ["LabelError", "TEST", "TRAIN", "Taxonomy", "VAL", "make_split", "read_taxonomy"]
+__all__ = [
+    "LabelError",
+    "SAMPLE",
+    "TEST",
+    "TRAIN",
+    "Taxonomy",
+    "VAL",
+    "make_split",
+    "read_taxonomy",
+    "sample_columns",
+]
 
 
 TRAIN, TEST, VAL = "train", "test", "val"  # the split names every command uses
+SAMPLE = "sample"  # the column naming each image's sample (an IFCB bin, a net tow, a day)
+_NOT_METADATA = ("label", "split")  # never a sample's: they differ between its images
+
+
+def sample_columns(columns: dict[str, Sequence[str]]) -> list[str]:
+    """The sample column and its metadata, in the order given: every other column whose value
+    is one and the same for all images of each sample (``volume_ml``, ``time``, ``lat``, ...).
+    Images without a sample are not looked at; [] where there are no samples."""
+    samples = columns.get(SAMPLE)
+    if samples is None or not any(samples):
+        return []
+    out = [SAMPLE]
+    for name, values in columns.items():
+        if name == SAMPLE or name in _NOT_METADATA:
+            continue
+        seen: dict[str, str] = {}
+        if all(seen.setdefault(s, v) == v for s, v in zip(samples, values, strict=True) if s):
+            out.append(name)
+    return out
 
 
 class LabelError(PenultError, ValueError):

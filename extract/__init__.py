@@ -5,7 +5,7 @@ from penult.extract.embedder import Embedder
 from penult.extract.featurise import Featuriser
 from penult.extract.images import ImageError, decode_image
 from penult.extract.model import Backbone, build_backbone
-from penult.extract.options import ExtractOptions
+from penult.extract.options import ExtractOptions, SampleOptions
 from penult.extract.registry import DEFAULT_BACKBONE, REGISTRY, UnknownBackboneError, get_spec
 from penult.extract.run import extract
 from penult.extract.sources import Listing, SourceError, list_images
@@ -19,6 +19,7 @@ __all__ = [
     "EmbeddedBatch",
     "Embedder",
     "ExtractOptions",
+    "SampleOptions",
     "ExtractSummary",
     "Featuriser",
     "ImageError",

@@ -28,7 +28,6 @@ from penult.features import StoreWriter
 from penult.features.parts import PartWriter
 from tqdm.auto import tqdm
 
-
 __all__ = [
     "EmbeddedBatch",
     "backbone_from_fingerprint",

@@ -10,15 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+from penult.core.labels import sample_columns
 from penult.core.options import option
 from penult.extract.embed import backbone_from_fingerprint, embed_files, make_embedder
 from penult.extract.model import TORCH_PRECISIONS
-from penult.extract.options import RuntimeOptions
+from penult.extract.options import RuntimeOptions, SampleOptions
 from penult.extract.sources import list_images
 
 
 @dataclass(frozen=True)
-class Featuriser(RuntimeOptions):
+class Featuriser(RuntimeOptions, SampleOptions):
     """Lists image inputs and embeds files with the backbone a fingerprint names (rebuilt with
     the same weights and preprocessing, checked); networks are built once per backbone.
     ``weights`` maps a store entry name to a weights file when it is not the registry's own."""
@@ -42,10 +43,11 @@ class Featuriser(RuntimeOptions):
     def __getstate__(self) -> dict[str, Any]:  # sent to Dask workers without its networks
         return {**self.__dict__, "_nets": {}}
 
-    def list(self, source: str) -> tuple[list[tuple[str, str]], list[str]]:
+    def list(self, source: str) -> tuple[list[tuple[str, str]], list[str], dict[str, list[str]]]:
         """(shown path, absolute path) of every image under ``source`` (a file, folder,
-        manifest or file list), and the files skipped for their type (shown paths)."""
-        listing = list_images(source)
+        manifest or file list), the files skipped for their type (shown paths), and the
+        images' sample columns (the sample and its metadata; {} without samples)."""
+        listing = list_images(source, sample_level=self.sample_level, samples=self.samples)
         folder = os.path.isdir(source)
         files = [
             (
@@ -54,7 +56,8 @@ class Featuriser(RuntimeOptions):
             )
             for i, rel in enumerate(listing.paths)
         ]
-        return files, [os.path.join(source, rel) for rel in listing.ignored]
+        carried = {c: listing.labels[c] for c in sample_columns(listing.labels)}
+        return files, [os.path.join(source, rel) for rel in listing.ignored], carried
 
     def check(self, name: str, fingerprint: dict[str, Any]) -> None:
         """Build the network now (weights found and matching), before any work is written."""

@@ -63,6 +63,26 @@ class RuntimeOptions:
 
 
 @dataclass(frozen=True)
+class SampleOptions:
+    """Where each image's sample (an IFCB bin, a net tow, a day) comes from, besides a
+    manifest's ``sample`` column: declared once for `extract` and `predict`."""
+
+    sample_level: int | None = option(
+        None,
+        "each image's sample is the folder this many steps above it (1: its own folder, which is "
+        "then not its class); stored and carried into every CSV like a label",
+        parse=POSITIVE,
+        metavar="K",
+    )
+    samples: str | None = option(
+        None,
+        "CSV of sample metadata (a 'sample' column plus volume_ml, time, lat, lon, depth, ...) "
+        "joined onto each image by its sample",
+        metavar="FILE",
+    )
+
+
+@dataclass(frozen=True)
 class ExtractOptions(RuntimeOptions):
     backbone: str = option(DEFAULT_BACKBONE, "registry name (see `penult backbones`)")
     weights: str = option(

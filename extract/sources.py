@@ -5,6 +5,11 @@ Accepted: an ImageFolder tree (class = folder, deeper folders become coarse leve
 text file list (one path per line). A taxonomy CSV (class -> coarse levels) and a split CSV
 (path -> split) are joined onto the labels; ``taxonomy.csv`` and ``split.csv`` in a folder's root
 are picked up automatically.
+
+Samples (an IFCB bin, a net tow, a day: what counts are made per) come from a manifest's
+``sample`` column, or from a folder level (``sample_level``: 1 is each image's own folder), and a
+sample-metadata CSV (``samples``: a ``sample`` column plus ``volume_ml``, ``time``, ...) is joined
+onto them by sample id. They are stored and carried like labels.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from penult.core.errors import PenultError
+from penult.core.labels import SAMPLE
 from penult.extract.images import IMAGE_SUFFIXES
 
 __all__ = ["Listing", "SourceError", "list_images"]
@@ -82,7 +88,7 @@ def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
     return next((low[n] for n in names if n in low), None)
 
 
-def _scan_folder(root: Path) -> Listing:
+def _scan_folder(root: Path, sample_level: int | None = None) -> Listing:
     paths, ignored = [], []
     seen: set[tuple[int, int]] = set()  # folders visited: a link back up must not loop forever
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -102,6 +108,11 @@ def _scan_folder(root: Path) -> Listing:
         raise SourceError(
             f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
+    if sample_level is not None:
+        return Listing(
+            root=root, paths=paths, labels=_folder_samples(root, paths, sample_level),
+            ignored=sorted(ignored),
+        )  # fmt: skip
     depth = max(len(PurePosixPath(p).parts) for p in paths)
     labels: dict[str, list[str]] = {}
     if depth >= 2:
@@ -110,6 +121,70 @@ def _scan_folder(root: Path) -> Listing:
         for level in range(depth - 2):  # ancestors of the class folder, top level first
             labels[f"level{level}"] = [q[level] if len(q) > level + 1 else "" for q in parts]
     return Listing(root=root, paths=paths, labels=labels, ignored=sorted(ignored))
+
+
+def _sample_of(root: Path, path: str, level: int) -> tuple[str, tuple[str, ...]]:
+    """(the sample: the folder ``level`` steps above the image, the folders below it)."""
+    folders = PurePosixPath(path).parts[:-1]
+    if len(folders) < level:
+        raise SourceError(
+            f"{root / path}: --sample-level {level} takes the folder {level} step(s) above each "
+            f"image as its sample, but this image has {len(folders)} folder(s) above it in {root}"
+        )
+    return folders[-level], folders[len(folders) - level + 1 :]
+
+
+def _folder_samples(root: Path, paths: list[str], level: int) -> dict[str, list[str]]:
+    """Labels of a folder whose samples are folders: folders below a sample's are the class
+    (the innermost) and its coarse levels; the sample's folder and those above it are not."""
+    found = [_sample_of(root, p, level) for p in paths]
+    labels = {SAMPLE: [s for s, _ in found]}
+    inner = level - 1  # folders between the sample and the image
+    if inner:
+        labels["label"] = [q[-1] for _, q in found]
+        for k in range(inner - 1):  # coarse levels, outermost first
+            labels[f"level{k}"] = [q[k] for _, q in found]
+    return labels
+
+
+def _check_level(level: int | None) -> None:
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level < 1):
+        raise SourceError(f"--sample-level {level!r}: give 1 (each image's folder) or more")
+
+
+def _join_samples(listing: Listing, path: Path) -> None:
+    """Each image gets its sample's row of ``path`` (a CSV with a ``sample`` column); the
+    input's own columns win. Samples without a row are named in a note."""
+    header, rows = _read_csv(path)
+    scol = _pick(header, (SAMPLE, "sample_id", "bin"))
+    if scol is None:
+        raise SourceError(
+            f"{path}: a samples CSV needs a 'sample' column (has {', '.join(header)})"
+        )
+    if SAMPLE not in listing.labels:
+        raise SourceError(
+            f"{path}: sample metadata is joined by sample, but the images have none; give a "
+            "manifest with a 'sample' column or --sample-level"
+        )
+    table: dict[str, dict[str, str]] = {}
+    for n, r in enumerate(rows, start=2):
+        key = r.get(scol, "")
+        if key in table:
+            raise SourceError(f"{path}: line {n} repeats sample {key!r}")
+        table[key] = r
+    samples = listing.labels[SAMPLE]
+    added = []
+    for h in header:
+        col = h.lower()
+        if h == scol or col in listing.labels:
+            continue
+        listing.labels[col] = [table.get(s, {}).get(h, "") for s in samples]
+        added.append(col)
+    missing = sorted({s for s in samples if s and s not in table})
+    listing.notes.append(
+        f"samples {path.name}: added {', '.join(added) or 'nothing'}"
+        + (f"; {len(missing)} sample(s) have no row, e.g. {missing[0]!r}" if missing else "")
+    )
 
 
 def _from_manifest(csv_path: Path, root: Path | None) -> Listing:
@@ -200,14 +275,17 @@ def list_images(
     root: str | os.PathLike[str] | None = None,
     taxonomy: str | os.PathLike[str] | None = None,
     split: str | os.PathLike[str] | None = None,
+    sample_level: int | None = None,
+    samples: str | os.PathLike[str] | None = None,
 ) -> Listing:
     """List images with labels from a folder, CSV manifest or file list (see module docstring)."""
     src = Path(source).expanduser()
     base = Path(root).expanduser().resolve() if root else None
+    _check_level(sample_level)
     if not src.exists():
         raise SourceError(f"{src}: no such file or folder")
     if src.is_dir():
-        listing = _scan_folder(src.resolve())
+        listing = _scan_folder(src.resolve(), sample_level)
         if taxonomy is None and (src / "taxonomy.csv").is_file():
             taxonomy = src / "taxonomy.csv"
         if split is None and (src / "split.csv").is_file():
@@ -218,8 +296,14 @@ def list_images(
         listing = Listing(root=src.resolve().parent, paths=[src.name])
     else:
         listing = _from_file_list(src.resolve(), base)
+    if sample_level is not None and not src.is_dir():  # a manifest's or list's folders
+        listing.labels[SAMPLE] = [
+            _sample_of(listing.root, p, sample_level)[0] for p in listing.paths
+        ]
     if taxonomy is not None:
         _join_taxonomy(listing, Path(taxonomy))
     if split is not None:
         _join_split(listing, Path(split))
+    if samples is not None:
+        _join_samples(listing, Path(samples))
     return listing
