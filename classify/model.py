@@ -29,7 +29,9 @@ from penult.features import FeatureStore
 from sklearn.base import BaseEstimator
 
 FORMAT = "penult-model"
-VERSION = 2  # 2: the model file holds {"estimator", "manifest"}; 1: the bare estimator
+# 3: the manifest may hold the quantifier calibration (older penults must not drop it);
+# 2: the model file holds {"estimator", "manifest"}; 1: the bare estimator
+VERSION = 3
 # Manifest fields that describe the file itself, written after it (not part of the embedded copy).
 _FILE_FIELDS = ("model_file", "model_sha256")
 

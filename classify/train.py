@@ -25,6 +25,7 @@ from penult.classify.manifest import BackboneUse, Manifest, Refit, TrainedOn
 from penult.classify.metrics import classification_metrics
 from penult.classify.model import Model, Predictions
 from penult.classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
+from penult.classify.quantify import calibrate
 from penult.core import TRAIN, OptionError, PenultError
 from penult.core.options import COUNT, FRACTION, POSITIVE, option, ranged
 from penult.features import FeatureStore
@@ -122,6 +123,12 @@ class TrainOptions:
     whiten: bool = option(False, "whiten the PCA components")
     search: bool = option(False, "grid-search the head's main parameter by CV")
     search_cv: int = option(3, "folds of the --search grid search", parse=ranged(int, 2))
+    quantifier_folds: int = option(
+        5,
+        "folds of the out-of-fold predictions that calibrate the model's counts (ACC, PACC, "
+        "EMQ: corrected for another class mix); 0: none (counts are then classify-and-count)",
+        parse=COUNT,
+    )
     cv: int | None = option(
         None,
         "score by K stratified folds over every labelled image (mean and spread, for small data "
@@ -357,6 +364,17 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     if opts.refit_all and not opts.cv:
         result.scored = model
         result.model = _refit(plan, data, opts, manifest)
+    fitted = np.ones(len(y), bool) if result.model is not model or opts.cv else tr
+    if opts.quantifier_folds:  # what `penult count` corrects a sample's class mix with
+        try:
+            with _head_settings(opts):
+                cal = calibrate(
+                    clone(result.model.estimator), data.X[fitted], y[fitted],
+                    folds=opts.quantifier_folds, seed=opts.seed, n_jobs=_jobs(opts),
+                )  # fmt: skip
+            result.model.manifest.quantifier = cal.to_json()
+        except OptionError as e:  # a class of one image: the model counts by CC only
+            result.notes.append(f"counts will not be corrected for another class mix: {e}")
     if opts.refit_all or opts.cv:
         result.model.manifest.refit_all = Refit(
             images=len(y),
