@@ -201,7 +201,8 @@ def compare(
     for bbs in backbone_sets:
         for head in heads:
             t = time.perf_counter()
-            r = train(store_path, replace(base, head=head, backbones=bbs))
+            # compared, not saved: no quantifier calibration (it would double each fit)
+            r = train(store_path, replace(base, head=head, backbones=bbs, quantifier_folds=0))
             rows.append(
                 {"backbones": " + ".join(r.model.backbones), "head": head, "kind": r.model.manifest.kind,
                  "fit_seconds": r.fit_seconds, "seconds": time.perf_counter() - t,

@@ -128,6 +128,7 @@ class TrainOptions:
         "folds of the out-of-fold predictions that calibrate the model's counts (ACC, PACC, "
         "EMQ: corrected for another class mix); 0: none (counts are then classify-and-count)",
         parse=COUNT,
+        metavar="K",
     )
     cv: int | None = option(
         None,
