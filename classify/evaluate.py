@@ -85,8 +85,9 @@ def evaluate(
             f"model trained on {trained.store} ({sum((m.train_counts or {}).values())} training "
             f"images, {len(model.classes)} classes)",
         ]
+        carried = {c: list(sub.labels[c]) for c in sample_columns(sub.labels)}
         out = write_evaluation(
-            report_dir, model, scores, sub.paths, y_true, title, info, top_k, store_path
+            report_dir, model, scores, sub.paths, y_true, title, info, top_k, carried
         )
     return Evaluation(scores, name, len(sub), out, list(sub.paths), y_true)
 
@@ -100,13 +101,12 @@ def write_evaluation(
     title: str,
     info: list[str],
     top_k: int = 5,
-    store_path: str | os.PathLike[str] | None = None,
+    carried: dict[str, list[str]] | None = None,
 ) -> Path:
     """The one report of a scored model: report.md/.html, plots and metrics.json from
     ``metrics`` (with its ``predictions``), and predictions.csv (the images ``paths``, with
-    their samples and sample metadata where ``store_path`` has them)."""
+    their ``carried`` columns: samples and sample metadata)."""
     out = write_report(folder, title, metrics, info, truth, metrics["predictions"])
-    carried = stored_samples(store_path, paths) if store_path is not None else {}
     write_predictions(out, model, paths, metrics["predictions"], truth, top_k, carried)
     return out
 
@@ -143,7 +143,7 @@ def write_training_report(
     ]
     return write_evaluation(
         folder, model, result.metrics, result.paths, result.truth, title, info,
-        store_path=store_path,
+        carried=stored_samples(store_path, result.paths),
     )  # fmt: skip
 
 

@@ -93,21 +93,6 @@ def choose_engine(
     return EngineChoice(dev, engine, p, runner, note)
 
 
-def torch_runner(module: nn.Module, device: torch.device, precision: str) -> Runner:
-    """``module`` run by torch eager on ``device`` in ``precision`` (autocast), numpy in and out."""
-    module = module.to(device).to(memory_format=torch.channels_last)
-    dtype = _DTYPES.get(precision)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-        ):
-            return module(torch.from_numpy(x).to(device)).float().cpu().numpy()
-
-    return run
-
-
 def _fastest(
     backbone: Backbone, device: torch.device, precision: str, batch_size: int
 ) -> tuple[str, str, str, Runner | None]:
@@ -136,8 +121,8 @@ def _fastest(
     # last: on CPUs without native bf16 torch is the slowest, and calibrate skips timing a
     # candidate whose warm-up batch is under half the best rate so far
     torch_precision = pick_precision(precision, device)
-    candidates[f"torch {torch_precision}"] = lambda: torch_runner(
-        backbone.module, device, torch_precision
+    candidates[f"torch {torch_precision}"] = lambda: _torch_embedder(
+        backbone, device, torch_precision, batch_size
     )
     size = backbone.preprocess.crop
     x = np.random.default_rng(0).integers(0, 256, (batch_size, 3, size, size), np.uint8)
@@ -156,6 +141,14 @@ def _fastest(
         )
     engine, picked = best.split()
     return engine, picked, note, built.get(best)
+
+
+def _torch_embedder(
+    backbone: Backbone, device: torch.device, precision: str, batch_size: int
+) -> Runner:
+    """The torch candidate ``auto`` times: the very runner a torch choice gets, numpy in and out."""
+    e = Embedder(backbone, EngineChoice(device, "torch", precision), batch_size=batch_size)
+    return lambda x: e(torch.from_numpy(x))
 
 
 class Embedder:

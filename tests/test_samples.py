@@ -73,6 +73,15 @@ def test_a_manifests_sample_columns_are_stored_with_the_labels(data_dir, tmp_pat
     for r in scored:
         k = by_path[r["path"]]
         assert (r["sample"], r["volume_ml"]) == (t.labels["sample"][k], t.labels["volume_ml"][k])
+    # ... and into evaluate's, from the rows it scored
+    rep2 = tmp_path / "rep2"
+    rep2.mkdir()
+    assert cli.main(["evaluate", str(tmp_path / "m.skops"), str(store), "--report", str(rep2)]) == 0
+    with open(rep2 / "predictions.csv", newline="") as fh:
+        again = list(csv.DictReader(fh))
+    assert [(r["path"], r["sample"], r["time"]) for r in again] == [
+        (r["path"], r["sample"], r["time"]) for r in scored
+    ]
 
 
 def test_a_folder_level_is_the_sample_and_a_metadata_csv_joins_onto_it(data_dir, tmp_path):
