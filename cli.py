@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   penult compare birds.h5 --head lr --head svm --head knn
   penult evaluate birds.skops birds.h5 --report report/
   penult predict birds.skops new_photos/ --out predictions.csv --store birds.h5
+  penult count plankton.skops bins/ --sample-level 1 --samples samples.csv --out counts.csv
   penult index birds.h5 && penult neighbors birds.h5 photo.jpg -k 10    similar images, contact sheet
   penult duplicates birds.h5 --threshold 0.95
   penult serve birds.h5                         browse, similar images, uploads at http://127.0.0.1:8765/
@@ -97,6 +98,7 @@ _HELP = {
     "evaluate": "score a saved model on a store's held-out split; write a report",
     "compare": "several heads and backbones on the same split, one table",
     "predict": "score new images with a saved model, write a CSV",
+    "count": "counts per sample and class, corrected for prior shift, with intervals and mL",
     "index": "build or update the nearest-neighbour index of a store",
     "neighbors": "find the stored images most similar to images, folders or store keys",
     "duplicates": "groups of near-duplicate images (resized, recompressed copies)",
@@ -217,6 +219,53 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     )
     _add_options(p, PredictOptions)
     _add_options(p, Featuriser, skip=("weights",))
+    _add_count(sub)
+
+
+def _add_count(sub: argparse._SubParsersAction) -> None:
+    from penult.classify import CountOptions, PredictOptions
+    from penult.extract import Featuriser
+
+    p = sub.add_parser(
+        "count",
+        help=_HELP["count"],
+        description="Per sample and class: the images the model gave the class, the class's share "
+        "of the sample corrected for the shift between the training set's class mix and the "
+        "sample's (--method), a 95 percent bootstrap interval, and the concentration per mL where "
+        "the sample has a volume_ml. Images the model calls 'not one of my classes' are counted "
+        "as 'unclassified'. Samples come from a manifest's sample column, --sample-level or "
+        "--samples FILE; images without one are a sample per input. Writes OUT (long: one row per "
+        "sample and class), OUT_wide.csv, OUT_per_ml.csv (where volumes are known) and OUT.png/"
+        ".html (top taxa per sample, or over time).",
+        epilog="examples:\n"
+        "  penult count plankton.skops bins/ --sample-level 1 --samples samples.csv --out counts.csv\n"
+        "  penult count plankton.skops --store plankton.h5 --out counts.csv   the store's samples\n"
+        "  penult count birds.skops photos/ --level family --method cc --out families.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help="image files, folders, CSV manifests or file lists; none: count the --store's images",
+    )
+    p.add_argument("--out", required=True, help="long CSV to write (the others go beside it)")
+    p.add_argument(
+        "--weights", action="append", default=[], help="FILE (or NAME=FILE) if not the default"
+    )
+    p.add_argument(
+        "--trust-model", action="store_true", help="load types outside sklearn/numpy/penult"
+    )
+    _add_options(p, CountOptions)
+    g = p.add_argument_group("scoring (as for predict)")
+    _add_options(
+        g,
+        PredictOptions,
+        skip=("top_k",),
+        helps={"store": "feature store: its cached embeddings are reused; with no INPUTS its "
+               "images are counted (by its sample column)"},
+    )  # fmt: skip
+    _add_options(g, Featuriser, skip=("weights",))
 
 
 def _add_neighbors(sub: argparse._SubParsersAction) -> None:
@@ -493,7 +542,7 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 # (a job array starts thousands).
 _GROUPS: tuple[tuple[Callable[[argparse._SubParsersAction], None], tuple[str, ...]], ...] = (
     (_add_extract, ("extract",)),
-    (_add_classify, ("train", "evaluate", "compare", "predict")),
+    (_add_classify, ("train", "evaluate", "compare", "predict", "count")),
     (_add_neighbors, ("index", "neighbors", "duplicates")),
     (_add_finetune, ("finetune",)),
     (_add_serve, ("serve",)),
@@ -780,11 +829,45 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_count(args: argparse.Namespace) -> int:
+    from penult.core import OptionError, PenultError
+
+    _out_folder(args.out)
+    if not args.inputs and not args.store:
+        raise OptionError("name images, folders or manifests to count, or --store STORE")
+    for src in args.inputs:
+        if not os.path.exists(os.path.expanduser(src)):
+            raise PenultError(f"{src}: no such file or folder")
+    from penult.classify import (
+        CountOptions,
+        PredictOptions,
+        count_images,
+        count_store,
+        load_model,
+        weights_for,
+    )  # fmt: skip
+    from penult.extract import Featuriser
+
+    model = load_model(args.model, trust=args.trust_model)
+    opts = _options(args, CountOptions)
+    if not args.inputs:
+        s = count_store(model, args.store, args.out, opts, chunk=args.chunk, progress=args.progress)
+        print(s.report())
+        return 0
+    images = _options(args, Featuriser, weights=weights_for(model, args.weights))
+    s = count_images(model, args.inputs, args.out, opts, _options(args, PredictOptions), images)
+    print(s.report())
+    for line in images.engines():
+        print(f"  engine {line}")
+    return 0
+
+
 _INTERRUPTED = {
     "extract": "finished batches are committed to the store; run the same command again to resume",
     "finetune": "the last finished epoch is saved; run the same command again to resume",
     "predict": "no CSV was written (predict does not resume; with --store, stored embeddings "
     "are reused next time)",
+    "count": "no CSV was written (with --store, stored embeddings are reused next time)",
 }
 
 
@@ -814,6 +897,7 @@ _HANDLERS = {
     "evaluate": _cmd_evaluate,
     "compare": _cmd_compare,
     "predict": _cmd_predict,
+    "count": _cmd_count,
     "index": _cmd_index,
     "neighbors": _cmd_neighbors,
     "duplicates": _cmd_duplicates,

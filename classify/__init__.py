@@ -1,5 +1,6 @@
 """The classification stage: heads on stored features, evaluation, reports, saved models, scoring."""
 
+from penult.classify.count import CountOptions, CountSummary, count_images, count_store
 from penult.classify.data import DataError, Dataset, load_dataset
 from penult.classify.evaluate import compare, compare_table, evaluate
 from penult.classify.heads import HEADS, HeadError, make_head
@@ -17,6 +18,8 @@ from penult.classify.train import TrainOptions, TrainResult, train
 
 __all__ = [
     "HEADS",
+    "CountOptions",
+    "CountSummary",
     "DataError",
     "Dataset",
     "HeadError",
@@ -31,6 +34,8 @@ __all__ = [
     "answers",
     "compare",
     "compare_table",
+    "count_images",
+    "count_store",
     "evaluate",
     "load_dataset",
     "load_model",

@@ -71,16 +71,24 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-def list_inputs(
-    inputs: Sequence[str], images: Images
-) -> tuple[list[tuple[str, str]], list[str], dict[str, list[str]]]:
-    """(shown path, absolute path) for every image under the inputs, each file once, in order;
-    the files skipped for their extension (shown paths); and the images' sample columns, one
-    value per listed image ("" where an input has no such column)."""
+@dataclass
+class Inputs:
+    """Every image under the inputs, each file once, in order: (shown path, absolute path); the
+    files skipped for their extension (shown paths); the images' sample columns, one value per
+    image ("" where an input has no such column); and which input each image came from."""
+
+    files: list[tuple[str, str]]
+    ignored: list[str]
+    carried: dict[str, list[str]]
+    origin: list[int]
+
+
+def list_inputs(inputs: Sequence[str], images: Images) -> Inputs:
+    """The images under ``inputs`` (see :class:`Inputs`), listed by ``images``."""
     seen: set[str] = set()
-    out, ignored = [], []
+    out, ignored, origin = [], [], []
     parts: list[tuple[list[int], dict[str, list[str]]]] = []
-    for src in inputs:
+    for k, src in enumerate(inputs):
         files, skipped, columns = images.list(src)
         kept = []
         for i, (shown, absolute) in enumerate(files):
@@ -88,6 +96,7 @@ def list_inputs(
                 seen.add(absolute)
                 out.append((shown, absolute))
                 kept.append(i)
+        origin += [k] * len(kept)
         parts.append((kept, columns))
         ignored += skipped
     names = list(dict.fromkeys(c for _, columns in parts for c in columns))
@@ -96,7 +105,7 @@ def list_inputs(
         for c in names:
             values = columns.get(c)
             carried[c] += [values[i] for i in kept] if values else [""] * len(kept)
-    return out, ignored, carried
+    return Inputs(out, ignored, carried, origin)
 
 
 def csv_header(model: Model, top_k: int) -> list[str]:
@@ -223,47 +232,73 @@ class Scored:
     extracted: int
 
 
+@dataclass
+class ChunkPredictions:
+    """What the model says about one chunk of files: ``pred`` covers the positions ``good``
+    (None where no file could be used); ``errors`` says why each other position failed."""
+
+    good: np.ndarray
+    pred: Predictions | None
+    errors: dict[int, str]
+    from_store: int
+    extracted: int
+
+
+def predict_chunk(model: Model, feats: _Features, files: list[str]) -> ChunkPredictions:
+    """Features of ``files`` (absolute paths; from the store where cached), then the model."""
+    counts = PredictSummary(Path())
+    X, ok, errors = feats(files, counts)
+    good = np.flatnonzero(ok)
+    pred = model.predict(X[good]) if len(good) else None
+    bad = {int(i): errors.get(int(i), "no features") for i in np.flatnonzero(~ok)}
+    return ChunkPredictions(good, pred, bad, counts.from_store, counts.extracted)
+
+
 def score_chunk(model: Model, feats: _Features, part: list[tuple[str, str]], top_k: int) -> Scored:
     """Score one chunk of (shown path, absolute path); unreadable files get a row with why."""
     width = len(csv_header(model, top_k))
-    counts = PredictSummary(Path())
-    X, ok, errors = feats([a for _, a in part], counts)
+    c = predict_chunk(model, feats, [a for _, a in part])
     rows: list[list[Any]] = [[]] * len(part)
-    good = np.flatnonzero(ok)
-    if len(good):
-        pred = model.predict(X[good])
-        for i, row in zip(
-            good, csv_rows([part[i][0] for i in good], pred, model, top_k), strict=True
-        ):
+    if c.pred is not None:
+        shown = [part[i][0] for i in c.good]
+        for i, row in zip(c.good, csv_rows(shown, c.pred, model, top_k), strict=True):
             rows[i] = row
     failed = []
-    for i in np.flatnonzero(~ok):
-        why = errors.get(int(i), "no features")
+    for i, why in c.errors.items():
         rows[i] = [part[i][0]] + [""] * (width - 2) + [why]
         failed.append((part[i][0], why))
-    return Scored(rows, failed, len(good), counts.from_store, counts.extracted)
+    return Scored(rows, failed, len(c.good), c.from_store, c.extracted)
 
 
 _WORKER_FEATURES: dict[str, _Features] = {}  # per Dask worker: networks built once per job
 
 
 def _score_task(
-    job: str, model: Model, opts: PredictOptions, images: Images, part: list, top_k: int
-) -> Scored:
-    """One chunk on a Dask worker (threads, loader and GPU fitted to the worker's share)."""
+    job: str, model: Model, opts: PredictOptions, images: Images, part: list, top_k: int | None
+) -> Scored | ChunkPredictions:
+    """One chunk on a Dask worker (threads, loader and GPU fitted to the worker's share): its
+    CSV rows, or with ``top_k`` None (`penult count`) the model's raw predictions."""
     from penult.core.cluster import ONE_AT_A_TIME
 
     with ONE_AT_A_TIME:
         if job not in _WORKER_FEATURES:
             _WORKER_FEATURES.clear()
             _WORKER_FEATURES[job] = _Features(model, opts, images.for_worker())
-        return score_chunk(model, _WORKER_FEATURES[job], part, top_k)
+        feats = _WORKER_FEATURES[job]
+        if top_k is None:
+            return predict_chunk(model, feats, [a for _, a in part])
+        return score_chunk(model, feats, part, top_k)
 
 
-def _scored_on_cluster(
-    model: Model, files: list[tuple[str, str]], opts: PredictOptions, images: Images, top_k: int
+def scored_on_cluster(
+    model: Model,
+    files: list[tuple[str, str]],
+    opts: PredictOptions,
+    images: Images,
+    top_k: int | None,
 ):
-    """Yield each chunk's :class:`Scored` in input order, scored as Dask tasks (retried when a
+    """Yield each chunk's :class:`Scored` (``top_k`` None: :class:`ChunkPredictions`) in input
+    order, scored as Dask tasks (retried when a
     worker dies); chunks that finish early wait in memory for the ones before them."""
     import uuid
 
@@ -288,6 +323,26 @@ def _scored_on_cluster(
                 at += 1
     finally:
         close(client)
+
+
+def stream_predictions(
+    model: Model, files: list[tuple[str, str]], opts: PredictOptions, images: Images
+) -> Iterator[tuple[int, ChunkPredictions]]:
+    """(chunk length, :class:`ChunkPredictions`) for each chunk of ``files`` ((shown, absolute)
+    paths), in order, scored here or on ``opts.cluster``. The networks and the store are
+    checked when this is called, before any chunk is asked for."""
+    feats = _Features(model, opts, images)
+
+    def chunks() -> Iterator[tuple[int, ChunkPredictions]]:
+        if opts.cluster:
+            for c in scored_on_cluster(model, files, opts, feats.images, None):
+                yield len(c.good) + len(c.errors), c
+            return
+        for i in range(0, len(files), opts.chunk):
+            part = files[i : i + opts.chunk]
+            yield len(part), predict_chunk(model, feats, [a for _, a in part])
+
+    return chunks()
 
 
 def predict_files(
@@ -329,7 +384,8 @@ def predict_images(
     ``images`` lists the inputs and embeds what the store does not hold (the CLI builds it
     as an ``extract.Featuriser``)."""
     t0 = time.perf_counter()
-    files, ignored, carried = list_inputs(inputs, images)
+    listed = list_inputs(inputs, images)
+    files, ignored, carried = listed.files, listed.ignored, listed.carried
     s = PredictSummary(Path(out), listed=len(files) + len(ignored))
     partial = Path(f"{out}.partial")
     check_out_folder(out)
@@ -358,7 +414,7 @@ def _write(
     header = [header[0], *carried, *header[1:]]
     done = 0
     if opts.cluster:
-        scored = _scored_on_cluster(model, files, opts, feats.images, top_k)
+        scored = scored_on_cluster(model, files, opts, feats.images, top_k)
         bar = tqdm(disable=True)  # the cluster's own bar counts over all workers
     else:
         step = opts.chunk

@@ -25,7 +25,7 @@ from penult.classify.manifest import BackboneUse, Manifest, Refit, TrainedOn
 from penult.classify.metrics import classification_metrics
 from penult.classify.model import Model, Predictions
 from penult.classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
-from penult.classify.quantify import calibrate
+from penult.classify.quantify import OutOfFold
 from penult.core import TRAIN, OptionError, PenultError
 from penult.core.options import COUNT, FRACTION, POSITIVE, option, ranged
 from penult.features import FeatureStore
@@ -369,11 +369,11 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     if opts.quantifier_folds:  # what `penult count` corrects a sample's class mix with
         try:
             with _head_settings(opts):
-                cal = calibrate(
+                oof = OutOfFold.of(
                     clone(result.model.estimator), data.X[fitted], y[fitted],
                     folds=opts.quantifier_folds, seed=opts.seed, n_jobs=_jobs(opts),
                 )  # fmt: skip
-            result.model.manifest.quantifier = cal.to_json()
+            result.model.manifest.quantifier = oof.calibration().to_json()
         except OptionError as e:  # a class of one image: the model counts by CC only
             result.notes.append(f"counts will not be corrected for another class mix: {e}")
     if opts.refit_all or opts.cv:

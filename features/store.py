@@ -139,6 +139,10 @@ class FeatureStore:
         store (the faiss index) re-checks only the blocks whose id moved."""
         return self._b.segment_ids(self._known(backbone))
 
+    def label_columns(self) -> list[str]:
+        """The label-like columns stored with the images (label, split, taxonomy, sample, ...)."""
+        return self._b.label_columns()
+
     def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
         """(N,) int32 codes and their names for one label column ("" is unlabelled)."""
         have = self._b.label_columns()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from penult.classify import TrainOptions, load_dataset
-from penult.classify.quantify import METHODS, Calibration, calibrate, proportions
+from penult.classify.quantify import METHODS, Calibration, OutOfFold, proportions
 from penult.classify.train import build_estimator
 from penult.core import OptionError
 
@@ -19,7 +19,7 @@ def fitted(hym_store):
     y, split = d.labels["label"].astype(str), d.labels["split"]
     tr, te = split == "train", split == "val"
     est = build_estimator(TrainOptions(n_jobs=1), None, [])
-    cal = calibrate(est, d.X[tr], y[tr], folds=5, seed=0)
+    cal = OutOfFold.of(est, d.X[tr], y[tr], folds=5, seed=0).calibration()
     est.fit(d.X[tr], y[tr])
     return est, cal, d.X[te], y[te], int(tr.sum())
 
@@ -81,3 +81,21 @@ def test_train_records_the_calibration_in_the_model_and_older_models_have_none(h
     assert m.manifest.version == 3
     assert cli.main(["train", str(store), "--out", str(out), "--quantifier-folds", "0"]) == 0
     assert load_model(out).manifest.quantifier is None
+
+
+def test_the_fast_adjustment_solves_what_quapys_minimiser_solves(fitted):
+    """ACC and PACC solve q = rates @ p on the simplex by non-negative least squares (1.4 ms
+    for 121 classes, QuaPy's minimiser 190-630 ms): same answers on real rates and shares."""
+    from penult.classify.quantify import adjust
+    from quapy.method.aggregative import ACC
+
+    est, cal, X, y, _ = fitted
+    post = est.predict_proba(X)
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        idx = rng.choice(len(y), 120)
+        for rates, q in ((cal.hard_rates, np.bincount(post[idx].argmax(1), minlength=2) / 120),
+                         (cal.soft_rates, post[idx].mean(0))):  # fmt: skip
+            ours = adjust(rates, q)
+            theirs = ACC.solve_adjustment(rates, q, method="inversion", solver="minimize")
+            assert np.abs(ours - theirs).max() < 1e-3 and abs(ours.sum() - 1) < 1e-9
