@@ -139,7 +139,8 @@ def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> N
         helps["backbones"] = (
             "a backbone set to compare, repeatable; A+B fuses A and B. Default: the store's only backbone"
         )
-    _add_options(p, TrainOptions, skip=("head", "refit_all") if compare else (), helps=helps)
+    skip = ("head", "refit_all", "quantifier_folds", "unknown_score", "keep") if compare else ()
+    _add_options(p, TrainOptions, skip=skip, helps=helps)
     p.epilog = "heads: " + "; ".join(f"{k}: {s.description}" for k, s in HEADS.items())
 
 
@@ -761,6 +762,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"{r.eval_split} split ({r.n_eval} images):")
     _print_metrics(r.metrics)
+    nov = r.model.novelty
+    if nov is not None:
+        print(
+            f"  'not one of my classes': {nov.score} score, threshold {nov.threshold:.4g} keeps "
+            f"{nov.keep:.0%} of {nov.images} held-out known images"
+        )
     path = save_model(r.model, args.out)
     print(f"saved {path} and {path}.json")
     if r.model.manifest.refit_all:

@@ -100,6 +100,8 @@ class Level:
         col = {k: i for i, k in enumerate(model.classes.tolist())}
         fine = np.array([col.get(str(lab), -1) for lab in pred.label], np.int64)
         win = np.where(fine >= 0, self.group[np.maximum(fine, 0)], -1)
+        if pred.unknown is not None:  # "not one of my classes": unclassified
+            win[pred.unknown] = -1
         return np.asarray(pred.proba, np.float32) @ G, win
 
 

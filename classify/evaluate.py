@@ -201,8 +201,11 @@ def compare(
     for bbs in backbone_sets:
         for head in heads:
             t = time.perf_counter()
-            # compared, not saved: no quantifier calibration (it would double each fit)
-            r = train(store_path, replace(base, head=head, backbones=bbs, quantifier_folds=0))
+            # compared, not saved: no calibration of counts or open set (it would double each fit)
+            plain = replace(
+                base, head=head, backbones=bbs, quantifier_folds=0, unknown_score="none"
+            )
+            r = train(store_path, plain)
             rows.append(
                 {"backbones": " + ".join(r.model.backbones), "head": head, "kind": r.model.manifest.kind,
                  "fit_seconds": r.fit_seconds, "seconds": time.perf_counter() - t,

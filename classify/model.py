@@ -23,15 +23,17 @@ from typing import Any
 
 import numpy as np
 from penult.classify.manifest import Manifest, ManifestError
+from penult.classify.novelty import Novelty
 from penult.core.errors import PenultError
 from penult.core.files import atomic_path, file_sha256
 from penult.features import FeatureStore
 from sklearn.base import BaseEstimator
 
 FORMAT = "penult-model"
+# 4: the file may hold the open-set score's arrays ({"estimator", "manifest", "novelty"});
 # 3: the manifest may hold the quantifier calibration (older penults must not drop it);
 # 2: the model file holds {"estimator", "manifest"}; 1: the bare estimator
-VERSION = 3
+VERSION = 4
 # Manifest fields that describe the file itself, written after it (not part of the embedded copy).
 _FILE_FIELDS = ("model_file", "model_sha256")
 
@@ -48,6 +50,8 @@ class Predictions:
     proba: np.ndarray  # (n, n_classes) probabilities in ``classes`` order
     classes: np.ndarray
     path: np.ndarray | None = None  # (n, depth) predicted taxonomy path, coarse first
+    unknown: np.ndarray | None = None  # (n,) "not one of my classes" (open-set score or ovr)
+    novelty: np.ndarray | None = None  # (n,) the open-set score (higher: less like training)
 
     def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(n, k) labels and probabilities, best first."""
@@ -59,6 +63,7 @@ class Predictions:
 class Model:
     estimator: BaseEstimator
     manifest: Manifest  # a JSON object (dict) given here is read as one
+    novelty: Novelty | None = None  # the open-set score; None: only ovr can say "unknown"
 
     def __post_init__(self) -> None:
         if isinstance(self.manifest, dict):
@@ -102,7 +107,14 @@ class Model:
             path = self.paths[[col.get(c, 0) for c in label]]
             if self.unknown is not None:
                 path[label == self.unknown] = self.unknown
-        return Predictions(label=label, proba=proba, classes=classes, path=path)
+        unknown = novelty = None
+        if self.novelty is not None:
+            novelty = self.novelty.scores(X, proba)
+            unknown = novelty > self.novelty.threshold
+        if self.unknown is not None:
+            said = label == self.unknown
+            unknown = said if unknown is None else unknown | said
+        return Predictions(label, proba, classes, path, unknown, novelty)
 
 
 def manifest_path(path: str | os.PathLike[str]) -> Path:
@@ -140,7 +152,10 @@ def save_model(model: Model, path: str | os.PathLike[str]) -> Path:
     )
     text = json.dumps(manifest.to_json(), indent=1, default=_json_default)
     with atomic_path(path) as tmp, atomic_path(manifest_path(path)) as mtmp:
-        sio.dump({"estimator": model.estimator, "manifest": text}, tmp, compression=8)
+        content = {"estimator": model.estimator, "manifest": text}
+        if model.novelty is not None:
+            content["novelty"] = model.novelty.payload()
+        sio.dump(content, tmp, compression=8)
         written = {**json.loads(text), "model_file": path.name, "model_sha256": file_sha256(tmp)}
         mtmp.write_text(json.dumps(written, indent=1))
     model.manifest = Manifest.from_json(written)
@@ -273,7 +288,24 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> Model:
             obj = sio.load(path, trusted=everything if trust else trusted)
     except Exception as e:  # noqa: BLE001 - skops raises many types for a malformed file
         raise ModelError(f"{path}: cannot rebuild the model ({type(e).__name__}: {e})") from None
-    return Model(estimator=_unpack(path, obj, manifest, typed), manifest=typed)
+    est = _unpack(path, obj, manifest, typed)
+    return Model(est, typed, _novelty(path, obj, typed))
+
+
+def _novelty(path: Path, obj: Any, typed: Manifest) -> Novelty | None:
+    """The open-set score a format-4 file holds, its arrays checked against the features."""
+    if not isinstance(obj, dict) or obj.get("novelty") is None:
+        if typed.novelty:
+            raise ModelError(f"{path}: its manifest names an open-set score the file lacks")
+        return None
+    try:
+        nov = Novelty.from_payload(obj["novelty"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable open-set score ({type(e).__name__}: {e})") from None
+    comp = nov.components
+    if comp is not None and (comp.ndim != 2 or comp.shape[1] != typed.feature_dim):
+        raise ModelError(f"{path}: its open-set score does not fit {typed.feature_dim}-d features")
+    return nov
 
 
 def resolve_backbones(model: Model, store: FeatureStore) -> list[str]:

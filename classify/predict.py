@@ -111,7 +111,7 @@ def list_inputs(inputs: Sequence[str], images: Images) -> Inputs:
 def csv_header(model: Model, top_k: int) -> list[str]:
     levels = model.levels[:-1]
     tops = [f"{k}{i}" for i in range(1, top_k + 1) for k in ("top", "prob")]
-    return ["path", "prediction", "probability", *levels, *tops, "error"]
+    return ["path", "prediction", "probability", "unknown", "novelty", *levels, *tops, "error"]
 
 
 def answers(
@@ -132,11 +132,19 @@ def answers(
 
 
 def csv_rows(paths: Sequence[str], pred: Predictions, model: Model, top_k: int) -> list[list[Any]]:
-    """One row per image: prediction and its probability, coarse levels, top-k pairs."""
+    """One row per image: prediction and its probability, whether the model calls it "not one
+    of my classes" (1) and its open-set score, coarse levels, top-k pairs."""
     rows = []
-    for p, (label, prob, path, tops) in zip(paths, answers(pred, top_k), strict=True):
+    n = len(paths)
+    unknown = pred.unknown if pred.unknown is not None else np.zeros(n, bool)
+    novelty = [""] * n if pred.novelty is None else [f"{v:.6g}" for v in pred.novelty]
+    for i, (p, (label, prob, path, tops)) in enumerate(
+        zip(paths, answers(pred, top_k), strict=True)
+    ):
         cells = [v for c, q in tops for v in (c, f"{q:.6f}")]
-        rows.append([p, label, "" if prob is None else f"{prob:.6f}", *path[:-1], *cells, ""])
+        prob_cell = "" if prob is None else f"{prob:.6f}"
+        flag = int(unknown[i])
+        rows.append([p, label, prob_cell, flag, novelty[i], *path[:-1], *cells, ""])
     return rows
 
 
@@ -364,11 +372,14 @@ def predict_files(
         return out
     pred = model.predict(X[good])
     k = max(1, min(top_k, len(pred.classes)))
-    for i, (label, prob, path, tops) in zip(good.tolist(), answers(pred, k), strict=True):
+    flagged = pred.unknown if pred.unknown is not None else np.zeros(len(good), bool)
+    for j, (i, (label, prob, path, tops)) in enumerate(
+        zip(good.tolist(), answers(pred, k), strict=True)
+    ):
         out[i] = {
             "label": label, "probability": prob, "path": path,
             "top": [{"label": c, "probability": q} for c, q in tops],
-            "unknown": prob is None, "error": "",
+            "unknown": bool(prob is None or flagged[j]), "error": "",
         }  # fmt: skip
     return out
 

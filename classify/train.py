@@ -24,6 +24,7 @@ from penult.classify.hierarchy import HierarchicalClassifier, taxonomy_from_colu
 from penult.classify.manifest import BackboneUse, Manifest, Refit, TrainedOn
 from penult.classify.metrics import classification_metrics
 from penult.classify.model import Model, Predictions
+from penult.classify.novelty import DEFAULT_SCORE, SCORES, fit_novelty
 from penult.classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
 from penult.classify.quantify import OutOfFold
 from penult.core import TRAIN, OptionError, PenultError
@@ -129,6 +130,19 @@ class TrainOptions:
         "EMQ: corrected for another class mix); 0: none (counts are then classify-and-count)",
         parse=COUNT,
         metavar="K",
+    )
+    unknown_score: str = option(
+        DEFAULT_SCORE,
+        "open-set score that flags images as 'not one of my classes': mahalanobis (distance to "
+        "the nearest class mean), knn (to the nearest training images), msp (one minus the top "
+        "probability), or none",
+        choices=(*SCORES, "none"),
+    )
+    keep: float = option(
+        0.95,
+        "share of known images the open-set threshold keeps (calibrated on held-out folds of "
+        "the training images)",
+        parse=FRACTION,
     )
     cv: int | None = option(
         None,
@@ -350,6 +364,8 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     result = TrainResult(
         model, {}, fit_seconds, int(tr.sum()), int(ev.sum()), plan.eval_split, search, plan.notes
     )
+    if not (opts.cv or opts.refit_all):  # the saved model is the one scored: calibrate first
+        _calibrate(model, data.X[tr], y[tr], opts, result.notes)
     with _head_settings(opts):
         if opts.cv:  # ``est`` already saw every image: the folds refit clones of the plan
             result.metrics, result.cv, result.truth, result.paths = _cross_validate(
@@ -365,17 +381,8 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     if opts.refit_all and not opts.cv:
         result.scored = model
         result.model = _refit(plan, data, opts, manifest)
-    fitted = np.ones(len(y), bool) if result.model is not model or opts.cv else tr
-    if opts.quantifier_folds:  # what `penult count` corrects a sample's class mix with
-        try:
-            with _head_settings(opts):
-                oof = OutOfFold.of(
-                    clone(result.model.estimator), data.X[fitted], y[fitted],
-                    folds=opts.quantifier_folds, seed=opts.seed, n_jobs=_jobs(opts),
-                )  # fmt: skip
-            result.model.manifest.quantifier = oof.calibration().to_json()
-        except OptionError as e:  # a class of one image: the model counts by CC only
-            result.notes.append(f"counts will not be corrected for another class mix: {e}")
+    if opts.cv or opts.refit_all:  # the saved model saw every labelled image
+        _calibrate(result.model, data.X, y, opts, result.notes)
     if opts.refit_all or opts.cv:
         result.model.manifest.refit_all = Refit(
             images=len(y),
@@ -384,6 +391,32 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
             f"({plan.eval_split}); the metrics are that held-out estimate",
         )
     return result
+
+
+def _calibrate(model: Model, X: np.ndarray, y: np.ndarray, opts: TrainOptions, notes: list[str]):
+    """What `penult count` and "not one of my classes" need, from the images ``model`` was
+    fitted on: out-of-fold posteriors (``--quantifier-folds``) calibrate the counts, and the
+    open-set score's threshold is set to keep ``--keep`` of held-out known images."""
+    oof = None
+    if opts.quantifier_folds:
+        try:
+            with _head_settings(opts):
+                oof = OutOfFold.of(
+                    clone(model.estimator), X, y,
+                    folds=opts.quantifier_folds, seed=opts.seed, n_jobs=_jobs(opts),
+                )  # fmt: skip
+            model.manifest.quantifier = oof.calibration().to_json()
+        except OptionError as e:  # a class of one image: the model counts by CC only
+            notes.append(f"counts will not be corrected for another class mix: {e}")
+    if opts.unknown_score != "none":
+        try:
+            model.novelty = fit_novelty(
+                opts.unknown_score, X, opts.keep, y=y, seed=opts.seed,
+                out_of_fold=None if oof is None else oof.posteriors,
+            )  # fmt: skip
+            model.manifest.novelty = model.novelty.summary()
+        except OptionError as e:
+            notes.append(f"no open-set score ('not one of my classes'): {e}")
 
 
 def _check_pca(opts: TrainOptions, n: int, dim: int) -> None:
@@ -517,11 +550,17 @@ def scored(
     """The metrics of ``model``'s predictions ``pred`` against ``y_true``, with the predictions
     kept (``["predictions"]``) for reports: the one place every score is made (held-out split,
     folds pooled, out of core, evaluate)."""
-    return classification_metrics(
+    m = classification_metrics(
         y_true, pred.label, pred.proba, pred.classes,
         train_counts=train_counts or model.manifest.train_counts,
         paths=model.paths, levels=model.levels, unknown=model.unknown,
-    ) | {"predictions": pred}  # fmt: skip
+    )  # fmt: skip
+    if pred.unknown is not None:  # "not one of my classes" (open-set score, or ovr's unknown)
+        kept = ~pred.unknown
+        right = np.asarray(pred.label).astype(str) == np.asarray(y_true).astype(str)
+        m["unknown_rate"] = float(pred.unknown.mean())
+        m["accuracy_when_known"] = float(right[kept].mean()) if kept.any() else 0.0
+    return m | {"predictions": pred}
 
 
 def score(

@@ -151,12 +151,13 @@ def test_features_of_the_wrong_width_are_refused(hier_model):
 
 def test_skops_sees_only_safe_types_in_every_head(cub_store, tmp_path):
     """Every head penult trains loads without --trust-model."""
+    plain = {"quantifier_folds": 0, "unknown_score": "none"}  # the heads' own types
     for opts in (
-        TrainOptions(head="svm"),
-        TrainOptions(head="mlp"),
-        TrainOptions(head="knn"),
-        TrainOptions(head="centroid", pca=32, whiten=True),
-        TrainOptions(ovr=True),
+        TrainOptions(head="svm", **plain),
+        TrainOptions(head="mlp", **plain),
+        TrainOptions(head="knn", **plain),
+        TrainOptions(head="centroid", pca=32, whiten=True, **plain),
+        TrainOptions(ovr=True),  # with the count calibration and the open-set score's arrays
     ):
         r = train(cub_store, opts)
         path = save_model(r.model, tmp_path / f"{opts.head}-{opts.ovr}.skops")

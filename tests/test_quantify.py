@@ -78,7 +78,7 @@ def test_train_records_the_calibration_in_the_model_and_older_models_have_none(h
     cal = Calibration.from_json(m.manifest.quantifier)
     assert cal.classes == m.classes.tolist() and cal.images == sum(m.manifest.train_counts.values())
     assert np.allclose(cal.prior * cal.images, [m.manifest.train_counts[c] for c in cal.classes])
-    assert m.manifest.version == 3
+    assert m.manifest.version == 4
     assert cli.main(["train", str(store), "--out", str(out), "--quantifier-folds", "0"]) == 0
     assert load_model(out).manifest.quantifier is None
 

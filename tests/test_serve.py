@@ -251,7 +251,8 @@ def test_score_gives_the_models_answer_for_uploaded_images(with_model, data_dir:
     files.append(("file", ("bad.png", b"\x89PNG not really", "image/png")))
     r = client.post("/api/predict", params={"k": 2}, files=files).json()["results"]
     for i, got in zip(picks, r, strict=False):  # the same bytes: the evaluation's own answer
-        assert got["label"] == ev.metrics["predictions"].label[i] and not got["unknown"]
+        assert got["label"] == ev.metrics["predictions"].label[i]
+        assert got["unknown"] == bool(ev.metrics["predictions"].unknown[i])
         assert got["probability"] == pytest.approx(proba[i, classes.index(got["label"])], abs=1e-4)
         assert [t["label"] for t in got["top"]][0] == got["label"] and len(got["top"]) == 2
     assert r[2]["upload"] == "bad.png" and r[2]["error"] and r[2]["label"] == ""
