@@ -91,9 +91,12 @@ class Level:
     group: np.ndarray  # (model classes,) index into ``classes``
     calibration: Calibration | None
 
-    def apply(self, model: Model, pred: Predictions) -> tuple[np.ndarray, np.ndarray]:
+    def apply(
+        self, model: Model, pred: Predictions
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """((n, c) posteriors summed per group, (n,) group of each image's answer, -1 where the
-        model said "not one of my classes")."""
+        model said "not one of my classes", and whether the answer is below its class
+        threshold)."""
         c = len(self.classes)
         G = np.zeros((len(self.group), c), np.float32)
         G[np.arange(len(self.group)), self.group] = 1.0
@@ -102,7 +105,7 @@ class Level:
         win = np.where(fine >= 0, self.group[np.maximum(fine, 0)], -1)
         if pred.unknown is not None:  # "not one of my classes": unclassified
             win[pred.unknown] = -1
-        return np.asarray(pred.proba, np.float32) @ G, win
+        return np.asarray(pred.proba, np.float32) @ G, win, pred.below
 
 
 def count_level(model: Model, level: str | None) -> tuple[Level, list[str]]:
@@ -277,12 +280,15 @@ class _Counter:
             )
         return self.tallies[k]
 
-    def add(self, which: np.ndarray, post: np.ndarray, win: np.ndarray) -> None:
+    def add(
+        self, which: np.ndarray, post: np.ndarray, win: np.ndarray, below: np.ndarray | None
+    ) -> None:
         """Images of samples ``which`` (sorted: a chunk holds runs of samples)."""
         cuts = np.flatnonzero(np.diff(which)) + 1
         for part in np.split(np.arange(len(which)), cuts):
             if len(part):
-                self.tally(int(which[part[0]])).add(post[part], win[part])
+                low = None if below is None else below[part]
+                self.tally(int(which[part[0]])).add(post[part], win[part], low)
 
     def fail(self, k: int, shown: str, why: str) -> None:
         s = self.samples[k]
@@ -439,8 +445,8 @@ def _count(
         counter = _Counter(samples, meta_cols, level, method, opts, w, s, notes)
         for c in chunks:
             if c.pred is not None:
-                post, win = level.apply(model, c.pred)
-                counter.add(c.which[c.good], post, win)
+                post, win, below = level.apply(model, c.pred)
+                counter.add(c.which[c.good], post, win, below)
             for i, shown, why in c.errors:
                 counter.fail(int(c.which[i]), shown, why)
             s.from_store += c.from_store

@@ -57,7 +57,7 @@ class Refit:
 # Fields written only when they have a value (older files lack them); the rest always.
 _OPTIONAL = (
     "cv", "metrics", "train_counts", "fit_seconds", "refit_all", "refit_seconds",
-    "refit_search", "out_of_core", "quantifier", "novelty", "format", "version", "created_at", "versions",
+    "refit_search", "out_of_core", "quantifier", "novelty", "class_thresholds", "format", "version", "created_at", "versions",
     "model_file", "model_sha256",
 )  # fmt: skip
 
@@ -86,6 +86,8 @@ class Manifest:
     out_of_core: dict[str, Any] | None = None
     quantifier: dict[str, Any] | None = None  # quantify.Calibration: counts beyond CC
     novelty: dict[str, Any] | None = None  # novelty.Novelty.summary(): "not one of my classes"
+    # thresholds.tune: {"rule", "thresholds" (class order), "table" (per class, out of fold)}
+    class_thresholds: dict[str, Any] | None = None
     # about the file (written by save_model)
     format: str | None = None
     version: int | None = None

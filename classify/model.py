@@ -52,6 +52,7 @@ class Predictions:
     path: np.ndarray | None = None  # (n, depth) predicted taxonomy path, coarse first
     unknown: np.ndarray | None = None  # (n,) "not one of my classes" (open-set score or ovr)
     novelty: np.ndarray | None = None  # (n,) the open-set score (higher: less like training)
+    below: np.ndarray | None = None  # (n,) the winner's posterior is below its class threshold
 
     def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(n, k) labels and probabilities, best first."""
@@ -114,7 +115,15 @@ class Model:
         if self.unknown is not None:
             said = label == self.unknown
             unknown = said if unknown is None else unknown | said
-        return Predictions(label, proba, classes, path, unknown, novelty)
+        below = None
+        if self.manifest.class_thresholds:  # IFCB practice: below its class's threshold
+            thr = np.asarray(self.manifest.class_thresholds["thresholds"], float)
+            col = {c: i for i, c in enumerate(classes)}
+            idx = np.array([col.get(c, -1) for c in label])
+            has = idx >= 0
+            below = np.zeros(len(label), bool)
+            below[has] = proba[has, idx[has]] < thr[idx[has]]
+        return Predictions(label, proba, classes, path, unknown, novelty, below)
 
 
 def manifest_path(path: str | os.PathLike[str]) -> Path:

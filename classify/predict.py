@@ -137,6 +137,8 @@ def csv_rows(paths: Sequence[str], pred: Predictions, model: Model, top_k: int) 
     rows = []
     n = len(paths)
     unknown = pred.unknown if pred.unknown is not None else np.zeros(n, bool)
+    if pred.below is not None:  # below its class's threshold: unclassified too
+        unknown = unknown | pred.below
     novelty = [""] * n if pred.novelty is None else [f"{v:.6g}" for v in pred.novelty]
     for i, (p, (label, prob, path, tops)) in enumerate(
         zip(paths, answers(pred, top_k), strict=True)
@@ -373,6 +375,8 @@ def predict_files(
     pred = model.predict(X[good])
     k = max(1, min(top_k, len(pred.classes)))
     flagged = pred.unknown if pred.unknown is not None else np.zeros(len(good), bool)
+    if pred.below is not None:
+        flagged = flagged | pred.below
     for j, (i, (label, prob, path, tops)) in enumerate(
         zip(good.tolist(), answers(pred, k), strict=True)
     ):

@@ -239,7 +239,8 @@ class Tally:
     def __init__(self, classes: int, keep: int, rng: np.random.Generator, expected: int = 0):
         self.c, self.keep, self.rng = classes, keep, rng
         self.n = 0
-        self.wins = np.zeros(classes + 1, np.int64)  # last: unclassified
+        self.wins = np.zeros(classes + 1, np.int64)  # images counted per class; last: unclassified
+        self.raw = np.zeros(classes + 1, np.int64)  # the same before class thresholds
         self.sums = np.zeros(classes)
         cap = min(keep, expected) if expected else min(keep, 1024)
         self._post = np.empty((cap, classes), np.float32)
@@ -249,14 +250,21 @@ class Tally:
     def kept(self) -> int:
         return min(self.n, self.keep)
 
-    def add(self, posteriors: np.ndarray, winners: np.ndarray) -> None:
-        """(k, c) posteriors and each image's class index, -1 for "unclassified" (its
-        posteriors are then not summed: it is left out of the classes' estimates)."""
+    def add(
+        self, posteriors: np.ndarray, winners: np.ndarray, below: np.ndarray | None = None
+    ) -> None:
+        """(k, c) posteriors and each image's class index, -1 for "not one of my classes" (its
+        posteriors are then not summed: it is left out of the classes' estimates); ``below``:
+        the winner's posterior is under its class threshold (not counted for the class, nor
+        by cc; the other methods, which correct for confusion themselves, still use it)."""
         win = np.asarray(winners, np.int32)
         post = np.asarray(posteriors, np.float32)
         known = win >= 0
-        self.wins += np.bincount(np.where(known, win, self.c), minlength=self.c + 1)
+        code = win if below is None else np.where(known & below, -win - 2, win)
+        self.raw += np.bincount(np.where(known, win, self.c), minlength=self.c + 1)
+        self.wins += np.bincount(np.where(code >= 0, code, self.c), minlength=self.c + 1)
         self.sums += post[known].sum(0, dtype=np.float64)
+        win = code  # the reservoir keeps both: -2 - w for class w below its threshold
         start, k = self.n, len(win)
         fill = max(0, min(k, self.keep - start))
         if fill:
@@ -292,11 +300,13 @@ class Tally:
             return Estimate(0, self.wins.copy(), nan, nan.copy(), nan.copy())
         post, win = self._post[: self.kept], self._win[: self.kept]
         notes: list[str] = []
-        known = self.n - int(self.wins[c])
-        if method == "emq" or known == 0:
+        known = self.n - int(self.raw[c])
+        if method == "cc":  # exact: the images counted (above their class thresholds)
+            point = self.wins / self.n
+        elif method == "emq" or known == 0:
             point = _shares(post, win, method, calibration, c)
         else:  # exact, from every image's sums
-            cc, pcc = self.wins[:c] / known, self.sums / known
+            cc, pcc = self.raw[:c] / known, self.sums / known
             p = estimate(method, cc, pcc, None, calibration)
             point = np.append(p * known / self.n, 1 - known / self.n)
         if self.n > self.kept and method == "emq":
@@ -327,10 +337,15 @@ class Tally:
 
 
 def _shares(
-    post: np.ndarray, win: np.ndarray, method: str, calibration: Calibration | None, c: int
+    post: np.ndarray, code: np.ndarray, method: str, calibration: Calibration | None, c: int
 ) -> np.ndarray:
-    """(c + 1,) shares of a set of images (last: unclassified): the classes' proportions
-    among the classified images, times the classified share."""
+    """(c + 1,) shares of a set of images (last: unclassified): for cc the images counted,
+    else the classes' proportions among the images of one of the classes, times their share.
+    ``code``: the class, -1 for "not one of my classes", -2 - class below its threshold."""
+    if method == "cc":
+        counted = np.bincount(np.where(code >= 0, code, c), minlength=c + 1)
+        return counted / len(code)
+    win = np.where(code <= -2, -code - 2, code)
     known = win >= 0
     k = int(known.sum())
     if k == 0:

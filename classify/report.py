@@ -45,6 +45,8 @@ def headline_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
             ("predicted unknown", _pct(m["unknown_rate"])),
             ("accuracy when a class is given", _pct(m["accuracy_when_known"])),
         ]
+    if "below_threshold_rate" in m:
+        rows.append(("below their class's threshold", _pct(m["below_threshold_rate"])))
     rare = m.get("rare")
     if rare:
         rows.append(
@@ -73,6 +75,21 @@ def _class_rows(m: dict[str, Any]) -> list[list[str]]:
 
 
 _CLASS_HEAD = ["class", "train", "test", "precision", "recall", "F1", "ROC-AUC"]
+_THRESHOLD_HEAD = ["class", "threshold", "precision", "recall", "images counted"]
+
+
+def _threshold_rows(m: dict[str, Any]) -> list[list[str]]:
+    """Per-class thresholds and what they gave on the out-of-fold posteriors they were tuned on."""
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    return [
+        [c, f"{t['threshold']:.3f}", num(t["precision"]), num(t["recall"]), str(t["counted"])]
+        for c, t in sorted(m.get("class_thresholds", {}).items())
+    ]
+
+
 _PAIR_HEAD = ["true class", "taken for", "images", "share of the class"]
 
 
@@ -95,6 +112,10 @@ def markdown(title: str, m: dict[str, Any], info: list[str]) -> str:
     lines += ["## Per class (worst recall first)", ""]
     lines += ["| " + " | ".join(_CLASS_HEAD) + " |", "|" + "---|" * len(_CLASS_HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in _class_rows(m)]
+    if m.get("class_thresholds"):
+        lines += ["", "## Class thresholds (tuned on out-of-fold posteriors)", ""]
+        lines += ["| " + " | ".join(_THRESHOLD_HEAD) + " |", "|" + "---|" * len(_THRESHOLD_HEAD)]
+        lines += ["| " + " | ".join(r) + " |" for r in _threshold_rows(m)]
     return "\n".join(lines) + "\n"
 
 
@@ -124,6 +145,12 @@ def html_page(title: str, m: dict[str, Any], info: list[str]) -> str:
         )
         + "<h2>Per class (worst recall first)</h2>"
         + _table(_CLASS_HEAD, _class_rows(m))
+        + (
+            "<h2>Class thresholds (tuned on out-of-fold posteriors)</h2>"
+            + _table(_THRESHOLD_HEAD, _threshold_rows(m))
+            if m.get("class_thresholds")
+            else ""
+        )
         + "</body></html>\n"
     )
 

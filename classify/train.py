@@ -27,6 +27,7 @@ from penult.classify.model import Model, Predictions
 from penult.classify.novelty import DEFAULT_SCORE, SCORES, fit_novelty
 from penult.classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
 from penult.classify.quantify import OutOfFold
+from penult.classify.thresholds import parse_class_thresholds, tune
 from penult.core import TRAIN, OptionError, PenultError
 from penult.core.options import COUNT, FRACTION, POSITIVE, option, ranged
 from penult.features import FeatureStore
@@ -143,6 +144,14 @@ class TrainOptions:
         "share of known images the open-set threshold keeps (calibrated on held-out folds of "
         "the training images)",
         parse=FRACTION,
+    )
+    class_thresholds: str | None = option(
+        None,
+        "one threshold per class, tuned on the out-of-fold posteriors: f1 (each class's best "
+        "F1) or precision:P (the lowest threshold whose precision reaches P); below it an "
+        "image is unclassified (IFCB practice)",
+        parse=parse_class_thresholds,
+        metavar="RULE",
     )
     cv: int | None = option(
         None,
@@ -351,6 +360,11 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     """Fit a head on the train split of a store and score it on the held-out split (or by K
     folds with ``cv``); with ``refit_all`` or ``cv`` the model returned to save is then fitted on
     every labelled image, and its manifest says which estimate its metrics are."""
+    if opts.class_thresholds and not opts.quantifier_folds:
+        raise OptionError(
+            "--class-thresholds are tuned on out-of-fold posteriors: they need "
+            "--quantifier-folds 2 or more"
+        )
     store = FeatureStore(store_path)
     backbones = default_backbones(store, opts.backbones)
     data = load_dataset(store_path, backbones, label=opts.label)
@@ -408,6 +422,17 @@ def _calibrate(model: Model, X: np.ndarray, y: np.ndarray, opts: TrainOptions, n
             model.manifest.quantifier = oof.calibration().to_json()
         except OptionError as e:  # a class of one image: the model counts by CC only
             notes.append(f"counts will not be corrected for another class mix: {e}")
+    if opts.class_thresholds and oof is not None:
+        thresholds, table = tune(oof, opts.class_thresholds)
+        model.manifest.class_thresholds = {
+            "rule": opts.class_thresholds,
+            "thresholds": np.round(thresholds, 9).tolist(),
+            "table": table,
+        }
+    elif opts.class_thresholds:
+        notes.append(
+            "no class thresholds: they are tuned on out-of-fold posteriors, and there are none"
+        )
     if opts.unknown_score != "none":
         try:
             model.novelty = fit_novelty(
@@ -555,10 +580,16 @@ def scored(
         train_counts=train_counts or model.manifest.train_counts,
         paths=model.paths, levels=model.levels, unknown=model.unknown,
     )  # fmt: skip
-    if pred.unknown is not None:  # "not one of my classes" (open-set score, or ovr's unknown)
-        kept = ~pred.unknown
+    if pred.below is not None and model.manifest.class_thresholds:
+        m["class_thresholds"] = model.manifest.class_thresholds["table"]
+        m["below_threshold_rate"] = float(pred.below.mean())
+    flagged = pred.unknown if pred.below is None else (
+        pred.below if pred.unknown is None else pred.unknown | pred.below
+    )  # fmt: skip
+    if flagged is not None:  # no class given: "not one of my classes", ovr, class thresholds
+        kept = ~flagged
         right = np.asarray(pred.label).astype(str) == np.asarray(y_true).astype(str)
-        m["unknown_rate"] = float(pred.unknown.mean())
+        m["unknown_rate"] = float(flagged.mean())
         m["accuracy_when_known"] = float(right[kept].mean()) if kept.any() else 0.0
     return m | {"predictions": pred}
 
@@ -583,6 +614,7 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "macro_auc",
         "unknown_rate",
         "accuracy_when_known",
+        "below_threshold_rate",
     )
     out = {k: metrics[k] for k in keys if k in metrics}
     if metrics.get("rare"):
