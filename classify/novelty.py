@@ -134,7 +134,9 @@ def _pca(X: np.ndarray, dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.decomposition import PCA
 
     Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    pca = PCA(int(min(dims, Xn.shape[1], len(Xn) - 1)), random_state=seed).fit(Xn)
+    # randomized SVD with 2 power iterations (not 7): 2x faster, fitted 11 times per train
+    p = int(min(dims, Xn.shape[1], len(Xn) - 1))
+    pca = PCA(p, svd_solver="randomized", iterated_power=2, random_state=seed).fit(Xn)
     return pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from penult.classify.data import StreamingData, stream_dataset
 from penult.classify.model import Model, Predictions
+from penult.classify.novelty import fit_novelty
 from penult.classify.train import (
     TrainOptions,
     TrainResult,
@@ -226,21 +227,54 @@ def _predict(
     model: Model, data: StreamingData, idx: np.ndarray, memory_mb: int
 ) -> tuple[np.ndarray, Predictions]:
     """Positions (storage order) and the model's predictions for them, a block at a time."""
-    pos, labels, probas, paths = [], [], [], []
+    pos, parts = [], []
     for p, X in data.blocks(idx, block_rows=_block_rows(data, memory_mb, 1)):
-        pr = model.predict(X)
         pos.append(p)
-        labels.append(pr.label)
-        probas.append(pr.proba)
-        if pr.path is not None:
-            paths.append(pr.path)
+        parts.append(model.predict(X))
+
+    def joined(field: str) -> np.ndarray | None:
+        got = [getattr(pr, field) for pr in parts]
+        return None if got[0] is None else np.concatenate(got)
+
     pred = Predictions(
-        label=np.concatenate(labels),
-        proba=np.concatenate(probas),
+        label=joined("label"),
+        proba=joined("proba"),
         classes=model.classes,
-        path=np.concatenate(paths) if paths else None,
+        path=joined("path"),
+        unknown=joined("unknown"),
+        novelty=joined("novelty"),
+        below=joined("below"),
     )
     return np.concatenate(pos), pred
+
+
+def _open_set(
+    model: Model,
+    data: StreamingData,
+    tr: np.ndarray,
+    y: np.ndarray,
+    opts: TrainOptions,
+    stream: StreamOptions,
+    notes: list[str],
+) -> None:
+    """The open-set score, fitted on a seeded stratified sample of the training images (at most
+    20,000, the most the score keeps, and as many as fit ``--memory-mb`` a few times over);
+    counts stay classify-and-count (no out-of-fold models out of core)."""
+    notes.append("counts by classify-and-count: out of core there is no count calibration")
+    if opts.unknown_score == "none":
+        return
+    if opts.unknown_score == "msp":
+        notes.append("no open-set score: msp is set on out-of-fold posteriors, none out of core")
+        return
+    rows = min(20_000, (stream.memory_mb << 20) // (16 * data.dim))  # a few copies fit the cap
+    sub = _subsample(tr, y, max(rows, 100), opts.seed)
+    pos, X = _read(data, sub, stream.memory_mb)
+    notes.append(f"open-set score fitted on a seeded sample of {len(sub)} training images")
+    try:
+        model.novelty = fit_novelty(opts.unknown_score, X, opts.keep, y=y[pos], seed=opts.seed)
+        model.manifest.novelty = model.novelty.summary()
+    except OptionError as e:
+        notes.append(f"no open-set score ('not one of my classes'): {e}")
 
 
 def train_out_of_core(
@@ -252,6 +286,11 @@ def train_out_of_core(
     the result's predictions, truth and paths feed the same report as in memory."""
     if opts.cv or opts.refit_all:
         raise OptionError("--cv and --refit-all train in memory; drop --out-of-core")
+    if opts.class_thresholds:
+        raise OptionError(
+            "--class-thresholds are tuned on out-of-fold posteriors, which out of core has "
+            "none of; drop --out-of-core"
+        )
     store = FeatureStore(store_path)
     data = stream_dataset(store_path, default_backbones(store, opts.backbones), label=opts.label)
     plan = prepare(store_path, data, opts)
@@ -275,6 +314,7 @@ def train_out_of_core(
             )
     fit_seconds = time.perf_counter() - t0
     model = Model(est, model_manifest(store, data, opts, plan.taxonomy, plan.levels, est, ev_name))
+    _open_set(model, data, tr, y, opts, stream, notes)
     ev_idx = _subsample(np.flatnonzero(ev), y, stream.max_eval, opts.seed)
     if len(ev_idx) < ev.sum():
         notes.append(f"scored a seeded sample of {len(ev_idx)} of {int(ev.sum())} {ev_name} images")

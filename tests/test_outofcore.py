@@ -85,6 +85,8 @@ def test_cli_out_of_core_saves_a_safe_model_and_report(store, tmp_path, capsys):
     assert "streamed" in capsys.readouterr().out
     m = load_model(out)  # the streamed model loads without --trust-model
     assert m.manifest.out_of_core["memory_mb"] == 4
+    # "not one of my classes" out of core too, set on a sample of the training images
+    assert m.novelty.score == "mahalanobis" and 0 < m.manifest.metrics["unknown_rate"] < 0.2
     assert (tmp_path / "rep" / "report.md").exists() and (
         tmp_path / "rep" / "predictions.csv"
     ).exists()
