@@ -25,7 +25,7 @@ from penult.classify.images import Images
 from penult.classify.model import Model, Predictions, resolve_backbones
 from penult.classify.predict import PredictOptions, list_inputs, stream_predictions
 from penult.classify.quantify import METHODS, Calibration, Tally, check_method
-from penult.core import SAMPLE, OptionError, atomic_path, check_out_folder, sample_columns
+from penult.core import NOT_METADATA, SAMPLE, OptionError, atomic_path, check_out_folder
 from penult.core.options import COUNT, POSITIVE, option
 from penult.features import FeatureStore
 from tqdm.auto import tqdm
@@ -171,33 +171,55 @@ def parse_volume(sample: str, text: str) -> tuple[float | None, str | None]:
     return v, None
 
 
+Coded = tuple[np.ndarray, Sequence[str]]  # per-image codes into names: a few bytes per image
+
+
+def _coded(values: Sequence[str]) -> Coded:
+    names, codes = np.unique(np.asarray(values, dtype=str), return_inverse=True)
+    return codes, names.tolist()
+
+
 def samples_from_columns(
-    ids: Sequence[str], columns: dict[str, Sequence[str]], rows: Sequence[int] | None = None
+    ids: Sequence[str], columns: dict[str, Sequence[str]]
+) -> tuple[list[Sample], np.ndarray, list[str], list[str]]:
+    """:func:`samples_from_codes` for columns given as one text value per image."""
+    return samples_from_codes(_coded(ids), {c: _coded(v) for c, v in columns.items()})
+
+
+def samples_from_codes(
+    ids: Coded, columns: dict[str, Coded]
 ) -> tuple[list[Sample], np.ndarray, list[str], list[str]]:
     """The samples of images whose sample ids are ``ids`` (first appearance order), each image's
-    sample index, the metadata columns (those with one value per sample) and warnings. A
-    ``volume_ml`` that differs between a sample's images is an error naming the sample."""
-    names, first, which = np.unique(
-        np.asarray(ids, dtype=str), return_index=True, return_inverse=True
-    )
+    sample index, the metadata columns (those with one value for all images of each sample, as
+    ``core.sample_columns`` has it) and warnings. A ``volume_ml`` that differs between a
+    sample's images is an error naming the sample. Works on codes (a store's label columns as
+    stored), so a store of many images is grouped without its text."""
+    codes, names = ids
+    uniq, first, inv = np.unique(codes, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
-    which = rank[which]
-    meta_cols = [c for c in sample_columns({SAMPLE: list(ids), **columns}) if c != SAMPLE]
-    if VOLUME in columns and VOLUME not in meta_cols:
-        seen: dict[str, str] = {}
-        for s, v in zip(ids, columns[VOLUME], strict=True):
-            if seen.setdefault(s, v) != v:
-                raise OptionError(
-                    f"sample {s!r}: its images give two volumes ({VOLUME} {seen[s]!r} and {v!r})"
-                )
+    which = rank[inv]
+    first_row = first[order]  # each sample's first image, in sample order
+    meta_cols = []
+    for c, (cc, cn) in columns.items():
+        if c == SAMPLE or c in NOT_METADATA:
+            continue
+        ref = cc[first_row][which]  # the value of each image's sample's first image
+        same = cc == ref
+        if same.all():
+            meta_cols.append(c)
+        elif c == VOLUME:
+            bad = int(np.flatnonzero(~same)[0])
+            raise OptionError(
+                f"sample {names[codes[bad]]!r}: its images give two volumes "
+                f"({VOLUME} {cn[ref[bad]]!r} and {cn[cc[bad]]!r})"
+            )
     samples = []
     warnings: list[str] = []
-    for k in order:
-        i = int(first[k])
-        meta = {c: str(columns[c][i]) for c in meta_cols}
-        s = Sample(str(names[k]), meta)
+    for i in first_row:
+        meta = {c: str(columns[c][1][columns[c][0][i]]) for c in meta_cols}
+        s = Sample(str(names[codes[i]]), meta)
         if VOLUME in meta:
             s.volume, why = parse_volume(s.name, meta[VOLUME])
             if why:
@@ -533,28 +555,29 @@ def count_store(
             "--sample-level or --samples FILE, or count image folders instead of the store"
         )
     codes, code_names = store.label_codes(SAMPLE)
-    ids = np.asarray(code_names, dtype=str)[codes]
-    has = np.flatnonzero(ids != "")
+    n_rows = len(codes)
+    blank = code_names.index("") if "" in code_names else -1
+    has = np.flatnonzero(codes != blank)
     rows, _ = store.fused_rows(names)
     columns = {}
     for c in store.label_columns():
         if c != SAMPLE:
             cc, cn = store.label_codes(c)
-            columns[c] = np.asarray(cn, dtype=str)[cc[has]].tolist()
-    samples, which_has, meta_cols, warn = samples_from_columns(ids[has].tolist(), columns)
-    which = np.full(len(ids), -1, np.int64)
+            columns[c] = (cc[has], cn)
+    samples, which_has, meta_cols, warn = samples_from_codes((codes[has], code_names), columns)
+    which = np.full(n_rows, -1, np.int64)
     which[has] = which_has
-    embedded = np.zeros(len(ids), bool)
+    embedded = np.zeros(n_rows, bool)
     embedded[rows[0]] = True
-    pos = np.full(len(ids), -1, np.int64)  # table row -> its index in the fused rows
+    pos = np.full(n_rows, -1, np.int64)  # table row -> its index in the fused rows
     pos[rows[0]] = np.arange(len(rows[0]))
     order = has[np.argsort(which[has], kind="stable")]
     for k in which[order]:
         samples[k].listed += 1
     s = CountSummary(Path(out), method, level.name, listed=len(order))
     s.notes += warn
-    if len(has) < len(ids):
-        s.notes.append(f"{len(ids) - len(has)} stored image(s) have no sample: not counted")
+    if len(has) < n_rows:
+        s.notes.append(f"{n_rows - len(has)} stored image(s) have no sample: not counted")
     missing = f"no embedding from {' + '.join(names)} in the store"
 
     def chunks() -> Iterator[_Chunk]:

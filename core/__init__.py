@@ -8,6 +8,7 @@ Layering: ``core`` (this package) <- ``features`` (the store) <- ``extract`` / `
 from penult.core.errors import OptionError, PenultError
 from penult.core.files import atomic_path, check_out_folder, file_sha256
 from penult.core.labels import (
+    NOT_METADATA,
     SAMPLE,
     TEST,
     TRAIN,
@@ -22,6 +23,7 @@ from penult.core.options import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "NOT_METADATA",
     "SAMPLE",
     "TEST",
     "TRAIN",

@@ -21,6 +21,7 @@ from penult.core.errors import PenultError
 
 __all__ = [
     "LabelError",
+    "NOT_METADATA",
     "SAMPLE",
     "TEST",
     "TRAIN",
@@ -34,7 +35,7 @@ __all__ = [
 
 TRAIN, TEST, VAL = "train", "test", "val"  # the split names every command uses
 SAMPLE = "sample"  # the column naming each image's sample (an IFCB bin, a net tow, a day)
-_NOT_METADATA = ("label", "split")  # never a sample's: they differ between its images
+NOT_METADATA = ("label", "split")  # never a sample's: they differ between its images
 
 
 def sample_columns(columns: dict[str, Sequence[str]]) -> list[str]:
@@ -46,7 +47,7 @@ def sample_columns(columns: dict[str, Sequence[str]]) -> list[str]:
         return []
     out = [SAMPLE]
     for name, values in columns.items():
-        if name == SAMPLE or name in _NOT_METADATA:
+        if name == SAMPLE or name in NOT_METADATA:
             continue
         seen: dict[str, str] = {}
         if all(seen.setdefault(s, v) == v for s, v in zip(samples, values, strict=True) if s):
