@@ -36,7 +36,10 @@ UNCLASSIFIED = "unclassified"  # the row of the images no class took
 VOLUME = "volume_ml"  # the sample column holding the volume its images were taken from
 TIME = "time"
 DEFAULT_METHOD = "emq"
-NO_CALIBRATION = "the model has no quantifier calibration (trained before penult 0.1's format 3, or with --quantifier-folds 0): classify and count"
+NO_CALIBRATION = (
+    "the model has no quantifier calibration (made before penult recorded one, or trained with "
+    "--quantifier-folds 0): classify and count"
+)
 
 
 @dataclass(frozen=True)

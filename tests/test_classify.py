@@ -21,6 +21,11 @@ from conftest import copy_store
 pytestmark = pytest.mark.slow
 
 
+# These tests are about fitting and scoring heads: the count calibration and the open-set score
+# (tests/test_quantify.py, test_count.py, test_novelty.py) would only add their cost to each fit.
+PLAIN = {"quantifier_folds": 0, "unknown_score": "none"}
+
+
 @pytest.fixture(scope="module")
 def cub(cub_store):
     d = load_dataset(cub_store, ["efficientnet_lite0"])
@@ -40,7 +45,7 @@ def test_every_head_learns_cub_species(cub, head):
 
 
 def test_flat_lr_on_hymenoptera_matches_reference(hym_store):
-    r = train(hym_store, TrainOptions())
+    r = train(hym_store, TrainOptions(**PLAIN))
     assert r.eval_split == "val" and r.n_eval == 153
     assert r.metrics["top1"] >= 0.92  # reference 0.948 (shared/data/README.md)
 
@@ -84,12 +89,12 @@ def test_hierarchy_paths_are_consistent_and_probabilities_multiply(cub):
 
 
 def test_hierarchical_training_reports_levels_and_beats_chance(cub_store):
-    r = train(cub_store, TrainOptions(levels=("family", "genus"), hierarchical=True))
+    r = train(cub_store, TrainOptions(**PLAIN, levels=("family", "genus"), hierarchical=True))
     m = r.metrics
     assert r.model.manifest.kind == "hierarchical"
     assert m["levels"]["accuracy"]["family"] >= m["levels"]["accuracy"]["genus"] >= m["top1"] > 0.75
     assert m["levels"]["mean_tree_distance_of_mistakes"] > 0
-    flat = train(cub_store, TrainOptions(levels=("family", "genus")))
+    flat = train(cub_store, TrainOptions(**PLAIN, levels=("family", "genus")))
     assert flat.model.manifest.kind == "flat" and "levels" in flat.metrics
 
 
@@ -137,7 +142,7 @@ def test_one_vs_rest_says_unknown_for_unlabelled_classes(cub):
 
 
 def test_ovr_training_reports_per_class_auc_and_unknown_rate(cub_store):
-    r = train(cub_store, TrainOptions(ovr=True))
+    r = train(cub_store, TrainOptions(**PLAIN, ovr=True))
     m = r.metrics
     assert 0 <= m["unknown_rate"] < 0.3 and m["accuracy_when_known"] > m["top1"]
     aucs = [v["auc"] for v in m["per_class"].values()]
@@ -156,8 +161,8 @@ def test_class_weights_and_rare_classes_on_an_imbalanced_subset(cub_store, tmp_p
     copy_store(cub_store, store)
     with StoreWriter(store) as w:
         w.set_labels("split2", d.paths, split.tolist())
-    plain = train(store, TrainOptions(split="split2"))
-    weighted = train(store, TrainOptions(split="split2", class_weight="balanced"))
+    plain = train(store, TrainOptions(**PLAIN, split="split2"))
+    weighted = train(store, TrainOptions(**PLAIN, split="split2", class_weight="balanced"))
     for r in (plain, weighted):
         assert sorted(r.metrics["rare"]["classes"]) == sorted(rare.tolist())
         assert r.metrics["rare"]["max_train_images"] == 3
@@ -166,11 +171,11 @@ def test_class_weights_and_rare_classes_on_an_imbalanced_subset(cub_store, tmp_p
     )
     assert weighted.model.manifest.options["class_weight"] == "balanced"
     with pytest.raises(ValueError, match="takes no class weights"):
-        train(store, TrainOptions(split="split2", head="knn", class_weight="balanced"))
+        train(store, TrainOptions(**PLAIN, split="split2", head="knn", class_weight="balanced"))
 
 
 def test_search_picks_from_the_grid_by_cv(cub_store):
-    r = train(cub_store, TrainOptions(search=True, n_jobs=2))
+    r = train(cub_store, TrainOptions(**PLAIN, search=True, n_jobs=2))
     grid = HEADS["lr"].grid["C"]
     assert r.search["best"]["C"] in grid
     assert len(r.search["results"]) == len(grid)
@@ -181,10 +186,12 @@ def test_search_picks_from_the_grid_by_cv(cub_store):
 def test_split_is_made_once_stored_and_kept(cub_store, tmp_path):
     store = tmp_path / "s.h5"
     copy_store(cub_store, store)
-    a = train(store, TrainOptions(split="mysplit", seed=3))
+    a = train(store, TrainOptions(**PLAIN, split="mysplit", seed=3))
     stored = np.array(FeatureStore(store).images().labels["mysplit"])
     assert set(stored) == {"train", "test"} and 0.25 < np.mean(stored == "test") < 0.35
-    b = train(store, TrainOptions(split="mysplit", seed=99))  # a different seed must not re-split
+    b = train(
+        store, TrainOptions(**PLAIN, split="mysplit", seed=99)
+    )  # a different seed must not re-split
     assert np.array_equal(np.array(FeatureStore(store).images().labels["mysplit"]), stored)
     assert a.metrics["top1"] == b.metrics["top1"]
     # stratified: every class in both parts; one-image classes go to train
@@ -239,7 +246,7 @@ def test_fusion_joins_rows_by_content_hash(cub_store, tmp_path):
     assert dropped == len(rows) - len(keep) and np.array_equal(rows_a, keep)
     np.testing.assert_array_equal(F[:, :1280], X[::2])
     np.testing.assert_array_equal(F[:, 1280:], fake)
-    r = train(store, TrainOptions(backbones=("efficientnet_lite0", "fake")))
+    r = train(store, TrainOptions(**PLAIN, backbones=("efficientnet_lite0", "fake")))
     assert r.model.manifest.feature_dim == 1296 and len(r.model.backbones) == 2
     with pytest.raises(DataError, match="twice"):
         fused_rows(FeatureStore(store), ["fake", "fake"])
@@ -247,26 +254,26 @@ def test_fusion_joins_rows_by_content_hash(cub_store, tmp_path):
 
 def test_bad_training_input_is_reported(cub_store, tmp_path):
     with pytest.raises(DataError, match="no label column 'species'"):
-        train(cub_store, TrainOptions(label="species"))
+        train(cub_store, TrainOptions(**PLAIN, label="species"))
     with pytest.raises(Exception, match="no backbone 'resnet50'"):
-        train(cub_store, TrainOptions(backbones=("resnet50",)))
+        train(cub_store, TrainOptions(**PLAIN, backbones=("resnet50",)))
     with pytest.raises(ValueError, match="unknown head 'forest'"):
-        train(cub_store, TrainOptions(head="forest"))
+        train(cub_store, TrainOptions(**PLAIN, head="forest"))
     with pytest.raises(DataError, match="needs coarse levels"):
-        train(cub_store, TrainOptions(hierarchical=True))
+        train(cub_store, TrainOptions(**PLAIN, hierarchical=True))
     store = tmp_path / "s.h5"
     copy_store(cub_store, store)
     d = load_dataset(store, ["efficientnet_lite0"])
     with StoreWriter(store) as w:  # one class only
         w.set_labels("one", d.paths, ["bird"] * len(d.paths))
     with pytest.raises(DataError, match="2 or more classes"):
-        train(store, TrainOptions(label="one"))
+        train(store, TrainOptions(**PLAIN, label="one"))
     y = d.labels["label"].copy()
     lone = np.flatnonzero(d.labels["split"] == "train")[0]
     y[lone] = "lonely species"
     with StoreWriter(store) as w:
         w.set_labels("lonely", d.paths, y.tolist())
-    r = train(store, TrainOptions(label="lonely"))
+    r = train(store, TrainOptions(**PLAIN, label="lonely"))
     assert any("single training image" in n and "lonely species" in n for n in r.notes)
 
 
