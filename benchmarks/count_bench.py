@@ -40,7 +40,7 @@ DATA = Path(os.environ.get("PENULT_DATA", ROOT.parent.parent / "shared" / "data"
 def held_out(store: Path, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], Calibration]:
     """Posteriors and true labels of the held-out split, the classes, and the calibration of a
     model trained on the training split only."""
-    r = train(store, TrainOptions(seed=seed))
+    r = train(store, TrainOptions(seed=seed, unknown_score="none"))  # posteriors are what count
     model = r.model
     d = load_dataset(store, model.backbones)
     row = {p: i for i, p in enumerate(d.paths)}

@@ -59,7 +59,7 @@ def main() -> None:
     if split is None:  # the split `penult train` would make
         from penult.classify.train import train
 
-        train(store, TrainOptions(quantifier_folds=0))
+        train(store, TrainOptions(quantifier_folds=0, unknown_score="none"))
         d = load_dataset(store, [backbone])
         split = d.labels["split"]
     classes = np.unique(y)

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -94,21 +95,25 @@ class Level:
     group: np.ndarray  # (model classes,) index into ``classes``
     calibration: Calibration | None
 
+    @cached_property
+    def _sum(self) -> np.ndarray:
+        """(model classes, classes) 0/1: what sums the model's posteriors per group."""
+        G = np.zeros((len(self.group), len(self.classes)), np.float32)
+        G[np.arange(len(self.group)), self.group] = 1.0
+        return G
+
     def apply(
         self, model: Model, pred: Predictions
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """((n, c) posteriors summed per group, (n,) group of each image's answer, -1 where the
         model said "not one of my classes", and whether the answer is below its class
         threshold)."""
-        c = len(self.classes)
-        G = np.zeros((len(self.group), c), np.float32)
-        G[np.arange(len(self.group)), self.group] = 1.0
         col = {k: i for i, k in enumerate(model.classes.tolist())}
         fine = np.array([col.get(str(lab), -1) for lab in pred.label], np.int64)
         win = np.where(fine >= 0, self.group[np.maximum(fine, 0)], -1)
         if pred.unknown is not None:  # "not one of my classes": unclassified
             win[pred.unknown] = -1
-        return np.asarray(pred.proba, np.float32) @ G, win, pred.below
+        return np.asarray(pred.proba, np.float32) @ self._sum, win, pred.below
 
 
 def count_level(model: Model, level: str | None) -> tuple[Level, list[str]]:
@@ -359,24 +364,22 @@ class _Counter:
         self.s.scored += est.images
         self.s.unclassified += int(est.counts[c])
         note = "; ".join(notes)
+        per_image = None if s.volume is None else est.images / s.volume  # images per mL
         for j, name in enumerate([*self.level.classes, UNCLASSIFIED]):
             p, lo, hi = est.proportion[j], est.low[j], est.high[j]
-            abundance = p * est.images
-            conc = [""] * 3
-            if s.volume is not None:
-                conc = [_num(v * est.images / s.volume) for v in (p, lo, hi)]
+            conc = [""] * 3 if per_image is None else [_num(v * per_image) for v in (p, lo, hi)]
             self.w["long"].writerow(
                 [s.name, *meta, name, int(est.counts[j]), _share(p), _share(lo), _share(hi),
-                 _num(abundance), *conc, est.images, s.failed, self.method, note]
+                 _num(p * est.images), *conc, est.images, s.failed, self.method, note]
             )  # fmt: skip
         self.w["wide"].writerow(
             [s.name, *meta, est.images, s.failed, self.method, *map(_share, est.proportion)]
         )
         if "per_ml" in self.w:
             per_ml = (
-                [_num(p * est.images / s.volume) for p in est.proportion]
-                if s.volume is not None
-                else [""] * (c + 1)
+                [""] * (c + 1)
+                if per_image is None
+                else [_num(p * per_image) for p in est.proportion]
             )
             self.w["per_ml"].writerow([s.name, *meta, _num(s.volume), *per_ml])
         self.shares.append(est.proportion.copy())
@@ -483,6 +486,11 @@ def _count(
     _plot(counter, paths, s, opts.top)
 
 
+def _listed(samples: list[Sample], which: np.ndarray) -> None:
+    for s, n in zip(samples, np.bincount(which, minlength=len(samples)), strict=True):
+        s.listed = int(n)
+
+
 def _prepare(model: Model, out: str | os.PathLike[str], opts: CountOptions):
     check_out_folder(out)
     level, notes = count_level(model, opts.level)
@@ -514,8 +522,7 @@ def count_images(
             x.notes.append("images without a sample: the input they were listed from is the sample")
     order = np.argsort(which, kind="stable")  # each sample's files together, in input order
     which, files = which[order], [listed.files[i] for i in order]
-    for k in which:
-        samples[k].listed += 1
+    _listed(samples, which)
     s = CountSummary(Path(out), method, level.name, listed=len(files) + len(listed.ignored))
     s.notes += warn
     if listed.ignored:
@@ -570,13 +577,10 @@ def count_store(
     samples, which_has, meta_cols, warn = samples_from_codes((codes[has], code_names), columns)
     which = np.full(n_rows, -1, np.int64)
     which[has] = which_has
-    embedded = np.zeros(n_rows, bool)
-    embedded[rows[0]] = True
-    pos = np.full(n_rows, -1, np.int64)  # table row -> its index in the fused rows
+    pos = np.full(n_rows, -1, np.int64)  # table row -> its index in the fused rows (-1: none)
     pos[rows[0]] = np.arange(len(rows[0]))
     order = has[np.argsort(which[has], kind="stable")]
-    for k in which[order]:
-        samples[k].listed += 1
+    _listed(samples, which[order])
     s = CountSummary(Path(out), method, level.name, listed=len(order))
     s.notes += warn
     if len(has) < n_rows:
@@ -586,12 +590,13 @@ def count_store(
     def chunks() -> Iterator[_Chunk]:
         for at in range(0, len(order), chunk):
             part = order[at : at + chunk]
-            good = np.flatnonzero(embedded[part])
+            embedded = pos[part] >= 0
+            good = np.flatnonzero(embedded)
             pred = None
             if len(good):
                 sel = pos[part[good]]
                 pred = model.predict(store.fused_embeddings(names, [r[sel] for r in rows]))
-            bad = [(i, f"row {part[i]}", missing) for i in np.flatnonzero(~embedded[part])]
+            bad = [(i, f"row {part[i]}", missing) for i in np.flatnonzero(~embedded)]
             yield _Chunk(which[part], good, pred, bad, from_store=len(good))
 
     bar = tqdm(total=len(order), desc="count", unit="img", disable=not progress)

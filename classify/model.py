@@ -54,6 +54,14 @@ class Predictions:
     novelty: np.ndarray | None = None  # (n,) the open-set score (higher: less like training)
     below: np.ndarray | None = None  # (n,) the winner's posterior is below its class threshold
 
+    @property
+    def flagged(self) -> np.ndarray | None:
+        """(n,) given no class: "not one of my classes" (open-set score or ovr), or below its
+        class threshold; None where the model can say neither."""
+        if self.unknown is None or self.below is None:
+            return self.below if self.unknown is None else self.unknown
+        return self.unknown | self.below
+
     def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(n, k) labels and probabilities, best first."""
         order = np.argsort(-self.proba, axis=1, kind="stable")[:, :k]
@@ -102,10 +110,11 @@ class Model:
         proba = self.estimator.predict_proba(X)
         classes = self.classes
         label = np.asarray(self.estimator.predict(X)).astype(str)
+        col = {c: i for i, c in enumerate(classes)}
+        idx = np.array([col.get(c, -1) for c in label], np.int64)  # -1: ovr's unknown
         path = None
         if self.paths is not None:
-            col = {c: i for i, c in enumerate(classes)}
-            path = self.paths[[col.get(c, 0) for c in label]]
+            path = self.paths[np.maximum(idx, 0)]
             if self.unknown is not None:
                 path[label == self.unknown] = self.unknown
         unknown = novelty = None
@@ -118,8 +127,6 @@ class Model:
         below = None
         if self.manifest.class_thresholds:  # IFCB practice: below its class's threshold
             thr = np.asarray(self.manifest.class_thresholds["thresholds"], float)
-            col = {c: i for i, c in enumerate(classes)}
-            idx = np.array([col.get(c, -1) for c in label])
             has = idx >= 0
             below = np.zeros(len(label), bool)
             below[has] = proba[has, idx[has]] < thr[idx[has]]

@@ -136,9 +136,7 @@ def csv_rows(paths: Sequence[str], pred: Predictions, model: Model, top_k: int) 
     of my classes" (1) and its open-set score, coarse levels, top-k pairs."""
     rows = []
     n = len(paths)
-    unknown = pred.unknown if pred.unknown is not None else np.zeros(n, bool)
-    if pred.below is not None:  # below its class's threshold: unclassified too
-        unknown = unknown | pred.below
+    unknown = pred.flagged if pred.flagged is not None else np.zeros(n, bool)
     novelty = [""] * n if pred.novelty is None else [f"{v:.6g}" for v in pred.novelty]
     for i, (p, (label, prob, path, tops)) in enumerate(
         zip(paths, answers(pred, top_k), strict=True)
@@ -294,10 +292,31 @@ def _score_task(
         if job not in _WORKER_FEATURES:
             _WORKER_FEATURES.clear()
             _WORKER_FEATURES[job] = _Features(model, opts, images.for_worker())
-        feats = _WORKER_FEATURES[job]
-        if top_k is None:
-            return predict_chunk(model, feats, [a for _, a in part])
-        return score_chunk(model, feats, part, top_k)
+        return _chunk(model, _WORKER_FEATURES[job], part, top_k)
+
+
+def _chunk(
+    model: Model, feats: _Features, part: list[tuple[str, str]], top_k: int | None
+) -> Scored | ChunkPredictions:
+    """One chunk's CSV rows, or with ``top_k`` None the model's raw predictions."""
+    if top_k is None:
+        return predict_chunk(model, feats, [a for _, a in part])
+    return score_chunk(model, feats, part, top_k)
+
+
+def _chunks(
+    model: Model,
+    files: list[tuple[str, str]],
+    opts: PredictOptions,
+    feats: _Features,
+    top_k: int | None,
+) -> Iterator[Scored | ChunkPredictions]:
+    """:func:`_chunk` for each chunk of ``files`` in order, here or on ``opts.cluster``."""
+    if opts.cluster:
+        yield from scored_on_cluster(model, files, opts, feats.images, top_k)
+        return
+    for i in range(0, len(files), opts.chunk):
+        yield _chunk(model, feats, files[i : i + opts.chunk], top_k)
 
 
 def scored_on_cluster(
@@ -308,8 +327,8 @@ def scored_on_cluster(
     top_k: int | None,
 ):
     """Yield each chunk's :class:`Scored` (``top_k`` None: :class:`ChunkPredictions`) in input
-    order, scored as Dask tasks (retried when a
-    worker dies); chunks that finish early wait in memory for the ones before them."""
+    order, scored as Dask tasks (retried when a worker dies); chunks that finish early wait in
+    memory for the ones before them."""
     import uuid
 
     from penult.core.cluster import balanced_size, client_for, close, run_tasks
@@ -342,17 +361,7 @@ def stream_predictions(
     paths), in order, scored here or on ``opts.cluster``. The networks and the store are
     checked when this is called, before any chunk is asked for."""
     feats = _Features(model, opts, images)
-
-    def chunks() -> Iterator[tuple[int, ChunkPredictions]]:
-        if opts.cluster:
-            for c in scored_on_cluster(model, files, opts, feats.images, None):
-                yield len(c.good) + len(c.errors), c
-            return
-        for i in range(0, len(files), opts.chunk):
-            part = files[i : i + opts.chunk]
-            yield len(part), predict_chunk(model, feats, [a for _, a in part])
-
-    return chunks()
+    return ((len(c.good) + len(c.errors), c) for c in _chunks(model, files, opts, feats, None))
 
 
 def predict_files(
@@ -374,9 +383,7 @@ def predict_files(
         return out
     pred = model.predict(X[good])
     k = max(1, min(top_k, len(pred.classes)))
-    flagged = pred.unknown if pred.unknown is not None else np.zeros(len(good), bool)
-    if pred.below is not None:
-        flagged = flagged | pred.below
+    flagged = pred.flagged if pred.flagged is not None else np.zeros(len(good), bool)
     for j, (i, (label, prob, path, tops)) in enumerate(
         zip(good.tolist(), answers(pred, k), strict=True)
     ):
@@ -428,16 +435,9 @@ def _write(
     header = csv_header(model, top_k)
     header = [header[0], *carried, *header[1:]]
     done = 0
-    if opts.cluster:
-        scored = scored_on_cluster(model, files, opts, feats.images, top_k)
-        bar = tqdm(disable=True)  # the cluster's own bar counts over all workers
-    else:
-        step = opts.chunk
-        scored = (
-            score_chunk(model, feats, files[i : i + step], top_k)
-            for i in range(0, len(files), step)
-        )
-        bar = tqdm(total=len(files), desc="predict", unit="img", disable=not opts.progress)
+    scored = _chunks(model, files, opts, feats, top_k)
+    quiet = not opts.progress or bool(opts.cluster)  # the cluster's own bar counts all workers
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=quiet)
     with bar, open_csv(partial) as fh:
         w = SafeWriter(fh)
         w.writerow(header)

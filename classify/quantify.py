@@ -260,17 +260,17 @@ class Tally:
         win = np.asarray(winners, np.int32)
         post = np.asarray(posteriors, np.float32)
         known = win >= 0
+        # the reservoir keeps both answers in one code: -2 - w for class w below its threshold
         code = win if below is None else np.where(known & below, -win - 2, win)
-        self.raw += np.bincount(np.where(known, win, self.c), minlength=self.c + 1)
-        self.wins += np.bincount(np.where(code >= 0, code, self.c), minlength=self.c + 1)
+        self.raw += _counted(win, self.c)
+        self.wins += _counted(code, self.c)
         self.sums += post[known].sum(0, dtype=np.float64)
-        win = code  # the reservoir keeps both: -2 - w for class w below its threshold
-        start, k = self.n, len(win)
+        start, k = self.n, len(code)
         fill = max(0, min(k, self.keep - start))
         if fill:
             self._grow(start + fill)
             self._post[start : start + fill] = post[:fill]
-            self._win[start : start + fill] = win[:fill]
+            self._win[start : start + fill] = code[:fill]
         if fill < k:  # Algorithm R: image t replaces a random slot with probability keep / (t+1)
             t = start + np.arange(fill, k)
             slot = (self.rng.random(len(t)) * (t + 1)).astype(np.int64)
@@ -278,7 +278,7 @@ class Tally:
             if len(hit):  # a slot hit twice keeps the later image, as the sequential loop does
                 last = len(hit) - 1 - np.unique(slot[hit][::-1], return_index=True)[1]
                 self._post[slot[hit[last]]] = post[fill + hit[last]]
-                self._win[slot[hit[last]]] = win[fill + hit[last]]
+                self._win[slot[hit[last]]] = code[fill + hit[last]]
         self.n += k
 
     def _grow(self, rows: int) -> None:
@@ -307,8 +307,7 @@ class Tally:
             point = _shares(post, win, method, calibration, c)
         else:  # exact, from every image's sums
             cc, pcc = self.raw[:c] / known, self.sums / known
-            p = estimate(method, cc, pcc, None, calibration)
-            point = np.append(p * known / self.n, 1 - known / self.n)
+            point = _with_unclassified(estimate(method, cc, pcc, None, calibration), known, self.n)
         if self.n > self.kept and method == "emq":
             notes.append(f"EM ran on a random {self.kept} of the sample's {self.n} images")
         if not bootstrap:
@@ -343,8 +342,7 @@ def _shares(
     else the classes' proportions among the images of one of the classes, times their share.
     ``code``: the class, -1 for "not one of my classes", -2 - class below its threshold."""
     if method == "cc":
-        counted = np.bincount(np.where(code >= 0, code, c), minlength=c + 1)
-        return counted / len(code)
+        return _counted(code, c) / len(code)
     win = np.where(code <= -2, -code - 2, code)
     known = win >= 0
     k = int(known.sum())
@@ -353,4 +351,15 @@ def _shares(
     p_known = post[known].astype(np.float64)
     cc = np.bincount(win[known], minlength=c) / k
     p = estimate(method, cc, p_known.mean(0), p_known, calibration)
-    return np.append(p * (k / len(win)), 1 - k / len(win))
+    return _with_unclassified(p, k, len(win))
+
+
+def _counted(code: np.ndarray, c: int) -> np.ndarray:
+    """(c + 1,) images per class, the last those given none (any negative code)."""
+    return np.bincount(np.where(code >= 0, code, c), minlength=c + 1)
+
+
+def _with_unclassified(p: np.ndarray, known: int, n: int) -> np.ndarray:
+    """(c + 1,) shares of ``n`` images: proportions ``p`` among the ``known`` ones, scaled to
+    their share, then the share of the rest."""
+    return np.append(p * (known / n), 1 - known / n)

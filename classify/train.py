@@ -397,7 +397,6 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
         result.model = _refit(plan, data, opts, manifest)
     if opts.cv or opts.refit_all:  # the saved model saw every labelled image
         _calibrate(result.model, data.X, y, opts, result.notes)
-    if opts.refit_all or opts.cv:
         result.model.manifest.refit_all = Refit(
             images=len(y),
             metrics_from=plan.eval_split,
@@ -583,9 +582,7 @@ def scored(
     if pred.below is not None and model.manifest.class_thresholds:
         m["class_thresholds"] = model.manifest.class_thresholds["table"]
         m["below_threshold_rate"] = float(pred.below.mean())
-    flagged = pred.unknown if pred.below is None else (
-        pred.below if pred.unknown is None else pred.unknown | pred.below
-    )  # fmt: skip
+    flagged = pred.flagged
     if flagged is not None:  # no class given: "not one of my classes", ovr, class thresholds
         kept = ~flagged
         right = np.asarray(pred.label).astype(str) == np.asarray(y_true).astype(str)
