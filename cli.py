@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
@@ -99,6 +100,7 @@ _HELP = {
     "compare": "several heads and backbones on the same split, one table",
     "predict": "score new images with a saved model, write a CSV",
     "count": "counts per sample and class, corrected for prior shift, with intervals and mL",
+    "mistakes": "rank a store's labelled images by how likely their label is wrong",
     "index": "build or update the nearest-neighbour index of a store",
     "neighbors": "find the stored images most similar to images, folders or store keys",
     "duplicates": "groups of near-duplicate images (resized, recompressed copies)",
@@ -221,6 +223,28 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     _add_options(p, PredictOptions)
     _add_options(p, Featuriser, skip=("weights",))
     _add_count(sub)
+
+
+def _add_mistakes(sub: argparse._SubParsersAction) -> None:
+    from penult.classify import MistakeOptions
+    from penult.core.options import POSITIVE
+
+    p = sub.add_parser(
+        "mistakes",
+        help=_HELP["mistakes"],
+        description="Rank the store's labelled images by how likely their label is wrong, from "
+        "two signals that never let an image vote on itself: the probability a classifier "
+        "fitted on the other folds gives its label (confident learning's self-confidence; "
+        "--head), and how much nearer it lies to other labels' images than to its own "
+        "label's. Writes a CSV, most suspicious first, with the label the model suggests instead; "
+        "fix what you confirm with `penult label STORE --from CSV --move TAXON`.",
+        epilog="example:\n  penult mistakes birds.h5 --out suspects.csv --top 200",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("store")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--top", type=_typed(POSITIVE), help="write only the TOP most suspicious images")
+    _add_options(p, MistakeOptions)
 
 
 def _add_count(sub: argparse._SubParsersAction) -> None:
@@ -544,13 +568,14 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 _GROUPS: tuple[tuple[Callable[[argparse._SubParsersAction], None], tuple[str, ...]], ...] = (
     (_add_extract, ("extract",)),
     (_add_classify, ("train", "evaluate", "compare", "predict", "count")),
+    (_add_mistakes, ("mistakes",)),
     (_add_neighbors, ("index", "neighbors", "duplicates")),
     (_add_finetune, ("finetune",)),
     (_add_serve, ("serve",)),
 )
 
 
-_COMMON = ("backbones", "merge", "info", "check", "demo")  # cheap: always built
+_COMMON = ("backbones", "merge", "info", "check", "label", "demo")  # cheap: always built
 
 
 def _command(argv: list[str]) -> str | None:
@@ -599,6 +624,34 @@ def build_parser(command: str | None = None, *, outline: bool = False) -> argpar
         description="Backbones, counts, dims, fingerprints, labels, failed images, size.",
     )
     p.add_argument("store")
+    p = sub.add_parser(
+        "label",
+        help="validate, move, mark dubious or undo stored labels; their history",
+        description="Review labels in the store: each image's label of each level has a status "
+        "(unlabelled, predicted, validated, dubious), who set it, when and from what; every change "
+        "is kept in an append-only history, and --undo takes back the newest change (or batch "
+        "BATCH) as one more change. Images are store-relative paths, as `penult info` lists them.",
+    )
+    p.add_argument("store")
+    p.add_argument("images", nargs="*", help="image paths (store-relative)")
+    p.add_argument(
+        "--from", dest="from_file", metavar="FILE",
+        help="image paths from a file: one per line, or a CSV with a 'path' column",
+    )  # fmt: skip
+    act = p.add_mutually_exclusive_group(required=True)
+    act.add_argument("--validate", action="store_true", help="mark their labels validated")
+    act.add_argument(
+        "--move", metavar="TAXON",
+        help="give them label TAXON (validated); coarser levels follow the stored taxonomy",
+    )  # fmt: skip
+    act.add_argument("--dubious", action="store_true", help="mark their labels dubious")
+    act.add_argument(
+        "--undo", nargs="?", const=0, type=int, metavar="BATCH",
+        help="take back the newest change not yet undone (or batch BATCH of --history)",
+    )  # fmt: skip
+    act.add_argument("--history", metavar="CSV", help="write every change as CSV ('-': stdout)")
+    p.add_argument("--level", default="label", help="label level (column) to act on")
+    p.add_argument("--who", help="annotator recorded with the change (default: your login)")
     p = sub.add_parser(
         "check",
         help="verify a store's integrity",
@@ -680,6 +733,37 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from penult.features import describe
 
     print(describe(args.store))
+    return 0
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from penult.classify.csvout import SafeWriter, open_csv
+    from penult.core import OptionError
+    from penult.features import review
+
+    if args.history:
+        rows = review.history_table(args.store)
+        out = sys.stdout if args.history == "-" else open_csv(args.history)
+        with contextlib.nullcontext(out) if out is sys.stdout else out:
+            w = SafeWriter(out)
+            w.writerow(review.HISTORY_FIELDS)
+            w.writerows([r[k] for k in review.HISTORY_FIELDS] for r in rows)
+        if out is not sys.stdout:
+            print(f"{args.history}: {len(rows)} changes")
+        return 0
+    if args.undo is not None:
+        print(review.undo(args.store, args.undo or None, who=args.who).summary())
+        return 0
+    images = list(args.images) + (review.read_paths(args.from_file) if args.from_file else [])
+    if not images:
+        raise OptionError("name the images: paths after the store, or --from FILE")
+    if args.validate:
+        b = review.validate(args.store, images, level=args.level, who=args.who)
+    elif args.dubious:
+        b = review.mark_dubious(args.store, images, level=args.level, who=args.who)
+    else:
+        b = review.move(args.store, images, args.move, level=args.level, who=args.who)
+    print(b.summary())
     return 0
 
 
@@ -836,6 +920,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mistakes(args: argparse.Namespace) -> int:
+    from penult.classify import MistakeOptions, find_mistakes, write_mistakes
+
+    _out_folder(args.out)
+    result = find_mistakes(args.store, _options(args, MistakeOptions))
+    for note in result.ranking.notes:
+        print(note)
+    n = write_mistakes(result, args.out, top=args.top)
+    r, order = result.ranking, result.ranking.order()
+    print(f"{args.out}: {n} of {len(order)} labelled images, most suspicious first")
+    for k in order[:5]:
+        print(f"  {r.score[k]:.3f}  {result.paths[k]}  labelled {str(result.labels[k])!r}, "
+              f"looks like {str(r.suggested[k])!r} ({r.suggested_p[k]:.2f})")  # fmt: skip
+    return 0
+
+
 def _cmd_count(args: argparse.Namespace) -> int:
     from penult.core import OptionError, PenultError
 
@@ -899,12 +999,14 @@ _HANDLERS = {
     "merge": _cmd_merge,
     "info": _cmd_info,
     "check": _cmd_check,
+    "label": _cmd_label,
     "demo": _cmd_demo,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "compare": _cmd_compare,
     "predict": _cmd_predict,
     "count": _cmd_count,
+    "mistakes": _cmd_mistakes,
     "index": _cmd_index,
     "neighbors": _cmd_neighbors,
     "duplicates": _cmd_duplicates,

@@ -5,6 +5,7 @@ from penult.classify.data import DataError, Dataset, load_dataset
 from penult.classify.evaluate import compare, compare_table, evaluate
 from penult.classify.heads import HEADS, HeadError, make_head
 from penult.classify.hierarchy import HierarchicalClassifier, TaxonomyError
+from penult.classify.mistakes import MistakeOptions, find_mistakes, rank_labels, write_mistakes
 from penult.classify.model import Model, ModelError, load_model, resolve_backbones, save_model
 from penult.classify.ovr import ThresholdedOneVsRest
 from penult.classify.predict import (
@@ -24,6 +25,7 @@ __all__ = [
     "Dataset",
     "HeadError",
     "HierarchicalClassifier",
+    "MistakeOptions",
     "Model",
     "ModelError",
     "PredictOptions",
@@ -37,13 +39,16 @@ __all__ = [
     "count_images",
     "count_store",
     "evaluate",
+    "find_mistakes",
     "load_dataset",
     "load_model",
     "make_head",
     "predict_files",
     "predict_images",
+    "rank_labels",
     "weights_for",
     "resolve_backbones",
     "save_model",
     "train",
+    "write_mistakes",
 ]

@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable
 from typing import IO, Any
 
+__all__ = ["SafeWriter", "open_csv", "safe_cell"]
+
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 

@@ -15,7 +15,9 @@ import numpy as np
 from penult.core.errors import PenultError
 from penult.core.labels import TEST, VAL
 from penult.core.split import ensure_split as _stored_split
-from penult.features import FeatureStore
+from penult.features import VALIDATED, FeatureStore
+
+STATUS_CHOICES = ("validated", "all")
 
 __all__ = [
     "DataError",
@@ -97,9 +99,11 @@ def load_dataset(
     backbones: list[str] | tuple[str, ...],
     *,
     label: str = "label",
+    status: str = "validated",
 ) -> Dataset:
-    """Every image with a non-empty ``label`` and features from all ``backbones``, in memory."""
-    s = stream_dataset(store_path, backbones, label=label)
+    """Every image with a non-empty ``label`` (validated, or any with ``status="all"``) and
+    features from all ``backbones``, in memory."""
+    s = stream_dataset(store_path, backbones, label=label, status=status)
     X = s.store.fused_embeddings(s.backbones, s.rows)
     return Dataset(
         X=X,
@@ -163,8 +167,13 @@ def stream_dataset(
     backbones: list[str] | tuple[str, ...],
     *,
     label: str = "label",
+    status: str = "validated",
 ) -> StreamingData:
-    """Every image with a non-empty ``label`` and features from all ``backbones``, features unread."""
+    """Every image with a non-empty ``label`` and features from all ``backbones``, features
+    unread. ``status="validated"`` leaves out labels a reviewer marked dubious (labels from
+    folders and manifests count as validated); ``"all"`` keeps them."""
+    if status not in STATUS_CHOICES:
+        raise DataError(f"label status {status!r} is not one of {', '.join(STATUS_CHOICES)}")
     store = FeatureStore(store_path)
     entries = {b: store.backbone(b) for b in backbones}
     table = store.images()
@@ -173,10 +182,22 @@ def stream_dataset(
         raise DataError(f"{store_path}: no label column {label!r} (it has: {have})")
     rows, dropped = fused_rows(store, list(backbones))
     y = np.asarray(table.labels[label], dtype=str)[rows[0]]
-    labelled = np.flatnonzero(y != "")
+    labelled = y != ""
+    notes = (
+        [f"{dropped} images lack features from some backbone and are left out"] if dropped else []
+    )
+    if status == "validated":
+        trusted = store.provenance(label, rows[0]).status == VALIDATED
+        if (labelled & ~trusted).any():
+            notes.append(
+                f"{int((labelled & ~trusted).sum())} images whose {label!r} label is not validated "
+                "(dubious) are left out; --status all keeps them"
+            )
+        labelled &= trusted
+    labelled = np.flatnonzero(labelled)
     rows = [r[labelled] for r in rows]
     if len(labelled) == 0:
-        raise DataError(f"{store_path}: no image has both a {label!r} label and features")
+        raise DataError(f"{store_path}: no image has both a {status} {label!r} label and features")
     r0 = rows[0]
     return StreamingData(
         store=store,
@@ -187,9 +208,7 @@ def stream_dataset(
         backbones=tuple(backbones),
         fingerprints={b: e.fingerprint for b, e in entries.items()},
         dropped=dropped,
-        notes=[f"{dropped} images lack features from some backbone and are left out"]
-        if dropped
-        else [],
+        notes=notes,
     )
 
 

@@ -292,7 +292,9 @@ def train_out_of_core(
             "none of; drop --out-of-core"
         )
     store = FeatureStore(store_path)
-    data = stream_dataset(store_path, default_backbones(store, opts.backbones), label=opts.label)
+    data = stream_dataset(
+        store_path, default_backbones(store, opts.backbones), label=opts.label, status=opts.status
+    )
     plan = prepare(store_path, data, opts)
     est, y, ev, ev_name, notes = plan.estimator, plan.y, plan.eval, plan.eval_split, plan.notes
     tr = np.flatnonzero(plan.train)

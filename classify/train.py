@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from penult.classify.data import (
+    STATUS_CHOICES,
     DataError,
     Dataset,
     StreamingData,
@@ -101,6 +102,12 @@ class TrainOptions:
         repeat=True,
     )
     label: str = option("label", "label column to predict")
+    status: str = option(
+        "validated",
+        "labels to learn from: validated (from folders and manifests, or validated in review; "
+        "not those marked dubious) or all",
+        choices=STATUS_CHOICES,
+    )
     levels: tuple[str, ...] = option(
         (),
         "coarse label columns, coarse first (e.g. family,genus), or 'auto' for nested folders; "
@@ -367,7 +374,7 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
         )
     store = FeatureStore(store_path)
     backbones = default_backbones(store, opts.backbones)
-    data = load_dataset(store_path, backbones, label=opts.label)
+    data = load_dataset(store_path, backbones, label=opts.label, status=opts.status)
     plan = prepare(store_path, data, opts)
     y, tr, ev = plan.y, plan.train, plan.eval
     _check_pca(opts, int(tr.sum()), data.X.shape[1])

@@ -63,7 +63,13 @@ def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> Ext
         row, stored = w.store.find(listing.paths), w.store.table_view()
         sha, err, nbytes, mtime = hash_listing(listing, row, stored, progress=opts.progress)
         w.upsert_images(
-            listing.paths, [str(listing.root)] * len(listing), sha, nbytes, mtime, listing.labels
+            listing.paths,
+            [str(listing.root)] * len(listing),
+            sha,
+            nbytes,
+            mtime,
+            listing.labels,
+            origin=listing.origin,
         )
         w.register_backbone(name, fingerprint, dtype=opts.dtype)
         valid = w.store.valid(name) if name in w.store.backbones() else np.zeros(0, bool)

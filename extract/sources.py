@@ -42,6 +42,7 @@ class Listing:
     labels: dict[str, list[str]] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    origin: str = ""  # the folder or file the labels came from (their provenance in the store)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,6 +66,7 @@ class Listing:
             labels={c: [v[k] for k in keep] for c, v in self.labels.items()},
             ignored=self.ignored,
             notes=self.notes,
+            origin=self.origin,
         )
 
 
@@ -306,4 +308,5 @@ def list_images(
         _join_split(listing, Path(split))
     if samples is not None:
         _join_samples(listing, Path(samples))
+    listing.origin = str(src.resolve())
     return listing

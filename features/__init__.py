@@ -1,16 +1,24 @@
 """The HDF5 feature store (the only h5py user in penult)."""
 
 from penult.core.errors import FingerprintMismatchError, StoreError, StoreLockedError
+from penult.features import review
 from penult.features.inspect import check, describe
 from penult.features.parts import PartWriter, merge
 from penult.features.store import FeatureStore, StoreWriter
 from penult.features.types import (
+    DUBIOUS,
     IDENTITY_FIELDS,
+    PREDICTED,
+    STATUSES,
+    UNLABELLED,
+    VALIDATED,
     BackboneEntry,
     Chunk,
     Fingerprint,
     HashIndex,
+    History,
     ImageTable,
+    Provenance,
     TableView,
     match_hashes,
     sha_hex,
@@ -19,7 +27,14 @@ from penult.features.types import (
 from penult.features.upgrade import upgrade
 
 __all__ = [
+    "DUBIOUS",
     "IDENTITY_FIELDS",
+    "PREDICTED",
+    "STATUSES",
+    "UNLABELLED",
+    "VALIDATED",
+    "History",
+    "Provenance",
     "BackboneEntry",
     "Chunk",
     "FeatureStore",
@@ -36,6 +51,7 @@ __all__ = [
     "describe",
     "match_hashes",
     "merge",
+    "review",
     "sha_hex",
     "sha_raw",
     "upgrade",

@@ -12,7 +12,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 from penult.features.hdf5 import backbone_attr_problems, decode
-from penult.features.types import BackboneEntry, Fingerprint, ImageTable, TableView, sha_raw
+from penult.features.types import (
+    HISTORY_COLUMNS,
+    UNLABELLED,
+    VALIDATED,
+    BackboneEntry,
+    Fingerprint,
+    History,
+    ImageTable,
+    Provenance,
+    TableView,
+    sha_raw,
+)
 
 _STR_COLUMNS = ("path", "root", "sha256", "error")
 _INT_COLUMNS = {"nbytes": np.int64, "mtime_ns": np.int64, "width": np.int32, "height": np.int32}
@@ -148,15 +159,34 @@ class Format1:
         index = self.table().index()
         return np.array([index.get(p, -1) for p in paths], np.int64)
 
+    def paths(self, rows: np.ndarray) -> list[str]:
+        t = self.table().path
+        return [t[i] for i in rows]
+
     def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
         names, codes = np.unique(
             np.asarray(self.table().labels[column], dtype=str), return_inverse=True
         )
         return codes.astype(np.int32), names.tolist()
 
+    def labels(self, columns: list[str]) -> dict[str, tuple[np.ndarray, list[str]]]:
+        return {c: self.label_codes(c) for c in columns}
+
     def label_columns(self) -> list[str]:
         with self._open() as f:
             return sorted(f["images/labels"])
+
+    def provenance(self, column: str, rows: np.ndarray | None = None) -> Provenance:
+        """Format 1 predates provenance: every label is validated by the file it came from."""
+        codes, names = self.label_codes(column)
+        codes = codes if rows is None else codes[rows]
+        labelled = np.asarray(names, dtype=object)[codes] != ""
+        z = np.zeros(len(codes), np.int32)
+        status = np.where(labelled, VALIDATED, UNLABELLED).astype(np.int8)
+        return Provenance(column, status, z, z.astype(np.int64), z, [""], [""])
+
+    def history(self) -> History:
+        return History({k: np.zeros(0) for k in HISTORY_COLUMNS})
 
     def backbones(self) -> dict[str, BackboneEntry]:
         with self._open() as f:

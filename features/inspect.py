@@ -63,6 +63,7 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
                 lines.append(f"  {n:6d}  {k}")
             if len(counts) > max_classes:
                 lines.append(f"  ... {len(counts) - max_classes} more")
+    lines += _review_lines(store, t.labels)
     failed = [(pth, e) for pth, e in zip(t.path, t.error, strict=True) if e]
     if failed:
         lines.append("failed images")
@@ -71,6 +72,24 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
         if len(failed) > max_failed:
             lines.append(f"  ... {len(failed) - max_failed} more")
     return "\n".join(lines)
+
+
+def _review_lines(store: FeatureStore, labels: dict[str, list[str]]) -> list[str]:
+    """Images per label status (of ``label`` and of every level with a recorded change) and
+    the size of the history."""
+    h = store.history()
+    levels = [c for c in labels if c == "label" or c in set(h["column"].astype(str))]
+    out = []
+    for col in levels:
+        counts = store.provenance(col).counts()
+        shown = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+        out.append(f"status[{col}]  {shown}")
+    if len(h):
+        out.append(
+            f"history    {len(h)} label changes in {len(np.unique(h['batch']))} batches "
+            f"(`penult label {store.path} --history -` lists them)"
+        )
+    return out
 
 
 def check(path: str | Path, *, repair: bool = False) -> list[str]:

@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import getpass
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,16 @@ from penult.features.backends import StoreBackend, backend_for
 from penult.features.format2.commit import publish_journal
 from penult.features.format2.state import SEGMENT_ROWS
 from penult.features.hdf5 import attributes
-from penult.features.types import BackboneEntry, Chunk, HashIndex, ImageTable, TableView
+from penult.features.types import (
+    STATUSES,
+    BackboneEntry,
+    Chunk,
+    HashIndex,
+    History,
+    ImageTable,
+    Provenance,
+    TableView,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +144,10 @@ class FeatureStore:
         """(len(rows), 32) uint8 content hashes of sorted ``rows`` (zeros: not hashed)."""
         return self._b.hashes(np.asarray(rows, np.int64))
 
+    def paths(self, rows: np.ndarray) -> list[str]:
+        """The paths of sorted unique ``rows`` (without reading the whole table)."""
+        return self._b.paths(np.asarray(rows, np.int64))
+
     def segment_ids(self, backbone: str) -> tuple[int, list[str]]:
         """(block rows, one id per block): a block's id changes whenever the image table or this
         backbone's embeddings change in it (segments are immutable), so a cache built from the
@@ -149,6 +164,32 @@ class FeatureStore:
         if column not in have:
             raise StoreError(f"{self.path} has no label column {column!r} (it has: {have})")
         return self._b.label_codes(column)
+
+    def labels(
+        self, columns: Sequence[str] | None = None
+    ) -> dict[str, tuple[np.ndarray, list[str]]]:
+        """Several label columns' (codes, names) from one snapshot (default: all of them)."""
+        have = self._b.label_columns()
+        cols = have if columns is None else list(columns)
+        for c in cols:
+            if c not in have:
+                raise StoreError(f"{self.path} has no label column {c!r} (it has: {have})")
+        return self._b.labels(cols)
+
+    def provenance(self, column: str = "label", rows: Iterable[int] | None = None) -> Provenance:
+        """Status, who, when and source of each image's label ``column`` (all rows, or sorted
+        unique ``rows``). Labels never reviewed read as validated by their file."""
+        self.label_codes(column)  # names the columns there are when this one is not
+        r = (
+            None
+            if rows is None
+            else np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, np.int64)
+        )
+        return self._b.provenance(column, r)
+
+    def history(self) -> History:
+        """Every recorded label change, oldest first (append-only: undo adds, never removes)."""
+        return self._b.history()
 
     def backbones(self) -> dict[str, BackboneEntry]:
         return self._b.backbones()
@@ -258,6 +299,14 @@ def real_path(path: str | os.PathLike[str]) -> Path:
 _LOCKED_HERE: set[str] = set()
 
 
+def current_user() -> str:
+    """Who is working: the login name (what provenance records by default)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container without a passwd entry)
+        return "unknown"
+
+
 class Writes:
     """The write methods of a store writer, each checked before anything is journaled; a
     subclass says where the journal shards go (``_put``) and gives ``store`` to check against."""
@@ -288,14 +337,19 @@ class Writes:
         nbytes: np.ndarray,
         mtime_ns: np.ndarray,
         labels: dict[str, list[str]],
+        *,
+        origin: str = "",
     ) -> None:
-        """Add or update image rows (keyed by path). A row whose hash changed loses its embeddings."""
+        """Add or update image rows (keyed by path). A row whose hash changed loses its
+        embeddings. ``origin`` (the folder or manifest) records its ``label`` as validated by
+        that file; a label a person reviewed is then kept over the file's."""
         if len(set(paths)) != len(paths):
             raise StoreError("upsert_images: duplicate paths in one call")
         arrays = {f"label__{k}": np.array(v, dtype=str) for k, v in labels.items()}
+        meta = {"origin": origin, "who": current_user(), "when": int(time.time())} if origin else {}
         self._write(
             "images",
-            {},
+            meta,
             path=np.array(paths, dtype=str),
             root=np.array(roots, dtype=str),
             sha256=np.array(sha256, dtype=str),
@@ -381,6 +435,43 @@ class Writes:
             path=np.array(paths, dtype=str),
             value=np.array(values, dtype=str),
         )
+
+    def review(
+        self,
+        changes: dict[str, tuple[Sequence[str], Sequence[str], Sequence[int]]],
+        *,
+        who: str,
+        source: str,
+        when: int | None = None,
+    ) -> None:
+        """Set label levels of stored images with their status, who set them and from what
+        (``person``, ``model:<hash>``, ``undo:<batch>``). ``changes`` maps a level (column) to
+        (paths, labels, statuses). One call is one batch of the history, which one undo takes
+        back; everything is checked before anything is journaled."""
+        if not changes:
+            raise StoreError("review: no label level to set")
+        arrays = {}
+        for col, (paths, values, status) in changes.items():
+            if not col or "/" in col:
+                raise StoreError(f"label column {col!r} must be non-empty and contain no '/'")
+            st = np.asarray(status, np.int8)
+            if len(values) != len(paths) or len(st) != len(paths):
+                raise StoreError(f"review {col!r}: {len(paths)} images but {len(values)} labels")
+            if len(set(paths)) != len(paths):
+                raise StoreError(f"review {col!r}: an image is named twice in one batch")
+            if len(st) and (st.min() < 1 or st.max() >= len(STATUSES)):
+                raise StoreError(f"review {col!r}: a status is not one of {STATUSES[1:]}")
+            rows = self.store.find(list(paths))
+            if (rows < 0).any():
+                missing = [p for p, r in zip(paths, rows, strict=True) if r < 0]
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise StoreError(f"{self.path} has no image {missing[0]!r}{more}")
+            arrays[f"path__{col}"] = np.array(list(paths), dtype=str)
+            arrays[f"value__{col}"] = np.array(list(values), dtype=str)
+            arrays[f"status__{col}"] = st
+        meta = {"columns": list(changes), "who": who, "source": source,
+                "when": int(time.time() if when is None else when)}  # fmt: skip
+        self._write("review", meta, **arrays)
 
     def record_failures(self, paths: list[str], sha256: list[str], reasons: list[str]) -> None:
         """Mark images as unusable with the reason (shown by `penult info`, skipped by later runs)."""

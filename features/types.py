@@ -7,6 +7,52 @@ from typing import Any
 
 import numpy as np
 
+# A label's status (features/review.py); a stored 0 means "never recorded", read as VALIDATED
+# where the image has a label (labels from folders and manifests) and UNLABELLED where not.
+UNLABELLED, PREDICTED, VALIDATED, DUBIOUS = 1, 2, 3, 4
+STATUSES = ("", "unlabelled", "predicted", "validated", "dubious")  # by code
+IMPORT_PROVENANCE = ("label",)  # columns whose provenance extract records from its input
+HISTORY_COLUMNS = (
+    "batch", "row", "column", "old", "new", "old_status", "new_status", "who", "when", "source"
+)  # fmt: skip
+
+
+@dataclass
+class Provenance:
+    """Where each image's label of one level (column) came from: (N,) arrays, codes into names."""
+
+    column: str
+    status: np.ndarray  # (N,) int8, one of UNLABELLED..DUBIOUS
+    who: np.ndarray  # (N,) int32 into who_names ("" : not recorded)
+    when: np.ndarray  # (N,) int64 Unix seconds (0: not recorded)
+    source: (
+        np.ndarray
+    )  # (N,) int32 into source_names ("file:<path>", "person", "model:<hash>", ...)
+    who_names: list[str]
+    source_names: list[str]
+
+    def counts(self) -> dict[str, int]:
+        """Images per status name."""
+        n = np.bincount(self.status, minlength=len(STATUSES))
+        return {STATUSES[i]: int(n[i]) for i in range(1, len(STATUSES))}
+
+
+@dataclass
+class History:
+    """Every recorded label change, oldest first: equal-length arrays named as HISTORY_COLUMNS
+    (``batch`` is one write's id: what one undo takes back)."""
+
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.columns["row"])
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.columns[key]
+
+    def where(self, mask: np.ndarray) -> History:
+        return History({k: v[mask] for k, v in self.columns.items()})
+
 
 @dataclass
 class ImageTable:

@@ -3,8 +3,17 @@ processes start in a fraction of a second instead of importing torch through con
 
 from __future__ import annotations
 
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 from penult.features import StoreWriter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # A made-up backbone fingerprint for store tests that write synthetic rows.
 FP = {
@@ -31,3 +40,26 @@ def add_rows(w: StoreWriter, k: int) -> None:
     )
     w.register_backbone("net", {**FP, "dim": 8})
     w.append("net", paths, sha, x, width=np.full(n, 3), height=np.full(n, 4))
+
+
+def kill_loop(
+    script: str,
+    target: Path,
+    *,
+    kills: int,
+    after_kill: Callable[[], None],
+    wait: tuple[float, float] = (0.0, 0.6),
+) -> None:
+    """Start ``script`` (formatted with ``root`` and ``tests``) on ``target`` and SIGKILL it at a
+    random moment ``wait`` seconds after it prints "ready", ``kills`` times."""
+    code = script.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    rng = random.Random(0)
+    for _ in range(kills):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(*wait))
+        proc.kill()
+        proc.wait()
+        after_kill()

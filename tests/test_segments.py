@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -17,7 +15,7 @@ import pytest
 from penult import cli
 from penult.features import FeatureStore, StoreError, StoreWriter, check, upgrade
 from penult.features.format2.files import Piece, cut, path_keys
-from store_rows import FP, add_rows, synthetic_rows
+from store_rows import FP, add_rows, kill_loop, synthetic_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "store_v1.h5"  # written by penult before format 2
@@ -209,21 +207,6 @@ UPGRADE = textwrap.dedent("""
 """)
 
 
-def _kill_loop(script: str, target: Path, *, kills: int, after_kill) -> None:
-    """Start ``script`` on ``target`` and SIGKILL it at random moments, ``kills`` times."""
-    code = script.format(root=str(ROOT), tests=str(ROOT / "tests"))
-    rng = random.Random(0)
-    for _ in range(kills):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.6))
-        proc.kill()
-        proc.wait()
-        after_kill()
-
-
 def test_kill_during_commits_rolls_and_index_merges_then_resume(tmp_path: Path) -> None:
     ref, p = tmp_path / "ref.h5", tmp_path / "s.h5"
     for k in range(20):
@@ -237,7 +220,7 @@ def test_kill_during_commits_rolls_and_index_merges_then_resume(tmp_path: Path) 
                 pass
             assert check(p) == []
 
-    _kill_loop(WRITER, p, kills=4, after_kill=sound)
+    kill_loop(WRITER, p, kills=4, after_kill=sound)
     subprocess.run(
         [sys.executable, "-c", WRITER.format(root=str(ROOT), tests=str(ROOT / "tests")), str(p)],
         check=True,
@@ -259,7 +242,7 @@ def test_kill_during_upgrade_leaves_the_old_store_then_upgrades(tmp_path: Path) 
         np.testing.assert_array_equal(fs.embeddings("a"), want)
         assert check(p) == []
 
-    _kill_loop(UPGRADE, p, kills=5, after_kill=sound)
+    kill_loop(UPGRADE, p, kills=5, after_kill=sound)
     upgrade(p)
     np.testing.assert_array_equal(FeatureStore(p).embeddings("a"), want)
     assert FeatureStore(p).version == 2 and check(p) == []

@@ -12,7 +12,7 @@ from typing import TypeVar
 import h5py
 import numpy as np
 from penult.core.errors import StoreError
-from penult.features.format2.commit import Commit
+from penult.features.format2.commit import Commit, read_history
 from penult.features.format2.files import KeyRun, Reader, find_keys, path_keys, read_run, verify
 from penult.features.format2.state import (
     ERROR,
@@ -25,12 +25,24 @@ from penult.features.format2.state import (
     load,
     referenced_problems,
     relink,
+    review_family,
     save,
     segment_dir,
     stale_links,
     structure_problems,
 )
-from penult.features.types import BackboneEntry, Fingerprint, ImageTable, TableView, sha_hex
+from penult.features.types import (
+    HISTORY_COLUMNS,
+    UNLABELLED,
+    VALIDATED,
+    BackboneEntry,
+    Fingerprint,
+    History,
+    ImageTable,
+    Provenance,
+    TableView,
+    sha_hex,
+)
 
 T = TypeVar("T")
 
@@ -160,6 +172,9 @@ class Format2:
     def hashes(self, rows: np.ndarray) -> np.ndarray:
         return self._column(TABLE, "sha256", rows)
 
+    def paths(self, rows: np.ndarray) -> list[str]:
+        return decode(self._column(TABLE, "path", rows))
+
     def segment_ids(self, backbone: str) -> tuple[int, list[str]]:
         s = self.state()
         block = s.block
@@ -193,9 +208,33 @@ class Format2:
         return self.state().labels
 
     def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
-        fam = label_family(column)
-        s, (codes,) = self._columns([(fam, "code")])
-        return codes, list(s.names[fam])
+        return self.labels([column])[column]
+
+    def labels(self, columns: list[str]) -> dict[str, tuple[np.ndarray, list[str]]]:
+        fams = [label_family(c) for c in columns]
+        s, codes = self._columns([(f, "code") for f in fams])
+        return {c: (x, list(s.names[f])) for c, f, x in zip(columns, fams, codes, strict=True)}
+
+    def provenance(self, column: str, rows: np.ndarray | None = None) -> Provenance:
+        fam, rv = label_family(column), review_family(column)
+        s, (code, status, who, when, source) = self._columns(
+            [(fam, "code")] + [(rv, k) for k in ("status", "who", "when", "source")], rows
+        )
+        labelled = np.asarray(s.names[fam], dtype=object)[code] != ""
+        derived = np.where(labelled, VALIDATED, UNLABELLED).astype(np.int8)
+        return Provenance(
+            column, np.where(status == 0, derived, status).astype(np.int8), who, when, source,
+            list(s.names.get("who", [""])), list(s.names.get("source", [""])),
+        )  # fmt: skip
+
+    def history(self) -> History:
+        def read(s: State, r: Reader) -> History:
+            parts = [read_history(r, n) for n, _ in s.history]
+            if not parts:
+                return History({k: np.zeros(0) for k in HISTORY_COLUMNS})
+            return History({k: np.concatenate([p[k] for p in parts]) for k in HISTORY_COLUMNS})
+
+        return self._run(read)
 
     def backbones(self) -> dict[str, BackboneEntry]:
         s = self.state()
@@ -251,6 +290,11 @@ class Format2:
                 try:
                     read_run(r, name)
                 except (StoreError, KeyError) as e:
+                    bad.setdefault(name, str(e))
+            for name, _ in s.history:
+                try:
+                    read_history(r, name)
+                except StoreError as e:
                     bad.setdefault(name, str(e))
             for name in sorted({p.file for ps in s.maps.values() for p in ps} - set(bad)):
                 try:

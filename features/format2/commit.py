@@ -13,7 +13,7 @@ from typing import Any
 
 import h5py
 import numpy as np
-from penult.core.errors import FingerprintMismatchError
+from penult.core.errors import FingerprintMismatchError, StoreError
 from penult.features import journal
 from penult.features.format2.files import (
     STR,
@@ -48,10 +48,18 @@ from penult.features.format2.state import (
     load,
     new_state,
     now,
+    review_family,
     save,
     segment_dir,
 )
-from penult.features.types import Fingerprint, sha_raw
+from penult.features.types import (
+    HISTORY_COLUMNS,
+    IMPORT_PROVENANCE,
+    UNLABELLED,
+    VALIDATED,
+    Fingerprint,
+    sha_raw,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,8 @@ class Commit:
         self.pending: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
         self.new_keys: list[KeyRun] = []
         self._runs: list[KeyRun] | None = None
+        self.seq = 0  # the shard being replayed: a review batch's id
+        self.history: list[dict[str, np.ndarray]] = []  # this commit's label changes
 
     # --- looking things up (stored values overlaid with this commit's pending writes) ---
     def runs(self) -> list[KeyRun]:
@@ -145,6 +155,10 @@ class Commit:
                 fam = label_family(col)
                 cur = self.current(fam, "code", rows) if self.s.maps.get(fam) else None
                 diff = np.ones(len(rows), bool) if cur is None else (cur != codes) | new
+                if col in IMPORT_PROVENANCE and meta.get("origin"):
+                    diff &= ~self._person_reviewed(col, rows)
+                    self._review(col, rows[diff], codes[diff], None, meta["who"],
+                                 "file:" + meta["origin"], int(meta["when"]), history="relabel")  # fmt: skip
                 self.put(fam, rows[diff], {"code": codes[diff]})
 
     def _invalidate(self, rows: np.ndarray) -> None:
@@ -232,6 +246,69 @@ class Commit:
         self.s.maps.setdefault(fam, [])
         self.put(fam, rows[keep], {"code": codes})
 
+    def _apply_review(self, meta: dict, a: dict[str, np.ndarray]) -> None:
+        for col in meta["columns"]:
+            _, rows = self.find(a[f"path__{col}"].tolist())
+            keep = rows >= 0  # checked when written; a row can only be missing after a repair
+            codes = self.codes(label_family(col), a[f"value__{col}"][keep].tolist())
+            status = a[f"status__{col}"][keep]
+            self._review(
+                col, rows[keep], codes, status, meta["who"], meta["source"], int(meta["when"])
+            )
+            self.put(label_family(col), rows[keep], {"code": codes})
+
+    def _person_reviewed(self, col: str, rows: np.ndarray) -> np.ndarray:
+        """Rows whose label ``col`` a person (not a file) last set: an import keeps them."""
+        if not self.s.maps.get(review_family(col)):
+            return np.zeros(len(rows), bool)
+        src = self.current(review_family(col), "source", rows)
+        names = np.asarray(self.s.names.get("source", [""]), dtype=object)
+        return (src != 0) & ~np.char.startswith(names[src].astype(str), "file:")
+
+    def _status(self, col: str, rows: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """The status of label ``codes`` of ``rows`` (never recorded: validated where labelled)."""
+        names = np.asarray(self.s.names.get(label_family(col), [""]), dtype=object)
+        derived = np.where(names[codes] != "", VALIDATED, UNLABELLED).astype(np.int8)
+        if not self.s.maps.get(review_family(col)):
+            return derived
+        stored = self.current(review_family(col), "status", rows)
+        return np.where(stored == 0, derived, stored).astype(np.int8)
+
+    def _review(
+        self, col: str, rows: np.ndarray, codes: np.ndarray, status: np.ndarray | None,
+        who: str, source: str, when: int, *, history: str = "all",
+    ) -> None:  # fmt: skip
+        """Record new labels ``codes`` of ``rows`` with their provenance, and the change in the
+        history (``history="relabel"``: only a label that replaces another, as an import's);
+        ``status`` None derives it (validated where labelled)."""
+        if not len(rows):
+            return
+        fam, n = label_family(col), len(rows)
+        old = self.current(fam, "code", rows)
+        old_status = self._status(col, rows, old)
+        if status is None:
+            names = np.asarray(self.s.names[fam], dtype=object)
+            status = np.where(names[codes] != "", VALIDATED, UNLABELLED).astype(np.int8)
+        self.put(review_family(col), rows, {
+            "status": np.asarray(status, np.int8),
+            "who": np.full(n, self.codes("who", [who])[0], np.int32),
+            "when": np.full(n, when, np.int64),
+            "source": np.full(n, self.codes("source", [source])[0], np.int32),
+        })  # fmt: skip
+        self.s.maps.setdefault(review_family(col), [])
+        self.s.maps.setdefault(fam, [])
+        names = np.asarray(self.s.names[fam], dtype=object)
+        k = np.ones(n, bool) if history == "all" else (names[old] != "") & (old != codes)
+        if k.any():
+            m = int(k.sum())
+            self.history.append({
+                "batch": np.full(m, self.seq, np.int64), "row": rows[k].astype(np.int64),
+                "column": np.full(m, col, dtype=object), "old": names[old[k]],
+                "new": names[codes[k]], "old_status": old_status[k],
+                "new_status": np.asarray(status, np.int8)[k], "who": np.full(m, who, dtype=object),
+                "when": np.full(m, when, np.int64), "source": np.full(m, source, dtype=object),
+            })  # fmt: skip
+
     def _apply_failures(self, meta: dict, a: dict[str, np.ndarray]) -> None:
         rows, keep = self._matching(a)
         self.put(ERROR, rows, {"error": self.codes("error", a["reason"][keep].tolist())})
@@ -256,6 +333,7 @@ class Commit:
                         self._rewrite(fam, lo, hi)
                         ps = s.maps[fam]
         self._write_index()
+        self._write_history()
         s.attrs["journal_seq"] = max(int(s.attrs.get("journal_seq", 0)), journal_seq)
         self.reader.close()
         save(target or self.path, s, segments=segment_dir(self.path))
@@ -302,6 +380,19 @@ class Commit:
             run = KeyRun.merge([read_run(self.reader, n) for n, _ in self.s.index[i:j]])
             self.s.index[i:j] = [(write_run(self.reader.folder, run, self.store), len(run.row))]
 
+    def _write_history(self) -> None:
+        """This commit's label changes as one new history file (append-only); many small
+        files are merged size-tiered, like the path index."""
+        if self.history:
+            cols = {k: np.concatenate([h[k] for h in self.history]) for k in self.history[0]}
+            name = write_segment(self.reader.folder, "history", cols, store=self.store)
+            self.s.history.append((name, len(cols["row"])))
+        for i, j in reversed(index_merges([k for _, k in self.s.history])):
+            parts = [read_history(self.reader, n) for n, _ in self.s.history[i:j]]
+            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            name = write_segment(self.reader.folder, "history", cols, store=self.store)
+            self.s.history[i:j] = [(name, len(cols["row"]))]
+
     def rebuild_index(self) -> None:
         """The path index made again from the table's key column (``check --repair``)."""
         key = self.reader.span(self.s.maps.get(TABLE, []), TABLE_COLUMNS["key"], "key", 0, self.n)
@@ -310,6 +401,17 @@ class Commit:
         self.reader.close()
         save(self.path, self.s)
         collect_garbage(self.path, self.s)
+
+
+def read_history(reader: Reader, name: str) -> dict[str, np.ndarray]:
+    """One history file's columns (strings as str objects)."""
+    f = reader.file(name)
+    try:
+        return {
+            k: (f[k].asstr()[()] if f[k].dtype.kind == "O" else f[k][()]) for k in HISTORY_COLUMNS
+        }
+    except (KeyError, OSError, ValueError) as e:
+        raise StoreError(f"history segment {reader.folder / name} is damaged ({e})") from None
 
 
 def _last_wins(
@@ -355,6 +457,7 @@ def publish_journal(path: Path, *, segment_rows: int = SEGMENT_ROWS) -> int:
     damaged = []
     for shard in fresh:
         try:
+            c.seq = _seq(shard)
             meta, arrays = journal.read_shard(shard)
             c.apply(meta, arrays)
         except (journal.DamagedShardError, Orphan) as e:

@@ -46,6 +46,14 @@ TABLE_COLUMNS = {
 SIZE_COLUMNS = {"width": Column(np.dtype(np.int32)), "height": Column(np.dtype(np.int32))}
 ERROR_COLUMNS = {"error": Column(np.dtype(np.int32))}
 LABEL_COLUMNS = {"code": Column(np.dtype(np.int32))}
+# a label level's provenance (see features/review.py): status 0 is "never recorded" (read as
+# validated where there is a label), who and source index the names "who" and "source"
+REVIEW_COLUMNS = {
+    "status": Column(np.dtype(np.int8)),
+    "who": Column(np.dtype(np.int32)),
+    "when": Column(np.dtype(np.int64)),
+    "source": Column(np.dtype(np.int32)),
+}
 
 
 def segment_dir(path: Path) -> Path:
@@ -54,6 +62,10 @@ def segment_dir(path: Path) -> Path:
 
 def label_family(col: str) -> str:
     return "label:" + col
+
+
+def review_family(col: str) -> str:
+    return "review:" + col
 
 
 def backbone_family(name: str) -> str:
@@ -67,6 +79,7 @@ class State:
     attrs: dict[str, Any]
     maps: dict[str, list[Piece]] = field(default_factory=dict)
     index: list[tuple[str, int]] = field(default_factory=list)  # (file, rows) oldest first
+    history: list[tuple[str, int]] = field(default_factory=list)  # (file, entries) oldest first
     names: dict[str, list[str]] = field(default_factory=dict)  # "root", "error", "label:<c>"
     backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
     view: str | None = None  # the view file (in the segments folder) the top-level file links to
@@ -83,6 +96,11 @@ class State:
     def labels(self) -> list[str]:
         return sorted(k[len("label:") :] for k in self.names if k.startswith("label:"))
 
+    @property
+    def reviewed(self) -> list[str]:
+        """The label columns with recorded provenance."""
+        return sorted(k[len("review:") :] for k in self.maps if k.startswith("review:"))
+
     def columns(self, family: str) -> dict[str, Column]:
         if family == TABLE:
             return TABLE_COLUMNS
@@ -92,6 +110,8 @@ class State:
             return ERROR_COLUMNS
         if family.startswith("label:"):
             return LABEL_COLUMNS
+        if family.startswith("review:"):
+            return REVIEW_COLUMNS
         meta = self.backbones[family[len("backbone:") :]]
         dt = np.dtype(meta["dtype"])
         return {
@@ -101,7 +121,7 @@ class State:
 
     def files(self) -> set[str]:
         out = {p.file for ps in self.maps.values() for p in ps}
-        return out | {f for f, _ in self.index}
+        return out | {f for f, _ in self.index} | {f for f, _ in self.history}
 
 
 def now() -> str:
@@ -122,7 +142,7 @@ def new_state(block: int = SEGMENT_ROWS) -> State:
         key_seed=secrets.randbits(63),
         journal_seq=0,
     )
-    return State(attrs, names={"root": [], "error": [""]})
+    return State(attrs, names={"root": [], "error": [""], "who": [""], "source": [""]})
 
 
 def load(f: h5py.File) -> State:
@@ -140,6 +160,14 @@ def load(f: h5py.File) -> State:
     s.names["error"] = decode(f["images/error_names"][()])
     for col, g in f["images/labels"].items():
         s.names[label_family(col)] = decode(g["names"][()])
+    rv = f.get("review")  # absent in stores written before labels had provenance
+    for k in ("who", "source"):
+        s.names[k] = decode(rv[f"{k}_names"][()]) if rv is not None else [""]
+    if rv is not None:
+        h = rv["history"]
+        s.history = [
+            (n.decode(), int(k)) for n, k in zip(h["file"][()], h["entries"][()], strict=True)
+        ]
     for name, g in f["backbones"].items():
         s.backbones[name] = attributes(g)
     link = f.get("images/path", getlink=True)
@@ -166,6 +194,12 @@ def save(path: Path, s: State, *, segments: Path | None = None) -> None:
             ix = f.create_group("index")
             ix.create_dataset("file", data=encoded([n for n, _ in s.index]), dtype=STR)
             ix["rows"] = np.array([r for _, r in s.index], np.int64)
+            rv = f.create_group("review")
+            for k in ("who", "source"):
+                rv.create_dataset(f"{k}_names", data=encoded(s.names.get(k, [""])), dtype=STR)
+            h = rv.create_group("history")
+            h.create_dataset("file", data=encoded([n for n, _ in s.history]), dtype=STR)
+            h["entries"] = np.array([k for _, k in s.history], np.int64)
             target = f"{folder.name}/{s.view}"
             for name in _columns(f, s):
                 f[name] = h5py.ExternalLink(target, f"/{name}")
@@ -191,6 +225,9 @@ def _columns(f: h5py.File, s: State) -> dict[str, tuple[str, str]]:
         g = labels.create_group(col)
         g.create_dataset("names", data=encoded(s.names[label_family(col)]), dtype=STR)
         out[f"images/labels/{col}/codes"] = (label_family(col), "code")
+        if col in s.reviewed:
+            for k in REVIEW_COLUMNS:
+                out[f"images/labels/{col}/{k}"] = (review_family(col), k)
     bb = f.create_group("backbones")
     for name, meta in s.backbones.items():
         bb.create_group(name).attrs.update(meta)

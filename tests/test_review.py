@@ -1,0 +1,258 @@
+"""Labels with provenance (issue 32, part 1): status, who, when and source per image and level,
+an append-only history, undo, kills during label writes, a second writer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from penult.cli import main
+from penult.features import FeatureStore, StoreError, StoreLockedError, StoreWriter, check, review
+from penult.features.types import STATUSES
+from store_rows import kill_loop, synthetic_rows
+
+from conftest import copy_store
+
+ROOT = Path(__file__).resolve().parents[1]
+GENUS = {"d0": "gA", "d1": "gA", "d2": "gB", "d3": "gB", "d4": "gC", "d5": "gC", "d6": "gC"}
+
+
+def _status(store: Path, level: str = "label") -> list[str]:
+    return [STATUSES[s] for s in FeatureStore(store).provenance(level).status]
+
+
+def _labels(store: Path, level: str = "label") -> list[str]:
+    return FeatureStore(store).images().labels[level]
+
+
+def _synthetic(p: Path, origin: str = "/data/m.csv", labels: list[str] | None = None) -> list[str]:
+    paths, sha, _ = synthetic_rows(0)
+    lab = labels or [q[:2] for q in paths]
+    with StoreWriter(p) as w:
+        w.upsert_images(
+            paths, ["/r"] * len(paths), sha, np.arange(20), np.arange(20),
+            {"label": lab, "genus": [GENUS.get(v, "") for v in lab]}, origin=origin,
+        )  # fmt: skip
+    return paths
+
+
+def test_labels_from_a_folder_are_validated_by_that_folder(hym_store: Path, data_dir: Path) -> None:
+    fs = FeatureStore(hym_store)
+    prov = fs.provenance("label")
+    labelled = np.asarray(fs.images().labels["label"]) != ""
+    assert labelled.all() and prov.counts()["validated"] == len(fs)
+    src = np.asarray(prov.source_names)[prov.source]
+    assert set(src) == {f"file:{(data_dir / 'hymenoptera').resolve()}"}
+    assert (prov.when > 1.7e9).all() and set(np.asarray(prov.who_names)[prov.who]) != {""}
+    assert len(fs.history()) == 0  # an import is provenance, not a change
+
+
+def test_move_validate_dubious_then_undo_everything_on_real_birds(
+    cub_store: Path, tmp_path: Path
+) -> None:
+    p = copy_store(cub_store, tmp_path / "cub.h5")
+    t = FeatureStore(p).images()
+    before = {c: list(v) for c, v in t.labels.items()}
+    species = sorted(set(before["label"]))
+    a, b = species[0], species[-1]
+    genus_b = before["genus"][before["label"].index(b)]
+    of_a = [q for q, v in zip(t.path, before["label"], strict=True) if v == a]
+    moved, kept = of_a[:3], of_a[3:]
+
+    assert review.move(p, moved, b, who="ann").changed["label"] == 3
+    after = FeatureStore(p).images().labels
+    for q in moved:
+        i = t.path.index(q)
+        assert after["label"][i] == b and after["genus"][i] == genus_b  # the taxonomy follows
+        assert after["family"][i] == before["family"][before["label"].index(b)]
+    review.validate(p, kept[:2])
+    review.mark_dubious(p, kept[2:3])
+    st = _status(p)
+    assert st[t.path.index(kept[2])] == "dubious"
+    assert FeatureStore(p).provenance().counts() == {
+        "unlabelled": 0, "predicted": 0, "validated": len(t) - 1, "dubious": 1
+    }  # fmt: skip
+    prov = FeatureStore(p).provenance()
+    i = t.path.index(moved[0])
+    assert prov.who_names[prov.who[i]] == "ann" and prov.source_names[prov.source[i]] == "person"
+
+    h = FeatureStore(p).history()
+    levels = 1 + len(review.coarser_levels(FeatureStore(p), "label"))
+    assert levels == 5  # species, genus, family, order and the name group
+    assert len(np.unique(h["batch"])) == 3
+    # every level of the three moved images, then two validated, one dubious
+    assert (h["column"] == "label").sum() == 3 + 2 + 1 and len(h) == 3 * levels + 3
+    info = FeatureStore(p)
+    assert info.provenance("genus").counts()["validated"] == len(t)
+
+    for _ in range(3):
+        review.undo(p)
+    assert FeatureStore(p).images().labels == before
+    assert set(_status(p)) == {"validated"}
+    with pytest.raises(StoreError, match="nothing to undo"):
+        review.undo(p)
+    h = FeatureStore(p).history()  # append-only: the undos are changes too
+    assert len(h) == 2 * (3 * levels + 3) and check(p) == []
+
+
+def test_undo_leaves_a_label_changed_since_and_names_it(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    paths = _synthetic(p)
+    review.move(p, paths[:2], "d5")  # batch 1
+    review.move(p, paths[1:2], "d2")  # then one of them again, into another genus
+    h = FeatureStore(p).history()
+    first = int(h["batch"][0])
+    b = review.undo(p, first)
+    assert b.changed == {"label": 1, "genus": 1}
+    assert sorted(b.skipped) == [
+        (paths[1], f"its genus changed since batch {first}"),
+        (paths[1], f"its label changed since batch {first}"),
+    ]
+    assert _labels(p)[:2] == ["d0", "d2"] and _labels(p, "genus")[:2] == ["gA", "gB"]
+    with pytest.raises(StoreError, match="already undone"):
+        review.undo(p, first)
+    with pytest.raises(StoreError, match="not in the history"):
+        review.undo(p, 999)
+
+
+def test_a_file_does_not_overwrite_a_persons_label_and_relabels_are_recorded(
+    tmp_path: Path,
+) -> None:
+    p = tmp_path / "s.h5"
+    paths = _synthetic(p)
+    review.move(p, paths[:1], "d3")
+    _synthetic(p, origin="/data/edited.csv", labels=["d6"] * 20)
+    lab = _labels(p)
+    assert lab[0] == "d3" and lab[1:] == ["d6"] * 19  # the person's label is kept
+    h = FeatureStore(p).history()
+    from_file = h.where(h["source"].astype(str) == "file:/data/edited.csv")
+    # relabels are recorded (the images already "d6" did not change)
+    assert len(from_file) == sum(1 for q in paths[1:] if q[:2] != "d6")
+    assert set(from_file["new"].astype(str)) == {"d6"}
+    prov = FeatureStore(p).provenance()
+    assert prov.source_names[prov.source[1]] == "file:/data/edited.csv"
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "a/b", "a\\b", "x\x00y", "tab\there", ".."])
+def test_bad_label_names_are_refused_and_nothing_is_written(tmp_path: Path, bad: str) -> None:
+    p = tmp_path / "s.h5"
+    paths = _synthetic(p)
+    with pytest.raises(StoreError, match="label name"):
+        review.move(p, paths[:2], bad)
+    assert len(FeatureStore(p).history()) == 0 and _labels(p)[0] == "d0"
+
+
+def test_unknown_images_and_an_unlabelled_one_are_named(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    paths = _synthetic(p, labels=["d0"] * 19 + [""])
+    with pytest.raises(StoreError, match="no image 'nope.jpg'"):
+        review.validate(p, [paths[0], "nope.jpg"])
+    b = review.validate(p, paths[18:])
+    assert b.changed == {"label": 1} and b.skipped == [(paths[19], "it has no label to validate")]
+    assert _status(p)[19] == "unlabelled"
+
+
+def test_a_second_writer_is_refused_with_a_message_and_no_damage(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    paths = _synthetic(p)
+    hold = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            sys.path[:0] = [{str(ROOT)!r}]
+            from penult.features import StoreWriter
+            with StoreWriter(sys.argv[1]):
+                print("ready", flush=True)
+                time.sleep(30)
+        """), str(p)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert hold.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreLockedError, match="being written by another process"):
+            review.move(p, paths[:2], "d4")
+    finally:
+        hold.kill()
+        hold.wait()
+    assert _labels(p)[:2] == ["d0", "d1"] and len(FeatureStore(p).history()) == 0
+    review.move(p, paths[:2], "d4")  # once the other writer is gone
+    assert _labels(p)[:2] == ["d4", "d4"] and check(p) == []
+
+
+LABELLER = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{root!r}]
+    from penult.features import FeatureStore, review
+    print("ready", flush=True)
+    paths = FeatureStore(sys.argv[1]).images().path
+    for i in range(1000):
+        review.move(sys.argv[1], paths[(i % 4) * 5 : (i % 4) * 5 + 5], f"k{{i}}")
+""")
+
+
+def test_kill_during_label_writes_leaves_whole_batches(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    _synthetic(p)
+    seen = []
+
+    def whole() -> None:
+        with StoreWriter(p):  # the next writer publishes whatever whole batch was journaled
+            pass
+        assert check(p) == []
+        fs = FeatureStore(p)
+        h = fs.history()
+        lab = fs.images().labels["label"]
+        _, sizes = np.unique(h["batch"], return_counts=True)
+        assert (sizes == 10).all()  # 5 images x (label, genus): never half a batch
+        for k in range(4):  # each group of 5 holds the label of its newest batch
+            rows = h.where(h["row"] // 5 == k)
+            if len(rows):
+                newest = str(rows["new"][rows["column"] == "label"][-1])
+                assert lab[k * 5 : k * 5 + 5] == [newest] * 5
+        seen.append(len(sizes))
+
+    kill_loop(LABELLER, p, kills=4, after_kill=whole, wait=(0.3, 1.2))
+    assert seen[-1] > 4  # the kills landed after some batches
+
+
+def test_cli_label_moves_undoes_and_writes_the_history(tmp_path: Path, capsys) -> None:
+    p = tmp_path / "s.h5"
+    paths = _synthetic(p)
+    lst = tmp_path / "pick.csv"
+    lst.write_text("path,note\n" + "".join(f"{q},x\n" for q in paths[:3]))
+    assert main(["label", str(p), "--from", str(lst), "--move", "d6", "--who", "ann"]) == 0
+    assert "3 label, 3 genus changed" in capsys.readouterr().out
+    assert main(["label", str(p), paths[5], "--dubious"]) == 0
+    assert main(["info", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "status[label]  19 validated, 1 dubious" in out and "history    7 label changes in 2" in out
+    )
+    assert main(["label", str(p), "--history", str(tmp_path / "h.csv")]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "h.csv")))
+    assert rows[0]["who"] == "ann" and rows[0]["new"] == "d6" and rows[0]["path"] in paths[:3]
+    assert main(["label", str(p), "--undo"]) == 0
+    assert "undo of batch" in capsys.readouterr().out and _status(p)[5] == "validated"
+    assert main(["label", str(p), "nope.jpg", "--validate"]) == 2
+    assert "has no image 'nope.jpg'" in capsys.readouterr().err
+    assert main(["label", str(p), paths[0], "--move", "a/b"]) == 2
+
+
+def test_training_leaves_out_dubious_labels_unless_asked(hym_store: Path, tmp_path: Path) -> None:
+    from penult.classify import TrainOptions, train
+
+    p = copy_store(hym_store, tmp_path / "hym.h5")
+    plain = {"quantifier_folds": 0, "unknown_score": "none"}
+    before = train(p, TrainOptions(**plain))
+    t = FeatureStore(p).images()
+    train_paths = [q for q, s in zip(t.path, t.labels["split"], strict=True) if s == "train"]
+    review.mark_dubious(p, train_paths[:7])
+    after = train(p, TrainOptions(**plain))
+    assert after.n_train == before.n_train - 7
+    assert any("7 images whose 'label' label is not validated" in n for n in after.notes)
+    assert train(p, TrainOptions(status="all", **plain)).n_train == before.n_train
