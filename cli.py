@@ -101,6 +101,8 @@ _HELP = {
     "predict": "score new images with a saved model, write a CSV",
     "count": "counts per sample and class, corrected for prior shift, with intervals and mL",
     "mistakes": "rank a store's labelled images by how likely their label is wrong",
+    "annotate": "store a model's top 3 labels per image for review (status 'predicted')",
+    "next": "the unlabelled images to label next: the model's most doubtful, no near-duplicates",
     "index": "build or update the nearest-neighbour index of a store",
     "neighbors": "find the stored images most similar to images, folders or store keys",
     "duplicates": "groups of near-duplicate images (resized, recompressed copies)",
@@ -225,9 +227,48 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     _add_count(sub)
 
 
-def _add_mistakes(sub: argparse._SubParsersAction) -> None:
+def _add_review(sub: argparse._SubParsersAction) -> None:
     from penult.classify import MistakeOptions
     from penult.core.options import POSITIVE
+
+    p = sub.add_parser(
+        "annotate",
+        help=_HELP["annotate"],
+        description="Score the store's images with a saved model, from the stored embeddings, and "
+        "keep each image's top 3 labels and scores in the store. Images without a validated label "
+        "get status 'predicted' (their label stays empty: a prediction trains nothing until "
+        "validated with `penult label --validate`, which takes the model's first choice).",
+    )
+    p.add_argument("model")
+    p.add_argument("store")
+    p.add_argument(
+        "--all", dest="everything", action="store_true",
+        help="score the images with a validated label too (their status stays validated)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trust-model", action="store_true", help="load types outside sklearn/numpy/penult"
+    )
+
+    p = sub.add_parser(
+        "next",
+        help=_HELP["next"],
+        description="A queue of unlabelled or predicted images (their predictions stored by "
+        "`penult annotate`) ranked by the model's doubt, the smallest gap between its top two "
+        "labels first, skipping any image within --similarity (cosine of the embeddings) of one "
+        "already queued, so the queue is not fifty frames of one particle. Label them with "
+        "`penult label STORE --from CSV --validate` or --move.",
+    )
+    p.add_argument("store")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument(
+        "-n", type=_typed(POSITIVE), default=200, help="images in the queue (default 200)"
+    )
+    p.add_argument("--level", default="label", help="label level (default label)")
+    p.add_argument(
+        "--similarity", type=float, default=0.95,
+        help="cosine similarity from which two images count as near-duplicates (default 0.95)",
+    )  # fmt: skip
+    p.add_argument("--backbone", help="whose embeddings judge similarity (default: the only one)")
 
     p = sub.add_parser(
         "mistakes",
@@ -568,7 +609,7 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 _GROUPS: tuple[tuple[Callable[[argparse._SubParsersAction], None], tuple[str, ...]], ...] = (
     (_add_extract, ("extract",)),
     (_add_classify, ("train", "evaluate", "compare", "predict", "count")),
-    (_add_mistakes, ("mistakes",)),
+    (_add_review, ("annotate", "next", "mistakes")),
     (_add_neighbors, ("index", "neighbors", "duplicates")),
     (_add_finetune, ("finetune",)),
     (_add_serve, ("serve",)),
@@ -920,6 +961,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from penult.classify import annotate_store, load_model
+
+    model = load_model(args.model, trust=args.trust_model)
+    print(annotate_store(model, args.store, everything=args.everything).report())
+    return 0
+
+
+def _cmd_next(args: argparse.Namespace) -> int:
+    from penult.classify import label_queue, write_queue
+
+    _out_folder(args.out)
+    q = label_queue(
+        args.store, n=args.n, level=args.level, similarity=args.similarity, backbone=args.backbone
+    )
+    write_queue(q, args.out)
+    print(f"{args.out}: {len(q.paths)} of {q.candidates} unlabelled or predicted images, most "
+          f"doubtful first; {q.skipped_similar} as doubtful left out as near-duplicates")  # fmt: skip
+    return 0
+
+
 def _cmd_mistakes(args: argparse.Namespace) -> int:
     from penult.classify import MistakeOptions, find_mistakes, write_mistakes
 
@@ -1007,6 +1069,8 @@ _HANDLERS = {
     "predict": _cmd_predict,
     "count": _cmd_count,
     "mistakes": _cmd_mistakes,
+    "annotate": _cmd_annotate,
+    "next": _cmd_next,
     "index": _cmd_index,
     "neighbors": _cmd_neighbors,
     "duplicates": _cmd_duplicates,

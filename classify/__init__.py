@@ -1,5 +1,6 @@
 """The classification stage: heads on stored features, evaluation, reports, saved models, scoring."""
 
+from penult.classify.annotate import AnnotateSummary, annotate_store
 from penult.classify.count import CountOptions, CountSummary, count_images, count_store
 from penult.classify.data import DataError, Dataset, load_dataset
 from penult.classify.evaluate import compare, compare_table, evaluate
@@ -15,10 +16,12 @@ from penult.classify.predict import (
     predict_images,
     weights_for,
 )
+from penult.classify.tolabel import label_queue, write_queue
 from penult.classify.train import TrainOptions, TrainResult, train
 
 __all__ = [
     "HEADS",
+    "AnnotateSummary",
     "CountOptions",
     "CountSummary",
     "DataError",
@@ -33,6 +36,7 @@ __all__ = [
     "ThresholdedOneVsRest",
     "TrainOptions",
     "TrainResult",
+    "annotate_store",
     "answers",
     "compare",
     "compare_table",
@@ -41,12 +45,14 @@ __all__ = [
     "evaluate",
     "find_mistakes",
     "load_dataset",
+    "label_queue",
     "load_model",
     "make_head",
     "predict_files",
     "predict_images",
     "rank_labels",
     "weights_for",
+    "write_queue",
     "resolve_backbones",
     "save_model",
     "train",

@@ -16,7 +16,14 @@ from penult.core.errors import StoreError
 from penult.features.format1 import Format1
 from penult.features.format2.backend import Format2
 from penult.features.hdf5 import FORMAT
-from penult.features.types import BackboneEntry, History, ImageTable, Provenance, TableView
+from penult.features.types import (
+    BackboneEntry,
+    History,
+    ImageTable,
+    Predicted,
+    Provenance,
+    TableView,
+)
 
 
 class StoreBackend(Protocol):
@@ -47,6 +54,7 @@ class StoreBackend(Protocol):
     def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]: ...
     def labels(self, columns: list[str]) -> dict[str, tuple[np.ndarray, list[str]]]: ...
     def provenance(self, column: str, rows: np.ndarray | None = None) -> Provenance: ...
+    def predictions(self, column: str, rows: np.ndarray | None = None) -> Predicted: ...
     def history(self) -> History: ...
     def backbone_names(self) -> list[str]: ...
     def backbones(self) -> dict[str, BackboneEntry]: ...

@@ -20,6 +20,7 @@ from penult.features.types import (
     Fingerprint,
     History,
     ImageTable,
+    Predicted,
     Provenance,
     TableView,
     sha_raw,
@@ -184,6 +185,11 @@ class Format1:
         z = np.zeros(len(codes), np.int32)
         status = np.where(labelled, VALIDATED, UNLABELLED).astype(np.int8)
         return Provenance(column, status, z, z.astype(np.int64), z, [""], [""])
+
+    def predictions(self, column: str, rows: np.ndarray | None = None) -> Predicted:
+        """Format 1 holds no predictions."""
+        n = self.rows() if rows is None else len(rows)
+        return Predicted(np.full((n, 3), ""), np.full((n, 3), np.nan, np.float32), np.full(n, ""))
 
     def history(self) -> History:
         return History({k: np.zeros(0) for k in HISTORY_COLUMNS})

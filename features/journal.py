@@ -21,7 +21,7 @@ from penult.core.files import TMP_PREFIX, atomic_path, fsync_dir
 
 _SUFFIX = ".npz"
 _DAMAGED = ".damaged"
-KINDS = ("images", "backbone", "embeddings", "labels", "failures", "review")
+KINDS = ("images", "backbone", "embeddings", "labels", "failures", "review", "predictions")
 
 
 class DamagedShardError(PenultError):

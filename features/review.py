@@ -108,14 +108,18 @@ class _Levels:
     def _find_coarser(self, level: str) -> dict[str, dict[str, str]]:
         codes, names = self.cols[level]
         labelled = np.asarray(names, dtype=object)[codes] != ""
+        a = codes[labelled]
+        used = np.unique(a)
         out = {}
         for col, (c, cn) in self.cols.items():
             if col == level or col in _NOT_LEVELS:
                 continue
-            pairs = np.unique(np.stack([codes[labelled], c[labelled]], 1), axis=0)
-            if len(pairs) and len(np.unique(pairs[:, 0])) == len(pairs):  # one value per class
-                if len(np.unique(pairs[:, 1])) < len(pairs):  # coarser, not a renaming
-                    out[col] = {names[a]: cn[b] for a, b in pairs}
+            b = c[labelled]
+            first = np.full(len(names), -1, np.int64)
+            first[a] = b  # one value of the column per class (any one)
+            if len(used) and (first[a] == b).all():  # every image agrees: a function of level
+                if len(np.unique(first[used])) < len(used):  # coarser, not a renaming
+                    out[col] = {names[k]: cn[first[k]] for k in used}
         return out
 
 
@@ -133,14 +137,21 @@ def _commit(store_path: Path, changes: dict, source: str, who: str | None) -> No
 def validate(
     store_path: str | Path, paths: Sequence[str], *, level: str = "label", who: str | None = None
 ) -> Batch:
-    """Mark the images' current ``level`` labels validated; unlabelled images are skipped."""
+    """Mark the images' current ``level`` labels validated (a predicted image's: the model's
+    first choice); images with neither are skipped."""
     store = FeatureStore(store_path)
     rows = _rows(store, paths)
     cur = _Levels(store).values(level, rows)
+    if (cur == "").any():  # a predicted image is validated as its model's first choice
+        order = np.argsort(rows)
+        first = store.predictions(level, rows[order]).labels[:, 0]
+        cur[order] = np.where(cur[order] == "", first, cur[order])
     ok = cur != ""
     b = Batch(
         "validate",
-        skipped=[(p, "it has no label to validate") for p in np.asarray(paths, object)[~ok]],
+        skipped=[
+            (p, "it has no label or prediction to validate") for p in np.asarray(paths, object)[~ok]
+        ],
     )
     if ok.any():
         keep = [p for p, k in zip(paths, ok, strict=True) if k]

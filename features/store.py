@@ -49,6 +49,7 @@ from penult.features.types import (
     HashIndex,
     History,
     ImageTable,
+    Predicted,
     Provenance,
     TableView,
 )
@@ -186,6 +187,13 @@ class FeatureStore:
             else np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, np.int64)
         )
         return self._b.provenance(column, r)
+
+    def predictions(self, column: str = "label", rows: Iterable[int] | None = None) -> Predicted:
+        """A model's stored top 3 labels and scores for ``column`` (``penult annotate``): all
+        rows, or sorted unique ``rows``; "" and NaN where none is stored."""
+        self.label_codes(column)
+        r = None if rows is None else np.asarray(rows, np.int64)
+        return self._b.predictions(column, r)
 
     def history(self) -> History:
         """Every recorded label change, oldest first (append-only: undo adds, never removes)."""
@@ -461,17 +469,38 @@ class Writes:
                 raise StoreError(f"review {col!r}: an image is named twice in one batch")
             if len(st) and (st.min() < 1 or st.max() >= len(STATUSES)):
                 raise StoreError(f"review {col!r}: a status is not one of {STATUSES[1:]}")
-            rows = self.store.find(list(paths))
-            if (rows < 0).any():
-                missing = [p for p, r in zip(paths, rows, strict=True) if r < 0]
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise StoreError(f"{self.path} has no image {missing[0]!r}{more}")
             arrays[f"path__{col}"] = np.array(list(paths), dtype=str)
             arrays[f"value__{col}"] = np.array(list(values), dtype=str)
             arrays[f"status__{col}"] = st
+        every = sorted({p for paths, _, _ in changes.values() for p in paths})
+        rows = self.store.find(every)  # one lookup for all levels
+        if (rows < 0).any():
+            missing = [p for p, r in zip(every, rows, strict=True) if r < 0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise StoreError(f"{self.path} has no image {missing[0]!r}{more}")
         meta = {"columns": list(changes), "who": who, "source": source,
                 "when": int(time.time() if when is None else when)}  # fmt: skip
         self._write("review", meta, **arrays)
+
+    def predictions(
+        self, column: str, paths: list[str], labels: np.ndarray, scores: np.ndarray, *, model: str
+    ) -> None:
+        """Store a model's top labels (n, k <= 3) and scores for stored images; those without a
+        validated (or dubious) label become ``predicted`` by ``model:<model>``."""
+        labels, scores = np.asarray(labels, dtype=str), np.asarray(scores, np.float32)
+        if labels.ndim != 2 or labels.shape != scores.shape or len(labels) != len(paths):
+            raise StoreError(
+                f"predictions: {len(paths)} images but labels {labels.shape}, scores {scores.shape}"
+            )
+        if labels.shape[1] > 3:
+            raise StoreError("predictions: at most the top 3 labels are stored")
+        pad = 3 - labels.shape[1]
+        labels = np.pad(labels, ((0, 0), (0, pad)), constant_values="")
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
+        meta = {"column": column, "model": model, "who": current_user(), "when": int(time.time())}
+        self._write(
+            "predictions", meta, path=np.array(paths, dtype=str), labels=labels, scores=scores
+        )
 
     def record_failures(self, paths: list[str], sha256: list[str], reasons: list[str]) -> None:
         """Mark images as unusable with the reason (shown by `penult info`, skipped by later runs)."""

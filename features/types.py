@@ -38,6 +38,16 @@ class Provenance:
 
 
 @dataclass
+class Predicted:
+    """A model's stored top labels for images of one level: (n, 3) labels ("" where none) and
+    scores (NaN where none), and (n,) which model said so."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    model: np.ndarray
+
+
+@dataclass
 class History:
     """Every recorded label change, oldest first: equal-length arrays named as HISTORY_COLUMNS
     (``batch`` is one write's id: what one undo takes back)."""

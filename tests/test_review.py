@@ -152,7 +152,9 @@ def test_unknown_images_and_an_unlabelled_one_are_named(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no image 'nope.jpg'"):
         review.validate(p, [paths[0], "nope.jpg"])
     b = review.validate(p, paths[18:])
-    assert b.changed == {"label": 1} and b.skipped == [(paths[19], "it has no label to validate")]
+    assert b.changed == {"label": 1} and b.skipped == [
+        (paths[19], "it has no label or prediction to validate")
+    ]
     assert _status(p)[19] == "unlabelled"
 
 
@@ -256,3 +258,69 @@ def test_training_leaves_out_dubious_labels_unless_asked(hym_store: Path, tmp_pa
     assert after.n_train == before.n_train - 7
     assert any("7 images whose 'label' label is not validated" in n for n in after.notes)
     assert train(p, TrainOptions(status="all", **plain)).n_train == before.n_train
+
+
+def test_predictions_go_into_the_store_and_validate_as_the_first_choice(
+    cub_store: Path, tmp_path: Path, capsys
+) -> None:
+    from penult.classify import TrainOptions, annotate_store, load_model, save_model, train
+
+    p = copy_store(cub_store, tmp_path / "cub.h5")
+    t = FeatureStore(p).images()
+    hide = t.path[::10]
+    truth = np.asarray(t.labels["label"][::10])
+    with StoreWriter(p) as w:  # images nobody labelled yet
+        w.set_labels("label", hide, [""] * len(hide))
+    plain = TrainOptions(quantifier_folds=0, unknown_score="none")
+    n_train = train(p, plain).n_train
+    save_model(train(p, plain).model, tmp_path / "m.skops")
+    model = load_model(tmp_path / "m.skops")
+
+    s = annotate_store(model, p)
+    assert s.scored == len(hide) and s.skipped_validated == len(t) - len(hide)
+    fs = FeatureStore(p)
+    assert fs.provenance().counts()["predicted"] == len(hide)
+    rows = np.sort(fs.find(hide))
+    pred = fs.predictions("label", rows)
+    order = np.argsort(fs.find(hide))
+    first = np.empty(len(hide), dtype=object)
+    first[order] = pred.labels[:, 0]
+    assert (first == truth).mean() >= 0.8  # the model's first choice is mostly right
+    assert (np.diff(pred.scores, axis=1) <= 0).all() and set(pred.model) == {s.model}
+    assert set(np.asarray(fs.images().labels["label"])[rows]) == {""}  # nothing trains on them
+    assert train(p, plain).n_train == n_train
+
+    q = tmp_path / "next.csv"
+    assert main(["next", str(p), "--out", str(q), "-n", "30", "--similarity", "0.9"]) == 0
+    import csv
+
+    rows_q = list(csv.DictReader(q.open()))
+    assert len(rows_q) == 30 and {r["status"] for r in rows_q} == {"predicted"}
+    margins = [float(r["margin"]) for r in rows_q]
+    assert margins == sorted(margins)  # most doubtful first
+    assert np.mean(margins) < np.mean(pred.scores[:, 0] - np.nan_to_num(pred.scores[:, 1]))
+    X = fs.embeddings("efficientnet_lite0", np.sort(fs.find([r["path"] for r in rows_q])))
+    Z = X / np.linalg.norm(X, axis=1, keepdims=True)
+    assert (np.triu(Z @ Z.T, 1) < 0.9).all()  # no near-duplicates in the queue
+
+    b = review.validate(p, hide[:10])
+    assert b.changed == {"label": 10}
+    lab = FeatureStore(p).images().labels["label"]
+    assert [lab[t.path.index(q)] for q in hide[:10]] == list(first[:10])
+    assert FeatureStore(p).provenance().counts()["predicted"] == len(hide) - 10
+    assert main(["annotate", str(tmp_path / "m.skops"), str(p)]) == 0
+    assert f"{len(hide) - 10} images given model" in capsys.readouterr().out
+
+
+def test_the_queue_skips_near_duplicates_of_a_doubtful_image() -> None:
+    from penult.classify.tolabel import diverse_order
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=16)
+    clump = base + 0.01 * rng.normal(size=(50, 16))  # fifty frames of one particle
+    other = rng.normal(size=(20, 16))
+    X = np.vstack([clump, other])
+    doubt = np.r_[np.full(50, 0.99), np.linspace(0.9, 0.5, 20)]
+    pick = diverse_order(X, doubt, 10, 0.95)
+    assert len(pick) == 10 and (pick < 50).sum() == 1 and pick[0] < 50
+    assert list(pick[1:]) == list(range(50, 59))  # then the others, most doubtful first

@@ -23,6 +23,7 @@ from penult.features.format2.state import (
     decode,
     label_family,
     load,
+    pred_family,
     referenced_problems,
     relink,
     review_family,
@@ -39,6 +40,7 @@ from penult.features.types import (
     Fingerprint,
     History,
     ImageTable,
+    Predicted,
     Provenance,
     TableView,
     sha_hex,
@@ -226,6 +228,15 @@ class Format2:
             column, np.where(status == 0, derived, status).astype(np.int8), who, when, source,
             list(s.names.get("who", [""])), list(s.names.get("source", [""])),
         )  # fmt: skip
+
+    def predictions(self, column: str, rows: np.ndarray | None = None) -> Predicted:
+        fam = pred_family(column)
+        s, (labels, scores, model) = self._columns(
+            [(fam, "labels"), (fam, "scores"), (fam, "model")], rows
+        )
+        names = np.asarray(s.names.get(fam, [""]), dtype=object)
+        models = np.asarray(s.names.get("model", [""]), dtype=object)
+        return Predicted(names[labels].astype(str), scores, models[model].astype(str))
 
     def history(self) -> History:
         def read(s: State, r: Reader) -> History:

@@ -48,13 +48,16 @@ from penult.features.format2.state import (
     load,
     new_state,
     now,
+    pred_family,
     review_family,
     save,
     segment_dir,
 )
 from penult.features.types import (
+    DUBIOUS,
     HISTORY_COLUMNS,
     IMPORT_PROVENANCE,
+    PREDICTED,
     UNLABELLED,
     VALIDATED,
     Fingerprint,
@@ -245,6 +248,12 @@ class Commit:
         codes = self.codes(fam, a["value"][keep].tolist())
         self.s.maps.setdefault(fam, [])
         self.put(fam, rows[keep], {"code": codes})
+        if self.s.maps.get(review_family(meta["column"])):  # status follows the new label
+            z = np.zeros(int(keep.sum()))
+            self.put(review_family(meta["column"]), rows[keep], {
+                "status": z.astype(np.int8), "who": z.astype(np.int32),
+                "when": z.astype(np.int64), "source": z.astype(np.int32),
+            })  # fmt: skip
 
     def _apply_review(self, meta: dict, a: dict[str, np.ndarray]) -> None:
         for col in meta["columns"]:
@@ -256,6 +265,34 @@ class Commit:
                 col, rows[keep], codes, status, meta["who"], meta["source"], int(meta["when"])
             )
             self.put(label_family(col), rows[keep], {"code": codes})
+
+    def _apply_predictions(self, meta: dict, a: dict[str, np.ndarray]) -> None:
+        """A model's top labels for images; those without a validated or dubious label become
+        ``predicted`` (the label itself stays empty: predictions never train a model)."""
+        _, rows = self.find(a["path"].tolist())
+        keep = rows >= 0
+        rows, col = rows[keep], meta["column"]
+        if not len(rows):
+            return
+        top = a["labels"][keep]
+        codes = self.codes(pred_family(col), top.ravel().tolist()).reshape(top.shape)
+        model = self.codes("model", [meta["model"]])[0]
+        self.put(pred_family(col), rows, {
+            "labels": codes, "scores": a["scores"][keep].astype(np.float32),
+            "model": np.full(len(rows), model, np.int32),
+        })  # fmt: skip
+        self.s.maps.setdefault(pred_family(col), [])
+        old = self.current(label_family(col), "code", rows)
+        open_ = ~np.isin(self._status(col, rows, old), (VALIDATED, DUBIOUS))
+        if open_.any():
+            r, n = rows[open_], int(open_.sum())
+            self.put(review_family(col), r, {
+                "status": np.full(n, PREDICTED, np.int8),
+                "who": np.full(n, self.codes("who", [meta["who"]])[0], np.int32),
+                "when": np.full(n, int(meta["when"]), np.int64),
+                "source": np.full(n, self.codes("source", ["model:" + meta["model"]])[0], np.int32),
+            })  # fmt: skip
+            self.s.maps.setdefault(review_family(col), [])
 
     def _person_reviewed(self, col: str, rows: np.ndarray) -> np.ndarray:
         """Rows whose label ``col`` a person (not a file) last set: an import keeps them."""

@@ -10,6 +10,7 @@ that is not there and plain h5py fails loudly (never fill values) until penult r
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import secrets
@@ -55,6 +56,14 @@ REVIEW_COLUMNS = {
     "source": Column(np.dtype(np.int32)),
 }
 
+# a model's top 3 labels per image for one level (``penult annotate``): labels index the names
+# "pred:<level>", model the names "model"
+PRED_COLUMNS = {
+    "labels": Column(np.dtype(np.int32), (3,)),
+    "scores": Column(np.dtype(np.float32), (3,), np.nan),
+    "model": Column(np.dtype(np.int32)),
+}
+
 
 def segment_dir(path: Path) -> Path:
     return path.with_name(path.name + ".segments")
@@ -66,6 +75,10 @@ def label_family(col: str) -> str:
 
 def review_family(col: str) -> str:
     return "review:" + col
+
+
+def pred_family(col: str) -> str:
+    return "pred:" + col
 
 
 def backbone_family(name: str) -> str:
@@ -97,6 +110,11 @@ class State:
         return sorted(k[len("label:") :] for k in self.names if k.startswith("label:"))
 
     @property
+    def predicted(self) -> list[str]:
+        """The label columns a model's predictions are stored for."""
+        return sorted(k[len("pred:") :] for k in self.maps if k.startswith("pred:"))
+
+    @property
     def reviewed(self) -> list[str]:
         """The label columns with recorded provenance."""
         return sorted(k[len("review:") :] for k in self.maps if k.startswith("review:"))
@@ -112,6 +130,8 @@ class State:
             return LABEL_COLUMNS
         if family.startswith("review:"):
             return REVIEW_COLUMNS
+        if family.startswith("pred:"):
+            return PRED_COLUMNS
         meta = self.backbones[family[len("backbone:") :]]
         dt = np.dtype(meta["dtype"])
         return {
@@ -142,10 +162,32 @@ def new_state(block: int = SEGMENT_ROWS) -> State:
         key_seed=secrets.randbits(63),
         journal_seq=0,
     )
-    return State(attrs, names={"root": [], "error": [""], "who": [""], "source": [""]})
+    names = {"root": [], "error": [""], "who": [""], "source": [""], "model": [""]}
+    return State(attrs, names=names)
+
+
+_LOADED: dict[tuple[int, ...], State] = {}  # a few top-level files' states, by file identity
 
 
 def load(f: h5py.File) -> State:
+    """The state an open top-level file says (a copy: commits change it). A top-level file is
+    never edited, only replaced, so its state is cached by the open file's identity (device,
+    inode, size, change time): one review action opens the store a dozen times."""
+    try:
+        st = os.fstat(f.id.get_vfd_handle())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except (OSError, TypeError, ValueError):  # a driver without a file descriptor
+        return _load(f)
+    hit = _LOADED.get(key)
+    if hit is None:
+        hit = _load(f)
+        if len(_LOADED) >= 8:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = hit
+    return copy.deepcopy(hit)
+
+
+def _load(f: h5py.File) -> State:
     s = State(attributes(f))
     for fam, g in f["segments"].items():
         s.maps[fam] = [
@@ -161,8 +203,11 @@ def load(f: h5py.File) -> State:
     for col, g in f["images/labels"].items():
         s.names[label_family(col)] = decode(g["names"][()])
     rv = f.get("review")  # absent in stores written before labels had provenance
-    for k in ("who", "source"):
-        s.names[k] = decode(rv[f"{k}_names"][()]) if rv is not None else [""]
+    for k in ("who", "source", "model"):
+        s.names[k] = decode(rv[f"{k}_names"][()]) if rv is not None and f"{k}_names" in rv else [""]
+    if rv is not None and "predictions" in rv:
+        for col, g in rv["predictions"].items():
+            s.names[pred_family(col)] = decode(g["names"][()])
     if rv is not None:
         h = rv["history"]
         s.history = [
@@ -195,8 +240,12 @@ def save(path: Path, s: State, *, segments: Path | None = None) -> None:
             ix.create_dataset("file", data=encoded([n for n, _ in s.index]), dtype=STR)
             ix["rows"] = np.array([r for _, r in s.index], np.int64)
             rv = f.create_group("review")
-            for k in ("who", "source"):
+            for k in ("who", "source", "model"):
                 rv.create_dataset(f"{k}_names", data=encoded(s.names.get(k, [""])), dtype=STR)
+            pg = rv.create_group("predictions")
+            for col in s.predicted:
+                g = pg.create_group(col)
+                g.create_dataset("names", data=encoded(s.names[pred_family(col)]), dtype=STR)
             h = rv.create_group("history")
             h.create_dataset("file", data=encoded([n for n, _ in s.history]), dtype=STR)
             h["entries"] = np.array([k for _, k in s.history], np.int64)
@@ -228,6 +277,9 @@ def _columns(f: h5py.File, s: State) -> dict[str, tuple[str, str]]:
         if col in s.reviewed:
             for k in REVIEW_COLUMNS:
                 out[f"images/labels/{col}/{k}"] = (review_family(col), k)
+    for col in s.predicted:
+        for k in PRED_COLUMNS:
+            out[f"images/predictions/{col}/{k}"] = (pred_family(col), k)
     bb = f.create_group("backbones")
     for name, meta in s.backbones.items():
         bb.create_group(name).attrs.update(meta)
