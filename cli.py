@@ -103,6 +103,8 @@ _HELP = {
     "mistakes": "rank a store's labelled images by how likely their label is wrong",
     "annotate": "store a model's top 3 labels per image for review (status 'predicted')",
     "next": "the unlabelled images to label next: the model's most doubtful, no near-duplicates",
+    "clusters": "group unlabelled images (HDBSCAN) to name a cluster at once",
+    "grow": "propose the unlabelled images nearest to a class, to accept or reject",
     "index": "build or update the nearest-neighbour index of a store",
     "neighbors": "find the stored images most similar to images, folders or store keys",
     "duplicates": "groups of near-duplicate images (resized, recompressed copies)",
@@ -269,6 +271,37 @@ def _add_review(sub: argparse._SubParsersAction) -> None:
         help="cosine similarity from which two images count as near-duplicates (default 0.95)",
     )  # fmt: skip
     p.add_argument("--backbone", help="whose embeddings judge similarity (default: the only one)")
+
+    p = sub.add_parser(
+        "clusters",
+        help=_HELP["clusters"],
+        description="HDBSCAN on the unlabelled (or only predicted) images' embeddings, L2-"
+        "normalised and PCA-reduced. Writes a CSV of clusters, largest first, members most typical "
+        "first; name a cluster with `penult label STORE --from CSV --cluster K --move TAXON`.",
+    )
+    p.add_argument("store")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument(
+        "--min-size", type=_typed(POSITIVE), default=5, help="smallest cluster (default 5)"
+    )
+    p.add_argument("--pca", type=int, default=64, help="PCA components (0: none; default 64)")
+    p.add_argument("--level", default="label", help="label level (default label)")
+    p.add_argument("--backbone", help="whose embeddings (default: the only one)")
+
+    p = sub.add_parser(
+        "grow",
+        help=_HELP["grow"],
+        description="The unlabelled images nearest (cosine) to a class's validated images, "
+        "nearest first, leaving out those rejected for it before. Accept with `penult label STORE "
+        "--from CSV --move CLASS`, reject with `penult label STORE --from CSV --reject CLASS` "
+        "(remembered in the history).",
+    )
+    p.add_argument("store")
+    p.add_argument("label", help="the class to grow")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("-n", type=_typed(POSITIVE), default=20, help="images proposed (default 20)")
+    p.add_argument("--level", default="label", help="label level (default label)")
+    p.add_argument("--backbone", help="whose embeddings (default: the only one)")
 
     p = sub.add_parser(
         "mistakes",
@@ -609,7 +642,7 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 _GROUPS: tuple[tuple[Callable[[argparse._SubParsersAction], None], tuple[str, ...]], ...] = (
     (_add_extract, ("extract",)),
     (_add_classify, ("train", "evaluate", "compare", "predict", "count")),
-    (_add_review, ("annotate", "next", "mistakes")),
+    (_add_review, ("annotate", "next", "clusters", "grow", "mistakes")),
     (_add_neighbors, ("index", "neighbors", "duplicates")),
     (_add_finetune, ("finetune",)),
     (_add_serve, ("serve",)),
@@ -687,12 +720,20 @@ def build_parser(command: str | None = None, *, outline: bool = False) -> argpar
     )  # fmt: skip
     act.add_argument("--dubious", action="store_true", help="mark their labels dubious")
     act.add_argument(
+        "--reject", metavar="CLASS",
+        help="remember that they are not CLASS (`penult grow` proposes them no more)",
+    )  # fmt: skip
+    act.add_argument(
         "--undo", nargs="?", const=0, type=int, metavar="BATCH",
         help="take back the newest change not yet undone (or batch BATCH of --history)",
     )  # fmt: skip
     act.add_argument("--history", metavar="CSV", help="write every change as CSV ('-': stdout)")
     p.add_argument("--level", default="label", help="label level (column) to act on")
     p.add_argument("--who", help="annotator recorded with the change (default: your login)")
+    p.add_argument(
+        "--cluster", type=int, metavar="K",
+        help="with --from a `penult clusters` CSV: only the images of cluster K",
+    )  # fmt: skip
     p = sub.add_parser(
         "check",
         help="verify a store's integrity",
@@ -795,9 +836,16 @@ def _cmd_label(args: argparse.Namespace) -> int:
     if args.undo is not None:
         print(review.undo(args.store, args.undo or None, who=args.who).summary())
         return 0
-    images = list(args.images) + (review.read_paths(args.from_file) if args.from_file else [])
+    picked = review.read_paths(args.from_file, cluster=args.cluster) if args.from_file else []
+    images = list(args.images) + picked
     if not images:
         raise OptionError("name the images: paths after the store, or --from FILE")
+    if args.reject:
+        from penult.classify.clusters import reject
+
+        reject(args.store, images, args.reject, level=args.level, who=args.who)
+        print(f"{len(images)} images remembered as not {args.reject!r}")
+        return 0
     if args.validate:
         b = review.validate(args.store, images, level=args.level, who=args.who)
     elif args.dubious:
@@ -982,6 +1030,40 @@ def _cmd_next(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_clusters(args: argparse.Namespace) -> int:
+    from penult.classify.clusters import find_clusters, write_clusters
+
+    _out_folder(args.out)
+    cs = find_clusters(
+        args.store, level=args.level, backbone=args.backbone, min_size=args.min_size, pca=args.pca
+    )
+    write_clusters(cs, args.out)
+    print(f"{args.out}: {len(cs.members)} clusters of {cs.images} unlabelled images "
+          f"({cs.unclustered} in none), largest first")  # fmt: skip
+    for k, m in enumerate(cs.members[:5], 1):
+        print(f"  cluster {k}: {len(m)} images, e.g. {m[0]}")
+    return 0
+
+
+def _cmd_grow(args: argparse.Namespace) -> int:
+    from penult.classify.clusters import grow
+    from penult.classify.csvout import SafeWriter, open_csv
+
+    _out_folder(args.out)
+    p = grow(args.store, args.label, n=args.n, level=args.level, backbone=args.backbone)
+    from penult.core import atomic_path
+
+    with atomic_path(args.out) as tmp, open_csv(tmp) as f:
+        w = SafeWriter(f)
+        w.writerow(("rank", "path", "label", "distance"))
+        w.writerows(
+            (i, q, p.label, f"{d:.4f}")
+            for i, (q, d) in enumerate(zip(p.paths, p.distance, strict=True), 1)
+        )
+    print(f"{args.out}: {len(p.paths)} of {p.left} unlabelled images nearest to {p.label!r}")
+    return 0
+
+
 def _cmd_mistakes(args: argparse.Namespace) -> int:
     from penult.classify import MistakeOptions, find_mistakes, write_mistakes
 
@@ -1071,6 +1153,8 @@ _HANDLERS = {
     "mistakes": _cmd_mistakes,
     "annotate": _cmd_annotate,
     "next": _cmd_next,
+    "clusters": _cmd_clusters,
+    "grow": _cmd_grow,
     "index": _cmd_index,
     "neighbors": _cmd_neighbors,
     "duplicates": _cmd_duplicates,

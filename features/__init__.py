@@ -4,7 +4,7 @@ from penult.core.errors import FingerprintMismatchError, StoreError, StoreLocked
 from penult.features import review
 from penult.features.inspect import check, describe
 from penult.features.parts import PartWriter, merge
-from penult.features.store import FeatureStore, StoreWriter
+from penult.features.store import FeatureStore, StoreWriter, current_user
 from penult.features.types import (
     DUBIOUS,
     IDENTITY_FIELDS,
@@ -50,6 +50,7 @@ __all__ = [
     "StoreWriter",
     "TableView",
     "check",
+    "current_user",
     "describe",
     "match_hashes",
     "merge",

@@ -239,7 +239,9 @@ def undo(store_path: str | Path, batch: int | None = None, *, who: str | None = 
                             k["old_status"][order][same].astype(int).tolist())  # fmt: skip
             b.changed[col] = int(same.sum())
     if changes:
-        _commit(store.path, changes, f"undo:{batch}", who)
+        note = str(e["source"][0]).startswith("reject:")  # forgetting a reject changes no label
+        with StoreWriter(store.path) as w:
+            w.review(changes, who=who or current_user(), source=f"undo:{batch}", note_only=note)
     return b
 
 
@@ -248,8 +250,9 @@ HISTORY_FIELDS = (
 )  # fmt: skip
 
 
-def read_paths(path: str | Path) -> list[str]:
-    """Image paths from a file: a CSV with a ``path`` column, or one path per line."""
+def read_paths(path: str | Path, *, cluster: int | None = None) -> list[str]:
+    """Image paths from a file: a CSV with a ``path`` column (``cluster``: only its rows whose
+    ``cluster`` column is that number), or one path per line."""
     import csv
 
     p = Path(path)
@@ -259,9 +262,19 @@ def read_paths(path: str | Path) -> list[str]:
         raise StoreError(f"{p}: cannot read the list of images ({e.strerror or e})") from None
     lines = text.splitlines()
     if lines and "path" in [h.strip().lower() for h in next(csv.reader([lines[0]]))]:
-        rows = csv.DictReader(lines)
-        key = next(h for h in rows.fieldnames or [] if h.strip().lower() == "path")
+        rows = list(csv.DictReader(lines))
+        key = next(h for h in rows[0] if h.strip().lower() == "path") if rows else "path"
+        if cluster is not None:
+            if rows and "cluster" not in rows[0]:
+                raise StoreError(
+                    f"{p}: --cluster needs a 'cluster' column (a `penult clusters` CSV)"
+                )
+            rows = [r for r in rows if r["cluster"].strip() == str(cluster)]
+            if not rows:
+                raise StoreError(f"{p}: no image of cluster {cluster}")
         return [r[key].strip() for r in rows if r.get(key, "").strip()]
+    if cluster is not None:
+        raise StoreError(f"{p}: --cluster needs a `penult clusters` CSV")
     return [ln.strip() for ln in lines if ln.strip()]
 
 

@@ -451,11 +451,13 @@ class Writes:
         who: str,
         source: str,
         when: int | None = None,
+        note_only: bool = False,
     ) -> None:
         """Set label levels of stored images with their status, who set them and from what
         (``person``, ``model:<hash>``, ``undo:<batch>``). ``changes`` maps a level (column) to
         (paths, labels, statuses). One call is one batch of the history, which one undo takes
-        back; everything is checked before anything is journaled."""
+        back; everything is checked before anything is journaled. ``note_only`` records the
+        batch in the history and changes nothing (a rejected proposal, ``reject:<label>``)."""
         if not changes:
             raise StoreError("review: no label level to set")
         arrays = {}
@@ -478,7 +480,7 @@ class Writes:
             missing = [p for p, r in zip(every, rows, strict=True) if r < 0]
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise StoreError(f"{self.path} has no image {missing[0]!r}{more}")
-        meta = {"columns": list(changes), "who": who, "source": source,
+        meta = {"columns": list(changes), "who": who, "source": source, "note_only": note_only,
                 "when": int(time.time() if when is None else when)}  # fmt: skip
         self._write("review", meta, **arrays)
 

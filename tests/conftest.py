@@ -30,7 +30,7 @@ LONGEST_FIRST = (
     "test_registry.py", "test_cluster.py", "test_finetune.py", "test_engines.py",
     "test_neighbors.py", "test_crash.py", "test_speed_paths.py", "test_weights.py",
     "test_segments.py", "test_modern_backbones.py", "test_classify.py", "test_count.py",
-    "test_novelty.py", "test_thresholds.py", "test_review.py",
+    "test_novelty.py", "test_thresholds.py", "test_review.py", "test_clusters.py",
 )  # fmt: skip
 
 

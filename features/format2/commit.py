@@ -259,12 +259,29 @@ class Commit:
         for col in meta["columns"]:
             _, rows = self.find(a[f"path__{col}"].tolist())
             keep = rows >= 0  # checked when written; a row can only be missing after a repair
+            if meta.get("note_only"):  # history only: the labels stay as they are
+                self._note(col, rows[keep], meta)
+                continue
             codes = self.codes(label_family(col), a[f"value__{col}"][keep].tolist())
             status = a[f"status__{col}"][keep]
             self._review(
                 col, rows[keep], codes, status, meta["who"], meta["source"], int(meta["when"])
             )
             self.put(label_family(col), rows[keep], {"code": codes})
+
+    def _note(self, col: str, rows: np.ndarray, meta: dict) -> None:
+        """A history entry per row that changes nothing (a rejected proposal)."""
+        fam, n = label_family(col), len(rows)
+        cur = self.current(fam, "code", rows)
+        names = np.asarray(self.s.names.get(fam, [""]), dtype=object)
+        st = self._status(col, rows, cur)
+        self.history.append({
+            "batch": np.full(n, self.seq, np.int64), "row": rows.astype(np.int64),
+            "column": np.full(n, col, dtype=object), "old": names[cur], "new": names[cur],
+            "old_status": st, "new_status": st, "who": np.full(n, meta["who"], dtype=object),
+            "when": np.full(n, int(meta["when"]), np.int64),
+            "source": np.full(n, meta["source"], dtype=object),
+        })  # fmt: skip
 
     def _apply_predictions(self, meta: dict, a: dict[str, np.ndarray]) -> None:
         """A model's top labels for images; those without a validated or dubious label become
