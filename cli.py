@@ -450,8 +450,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help=_HELP["serve"],
         description="Start a small web app on this machine and print its address; Ctrl-C stops it. "
         "Browse the store's images by label, coarse level, split or failure; click an image (or "
-        "drop a new one) to see its nearest stored neighbours. Read-only: the store is never "
-        "written (the neighbour index and thumbnails are cached beside it). A JSON API behind "
+        "drop a new one) to see its nearest stored neighbours. Read-only unless --annotate: the "
+        "store is never written (the neighbour index and thumbnails are cached beside it). A JSON API behind "
         "the pages (/api/images, /api/neighbors, /api/mistakes, /api/predict, /api/info) serves "
         "scripts too; see the README.",
     )
@@ -481,6 +481,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "and --host: a request whose Host header names anything else is refused (403), so a web "
         "page elsewhere cannot reach the server by pointing its own name at this machine",
     )
+    p.add_argument(
+        "--annotate", action="store_true",
+        help="let the pages change labels (POST /api/label: validate, move, dubious, reject, "
+        "undo; each a journal commit, refused while another process writes the store); "
+        "without it the store is never written",
+    )  # fmt: skip
     p.add_argument("-k", type=_typed(POSITIVE), default=12, help="neighbours shown (default 12)")
     p.add_argument(
         "--max-upload-mb", type=_typed(POSITIVE), default=20, help="largest upload (default 20)"
@@ -501,7 +507,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     serve(
         site, host=args.host, port=args.port, max_upload=args.max_upload_mb << 20,
-        allow_hosts=tuple(args.allow_host), sock=sock,
+        allow_hosts=tuple(args.allow_host), sock=sock, annotate=args.annotate,
     )  # fmt: skip
     return 0
 

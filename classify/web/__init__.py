@@ -39,7 +39,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(site: Site, *, host: str = "127.0.0.1", port: int = 8765, max_upload: int = MAX_UPLOAD,
           allow_hosts: tuple[str, ...] = (), announce=print,
-          sock: socket.socket | None = None) -> None:  # fmt: skip
+          sock: socket.socket | None = None, annotate: bool = False) -> None:  # fmt: skip
     """Run the app until Ctrl-C (uvicorn handles the signal and shuts down cleanly). Requests
     must name this server in ``Host`` (loopback names, ``host`` and ``allow_hosts``). ``sock``:
     a socket already bound by :func:`listen` to ``host`` and ``port``."""
@@ -55,7 +55,11 @@ def serve(site: Site, *, host: str = "127.0.0.1", port: int = 8765, max_upload: 
     announce(
         f"penult serve: http://{shown}:{port}/  ({site.store_path}, {site.backbone}); Ctrl-C stops"
     )
-    app = make_app(site, max_upload=max_upload, hosts=allowed_hosts(host, allow_hosts))
+    if annotate:
+        announce("annotating: pages may change this store's labels (validate, move, dubious, undo)")
+    app = make_app(
+        site, max_upload=max_upload, hosts=allowed_hosts(host, allow_hosts), annotate=annotate
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])

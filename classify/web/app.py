@@ -10,13 +10,18 @@ Routes:
     /api/neighbors?key=K&k=N    GET for a stored image; POST a multipart ``file`` for an upload
     /mistakes, /api/mistakes    (with a model) its held-out split: confused pairs, recall per class
     /score, /api/predict?k=N    (with a model) POST multipart ``file`` fields: top-k per image
+    /api/label              (``--annotate`` only) POST JSON {action, paths, to, level, batch}:
+                            validate, move, dubious, reject or undo; needs the page's CSRF token
+                            in ``X-CSRF-Token`` (also in /api/info)
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import math
+import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +29,9 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode, urlsplit
 
 import jinja2
-from penult.classify.web.site import PAGE, Site, Upload, shown
+from penult.classify.web.site import PAGE, Site, SiteError, Upload, shown
 from penult.core import PenultError
+from penult.features import StoreLockedError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -251,10 +257,13 @@ def make_app(
     hosts: frozenset[str] | None = None,
     max_inflight: int = MAX_INFLIGHT,
     max_decoding: int = MAX_DECODING,
+    annotate: bool = False,
 ) -> Starlette:
     """The app for one store (``site``); ``max_upload`` caps an uploaded file's bytes,
     ``hosts`` the names it answers to (default: this machine's loopback names), and
-    ``max_inflight`` / ``max_decoding`` what all uploads together may hold."""
+    ``max_inflight`` / ``max_decoding`` what all uploads together may hold. ``annotate`` lets
+    POST /api/label change labels (with the CSRF token this app made)."""
+    csrf = secrets.token_urlsafe(32) if annotate else ""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, enable_async=False,
         finalize=_finalize,
@@ -271,6 +280,8 @@ def make_app(
             "rows": len(site.paths),  # of the commit being shown
             "has_model": site.model is not None,
             "model_name": site.model_name,
+            "annotate": annotate,
+            "csrf": csrf,
         }
 
     def page(request: Request, name: str, **context: Any) -> Response:
@@ -311,7 +322,7 @@ def make_app(
     async def api_info(request: Request) -> Response:
         return _JSON(
             {
-                **common(),
+                **common(),  # the CSRF token too: no other site can read this (no CORS)
                 "store": str(site.store_path),
                 "columns": site.columns(),
                 "page_size": PAGE,
@@ -352,6 +363,24 @@ def make_app(
         ups = await _uploads(request, max_upload, MAX_FILES)
         return _JSON({"results": await _threaded(site.score_uploads, ups, k)})
 
+    async def api_label(request: Request) -> Response:
+        if not annotate:
+            raise HTTPException(403, "read-only: serve with --annotate to change labels")
+        sent = request.headers.get("x-csrf-token", "")
+        if not hmac.compare_digest(sent.encode(), csrf.encode()):
+            raise HTTPException(403, "missing or wrong CSRF token (reload the page)")
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPException(400, "the body must be JSON: {action, paths, to, level}") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object: {action, paths, to, level}")
+        try:
+            done = await _threaded(label_action, site.store_path, body)
+        except StoreLockedError as e:
+            raise HTTPException(409, f"{e}; nothing was changed") from None
+        return _JSON(done)
+
     async def on_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 400)
         text = exc.detail if isinstance(exc, HTTPException) else str(exc)
@@ -378,6 +407,7 @@ def make_app(
         Route("/score", fresh(score)),
         Route("/api/mistakes", fresh(api_mistakes)),
         Route("/api/predict", fresh(api_predict), methods=["POST"]),
+        Route("/api/label", fresh(api_label), methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     limits = UploadLimits(max_upload, max(max_inflight, max_upload + ENVELOPE), max_decoding)
@@ -392,6 +422,49 @@ def make_app(
     )
     app.state.uploads = limits
     return app
+
+
+ACTIONS = ("validate", "move", "dubious", "reject", "undo")
+
+
+def label_action(store: Path, body: dict[str, Any]) -> dict[str, Any]:
+    """One review action from a page's JSON (see ``features.review``): what changed, what was
+    left and why. A bad request is a PenultError (400) naming the problem."""
+    from penult.classify.clusters import reject
+    from penult.features import review
+
+    action, level = body.get("action"), body.get("level", "label")
+    if action not in ACTIONS:
+        raise SiteError(f"action {action!r} is not one of {', '.join(ACTIONS)}")
+    if not isinstance(level, str):
+        raise SiteError("level must be a label column's name")
+    if action == "undo":
+        batch = body.get("batch")
+        if batch is not None and not isinstance(batch, int):
+            raise SiteError("batch must be a number from the history")
+        b = review.undo(store, batch)
+        return {"action": b.action, "changed": b.changed, "skipped": b.skipped}
+    paths = body.get("paths")
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise SiteError("paths must be a non-empty list of the store's image paths")
+    if len(paths) > MAX_LABELLED:
+        raise SiteError(f"at most {MAX_LABELLED} images in one action")
+    to = body.get("to")
+    if action in ("move", "reject") and not isinstance(to, str):
+        raise SiteError(f"{action} needs 'to': a label name")
+    if action == "reject":
+        reject(store, paths, to, level=level)
+        return {"action": f"reject as {to!r}", "changed": {}, "skipped": []}
+    do = {"validate": review.validate, "dubious": review.mark_dubious}
+    b = (
+        review.move(store, paths, to, level=level)
+        if action == "move"
+        else do[action](store, paths, level=level)
+    )
+    return {"action": b.action, "changed": b.changed, "skipped": b.skipped}
+
+
+MAX_LABELLED = 10_000  # images one action may change (a page shows a few hundred)
 
 
 def _browse(site: Site, request: Request) -> tuple[dict[str, str], int, list[dict], int, int]:

@@ -1,0 +1,142 @@
+"""`penult serve --annotate` (issue 32, parts 3 and 8, server side): POST /api/label changes
+labels only with that flag, only with the page's CSRF token, only from this server's own pages,
+never while another process writes the store, and never with a bad label name."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from penult.classify.web import Site, make_app
+from penult.extract import Featuriser
+from penult.features import FeatureStore
+from starlette.testclient import TestClient
+
+from conftest import copy_store
+
+LOCAL = "http://127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(hym_store: Path, tmp_path: Path) -> Path:
+    return copy_store(hym_store, tmp_path / "hym.h5")
+
+
+def _client(store: Path, annotate: bool = True) -> TestClient:
+    site = Site(store, "efficientnet_lite0", images=Featuriser(workers=0), k=5)
+    return TestClient(make_app(site, annotate=annotate), base_url=LOCAL)
+
+
+def _token(c: TestClient) -> str:
+    page = c.get("/").text
+    m = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+    assert m and c.get("/api/info").json()["csrf"] == m.group(1)
+    return m.group(1)
+
+
+def _labels(store: Path, paths: list[str]) -> list[str]:
+    t = FeatureStore(store).images()
+    return [t.labels["label"][t.path.index(p)] for p in paths]
+
+
+def test_a_page_moves_validates_marks_and_undoes_with_its_token(store: Path) -> None:
+    c = _client(store)
+    token = _token(c)
+    ants = [p for p in FeatureStore(store).images().path if p.startswith("ants/")][:3]
+    r = c.post("/api/label", json={"action": "move", "paths": ants, "to": "bees"},
+               headers={"x-csrf-token": token})  # fmt: skip
+    assert r.status_code == 200 and r.json()["changed"]["label"] == 3  # and the order follows
+    assert _labels(store, ants) == ["bees"] * 3
+    r = c.post("/api/label", json={"action": "dubious", "paths": ants[:1]},
+               headers={"x-csrf-token": token})  # fmt: skip
+    assert r.json()["changed"] == {"label": 1}
+    assert FeatureStore(store).provenance().counts()["dubious"] == 1
+    for _ in range(2):
+        assert (
+            c.post(
+                "/api/label", json={"action": "undo"}, headers={"x-csrf-token": token}
+            ).status_code
+            == 200
+        )
+    assert _labels(store, ants) == ["ants"] * 3
+    assert c.get("/api/images?label=bees").json()["total"] == 204  # pages see the new commit
+
+
+@pytest.mark.parametrize(
+    ("annotate", "headers", "status", "message"),
+    [
+        (False, {}, 403, "read-only: serve with --annotate"),
+        (True, {}, 403, "missing or wrong CSRF token"),
+        (True, {"x-csrf-token": "guessed"}, 403, "missing or wrong CSRF token"),
+        (True, {"origin": "http://evil.example"}, 403, "cross-origin request"),
+        (True, {"host": "evil.example"}, 403, "is not this server's"),
+    ],
+)
+def test_writes_are_refused_without_the_flag_the_token_or_this_servers_origin(
+    store: Path, annotate: bool, headers: dict, status: int, message: str
+) -> None:
+    c = _client(store, annotate)
+    good = _token(c) if annotate else ""
+    if "origin" in headers or "host" in headers:
+        headers = {**headers, "x-csrf-token": good}
+    ants = [p for p in FeatureStore(store).images().path if p.startswith("ants/")][:2]
+    r = c.post("/api/label", json={"action": "move", "paths": ants, "to": "bees"}, headers=headers)
+    assert r.status_code == status and message in r.json()["error"]
+    assert _labels(store, ants) == ["ants", "ants"] and len(FeatureStore(store).history()) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"action": "move", "paths": ["ants/x.jpg"], "to": "a/b"}, "path separator"),
+        ({"action": "move", "paths": ["ants/x.jpg"], "to": "  "}, "must not be empty"),
+        ({"action": "move", "paths": ["ants/x.jpg"], "to": "bad\x07"}, "control characters"),
+        ({"action": "move", "paths": ["nope.jpg"], "to": "bees"}, "no image 'nope.jpg'"),
+        ({"action": "erase", "paths": ["ants/x.jpg"]}, "not one of validate"),
+        ({"action": "move", "paths": [], "to": "bees"}, "non-empty list"),
+        ({"action": "move", "paths": ["ants/x.jpg"]}, "needs 'to'"),
+        ({"action": "undo"}, "nothing to undo"),
+    ],
+)
+def test_bad_requests_get_a_clear_message_and_change_nothing(store: Path, body, message) -> None:
+    c = _client(store)
+    r = c.post("/api/label", json=body, headers={"x-csrf-token": _token(c)})
+    assert r.status_code == 400 and message in r.json()["error"], r.json()
+    assert len(FeatureStore(store).history()) == 0
+
+
+def test_a_store_written_by_another_process_refuses_writes_without_damage(store: Path) -> None:
+    c = _client(store)
+    token = _token(c)
+    hold = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            sys.path[:0] = [{str(ROOT)!r}]
+            from penult.features import StoreWriter
+            with StoreWriter(sys.argv[1]):
+                print("ready", flush=True)
+                time.sleep(30)
+        """), str(store)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    ants = [p for p in FeatureStore(store).images().path if p.startswith("ants/")][:2]
+    try:
+        assert hold.stdout.readline().strip() == "ready"
+        r = c.post("/api/label", json={"action": "validate", "paths": ants},
+                   headers={"x-csrf-token": token})  # fmt: skip
+        assert r.status_code == 409
+        assert "being written by another process" in r.json()["error"]
+        assert "nothing was changed" in r.json()["error"]
+    finally:
+        hold.kill()
+        hold.wait()
+    assert len(FeatureStore(store).history()) == 0
+    r = c.post(
+        "/api/label", json={"action": "validate", "paths": ants}, headers={"x-csrf-token": token}
+    )
+    assert r.status_code == 200 and r.json()["changed"] == {"label": 2}
