@@ -20,7 +20,7 @@ import uvicorn
 from penult.classify.web import Site, make_app
 from penult.extract import ExtractOptions, Featuriser, extract, list_images
 from PIL import Image
-from servers import free_port
+from servers import chromium, free_port
 from servers import live as live_app
 from starlette.testclient import TestClient
 
@@ -265,23 +265,10 @@ def test_score_gives_the_models_answer_for_uploaded_images(with_model, data_dir:
 # -- in a real browser (Playwright on the system's Chromium) ----------------------------------
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if found := shutil.which(name):
-            return found
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    exe = _chromium()
-    if exe is None:
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def test_in_a_browser_click_an_image_then_upload_one(browser, served: Site) -> None:

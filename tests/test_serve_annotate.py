@@ -9,11 +9,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from urllib.parse import unquote
 
+import numpy as np
 import pytest
 from penult.classify.web import Site, make_app
 from penult.extract import Featuriser
 from penult.features import FeatureStore
+from servers import chromium, live
 from starlette.testclient import TestClient
 
 from conftest import copy_store
@@ -140,3 +143,57 @@ def test_a_store_written_by_another_process_refuses_writes_without_damage(store:
         "/api/label", json={"action": "validate", "paths": ants}, headers={"x-csrf-token": token}
     )
     assert r.status_code == 200 and r.json()["changed"] == {"label": 2}
+
+
+def test_in_chromium_validate_a_screenful_move_and_undo_then_reopen(store: Path) -> None:
+    """The review page in a real browser: select by click and shift-click, validate, move two
+    images to the other class with the picker, undo the move; the store, reopened, holds
+    exactly those labels."""
+    site = Site(store, "efficientnet_lite0", images=Featuriser(workers=0), k=5)
+    with chromium() as browser, live(make_app(site, annotate=True)) as port:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/review?label=ants&order=desc")
+        tiles = page.locator("figure.tile")
+        assert tiles.count() >= 100  # a screenful
+        assert "ants" in page.text_content("#counts")
+        tiles.nth(0).click()
+        tiles.nth(9).click(modifiers=["Shift"])  # ten selected
+        assert page.text_content("#selected") == "10"
+        shown = [unquote(tiles.nth(i).get_attribute("data-key")) for i in range(10)]
+        page.click("#act-validate")
+        page.wait_for_selector("#message:has-text('validate: 10 label changed')")
+        tiles = page.locator("figure.tile")
+        moved = [unquote(tiles.nth(i).get_attribute("data-key")) for i in (20, 21)]
+        tiles.nth(20).click()
+        tiles.nth(21).click()
+        page.fill("#move-to", "bees")
+        page.click("#act-move")
+        page.wait_for_selector("#message:has-text(\"move to 'bees'\")")
+        assert _labels(store, moved) == ["bees", "bees"]
+        page.keyboard.press("u")  # undo the move
+        page.wait_for_selector("#message:has-text('undo of batch')")
+    fs = FeatureStore(store)
+    t = fs.images()
+    assert all(
+        v == "ants" for p, v in zip(t.path, t.labels["label"], strict=True) if p.startswith("ants/")
+    )
+    h = fs.history()
+    assert len(np.unique(h["batch"])) == 3  # validate, move, undo: nothing else was written
+    assert sorted(set(h["row"][h["batch"] == h["batch"].min()])) == sorted(fs.find(shown))
+
+
+def test_the_review_page_filters_sorts_and_says_when_it_is_read_only(store: Path) -> None:
+    fs = FeatureStore(store)
+    ants = sorted(p for p in fs.images().path if p.startswith("ants/"))
+    from penult.features import review
+
+    review.mark_dubious(store, ants[:4])
+    c = _client(store, annotate=False)
+    page = c.get("/review?label=ants").text
+    assert "Read-only: serve with --annotate" in page and 'name="csrf-token"' not in page
+    assert page.count('class="tile') == min(120, len(ants))
+    dub = c.get("/review?label=ants&status=dubious").text
+    assert dub.count('class="tile dubious"') == 4 and "4 images" in dub
+    r = c.get("/review?label=ants&lo=abc")
+    assert r.status_code == 400 and "score from 'abc' is not a number" in r.text
+    assert c.get("/review?label=ants&status=wrong").status_code == 400

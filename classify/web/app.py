@@ -10,6 +10,8 @@ Routes:
     /api/neighbors?key=K&k=N    GET for a stored image; POST a multipart ``file`` for an upload
     /mistakes, /api/mistakes    (with a model) its held-out split: confused pairs, recall per class
     /score, /api/predict?k=N    (with a model) POST multipart ``file`` fields: top-k per image
+    /review?label=&status=&order=&lo=&hi=&sample=   one class's images (validated or predicted)
+                            by score, with counts per class and status; actions with --annotate
     /api/label              (``--annotate`` only) POST JSON {action, paths, to, level, batch}:
                             validate, move, dubious, reject or undo; needs the page's CSRF token
                             in ``X-CSRF-Token`` (also in /api/info)
@@ -31,7 +33,7 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode, urlsplit
 import jinja2
 from penult.classify.web.site import PAGE, Site, SiteError, Upload, shown
 from penult.core import PenultError
-from penult.features import StoreLockedError
+from penult.features import STATUSES, StoreLockedError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -363,6 +365,46 @@ def make_app(
         ups = await _uploads(request, max_upload, MAX_FILES)
         return _JSON({"results": await _threaded(site.score_uploads, ups, k)})
 
+    async def review_page(request: Request) -> Response:
+        level = _query(request, "level") or "label"
+        counts = await _threaded(site.review_counts, level)
+        f = {
+            "label": _query(request, "label") or (counts[0]["label"] if counts else ""),
+            "level": level,
+            "status": _query(request, "status"),
+            "order": "desc" if _query(request, "order") == "desc" else "asc",
+            "lo": _query(request, "lo"),
+            "hi": _query(request, "hi"),
+            "sample": _query(request, "sample"),
+        }
+        lo, hi = _number(f["lo"], "from"), _number(f["hi"], "to")
+        rows, scores = await _threaded(
+            lambda: site.review(f["label"], level=level, status=f["status"], order=f["order"],
+                                lo=lo, hi=hi, sample=f["sample"])
+        )  # fmt: skip
+        pages = max(1, math.ceil(len(rows) / REVIEW_PAGE))
+        page_no = min(_int(request.query_params.get("page"), 1, 1, 10**9), pages)
+        part = slice((page_no - 1) * REVIEW_PAGE, page_no * REVIEW_PAGE)
+        status = site.review_arrays(level)["status"]
+        items = [
+            {**site.describe(int(r)), "status": STATUSES[status[r]],
+             "score": None if math.isnan(s) else float(s)}
+            for r, s in zip(rows[part], scores[part], strict=True)
+        ]  # fmt: skip
+
+        def query(n: int) -> str:
+            return urlencode({**{k: v for k, v in f.items() if v}, "page": n})
+
+        taxa = sorted(
+            {c["label"] for c in counts}
+            | {v for c in site.columns() if c not in ("split", "sample") for v in site.values(c)}
+        )
+        return page(
+            request, "review", f=f, items=items, total=len(rows), page=page_no, pages=pages,
+            counts=counts, statuses=STATUSES[1:], taxa=taxa, query=query,
+            samples=site.values("sample") if "sample" in site.labels else [],
+        )  # fmt: skip
+
     async def api_label(request: Request) -> Response:
         if not annotate:
             raise HTTPException(403, "read-only: serve with --annotate to change labels")
@@ -408,6 +450,7 @@ def make_app(
         Route("/api/mistakes", fresh(api_mistakes)),
         Route("/api/predict", fresh(api_predict), methods=["POST"]),
         Route("/api/label", fresh(api_label), methods=["POST"]),
+        Route("/review", fresh(review_page)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     limits = UploadLimits(max_upload, max(max_inflight, max_upload + ENVELOPE), max_decoding)
@@ -445,6 +488,9 @@ def label_action(store: Path, body: dict[str, Any]) -> dict[str, Any]:
         b = review.undo(store, batch)
         return {"action": b.action, "changed": b.changed, "skipped": b.skipped}
     paths = body.get("paths")
+    keys = body.get("keys")  # a page's tiles: names percent-encoded byte for byte (lossless)
+    if isinstance(keys, list) and all(isinstance(k, str) for k in keys):
+        paths = [unquote_to_bytes(k).decode("utf-8", "surrogateescape") for k in keys]
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise SiteError("paths must be a non-empty list of the store's image paths")
     if len(paths) > MAX_LABELLED:
@@ -465,6 +511,16 @@ def label_action(store: Path, body: dict[str, Any]) -> dict[str, Any]:
 
 
 MAX_LABELLED = 10_000  # images one action may change (a page shows a few hundred)
+REVIEW_PAGE = 120  # thumbnails a review screen shows
+
+
+def _number(text: str, what: str) -> float | None:
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise SiteError(f"score {what} {text!r} is not a number") from None
 
 
 def _browse(site: Site, request: Request) -> tuple[dict[str, str], int, list[dict], int, int]:

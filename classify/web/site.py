@@ -23,8 +23,8 @@ from penult.classify.images import Images
 from penult.classify.model import Model
 from penult.classify.neighbors import NeighborIndex, ensure_index
 from penult.classify.predict import predict_files
-from penult.core import DEFAULT_MAX_PIXELS, PenultError, atomic_path
-from penult.features import FeatureStore
+from penult.core import DEFAULT_MAX_PIXELS, SAMPLE, PenultError, atomic_path
+from penult.features import STATUSES, FeatureStore
 from PIL import Image
 
 __all__ = ["PAGE", "Site", "SiteError", "Upload", "shown", "url_key"]
@@ -188,6 +188,67 @@ class Site:
             "error": self.errors[row],
             "embedded": bool(row < len(self.valid) and self.valid[row]),
         }
+
+    # -- review (``serve --annotate``) --------------------------------------------------------
+
+    def review_arrays(self, level: str = "label") -> dict[str, np.ndarray]:
+        """Per row, for the review page: label, status, the stored first prediction and its
+        score (made once per commit)."""
+        key = f"review:{level}"
+        if key not in self._arrays:
+            prov = self.store.provenance(level)
+            pred = self.store.predictions(level)
+            self._arrays[key] = np.asarray(self.labels[level], dtype=object)
+            self._arrays[key + ":status"] = prov.status
+            self._arrays[key + ":pred"] = pred.labels.astype(object)
+            self._arrays[key + ":scores"] = pred.scores
+        return {k: self._arrays[f"{key}{s}"] for k, s in
+                (("label", ""), ("status", ":status"), ("pred", ":pred"), ("scores", ":scores"))}  # fmt: skip
+
+    def review(
+        self, label: str, *, level: str = "label", status: str = "", order: str = "asc",
+        lo: float | None = None, hi: float | None = None, sample: str = "",
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """(rows, scores) of one class, validated or predicted: images labelled ``label``, and
+        unlabelled images whose model's first choice it is; filtered by status name, score
+        range and sample, sorted by score (``asc``: least sure first; no score last)."""
+        if level not in self.labels:
+            raise SiteError(f"no label level {level!r}; the store has {self.columns()}")
+        a = self.review_arrays(level)
+        mine = (a["label"] == label) | ((a["label"] == "") & (a["pred"][:, 0] == label))
+        hit = a["pred"] == label
+        score = np.where(hit.any(1), np.where(hit, a["scores"], 0).sum(1), np.nan)
+        if status:
+            if status not in STATUSES[1:]:
+                raise SiteError(f"status {status!r} is not one of {', '.join(STATUSES[1:])}")
+            mine &= a["status"] == STATUSES.index(status)
+        if sample:
+            in_sample = np.zeros(len(mine), bool)
+            in_sample[self.rows({SAMPLE: sample})] = True
+            mine &= in_sample
+        if lo is not None:
+            mine &= score >= lo
+        if hi is not None:
+            mine &= score <= hi
+        rows = np.flatnonzero(mine)
+        s = score[rows]
+        key = np.where(np.isnan(s), np.inf, s if order == "asc" else -s)
+        o = np.argsort(key, kind="stable")
+        return rows[o], s[o]
+
+    def review_counts(self, level: str = "label") -> list[dict[str, Any]]:
+        """Per class (validated or predicted as it), images per status, most images first."""
+        a = self.review_arrays(level)
+        cls = np.where(a["label"] == "", a["pred"][:, 0], a["label"])
+        out = []
+        names, inv = np.unique(cls.astype(str), return_inverse=True)
+        for i, name in enumerate(names):
+            if not name:
+                continue
+            st = np.bincount(a["status"][inv == i], minlength=len(STATUSES))
+            out.append({"label": name, "total": int(st.sum()),
+                        **{STATUSES[k]: int(st[k]) for k in range(1, len(STATUSES))}})  # fmt: skip
+        return sorted(out, key=lambda d: -d["total"])
 
     # -- neighbours --------------------------------------------------------------------------
 

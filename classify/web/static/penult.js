@@ -104,3 +104,74 @@ document.addEventListener("DOMContentLoaded", () => {
   if (q.dataset.key) byKey(q.dataset.key, k);
   dropZone(document.getElementById("upload"), (files) => byUpload(files[0], k));
 });
+
+// -- Review (serve --annotate): select tiles, then validate, mark dubious, move or undo ----------
+
+function reviewPage() {
+  const grid = document.getElementById("review-grid");
+  const actions = document.getElementById("actions");
+  if (!grid || !actions) return;
+  const tiles = Array.from(grid.querySelectorAll("figure.tile"));
+  const token = document.querySelector('meta[name="csrf-token"]').content;
+  let last = -1, painting = false, paintOn = true;
+  const count = () => {
+    document.getElementById("selected").textContent =
+      grid.querySelectorAll("figure.tile.selected").length;
+  };
+  const set = (i, on) => { tiles[i].classList.toggle("selected", on); };
+  tiles.forEach((t, i) => {
+    t.addEventListener("mousedown", (e) => {
+      e.preventDefault();
+      if (e.shiftKey && last >= 0) {
+        const [a, b] = last < i ? [last, i] : [i, last];
+        for (let k = a; k <= b; k++) set(k, true);
+      } else {
+        paintOn = !t.classList.contains("selected");
+        set(i, paintOn);
+        painting = true;
+      }
+      last = i;
+      count();
+    });
+    t.addEventListener("mouseenter", () => { if (painting) { set(i, paintOn); last = i; count(); } });
+    t.addEventListener("keydown", (e) => {
+      if (e.key === " " || e.key === "Enter") { e.preventDefault(); set(i, !t.classList.contains("selected")); last = i; count(); }
+    });
+  });
+  document.addEventListener("mouseup", () => { painting = false; });
+  const selected = () => tiles.filter((t) => t.classList.contains("selected")).map((t) => t.dataset.key);
+  async function send(body) {
+    const r = await fetch("/api/label", {
+      method: "POST", headers: { "content-type": "application/json", "x-csrf-token": token },
+      body: JSON.stringify({ level: actions.dataset.level || "label", ...body }),
+    });
+    const answer = await r.json();
+    if (!r.ok) { say(answer.error, true); return; }
+    const changed = Object.entries(answer.changed).map(([k, v]) => `${v} ${k}`).join(", ");
+    sessionStorage.setItem("penult-said", `${answer.action}: ${changed || "nothing"} changed`);
+    location.reload();
+  }
+  const act = (action, extra) => {
+    const keys = selected();
+    if (!keys.length && action !== "undo") { say("select images first", true); return; }
+    send({ action, keys, ...extra });
+  };
+  document.getElementById("act-validate").onclick = () => act("validate");
+  document.getElementById("act-dubious").onclick = () => act("dubious");
+  document.getElementById("act-undo").onclick = () => send({ action: "undo" });
+  const move = document.getElementById("move-to");
+  document.getElementById("act-move").onclick = () => act("move", { to: move.value });
+  document.addEventListener("keydown", (e) => {
+    if (e.target === move || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (e.key === "a") { tiles.forEach((_, i) => set(i, true)); count(); }
+    else if (e.key === "Escape") { tiles.forEach((_, i) => set(i, false)); count(); }
+    else if (e.key === "v") act("validate");
+    else if (e.key === "d") act("dubious");
+    else if (e.key === "u") send({ action: "undo" });
+    else if (e.key === "m") { e.preventDefault(); move.focus(); }
+  });
+  const said = sessionStorage.getItem("penult-said");
+  if (said) { say(said, false); sessionStorage.removeItem("penult-said"); }
+}
+
+document.addEventListener("DOMContentLoaded", reviewPage);
