@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -363,10 +364,18 @@ def prepare(
     return Plan(est, y, tr, ev, ev_name, levels, taxonomy, notes)
 
 
-def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions()) -> TrainResult:  # noqa: B008
+def train(
+    store_path: str | os.PathLike[str],
+    opts: TrainOptions = TrainOptions(),  # noqa: B008
+    *,
+    progress: Callable[[str, float], None] | None = None,
+) -> TrainResult:
     """Fit a head on the train split of a store and score it on the held-out split (or by K
     folds with ``cv``); with ``refit_all`` or ``cv`` the model returned to save is then fitted on
-    every labelled image, and its manifest says which estimate its metrics are."""
+    every labelled image, and its manifest says which estimate its metrics are. ``progress``
+    hears each stage's name and the share of the work before it (the review page's bar)."""
+    say = progress or (lambda stage, share: None)
+    say("reading features", 0.0)
     if opts.class_thresholds and not opts.quantifier_folds:
         raise OptionError(
             "--class-thresholds are tuned on out-of-fold posteriors: they need "
@@ -378,6 +387,7 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
     plan = prepare(store_path, data, opts)
     y, tr, ev = plan.y, plan.train, plan.eval
     _check_pca(opts, int(tr.sum()), data.X.shape[1])
+    say("fitting", 0.2)
     with _head_settings(opts):
         est, search, fit_seconds = _fit(plan.estimator, opts, data.X[tr], y[tr])
     manifest = model_manifest(store, data, opts, plan.taxonomy, plan.levels, est, plan.eval_split)
@@ -386,7 +396,9 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
         model, {}, fit_seconds, int(tr.sum()), int(ev.sum()), plan.eval_split, search, plan.notes
     )
     if not (opts.cv or opts.refit_all):  # the saved model is the one scored: calibrate first
+        say("calibrating counts and the open-set score", 0.5)
         _calibrate(model, data.X[tr], y[tr], opts, result.notes)
+    say("scoring the held-out images", 0.85)
     with _head_settings(opts):
         if opts.cv:  # ``est`` already saw every image: the folds refit clones of the plan
             result.metrics, result.cv, result.truth, result.paths = _cross_validate(
@@ -403,6 +415,7 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
         result.scored = model
         result.model = _refit(plan, data, opts, manifest)
     if opts.cv or opts.refit_all:  # the saved model saw every labelled image
+        say("calibrating the refitted model", 0.9)
         _calibrate(result.model, data.X, y, opts, result.notes)
         result.model.manifest.refit_all = Refit(
             images=len(y),
@@ -410,6 +423,7 @@ def train(store_path: str | os.PathLike[str], opts: TrainOptions = TrainOptions(
             note="fitted on every labelled image of the store after it was scored "
             f"({plan.eval_split}); the metrics are that held-out estimate",
         )
+    say("done", 1.0)
     return result
 
 

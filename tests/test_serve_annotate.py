@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -197,3 +198,40 @@ def test_the_review_page_filters_sorts_and_says_when_it_is_read_only(store: Path
     r = c.get("/review?label=ants&lo=abc")
     assert r.status_code == 400 and "score from 'abc' is not a number" in r.text
     assert c.get("/review?label=ants&status=wrong").status_code == 400
+
+
+def test_in_chromium_retrain_shows_a_bar_then_the_new_numbers_beside_the_old(store: Path) -> None:
+    """The retrain action: `penult train` on the validated labels in the background, a progress
+    bar, then the held-out numbers beside those before (the previous run's); dubious labels are
+    left out of the second run."""
+    site = Site(store, "efficientnet_lite0", images=Featuriser(workers=0), k=5)
+    app = make_app(site, annotate=True)
+    with chromium() as browser, live(app) as port:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/review?label=ants")
+        page.click("#act-retrain")
+        page.wait_for_selector("#retrain-result:not([hidden])", timeout=60_000)
+        first = page.text_content("#retrain-result")
+        assert "top-1" in first and "training images" in first
+        status = TestClient(app, base_url=LOCAL).get("/api/retrain").json()
+        assert status["state"] == "done" and Path(status["model"]).is_file()
+        assert status["before"] is None and 0.5 < status["after"]["top1"] <= 1
+        n = status["after"]["images"]
+        tiles = page.locator("figure.tile")
+        tiles.nth(0).click()
+        tiles.nth(4).click(modifiers=["Shift"])
+        page.click("#act-dubious")
+        page.wait_for_selector("#message:has-text('dubious: 5 label changed')")
+        page.click("#act-retrain")
+        api = TestClient(app, base_url=LOCAL)
+        for _ in range(600):  # the second run (its "before" is the first's), to its end
+            s = api.get("/api/retrain").json()
+            if s["before"] is not None and s["state"] != "running":
+                break
+            time.sleep(0.1)
+        page.wait_for_selector("#retrain-stage:has-text('saved')")
+        again = TestClient(app, base_url=LOCAL).get("/api/retrain").json()
+    assert again["before"] == status["after"]  # the numbers before are the previous run's
+    assert again["after"]["images"] < n  # the five dubious images were left out (those in train)
+    c = TestClient(make_app(site, annotate=True), base_url=LOCAL)
+    assert c.post("/api/retrain").status_code == 403  # no token: refused

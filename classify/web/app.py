@@ -12,6 +12,8 @@ Routes:
     /score, /api/predict?k=N    (with a model) POST multipart ``file`` fields: top-k per image
     /review?label=&status=&order=&lo=&hi=&sample=   one class's images (validated or predicted)
                             by score, with counts per class and status; actions with --annotate
+    /api/retrain            GET its state; POST (``--annotate``, CSRF) trains on the validated
+                            labels in the background: stage, share, held-out numbers before/after
     /api/label              (``--annotate`` only) POST JSON {action, paths, to, level, batch}:
                             validate, move, dubious, reject or undo; needs the page's CSRF token
                             in ``X-CSRF-Token`` (also in /api/info)
@@ -25,6 +27,8 @@ import json
 import math
 import secrets
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,12 +409,24 @@ def make_app(
             samples=site.values("sample") if "sample" in site.labels else [],
         )  # fmt: skip
 
-    async def api_label(request: Request) -> Response:
+    def may_write(request: Request) -> None:
         if not annotate:
             raise HTTPException(403, "read-only: serve with --annotate to change labels")
         sent = request.headers.get("x-csrf-token", "")
         if not hmac.compare_digest(sent.encode(), csrf.encode()):
             raise HTTPException(403, "missing or wrong CSRF token (reload the page)")
+
+    retraining = Retrain(site.store_path, _metrics_of(site.model))
+
+    async def api_retrain(request: Request) -> Response:
+        if request.method == "POST":
+            may_write(request)
+            if not retraining.start():
+                raise HTTPException(409, "a retraining is running already; wait for it")
+        return _JSON(retraining.status())
+
+    async def api_label(request: Request) -> Response:
+        may_write(request)
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
@@ -451,6 +467,7 @@ def make_app(
         Route("/api/predict", fresh(api_predict), methods=["POST"]),
         Route("/api/label", fresh(api_label), methods=["POST"]),
         Route("/review", fresh(review_page)),
+        Route("/api/retrain", api_retrain, methods=["GET", "POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     limits = UploadLimits(max_upload, max(max_inflight, max_upload + ENVELOPE), max_decoding)
@@ -465,6 +482,58 @@ def make_app(
     )
     app.state.uploads = limits
     return app
+
+
+class Retrain:
+    """`penult train` on the store's validated labels in a background thread (one at a time):
+    its stage and share done for the page's progress bar, and the held-out numbers of the
+    newest run beside those before it (the served model's, or the previous run's). Each run's
+    model is saved beside the store as ``STORE-retrained-<time>.skops``."""
+
+    def __init__(self, store: Path, before: dict[str, float] | None):
+        self.store, self.before, self.after = store, before, None
+        self.state, self.stage, self.share, self.error, self.model_file = "idle", "", 0.0, "", ""
+        self._lock = threading.Lock()
+
+    def start(self) -> bool:
+        with self._lock:
+            if self.state == "running":
+                return False
+            if self.after is not None:
+                self.before = self.after
+            self.state, self.stage, self.share, self.error = "running", "starting", 0.0, ""
+        threading.Thread(target=self._run, daemon=True).start()
+        return True
+
+    def _run(self) -> None:
+        from penult.classify import TrainOptions, save_model, train
+
+        def progress(stage: str, share: float) -> None:
+            self.stage, self.share = stage, share
+
+        try:
+            r = train(self.store, TrainOptions(), progress=progress)
+            out = self.store.with_name(
+                f"{self.store.stem}-retrained-{time.strftime('%Y%m%d-%H%M%S')}.skops"
+            )
+            save_model(r.model, out)
+            self.after = {**_metrics_of(r.model), "images": r.n_train}
+            self.model_file, self.state = str(out), "done"
+        except (PenultError, OSError) as e:  # said on the page; the server goes on
+            self.error, self.state = str(e), "failed"
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "stage": self.stage, "share": self.share, "error": self.error,
+                "before": self.before, "after": self.after, "model": self.model_file}  # fmt: skip
+
+
+def _metrics_of(model: Any) -> dict[str, float] | None:
+    """The held-out numbers a saved model's manifest records (None without a model)."""
+    if model is None:
+        return None
+    m = model.manifest.metrics or {}
+    keys = ("top1", "balanced_accuracy", "macro_f1")
+    return {k: float(m[k]) for k in keys if isinstance(m.get(k), int | float)}
 
 
 ACTIONS = ("validate", "move", "dubious", "reject", "undo")

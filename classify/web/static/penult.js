@@ -174,4 +174,43 @@ function reviewPage() {
   if (said) { say(said, false); sessionStorage.removeItem("penult-said"); }
 }
 
+// Retrain (the review page, --annotate): `penult train` in the server's background, a progress
+// bar while it runs, then the held-out numbers beside those before it.
+function retrainBox() {
+  const button = document.getElementById("act-retrain");
+  if (!button) return;
+  const token = document.querySelector('meta[name="csrf-token"]').content;
+  const bar = document.getElementById("retrain-bar");
+  const stage = document.getElementById("retrain-stage");
+  const table = document.getElementById("retrain-result");
+  const names = { top1: "top-1", balanced_accuracy: "balanced accuracy", macro_f1: "macro-F1", images: "training images" };
+  const fmt = (v) => (v === undefined ? "-" : Number.isInteger(v) ? String(v) : v.toFixed(3));
+  function draw(s) {
+    bar.hidden = s.state !== "running";
+    bar.value = s.share;
+    stage.textContent = s.state === "running" ? s.stage + "..." : s.state === "done" ? "saved " + s.model : "";
+    if (s.state === "failed") say("retraining failed: " + s.error, true);
+    if (s.state !== "done") return;
+    table.replaceChildren(el("tr", {}, el("th", {}, ""), el("th", {}, "before"), el("th", {}, "now")));
+    for (const [k, label] of Object.entries(names)) {
+      table.append(el("tr", {}, el("td", {}, label), el("td", {}, fmt((s.before || {})[k])), el("td", {}, fmt(s.after[k]))));
+    }
+    table.hidden = false;
+  }
+  async function poll() {
+    const s = await (await fetch("/api/retrain")).json();
+    draw(s);
+    if (s.state === "running") setTimeout(poll, 400);
+    else button.disabled = false;
+  }
+  button.onclick = async () => {
+    button.disabled = true;
+    const r = await fetch("/api/retrain", { method: "POST", headers: { "x-csrf-token": token } });
+    if (!r.ok) { say((await r.json()).error, true); button.disabled = false; return; }
+    poll();
+  };
+  poll();
+}
+
 document.addEventListener("DOMContentLoaded", reviewPage);
+document.addEventListener("DOMContentLoaded", retrainBox);
