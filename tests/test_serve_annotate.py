@@ -235,3 +235,49 @@ def test_in_chromium_retrain_shows_a_bar_then_the_new_numbers_beside_the_old(sto
     assert again["after"]["images"] < n  # the five dubious images were left out (those in train)
     c = TestClient(make_app(site, annotate=True), base_url=LOCAL)
     assert c.post("/api/retrain").status_code == 403  # no token: refused
+
+
+def test_the_mistakes_view_puts_relabelled_images_first(store: Path) -> None:
+    from penult.features import review
+
+    ants = sorted(p for p in FeatureStore(store).images().path if p.startswith("ants/"))
+    review.move(store, ants[:3], "bees")  # a reviewer's slips
+    c = _client(store)
+    page = c.get("/review?view=mistakes").text
+    keys = re.findall(r'data-key="([^"]+)"', page)
+    assert len(keys) == 120 and "bees \u2192 ants" in page
+    assert set(ants[:3]) <= {unquote(k) for k in keys[:10]}
+    assert c.get("/review?view=nonsense").status_code == 400
+
+
+def test_in_chromium_the_queue_view_validates_as_the_first_choice(
+    store: Path, tmp_path: Path
+) -> None:
+    from penult.classify import TrainOptions, annotate_store, load_model, save_model, train
+    from penult.features import StoreWriter
+
+    t = FeatureStore(store).images()
+    hidden = t.path[::8]
+    with StoreWriter(store) as w:
+        w.set_labels("label", hidden, [""] * len(hidden))
+    save_model(
+        train(store, TrainOptions(quantifier_folds=0, unknown_score="none")).model,
+        tmp_path / "m.skops",
+    )
+    annotate_store(load_model(tmp_path / "m.skops"), store)
+    site = Site(store, "efficientnet_lite0", images=Featuriser(workers=0), k=5)
+    with chromium() as browser, live(make_app(site, annotate=True)) as port:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/review?view=next")
+        tiles = page.locator("figure.tile")
+        assert 0 < tiles.count() <= len(hidden)
+        picked = [unquote(tiles.nth(i).get_attribute("data-key")) for i in range(3)]
+        firsts = [tiles.nth(i).locator(".note").text_content().split(" ")[0] for i in range(3)]
+        tiles.nth(0).click()
+        tiles.nth(2).click(modifiers=["Shift"])
+        page.keyboard.press("v")
+        page.wait_for_selector("#message:has-text('validate: 3 label changed')")
+    assert _labels(store, picked) == firsts
+    prov = FeatureStore(store).provenance()
+    rows = FeatureStore(store).find(picked)
+    assert {int(prov.status[r]) for r in rows} == {3}  # validated

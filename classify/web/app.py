@@ -382,18 +382,30 @@ def make_app(
             "sample": _query(request, "sample"),
         }
         lo, hi = _number(f["lo"], "from"), _number(f["hi"], "to")
-        rows, scores = await _threaded(
-            lambda: site.review(f["label"], level=level, status=f["status"], order=f["order"],
-                                lo=lo, hi=hi, sample=f["sample"])
-        )  # fmt: skip
+        view = _query(request, "view")
+        notes: list[str] | None = None
+        if view == "next":  # the `penult next` queue
+            rows, scores, notes = await _threaded(lambda: site.queue_rows(level, REVIEW_PAGE))
+        elif view == "mistakes":  # `penult mistakes`' most suspicious labels
+            rows, scores, notes = await _threaded(lambda: site.suspect_rows(level, REVIEW_PAGE))
+        elif view:
+            raise SiteError(f"view {view!r} is not one of: next, mistakes (or none: by class)")
+        else:
+            rows, scores = await _threaded(
+                lambda: site.review(f["label"], level=level, status=f["status"], order=f["order"],
+                                    lo=lo, hi=hi, sample=f["sample"])
+            )  # fmt: skip
+        f["view"] = view
+
         pages = max(1, math.ceil(len(rows) / REVIEW_PAGE))
         page_no = min(_int(request.query_params.get("page"), 1, 1, 10**9), pages)
         part = slice((page_no - 1) * REVIEW_PAGE, page_no * REVIEW_PAGE)
         status = site.review_arrays(level)["status"]
         items = [
             {**site.describe(int(r)), "status": STATUSES[status[r]],
-             "score": None if math.isnan(s) else float(s)}
-            for r, s in zip(rows[part], scores[part], strict=True)
+             "score": None if math.isnan(s) else float(s),
+             "note": notes[part.start + i] if notes is not None else ""}
+            for i, (r, s) in enumerate(zip(rows[part], scores[part], strict=True))
         ]  # fmt: skip
 
         def query(n: int) -> str:

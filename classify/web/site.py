@@ -91,6 +91,7 @@ class Site:
         self.errors = t.error
         self.labels: dict[str, list[str]] = t.labels
         self._arrays: dict[str, np.ndarray] = {}  # label columns as arrays, made on first filter
+        self._ranked: dict[str, Any] = {}  # `penult mistakes` rankings of this commit
         self._wrong: dict[tuple[str, str], list[int]] | None = None
         self.evaluation = evaluation
         self.row_of, self.valid, self.failed = row_of, valid, failed
@@ -235,6 +236,38 @@ class Site:
         key = np.where(np.isnan(s), np.inf, s if order == "asc" else -s)
         o = np.argsort(key, kind="stable")
         return rows[o], s[o]
+
+    def queue_rows(
+        self, level: str = "label", n: int = 120
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The `penult next` queue as (rows, first-choice scores, a note per image)."""
+        from penult.classify.tolabel import label_queue
+
+        q = label_queue(self.store_path, n=n, level=level, backbone=self.backbone)
+        notes = [f"{a} {pa:.2f} / {b} {np.nan_to_num(pb):.2f}"
+                 for a, pa, b, pb in zip(q.first, q.first_p, q.second, q.second_p, strict=True)]  # fmt: skip
+        return (
+            np.array([self.row_of[p] for p in q.paths], np.int64),
+            np.asarray(q.first_p, float),
+            notes,
+        )
+
+    def suspect_rows(
+        self, level: str = "label", n: int = 120
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """`penult mistakes`' ranking (a logistic regression over 3 folds, for a page that
+        answers in seconds; made once per commit) as (rows, scores, a note per image)."""
+        from penult.classify.mistakes import MistakeOptions, find_mistakes
+
+        key = f"mistakes:{level}"
+        if key not in self._ranked:
+            opts = MistakeOptions(backbones=(self.backbone,), label=level, head="lr", folds=3)
+            self._ranked[key] = find_mistakes(self.store_path, opts)
+        res = self._ranked[key]
+        r = res.ranking
+        top = r.order()[:n]
+        notes = [f"{res.labels[k]} \u2192 {r.suggested[k]} {r.suggested_p[k]:.2f}" for k in top]
+        return np.array([self.row_of[res.paths[k]] for k in top], np.int64), r.score[top], notes
 
     def review_counts(self, level: str = "label") -> list[dict[str, Any]]:
         """Per class (validated or predicted as it), images per status, most images first."""
