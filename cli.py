@@ -1052,20 +1052,11 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
 
 
 def _cmd_grow(args: argparse.Namespace) -> int:
-    from penult.classify.clusters import grow
-    from penult.classify.csvout import SafeWriter, open_csv
+    from penult.classify.clusters import grow, write_proposal
 
     _out_folder(args.out)
     p = grow(args.store, args.label, n=args.n, level=args.level, backbone=args.backbone)
-    from penult.core import atomic_path
-
-    with atomic_path(args.out) as tmp, open_csv(tmp) as f:
-        w = SafeWriter(f)
-        w.writerow(("rank", "path", "label", "distance"))
-        w.writerows(
-            (i, q, p.label, f"{d:.4f}")
-            for i, (q, d) in enumerate(zip(p.paths, p.distance, strict=True), 1)
-        )
+    write_proposal(p, args.out)
     print(f"{args.out}: {len(p.paths)} of {p.left} unlabelled images nearest to {p.label!r}")
     return 0
 

@@ -33,9 +33,12 @@ from penult.features import (
     FeatureStore,
     StoreWriter,
     current_user,
+    review,
 )
 
-__all__ = ["ClusterSet", "Proposal", "find_clusters", "grow", "reject", "write_clusters"]
+__all__ = [
+    "ClusterSet", "Proposal", "find_clusters", "grow", "reject", "write_clusters", "write_proposal"
+]  # fmt: skip
 
 
 @dataclass
@@ -118,13 +121,22 @@ class Proposal:
     left: int  # unlabelled images not yet rejected for this class
 
 
+def write_proposal(p: Proposal, out: str | os.PathLike[str]) -> None:
+    """CSV: rank (1 = nearest), path, the class proposed, cosine distance."""
+    out = Path(out)
+    check_out_folder(out)
+    with atomic_path(out) as tmp, open_csv(tmp) as f:
+        w = SafeWriter(f)
+        w.writerow(("rank", "path", "label", "distance"))
+        for i, (q, d) in enumerate(zip(p.paths, p.distance, strict=True), 1):
+            w.writerow((i, q, p.label, f"{d:.4f}"))
+
+
 def rejected_rows(store: FeatureStore, label: str, level: str = "label") -> np.ndarray:
     """Rows proposed for ``label`` and rejected (and not un-rejected by an undo)."""
     h = store.history()
-    src = h["source"].astype(str)
-    undone = {int(s[5:]) for s in np.unique(src) if s.startswith("undo:")}
-    mine = (src == f"reject:{label}") & (h["column"].astype(str) == level)
-    mine &= ~np.isin(h["batch"], list(undone))
+    mine = (h["source"].astype(str) == f"reject:{label}") & (h["column"].astype(str) == level)
+    mine &= ~np.isin(h["batch"], list(review.undone_batches(h)))
     return np.unique(h["row"][mine])
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "HISTORY_FIELDS",
     "history_table",
     "read_paths",
+    "undone_batches",
     "mark_dubious",
     "move",
     "undo",
@@ -201,7 +202,8 @@ def move(
     return Batch(f"move to {to!r}", {c: len(v[0]) for c, v in changes.items()})
 
 
-def _undone(h: History) -> set[int]:
+def undone_batches(h: History) -> set[int]:
+    """The batches of history ``h`` an undo has taken back."""
     src = h["source"].astype(str)
     return {int(s[len("undo:") :]) for s in np.unique(src) if s.startswith("undo:")}
 
@@ -212,7 +214,7 @@ def undo(store_path: str | Path, batch: int | None = None, *, who: str | None = 
     store = FeatureStore(store_path)
     h = store.history()
     src = h["source"].astype(str)
-    done = _undone(h)
+    done = undone_batches(h)
     candidates = sorted({int(b) for b, s in zip(h["batch"], src, strict=True)
                          if not s.startswith("undo:")} - done)  # fmt: skip
     if batch is None:

@@ -3,11 +3,13 @@ processes start in a fraction of a second instead of importing torch through con
 
 from __future__ import annotations
 
+import contextlib
 import random
 import subprocess
 import sys
+import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +65,25 @@ def kill_loop(
         proc.kill()
         proc.wait()
         after_kill()
+
+
+@contextlib.contextmanager
+def writer_held(store: Path) -> Iterator[None]:
+    """Another process holds ``store``'s writer lock for the body of the ``with``."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = [{str(ROOT)!r}]
+        from penult.features import StoreWriter
+        with StoreWriter(sys.argv[1]):
+            print("ready", flush=True)
+            time.sleep(30)
+    """)
+    hold = subprocess.Popen(
+        [sys.executable, "-c", code, str(store)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert hold.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        hold.kill()
+        hold.wait()

@@ -3,8 +3,6 @@ an append-only history, undo, kills during label writes, a second writer."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 from penult.cli import main
 from penult.features import FeatureStore, StoreError, StoreLockedError, StoreWriter, check, review
 from penult.features.types import STATUSES
-from store_rows import kill_loop, synthetic_rows
+from store_rows import kill_loop, synthetic_rows, writer_held
 
 from conftest import copy_store
 
@@ -161,24 +159,8 @@ def test_unknown_images_and_an_unlabelled_one_are_named(tmp_path: Path) -> None:
 def test_a_second_writer_is_refused_with_a_message_and_no_damage(tmp_path: Path) -> None:
     p = tmp_path / "s.h5"
     paths = _synthetic(p)
-    hold = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
-            sys.path[:0] = [{str(ROOT)!r}]
-            from penult.features import StoreWriter
-            with StoreWriter(sys.argv[1]):
-                print("ready", flush=True)
-                time.sleep(30)
-        """), str(p)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert hold.stdout.readline().strip() == "ready"
-        with pytest.raises(StoreLockedError, match="being written by another process"):
-            review.move(p, paths[:2], "d4")
-    finally:
-        hold.kill()
-        hold.wait()
+    with writer_held(p), pytest.raises(StoreLockedError, match="being written by another process"):
+        review.move(p, paths[:2], "d4")
     assert _labels(p)[:2] == ["d0", "d1"] and len(FeatureStore(p).history()) == 0
     review.move(p, paths[:2], "d4")  # once the other writer is gone
     assert _labels(p)[:2] == ["d4", "d4"] and check(p) == []
@@ -324,3 +306,20 @@ def test_the_queue_skips_near_duplicates_of_a_doubtful_image() -> None:
     pick = diverse_order(X, doubt, 10, 0.95)
     assert len(pick) == 10 and (pick < 50).sum() == 1 and pick[0] < 50
     assert list(pick[1:]) == list(range(50, 59))  # then the others, most doubtful first
+
+
+def test_a_damaged_history_segment_is_found_and_repaired_without_touching_labels(
+    tmp_path: Path,
+) -> None:
+    p = tmp_path / "s.h5"
+    paths = _synthetic(p)
+    review.move(p, paths[:2], "d5")
+    h = FeatureStore(p).history()
+    seg = next(Path(f"{p}.segments").glob("history-*.h5"))
+    seg.write_bytes(seg.read_bytes()[:200])  # truncated on disk
+    problems = check(p)
+    assert problems and seg.name in " ".join(problems)
+    done = check(p, repair=True)
+    assert any(f"dropped {len(h)} entries of the label history" in d for d in done), done
+    assert check(p) == [] and len(FeatureStore(p).history()) == 0
+    assert _labels(p)[:2] == ["d5", "d5"]  # the labels themselves are intact

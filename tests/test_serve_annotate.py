@@ -5,9 +5,6 @@ never while another process writes the store, and never with a bad label name.""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 from urllib.parse import unquote
@@ -19,6 +16,7 @@ from penult.extract import Featuriser
 from penult.features import FeatureStore
 from servers import chromium, live
 from starlette.testclient import TestClient
+from store_rows import writer_held
 
 from conftest import copy_store
 
@@ -117,28 +115,13 @@ def test_bad_requests_get_a_clear_message_and_change_nothing(store: Path, body, 
 def test_a_store_written_by_another_process_refuses_writes_without_damage(store: Path) -> None:
     c = _client(store)
     token = _token(c)
-    hold = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
-            sys.path[:0] = [{str(ROOT)!r}]
-            from penult.features import StoreWriter
-            with StoreWriter(sys.argv[1]):
-                print("ready", flush=True)
-                time.sleep(30)
-        """), str(store)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
     ants = [p for p in FeatureStore(store).images().path if p.startswith("ants/")][:2]
-    try:
-        assert hold.stdout.readline().strip() == "ready"
+    with writer_held(store):
         r = c.post("/api/label", json={"action": "validate", "paths": ants},
                    headers={"x-csrf-token": token})  # fmt: skip
         assert r.status_code == 409
         assert "being written by another process" in r.json()["error"]
         assert "nothing was changed" in r.json()["error"]
-    finally:
-        hold.kill()
-        hold.wait()
     assert len(FeatureStore(store).history()) == 0
     r = c.post(
         "/api/label", json={"action": "validate", "paths": ants}, headers={"x-csrf-token": token}

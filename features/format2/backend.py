@@ -334,6 +334,12 @@ class Format2:
                 s.maps[fam] = [p for p in s.maps[fam] if p.file not in bad]
                 rows = sum(p.hi - p.lo for p in gone)
                 done.append(f"repaired: dropped {rows} rows of {fam} (made again by the next run)")
+        for name, n in [h for h in s.history if h[0] in bad]:  # the labels themselves stay
+            s.history.remove((name, n))
+            done.append(
+                f"repaired: dropped {n} entries of the label history held in {name} (the labels "
+                "are intact; those changes can no longer be undone)"
+            )
         if any(n in bad for n, _ in s.index):
             Commit(self.path, s).rebuild_index()
             done.append("repaired: rebuilt the path index from the image table")
