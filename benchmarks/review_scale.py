@@ -1,6 +1,8 @@
 """What a review action costs on a large store (issue 32, part 9): validate, move, mark dubious
 and undo on a synthetic store of N rows (8-d embeddings: the label columns are what is read and
-written), each the median of 3, plus reading a level's provenance and the history.
+written), each the median of 3, plus reading a level's provenance and the history; then the
+same actions through `penult serve --annotate`'s app (POST /api/label, as the review page sends
+them) and the review page answered right after each (it reloads the store's new commit).
 
     .venv/bin/python benchmarks/review_scale.py                 # 1,000,000 rows
     .venv/bin/python benchmarks/review_scale.py --rows 100000
@@ -88,6 +90,49 @@ def main() -> None:
     print(f"{args.rows:,} rows, median of 3 (history grows as it runs)")
     for what, fn in rows:
         print(f"  {what:36s} {1000 * timed(fn):8.0f} ms")
+    served(path, args.rows, rng)
+
+
+def served(path: Path, n: int, rng: np.random.Generator) -> None:
+    """Actions through the server's app and the review page after each, as the page does."""
+    import re
+
+    from penult.classify.web import Site, make_app
+    from starlette.testclient import TestClient
+
+    t = time.perf_counter()
+    site = Site(path, "net")
+    c = TestClient(make_app(site, annotate=True), base_url="http://127.0.0.1")
+    print(f"\nthrough the server's app ({n:,} rows; started in {time.perf_counter() - t:.2f} s)")
+
+    def get(url: str) -> float:
+        t = time.perf_counter()
+        r = c.get(url)
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - t
+
+    page = "/review?label=class7"
+    first = get(page)
+    token = re.search(r'csrf-token" content="([^"]+)"', c.get(page).text).group(1)
+    print(f"  review page, first visit {1000 * first:.0f} ms, again {1000 * get(page):.0f} ms")
+    pick = lambda k: paths_of(np.sort(rng.choice(n, k, replace=False)))  # noqa: E731
+    bodies = [
+        ("validate 1,000 images", lambda: {"action": "validate", "paths": pick(1000)}),
+        ("move 100 images", lambda: {"action": "move", "paths": pick(100), "to": "class7"}),
+        ("mark 50 images dubious", lambda: {"action": "dubious", "paths": pick(50)}),
+        ("undo", lambda: {"action": "undo"}),
+    ]
+    for what, body in bodies:
+        post, after = [], []
+        for _ in range(3):
+            b = body()
+            t = time.perf_counter()
+            r = c.post("/api/label", json=b, headers={"x-csrf-token": token})
+            post.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.text
+            after.append(get(page))
+        print(f"  POST {what:28s} {1000 * statistics.median(post):6.0f} ms, then the page "
+              f"{1000 * statistics.median(after):4.0f} ms (medians of 3)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -70,7 +72,7 @@ def main() -> None:
         assert r.status == 200, (path, r.status, body[:200])
         return body
 
-    keys = site.paths[:: max(1, len(site.paths) // 60)][:60]
+    keys = site.store.paths(np.arange(0, site.n, max(1, site.n // 60))[:60])
     from urllib.parse import quote
 
     nn = [ms(lambda k=k: get(f"/api/neighbors?k=12&key={quote(k, safe='')}")) for k in keys]
@@ -84,7 +86,8 @@ def main() -> None:
     warm = [ms(lambda p=p: grid(p)) for p in (2, 3, 4) for _ in range(3)]
     html_only = [ms(lambda: get("/?page=2")) for _ in range(10)]
 
-    photo = Path(site.roots[0]) / site.paths[100]
+    t100 = site.store.images([100])
+    photo = Path(t100.root[0]) / t100.path[0]
     body, boundary = _multipart(photo.name, photo.read_bytes())
 
     def upload() -> None:
@@ -98,7 +101,7 @@ def main() -> None:
     uploads = [ms(upload) for _ in range(10)]
     server.should_exit = True
     res = {
-        "rows": len(site.paths), "startup_s": start_s,
+        "rows": site.n, "startup_s": start_s,
         "neighbors_ms": {"median": statistics.median(nn), "p95": sorted(nn)[int(0.95 * len(nn))],
                          "max": max(nn)},
         "grid60_cold_ms": cold, "grid60_warm_ms": {"median": statistics.median(warm), "max": max(warm)},

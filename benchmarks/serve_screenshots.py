@@ -44,7 +44,8 @@ def main() -> None:
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
-    photo = Path(site.roots[0]) / site.paths[1234]
+    t = site.store.images([1234])
+    photo = Path(t.root[0]) / t.path[0]
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])

@@ -138,9 +138,10 @@ class Format1:
         with self._open() as f:
             return int(f["images/path"].shape[0])
 
-    def table(self) -> ImageTable:
+    def table(self, rows: np.ndarray | None = None) -> ImageTable:
         with self._open() as f:
-            return read_table(f)
+            t = read_table(f)
+        return t if rows is None else t.take(rows)
 
     def view(self) -> TableView:
         t = self.table()
@@ -155,6 +156,11 @@ class Format1:
         """One block, whose id changes with every commit (format 1 rewrites the whole file)."""
         st = self.path.stat()
         return max(1, self.rows()), [f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"]
+
+    def label_versions(self, column: str) -> dict[str, str]:
+        st = self.path.stat()
+        v = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+        return {"label": v, "review": v, "pred": v}
 
     def find(self, paths: list[str]) -> np.ndarray:
         index = self.table().index()
@@ -186,10 +192,16 @@ class Format1:
         status = np.where(labelled, VALIDATED, UNLABELLED).astype(np.int8)
         return Provenance(column, status, z, z.astype(np.int64), z, [""], [""])
 
+    def statuses(self, column: str, rows: np.ndarray | None = None) -> np.ndarray:
+        return self.provenance(column, rows).status
+
     def predictions(self, column: str, rows: np.ndarray | None = None) -> Predicted:
         """Format 1 holds no predictions."""
         n = self.rows() if rows is None else len(rows)
-        return Predicted(np.full((n, 3), ""), np.full((n, 3), np.nan, np.float32), np.full(n, ""))
+        return Predicted(
+            np.zeros((n, 3), np.int32), np.array([""], dtype=object),
+            np.full((n, 3), np.nan, np.float32), np.zeros(n, np.int32), np.array([""], dtype=object),
+        )  # fmt: skip
 
     def history(self) -> History:
         return History({k: np.zeros(0) for k in HISTORY_COLUMNS})

@@ -84,19 +84,33 @@ def _rows(store: FeatureStore, paths: Sequence[str]) -> np.ndarray:
 
 
 class _Levels:
-    """The store's label columns, read once per action (one snapshot), and its taxonomy."""
+    """The store's label columns as an action needs them: one level's alone (validating reads
+    nothing else), or all of them from one snapshot (a move's taxonomy)."""
 
     def __init__(self, store: FeatureStore):
         self.store = store
-        self.cols = store.labels()
+        self._all: dict[str, tuple[np.ndarray, list[str]]] | None = None
+        self._one: dict[str, tuple[np.ndarray, list[str]] | None] = {}
         self._coarser: dict[str, dict[str, dict[str, str]]] = {}
 
+    @property
+    def cols(self) -> dict[str, tuple[np.ndarray, list[str]]]:
+        if self._all is None:
+            self._all = self.store.labels()
+        return self._all
+
     def values(self, level: str, rows: np.ndarray) -> np.ndarray:
-        if level not in self.cols:
-            raise StoreError(
-                f"{self.store.path} has no label level {level!r} (it has: {list(self.cols)})"
-            )
-        codes, names = self.cols[level]
+        if self._all is not None:
+            got = self._all.get(level)
+        elif level in self._one:
+            got = self._one[level]
+        else:
+            have = self.store.label_columns()
+            got = self._one[level] = self.store.label_codes(level) if level in have else None
+        if got is None:
+            raise StoreError(f"{self.store.path} has no label level {level!r} "
+                             f"(it has: {self.store.label_columns()})")  # fmt: skip
+        codes, names = got
         return np.asarray(names, dtype=object)[codes[rows]]
 
     def coarser(self, level: str) -> dict[str, dict[str, str]]:
@@ -215,8 +229,8 @@ def undo(store_path: str | Path, batch: int | None = None, *, who: str | None = 
     h = store.history()
     src = h["source"].astype(str)
     done = undone_batches(h)
-    candidates = sorted({int(b) for b, s in zip(h["batch"], src, strict=True)
-                         if not s.startswith("undo:")} - done)  # fmt: skip
+    mine = h["batch"][~np.char.startswith(src, "undo:")]
+    candidates = np.setdiff1d(mine, np.asarray(sorted(done), np.int64)).tolist()
     if batch is None:
         if not candidates:
             raise StoreError(f"{store.path}: nothing to undo")

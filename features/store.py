@@ -129,10 +129,11 @@ class FeatureStore:
     def __len__(self) -> int:
         return self._b.rows()
 
-    def images(self) -> ImageTable:
+    def images(self, rows: Iterable[int] | None = None) -> ImageTable:
         """The whole table as Python lists (convenient for small stores; large ones use
-        :meth:`table_view`, :meth:`find` and :meth:`label_codes`)."""
-        return self._b.table()
+        :meth:`table_view`, :meth:`find` and :meth:`label_codes`), or only the sorted unique
+        ``rows`` (a page's worth, read without the rest)."""
+        return self._b.table(None if rows is None else np.asarray(list(rows), np.int64))
 
     def table_view(self) -> TableView:
         return self._b.view()
@@ -154,6 +155,12 @@ class FeatureStore:
         backbone's embeddings change in it (segments are immutable), so a cache built from the
         store (the faiss index) re-checks only the blocks whose id moved."""
         return self._b.segment_ids(self._known(backbone))
+
+    def label_versions(self, column: str) -> dict[str, str]:
+        """An id per part of a label column ("label": the labels, "review": their provenance,
+        "pred": stored predictions) that changes whenever that part changes (segments are
+        immutable): a reader that caches a part re-reads it only when its id moved."""
+        return self._b.label_versions(column)
 
     def label_columns(self) -> list[str]:
         """The label-like columns stored with the images (label, split, taxonomy, sample, ...)."""
@@ -187,6 +194,12 @@ class FeatureStore:
             else np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, np.int64)
         )
         return self._b.provenance(column, r)
+
+    def statuses(self, column: str = "label", rows: Iterable[int] | None = None) -> np.ndarray:
+        """(N,) int8 status codes of ``column``'s labels (as :meth:`provenance`'s, read alone)."""
+        self.label_codes(column)
+        r = None if rows is None else np.asarray(list(rows), np.int64)
+        return self._b.statuses(column, r)
 
     def predictions(self, column: str = "label", rows: Iterable[int] | None = None) -> Predicted:
         """A model's stored top 3 labels and scores for ``column`` (``penult annotate``): all

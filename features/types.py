@@ -39,12 +39,23 @@ class Provenance:
 
 @dataclass
 class Predicted:
-    """A model's stored top labels for images of one level: (n, 3) labels ("" where none) and
-    scores (NaN where none), and (n,) which model said so."""
+    """A model's stored top labels for images of one level: (n, 3) codes into ``names`` (""
+    where none) and scores (NaN where none), and (n,) which model said so. ``labels`` spells the
+    codes out (a large store's pages compare codes instead)."""
 
-    labels: np.ndarray
+    codes: np.ndarray
+    names: np.ndarray  # object array; names[codes] are the labels
     scores: np.ndarray
-    model: np.ndarray
+    model_codes: np.ndarray
+    model_names: np.ndarray  # object array
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.names[self.codes].astype(str)
+
+    @property
+    def model(self) -> np.ndarray:
+        return self.model_names[self.model_codes].astype(str)
 
 
 @dataclass
@@ -83,6 +94,17 @@ class ImageTable:
 
     def index(self) -> dict[str, int]:
         return {p: i for i, p in enumerate(self.path)}
+
+    def take(self, rows: np.ndarray) -> ImageTable:
+        """The rows ``rows`` only, in that order."""
+        r = np.asarray(rows, np.int64).tolist()
+        pick = lambda v: [v[i] for i in r]  # noqa: E731
+        return ImageTable(
+            path=pick(self.path), root=pick(self.root), sha256=pick(self.sha256),
+            error=pick(self.error), nbytes=self.nbytes[r], mtime_ns=self.mtime_ns[r],
+            width=self.width[r], height=self.height[r],
+            labels={k: pick(v) for k, v in self.labels.items()},
+        )  # fmt: skip
 
     def label_array(self, column: str = "label") -> np.ndarray:
         if column not in self.labels:

@@ -100,6 +100,19 @@ def copy_store(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture
+def hidden(cub_store: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the cub20 store with every label level emptied, and path -> the hidden species."""
+    from penult.features import FeatureStore, StoreWriter
+
+    p = copy_store(cub_store, tmp_path / "cub.h5")
+    t = FeatureStore(p).images()
+    with StoreWriter(p) as w:
+        for col in t.labels:
+            w.set_labels(col, t.path, [""] * len(t.path))
+    return p, dict(zip(t.path, t.labels["label"], strict=True))
+
+
 def _shared(tmp_path_factory, name: str, build) -> Path:
     """A session fixture's folder, built once for the whole run: under pytest-xdist every worker
     asks for it, the first builds it (under a file lock, as xdist's docs advise) and the others

@@ -4,26 +4,11 @@ whose labels are hidden."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
-import pytest
 from penult.classify.clusters import find_clusters, grow, reject
 from penult.cli import main
-from penult.features import FeatureStore, StoreWriter, review
-
-from conftest import copy_store
-
-
-@pytest.fixture
-def hidden(cub_store: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """The cub20 store with every label level emptied, and path -> the hidden species."""
-    p = copy_store(cub_store, tmp_path / "cub.h5")
-    t = FeatureStore(p).images()
-    with StoreWriter(p) as w:
-        for col in t.labels:
-            w.set_labels(col, t.path, [""] * len(t.path))
-    return p, dict(zip(t.path, t.labels["label"], strict=True))
+from penult.features import FeatureStore, review
 
 
 def _purity(paths: list[str], truth: dict[str, str]) -> float:

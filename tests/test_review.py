@@ -323,3 +323,30 @@ def test_a_damaged_history_segment_is_found_and_repaired_without_touching_labels
     assert any(f"dropped {len(h)} entries of the label history" in d for d in done), done
     assert check(p) == [] and len(FeatureStore(p).history()) == 0
     assert _labels(p)[:2] == ["d5", "d5"]  # the labels themselves are intact
+
+
+def test_a_reader_of_a_large_store_reads_only_what_changed(cub_store: Path, tmp_path: Path) -> None:
+    """What `penult serve` reads instead of the whole table: some rows of it, the statuses alone,
+    and an id per part of a label level that moves only when that part changes (validating
+    images changes their status, not their labels: their label column is not rewritten)."""
+    p = copy_store(cub_store, tmp_path / "cub.h5")
+    fs = FeatureStore(p)
+    t = fs.images()
+    rows = np.array([3, 17, len(t) - 1])
+    some = fs.images(rows)
+    assert some.path == [t.path[r] for r in rows] and some.root == [t.root[r] for r in rows]
+    assert some.labels["genus"] == [t.labels["genus"][r] for r in rows]
+
+    v0 = fs.label_versions("label")
+    review.validate(p, t.path[:5])
+    v1 = FeatureStore(p).label_versions("label")
+    assert v1["label"] == v0["label"] and v1["review"] != v0["review"]
+    review.mark_dubious(p, t.path[5:7])
+    fs = FeatureStore(p)
+    assert fs.label_versions("label")["label"] == v0["label"]
+    assert (fs.statuses("label") == fs.provenance("label").status).all()
+    assert fs.statuses("label")[5] == STATUSES.index("dubious")
+    other = sorted(set(t.labels["label"]) - {t.labels["label"][9]})[0]
+    review.move(p, [t.path[9]], other)
+    v2 = FeatureStore(p).label_versions("label")
+    assert v2["label"] != v0["label"] and v2["pred"] == v0["pred"]

@@ -86,13 +86,15 @@ def _digest(store: Path) -> str:
 
 def test_neighbours_of_a_stored_image_and_of_an_upload(client: TestClient, served: Site) -> None:
     before = _digest(served.store_path)
-    first = sorted(p for p in served.paths if p.startswith("ants/") and p[5:7] != "br")[0]
+    first = sorted(
+        p for p in served.store.images().path if p.startswith("ants/") and p[5:7] != "br"
+    )[0]
     r = client.get("/api/neighbors", params={"key": "bees/copy_of_ant.jpg", "k": 3}).json()
     assert r["query"]["path"] == "bees/copy_of_ant.jpg" and len(r["hits"]) == 3
     assert r["hits"][0]["path"] == first and r["hits"][0]["score"] > 0.9  # its original
     assert all(h["path"] != "bees/copy_of_ant.jpg" for h in r["hits"])  # never itself
     # an upload is embedded with the store's backbone: the same bytes find their stored row
-    data = (Path(served.roots[0]) / first).read_bytes()
+    data = (Path(served.store.images().root[0]) / first).read_bytes()
     r = client.post("/api/neighbors", files={"file": ("mine.jpg", data, "image/jpeg")}).json()
     assert r["hits"][0]["path"] == first and r["hits"][0]["score"] > 0.999
     page = client.get("/similar", params={"key": first})
@@ -134,7 +136,9 @@ def live(site: Site):
 def test_only_the_stores_own_files_are_served(served: Site) -> None:
     """Raw request paths (no client-side clean-up of ``..``) against a live server."""
     with live(served) as port:
-        good = "ants/" + sorted(p for p in os.listdir(Path(served.roots[0]) / "ants"))[0]
+        good = (
+            "ants/" + sorted(p for p in os.listdir(Path(served.store.images().root[0]) / "ants"))[0]
+        )
 
         def get(raw: str) -> tuple[int, bytes]:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -143,7 +147,7 @@ def test_only_the_stores_own_files_are_served(served: Site) -> None:
             return r.status, r.read()
 
         status, body = get(f"/image/{good}")
-        assert status == 200 and body == (Path(served.roots[0]) / good).read_bytes()
+        assert status == 200 and body == (Path(served.store.images().root[0]) / good).read_bytes()
         store = served.store_path.name
         for raw in [
             f"/image/../{store}",
@@ -272,7 +276,7 @@ def browser():
 
 
 def test_in_a_browser_click_an_image_then_upload_one(browser, served: Site) -> None:
-    first = sorted(p for p in served.paths if p.startswith("ants/0"))[0]
+    first = sorted(p for p in served.store.images().path if p.startswith("ants/0"))[0]
     with live(served) as port:
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{port}/?label=bees")
@@ -281,7 +285,9 @@ def test_in_a_browser_click_an_image_then_upload_one(browser, served: Site) -> N
         assert page.url.endswith("/similar?key=bees%2Fcopy_of_ant.jpg")
         hits = page.locator("figure.hit")
         assert hits.count() == served.k and hits.first.get_attribute("data-path") == first
-        page.set_input_files("#upload input[type=file]", str(Path(served.roots[0]) / first))
+        page.set_input_files(
+            "#upload input[type=file]", str(Path(served.store.images().root[0]) / first)
+        )
         page.wait_for_selector(f"#message:has-text('most similar to {Path(first).name}')")
         assert page.locator("figure.hit").first.get_attribute("data-path") == first
         page.set_input_files(

@@ -335,7 +335,7 @@ def test_a_name_that_is_not_utf8_works_on_every_page(odd_store: Path) -> None:
     page = c.get("/", params={"label": "ants"})
     assert page.status_code == 200 and f"/thumb/ants/{key}" in page.text
     assert "ants/caf\\xe9.jpg" in page.text  # shown escaped
-    src = Path(site.roots[0]) / "ants"
+    src = Path(site.store.images([0]).root[0]) / "ants"
     exact = os.path.join(os.fsencode(src), ODD)
     assert c.get(f"/image/ants/{key}").content == open(exact, "rb").read()
     assert c.get(f"/thumb/ants/{key}").headers["content-type"] == "image/jpeg"

@@ -17,6 +17,11 @@ Routes:
     /api/label              (``--annotate`` only) POST JSON {action, paths, to, level, batch}:
                             validate, move, dubious, reject or undo; needs the page's CSRF token
                             in ``X-CSRF-Token`` (also in /api/info)
+    /clusters?page=         HDBSCAN clusters of the unlabelled images, largest first
+    /clusters?view=grow&grow=<class>&n=   the unlabelled images nearest to a class's validated
+                            ones, to accept or reject (through /api/label)
+    /api/cluster            (``--annotate`` only) POST JSON {cluster, to} names a cluster's open
+                            members; {cluster, skip: true} hides it; {recluster: true}
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode, urlsplit
 
 import jinja2
 from penult.classify.web.annotate import REVIEW_PAGE, Retrain, label_action, metrics_of, number
+from penult.classify.web.board import CLUSTERS_PAGE, GROW, SHOW, ClusterBoard
 from penult.classify.web.site import PAGE, Site, SiteError, Upload, shown
 from penult.core import PenultError
 from penult.features import STATUSES, StoreLockedError
@@ -282,7 +288,7 @@ def make_app(
         return {
             "store_name": site.store_path.name,
             "backbone": site.backbone,
-            "rows": len(site.paths),  # of the commit being shown
+            "rows": site.n,  # of the commit being shown
             "has_model": site.model is not None,
             "model_name": site.model_name,
             "annotate": annotate,
@@ -309,9 +315,10 @@ def make_app(
 
     async def similar(request: Request) -> Response:
         key = _query(request, "key")
-        if key and key not in site.row_of:
+        row = site.row(key) if key else None
+        if key and row is None:
             raise HTTPException(404, f"{key!r} is not an image of this store")
-        label = site.describe(site.row_of[key])["label"] if key else ""
+        label = site.describe(row)["label"] if key else ""
         return page(request, "similar", key=key, label=label, k=site.k)
 
     async def image(request: Request) -> Response:
@@ -350,7 +357,7 @@ def make_app(
         if not key:
             raise HTTPException(400, "say which stored image: ?key=<path in the store>")
         hits = await _threaded(site.similar, key, k)
-        return _JSON({"query": site.describe(site.row_of[key]), "hits": hits})
+        return _JSON({"query": site.describe(site.row(key)), "hits": hits})
 
     async def mistakes(request: Request) -> Response:
         return page(request, "mistakes", m=await _threaded(site.mistakes))
@@ -401,23 +408,19 @@ def make_app(
         part = slice((page_no - 1) * REVIEW_PAGE, page_no * REVIEW_PAGE)
         status = site.review_arrays(level)["status"]
         items = [
-            {**site.describe(int(r)), "status": STATUSES[status[r]],
-             "score": None if math.isnan(s) else float(s),
+            {**d, "status": STATUSES[status[r]], "score": None if math.isnan(s) else float(s),
              "note": notes[part.start + i] if notes is not None else ""}
-            for i, (r, s) in enumerate(zip(rows[part], scores[part], strict=True))
+            for i, (d, r, s) in enumerate(zip(site.describe_rows(rows[part]), rows[part],
+                                              scores[part], strict=True))
         ]  # fmt: skip
 
         def query(n: int) -> str:
             return urlencode({**{k: v for k, v in f.items() if v}, "page": n})
 
-        taxa = sorted(
-            {c["label"] for c in counts}
-            | {v for c in site.columns() if c not in ("split", "sample") for v in site.values(c)}
-        )
         return page(
             request, "review", f=f, items=items, total=len(rows), page=page_no, pages=pages,
-            counts=counts, statuses=STATUSES[1:], taxa=taxa, query=query,
-            samples=site.values("sample") if "sample" in site.labels else [],
+            counts=counts, statuses=STATUSES[1:], taxa=_taxa(site, counts), query=query,
+            samples=site.values("sample"),
         )  # fmt: skip
 
     def may_write(request: Request) -> None:
@@ -438,14 +441,64 @@ def make_app(
 
     async def api_label(request: Request) -> Response:
         may_write(request)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPException(400, "the body must be JSON: {action, paths, to, level}") from None
-        if not isinstance(body, dict):
-            raise HTTPException(400, "the body must be a JSON object: {action, paths, to, level}")
+        body = await _json_object(request, "{action, paths, to, level}")
         try:
             done = await _threaded(label_action, site.store_path, body)
+        except StoreLockedError as e:
+            raise HTTPException(409, f"{e}; nothing was changed") from None
+        return _JSON(done)
+
+    board = ClusterBoard(site.store_path, site.backbone)
+
+    async def clusters_page(request: Request) -> Response:
+        label = _query(request, "grow")
+        taxa = []
+        if annotate and site.has(board.level):
+            taxa = _taxa(site, await _threaded(site.review_counts, board.level))
+        if label or _query(request, "view") == "grow":
+            classes = await _threaded(board.growable, site)
+            label = label or (classes[0] if classes else "")
+            n = _int(request.query_params.get("n"), GROW, 1, REVIEW_PAGE)
+            p = await _threaded(board.proposal, label, n) if label else None
+            items = [] if p is None else [
+                {**d, "score": float(x)}
+                for d, x in zip(site.describe_rows(site.rows_of(p.paths)), p.distance, strict=True)
+            ]  # fmt: skip
+            return page(
+                request, "clusters", view="grow", label=label, classes=classes, items=items,
+                left=p.left if p else 0, n=n, level=board.level, taxa=taxa,
+            )  # fmt: skip
+        cards, cs = await _threaded(board.cards, site)
+        pages = max(1, math.ceil(len(cards) / CLUSTERS_PAGE))
+        page_no = min(_int(request.query_params.get("page"), 1, 1, 10**9), pages)
+        part = cards[(page_no - 1) * CLUSTERS_PAGE : page_no * CLUSTERS_PAGE]
+        return page(
+            request, "clusters", view="clusters", cards=part, total=len(cards), cs=cs,
+            page=page_no, pages=pages, query=lambda k: urlencode({"page": k}), show=SHOW,
+            taxa=taxa,
+        )  # fmt: skip
+
+    async def api_cluster(request: Request) -> Response:
+        may_write(request)
+        body = await _json_object(request, "{cluster, to} or {cluster, skip} or {recluster}")
+        if body.get("recluster") is True:
+            board.recluster()
+            await _threaded(board.ensure)
+            return _JSON({"action": "clustered again", "changed": {}})
+        number, to = body.get("cluster"), body.get("to")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise HTTPException(400, "cluster must be a cluster's number (1 = largest)")
+        if body.get("skip") is True:
+            await _threaded(board.members, site, number)  # refuses a number that is no cluster
+            board.skipped.add(number)
+            return _JSON({"action": f"skipped cluster {number}", "changed": {}})
+        if not isinstance(to, str):
+            raise HTTPException(400, "to must be the taxon to name the cluster")
+        members = await _threaded(board.members, site, number)
+        if not members:
+            raise HTTPException(409, f"cluster {number} has no unlabelled images left")
+        try:
+            done = await _threaded(board.name, members, to)
         except StoreLockedError as e:
             raise HTTPException(409, f"{e}; nothing was changed") from None
         return _JSON(done)
@@ -479,6 +532,8 @@ def make_app(
         Route("/api/label", fresh(api_label), methods=["POST"]),
         Route("/review", fresh(review_page)),
         Route("/api/retrain", api_retrain, methods=["GET", "POST"]),
+        Route("/clusters", fresh(clusters_page)),
+        Route("/api/cluster", fresh(api_cluster), methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     limits = UploadLimits(max_upload, max(max_inflight, max_upload + ENVELOPE), max_decoding)
@@ -507,8 +562,26 @@ def _browse(site: Site, request: Request) -> tuple[dict[str, str], int, list[dic
     rows = site.rows(filters, failed)
     pages = max(1, math.ceil(len(rows) / PAGE))
     page = _int(p.get("page"), 1, 1, pages)
-    items = [site.describe(int(r)) for r in rows[(page - 1) * PAGE : page * PAGE]]
+    items = site.describe_rows(rows[(page - 1) * PAGE : page * PAGE])
     return f, len(rows), items, page, pages
+
+
+def _taxa(site: Site, counts: list[dict[str, Any]]) -> list[str]:
+    """Names the taxon pickers offer: the classes and every coarser level's values."""
+    return sorted(
+        {c["label"] for c in counts}
+        | {v for c in site.columns() if c not in ("split", "sample") for v in site.values(c)}
+    )
+
+
+async def _json_object(request: Request, shape: str) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, f"the body must be JSON: {shape}") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, f"the body must be a JSON object: {shape}")
+    return body
 
 
 def _int(text: str | None, default: int, lo: int, hi: int) -> int:

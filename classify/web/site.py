@@ -1,7 +1,10 @@
 """What `penult serve` knows about one store: its rows, the files behind them (and only those),
 thumbnails, filters and neighbour queries. No HTTP here: the app in ``app.py`` calls these.
 
-The store is opened read-only and never written; thumbnails are cached beside it.
+The store is opened read-only and never written; thumbnails are cached beside it. Nothing reads
+the whole table: a page reads the rows it shows (paths, roots, errors) and the compact
+per-row arrays it filters by (label codes, review status), each once per commit, so a
+million-row store answers as fast after a label change as before it (issue 32, part 9).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from PIL import Image
 __all__ = ["PAGE", "Site", "SiteError", "Upload", "shown", "url_key"]
 
 PAGE = 60  # thumbnails per grid page
+KNOWN_KEYS = 200_000  # path -> row lookups remembered per commit (pages look their tiles up)
 THUMB = 192  # longest side of a thumbnail, pixels
 THUMB_WORKERS = 2  # thumbnails decoded at once (first visits to a page ask for 60 together)
 UPLOAD_SUFFIXES = frozenset(".jpg .jpeg .png .gif .bmp .tif .tiff .webp".split())
@@ -48,6 +52,24 @@ class Upload:
 
 
 @dataclass
+class Snapshot:
+    """One commit of the store as the pages read it: the row count, which rows have an
+    embedding, the label columns, and what was read since (per-row arrays, rows described),
+    all dropped together when a commit replaces it. A request takes it once and reads only it."""
+
+    store: FeatureStore
+    commit: tuple[int, int, int]
+    n: int
+    valid: np.ndarray
+    label_columns: list[str]
+    arrays: dict[str, Any] = field(default_factory=dict)
+    row_of: dict[str, int] = field(default_factory=dict)  # paths looked up or shown
+    info: dict[int, tuple[str, str, str, str]] = field(
+        default_factory=dict
+    )  # path, root, sha, error
+
+
+@dataclass
 class Site:
     """One store, opened once: rows, labels, the index of ``backbone`` and the thumbnail cache."""
 
@@ -58,66 +80,118 @@ class Site:
     model_file: str = ""  # its file, for the pages
     k: int = 12
     thumbs: Path | None = None
-    store: FeatureStore = field(init=False)
     index: NeighborIndex | None = field(init=False, default=None)
-    evaluation: Evaluation | None = field(init=False, default=None)
+    snap: Snapshot = field(init=False)
 
     def __post_init__(self) -> None:
         self.store_path = Path(self.store_path)
         self._lock = threading.Lock()
         self._thumbing = threading.BoundedSemaphore(THUMB_WORKERS)
         self._real_roots: dict[str, str] = {}
+        self._evaluation: Evaluation | None = None
+        self._carried: dict[str, tuple[tuple[str, ...], Any]] = {}  # see _versioned
         self._load()
+        if self.model is not None:  # refused now (other store, other features), not on a click
+            self._evaluation = evaluate(self.model, self.store_path)
         if self.thumbs is None:
             self.thumbs = _writable(Path(f"{self.store_path}.thumbs"))
 
     def _load(self) -> None:
-        """Read the store as it is now (one commit: the top-level file is replaced atomically)
-        and make it what every request answers from."""
+        """Take the store as it is now (one commit: the top-level file is replaced atomically)
+        as what every request answers from; per-row arrays are read when first asked for."""
         seen = _commit_of(self.store_path)
         store = FeatureStore(self.store_path)
         if self.backbone not in store.backbones():
             have = ", ".join(sorted(store.backbones())) or "none"
             raise SiteError(f"{self.store_path}: no backbone {self.backbone!r} (it has: {have})")
-        t = store.images()
-        # refused now (other store, other features), not on a click
-        evaluation = evaluate(self.model, self.store_path) if self.model is not None else None
-        row_of, valid = t.index(), store.valid(self.backbone)
-        failed = np.asarray([bool(e) for e in t.error], bool)
-        # A request running meanwhile may see some attributes old and some new. Rows are only
-        # ever added, so what is read by row (paths, labels, ...) is replaced before what hands
-        # out rows (lookups, masks, the index): an old row number is always a row of the new.
-        self.store, self.paths, self.roots, self.sha = store, t.path, t.root, t.sha256
-        self.errors = t.error
-        self.labels: dict[str, list[str]] = t.labels
-        self._arrays: dict[str, np.ndarray] = {}  # label columns as arrays, made on first filter
-        self._ranked: dict[str, Any] = {}  # `penult mistakes` rankings of this commit
-        self._wrong: dict[tuple[str, str], list[int]] | None = None
-        self.evaluation = evaluation
-        self.row_of, self.valid, self.failed = row_of, valid, failed
-        self.index, self._commit = None, seen
+        # one object, swapped at once: a request holding the old one reads it consistently
+        self.snap = Snapshot(store, seen, len(store), store.valid(self.backbone),
+                             store.label_columns())  # fmt: skip
+        self.index = None
 
     def refresh(self) -> bool:
-        """Take up a commit made since the store was read (another `penult extract` into it):
-        the pages then show the new rows, and the neighbour index is brought up to date with
-        them. Cheap when nothing changed (one stat). Returns whether anything was reloaded."""
-        if _commit_of(self.store_path) == self._commit:
+        """Take up a commit made since the store was read (another `penult extract` into it, a
+        label changed): the pages then show the new rows and labels, and the neighbour index is
+        brought up to date with them. Cheap when nothing changed (one stat). Returns whether
+        anything was reloaded."""
+        if _commit_of(self.store_path) == self.snap.commit:
             return False
         with self._lock:
-            if _commit_of(self.store_path) == self._commit:
+            if _commit_of(self.store_path) == self.snap.commit:
                 return False
             self._load()
+            if self.model is not None:
+                self._evaluation = None  # evaluated again when the Mistakes page asks
             return True
+
+    @property
+    def store(self) -> FeatureStore:
+        return self.snap.store
+
+    @property
+    def n(self) -> int:
+        """Rows of the commit being shown."""
+        return self.snap.n
+
+    @property
+    def evaluation(self) -> Evaluation | None:
+        """The model on its held-out split of this commit (made when first asked for)."""
+        if self.model is not None and self._evaluation is None:
+            with self._lock:
+                if self._evaluation is None:
+                    self._evaluation = evaluate(self.model, self.store_path)
+        return self._evaluation
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def row(self, key: str) -> int | None:
+        """The row of the stored path ``key`` in this commit, or None."""
+        s = self.snap
+        r = s.row_of.get(key)
+        if r is None:
+            r = int(s.store.find([key])[0])
+            if not 0 <= r < s.n:
+                return None
+            self._remember(s, {key: r})
+        return r
+
+    def rows_of(self, keys: list[str]) -> np.ndarray:
+        """Rows of stored paths (all must be rows of this commit: -1 where one is not)."""
+        s = self.snap
+        rows = s.store.find(list(keys)) if keys else np.zeros(0, np.int64)
+        rows = np.where(rows < s.n, rows, -1)
+        self._remember(s, {k: int(r) for k, r in zip(keys, rows, strict=True) if r >= 0})
+        return rows
+
+    @staticmethod
+    def _remember(s: Snapshot, found: dict[str, int]) -> None:
+        if len(s.row_of) > KNOWN_KEYS:
+            s.row_of.clear()
+        s.row_of.update(found)
+
+    def _info(self, rows) -> list[tuple[str, str, str, str]]:
+        """(path, root, sha256, error) of each row, read once per commit in one pass."""
+        s = self.snap
+        want = np.unique(np.asarray([r for r in rows if r not in s.info], np.int64))
+        if len(want):
+            if len(s.info) > KNOWN_KEYS:
+                s.info.clear()
+            t = s.store.images(want)
+            for r, p, root, sha, err in zip(want.tolist(), t.path, t.root, t.sha256, t.error,
+                                            strict=True):  # fmt: skip
+                s.info[r] = (p, root, sha, err)
+                s.row_of[p] = r
+        return [s.info[r] for r in rows]
 
     # -- files -----------------------------------------------------------------------------
 
     def file(self, key: str) -> Path:
         """The image file of the store row ``key``, and nothing else: a key that is not a row, or
         a file that resolves (through links) outside its image root, is refused."""
-        row = self.row_of.get(key)
+        row = self.row(key)
         if row is None:
             raise FileNotFoundError(key)
-        root = self.roots[row]
+        _, root, _, _ = self._info([row])[0]
         real_root = self._real_roots.setdefault(root, os.path.realpath(root))
         real = os.path.realpath(os.path.join(root, key))
         if os.path.commonpath([real, real_root]) != real_root or not os.path.isfile(real):
@@ -129,12 +203,10 @@ class Site:
         placeholder (bytes) for a row that failed in extract or an image over the pixel limit,
         which is never decoded. At most ``THUMB_WORKERS`` are made at once."""
         src = self.file(key)
-        row = self.row_of[key]
-        if self.errors[row]:  # extract refused it (a bomb, a corrupt file): not decoded here
+        _, _, sha, error = self._info([self.row(key)])[0]
+        if error:  # extract refused it (a bomb, a corrupt file): not decoded here
             return placeholder()
-        name = (
-            self.sha[row] or hashlib.sha256(str(src).encode("utf-8", "surrogateescape")).hexdigest()
-        )
+        name = sha or hashlib.sha256(str(src).encode("utf-8", "surrogateescape")).hexdigest()
         out = self.thumbs / name[:2] / f"{name}_{THUMB}.jpg"
         if out.exists():
             return out
@@ -159,52 +231,112 @@ class Site:
 
     def columns(self) -> list[str]:
         """Label columns a user can filter by (the class label first)."""
-        return sorted(self.labels, key=lambda c: (c != "label", c))
+        return sorted(self.snap.label_columns, key=lambda c: (c != "label", c))
+
+    def has(self, column: str) -> bool:
+        return column in self.snap.label_columns
+
+    def _cached(self, key: str, make):
+        s = self.snap
+        if key not in s.arrays:
+            s.arrays[key] = make(s.store)
+        return s.arrays[key]
+
+    def _versioned(self, key: str, column: str, parts: tuple[str, ...], make):
+        """``make(store)`` once per commit, carried over to later commits while the parts of
+        label ``column`` it was read from are unchanged (validating images changes their
+        status, not their labels or predictions: only the status is read again)."""
+        s = self.snap
+        if key not in s.arrays:
+            versions = self._cached(f"versions:{column}", lambda st: st.label_versions(column))
+            tag = tuple(versions[p] for p in parts)
+            hit = self._carried.get(key)
+            if hit is None or hit[0] != tag:
+                hit = (tag, make(s.store))
+                self._carried[key] = hit
+            s.arrays[key] = hit[1]
+        return s.arrays[key]
+
+    def codes(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, names as an object array) of a label column."""
+        if not self.has(column):
+            raise SiteError(f"no label column {column!r}; the store has {self.columns()}")
+
+        def read(store):
+            codes, names = store.label_codes(column)
+            return codes, np.asarray(names, dtype=object)
+
+        return self._versioned(f"codes:{column}", column, ("label",), read)
 
     def values(self, column: str) -> list[str]:
-        return sorted({v for v in self.labels.get(column, []) if v})
+        """The values a column holds (not ""), sorted."""
+        if not self.has(column):
+            return []
+
+        def read(_):
+            codes, names = self.codes(column)
+            held = np.bincount(codes, minlength=len(names)) > 0
+            return sorted(v for v in names[held].tolist() if v)
+
+        return self._versioned(f"values:{column}", column, ("label",), read)
+
+    def labels_of(self, rows, column: str = "label") -> list[str]:
+        if not self.has(column):
+            return [""] * len(rows)
+        codes, names = self.codes(column)
+        return names[codes[np.asarray(rows, np.int64)]].tolist()
 
     def rows(self, filters: dict[str, str] | None = None, failed: bool | None = None) -> np.ndarray:
         """Rows matching every ``column: value`` filter (and failed / not failed when asked)."""
-        keep = np.ones(len(self.paths), bool)
+        keep = np.ones(self.n, bool)
         for column, value in (filters or {}).items():
-            if column not in self.labels:
-                raise SiteError(f"no label column {column!r}; the store has {self.columns()}")
-            if column not in self._arrays:
-                self._arrays[column] = np.asarray(self.labels[column], dtype=object)
-            keep &= self._arrays[column] == value
+            codes, names = self.codes(column)
+            hit = np.flatnonzero(names == value)
+            keep &= codes == (hit[0] if len(hit) else -1)
         if failed is not None:
-            keep &= self.failed == failed
+            keep &= self._cached("failed", lambda st: st.table_view().failed) == failed
         return np.flatnonzero(keep)
 
     def describe(self, row: int) -> dict[str, Any]:
-        """One row as the pages and the API show it: ``path`` for reading (a name that is not
-        UTF-8 shown with ``\\xNN`` escapes) and ``key``, the exact name percent-encoded, for
-        ``?key=`` and ``/image/``, ``/thumb/`` URLs."""
-        return {
-            "path": shown(self.paths[row]),
-            "key": url_key(self.paths[row]),
-            "label": self.labels["label"][row] if "label" in self.labels else "",
-            "split": self.labels["split"][row] if "split" in self.labels else "",
-            "error": self.errors[row],
-            "embedded": bool(row < len(self.valid) and self.valid[row]),
-        }
+        return self.describe_rows([row])[0]
+
+    def describe_rows(self, rows) -> list[dict[str, Any]]:
+        """Rows as the pages and the API show them (the table read once for all): ``path`` for
+        reading (a name that is not UTF-8 shown with ``\\xNN`` escapes) and ``key``, the exact
+        name percent-encoded, for ``?key=`` and ``/image/``, ``/thumb/`` URLs."""
+        rows = [int(r) for r in rows]
+        s = self.snap
+        label, split = self.labels_of(rows, "label"), self.labels_of(rows, "split")
+        return [
+            {"path": shown(p), "key": url_key(p), "label": lab, "split": sp, "error": err,
+             "embedded": bool(r < len(s.valid) and s.valid[r])}
+            for r, (p, _, _, err), lab, sp in zip(rows, self._info(rows), label, split,
+                                                  strict=True)
+        ]  # fmt: skip
 
     # -- review (``serve --annotate``) --------------------------------------------------------
 
     def review_arrays(self, level: str = "label") -> dict[str, np.ndarray]:
-        """Per row, for the review page: label, status, the stored first prediction and its
-        score (made once per commit)."""
-        key = f"review:{level}"
-        if key not in self._arrays:
-            prov = self.store.provenance(level)
-            pred = self.store.predictions(level)
-            self._arrays[key] = np.asarray(self.labels[level], dtype=object)
-            self._arrays[key + ":status"] = prov.status
-            self._arrays[key + ":pred"] = pred.labels.astype(object)
-            self._arrays[key + ":scores"] = pred.scores
-        return {k: self._arrays[f"{key}{s}"] for k, s in
-                (("label", ""), ("status", ":status"), ("pred", ":pred"), ("scores", ":scores"))}  # fmt: skip
+        """Per row, for the review page, as codes into one list of ``names`` (the level's labels
+        and every predicted name; ``none`` is the code of ""): ``label`` (n,), ``status``,
+        ``pred`` (n, 3) the stored top 3 predictions and their ``scores`` (once per commit)."""
+
+        codes, names = self.codes(level)
+
+        def predicted(store):
+            pred = store.predictions(level)
+            known = set(names.tolist())
+            extra = [v for v in pred.names.tolist() if v not in known]
+            allnames = np.asarray([*names.tolist(), *extra], dtype=object)
+            at = {v: i for i, v in enumerate(allnames.tolist())}
+            remap = np.asarray([at[v] for v in pred.names.tolist()], np.int32)
+            return {"label": codes.astype(np.int32), "pred": remap[pred.codes],
+                    "scores": pred.scores, "names": allnames, "none": at.get("", -1)}  # fmt: skip
+
+        a = self._versioned(f"pred:{level}", level, ("label", "pred"), predicted)
+        status = self._versioned(f"status:{level}", level, ("label", "review"),
+                                 lambda store: store.statuses(level))  # fmt: skip
+        return {**a, "status": status}
 
     def review(
         self, label: str, *, level: str = "label", status: str = "", order: str = "asc",
@@ -213,26 +345,28 @@ class Site:
         """(rows, scores) of one class, validated or predicted: images labelled ``label``, and
         unlabelled images whose model's first choice it is; filtered by status name, score
         range and sample, sorted by score (``asc``: least sure first; no score last)."""
-        if level not in self.labels:
+        if not self.has(level):
             raise SiteError(f"no label level {level!r}; the store has {self.columns()}")
         a = self.review_arrays(level)
-        mine = (a["label"] == label) | ((a["label"] == "") & (a["pred"][:, 0] == label))
-        hit = a["pred"] == label
-        score = np.where(hit.any(1), np.where(hit, a["scores"], 0).sum(1), np.nan)
+        code = np.flatnonzero(a["names"] == label)
+        code = code[0] if len(code) else -2  # a name nothing holds: no rows
+        rows = np.flatnonzero(
+            (a["label"] == code) | ((a["label"] == a["none"]) & (a["pred"][:, 0] == code))
+        )
+        hit = a["pred"][rows] == code
+        score = np.where(hit.any(1), np.where(hit, a["scores"][rows], 0).sum(1), np.nan)
+        keep = np.ones(len(rows), bool)
         if status:
             if status not in STATUSES[1:]:
                 raise SiteError(f"status {status!r} is not one of {', '.join(STATUSES[1:])}")
-            mine &= a["status"] == STATUSES.index(status)
+            keep &= a["status"][rows] == STATUSES.index(status)
         if sample:
-            in_sample = np.zeros(len(mine), bool)
-            in_sample[self.rows({SAMPLE: sample})] = True
-            mine &= in_sample
+            keep &= np.isin(rows, self.rows({SAMPLE: sample}))
         if lo is not None:
-            mine &= score >= lo
+            keep &= score >= lo
         if hi is not None:
-            mine &= score <= hi
-        rows = np.flatnonzero(mine)
-        s = score[rows]
+            keep &= score <= hi
+        rows, s = rows[keep], score[keep]
         key = np.where(np.isnan(s), np.inf, s if order == "asc" else -s)
         o = np.argsort(key, kind="stable")
         return rows[o], s[o]
@@ -246,11 +380,7 @@ class Site:
         q = label_queue(self.store_path, n=n, level=level, backbone=self.backbone)
         notes = [f"{a} {pa:.2f} / {b} {np.nan_to_num(pb):.2f}"
                  for a, pa, b, pb in zip(q.first, q.first_p, q.second, q.second_p, strict=True)]  # fmt: skip
-        return (
-            np.array([self.row_of[p] for p in q.paths], np.int64),
-            np.asarray(q.first_p, float),
-            notes,
-        )
+        return self.rows_of(list(q.paths)), np.asarray(q.first_p, float), notes
 
     def suspect_rows(
         self, level: str = "label", n: int = 120
@@ -259,29 +389,26 @@ class Site:
         answers in seconds; made once per commit) as (rows, scores, a note per image)."""
         from penult.classify.mistakes import MistakeOptions, find_mistakes
 
-        key = f"mistakes:{level}"
-        if key not in self._ranked:
-            opts = MistakeOptions(backbones=(self.backbone,), label=level, head="lr", folds=3)
-            self._ranked[key] = find_mistakes(self.store_path, opts)
-        res = self._ranked[key]
+        opts = MistakeOptions(backbones=(self.backbone,), label=level, head="lr", folds=3)
+        res = self._cached(f"mistakes:{level}", lambda _: find_mistakes(self.store_path, opts))
         r = res.ranking
         top = r.order()[:n]
         notes = [f"{res.labels[k]} \u2192 {r.suggested[k]} {r.suggested_p[k]:.2f}" for k in top]
-        return np.array([self.row_of[res.paths[k]] for k in top], np.int64), r.score[top], notes
+        return self.rows_of([res.paths[k] for k in top]), r.score[top], notes
 
     def review_counts(self, level: str = "label") -> list[dict[str, Any]]:
         """Per class (validated or predicted as it), images per status, most images first."""
         a = self.review_arrays(level)
-        cls = np.where(a["label"] == "", a["pred"][:, 0], a["label"])
-        out = []
-        names, inv = np.unique(cls.astype(str), return_inverse=True)
-        for i, name in enumerate(names):
-            if not name:
-                continue
-            st = np.bincount(a["status"][inv == i], minlength=len(STATUSES))
-            out.append({"label": name, "total": int(st.sum()),
-                        **{STATUSES[k]: int(st[k]) for k in range(1, len(STATUSES))}})  # fmt: skip
-        return sorted(out, key=lambda d: -d["total"])
+        cls = np.where(a["label"] == a["none"], a["pred"][:, 0], a["label"])
+        k = len(STATUSES)
+        per = np.bincount(cls * k + a["status"], minlength=len(a["names"]) * k).reshape(-1, k)
+        out = [
+            {"label": name, "total": int(per[i].sum()),
+             **{STATUSES[j]: int(per[i, j]) for j in range(1, k)}}
+            for i, name in enumerate(a["names"].tolist())
+            if name and per[i].any()
+        ]  # fmt: skip
+        return sorted(out, key=lambda d: (-d["total"], d["label"]))
 
     # -- neighbours --------------------------------------------------------------------------
 
@@ -297,11 +424,11 @@ class Site:
 
     def similar(self, key: str, k: int | None = None) -> list[dict[str, Any]]:
         """The k nearest stored images of the stored image ``key`` (not itself)."""
-        row = self.row_of.get(key)
+        row = self.row(key)
         if row is None:
             raise SiteError(f"{key!r} is not an image of this store")
-        if not self.valid[row]:
-            why = self.errors[row] or "not extracted with this backbone"
+        if not self.snap.valid[row]:
+            why = self._info([row])[0][3] or "not extracted with this backbone"
             raise SiteError(f"{key!r} has no embedding ({why})")
         return self._search(self.store.embeddings(self.backbone, [row])[0], k, exclude=row)
 
@@ -324,15 +451,15 @@ class Site:
     def _search(self, x: np.ndarray, k: int | None, exclude: int = -1) -> list[dict[str, Any]]:
         k = k or self.k
         index = self.open_index()
-        extra = max(0, len(index.rows) - len(self.paths))  # rows committed since the snapshot
+        n = self.n
+        extra = max(0, len(index.rows) - n)  # rows committed since the snapshot
         scores, rows = index.search(np.asarray(x, np.float32)[None], k + 1 + extra)
         hits = [(int(r), float(s)) for s, r in zip(scores[0], rows[0], strict=True)]
-        n = len(self.paths)
+        hits = [(r, s) for r, s in hits if 0 <= r < n and r != exclude][:k]
         return [
-            {**self.describe(r), "score": round(s, 6)}
-            for r, s in hits
-            if 0 <= r < n and r != exclude
-        ][:k]
+            {**d, "score": round(s, 6)}
+            for d, (_, s) in zip(self.describe_rows([r for r, _ in hits]), hits, strict=True)
+        ]
 
     # -- a model: its mistakes, and uploads scored ----------------------------------------------
 
@@ -344,19 +471,19 @@ class Site:
         m = ev.metrics
         pred = m["predictions"]
         col = {c: i for i, c in enumerate(pred.classes)}
-        if self._wrong is None:  # the evaluation is fixed: group its mistakes once
-            self._wrong = {}
-            for i, (t, p) in enumerate(zip(ev.truth.tolist(), pred.label.tolist(), strict=True)):
-                if t != p:
-                    self._wrong.setdefault((t, p), []).append(i)
+        wrong: dict[tuple[str, str], list[int]] = {}  # the evaluation's mistakes by pair
+        for i, (t, p) in enumerate(zip(ev.truth.tolist(), pred.label.tolist(), strict=True)):
+            if t != p:
+                wrong.setdefault((t, p), []).append(i)
         pairs = []
         for pair in m["confused"]:
-            idx = self._wrong[(pair["true"], pair["predicted"])][:per_pair]
+            idx = wrong[(pair["true"], pair["predicted"])][:per_pair]
+            rows = self.rows_of([ev.paths[i] for i in idx])
             shown = [
-                {**self.describe(self.row_of[ev.paths[i]]), "predicted": pair["predicted"],
+                {**d, "predicted": pair["predicted"],
                  "probability": float(pred.proba[i, col[pair["predicted"]]])
                  if pair["predicted"] in col else None}
-                for i in idx
+                for i, d in zip(idx, self.describe_rows(rows), strict=True)
             ]  # fmt: skip
             pairs.append({**pair, "images": shown})
         per_class = sorted(

@@ -144,10 +144,12 @@ class Format2:
     def rows(self) -> int:
         return self.state().rows
 
-    def table(self) -> ImageTable:
+    def table(self, rows: np.ndarray | None = None) -> ImageTable:
         fixed = [(TABLE, c) for c in ("path", "root", "sha256", "nbytes", "mtime_ns")]
         fixed += [(ERROR, "error"), (SIZE, "width"), (SIZE, "height")]
-        s, cols = self._columns(lambda s: fixed + [(label_family(c), "code") for c in s.labels])
+        s, cols = self._columns(
+            lambda s: fixed + [(label_family(c), "code") for c in s.labels], rows
+        )
         labels = s.labels
         path, root, sha, nbytes, mtime, error, width, height, *codes = cols
         names = {k: np.asarray(v, dtype=object) for k, v in s.names.items()}
@@ -194,6 +196,15 @@ class Format2:
             )
         return block, ids
 
+    def label_versions(self, column: str) -> dict[str, str]:
+        s = self.state()
+        out = {}
+        for kind, fam in (("label", label_family(column)), ("review", review_family(column)),
+                          ("pred", pred_family(column))):  # fmt: skip
+            pieces = ";".join(f"{p.lo}:{p.hi}:{p.file}:{p.offset}" for p in s.maps.get(fam, []))
+            out[kind] = f"{s.rows}|{len(s.names.get(fam, []))}|{pieces}"
+        return out
+
     def find(self, paths: list[str]) -> np.ndarray:
         def read(s: State, r: Reader) -> np.ndarray:
             runs: list[KeyRun] = [read_run(r, n) for n, _ in s.index]
@@ -222,12 +233,15 @@ class Format2:
         s, (code, status, who, when, source) = self._columns(
             [(fam, "code")] + [(rv, k) for k in ("status", "who", "when", "source")], rows
         )
-        labelled = np.asarray(s.names[fam], dtype=object)[code] != ""
-        derived = np.where(labelled, VALIDATED, UNLABELLED).astype(np.int8)
         return Provenance(
-            column, np.where(status == 0, derived, status).astype(np.int8), who, when, source,
+            column, _status(s, fam, code, status), who, when, source,
             list(s.names.get("who", [""])), list(s.names.get("source", [""])),
         )  # fmt: skip
+
+    def statuses(self, column: str, rows: np.ndarray | None = None) -> np.ndarray:
+        fam, rv = label_family(column), review_family(column)
+        s, (code, status) = self._columns([(fam, "code"), (rv, "status")], rows)
+        return _status(s, fam, code, status)
 
     def predictions(self, column: str, rows: np.ndarray | None = None) -> Predicted:
         fam = pred_family(column)
@@ -236,7 +250,7 @@ class Format2:
         )
         names = np.asarray(s.names.get(fam, [""]), dtype=object)
         models = np.asarray(s.names.get("model", [""]), dtype=object)
-        return Predicted(names[labels].astype(str), scores, models[model].astype(str))
+        return Predicted(labels, names, scores, model, models)
 
     def history(self) -> History:
         def read(s: State, r: Reader) -> History:
@@ -356,3 +370,12 @@ class Format2:
             return ["the path index misses rows; `penult check --repair` rebuilds it"]
         Commit(self.path, self.state()).rebuild_index()
         return ["repaired: rebuilt the path index from the image table"]
+
+
+def _status(s: State, fam: str, code: np.ndarray, status: np.ndarray) -> np.ndarray:
+    """Stored statuses, where none is stored (0) the one a label implies: validated by its file
+    when there is one, else unlabelled."""
+    names = s.names[fam]
+    empty = names.index("") if "" in names else -1
+    derived = np.where(code != empty, VALIDATED, UNLABELLED).astype(np.int8)
+    return np.where(status == 0, derived, status).astype(np.int8)

@@ -264,10 +264,11 @@ class Commit:
                 continue
             codes = self.codes(label_family(col), a[f"value__{col}"][keep].tolist())
             status = a[f"status__{col}"][keep]
-            self._review(
-                col, rows[keep], codes, status, meta["who"], meta["source"], int(meta["when"])
-            )
-            self.put(label_family(col), rows[keep], {"code": codes})
+            r = rows[keep]
+            moved = self.current(label_family(col), "code", r) != codes
+            self._review(col, r, codes, status, meta["who"], meta["source"], int(meta["when"]))
+            if moved.any():  # validating changes the status alone: the labels stay untouched
+                self.put(label_family(col), r[moved], {"code": codes[moved]})
 
     def _note(self, col: str, rows: np.ndarray, meta: dict) -> None:
         """A history entry per row that changes nothing (a rejected proposal)."""

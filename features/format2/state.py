@@ -97,6 +97,14 @@ class State:
     backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
     view: str | None = None  # the view file (in the segments folder) the top-level file links to
 
+    def copy(self) -> State:
+        """A copy a commit may change: every container copied, the pieces (frozen) shared."""
+        return State(
+            copy.deepcopy(self.attrs), {k: list(v) for k, v in self.maps.items()},
+            list(self.index), list(self.history), {k: list(v) for k, v in self.names.items()},
+            copy.deepcopy(self.backbones), self.view,
+        )  # fmt: skip
+
     @property
     def rows(self) -> int:
         return int(self.attrs["rows"])
@@ -184,7 +192,7 @@ def load(f: h5py.File) -> State:
         if len(_LOADED) >= 8:
             _LOADED.pop(next(iter(_LOADED)))
         _LOADED[key] = hit
-    return copy.deepcopy(hit)
+    return hit.copy()
 
 
 def _load(f: h5py.File) -> State:

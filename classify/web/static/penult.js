@@ -107,16 +107,13 @@ document.addEventListener("DOMContentLoaded", () => {
 
 // -- Review (serve --annotate): select tiles, then validate, mark dubious, move or undo ----------
 
-function reviewPage() {
-  const grid = document.getElementById("review-grid");
-  const actions = document.getElementById("actions");
-  if (!grid || !actions) return;
+// Tiles of ``grid`` that click, shift-click, drag and keyboard select (a: all, Esc: none).
+function selectable(grid) {
   const tiles = Array.from(grid.querySelectorAll("figure.tile"));
-  const token = document.querySelector('meta[name="csrf-token"]').content;
   let last = -1, painting = false, paintOn = true;
   const count = () => {
-    document.getElementById("selected").textContent =
-      grid.querySelectorAll("figure.tile.selected").length;
+    const n = document.getElementById("selected");
+    if (n) n.textContent = grid.querySelectorAll("figure.tile.selected").length;
   };
   const set = (i, on) => { tiles[i].classList.toggle("selected", on); };
   tiles.forEach((t, i) => {
@@ -139,21 +136,56 @@ function reviewPage() {
     });
   });
   document.addEventListener("mouseup", () => { painting = false; });
-  const selected = () => tiles.filter((t) => t.classList.contains("selected")).map((t) => t.dataset.key);
-  async function send(body) {
-    const r = await fetch("/api/label", {
-      method: "POST", headers: { "content-type": "application/json", "x-csrf-token": token },
-      body: JSON.stringify({ level: actions.dataset.level || "label", ...body }),
-    });
-    const answer = await r.json();
-    if (!r.ok) { say(answer.error, true); return; }
-    const changed = Object.entries(answer.changed).map(([k, v]) => `${v} ${k}`).join(", ");
-    sessionStorage.setItem("penult-said", `${answer.action}: ${changed || "nothing"} changed`);
-    location.reload();
+  document.addEventListener("keydown", (e) => {
+    if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (e.key === "a") { tiles.forEach((_, i) => set(i, true)); count(); }
+    else if (e.key === "Escape") { tiles.forEach((_, i) => set(i, false)); count(); }
+  });
+  return {
+    all: () => tiles.map((t) => t.dataset.key),
+    selected: () => tiles.filter((t) => t.classList.contains("selected")).map((t) => t.dataset.key),
+  };
+}
+
+// POST a write with the page's CSRF token; on success the page reloads and says what changed.
+async function write(url, body) {
+  const token = document.querySelector('meta[name="csrf-token"]').content;
+  const r = await fetch(url, {
+    method: "POST", headers: { "content-type": "application/json", "x-csrf-token": token },
+    body: JSON.stringify(body),
+  });
+  const answer = await r.json();
+  if (!r.ok) { say(answer.error, true); return null; }
+  const changed = Object.entries(answer.changed || {}).map(([k, v]) => `${v} ${k}`).join(", ");
+  return `${answer.action}: ${changed || "nothing"} changed`;
+}
+
+async function writeAll(steps) {  // [url, body] pairs in order; stops at the first refusal
+  const said = [];
+  for (const [url, body] of steps) {
+    const s = await write(url, body);
+    if (s === null) return;
+    said.push(s);
   }
+  sessionStorage.setItem("penult-said", said.join("; "));
+  location.reload();
+}
+
+function sayWhatWasDone() {
+  const said = sessionStorage.getItem("penult-said");
+  if (said) { say(said, false); sessionStorage.removeItem("penult-said"); }
+}
+
+function reviewPage() {
+  const grid = document.getElementById("review-grid");
+  const actions = document.getElementById("actions");
+  if (!grid || !actions) return;
+  const sel = selectable(grid);
+  const level = actions.dataset.level || "label";
+  const send = (body) => writeAll([["/api/label", { level, ...body }]]);
   const act = (action, extra) => {
-    const keys = selected();
-    if (!keys.length && action !== "undo") { say("select images first", true); return; }
+    const keys = sel.selected();
+    if (!keys.length) { say("select images first", true); return; }
     send({ action, keys, ...extra });
   };
   document.getElementById("act-validate").onclick = () => act("validate");
@@ -162,16 +194,55 @@ function reviewPage() {
   const move = document.getElementById("move-to");
   document.getElementById("act-move").onclick = () => act("move", { to: move.value });
   document.addEventListener("keydown", (e) => {
-    if (e.target === move || e.ctrlKey || e.metaKey || e.altKey) return;
-    if (e.key === "a") { tiles.forEach((_, i) => set(i, true)); count(); }
-    else if (e.key === "Escape") { tiles.forEach((_, i) => set(i, false)); count(); }
-    else if (e.key === "v") act("validate");
+    if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (e.key === "v") act("validate");
     else if (e.key === "d") act("dubious");
     else if (e.key === "u") send({ action: "undo" });
     else if (e.key === "m") { e.preventDefault(); move.focus(); }
   });
-  const said = sessionStorage.getItem("penult-said");
-  if (said) { say(said, false); sessionStorage.removeItem("penult-said"); }
+  sayWhatWasDone();
+}
+
+// Clusters (serve --annotate): name a cluster (all its open members), skip a mixed one, or
+// grow a class: accept or reject the images nearest to its validated ones.
+function clusterPage() {
+  document.querySelectorAll("section.cluster").forEach((c) => {
+    const number = Number(c.dataset.cluster);
+    const name = c.querySelector(".name-to");
+    const nameIt = c.querySelector(".act-name");
+    if (!nameIt) return;
+    nameIt.onclick = () => {
+      if (!name.value.trim()) { say("type the taxon this cluster is", true); name.focus(); return; }
+      writeAll([["/api/cluster", { cluster: number, to: name.value.trim() }]]);
+    };
+    name.addEventListener("keydown", (e) => { if (e.key === "Enter") nameIt.click(); });
+    c.querySelector(".act-skip").onclick = () => writeAll([["/api/cluster", { cluster: number, skip: true }]]);
+  });
+  const again = document.getElementById("act-recluster");
+  if (again) again.onclick = () => { say("clustering ...", false); writeAll([["/api/cluster", { recluster: true }]]); };
+  const actions = document.getElementById("grow-actions");
+  if (actions) {
+    const sel = selectable(document.getElementById("review-grid"));
+    const to = actions.dataset.label, level = actions.dataset.level || "label";
+    const label = (action, keys) => ["/api/label", { action, keys, to, level }];
+    const accept = () => writeAll([label("move", sel.all())]);
+    const reject = () => writeAll([label("reject", sel.all())]);
+    document.getElementById("act-accept").onclick = accept;
+    document.getElementById("act-reject").onclick = reject;
+    document.getElementById("act-accept-selected").onclick = () => {
+      const yes = sel.selected();
+      if (!yes.length) { say("select the images that are " + to + " first", true); return; }
+      const no = sel.all().filter((k) => !yes.includes(k));
+      writeAll(no.length ? [label("move", yes), label("reject", no)] : [label("move", yes)]);
+    };
+    document.getElementById("act-undo").onclick = () => writeAll([["/api/label", { action: "undo" }]]);
+    document.addEventListener("keydown", (e) => {
+      if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
+      if (e.key === "y") accept();
+      else if (e.key === "r") reject();
+    });
+  }
+  sayWhatWasDone();
 }
 
 // Retrain (the review page, --annotate): `penult train` in the server's background, a progress
@@ -214,3 +285,4 @@ function retrainBox() {
 
 document.addEventListener("DOMContentLoaded", reviewPage);
 document.addEventListener("DOMContentLoaded", retrainBox);
+document.addEventListener("DOMContentLoaded", clusterPage);
