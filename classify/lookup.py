@@ -186,9 +186,15 @@ def write_table(results: list[Result], out: str | os.PathLike[str]) -> Path:
 
 def _thumb(src: str, folder: Path, name: str) -> str | None:
     """A small JPEG copy of ``src`` in ``folder``; its name relative to the sheet, or None."""
+    import io
+
+    from penult.core import ifcb
     from PIL import Image
 
     try:
+        roi = ifcb.roi_source(src)
+        if roi is not None and not os.path.isfile(src):  # an IFCB ROI: read from its bin
+            src = io.BytesIO(ifcb.read_roi(*roi)[0])
         with Image.open(src) as im:  # Pillow's own decompression-bomb limit applies
             im = im.convert("RGB")
             im.thumbnail((THUMB, THUMB))

@@ -6,6 +6,7 @@ parallel with the model.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -28,6 +29,8 @@ __all__ = [
     "mostly_greyscale",
     "open_image",
     "read_image_bytes",
+    "read_source",
+    "source_stat",
     "spread",
 ]
 
@@ -181,6 +184,41 @@ def read_image_bytes(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         os.close(fd)
 
 
+def read_source(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, str]:
+    """An image source's bytes to decode and its content hash (SHA-256). A source is a file, or
+    an IFCB ROI named ``<bin>_<nnnnn>`` beside its bin's files (``extract.ifcb``: its pixels, and
+    the hash of its bytes in the ``.roi``); a bin that cannot be read is an ImageError saying why."""
+    from penult.core import ifcb
+
+    if (roi := ifcb.roi_source(path)) is not None and not os.path.isfile(path):
+        try:
+            return ifcb.read_roi(*roi)
+        except (ifcb.BinError, OSError) as e:
+            raise ImageError(str(e)) from None
+    if (stem := ifcb.bin_source(path)) is not None and not os.path.isfile(path):
+        try:
+            b = ifcb.read_bin(stem)
+        except ifcb.BinError as e:
+            raise ImageError(str(e)) from None
+        raise ImageError(f"an IFCB bin of {len(b.rois)} ROIs, not one image")
+    data = read_image_bytes(path, max_bytes=max_bytes)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def source_stat(path: str) -> tuple[int, int]:
+    """(bytes, mtime in ns) of an image source, (0, 0) where it cannot be read: what says
+    whether its stored hash still holds."""
+    from penult.core import ifcb
+
+    try:
+        if (roi := ifcb.roi_source(path)) is not None and not os.path.isfile(path):
+            return ifcb.stat_roi(*roi)
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except (OSError, ifcb.BinError):
+        return 0, 0
+
+
 def _file_kind(mode: int) -> str:
     for test, name in (
         (stat.S_ISFIFO, "a FIFO"),
@@ -209,7 +247,7 @@ def sample_greyscale(files: Sequence[str]) -> tuple[int, int]:
     grey = seen = 0
     for f in files:
         try:
-            im = decode_image(read_image_bytes(f), draft=(64, 64))
+            im = decode_image(read_source(f)[0], draft=(64, 64))
         except ImageError:
             continue
         seen += 1

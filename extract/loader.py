@@ -7,7 +7,6 @@ device. On CUDA a side stream copies the next batch while the current one comput
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import sys
@@ -25,7 +24,7 @@ from penult.extract.images import (
     ImageError,
     decode_image,
     open_image,
-    read_image_bytes,
+    read_source,
 )
 from penult.extract.registry import Preprocess
 from PIL import Image
@@ -171,8 +170,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> Item:
         sha = ""
         try:
-            data = read_image_bytes(self.files[i])
-            sha = hashlib.sha256(data).hexdigest()
+            data, sha = read_source(self.files[i])
             draft = (2 * self.pre.resize, 2 * self.pre.resize)
             x = decode_tensor(data, max_pixels=self.max_pixels, draft=draft)
             h, w = x.shape[1:]

@@ -3,9 +3,7 @@ hashes), skip what is stored, copy identical files' embeddings, resolve ``--resi
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -17,7 +15,8 @@ from penult.extract.images import (
     ImageError,
     auto_resize,
     mostly_greyscale,
-    read_image_bytes,
+    read_source,
+    source_stat,
     spread,
 )
 from penult.extract.options import ExtractOptions
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _hash_one(path: str) -> tuple[str, str]:
     try:
-        return hashlib.sha256(read_image_bytes(path)).hexdigest(), ""
+        return read_source(path)[1], ""
     except ImageError as e:
         return "", str(e)
 
@@ -45,11 +44,7 @@ def hash_listing(
     nbytes, mtime = np.zeros(n, np.int64), np.zeros(n, np.int64)
     todo = []
     for i in range(n):
-        try:
-            st = os.stat(listing.absolute(i))
-            nbytes[i], mtime[i] = st.st_size, st.st_mtime_ns
-        except OSError:
-            pass
+        nbytes[i], mtime[i] = source_stat(listing.absolute(i))
         r = int(row[i])
         if (
             r >= 0

@@ -20,6 +20,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from penult.core import ifcb
 from penult.core.errors import PenultError
 from penult.core.labels import SAMPLE
 from penult.extract.images import IMAGE_SUFFIXES
@@ -91,7 +92,7 @@ def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
 
 
 def _scan_folder(root: Path, sample_level: int | None = None) -> Listing:
-    paths, ignored = [], []
+    paths, ignored, bins = [], [], 0
     seen: set[tuple[int, int]] = set()  # folders visited: a link back up must not loop forever
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
@@ -104,8 +105,19 @@ def _scan_folder(root: Path, sample_level: int | None = None) -> Listing:
             if name.startswith("."):
                 continue
             rel = Path(dirpath, name).relative_to(root).as_posix()
+            stem, suffix = os.path.splitext(name)
+            if suffix in ifcb.PARTS and ifcb.is_bin_name(stem):
+                bins += 1
+                continue
             (paths if Path(name).suffix.lower() in IMAGE_SUFFIXES else ignored).append(rel)
     paths.sort()
+    if bins:
+        if paths:
+            raise SourceError(
+                f"{root}: holds both image files ({len(paths)}) and IFCB bins; point penult "
+                "at a folder of one kind"
+            )
+        return _bin_listing(root, ignored)
     if not paths:
         raise SourceError(
             f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -123,6 +135,18 @@ def _scan_folder(root: Path, sample_level: int | None = None) -> Listing:
         for level in range(depth - 2):  # ancestors of the class folder, top level first
             labels[f"level{level}"] = [q[level] if len(q) > level + 1 else "" for q in parts]
     return Listing(root=root, paths=paths, labels=labels, ignored=sorted(ignored))
+
+
+def _bin_listing(root: Path, ignored: list[str]) -> Listing:
+    """IFCB bins: every ROI a row (``<folder>/<bin>_<nnnnn>``), unlabelled, its bin the sample,
+    with the bin's time, instrument and volume analysed (``extract.ifcb``)."""
+    paths, meta, notes = ifcb.list_bins(root)
+    order = sorted(range(len(paths)), key=paths.__getitem__)
+    return Listing(
+        root=root, paths=[paths[i] for i in order],
+        labels={k: [v[i] for i in order] for k, v in meta.items()},
+        ignored=sorted(ignored), notes=notes,
+    )  # fmt: skip
 
 
 def _sample_of(root: Path, path: str, level: int) -> tuple[str, tuple[str, ...]]:

@@ -322,7 +322,10 @@ def make_app(
         return page(request, "similar", key=key, label=label, k=site.k)
 
     async def image(request: Request) -> Response:
-        return FileResponse(_file(site.file, _path_key(request)))
+        got = await _threaded(_file, site.file, _path_key(request))
+        if isinstance(got, bytes):  # an IFCB ROI: its pixels, as a PNG made now
+            return Response(got, media_type="image/png")
+        return FileResponse(got)
 
     async def thumb(request: Request) -> Response:
         made = await _threaded(_file, site.thumbnail, _path_key(request))

@@ -26,7 +26,7 @@ from penult.classify.images import Images
 from penult.classify.model import Model
 from penult.classify.neighbors import NeighborIndex, ensure_index
 from penult.classify.predict import predict_files
-from penult.core import DEFAULT_MAX_PIXELS, SAMPLE, PenultError, atomic_path
+from penult.core import DEFAULT_MAX_PIXELS, SAMPLE, PenultError, atomic_path, ifcb
 from penult.features import STATUSES, FeatureStore
 from PIL import Image
 
@@ -185,15 +185,29 @@ class Site:
 
     # -- files -----------------------------------------------------------------------------
 
-    def file(self, key: str) -> Path:
-        """The image file of the store row ``key``, and nothing else: a key that is not a row, or
-        a file that resolves (through links) outside its image root, is refused."""
+    def file(self, key: str) -> Path | bytes:
+        """The image file of the store row ``key``, or for an IFCB ROI (no file of its own) its
+        pixels as a PNG; nothing else: a key that is not a row, or a file that resolves (through
+        links) outside its image root, is refused."""
         row = self.row(key)
         if row is None:
             raise FileNotFoundError(key)
         _, root, _, _ = self._info([row])[0]
         real_root = self._real_roots.setdefault(root, os.path.realpath(root))
         real = os.path.realpath(os.path.join(root, key))
+        roi = ifcb.roi_source(real)
+        if roi is not None and not os.path.isfile(real):
+            parts = [os.path.realpath(f"{roi[0]}{s}") for s in (".adc", ".roi")]
+            if any(os.path.commonpath([p, real_root]) != real_root for p in parts):
+                raise FileNotFoundError(key)
+            try:
+                pgm, _ = ifcb.read_roi(roi[0], roi[1])
+            except (ifcb.BinError, OSError):
+                raise FileNotFoundError(key) from None
+            buf = io.BytesIO()
+            with Image.open(io.BytesIO(pgm)) as im:
+                im.save(buf, "PNG")
+            return buf.getvalue()
         if os.path.commonpath([real, real_root]) != real_root or not os.path.isfile(real):
             raise FileNotFoundError(key)
         return Path(real)
@@ -206,7 +220,11 @@ class Site:
         _, _, sha, error = self._info([self.row(key)])[0]
         if error:  # extract refused it (a bomb, a corrupt file): not decoded here
             return placeholder()
-        name = sha or hashlib.sha256(str(src).encode("utf-8", "surrogateescape")).hexdigest()
+        if isinstance(src, bytes):
+            src_name, src = key, io.BytesIO(src)
+        else:
+            src_name = str(src)
+        name = sha or hashlib.sha256(src_name.encode("utf-8", "surrogateescape")).hexdigest()
         out = self.thumbs / name[:2] / f"{name}_{THUMB}.jpg"
         if out.exists():
             return out
