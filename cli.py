@@ -125,7 +125,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", help="HDF5 feature store (created if missing)")
     p.add_argument(
         "input",
-        help="image folder (class = subfolder), CSV manifest (path,label,...), file list, or image",
+        help="image folder (class = subfolder), a folder of IFCB bins (every ROI a row, the bin "
+        "its sample), CSV manifest (path,label,...), EcoTaxa export (.tsv, or its .zip), file "
+        "list, or image",
     )
     p.add_argument(
         "--root",
@@ -214,7 +216,10 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         "from the model's backbone, or from --store where already embedded there.",
     )
     p.add_argument("model")
-    p.add_argument("inputs", nargs="+", help="image files, folders, CSV manifests or file lists")
+    p.add_argument(
+        "inputs", nargs="+",
+        help="image files, folders (of images or IFCB bins), CSV manifests, EcoTaxa TSVs or file lists",
+    )  # fmt: skip
     p.add_argument(
         "--out", required=True, help="CSV to write (written as OUT.partial, then renamed)"
     )

@@ -1,12 +1,12 @@
 """The shared kernel both stages and the store stand on: errors, option declarations, safe file
-writes, label columns, splits and taxonomies, IFCB raw bins (`ifcb`), and Dask helpers. Nothing here
-touches HDF5 or torch.
+writes, label columns, splits and taxonomies, IFCB raw bins (`ifcb`), EcoTaxa's TSV (`ecotaxa`),
+and Dask helpers. Nothing here touches HDF5 or torch.
 
 Layering: ``core`` (this package) <- ``features`` (the store) <- ``extract`` / ``classify``;
 ``core.split`` alone sits above the store (it stores the split it makes).
 """
 
-from penult.core import ifcb
+from penult.core import ecotaxa, ifcb
 from penult.core.errors import OptionError, PenultError
 from penult.core.files import atomic_path, check_out_folder, file_sha256
 from penult.core.labels import (
@@ -36,6 +36,7 @@ __all__ = [
     "Taxonomy",
     "atomic_path",
     "check_out_folder",
+    "ecotaxa",
     "file_sha256",
     "ifcb",
     "make_split",

@@ -41,6 +41,28 @@ def extract(
     return s
 
 
+def _ecotaxa_status(w, listing: Listing, new: np.ndarray) -> None:
+    """An EcoTaxa export's statuses for images new to the store (imports come in validated by
+    their file): dubious objects marked so, predicted ones stored as the file's prediction (their
+    label stays empty, so training leaves them out until someone validates them)."""
+    from penult.features import DUBIOUS, current_user
+
+    source = f"file:{listing.origin}"
+    dub = [i for i, s in enumerate(listing.status) if s == "dubious" and new[i]]
+    if dub:
+        paths = [listing.paths[i] for i in dub]
+        labels = [listing.labels["label"][i] for i in dub]
+        w.review({"label": (paths, labels, [DUBIOUS] * len(dub))}, who=current_user(),
+                 source=source)  # fmt: skip
+    pred = [i for i, v in enumerate(listing.predicted) if v and new[i]]
+    if pred:
+        w.predictions(
+            "label", [listing.paths[i] for i in pred],
+            np.array([[listing.predicted[i]] for i in pred], dtype=str),
+            np.full((len(pred), 1), np.nan, np.float32), model=f"ecotaxa:{Path(listing.origin).name}",
+        )  # fmt: skip
+
+
 def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> ExtractSummary:
     opts, resize_why = resolve_resize(opts, listing)
     backbone, embedder, name, fingerprint = build_embedder(opts, listing, store_path)
@@ -71,6 +93,9 @@ def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> Ext
             listing.labels,
             origin=listing.origin,
         )
+        if listing.status and isinstance(w, StoreWriter):  # (a shard's part has no history)
+            w.commit()  # the rows first: the statuses name them
+            _ecotaxa_status(w, listing, row < 0)
         w.register_backbone(name, fingerprint, dtype=opts.dtype)
         valid = w.store.valid(name) if name in w.store.backbones() else np.zeros(0, bool)
         p = plan(sha, err, row, stored, valid, retry_failed=opts.retry_failed)

@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from penult.core import ifcb
+from penult.core import ecotaxa, ifcb
 from penult.core.errors import PenultError
 from penult.core.labels import SAMPLE
 from penult.extract.images import IMAGE_SUFFIXES
@@ -44,6 +44,10 @@ class Listing:
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     origin: str = ""  # the folder or file the labels came from (their provenance in the store)
+    # An EcoTaxa export's per-image status ("", predicted, validated, dubious) and the category
+    # of a predicted one (whose label stays empty: a prediction trains nothing until validated)
+    status: list[str] = field(default_factory=list)
+    predicted: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -68,6 +72,8 @@ class Listing:
             ignored=self.ignored,
             notes=self.notes,
             origin=self.origin,
+            status=[self.status[k] for k in keep] if self.status else [],
+            predicted=[self.predicted[k] for k in keep] if self.predicted else [],
         )
 
 
@@ -247,6 +253,77 @@ def _from_manifest(csv_path: Path, root: Path | None) -> Listing:
     )
 
 
+def _from_ecotaxa(tsvs: list[Path], root: Path) -> Listing:
+    """EcoTaxa TSVs (``core.ecotaxa``) as one listing: images relative to ``root``; the category
+    as the label of validated and dubious objects, the hierarchy's levels, the sample, the
+    object id and the sample and acquisition metadata."""
+    rows: list[tuple[str, dict[str, str], str, str]] = []  # path, columns, status, predicted
+    notes: list[str] = []
+    for tsv in tsvs:
+        try:
+            t = ecotaxa.read_tsv(tsv)
+        except ecotaxa.EcoTaxaError as e:
+            raise SourceError(str(e)) from None
+        notes += t.notes
+        folder = tsv.parent.relative_to(root)
+        for i, image in enumerate(t.images):
+            st = t.status[i]
+            cols = {"label": t.category[i] if st in ("validated", "dubious") else "",
+                    "object_id": t.ids[i], SAMPLE: t.sample[i]}  # fmt: skip
+            cols |= {k: v[i] for k, v in t.levels.items()}
+            cols |= {k: v[i] for k, v in t.metadata.items()}
+            pred = t.category[i] if st == "predicted" else ""
+            rows.append(((folder / image).as_posix(), cols, st, pred))
+    seen: dict[str, int] = {}
+    for k, (p, *_) in enumerate(rows):
+        if p in seen:
+            raise SourceError(f"{root}: {p!r} is listed twice in the EcoTaxa files")
+        seen[p] = k
+    rows.sort(key=lambda r: r[0])
+    names = sorted({c for _, cols, _, _ in rows for c in cols})
+    if not any(cols[SAMPLE] for _, cols, _, _ in rows):
+        names.remove(SAMPLE)
+    counts = {s: sum(r[2] == s for r in rows) for s in ("validated", "predicted", "dubious", "")}
+    notes.insert(0, f"EcoTaxa: {len(rows)} objects from {len(tsvs)} file(s): "
+                    f"{counts['validated']} validated, {counts['predicted']} predicted, "
+                    f"{counts['dubious']} dubious, {counts['']} without a category")  # fmt: skip
+    return Listing(
+        root=root, paths=[r[0] for r in rows],
+        labels={c: [cols.get(c, "") for _, cols, _, _ in rows] for c in names},
+        notes=notes, status=[r[2] for r in rows], predicted=[r[3] for r in rows],
+    )  # fmt: skip
+
+
+def _unzip(archive: Path) -> Path:
+    """An EcoTaxa export zip unpacked beside it (once: a folder already there is used), refusing
+    members that would land outside that folder."""
+    import zipfile
+
+    out = archive.with_suffix("")
+    if out.is_dir():
+        return out
+    tmp = out.with_name(f".{out.name}.unpacking")
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for m in z.namelist():
+                target = (tmp / m).resolve()
+                if not target.is_relative_to(tmp.resolve()):
+                    raise SourceError(f"{archive}: member {m!r} would land outside {out}")
+            z.extractall(tmp)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise SourceError(f"{archive}: cannot unpack ({e})") from None
+    tmp.rename(out)
+    return out
+
+
+def _ecotaxa_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in (".tsv", ".txt") and ecotaxa.is_ecotaxa(p)
+    )
+
+
 def _regular(path: Path) -> None:
     """Refuse a FIFO or device given as a manifest or list: reading it could block forever."""
     if not path.is_file():
@@ -318,6 +395,17 @@ def list_images(
             split = src / "split.csv"
     elif src.suffix.lower() == ".csv":
         listing = _from_manifest(src.resolve(), base)
+    elif src.suffix.lower() == ".tsv" or (src.suffix.lower() == ".txt" and ecotaxa.is_ecotaxa(src)):
+        _regular(src)
+        listing = _from_ecotaxa([src.resolve()], (base or src.parent).resolve())
+    elif src.suffix.lower() == ".zip":
+        _regular(src)
+        folder = _unzip(src.resolve())
+        tsvs = _ecotaxa_files(folder)
+        if not tsvs:
+            raise SourceError(f"{src}: no EcoTaxa TSV inside (a file with an img_file_name column)")
+        listing = _from_ecotaxa(tsvs, folder)
+        listing.notes.append(f"unpacked {src.name} to {folder}")
     elif src.suffix.lower() in IMAGE_SUFFIXES:
         listing = Listing(root=src.resolve().parent, paths=[src.name])
     else:

@@ -255,3 +255,11 @@ def test_fifo_given_as_manifest_or_list_is_refused_not_waited_on(tmp_path, capsy
         assert cli.main(["extract", str(tmp_path / "s.h5"), str(tmp_path / name)]) == 2
         assert "not a regular file" in capsys.readouterr().err
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_fifo_given_as_an_ecotaxa_export_is_refused_not_waited_on(tmp_path, capsys):
+    for name in ("export.tsv", "export.zip"):
+        os.mkfifo(tmp_path / name)
+        assert cli.main(["extract", str(tmp_path / "s.h5"), str(tmp_path / name)]) == 2
+        assert "not a regular file" in capsys.readouterr().err
+    assert not (tmp_path / "s.h5").exists()
