@@ -221,8 +221,14 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         help="image files, folders (of images or IFCB bins), CSV manifests, EcoTaxa TSVs or file lists",
     )  # fmt: skip
     p.add_argument(
-        "--out", required=True, help="CSV to write (written as OUT.partial, then renamed)"
+        "--out", required=True, help="file to write (written as OUT.partial, then renamed)"
     )
+    p.add_argument(
+        "--format", dest="fmt", choices=("csv", "ecotaxa"), default="csv",
+        help="csv (default: every image, top-k, errors) or ecotaxa: an EcoTaxa import TSV "
+        "(object_id, img_file_name relative to the TSV, the predicted category, status "
+        "predicted, object_score; the typed second header line) of the images scored",
+    )  # fmt: skip
     p.add_argument(
         "--weights", action="append", default=[], help="FILE (or NAME=FILE) if not the default"
     )
@@ -1019,7 +1025,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     model = load_model(args.model, trust=args.trust_model)
     images = _options(args, Featuriser, weights=weights_for(model, args.weights))
     opts = _options(args, PredictOptions)
-    print(predict_images(model, args.inputs, args.out, opts, images).report())
+    print(predict_images(model, args.inputs, args.out, opts, images, fmt=args.fmt).report())
     for line in images.engines():  # what embedded the images the store did not hold
         print(f"  engine {line}")
     return 0

@@ -515,7 +515,7 @@ def count_images(
     ids = list(listed.carried.get(SAMPLE, [""] * len(listed.files)))
     lacking = sorted({str(inputs[listed.origin[i]]) for i, v in enumerate(ids) if not v})
     ids = [v or str(inputs[listed.origin[i]]) for i, v in enumerate(ids)]
-    columns = {c: v for c, v in listed.carried.items() if c != SAMPLE}
+    columns = {c: v for c, v in listed.carried.items() if c not in (SAMPLE, "object_id")}
     samples, which, meta_cols, warn = samples_from_columns(ids, columns)
     for x in samples:
         if x.name in lacking:

@@ -21,7 +21,7 @@ import numpy as np
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.images import Images
 from penult.classify.model import Model, Predictions, resolve_backbones
-from penult.core import OptionError, atomic_path, check_out_folder, file_sha256
+from penult.core import SAMPLE, OptionError, atomic_path, check_out_folder, file_sha256
 from penult.core.options import POSITIVE, option
 from penult.features import FeatureStore, HashIndex, sha_raw
 from tqdm.auto import tqdm
@@ -401,10 +401,13 @@ def predict_images(
     out: str | os.PathLike[str],
     opts: PredictOptions,
     images: Images,
+    fmt: str = "csv",
 ) -> PredictSummary:
-    """Score every image under ``inputs`` and write ``out`` as CSV (see module docstring);
-    ``images`` lists the inputs and embeds what the store does not hold (the CLI builds it
-    as an ``extract.Featuriser``)."""
+    """Score every image under ``inputs`` and write ``out`` as CSV (see module docstring), or
+    with ``fmt="ecotaxa"`` as an EcoTaxa import TSV; ``images`` lists the inputs and embeds what
+    the store does not hold (the CLI builds it as an ``extract.Featuriser``)."""
+    if fmt not in FORMATS:
+        raise OptionError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     listed = list_inputs(inputs, images)
     files, ignored, carried = listed.files, listed.ignored, listed.carried
@@ -413,9 +416,55 @@ def predict_images(
     check_out_folder(out)
     feats = _Features(model, opts, images)  # networks and store checked before anything runs
     with atomic_path(out, tmp=partial) as tmp:  # a failed run leaves no partial file behind
-        _write(model, files, ignored, tmp, feats, opts, s, carried)
+        if fmt == "ecotaxa":
+            _write_ecotaxa(model, files, ignored, tmp, feats, opts, s, carried, Path(out).parent)
+        else:
+            _write(model, files, ignored, tmp, feats, opts, s, carried)
     s.seconds = time.perf_counter() - t0
     return s
+
+
+FORMATS = ("csv", "ecotaxa")
+
+
+def _tally(s: PredictSummary, r: Scored) -> None:
+    s.failed += r.failed
+    s.scored += r.scored
+    s.from_store += r.from_store
+    s.extracted += r.extracted
+
+
+def _write_ecotaxa(model: Model, files: list[tuple[str, str]], ignored: list[str],
+                   partial: Path, feats: _Features, opts: PredictOptions, s: PredictSummary,
+                   carried: dict[str, list[str]], base: Path) -> None:  # fmt: skip
+    """Score ``files`` into an EcoTaxa import TSV (``core.ecotaxa.TsvWriter``): a row per
+    scored image, its ``object_id`` the input's (an EcoTaxa export's) or the image's name, its
+    ``img_file_name`` relative to the TSV's folder where the image lies under it. Images that
+    could not be scored are not objects EcoTaxa can import: they are in the summary only."""
+    from penult.core.ecotaxa import TsvWriter
+
+    ids, sample = carried.get("object_id"), carried.get(SAMPLE)
+    base = base.resolve()
+    done = 0
+    quiet = not opts.progress or bool(opts.cluster)
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=quiet)
+    with bar, open(partial, "w", encoding="utf-8", newline="") as fh:
+        w = TsvWriter(fh, ["sample_id"] if sample else [])
+        for r in _chunks(model, files, opts, feats, 1):
+            for i, row in enumerate(r.rows, done):
+                if row[-1]:  # an error: not scored
+                    continue
+                absolute = files[i][1]
+                oid = ids[i] if ids and ids[i] else Path(absolute).stem
+                rel = os.path.relpath(absolute, base)
+                image = Path(rel).as_posix() if not rel.startswith("..") else absolute
+                score = float(row[2]) if row[2] != "" else None
+                w.row(oid, image, row[1], score, [sample[i]] if sample else [])
+            done += len(r.rows)
+            _tally(s, r)
+            bar.update(len(r.rows))
+    for shown in ignored:
+        s.failed.append((shown, f"unsupported file type {Path(shown).suffix!r}, not an image"))
 
 
 def _write(
@@ -451,10 +500,7 @@ def _write(
                 done += len(r.rows)
             else:
                 w.writerows(r.rows)
-            s.failed += r.failed
-            s.scored += r.scored
-            s.from_store += r.from_store
-            s.extracted += r.extracted
+            _tally(s, r)
             bar.update(len(r.rows))
         for shown in ignored:
             why = f"unsupported file type {Path(shown).suffix or '(no extension)'!r}, not an image"

@@ -13,12 +13,13 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from penult.core.errors import PenultError
 
-__all__ = ["EcoTaxaError", "EcoTaxaTable", "STATUS", "is_ecotaxa", "read_tsv"]
+__all__ = ["EcoTaxaError", "EcoTaxaTable", "STATUS", "TsvWriter", "is_ecotaxa", "read_tsv"]
 
 STATUS = {"p": "predicted", "predicted": "predicted", "v": "validated", "validated": "validated",
           "d": "dubious", "dubious": "dubious", "": ""}  # fmt: skip
@@ -57,6 +58,28 @@ class EcoTaxaTable:
     sample: list[str]
     metadata: dict[str, list[str]]  # every other column, lower case
     notes: list[str] = field(default_factory=list)
+
+
+class TsvWriter:
+    """Predictions as an EcoTaxa import TSV: ``object_id``, ``img_file_name``, the predicted
+    ``object_annotation_category``, status ``predicted``, the model's ``object_score`` and any
+    extra columns (``sample_id``), with the typed second header line EcoTaxa's import wants.
+    Tabs and line breaks inside a value would break the table: they become spaces."""
+
+    def __init__(self, f, extra: Sequence[str] = ()):
+        self.f, self.extra = f, list(extra)
+        names = [ID, IMAGE, CATEGORY, STATE, "object_score", *self.extra]
+        types = ["[t]", "[t]", "[t]", "[t]", "[f]", *(["[t]"] * len(self.extra))]
+        self._line(names)
+        self._line(types)
+
+    def _line(self, cells: Sequence[str]) -> None:
+        self.f.write("\t".join(re.sub(r"[\t\r\n]", " ", str(c)) for c in cells) + "\n")
+
+    def row(self, object_id: str, image: str, category: str, score: float | None,
+            extra: Sequence[str] = ()) -> None:  # fmt: skip
+        self._line([object_id, image, category, "predicted",
+                    "" if score is None else f"{score:.6f}", *extra])  # fmt: skip
 
 
 def is_ecotaxa(path: Path) -> bool:

@@ -57,6 +57,8 @@ class Featuriser(RuntimeOptions, SampleOptions):
             for i, rel in enumerate(listing.paths)
         ]
         carried = {c: listing.labels[c] for c in sample_columns(listing.labels)}
+        if "object_id" in listing.labels:  # an EcoTaxa export's: predictions name the objects
+            carried["object_id"] = listing.labels["object_id"]
         return files, [os.path.join(source, rel) for rel in listing.ignored], carried
 
     def check(self, name: str, fingerprint: dict[str, Any]) -> None:

@@ -119,3 +119,34 @@ def test_an_export_zip_is_unpacked_beside_it_and_read(data_dir: Path, tmp_path: 
         list_images(bad)
     assert not (tmp_path / "outside.tsv").exists()
     assert np.array_equal(np.array(listing.paths), np.sort(listing.paths))
+
+
+def test_predictions_go_out_as_an_ecotaxa_tsv_our_reader_reads_back(
+    data_dir: Path, tmp_path: Path, hym_store: Path
+) -> None:
+    """EcoTaxa TSV in, `penult predict --format ecotaxa` out, read back by our own reader: the
+    same object ids, status predicted, a category of the model's and images that exist."""
+    from penult.classify import TrainOptions, save_model, train
+    from penult.cli import main
+    from penult.core.ecotaxa import read_tsv
+
+    from conftest import copy_store
+
+    made = _export(data_dir, tmp_path / "export")
+    store = copy_store(hym_store, tmp_path / "hym.h5")
+    save_model(train(store, TrainOptions(quantifier_folds=0, unknown_score="none")).model,
+               tmp_path / "m.skops")  # fmt: skip
+    out = tmp_path / "export" / "predicted.tsv"
+    tsv = tmp_path / "export" / "ecotaxa_export.tsv"
+    assert main(["predict", str(tmp_path / "m.skops"), str(tsv), "--out", str(out),
+                 "--format", "ecotaxa", "-q"]) == 0  # fmt: skip
+    assert out.read_text().splitlines()[1].split("\t")[:5] == ["[t]", "[t]", "[t]", "[t]", "[f]"]
+    back = read_tsv(out)
+    assert sorted(back.ids) == sorted([*made, "nocat", "odd"])  # the missing image is not an object
+    assert set(back.status) == {"predicted"} and set(back.category) <= {"ants", "bees"}
+    assert all((out.parent / p).is_file() for p in back.images)
+    assert set(back.sample) == {"tow0", "tow1"}
+    lines = out.read_text().splitlines()
+    score = lines[0].split("\t").index("object_score")
+    scores = [float(ln.split("\t")[score]) for ln in lines[2:]]
+    assert len(scores) == len(back.ids) and all(0.5 <= v <= 1 for v in scores)  # two classes
