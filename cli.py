@@ -224,10 +224,12 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         "--out", required=True, help="file to write (written as OUT.partial, then renamed)"
     )
     p.add_argument(
-        "--format", dest="fmt", choices=("csv", "ecotaxa"), default="csv",
-        help="csv (default: every image, top-k, errors) or ecotaxa: an EcoTaxa import TSV "
+        "--format", dest="fmt", choices=("csv", "ecotaxa", "ifcb"), default="csv",
+        help="csv (default: every image, top-k, errors); ecotaxa: an EcoTaxa import TSV "
         "(object_id, img_file_name relative to the TSV, the predicted category, status "
-        "predicted, object_score; the typed second header line) of the images scored",
+        "predicted, object_score; the typed second header line) of the images scored; ifcb: "
+        "--out is a folder of one HDF5 score file per IFCB bin, <bin>_class_scores.h5 "
+        "(output_scores, class_labels, roi_numbers, output_classes), as WHOI's classifier writes",
     )  # fmt: skip
     p.add_argument(
         "--weights", action="append", default=[], help="FILE (or NAME=FILE) if not the default"

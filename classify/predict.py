@@ -408,6 +408,8 @@ def predict_images(
     the store does not hold (the CLI builds it as an ``extract.Featuriser``)."""
     if fmt not in FORMATS:
         raise OptionError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "ifcb":
+        return _predict_ifcb(model, inputs, Path(out), opts, images)
     t0 = time.perf_counter()
     listed = list_inputs(inputs, images)
     files, ignored, carried = listed.files, listed.ignored, listed.carried
@@ -424,7 +426,55 @@ def predict_images(
     return s
 
 
-FORMATS = ("csv", "ecotaxa")
+FORMATS = ("csv", "ecotaxa", "ifcb")
+
+
+def _predict_ifcb(
+    model: Model, inputs: Sequence[str], out: Path, opts: PredictOptions, images: Images
+) -> PredictSummary:
+    """One score file per IFCB bin in the folder ``out`` (``features.write_scores``, as WHOI's
+    classifier writes them: ``<bin>_class_scores.h5``): every class's score for every ROI
+    scored. Inputs that are not IFCB ROIs, and ROIs that could not be scored, are in the
+    summary only."""
+    from penult.core import ifcb
+    from penult.features import write_scores
+
+    t0 = time.perf_counter()
+    listed = list_inputs(inputs, images)
+    files = listed.files
+    s = PredictSummary(out, listed=len(files) + len(listed.ignored))
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"{out}: --format ifcb writes a folder of score files; this is a file")
+    check_out_folder(out)
+    feats = _Features(model, opts, images)
+    classes = [str(c) for c in model.classes]
+    col = {c: i for i, c in enumerate(classes)}
+    start = 5 + len(model.levels[:-1])  # csv_rows: path, label, prob, unknown, novelty, levels
+    per_bin: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+    done = 0
+    for r in _chunks(model, files, opts, feats, len(classes)):
+        for i, row in enumerate(r.rows, done):
+            roi = ifcb.roi_source(files[i][1])
+            if row[-1] or roi is None:
+                if roi is None and not row[-1]:
+                    s.failed.append((files[i][0], "not an IFCB ROI: no bin to write it to"))
+                continue
+            v = np.zeros(len(classes), np.float32)
+            cells = row[start:-1]
+            for c, p in zip(cells[::2], cells[1::2], strict=True):
+                v[col[str(c)]] = float(p)
+            numbers, scores = per_bin.setdefault(roi[0].name, ([], []))
+            numbers.append(roi[1])
+            scores.append(v)
+        done += len(r.rows)
+        _tally(s, r)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (numbers, scores) in sorted(per_bin.items()):
+        order = np.argsort(numbers, kind="stable")
+        write_scores(out / f"{name}_class_scores.h5", np.asarray(numbers)[order], classes,
+                     np.stack(scores)[order])  # fmt: skip
+    s.seconds = time.perf_counter() - t0
+    return s
 
 
 def _tally(s: PredictSummary, r: Scored) -> None:

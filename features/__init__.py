@@ -4,6 +4,7 @@ from penult.core.errors import FingerprintMismatchError, StoreError, StoreLocked
 from penult.features import review
 from penult.features.inspect import check, describe
 from penult.features.parts import PartWriter, merge
+from penult.features.scorefile import read_scores, write_scores
 from penult.features.store import FeatureStore, StoreWriter, current_user
 from penult.features.types import (
     DUBIOUS,
@@ -28,6 +29,8 @@ from penult.features.types import (
 from penult.features.upgrade import upgrade
 
 __all__ = [
+    "read_scores",
+    "write_scores",
     "DUBIOUS",
     "IDENTITY_FIELDS",
     "PREDICTED",

@@ -208,3 +208,30 @@ def test_serve_shows_rois_that_have_no_file_of_their_own(ifcb, tmp_path) -> None
     hits = c.get("/api/neighbors", params={"key": key}).json()["hits"]
     assert len(hits) == 3 and key not in [h["path"] for h in hits]
     assert c.get(f"/image/{NEW}_00008").status_code == 404  # row 8 imaged nothing: no such row
+
+
+def test_predict_writes_one_score_file_per_bin_as_whois_classifier_does(
+    ifcb, tmp_path, hym_store
+) -> None:
+    from penult.classify import TrainOptions, save_model, train
+    from penult.cli import main
+    from penult.features import read_scores
+
+    from conftest import copy_store
+
+    store = copy_store(hym_store, tmp_path / "hym.h5")
+    save_model(train(store, TrainOptions(quantifier_folds=0, unknown_score="none")).model,
+               tmp_path / "m.skops")  # fmt: skip
+    out = tmp_path / "scores"
+    assert main(["predict", str(tmp_path / "m.skops"), str(ifcb / "white"), str(ifcb / "data"),
+                 "--out", str(out), "--format", "ifcb", "-q"]) == 0  # fmt: skip
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [
+        "D20130526T095207_IFCB013_class_scores.h5",
+        "IFCB5_2012_028_081515_class_scores.h5",
+    ]
+    for name, stem in (("D20130526T095207_IFCB013", NEW), ("IFCB5_2012_028_081515", OLD)):
+        rois, labels, scores = read_scores(out / f"{name}_class_scores.h5")
+        assert rois.tolist() == [r.number for r in read_bin(ifcb / stem).rois]
+        assert labels == ["ants", "bees"] and scores.shape == (len(rois), 2)
+        assert np.allclose(scores.sum(1), 1, atol=1e-4)  # every class's score, not only the top
