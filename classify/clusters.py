@@ -40,7 +40,7 @@ from penult.features import (
 )
 
 __all__ = [
-    "ClusterSet", "Proposal", "find_clusters", "grow", "reject", "spread", "write_clusters",
+    "ClusterSet", "Proposal", "find_clusters", "grow", "is_open", "reject", "spread", "write_clusters",
     "write_proposal",
 ]  # fmt: skip
 
@@ -57,12 +57,17 @@ class ClusterSet:
     images: int  # unlabelled images looked at
 
 
+def is_open(status: np.ndarray) -> np.ndarray:
+    """Per status code: no validated or dubious label yet (unlabelled, or only predicted)."""
+    return np.isin(status, (UNLABELLED, PREDICTED))
+
+
 def _open_rows(store: FeatureStore, level: str, backbone: str) -> np.ndarray:
     """Table rows of images without a validated label (unlabelled or predicted) that have an
     embedding, sorted."""
     status = store.provenance(level).status if level in store.label_columns() else None
     valid = store.valid(backbone)
-    keep = valid if status is None else valid & np.isin(status, (UNLABELLED, PREDICTED))
+    keep = valid if status is None else valid & is_open(status)
     return np.flatnonzero(keep)
 
 

@@ -192,8 +192,7 @@ def _thumb(src: str, folder: Path, name: str) -> str | None:
     from PIL import Image
 
     try:
-        roi = ifcb.roi_source(src)
-        if roi is not None and not os.path.isfile(src):  # an IFCB ROI: read from its bin
+        if (roi := ifcb.virtual_roi(src)) is not None:  # an IFCB ROI: read from its bin
             src = io.BytesIO(ifcb.read_roi(*roi)[0])
         with Image.open(src) as im:  # Pillow's own decompression-bomb limit applies
             im = im.convert("RGB")

@@ -403,25 +403,31 @@ def predict_images(
     images: Images,
     fmt: str = "csv",
 ) -> PredictSummary:
-    """Score every image under ``inputs`` and write ``out`` as CSV (see module docstring), or
-    with ``fmt="ecotaxa"`` as an EcoTaxa import TSV; ``images`` lists the inputs and embeds what
-    the store does not hold (the CLI builds it as an ``extract.Featuriser``)."""
+    """Score every image under ``inputs`` and write ``out`` as CSV (see module docstring), with
+    ``fmt="ecotaxa"`` as an EcoTaxa import TSV, or with ``fmt="ifcb"`` as a folder of per-bin
+    score files; ``images`` lists the inputs and embeds what the store does not hold (the CLI
+    builds it as an ``extract.Featuriser``)."""
     if fmt not in FORMATS:
         raise OptionError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "ifcb":
-        return _predict_ifcb(model, inputs, Path(out), opts, images)
     t0 = time.perf_counter()
+    out = Path(out)
+    if fmt == "ifcb" and out.exists() and not out.is_dir():
+        raise OptionError(f"{out}: --format ifcb writes a folder of score files; this is a file")
     listed = list_inputs(inputs, images)
     files, ignored, carried = listed.files, listed.ignored, listed.carried
-    s = PredictSummary(Path(out), listed=len(files) + len(ignored))
-    partial = Path(f"{out}.partial")
+    s = PredictSummary(out, listed=len(files) + len(ignored))
     check_out_folder(out)
     feats = _Features(model, opts, images)  # networks and store checked before anything runs
-    with atomic_path(out, tmp=partial) as tmp:  # a failed run leaves no partial file behind
-        if fmt == "ecotaxa":
-            _write_ecotaxa(model, files, ignored, tmp, feats, opts, s, carried, Path(out).parent)
-        else:
-            _write(model, files, ignored, tmp, feats, opts, s, carried)
+    if fmt == "ifcb":
+        _write_ifcb(model, files, out, feats, opts, s)
+    else:
+        with atomic_path(out, tmp=Path(f"{out}.partial")) as tmp:  # a failed run leaves none
+            if fmt == "ecotaxa":
+                _write_ecotaxa(model, files, tmp, feats, opts, s, carried, out.parent)
+            else:
+                _write(model, files, ignored, tmp, feats, opts, s, carried)
+    if fmt != "csv":  # the CSV gives each skipped file a row; the other formats name them here
+        s.failed += [(shown, _unsupported(shown)) for shown in ignored]
     s.seconds = time.perf_counter() - t0
     return s
 
@@ -429,9 +435,33 @@ def predict_images(
 FORMATS = ("csv", "ecotaxa", "ifcb")
 
 
-def _predict_ifcb(
-    model: Model, inputs: Sequence[str], out: Path, opts: PredictOptions, images: Images
-) -> PredictSummary:
+def _unsupported(shown: str) -> str:
+    return f"unsupported file type {Path(shown).suffix or '(no extension)'!r}, not an image"
+
+
+def _scored(
+    model: Model, files: list[tuple[str, str]], opts: PredictOptions, feats: _Features,
+    top_k: int, s: PredictSummary,
+) -> Iterator[tuple[int, list[Any]]]:  # fmt: skip
+    """(index into ``files``, its CSV row) for every file in order, chunk by chunk, with the
+    progress bar and the summary's counts kept as they go."""
+    quiet = not opts.progress or bool(opts.cluster)  # the cluster's own bar counts all workers
+    done = 0
+    with tqdm(total=len(files), desc="predict", unit="img", disable=quiet) as bar:
+        for r in _chunks(model, files, opts, feats, top_k):
+            yield from enumerate(r.rows, done)
+            done += len(r.rows)
+            s.failed += r.failed
+            s.scored += r.scored
+            s.from_store += r.from_store
+            s.extracted += r.extracted
+            bar.update(len(r.rows))
+
+
+def _write_ifcb(
+    model: Model, files: list[tuple[str, str]], out: Path, feats: _Features,
+    opts: PredictOptions, s: PredictSummary,
+) -> None:  # fmt: skip
     """One score file per IFCB bin in the folder ``out`` (``features.write_scores``, as WHOI's
     classifier writes them: ``<bin>_class_scores.h5``): every class's score for every ROI
     scored. Inputs that are not IFCB ROIs, and ROIs that could not be scored, are in the
@@ -439,54 +469,35 @@ def _predict_ifcb(
     from penult.core import ifcb
     from penult.features import write_scores
 
-    t0 = time.perf_counter()
-    listed = list_inputs(inputs, images)
-    files = listed.files
-    s = PredictSummary(out, listed=len(files) + len(listed.ignored))
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"{out}: --format ifcb writes a folder of score files; this is a file")
-    check_out_folder(out)
-    feats = _Features(model, opts, images)
     classes = [str(c) for c in model.classes]
     col = {c: i for i, c in enumerate(classes)}
     start = 5 + len(model.levels[:-1])  # csv_rows: path, label, prob, unknown, novelty, levels
     per_bin: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-    done = 0
-    for r in _chunks(model, files, opts, feats, len(classes)):
-        for i, row in enumerate(r.rows, done):
-            roi = ifcb.roi_source(files[i][1])
-            if row[-1] or roi is None:
-                if roi is None and not row[-1]:
-                    s.failed.append((files[i][0], "not an IFCB ROI: no bin to write it to"))
-                continue
-            v = np.zeros(len(classes), np.float32)
-            cells = row[start:-1]
-            for c, p in zip(cells[::2], cells[1::2], strict=True):
-                v[col[str(c)]] = float(p)
-            numbers, scores = per_bin.setdefault(roi[0].name, ([], []))
-            numbers.append(roi[1])
-            scores.append(v)
-        done += len(r.rows)
-        _tally(s, r)
+    for i, row in _scored(model, files, opts, feats, len(classes), s):
+        if row[-1]:  # an error: not scored (in the summary already)
+            continue
+        roi = ifcb.roi_source(files[i][1])
+        if roi is None:
+            s.failed.append((files[i][0], "not an IFCB ROI: no bin to write it to"))
+            continue
+        v = np.zeros(len(classes), np.float32)
+        cells = row[start:-1]
+        for c, p in zip(cells[::2], cells[1::2], strict=True):
+            v[col[str(c)]] = float(p)
+        numbers, scores = per_bin.setdefault(roi[0].name, ([], []))
+        numbers.append(roi[1])
+        scores.append(v)
     out.mkdir(parents=True, exist_ok=True)
     for name, (numbers, scores) in sorted(per_bin.items()):
         order = np.argsort(numbers, kind="stable")
         write_scores(out / f"{name}_class_scores.h5", np.asarray(numbers)[order], classes,
                      np.stack(scores)[order])  # fmt: skip
-    s.seconds = time.perf_counter() - t0
-    return s
 
 
-def _tally(s: PredictSummary, r: Scored) -> None:
-    s.failed += r.failed
-    s.scored += r.scored
-    s.from_store += r.from_store
-    s.extracted += r.extracted
-
-
-def _write_ecotaxa(model: Model, files: list[tuple[str, str]], ignored: list[str],
-                   partial: Path, feats: _Features, opts: PredictOptions, s: PredictSummary,
-                   carried: dict[str, list[str]], base: Path) -> None:  # fmt: skip
+def _write_ecotaxa(
+    model: Model, files: list[tuple[str, str]], partial: Path, feats: _Features,
+    opts: PredictOptions, s: PredictSummary, carried: dict[str, list[str]], base: Path,
+) -> None:  # fmt: skip
     """Score ``files`` into an EcoTaxa import TSV (``core.ecotaxa.TsvWriter``): a row per
     scored image, its ``object_id`` the input's (an EcoTaxa export's) or the image's name, its
     ``img_file_name`` relative to the TSV's folder where the image lies under it. Images that
@@ -495,26 +506,17 @@ def _write_ecotaxa(model: Model, files: list[tuple[str, str]], ignored: list[str
 
     ids, sample = carried.get("object_id"), carried.get(SAMPLE)
     base = base.resolve()
-    done = 0
-    quiet = not opts.progress or bool(opts.cluster)
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=quiet)
-    with bar, open(partial, "w", encoding="utf-8", newline="") as fh:
+    with open(partial, "w", encoding="utf-8", newline="") as fh:
         w = TsvWriter(fh, ["sample_id"] if sample else [])
-        for r in _chunks(model, files, opts, feats, 1):
-            for i, row in enumerate(r.rows, done):
-                if row[-1]:  # an error: not scored
-                    continue
-                absolute = files[i][1]
-                oid = ids[i] if ids and ids[i] else Path(absolute).stem
-                rel = os.path.relpath(absolute, base)
-                image = Path(rel).as_posix() if not rel.startswith("..") else absolute
-                score = float(row[2]) if row[2] != "" else None
-                w.row(oid, image, row[1], score, [sample[i]] if sample else [])
-            done += len(r.rows)
-            _tally(s, r)
-            bar.update(len(r.rows))
-    for shown in ignored:
-        s.failed.append((shown, f"unsupported file type {Path(shown).suffix!r}, not an image"))
+        for i, row in _scored(model, files, opts, feats, 1, s):
+            if row[-1]:  # an error: not scored
+                continue
+            absolute = files[i][1]
+            oid = ids[i] if ids and ids[i] else Path(absolute).stem
+            rel = os.path.relpath(absolute, base)
+            image = Path(rel).as_posix() if not rel.startswith("..") else absolute
+            score = float(row[2]) if row[2] != "" else None
+            w.row(oid, image, row[1], score, [sample[i]] if sample else [])
 
 
 def _write(
@@ -533,26 +535,12 @@ def _write(
     carried = carried or {}
     header = csv_header(model, top_k)
     header = [header[0], *carried, *header[1:]]
-    done = 0
-    scored = _chunks(model, files, opts, feats, top_k)
-    quiet = not opts.progress or bool(opts.cluster)  # the cluster's own bar counts all workers
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=quiet)
-    with bar, open_csv(partial) as fh:
+    with open_csv(partial) as fh:
         w = SafeWriter(fh)
         w.writerow(header)
-        for r in scored:
-            if carried:
-                rows = range(done, done + len(r.rows))
-                w.writerows(
-                    [row[0], *(v[i] for v in carried.values()), *row[1:]]
-                    for i, row in zip(rows, r.rows, strict=True)
-                )
-                done += len(r.rows)
-            else:
-                w.writerows(r.rows)
-            _tally(s, r)
-            bar.update(len(r.rows))
+        for i, row in _scored(model, files, opts, feats, top_k, s):
+            w.writerow([row[0], *(v[i] for v in carried.values()), *row[1:]])
         for shown in ignored:
-            why = f"unsupported file type {Path(shown).suffix or '(no extension)'!r}, not an image"
+            why = _unsupported(shown)
             w.writerow([shown] + [""] * (len(header) - 2) + [why])
             s.failed.append((shown, why))

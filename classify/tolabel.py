@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from penult.classify.clusters import is_open
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.data import DataError
 from penult.classify.train import default_backbones
 from penult.core import atomic_path, check_out_folder
-from penult.features import PREDICTED, STATUSES, UNLABELLED, FeatureStore
+from penult.features import STATUSES, FeatureStore
 
 __all__ = ["Queue", "diverse_order", "label_queue", "write_queue"]
 
@@ -63,7 +64,7 @@ def label_queue(
     status = store.provenance(level).status
     pred = store.predictions(level)
     has = pred.labels[:, 0] != ""
-    pool = np.flatnonzero(np.isin(status, (UNLABELLED, PREDICTED)) & has)
+    pool = np.flatnonzero(is_open(status) & has)
     if not len(pool):
         raise DataError(
             f"{store.path}: no unlabelled image has a stored prediction; run "

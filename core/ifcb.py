@@ -44,7 +44,7 @@ from penult.core.errors import PenultError
 
 __all__ = [
     "Bin", "BinError", "BinReader", "Roi", "bin_source", "find_bins", "list_bins", "read_bin",
-    "read_roi", "roi_key", "roi_source", "stat_roi",
+    "read_roi", "roi_key", "roi_source", "stat_roi", "virtual_roi",
 ]  # fmt: skip
 
 NEW_BIN = re.compile(r"^D(\d{8})T(\d{6})_IFCB(\d+)$")
@@ -217,6 +217,13 @@ def roi_source(path: str) -> tuple[Path, int] | None:
     None. Only the name is looked at."""
     m = ROI_NAME.match(os.path.basename(path))
     return (Path(path).with_name(m.group(1)), int(m.group(2))) if m else None
+
+
+def virtual_roi(path: str) -> tuple[Path, int] | None:
+    """``roi_source(path)`` where no file exists at ``path`` (a ROI read from its bin), else
+    None: a real file named like a ROI is read as the file it is."""
+    roi = roi_source(path)
+    return roi if roi is not None and not os.path.isfile(path) else None
 
 
 def bin_source(path: str) -> Path | None:

@@ -190,7 +190,7 @@ def read_source(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes
     the hash of its bytes in the ``.roi``); a bin that cannot be read is an ImageError saying why."""
     from penult.core import ifcb
 
-    if (roi := ifcb.roi_source(path)) is not None and not os.path.isfile(path):
+    if (roi := ifcb.virtual_roi(path)) is not None:
         try:
             return ifcb.read_roi(*roi)
         except (ifcb.BinError, OSError) as e:
@@ -211,7 +211,7 @@ def source_stat(path: str) -> tuple[int, int]:
     from penult.core import ifcb
 
     try:
-        if (roi := ifcb.roi_source(path)) is not None and not os.path.isfile(path):
+        if (roi := ifcb.virtual_roi(path)) is not None:
             return ifcb.stat_roi(*roi)
         st = os.stat(path)
         return st.st_size, st.st_mtime_ns

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from penult.classify.clusters import ClusterSet, Proposal, find_clusters, grow, spread
+from penult.classify.clusters import ClusterSet, Proposal, find_clusters, grow, is_open, spread
 from penult.classify.web.site import Site, SiteError
-from penult.features import PREDICTED, UNLABELLED, review
+from penult.features import review
 
 __all__ = ["CLUSTERS_PAGE", "GROW", "SHOW", "ClusterBoard"]
 
@@ -56,10 +56,10 @@ class ClusterBoard:
         """Cluster k's members (and rows) with no validated or dubious label yet."""
         rows = cs.rows[k]
         if site.has(self.level):
-            keep = np.isin(site.review_arrays(self.level)["status"][rows], (UNLABELLED, PREDICTED))
+            keep = is_open(site.review_arrays(self.level)["status"][rows])
         else:
             keep = np.ones(len(rows), bool)
-        return [p for p, k in zip(cs.members[k], keep, strict=True) if k], rows[keep]
+        return [p for p, ok in zip(cs.members[k], keep, strict=True) if ok], rows[keep]
 
     def cards(self, site: Site) -> tuple[list[dict[str, Any]], ClusterSet]:
         """Every cluster with open members and not skipped, largest first as made: its number,

@@ -195,8 +195,8 @@ class Site:
         _, root, _, _ = self._info([row])[0]
         real_root = self._real_roots.setdefault(root, os.path.realpath(root))
         real = os.path.realpath(os.path.join(root, key))
-        roi = ifcb.roi_source(real)
-        if roi is not None and not os.path.isfile(real):
+        roi = ifcb.virtual_roi(real)
+        if roi is not None:
             parts = [os.path.realpath(f"{roi[0]}{s}") for s in (".adc", ".roi")]
             if any(os.path.commonpath([p, real_root]) != real_root for p in parts):
                 raise FileNotFoundError(key)
