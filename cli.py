@@ -228,8 +228,9 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         help="csv (default: every image, top-k, errors); ecotaxa: an EcoTaxa import TSV "
         "(object_id, img_file_name relative to the TSV, the predicted category, status "
         "predicted, object_score; the typed second header line) of the images scored; ifcb: "
-        "--out is a folder of one HDF5 score file per IFCB bin, <bin>_class_scores.h5 "
-        "(output_scores, class_labels, roi_numbers, output_classes), as WHOI's classifier writes",
+        "--out is a folder of one HDF5 score file per IFCB bin, <bin>_class.h5 (output_scores, "
+        "class_labels, roi_numbers: the IFCB Dashboard's class-scores layout, as WHOI's "
+        "classifiers and iRfcb write it)",
     )  # fmt: skip
     p.add_argument(
         "--weights", action="append", default=[], help="FILE (or NAME=FILE) if not the default"

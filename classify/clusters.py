@@ -154,7 +154,7 @@ def write_proposal(p: Proposal, out: str | os.PathLike[str]) -> None:
 
 def rejected_rows(store: FeatureStore, label: str, level: str = "label") -> np.ndarray:
     """Rows proposed for ``label`` and rejected (and not un-rejected by an undo)."""
-    h = store.history()
+    h = store.history(["batch", "row", "column", "source"])
     mine = (h["source"].astype(str) == f"reject:{label}") & (h["column"].astype(str) == level)
     mine &= ~np.isin(h["batch"], list(review.undone_batches(h)))
     return np.unique(h["row"][mine])

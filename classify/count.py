@@ -300,7 +300,7 @@ class _Counter:
         )  # fmt: skip
         self.w["wide"].writerow([SAMPLE, *meta_cols, "images", "failed", "method", *names])
         if "per_ml" in self.w:
-            self.w["per_ml"].writerow([SAMPLE, *meta_cols, VOLUME, *names])
+            self.w["per_ml"].writerow([SAMPLE, *meta_cols, *names])  # volume_ml is among meta
 
     def tally(self, k: int) -> Tally:
         if k not in self.tallies:
@@ -357,7 +357,7 @@ class _Counter:
             )
             self.w["wide"].writerow([s.name, *meta, 0, s.failed, self.method, *[""] * (c + 1)])
             if "per_ml" in self.w:
-                self.w["per_ml"].writerow([s.name, *meta, _num(s.volume), *[""] * (c + 1)])
+                self.w["per_ml"].writerow([s.name, *meta, *[""] * (c + 1)])
             self.shares.append(np.full(c + 1, np.nan))
             self.images.append(0)
             return
@@ -381,7 +381,7 @@ class _Counter:
                 if per_image is None
                 else [_num(p * per_image) for p in est.proportion]
             )
-            self.w["per_ml"].writerow([s.name, *meta, _num(s.volume), *per_ml])
+            self.w["per_ml"].writerow([s.name, *meta, *per_ml])
         self.shares.append(est.proportion.copy())
         self.images.append(est.images)
 

@@ -462,8 +462,8 @@ def _write_ifcb(
     model: Model, files: list[tuple[str, str]], out: Path, feats: _Features,
     opts: PredictOptions, s: PredictSummary,
 ) -> None:  # fmt: skip
-    """One score file per IFCB bin in the folder ``out`` (``features.write_scores``, as WHOI's
-    classifier writes them: ``<bin>_class_scores.h5``): every class's score for every ROI
+    """One score file per IFCB bin in the folder ``out`` (``features.write_scores``, the IFCB
+    Dashboard's class-scores layout: ``<bin>_class.h5``): every class's score for every ROI
     scored. Inputs that are not IFCB ROIs, and ROIs that could not be scored, are in the
     summary only."""
     from penult.core import ifcb
@@ -488,10 +488,11 @@ def _write_ifcb(
         numbers.append(roi[1])
         scores.append(v)
     out.mkdir(parents=True, exist_ok=True)
+    tag = str(model.manifest.model_sha256 or "unsaved")[:12]  # the model file's hash
     for name, (numbers, scores) in sorted(per_bin.items()):
         order = np.argsort(numbers, kind="stable")
-        write_scores(out / f"{name}_class_scores.h5", np.asarray(numbers)[order], classes,
-                     np.stack(scores)[order])  # fmt: skip
+        write_scores(out / f"{name}_class.h5", np.asarray(numbers)[order], classes,
+                     np.stack(scores)[order], classifier=f"penult {tag}")  # fmt: skip
 
 
 def _write_ecotaxa(

@@ -7,6 +7,7 @@ Stores written by penult before format 2 open as before for reading; writing nee
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -203,8 +204,8 @@ class Format1:
             np.full((n, 3), np.nan, np.float32), np.zeros(n, np.int32), np.array([""], dtype=object),
         )  # fmt: skip
 
-    def history(self) -> History:
-        return History({k: np.zeros(0) for k in HISTORY_COLUMNS})
+    def history(self, columns: Sequence[str] | None = None, batch: int | None = None) -> History:
+        return History({k: np.zeros(0) for k in columns or HISTORY_COLUMNS})
 
     def backbones(self) -> dict[str, BackboneEntry]:
         with self._open() as f:

@@ -77,7 +77,7 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
 def _review_lines(store: FeatureStore, labels: dict[str, list[str]]) -> list[str]:
     """Images per label status (of ``label`` and of every level with a recorded change) and
     the size of the history."""
-    h = store.history()
+    h = store.history(["batch", "row", "column"])
     levels = [c for c in labels if c == "label" or c in set(h["column"].astype(str))]
     out = []
     for col in levels:

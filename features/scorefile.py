@@ -1,7 +1,9 @@
-"""Per-bin score files as WHOI's IFCB classifier writes them: one HDF5 file per bin with every
-class's score for every ROI (``output_scores``, ROIs x classes), the class names
-(``class_labels``), the ROIs' numbers in the bin (``roi_numbers``, the ADC row) and each ROI's
-best class index (``output_classes``). Tools that read those files read penult's."""
+"""Per-bin score files in the IFCB Dashboard's class-scores layout (version 3, the HDF5 one WHOI's
+classifiers and iRfcb write, ``<bin>_class.h5``): every class's score for every ROI
+(``output_scores``, ROIs x classes), the class names (``class_labels``, ASCII where they are),
+the ROIs' numbers in the bin (``roi_numbers``, the ADC row): the three the Dashboard requires;
+then each ROI's best class index and name (``output_classes``, ``class_name_auto``) and the
+classifier's name (``classifier_name``). Tools that read those files read penult's."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ __all__ = ["read_scores", "write_scores"]
 
 def write_scores(
     path: str | os.PathLike[str], roi_numbers: Sequence[int], class_labels: Sequence[str],
-    scores: np.ndarray,
+    scores: np.ndarray, classifier: str = "penult",
 ) -> Path:  # fmt: skip
     """Write one bin's score file (atomically: a reader never sees half of it)."""
     scores = np.asarray(scores, np.float32)
@@ -28,12 +30,18 @@ def write_scores(
         raise StoreError(f"{path}: {len(rois)} ROIs and {len(class_labels)} classes, but scores "
                          f"{scores.shape}")  # fmt: skip
     path = Path(path)
+    labels = [str(c) for c in class_labels]
+    ascii_ = all(c.isascii() for c in labels)  # the Dashboard reads ASCII; other names stay UTF-8
+    text = h5py.string_dtype("ascii" if ascii_ else "utf-8")
+    best = scores.argmax(1) if len(rois) else rois
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("output_scores", data=scores)
-        f.create_dataset("class_labels", data=np.array(list(class_labels), dtype=object),
-                         dtype=h5py.string_dtype())  # fmt: skip
+        f.create_dataset("class_labels", data=np.array(labels, dtype=object), dtype=text)
         f.create_dataset("roi_numbers", data=rois)
-        f.create_dataset("output_classes", data=scores.argmax(1) if len(rois) else rois)
+        f.create_dataset("output_classes", data=best)
+        f.create_dataset("class_name_auto", data=np.array([labels[i] for i in best], dtype=object),
+                         dtype=text)  # fmt: skip
+        f.create_dataset("classifier_name", data=classifier, dtype=h5py.string_dtype())
     return path
 
 

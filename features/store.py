@@ -43,6 +43,7 @@ from penult.features.format2.commit import publish_journal
 from penult.features.format2.state import SEGMENT_ROWS
 from penult.features.hdf5 import attributes
 from penult.features.types import (
+    HISTORY_COLUMNS,
     STATUSES,
     BackboneEntry,
     Chunk,
@@ -208,9 +209,13 @@ class FeatureStore:
         r = None if rows is None else np.asarray(rows, np.int64)
         return self._b.predictions(column, r)
 
-    def history(self) -> History:
-        """Every recorded label change, oldest first (append-only: undo adds, never removes)."""
-        return self._b.history()
+    def history(self, columns: Sequence[str] | None = None, *, batch: int | None = None) -> History:
+        """Every recorded label change, oldest first (append-only: undo adds, never removes):
+        only some ``columns`` (strings are what is slow to read), only one ``batch``."""
+        bad = sorted(set(columns or ()) - set(HISTORY_COLUMNS))
+        if bad:
+            raise ValueError(f"no history column {bad[0]!r} (there are: {HISTORY_COLUMNS})")
+        return self._b.history(columns, batch)
 
     def backbones(self) -> dict[str, BackboneEntry]:
         return self._b.backbones()

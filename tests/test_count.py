@@ -108,6 +108,8 @@ def test_counts_per_sample_match_the_samples_real_composition(hym_model, bins, t
     assert [w["sample"] for w in wide] == ["bin_A", "bin_B", "bin_C"]
     assert wide[0]["ants"] == a["proportion"] and wide[2]["images"] == "0"
     per_ml = _read(tmp_path / "counts_per_ml.csv")
+    head = (tmp_path / "counts_per_ml.csv").read_text().splitlines()[0].split(",")
+    assert len(head) == len(set(head)), head  # every column once
     assert per_ml[0]["ants"] == a["per_ml"] and per_ml[1]["ants"] == ""
     page = (tmp_path / "counts.html").read_text()
     assert "<svg" in page and "images per mL" not in page  # bin_B has no volume: shares drawn

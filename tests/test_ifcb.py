@@ -8,6 +8,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from penult.core.ifcb import BinError, BinReader, find_bins, read_bin, roi_key
@@ -209,6 +210,19 @@ def test_serve_shows_rois_that_have_no_file_of_their_own(ifcb, tmp_path) -> None
     assert len(hits) == 3 and key not in [h["path"] for h in hits]
     assert c.get(f"/image/{NEW}_00008").status_code == 404  # row 8 imaged nothing: no such row
 
+    # `penult neighbors` by ROI key, its contact sheet's thumbnails cut from the bin
+    from penult.cli import main
+
+    assert main(["index", str(store)]) == 0
+    out, sheet = tmp_path / "nn.csv", tmp_path / "nn.html"
+    assert main(["neighbors", str(store), key, "-k", "3", "--out", str(out),
+                 "--sheet", str(sheet)]) == 0  # fmt: skip
+    with open(out, newline="") as fh:
+        got = [r for r in csv.DictReader(fh)]
+    assert [r["neighbor"] for r in got] == [h["path"] for h in hits]  # the page's neighbours
+    thumbs = list((tmp_path / "nn_files").glob("*.jpg"))
+    assert len(thumbs) == 4 and all(p.stat().st_size > 100 for p in thumbs)  # query + 3
+
 
 def test_predict_writes_one_score_file_per_bin_as_whois_classifier_does(
     ifcb, tmp_path, hym_store
@@ -227,11 +241,60 @@ def test_predict_writes_one_score_file_per_bin_as_whois_classifier_does(
                  "--out", str(out), "--format", "ifcb", "-q"]) == 0  # fmt: skip
     files = sorted(p.name for p in out.iterdir())
     assert files == [
-        "D20130526T095207_IFCB013_class_scores.h5",
-        "IFCB5_2012_028_081515_class_scores.h5",
+        "D20130526T095207_IFCB013_class.h5",
+        "IFCB5_2012_028_081515_class.h5",
     ]
     for name, stem in (("D20130526T095207_IFCB013", NEW), ("IFCB5_2012_028_081515", OLD)):
-        rois, labels, scores = read_scores(out / f"{name}_class_scores.h5")
+        rois, labels, scores = read_scores(out / f"{name}_class.h5")
         assert rois.tolist() == [r.number for r in read_bin(ifcb / stem).rois]
         assert labels == ["ants", "bees"] and scores.shape == (len(rois), 2)
         assert np.allclose(scores.sum(1), 1, atol=1e-4)  # every class's score, not only the top
+    with h5py.File(out / "D20130526T095207_IFCB013_class.h5", "r") as f:  # as the Dashboard reads
+        assert h5py.check_string_dtype(f["class_labels"].dtype).encoding == "ascii"
+        assert f["class_name_auto"].asstr()[0] in ("ants", "bees")
+        assert f["classifier_name"].asstr()[()].startswith("penult ")
+
+    # count: a bin is a sample, its concentration per mL from the header's volume analysed
+    assert main(["count", str(tmp_path / "m.skops"), str(ifcb / "white"), str(ifcb / "data"),
+                 "--out", str(tmp_path / "c.csv"), "--no-plot", "-q"]) == 0  # fmt: skip
+    with open(tmp_path / "c_per_ml.csv", newline="") as fh:
+        rows = {r["sample"]: r for r in csv.DictReader(fh)}
+    new = rows["D20130526T095207_IFCB013"]
+    assert float(new["volume_ml"]) == pytest.approx(5.08084, rel=1e-5)
+    per_ml = float(new["ants"]) + float(new["bees"]) + float(new["unclassified"])
+    assert per_ml == pytest.approx(19 / 5.08084, rel=1e-4)  # its 19 ROIs in 5.08 mL
+    assert rows["IFCB5_2006_001_121212"]["ants"] == ""  # an unreadable bin: no concentration
+
+
+def test_bins_on_a_dask_cluster_equal_a_single_process(ifcb, tmp_path, capsys) -> None:
+    """`extract --cluster local:1` on a folder of bins: partitions of ROIs embedded by Dask
+    workers (each opening its bins itself) give the rows, embeddings and failures of one
+    process."""
+    pytest.importorskip("distributed")
+    from penult import cli
+    from penult.features import FeatureStore
+
+    args = [str(ifcb), "--precision", "fp32", "--workers", "0"]
+    one, many = tmp_path / "one.h5", tmp_path / "many.h5"
+    assert cli.main(["extract", str(one), *args, "-q"]) == 0
+    dask = ["--cluster", "local:1", "--partition-size", "8"]
+    assert cli.main(["extract", str(many), *args, *dask]) == 0
+    assert "extract (cluster)" in capsys.readouterr().err  # through Dask, in partitions
+
+    def rows(store: Path) -> dict[str, tuple[str, str, np.ndarray | None]]:
+        fs = FeatureStore(store)
+        t = fs.images()
+        (name,) = fs.backbones()
+        valid, x = fs.features(name)
+        emb = dict(zip(valid.tolist(), x, strict=True))
+        cols = zip(t.path, t.sha256, t.error, strict=True)
+        return {p: (sha, err, emb.get(i)) for i, (p, sha, err) in enumerate(cols)}
+
+    a, b = rows(one), rows(many)
+    assert sorted(a) == sorted(b) and len(a) == 30  # 25 ROIs and 5 bins that failed
+    for p, (sha, err, x) in a.items():
+        assert b[p][:2] == (sha, err), p
+        if x is None:
+            assert b[p][2] is None, p
+        else:
+            np.testing.assert_allclose(b[p][2], x, atol=1e-5)

@@ -4,7 +4,7 @@ format's own checks (layout, missing or damaged segments, the path index) and re
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -252,12 +252,14 @@ class Format2:
         models = np.asarray(s.names.get("model", [""]), dtype=object)
         return Predicted(labels, names, scores, model, models)
 
-    def history(self) -> History:
+    def history(self, columns: Sequence[str] | None = None, batch: int | None = None) -> History:
+        cols = list(columns or HISTORY_COLUMNS)
+
         def read(s: State, r: Reader) -> History:
-            parts = [read_history(r, n) for n, _ in s.history]
+            parts = [read_history(r, n, cols, batch) for n, _ in s.history]
             if not parts:
-                return History({k: np.zeros(0) for k in HISTORY_COLUMNS})
-            return History({k: np.concatenate([p[k] for p in parts]) for k in HISTORY_COLUMNS})
+                return History({k: np.zeros(0) for k in cols})
+            return History({k: np.concatenate([p[k] for p in parts]) for k in cols})
 
         return self._run(read)
 
@@ -318,7 +320,7 @@ class Format2:
                     bad.setdefault(name, str(e))
             for name, _ in s.history:
                 try:
-                    read_history(r, name)
+                    read_history(r, name, cached=False)
                 except StoreError as e:
                     bad.setdefault(name, str(e))
             for name in sorted({p.file for ps in s.maps.values() for p in ps} - set(bad)):

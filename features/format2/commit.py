@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -458,15 +460,42 @@ class Commit:
         collect_garbage(self.path, self.s)
 
 
-def read_history(reader: Reader, name: str) -> dict[str, np.ndarray]:
-    """One history file's columns (strings as str objects)."""
-    f = reader.file(name)
-    try:
-        return {
-            k: (f[k].asstr()[()] if f[k].dtype.kind == "O" else f[k][()]) for k in HISTORY_COLUMNS
-        }
-    except (KeyError, OSError, ValueError) as e:
-        raise StoreError(f"history segment {reader.folder / name} is damaged ({e})") from None
+def read_history(
+    reader: Reader,
+    name: str,
+    columns: Sequence[str] = HISTORY_COLUMNS,
+    batch: int | None = None,
+    *,
+    cached: bool = True,
+) -> dict[str, np.ndarray]:
+    """One history file's ``columns`` (strings as str objects), all entries or one batch's.
+    A history file is never changed (a merge writes a new one), so what was read is kept: an
+    undo in a running server reads dozens of files, about 4 ms each to open (``cached=False``:
+    read from the file, as a check must)."""
+    want = list(columns) if batch is None else list(dict.fromkeys(["batch", *columns]))
+    got = {k: _HISTORY.get((str(reader.folder), name, k)) if cached else None for k in want}
+    missing = [k for k, v in got.items() if v is None]
+    if missing:
+        f = reader.file(name)
+        try:
+            for k in missing:
+                ds = f[k]
+                got[k] = ds.asstr()[()] if ds.dtype.kind == "O" else ds[()]
+        except (KeyError, OSError, ValueError) as e:
+            raise StoreError(f"history segment {reader.folder / name} is damaged ({e})") from None
+        for k in missing:
+            _HISTORY[(str(reader.folder), name, k)] = got[k]
+            _HISTORY.move_to_end((str(reader.folder), name, k))
+        while sum(len(v) for v in _HISTORY.values()) > HISTORY_CACHE and len(_HISTORY) > 1:
+            _HISTORY.popitem(last=False)
+    if batch is None:
+        return {k: got[k] for k in columns}
+    keep = got["batch"] == batch
+    return {k: got[k][keep] for k in columns}
+
+
+HISTORY_CACHE = 4_000_000  # history entries (per column) kept in memory across reads
+_HISTORY: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
 
 
 def _last_wins(
