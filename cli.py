@@ -114,7 +114,7 @@ _HELP = {
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
-    from penult.extract import ExtractOptions, SampleOptions
+    from penult.extract.options import ExtractOptions, SampleOptions
 
     p = sub.add_parser(
         "extract",
@@ -140,7 +140,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
-    from penult.classify import HEADS, TrainOptions
+    from penult.classify.options import HEAD_HELP, TrainOptions
 
     helps = {}
     if compare:
@@ -149,13 +149,12 @@ def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> N
         )
     skip = ("head", "refit_all", "quantifier_folds", "unknown_score", "keep") if compare else ()
     _add_options(p, TrainOptions, skip=skip, helps=helps)
-    p.epilog = "heads: " + "; ".join(f"{k}: {s.description}" for k, s in HEADS.items())
+    p.epilog = "heads: " + "; ".join(f"{k}: {text}" for k, text in HEAD_HELP.items())
 
 
 def _add_classify(sub: argparse._SubParsersAction) -> None:
-    from penult.classify import PredictOptions
-    from penult.classify.outofcore import StreamOptions
-    from penult.extract import Featuriser
+    from penult.classify.options import PredictOptions, StreamOptions
+    from penult.extract.featurise import Featuriser
 
     p = sub.add_parser(
         "train",
@@ -244,7 +243,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_review(sub: argparse._SubParsersAction) -> None:
-    from penult.classify import MistakeOptions
+    from penult.classify.options import MistakeOptions
     from penult.core.options import POSITIVE
 
     p = sub.add_parser(
@@ -341,8 +340,8 @@ def _add_review(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_count(sub: argparse._SubParsersAction) -> None:
-    from penult.classify import CountOptions, PredictOptions
-    from penult.extract import Featuriser
+    from penult.classify.options import CountOptions, PredictOptions
+    from penult.extract.featurise import Featuriser
 
     p = sub.add_parser(
         "count",
@@ -387,7 +386,7 @@ def _add_count(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_neighbors(sub: argparse._SubParsersAction) -> None:
-    from penult.classify.neighbors import KINDS, METRICS
+    from penult.classify.options import KINDS, METRICS
     from penult.core.options import POSITIVE, ranged
 
     positive = _typed(POSITIVE)
@@ -436,7 +435,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sheet", default="neighbors.html", help="HTML contact sheet (thumbnails beside it)"
     )
-    from penult.extract import Featuriser
+    from penult.extract.featurise import Featuriser
 
     _add_options(
         p.add_argument_group("embedding image queries"),
@@ -532,7 +531,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from penult.extract.finetune import FinetuneOptions
+    from penult.extract.finetune.options import FinetuneOptions
 
     p = sub.add_parser(
         "finetune",

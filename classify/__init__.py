@@ -1,23 +1,54 @@
 """The classification stage: heads on stored features, evaluation, reports, saved models, scoring."""
 
-from penult.classify.annotate import AnnotateSummary, annotate_store
-from penult.classify.count import CountOptions, CountSummary, count_images, count_store
-from penult.classify.data import DataError, Dataset, load_dataset
-from penult.classify.evaluate import compare, compare_table, evaluate
-from penult.classify.heads import HEADS, HeadError, make_head
-from penult.classify.hierarchy import HierarchicalClassifier, TaxonomyError
-from penult.classify.mistakes import MistakeOptions, find_mistakes, rank_labels, write_mistakes
-from penult.classify.model import Model, ModelError, load_model, resolve_backbones, save_model
-from penult.classify.ovr import ThresholdedOneVsRest
-from penult.classify.predict import (
-    PredictOptions,
-    answers,
-    predict_files,
-    predict_images,
-    weights_for,
-)
-from penult.classify.tolabel import label_queue, write_queue
-from penult.classify.train import TrainOptions, TrainResult, train
+from __future__ import annotations
+
+from penult.core.lazy import lazy_package
+
+# name -> the module defining it, imported on first use (PEP 562): `penult CMD --help` imports a
+# light module of this package without pulling in what the others import (torch, scikit-learn)
+_WHERE = {
+    "AnnotateSummary": "penult.classify.annotate",
+    "annotate_store": "penult.classify.annotate",
+    "CountOptions": "penult.classify.options",
+    "CountSummary": "penult.classify.count",
+    "count_images": "penult.classify.count",
+    "count_store": "penult.classify.count",
+    "DataError": "penult.classify.data",
+    "Dataset": "penult.classify.data",
+    "load_dataset": "penult.classify.data",
+    "compare": "penult.classify.evaluate",
+    "compare_table": "penult.classify.evaluate",
+    "evaluate": "penult.classify.evaluate",
+    "HEADS": "penult.classify.heads",
+    "HeadError": "penult.classify.heads",
+    "make_head": "penult.classify.heads",
+    "HierarchicalClassifier": "penult.classify.hierarchy",
+    "TaxonomyError": "penult.classify.hierarchy",
+    "MistakeOptions": "penult.classify.options",
+    "find_mistakes": "penult.classify.mistakes",
+    "rank_labels": "penult.classify.mistakes",
+    "write_mistakes": "penult.classify.mistakes",
+    "Model": "penult.classify.model",
+    "ModelError": "penult.classify.model",
+    "load_model": "penult.classify.model",
+    "resolve_backbones": "penult.classify.model",
+    "save_model": "penult.classify.model",
+    "ThresholdedOneVsRest": "penult.classify.ovr",
+    "PredictOptions": "penult.classify.options",
+    "answers": "penult.classify.predict",
+    "predict_files": "penult.classify.predict",
+    "predict_images": "penult.classify.predict",
+    "weights_for": "penult.classify.predict",
+    "label_queue": "penult.classify.tolabel",
+    "write_queue": "penult.classify.tolabel",
+    "TrainOptions": "penult.classify.options",
+    "TrainResult": "penult.classify.train",
+    "train": "penult.classify.train",
+}
+
+
+__getattr__, __dir__ = lazy_package(__name__, _WHERE)
+
 
 __all__ = [
     "HEADS",

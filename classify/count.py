@@ -24,10 +24,10 @@ import numpy as np
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.images import Images
 from penult.classify.model import Model, Predictions, resolve_backbones
-from penult.classify.predict import PredictOptions, list_inputs, stream_predictions
-from penult.classify.quantify import METHODS, Calibration, Tally, check_method
+from penult.classify.options import DEFAULT_METHOD, CountOptions, PredictOptions
+from penult.classify.predict import list_inputs, stream_predictions
+from penult.classify.quantify import Calibration, Tally, check_method
 from penult.core import NOT_METADATA, SAMPLE, OptionError, atomic_path, check_out_folder
-from penult.core.options import COUNT, POSITIVE, option
 from penult.features import FeatureStore
 from tqdm.auto import tqdm
 
@@ -36,41 +36,10 @@ __all__ = ["CountOptions", "CountSummary", "count_images", "count_store", "UNCLA
 UNCLASSIFIED = "unclassified"  # the row of the images no class took
 VOLUME = "volume_ml"  # the sample column holding the volume its images were taken from
 TIME = "time"
-DEFAULT_METHOD = "emq"
 NO_CALIBRATION = (
     "the model has no quantifier calibration (made before penult recorded one, or trained with "
     "--quantifier-folds 0): classify and count"
 )
-
-
-@dataclass(frozen=True)
-class CountOptions:
-    method: str | None = option(
-        None,
-        "how a sample's class shares are estimated: cc (classify and count), pcc (mean "
-        f"posterior), acc, pacc (adjusted), emq (EM prior adjustment). Default: {DEFAULT_METHOD}; "
-        "cc for a model trained without the quantifier calibration",
-        choices=METHODS,
-    )
-    level: str | None = option(
-        None, "count at a coarser level of the model's taxonomy (e.g. genus)", metavar="LEVEL"
-    )
-    bootstrap: int = option(
-        200,
-        "resamples of each sample's images for the 95 percent intervals (0: no intervals)",
-        parse=COUNT,
-        metavar="B",
-    )
-    em_images: int = option(
-        20_000,
-        "images per sample that EM and the bootstrap run on: a uniform random subset of larger "
-        "samples (counts, cc, pcc, acc and pacc use every image)",
-        parse=POSITIVE,
-        metavar="N",
-    )
-    seed: int = option(0, "seed of the bootstrap and of the subsets")
-    top: int = option(10, "taxa drawn in the plot (the rest summed as 'other')", parse=POSITIVE)
-    plot: bool = option(True, "no PNG/HTML plot", flags="--no-plot")
 
 
 @dataclass

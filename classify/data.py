@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from penult.classify.options import STATUS_CHOICES
 from penult.core.errors import PenultError
 from penult.core.labels import TEST, VAL
 from penult.core.split import ensure_split as _stored_split
 from penult.features import VALIDATED, FeatureStore
-
-STATUS_CHOICES = ("validated", "all")
 
 __all__ = [
     "DataError",

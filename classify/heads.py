@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from penult.classify.options import HEAD_HELP, PREPROCESS
 from penult.core.errors import PenultError
 from sklearn.base import BaseEstimator
 from sklearn.calibration import CalibratedClassifierCV
@@ -21,8 +22,6 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
-
-PREPROCESS = ("standard", "l2", "l2+standard", "none")
 
 
 class HeadError(PenultError, ValueError):
@@ -100,7 +99,7 @@ HEADS: dict[str, HeadSpec] = {
             "standard",
             {"C": [0.01, 0.03, 0.1, 0.3, 1.0]},
             class_weight=True,
-            description="multinomial logistic regression (lbfgs)",
+            description=HEAD_HELP["lr"],
         ),
         HeadSpec(
             "svm",
@@ -108,37 +107,39 @@ HEADS: dict[str, HeadSpec] = {
             "l2",
             {"estimator__C": [0.3, 1.0, 3.0]},
             class_weight=True,
-            description="linear SVM (dual, cosine features), temperature-calibrated probabilities",
+            description=HEAD_HELP["svm"],
         ),
         HeadSpec(
             "mlp",
             _mlp,
             "standard",
             {"alpha": [1e-3, 1e-2, 1e-1]},
-            description="one hidden layer of 512, early stopping",
+            description=HEAD_HELP["mlp"],
         ),
         HeadSpec(
             "knn",
             _knn,
             "l2",
             {"n_neighbors": [5, 10, 20]},
-            description="k nearest neighbours, cosine (L2-normalised), distance-weighted",
+            description=HEAD_HELP["knn"],
         ),
         HeadSpec(
             "nn",
             _nn,
             "none",
             {"n_neighbors": [1, 5, 10]},
-            description="k-NN on a faiss index (cosine), 1 neighbour by default",
+            description=HEAD_HELP["nn"],
         ),
         HeadSpec(
             "centroid",
             NearestCentroid,
             "l2",
-            description="nearest class centroid, cosine (L2-normalised)",
+            description=HEAD_HELP["centroid"],
         ),
     )
 }
+if tuple(HEADS) != tuple(HEAD_HELP):  # the CLI's --head help comes from HEAD_HELP
+    raise RuntimeError(f"classify.options.HEAD_HELP names {tuple(HEAD_HELP)}, not {tuple(HEADS)}")
 
 
 def _steps(preprocess: str, pca: int | float | None, whiten: bool) -> list[tuple[str, Any]]:

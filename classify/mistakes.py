@@ -24,34 +24,12 @@ import numpy as np
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.data import DataError, load_dataset
 from penult.classify.heads import make_head
+from penult.classify.options import MistakeOptions
 from penult.classify.train import default_backbones
 from penult.core import atomic_path, check_out_folder
-from penult.core.options import POSITIVE, option, ranged
 from penult.features import FeatureStore
 
 __all__ = ["MistakeOptions", "Ranking", "find_mistakes", "rank_labels", "write_mistakes"]
-
-
-@dataclass(frozen=True)
-class MistakeOptions:
-    backbones: tuple[str, ...] = option(
-        (), "store entry whose features to use (default: the store's only one)",
-        flags="--backbone", repeat=True,
-    )  # fmt: skip
-    label: str = option("label", "label column to check")
-    head: str = option(
-        "svm", "classifier of the out-of-fold probabilities (svm: slower, finds more; lr: faster)",
-        choices=("svm", "lr"),
-    )  # fmt: skip
-    folds: int = option(5, "folds of the out-of-fold probabilities", parse=ranged(int, 2))
-    neighbours: int = option(
-        5, "nearest images of the own and of other labels compared per image", parse=POSITIVE
-    )
-    pca: int = option(256, "PCA components of the neighbour search (0: none)", parse=ranged(int, 0))
-    seed: int = option(0, "seed of the folds and the PCA", parse=ranged(int, 0))
-    n_jobs: int | None = option(
-        None, "parallel fits (default: all cores)", flags="--jobs", parse=POSITIVE
-    )
 
 
 @dataclass
@@ -158,9 +136,10 @@ class MistakesResult:
 
 
 def find_mistakes(
-    store_path: str | os.PathLike[str], opts: MistakeOptions = MistakeOptions()
-) -> MistakesResult:  # noqa: B008
+    store_path: str | os.PathLike[str], opts: MistakeOptions | None = None
+) -> MistakesResult:
     """Rank a store's labelled images (validated labels: dubious ones are already flagged)."""
+    opts = opts or MistakeOptions()
     store = FeatureStore(store_path)
     data = load_dataset(store_path, default_backbones(store, opts.backbones), label=opts.label)
     y = data.column(opts.label)

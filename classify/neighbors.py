@@ -25,6 +25,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from penult.classify.options import KINDS, METRICS
 from penult.core.errors import PenultError
 from penult.core.files import atomic_path, fsync_file, temporary_name, write_text
 from penult.features import FeatureStore
@@ -52,8 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METRICS = ("cosine", "l2")
-KINDS = ("auto", "flat", "ivf", "ivfpq", "ivf-hnsw", "ivf-disk")
 FLAT_MAX_ROWS = 200_000  # exact search stays above ~100 queries/s per core up to here (1,280-d)
 REFINE = 10  # refined indexes re-rank the best REFINE x k candidates exactly
 CHUNK_BYTES = 16 * 2**20  # embeddings read from the store at a time: bounds memory while adding

@@ -20,12 +20,12 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 from penult.classify.data import StreamingData, stream_dataset
 from penult.classify.model import Model, Predictions
 from penult.classify.novelty import fit_novelty
+from penult.classify.options import StreamOptions
 from penult.classify.train import (
     TrainOptions,
     TrainResult,
@@ -37,7 +37,6 @@ from penult.classify.train import (
     summary,
 )
 from penult.core import OptionError
-from penult.core.options import POSITIVE, option
 from penult.features import FeatureStore
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -53,14 +52,6 @@ __all__ = [
     "shuffle_buffers",
     "train_out_of_core",
 ]
-
-
-@dataclass(frozen=True)
-class StreamOptions:
-    memory_mb: int = option(256, "MB of features held at once (the shuffle buffer)", parse=POSITIVE)
-    epochs: int = option(20, "passes of the streamed lr over the training split", parse=POSITIVE)
-    subsample: int = option(50_000, "training images for heads that cannot stream", parse=POSITIVE)
-    max_eval: int = 200_000  # held-out images scored (a seeded sample beyond that)
 
 
 class StreamingCentroid(ClassifierMixin, BaseEstimator):

@@ -21,30 +21,10 @@ import numpy as np
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.images import Images
 from penult.classify.model import Model, Predictions, resolve_backbones
+from penult.classify.options import PredictOptions
 from penult.core import SAMPLE, OptionError, atomic_path, check_out_folder, file_sha256
-from penult.core.options import POSITIVE, option
 from penult.features import FeatureStore, HashIndex, sha_raw
 from tqdm.auto import tqdm
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    top_k: int = option(5, "labels per image", parse=POSITIVE)
-    store: str | None = option(None, "feature store whose cached embeddings to reuse")
-    chunk: int = option(  # bounds memory
-        2048,
-        "images per step (per Dask task with --cluster)",
-        flags="--partition-size",
-        parse=POSITIVE,
-        metavar="N",
-    )
-    progress: bool = option(True, "no progress bar", flags=("-q", "--quiet"))
-    cluster: str | None = option(
-        None,
-        "score on Dask, as `extract --cluster` (local[:N], tcp://HOST:PORT, slurm[:JOBS]); the "
-        "CSV is still in input order and written only when every image is scored",
-        metavar="SPEC",
-    )
 
 
 @dataclass

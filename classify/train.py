@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 from penult.classify.data import (
-    STATUS_CHOICES,
     DataError,
     Dataset,
     StreamingData,
@@ -21,17 +20,23 @@ from penult.classify.data import (
     eval_mask,
     load_dataset,
 )
-from penult.classify.heads import HEADS, PREPROCESS, make_head, search_grid
+from penult.classify.heads import make_head, search_grid
 from penult.classify.hierarchy import HierarchicalClassifier, taxonomy_from_columns
 from penult.classify.manifest import BackboneUse, Manifest, Refit, TrainedOn
 from penult.classify.metrics import classification_metrics
 from penult.classify.model import Model, Predictions
-from penult.classify.novelty import DEFAULT_SCORE, SCORES, fit_novelty
+from penult.classify.novelty import fit_novelty
+from penult.classify.options import (
+    TrainOptions,
+    parse_levels,
+    parse_param,
+    parse_pca,
+    parse_threshold,
+)
 from penult.classify.ovr import UNKNOWN, ThresholdedOneVsRest, valid_threshold
 from penult.classify.quantify import OutOfFold
-from penult.classify.thresholds import parse_class_thresholds, tune
+from penult.classify.thresholds import tune
 from penult.core import TRAIN, OptionError, PenultError
-from penult.core.options import COUNT, FRACTION, POSITIVE, option, ranged
 from penult.features import FeatureStore
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
@@ -60,132 +65,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def parse_param(text: str) -> tuple[str, object]:
-    """``KEY=VALUE``: an int, a float, none/true/false, else the text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise OptionError(f"{text!r}: expected KEY=VALUE, e.g. C=0.1")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
-
-
-def parse_pca(text: str) -> int | float:
-    """PCA size: components (an integer >= 1) or the variance to keep (a fraction in (0, 1))."""
-    if "." in text or "e" in text.lower():
-        return FRACTION(text)
-    return POSITIVE(text)
-
-
-def parse_threshold(text: str) -> str | float:
-    """--ovr threshold: 'f1', or one probability strictly between 0 and 1."""
-    return text if text == "f1" else FRACTION(text)
-
-
-def parse_levels(text: str) -> tuple[str, ...]:
-    """Comma-separated column names, coarse first."""
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    head: str = option("lr", f"classifier head: {', '.join(HEADS)}")
-    backbones: tuple[str, ...] = option(
-        (),
-        "store entry to train on; repeat to fuse several (rows joined by content hash). "
-        "Default: the store's only backbone",
-        flags="--backbone",
-        repeat=True,
-    )
-    label: str = option("label", "label column to predict")
-    status: str = option(
-        "validated",
-        "labels to learn from: validated (from folders and manifests, or validated in review; "
-        "not those marked dubious) or all",
-        choices=STATUS_CHOICES,
-    )
-    levels: tuple[str, ...] = option(
-        (),
-        "coarse label columns, coarse first (e.g. family,genus), or 'auto' for nested folders; "
-        "reported per level, and used top-down with --hierarchical",
-        parse=parse_levels,
-    )
-    hierarchical: bool = option(False, "coarse classifier, then one per group")
-    taxonomy: str | None = option(None, "CSV class,<coarse columns...> to join at training time")
-    ovr: bool = option(False, "one-vs-rest with per-class thresholds and 'unknown'")
-    threshold: str | float = option(
-        "f1",
-        "--ovr thresholds: 'f1' (tuned per class on out-of-fold scores) or a probability",
-        parse=parse_threshold,
-    )
-    class_weight: str | None = option(
-        None, "reweight rare classes (lr, svm)", choices=("balanced",)
-    )
-    preprocess: str | None = option(None, "default per head", choices=PREPROCESS)
-    pca: int | float | None = option(
-        None, "PCA components (int) or kept variance (0-1)", parse=parse_pca
-    )
-    whiten: bool = option(False, "whiten the PCA components")
-    search: bool = option(False, "grid-search the head's main parameter by CV")
-    search_cv: int = option(3, "folds of the --search grid search", parse=ranged(int, 2))
-    quantifier_folds: int = option(
-        5,
-        "folds of the out-of-fold predictions that calibrate the model's counts (ACC, PACC, "
-        "EMQ: corrected for another class mix); 0: none (counts are then classify-and-count)",
-        parse=COUNT,
-        metavar="K",
-    )
-    unknown_score: str = option(
-        DEFAULT_SCORE,
-        "open-set score that flags images as 'not one of my classes': mahalanobis (distance to "
-        "the nearest class mean), knn (to the nearest training images), msp (one minus the top "
-        "probability), or none",
-        choices=(*SCORES, "none"),
-    )
-    keep: float = option(
-        0.95,
-        "share of known images the open-set threshold keeps (calibrated on held-out folds of "
-        "the training images)",
-        parse=FRACTION,
-    )
-    class_thresholds: str | None = option(
-        None,
-        "one threshold per class, tuned on the out-of-fold posteriors: f1 (each class's best "
-        "F1) or precision:P (the lowest threshold whose precision reaches P); below it an "
-        "image is unclassified (IFCB practice)",
-        parse=parse_class_thresholds,
-        metavar="RULE",
-    )
-    cv: int | None = option(
-        None,
-        "score by K stratified folds over every labelled image (mean and spread, for small data "
-        "sets where one split leaves few test images) instead of one split; the saved model is "
-        "then fitted on every labelled image",
-        parse=ranged(int, 2),
-        metavar="K",
-    )
-    refit_all: bool = option(
-        False,
-        "after scoring on the held-out split, refit on every labelled image and save that model "
-        "(its manifest says so; `evaluate` then refuses to score it on this store)",
-    )
-    split: str = option(
-        "split", "label column with train/test (made if missing)", flags="--split-column"
-    )
-    eval_split: str | None = option(None, "split to score on (default test, else val)")
-    test_size: float = option(0.3, "test fraction when a split is made", parse=FRACTION)
-    seed: int = option(0, "seed of a split made here", parse=COUNT)
-    n_jobs: int | None = option(
-        None, "parallel processes (default: all cores)", flags="--jobs", parse=POSITIVE
-    )
-    params: tuple[tuple[str, Any], ...] = option(
-        (), "classifier KEY=VALUE, repeatable", flags="--param", parse=parse_param, repeat=True
-    )
 
 
 @dataclass

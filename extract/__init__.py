@@ -1,16 +1,38 @@
 """The extraction stage (the only code that builds torch models)."""
 
-from penult.extract.embed import EmbeddedBatch, backbone_from_fingerprint, embed_files
-from penult.extract.embedder import Embedder
-from penult.extract.featurise import Featuriser
-from penult.extract.images import ImageError, decode_image
-from penult.extract.model import Backbone, build_backbone
-from penult.extract.options import ExtractOptions, SampleOptions
-from penult.extract.registry import DEFAULT_BACKBONE, REGISTRY, UnknownBackboneError, get_spec
-from penult.extract.run import extract
-from penult.extract.sources import Listing, SourceError, list_images
-from penult.extract.summary import ExtractSummary
-from penult.extract.weights import WeightsError
+from __future__ import annotations
+
+from penult.core.lazy import lazy_package
+
+# name -> the module defining it, imported on first use (PEP 562): `penult CMD --help` imports a
+# light module of this package without pulling in what the others import (torch, scikit-learn)
+_WHERE = {
+    "EmbeddedBatch": "penult.extract.embed",
+    "backbone_from_fingerprint": "penult.extract.embed",
+    "embed_files": "penult.extract.embed",
+    "Embedder": "penult.extract.embedder",
+    "Featuriser": "penult.extract.featurise",
+    "ImageError": "penult.extract.images",
+    "decode_image": "penult.extract.images",
+    "Backbone": "penult.extract.model",
+    "build_backbone": "penult.extract.model",
+    "ExtractOptions": "penult.extract.options",
+    "SampleOptions": "penult.extract.options",
+    "DEFAULT_BACKBONE": "penult.extract.names",
+    "REGISTRY": "penult.extract.registry",
+    "UnknownBackboneError": "penult.extract.registry",
+    "get_spec": "penult.extract.registry",
+    "extract": "penult.extract.run",
+    "Listing": "penult.extract.sources",
+    "SourceError": "penult.extract.sources",
+    "list_images": "penult.extract.sources",
+    "ExtractSummary": "penult.extract.summary",
+    "WeightsError": "penult.extract.weights",
+}
+
+
+__getattr__, __dir__ = lazy_package(__name__, _WHERE)
+
 
 __all__ = [
     "DEFAULT_BACKBONE",

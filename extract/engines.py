@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from penult.core import OptionError, PenultError, atomic_path, file_sha256
 from penult.core.files import write_text
+from penult.extract.names import ENGINES
 
 __all__ = [
     "ENGINES",
@@ -54,7 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 RUNTIMES = ("onnxruntime", "openvino")  # what ``auto`` times against torch, where installed
 
 

@@ -12,10 +12,13 @@ from typing import Any, ClassVar
 import numpy as np
 from penult.core.labels import sample_columns
 from penult.core.options import option
-from penult.extract.embed import backbone_from_fingerprint, embed_files, make_embedder
-from penult.extract.model import TORCH_PRECISIONS
+from penult.extract.names import TORCH_PRECISIONS
 from penult.extract.options import RuntimeOptions, SampleOptions
 from penult.extract.sources import list_images
+
+__all__ = [
+    "Featuriser",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Featuriser(RuntimeOptions, SampleOptions):
         self, name: str, fingerprint: dict[str, Any], files: list[str]
     ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
         """(indices into ``files``, their embeddings, (index, why) of files that failed) per batch."""
+        from penult.extract.embed import embed_files  # torch: not for `--help`
+
         net, embedder = self._net(name, fingerprint)
         for b in embed_files(
             files, net.preprocess, embedder, embedder.device, batch_size=self.batch_size,
@@ -91,6 +96,8 @@ class Featuriser(RuntimeOptions, SampleOptions):
     def _net(self, name: str, fingerprint: dict[str, Any]):
         """(backbone, embedder), built once; an int8 entry runs its own quantized model."""
         if name not in self._nets:
+            from penult.extract.embed import backbone_from_fingerprint, make_embedder
+
             net = backbone_from_fingerprint(
                 fingerprint, weights=self.weights.get(name), trust_checkpoint=self.trust_checkpoint
             )

@@ -22,6 +22,7 @@ from penult.extract.engines import (
     cache_note,
     cpu_has_bf16,
 )
+from penult.extract.names import OPTIMIZE, PRECISIONS, TORCH_PRECISIONS
 from penult.extract.registry import REGISTRY, BackboneSpec, Preprocess, get_spec
 from penult.extract.weights import (
     PACKAGED_WEIGHTS,
@@ -53,9 +54,6 @@ __all__ = [
 
 
 log = logging.getLogger(__name__)
-
-TORCH_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast; training takes only these
-PRECISIONS = (*TORCH_PRECISIONS, "int8")  # int8: OpenVINO NNCF quantization (extract.quantize)
 
 
 def build_network(spec: BackboneSpec) -> nn.Module:
@@ -379,7 +377,6 @@ def pick_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-OPTIMIZE = ("auto", "eager", "inductor")
 # On CPU, torch.compile with weight freezing (conv+BN folding, oneDNN weight prepacking) measured
 # about 1.5x (ResNet-50 26 -> 39 img/s, EfficientNet-Lite0 ~95 -> 149) over eager bf16 here, after a compile of 10-25 s
 # with a warm cache and ~40 s cold (fresh machine); it pays off from about this many images.

@@ -7,13 +7,21 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from penult.core import OptionError
-from penult.core.options import COUNT, CROP, POSITIVE, option, parse_shard
-from penult.extract.engines import ENGINES
-from penult.extract.images import (
-    DEFAULT_MAX_PIXELS,
+from penult.core.options import COUNT, CROP, DEFAULT_MAX_PIXELS, POSITIVE, option, parse_shard
+from penult.extract.names import (
+    DEFAULT_BACKBONE,
+    ENGINES,
+    OPTIMIZE,
+    PRECISIONS,
+    RESIZE_MODES,
+    TTA_MODES,
 )
-from penult.extract.model import OPTIMIZE, PRECISIONS
-from penult.extract.registry import DEFAULT_BACKBONE, RESIZE_MODES, TTA_MODES
+
+__all__ = [
+    "ExtractOptions",
+    "RuntimeOptions",
+    "SampleOptions",
+]
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,7 @@ from dataclasses import asdict, dataclass, replace
 
 from penult.core import OptionError
 from penult.extract.adapters import ADAPTERS, Adapter, UnknownBackboneError
-
-RESIZE_MODES = ("crop", "whole", "pad")
-TTA_MODES = ("none", "flip")
+from penult.extract.names import RESIZE_MODES, TTA_MODES
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,6 @@ _ENTRIES = [
 ]  # fmt: skip
 
 REGISTRY: dict[str, BackboneSpec] = {e.name: e for e in _ENTRIES}
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -119,8 +119,6 @@ def test_options_are_declared_once_the_cli_builds_them_from_the_dataclasses():
 def test_one_command_parser_is_the_full_parsers_and_extract_starts_without_sklearn():
     """`penult CMD` builds only CMD's arguments: each command's help and parse equal the full
     parser's, and `penult extract` never imports scikit-learn (1.5 s of every start)."""
-    import subprocess
-    import sys
 
     full = cli.build_parser()
     for argv, *_ in _option_commands():
@@ -134,10 +132,36 @@ def test_one_command_parser_is_the_full_parsers_and_extract_starts_without_sklea
         assert vars(one.parse_args(argv)) == vars(full.parse_args(argv)), argv[0]
     assert cli._command(["info", "s.h5"]) == "info" and cli._command(["--help"]) is None
     assert cli._command(["extrac", "s.h5"]) is None  # a typo: the full parser lists every command
-    code = "import sys, cli; cli.build_parser(cli._command(['extract'])); print('sklearn' in sys.modules)"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_every_commands_help_and_argument_errors_import_neither_torch_nor_sklearn():
+    """`penult CMD --help`, an unknown flag and a forgotten required argument answer from the
+    options' declarations alone: no torch, scikit-learn or faiss imported (they took 4-9 s of
+    each such answer; benchmarks/startup_bench.py times them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from penult import cli\n"
+        "commands = sorted(cli.build_parser()._subparsers._group_actions[0].choices)\n"
+        "for c in commands:\n"
+        "    for argv, want in (([c, '--help'], 0), ([c, '--no-such-flag'], 2), ([c], None)):\n"
+        "        out = io.StringIO()\n"
+        "        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
+        "            try:\n"
+        "                cli.build_parser(cli._command(argv), outline=True).parse_args(argv)\n"
+        "                code = None\n"
+        "            except SystemExit as e:\n"
+        "                code = e.code\n"
+        "        assert want is None or code == want, (argv, code, out.getvalue())\n"
+        "heavy = ('torch', 'sklearn', 'faiss', 'scipy', 'torchvision', 'timm', 'onnxruntime')\n"
+        "print(len(commands), sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    n, loaded = out.stdout.strip().split(" ", 1)
+    assert int(n) >= 20 and loaded == "[]", out.stdout
 
 
 def test_penult_help_lists_every_command_without_importing_torch_or_sklearn(capsys):
@@ -314,7 +338,7 @@ def test_only_penult_errors_become_one_line_and_v_shows_tracebacks(tmp_path, cap
 
     for param, message in (("C=-1", "'C' parameter"), ("C=abc", "'C' parameter"), ("foo=1", "foo")):
         from penult.classify import HeadError, make_head
-        from penult.classify.train import parse_param
+        from penult.classify.options import parse_param
 
         with pytest.raises(HeadError, match=message):
             make_head("svm", **dict([parse_param(param)]))

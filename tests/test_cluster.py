@@ -214,6 +214,7 @@ def test_driver_killed_at_random_moments_then_a_rerun_equals_an_uninterrupted_ru
     def cmd(store: Path) -> list[str]:
         return [sys.executable, "-m", "cli", "extract", str(store), *common,
                 "--cluster", "local:1", "--partition-size", "4"]  # fmt: skip
+
     # one worker: what is killed is the driver; two workers' start-up cost 20 s of the suite
 
     # the uninterrupted run in one process (the test above: a cluster run equals it)

@@ -12,11 +12,27 @@ network (the trainable wrapper), probe (the head's starting point), loop (epochs
 (weights, card, resume), plot (the validation curve).
 """
 
-from penult.extract.finetune.data import extract_finetuned
-from penult.extract.finetune.loop import finetune, resolve_auto
-from penult.extract.finetune.network import augment, stages
-from penult.extract.finetune.options import FinetuneError, FinetuneOptions, FinetuneResult
-from penult.extract.finetune.plot import plot_curve
+from __future__ import annotations
+
+from penult.core.lazy import lazy_package
+
+# name -> the module defining it, imported on first use (PEP 562): `penult CMD --help` imports a
+# light module of this package without pulling in what the others import (torch, scikit-learn)
+_WHERE = {
+    "extract_finetuned": "penult.extract.finetune.data",
+    "finetune": "penult.extract.finetune.loop",
+    "resolve_auto": "penult.extract.finetune.loop",
+    "augment": "penult.extract.finetune.network",
+    "stages": "penult.extract.finetune.network",
+    "FinetuneError": "penult.extract.finetune.options",
+    "FinetuneOptions": "penult.extract.finetune.options",
+    "FinetuneResult": "penult.extract.finetune.options",
+    "plot_curve": "penult.extract.finetune.plot",
+}
+
+
+__getattr__, __dir__ = lazy_package(__name__, _WHERE)
+
 
 __all__ = [
     "FinetuneError",

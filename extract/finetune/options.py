@@ -8,9 +8,14 @@ from typing import Any, ClassVar
 
 from penult.core import PenultError
 from penult.core.options import COUNT, CROP, FRACTION, POSITIVE, RATE, option, ranged
-from penult.extract.model import TORCH_PRECISIONS
+from penult.extract.names import RESIZE_MODES, TORCH_PRECISIONS
 from penult.extract.options import RuntimeOptions
-from penult.extract.registry import RESIZE_MODES
+
+__all__ = [
+    "FinetuneError",
+    "FinetuneOptions",
+    "FinetuneResult",
+]
 
 
 class FinetuneError(PenultError, ValueError):
