@@ -98,7 +98,8 @@ class TrainOptions:
     levels: tuple[str, ...] = option(
         (),
         "coarse label columns, coarse first (e.g. family,genus), or 'auto' for nested folders; "
-        "reported per level, and used top-down with --hierarchical",
+        "reported per level, and used top-down with --hierarchical (which, without --levels, "
+        "uses the store's taxonomy: the label columns that group the classes)",
         parse=parse_levels,
     )
     hierarchical: bool = option(False, "coarse classifier, then one per group")

@@ -105,7 +105,8 @@ def build_estimator(
         )
     if opts.hierarchical and taxonomy is None:
         raise DataError(
-            "--hierarchical needs coarse levels: --levels genus,family or --levels auto"
+            "--hierarchical needs coarse levels: --levels family,genus (coarse first), "
+            "--taxonomy CSV, or --levels auto"
         )
     head = make_head(
         opts.head,
@@ -127,7 +128,56 @@ def _jobs(opts: TrainOptions) -> int:
     return opts.n_jobs or os.cpu_count() or 1
 
 
-def resolve_levels(data: Dataset, levels: tuple[str, ...]) -> list[str]:
+RANKS = ("domain", "kingdom", "phylum", "division", "class", "order", "suborder", "superfamily",
+         "family", "subfamily", "tribe", "genus", "subgenus")  # fmt: skip
+
+
+def taxonomy_levels(data: Dataset | StreamingData, label: str, split: str = "split") -> list[str]:
+    """The store's label columns that group ``label``'s classes into a tree, coarse first: each
+    a function of the next finer one (every image of a class has one value) with fewer values
+    (a renaming such as an English name is not a level). Of several such chains the longest,
+    then the one with most columns named as taxonomic ranks (cub100's ``name_group`` also
+    nests under ``genus``). Samples, their metadata, the split and columns that leave some
+    images empty are not levels."""
+    from penult.core.labels import sample_columns
+
+    y = np.asarray(data.column(label)).astype(str)
+    keep = y != ""
+    skip = {label, split, *sample_columns({k: list(v) for k, v in data.labels.items()})}
+    cols: list[tuple[str, np.ndarray, int]] = [
+        (label, np.unique(y[keep], return_inverse=True)[1], 0)
+    ]
+    for col, values in data.labels.items():
+        v = np.asarray(values).astype(str)[keep]
+        if col not in skip and not (v == "").any():
+            names, codes = np.unique(v, return_inverse=True)
+            if len(names) >= 2:
+                cols.append((col, codes, len(names)))
+    cols[0] = (label, cols[0][1], int(cols[0][1].max()) + 1 if keep.any() else 0)
+    cols[1:] = sorted(cols[1:], key=lambda t: (-t[2], t[0]))  # finest first
+
+    def under(fine: int, coarse: int) -> bool:  # coarse is a function of fine, with fewer values
+        (_, f, nf), (_, c, nc) = cols[fine], cols[coarse]
+        first = np.full(nf, -1, np.int64)
+        first[f] = c
+        return nc < nf and bool((first[f] == c).all())
+
+    best: dict[int, tuple[int, int, list[str]]] = {0: (0, 0, [])}  # column -> chain from label
+    for i in range(1, len(cols)):
+        name = cols[i][0]
+        for j in [0, *range(1, i)]:
+            if j in best and under(j, i):
+                n, ranks, chain = best[j]
+                got = (n + 1, ranks + (name.lower() in RANKS), [*chain, name])
+                if i not in best or got[:2] > best[i][:2]:
+                    best[i] = got
+    return max(best.values(), key=lambda t: t[:2])[2][::-1]  # ties: the finer columns first
+
+
+def resolve_levels(
+    data: Dataset | StreamingData, levels: tuple[str, ...], label: str = "label",
+    split: str = "split",
+) -> list[str]:  # fmt: skip
     """Coarse level columns, coarse first; "auto" means the nested-folder levels (level0, level1...)."""
     if tuple(levels) == ("auto",):
         found = sorted(
@@ -140,7 +190,14 @@ def resolve_levels(data: Dataset, levels: tuple[str, ...]) -> list[str]:
             )
         return found
     for c in levels:
-        data.column(c)
+        if c not in data.labels:
+            have = taxonomy_levels(data, label, split)
+            other = sorted(set(data.labels) - {*have, label})
+            raise DataError(
+                f"no label column {c!r}; the store's taxonomy levels above {label!r}, coarse "
+                f"first: {', '.join(have) or 'none'}; its other label columns: "
+                f"{', '.join(other) or 'none'}"
+            )
     return list(levels)
 
 
@@ -214,12 +271,27 @@ def prepare(
             f"{store_path}: every labelled image is {y[0]!r}; a classifier needs 2 or more classes"
         )
     tax_note = join_taxonomy(data, opts.taxonomy, opts.label) if opts.taxonomy else None
-    levels = resolve_levels(data, opts.levels)
+    levels = resolve_levels(data, opts.levels, opts.label, opts.split)
+    found = None
+    if opts.hierarchical and not levels:  # the store's own taxonomy, coarse first
+        levels = taxonomy_levels(data, opts.label, opts.split)
+        if not levels:
+            other = ", ".join(sorted(set(data.labels) - {opts.label})) or "none"
+            raise DataError(
+                f"--hierarchical needs coarse levels and {store_path} has no label column that "
+                f"groups the {opts.label!r} classes (its other label columns: {other}): give "
+                "--levels family,genus (coarse first), --taxonomy CSV, or --levels auto for "
+                "nested class folders"
+            )
+        found = f"--hierarchical on the store's taxonomy, coarse first: {' > '.join(levels)} > "
+        found += f"{opts.label} (pin other levels with --levels)"
     taxonomy = taxonomy_from_columns(y, {c: data.column(c) for c in levels}) if levels else None
     est = build_estimator(opts, taxonomy, levels)
     notes = list(data.notes)
     if tax_note:
         notes.append(tax_note)
+    if found:
+        notes.append(found)
     if opts.cv:  # every labelled image trains and is scored, fold by fold; no split is stored
         classes, counts = np.unique(y, return_counts=True)
         if counts.min() < 2:

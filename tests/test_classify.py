@@ -89,9 +89,15 @@ def test_hierarchy_paths_are_consistent_and_probabilities_multiply(cub):
 
 
 def test_hierarchical_training_reports_levels_and_beats_chance(cub_store):
-    r = train(cub_store, TrainOptions(**PLAIN, levels=("family", "genus"), hierarchical=True))
+    """Without --levels, --hierarchical takes the store's taxonomy: order > family > genus, not
+    name_group (it nests under genus too, but is no rank) nor english_name (a renaming)."""
+    r = train(cub_store, TrainOptions(**PLAIN, hierarchical=True))
     m = r.metrics
     assert r.model.manifest.kind == "hierarchical"
+    assert r.model.levels == ["order", "family", "genus", "label"]
+    assert any(
+        "store's taxonomy, coarse first: order > family > genus > label" in n for n in r.notes
+    )
     assert m["levels"]["accuracy"]["family"] >= m["levels"]["accuracy"]["genus"] >= m["top1"] > 0.75
     assert m["levels"]["mean_tree_distance_of_mistakes"] > 0
     flat = train(cub_store, TrainOptions(**PLAIN, levels=("family", "genus")))
@@ -252,15 +258,19 @@ def test_fusion_joins_rows_by_content_hash(cub_store, tmp_path):
         fused_rows(FeatureStore(store), ["fake", "fake"])
 
 
-def test_bad_training_input_is_reported(cub_store, tmp_path):
+def test_bad_training_input_is_reported(cub_store, hym_store, tmp_path):
     with pytest.raises(DataError, match="no label column 'species'"):
         train(cub_store, TrainOptions(**PLAIN, label="species"))
     with pytest.raises(Exception, match="no backbone 'resnet50'"):
         train(cub_store, TrainOptions(**PLAIN, backbones=("resnet50",)))
     with pytest.raises(ValueError, match="unknown head 'forest'"):
         train(cub_store, TrainOptions(**PLAIN, head="forest"))
-    with pytest.raises(DataError, match="needs coarse levels"):
-        train(cub_store, TrainOptions(**PLAIN, hierarchical=True))
+    with pytest.raises(
+        DataError, match="levels above 'label', coarse first: order, family, genus;"
+    ):
+        train(cub_store, TrainOptions(**PLAIN, levels=("species",), hierarchical=True))
+    with pytest.raises(DataError, match="needs coarse levels .* no label column that groups"):
+        train(hym_store, TrainOptions(**PLAIN, hierarchical=True))  # ants, bees: no taxonomy
     store = tmp_path / "s.h5"
     copy_store(cub_store, store)
     d = load_dataset(store, ["efficientnet_lite0"])
