@@ -608,20 +608,27 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def _cmd_neighbors(args: argparse.Namespace) -> int:
     from penult.classify.lookup import contact_sheet, neighbors, write_table
+    from penult.classify.neighbors import ensure_index, index_path
 
     _out_folder(args.out)
     _out_folder(args.sheet)
     name = _backbone(args.store, args.backbone)
     from penult.extract import Featuriser
 
+    ni = None
+    if not index_path(args.store, name, args.metric).exists():  # build it, as `penult index` would
+        print(f"{args.store} has no {args.metric} index of {name} yet: building it ...", flush=True)
+        ni = ensure_index(args.store, name, metric=args.metric)
+        print(f"  built {index_path(args.store, name, args.metric)} ({len(ni.rows):,} images)")
     results = neighbors(
         args.store, name, args.queries, k=args.k, metric=args.metric, nprobe=args.nprobe,
-        images=_options(args, Featuriser),
+        images=_options(args, Featuriser), index=ni,
     )  # fmt: skip
     for r in results[:20]:
-        print(f"{r.query} [{r.label}]" + (f"  ERROR {r.error}" if r.error else ""))
+        label = f"  [{r.label}]" if r.label else ""
+        print(f"{r.query}{label}" + (f"  ERROR {r.error}" if r.error else ""))
         for h in r.hits:
-            print(f"    {h.score:8.4f}  {h.path}  [{h.label}]")
+            print(f"    {h.score:8.4f}  {h.path}" + (f"  [{h.label}]" if h.label else ""))
     if len(results) > 20:
         print(f"... {len(results) - 20} more queries in {args.out}")
     write_table(results, args.out)
@@ -1014,10 +1021,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_first(command: str, model: str, inputs: list[str]) -> None:
+    """Refuse ``penult CMD IMAGES MODEL``: the model (a file with its MODEL.json manifest beside
+    it) comes first; said at once, naming both, instead of "no such model file"."""
+    from penult.core import OptionError
+
+    def is_model(p: str) -> bool:
+        return os.path.isfile(p) and os.path.isfile(p + ".json")
+
+    if is_model(model):
+        return
+    swapped = [p for p in inputs if is_model(p)]
+    if swapped:
+        others = " ".join([model, *[p for p in inputs if p != swapped[0]]])
+        raise OptionError(
+            f"{swapped[0]} is a model and {model} is not: the model comes first "
+            f"(penult {command} {swapped[0]} {others} ...)"
+        )
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from penult.core import PenultError
 
     _out_folder(args.out)
+    _model_first("predict", args.model, args.inputs)
     for src in args.inputs:  # said at once, not after seconds of importing torch and sklearn
         if not os.path.exists(os.path.expanduser(src)):
             raise PenultError(f"{src}: no such file or folder")
@@ -1106,6 +1133,7 @@ def _cmd_count(args: argparse.Namespace) -> int:
     _out_folder(args.out)
     if not args.inputs and not args.store:
         raise OptionError("name images, folders or manifests to count, or --store STORE")
+    _model_first("count", args.model, args.inputs)
     for src in args.inputs:
         if not os.path.exists(os.path.expanduser(src)):
             raise PenultError(f"{src}: no such file or folder")
@@ -1201,7 +1229,8 @@ def main(argv: list[str] | None = None) -> int:
     terminated = []
     previous = _on_sigterm(args.command, terminated)
     try:
-        return _HANDLERS[args.command](args)
+        with _warnings_summed_up(args.verbose):
+            return _HANDLERS[args.command](args)
     except BrokenPipeError:  # `penult info STORE | head`: the reader left; exit quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -1223,6 +1252,37 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _warnings_summed_up(verbose: bool):
+    """Libraries' warnings (scikit-learn's ConvergenceWarning on every fold, ...) as one line
+    per library at the end, with counts and one example, instead of ten lines mid-output; -v
+    shows each as it comes."""
+    import warnings
+
+    if verbose:
+        yield
+        return
+    seen: dict[str, list] = {}  # library -> [count, {category: count}, first message]
+
+    def count(message, category, filename, lineno, file=None, line=None) -> None:
+        parts = os.path.normpath(str(filename)).split(os.sep)
+        lib = parts[parts.index("site-packages") + 1] if "site-packages" in parts else "penult"
+        entry = seen.setdefault(lib, [0, {}, str(message).strip().split("\n")[0][:150]])
+        entry[0] += 1
+        entry[1][category.__name__] = entry[1].get(category.__name__, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = count
+        try:
+            yield
+        finally:
+            for lib, (n, kinds, first) in seen.items():
+                what = ", ".join(f"{k} x{c}" for k, c in kinds.items())
+                print(f"note: {n} warning{'s' * (n > 1)} from {lib} ({what}), e.g. \"{first}\" "
+                      "(-v shows each)", file=sys.stderr)  # fmt: skip
 
 
 def _on_sigterm(command: str, terminated: list[int]):

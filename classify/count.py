@@ -189,8 +189,8 @@ def samples_from_codes(
         elif c == VOLUME:
             bad = int(np.flatnonzero(~same)[0])
             raise OptionError(
-                f"sample {names[codes[bad]]!r}: its images give two volumes "
-                f"({VOLUME} {cn[ref[bad]]!r} and {cn[cc[bad]]!r})"
+                f"sample {str(names[codes[bad]])!r}: its images give two volumes "
+                f"({VOLUME} {str(cn[ref[bad]])!r} and {str(cn[cc[bad]])!r})"
             )
     samples = []
     warnings: list[str] = []

@@ -12,7 +12,8 @@ import numpy as np
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.images import Images
 from penult.classify.neighbors import NeighborIndex, NeighborIndexError, open_index
-from penult.features import FeatureStore
+from penult.core import file_sha256
+from penult.features import FeatureStore, sha_raw
 
 __all__ = [
     "Hit",
@@ -25,7 +26,7 @@ __all__ = [
     "write_table",
 ]
 
-THUMB = 160
+THUMB = 192  # every thumbnail fills this square box (small ROIs are enlarged to it)
 
 
 @dataclass
@@ -80,6 +81,7 @@ def resolve_queries(
                 else "an image file: embedding it needs the image side (extract.Featuriser)"
             )
             raise NeighborIndexError(f"query {q!r}: {why}")
+    files = _stored_files(store, backbone, files, shells, rows, labels)
     X = np.zeros((len(shells), store.backbone(backbone).dim), np.float32)
     known = [i for i, r in enumerate(rows) if r is not None]
     if known:
@@ -87,6 +89,27 @@ def resolve_queries(
     if files:
         _embed(store, backbone, files, X, shells, images)
     return shells, X, rows
+
+
+def _stored_files(
+    store: FeatureStore, backbone: str, files: list[tuple[int, str]], shells: list[Result],
+    rows: list[int | None], labels: list[str],
+) -> list[tuple[int, str]]:  # fmt: skip
+    """Query files whose content is stored (same SHA-256) answered as that stored row: its
+    embedding and label, and itself left out of its neighbours. Returns the files to embed."""
+    if not files:
+        return files
+    shas = []
+    for _, f in files:
+        try:
+            shas.append(file_sha256(f))
+        except OSError:  # unreadable: embedding it says why
+            shas.append("0" * 64)
+    found = store.hash_index(backbone).find(sha_raw(shas))
+    for (pos, _), r in zip(files, found.tolist(), strict=True):
+        if r >= 0:
+            rows[pos], shells[pos].label = int(r), labels[r]
+    return [(pos, f) for (pos, f), r in zip(files, found.tolist(), strict=True) if r < 0]
 
 
 def _embed(
@@ -189,15 +212,14 @@ def _thumb(src: str, folder: Path, name: str) -> str | None:
     import io
 
     from penult.core import ifcb
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         if (roi := ifcb.virtual_roi(src)) is not None:  # an IFCB ROI: read from its bin
             src = io.BytesIO(ifcb.read_roi(*roi)[0])
         with Image.open(src) as im:  # Pillow's own decompression-bomb limit applies
-            im = im.convert("RGB")
-            im.thumbnail((THUMB, THUMB))
-            im.save(folder / name, quality=85)
+            im = ImageOps.contain(im.convert("RGB"), (THUMB, THUMB), Image.Resampling.BICUBIC)
+            im.save(folder / name, quality=88)
     except Exception:  # noqa: BLE001 - a bad image gets a text cell instead of a thumbnail
         return None
     return f"{folder.name}/{name}"
@@ -216,33 +238,59 @@ def contact_sheet(
     folder.mkdir(exist_ok=True)
     n = 0
 
-    def cell(file: str, caption: str) -> str:
+    def cell(file: str, name: str, label: str, note: str, query: bool = False) -> str:
         nonlocal n
         n += 1
         src = _thumb(file, folder, f"{n:06d}.jpg") if file else None
         img = (
             f'<img src="{html.escape(src)}" alt="">'
             if src
-            else '<div class="missing">no image</div>'
+            else '<span class="missing">no image</span>'
         )
-        return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
+        tag = '<div class="tag">query</div>' if query else ""
+        lines = [f'<div class="name">{_breakable(name)}</div>']
+        lines += [f'<div class="label">{html.escape(label)}</div>'] if label else []
+        lines += [f'<div class="note">{html.escape(note)}</div>'] if note else []
+        return (
+            f'<figure class="{"q" if query else "hit"}">{tag}<div class="box">{img}</div>'
+            f"<figcaption>{''.join(lines)}</figcaption></figure>"
+        )
 
     rows = []
     for r in results:
-        q = cell(r.file, f"{r.query} [{r.label}]" if r.label else r.query)
+        q = cell(r.file, r.query, r.label or "unlabelled", "", query=True)
         hits = "".join(
-            cell(h.file, f"{h.path} [{h.label}] {score_name} {h.score:.3f}") for h in r.hits
+            cell(h.file, h.path, h.label or "unlabelled", f"{score_name} {h.score:.3f}")
+            for h in r.hits
         )
         err = f'<p class="err">{html.escape(r.error)}</p>' if r.error else ""
-        rows.append(f'<div class="row"><div class="q">{q}</div>{hits}{err}</div>')
-    style = ("body{font-family:sans-serif;margin:1em}.row{display:flex;flex-wrap:wrap;gap:6px;border-bottom:1px solid #ccc;padding:6px 0}"
-             f"figure{{margin:0;width:{THUMB}px}}figcaption{{font-size:11px;word-break:break-all}}.q{{background:#eef}}"
-             ".missing{width:160px;height:100px;background:#eee}.err{color:#b00}")  # fmt: skip
+        rows.append(f'<div class="row">{q}{hits}{err}</div>')
+    style = (
+        "body{font-family:sans-serif;margin:1em}"
+        ".row{display:flex;flex-wrap:wrap;gap:10px;border-bottom:1px solid #ccc;padding:10px 0}"
+        f"figure{{margin:0;width:{THUMB}px}}"
+        f".box{{width:{THUMB}px;height:{THUMB}px;display:flex;align-items:center;"
+        "justify-content:center;background:#f3f3f3}"
+        "figure.q{outline:3px solid #36c;outline-offset:2px}"
+        ".tag{font-size:12px;font-weight:bold;color:#fff;background:#36c;padding:1px 6px;"
+        "display:inline-block;margin-bottom:2px}"
+        "figcaption{font-size:12px;line-height:1.3;margin-top:3px}"
+        ".name{overflow-wrap:break-word;color:#444}.label{font-weight:bold}.note{color:#666}"
+        ".missing{color:#999;font-size:12px}.err{color:#b00;flex-basis:100%}"
+    )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(rows)}</body></html>\n"
     )
     out.write_text(page, encoding="utf-8", errors="backslashreplace")
+    return out
+
+
+def _breakable(name: str) -> str:
+    """A path escaped for HTML that wraps after its separators (/ _ - .), never mid-word."""
+    out = html.escape(name)
+    for sep in ("/", "_", "-", "."):
+        out = out.replace(sep, sep + "<wbr>")
     return out
 
 

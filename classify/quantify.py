@@ -114,7 +114,7 @@ class OutOfFold:
         if k < 2:
             raise OptionError(
                 f"quantifier calibration needs two images of every class; "
-                f"{classes[counts.argmin()]!r} has one"
+                f"{str(classes[counts.argmin()])!r} has one"
             )
         split = StratifiedKFold(k, shuffle=True, random_state=seed)
         # cross_validate, not cross_val_predict: that one hands the estimator integer-coded

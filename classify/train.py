@@ -128,6 +128,7 @@ def _jobs(opts: TrainOptions) -> int:
     return opts.n_jobs or os.cpu_count() or 1
 
 
+SMALL_EVAL = 100  # held-out images under which `train` suggests --cv
 RANKS = ("domain", "kingdom", "phylum", "division", "class", "order", "suborder", "superfamily",
          "family", "subfamily", "tribe", "genus", "subgenus")  # fmt: skip
 
@@ -219,12 +220,12 @@ def _check_classes(y_train: np.ndarray, y_eval: np.ndarray, notes: list[str]) ->
         )
     ones = classes[counts == 1]
     if len(ones):
-        notes.append(f"{len(ones)} classes have a single training image, e.g. {ones[0]!r}")
+        notes.append(f"{len(ones)} classes have a single training image, e.g. {str(ones[0])!r}")
     unseen = sorted(set(y_eval) - set(classes))
     if unseen:
         notes.append(
             f"{len(unseen)} classes appear only in the evaluation split and can never be predicted, "
-            f"e.g. {unseen[0]!r}"
+            f"e.g. {str(unseen[0])!r}"
         )
 
 
@@ -268,7 +269,7 @@ def prepare(
     y = data.column(opts.label)
     if len(np.unique(y)) < 2:
         raise DataError(
-            f"{store_path}: every labelled image is {y[0]!r}; a classifier needs 2 or more classes"
+            f"{store_path}: every labelled image is {str(y[0])!r}; a classifier needs 2 or more classes"
         )
     tax_note = join_taxonomy(data, opts.taxonomy, opts.label) if opts.taxonomy else None
     levels = resolve_levels(data, opts.levels, opts.label, opts.split)
@@ -346,6 +347,12 @@ def train(
     result = TrainResult(
         model, {}, fit_seconds, int(tr.sum()), int(ev.sum()), plan.eval_split, search, plan.notes
     )
+    if not opts.cv and result.n_eval < SMALL_EVAL:  # one split's score of a few images is noise
+        half = 100 * 1.96 * (0.25 / max(result.n_eval, 1)) ** 0.5
+        result.notes.append(
+            f"only {result.n_eval} held-out images: a score on them is good to about +-{half:.0f} "
+            f"points; --cv 5 scores every one of the {len(y[tr | ev])} labelled images, in 5 folds"
+        )
     if not (opts.cv or opts.refit_all):  # the saved model is the one scored: calibrate first
         say("calibrating counts and the open-set score", 0.5)
         _calibrate(model, data.X[tr], y[tr], opts, result.notes)

@@ -19,7 +19,7 @@ from penult.extract.options import ExtractOptions
 from penult.extract.plan import hash_listing, plan, resolve_resize
 from penult.extract.sources import Listing
 from penult.extract.summary import ExtractSummary
-from penult.features import StoreWriter
+from penult.features import FeatureStore, StoreWriter
 from penult.features.parts import PartWriter, list_parts, merge
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,25 @@ def _ecotaxa_status(w, listing: Listing, new: np.ndarray) -> None:
         )  # fmt: skip
 
 
+def _relabelled(store: FeatureStore, listing: Listing, row: np.ndarray) -> dict[str, int]:
+    """Per label column, the stored images this listing gives another value (an edited
+    manifest or a moved folder): the summary says so instead of "already stored" alone."""
+    known = np.flatnonzero(row >= 0)
+    if not len(known):
+        return {}
+    have, out = set(store.label_columns()), {}
+    for col, values in listing.labels.items():
+        if col not in have:
+            continue
+        codes, names = store.label_codes(col)
+        old = np.asarray(names, dtype=object)[codes[row[known]]]
+        new = np.asarray(values, dtype=object)[known]
+        n = int(((old != new) & (new != "")).sum())
+        if n:
+            out[col] = n
+    return out
+
+
 def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> ExtractSummary:
     opts, resize_why = resolve_resize(opts, listing)
     backbone, embedder, name, fingerprint = build_embedder(opts, listing, store_path)
@@ -84,6 +103,7 @@ def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> Ext
     with writer as w:
         row, stored = w.store.find(listing.paths), w.store.table_view()
         sha, err, nbytes, mtime = hash_listing(listing, row, stored, progress=opts.progress)
+        s.relabelled = _relabelled(w.store, listing, row)
         w.upsert_images(
             listing.paths,
             [str(listing.root)] * len(listing),

@@ -215,7 +215,7 @@ def _join_samples(listing: Listing, path: Path) -> None:
     missing = sorted({s for s in samples if s and s not in table})
     listing.notes.append(
         f"samples {path.name}: added {', '.join(added) or 'nothing'}"
-        + (f"; {len(missing)} sample(s) have no row, e.g. {missing[0]!r}" if missing else "")
+        + (f"; {len(missing)} sample(s) have no row, e.g. {str(missing[0])!r}" if missing else "")
     )
 
 
@@ -393,6 +393,8 @@ def list_images(
             taxonomy = src / "taxonomy.csv"
         if split is None and (src / "split.csv").is_file():
             split = src / "split.csv"
+        used = {Path(f).name for f in (taxonomy, split) if f is not None and Path(f).parent == src}
+        listing.ignored = [f for f in listing.ignored if f not in used]  # used, not ignored
     elif src.suffix.lower() == ".csv":
         listing = _from_manifest(src.resolve(), base)
     elif src.suffix.lower() == ".tsv" or (src.suffix.lower() == ".txt" and ecotaxa.is_ecotaxa(src)):

@@ -33,6 +33,7 @@ class ExtractSummary:
     engine: str = ""
     engine_note: str = ""  # what --engine auto measured
     cache_notes: list[str] = field(default_factory=list)  # engine cache entries found bad, remade
+    relabelled: dict[str, int] = field(default_factory=dict)  # stored images given a new value
 
     @property
     def images_per_s(self) -> float:
@@ -69,6 +70,12 @@ class ExtractSummary:
             )
             + (f", compile {self.compile_seconds:.0f} s" if self.compile_seconds else ""),
         ]
+        if self.relabelled:
+            what = ", ".join(f"{c} {n}" for c, n in self.relabelled.items())
+            lines.append(
+                f"  labels changed for stored images: {what} (labels a person set in review "
+                "are kept)"
+            )
         if self.resize:
             lines.append(f"  resize {self.resize}; pin it with --resize")
         if self.engine_note:

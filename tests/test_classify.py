@@ -276,8 +276,8 @@ def test_bad_training_input_is_reported(cub_store, hym_store, tmp_path):
     d = load_dataset(store, ["efficientnet_lite0"])
     with StoreWriter(store) as w:  # one class only
         w.set_labels("one", d.paths, ["bird"] * len(d.paths))
-    with pytest.raises(DataError, match="2 or more classes"):
-        train(store, TrainOptions(**PLAIN, label="one"))
+    with pytest.raises(DataError, match="every labelled image is 'bird'; a classifier needs 2"):
+        train(store, TrainOptions(**PLAIN, label="one"))  # the name, not np.str_('bird')
     y = d.labels["label"].copy()
     lone = np.flatnonzero(d.labels["split"] == "train")[0]
     y[lone] = "lonely species"
@@ -314,3 +314,17 @@ def test_metrics_against_hand_computed_values():
     assert expected_calibration_error(conf, np.array([1, 0, 1, 1])) == pytest.approx(
         (2 * 0.4 + 2 * 0.4) / 4
     )
+
+
+def test_few_held_out_images_are_said_to_be_few_and_cv_suggested(hym_store, cub_store, tmp_path):
+    store = copy_store(hym_store, tmp_path / "s.h5")
+    d = load_dataset(store, ["efficientnet_lite0"])
+    split = np.where(np.arange(len(d.paths)) % 10 == 0, "test", "train")  # 40 of 397 held out
+    with StoreWriter(store) as w:
+        w.set_labels("split", d.paths, split.tolist())
+    r = train(store, TrainOptions(**PLAIN))
+    note = [n for n in r.notes if "held-out images" in n]
+    assert r.n_eval == 40 and note, r.notes
+    assert "only 40 held-out images: a score on them is good to about +-15 points" in note[0]
+    assert f"--cv 5 scores every one of the {len(d.paths)} labelled images" in note[0]
+    assert not [n for n in train(cub_store, TrainOptions(**PLAIN)).notes if "held-out" in n]

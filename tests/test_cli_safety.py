@@ -274,6 +274,9 @@ def test_predict_reports_skipped_files_escapes_cells_and_cleans_up(hym_store, da
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "p.csv"
     capsys.readouterr()
+    assert cli.main(["predict", folder.name, str(model), "--out", str(out)]) == 2  # swapped
+    err = capsys.readouterr().err
+    assert f"{model} is a model and {folder.name} is not: the model comes first" in err, err
     assert cli.main(["predict", str(model), folder.name, "--out", str(out), "--store", str(store), "-q"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     rows = list(csv.DictReader(open(out, newline="", encoding="utf-8", errors="surrogateescape")))
@@ -592,3 +595,27 @@ def test_only_the_adapters_ask_which_library_a_backbone_comes_from():
     assert asked == []
     assert {s.source for s in REGISTRY.values()} <= set(ADAPTERS)
     assert all(s.adapter is ADAPTERS[s.source] for s in REGISTRY.values())
+
+
+def test_library_warnings_are_summed_up_once_and_shown_with_v(capsys):
+    """Ten ConvergenceWarnings mid-output become one line at the end with the count and one
+    example; -v lets each through."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    lib = os.path.join("env", "site-packages", "sklearn", "linear_model", "_logistic.py")
+    with cli._warnings_summed_up(False):
+        for _ in range(10):
+            warnings.warn_explicit("lbfgs failed to converge\nmore", ConvergenceWarning, lib, 1)
+        warnings.warn_explicit("few members", UserWarning, lib, 2)
+        print("the command's own output")
+    out = capsys.readouterr()
+    assert out.out == "the command's own output\n"
+    assert out.err.strip().splitlines() == [
+        'note: 11 warnings from sklearn (ConvergenceWarning x10, UserWarning x1), e.g. "lbfgs '
+        'failed to converge" (-v shows each)'
+    ]
+    with pytest.warns(ConvergenceWarning), cli._warnings_summed_up(True):
+        warnings.warn_explicit("lbfgs failed to converge", ConvergenceWarning, lib, 1)
+    assert "note:" not in capsys.readouterr().err

@@ -79,6 +79,13 @@ def test_changed_new_and_renamed_files(small_folder: Path, tmp_path: Path) -> No
     )
     assert t.labels["label"][idx["bees/moved.jpg"]] == "bees"
     assert check(store) == []
+    # an edited manifest relabels a stored image: the summary says so, not "already stored" alone
+    m = tmp_path / "m.csv"
+    rows = [f"{q},{'bees' if q == f'ants/{ants[2].name}' else q.split('/')[0]}" for q in t.path]
+    m.write_text("path,label\n" + "\n".join(rows) + "\n")
+    again = extract(store, list_images(m, root=small_folder), FAST)
+    assert again.extracted == 0 and again.relabelled == {"label": 1}
+    assert "labels changed for stored images: label 1" in again.report()
 
 
 def test_several_backbones_and_fingerprint_refusal(small_folder: Path, tmp_path: Path) -> None:

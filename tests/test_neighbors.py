@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from penult.classify.knn import FaissKNeighborsClassifier
-from penult.classify.lookup import contact_sheet, find_duplicates, neighbors, write_table
+from penult.classify.lookup import THUMB, contact_sheet, find_duplicates, neighbors, write_table
 from penult.classify.neighbors import NeighborIndexError, build_index, open_index, plan_index
 from penult.extract import ExtractOptions, Featuriser, extract, list_images
 from penult.features import FeatureStore, StoreWriter
@@ -164,25 +164,34 @@ def test_queries_by_key_file_and_folder_with_contact_sheet(cub_store, data_dir, 
     build_index(store, B)
     table = FeatureStore(store).images()
     key = table.path[5]
-    f = data_dir / "cub100" / key  # the same photo as a file: must find its stored twin first
+    f = data_dir / "cub100" / key  # the same photo as a file: answered as its stored row
     folder = tmp_path / "q"
     folder.mkdir()
-    for p in table.path[100:103]:
+    for p in table.path[100:102]:  # stored photos, copied
         shutil.copy(data_dir / "cub100" / p, folder / Path(p).name)
+    with Image.open(data_dir / "cub100" / table.path[102]) as im:  # new bytes: embedded
+        im.save(folder / "recompressed.jpg", quality=70)
     res = neighbors(store, B, [key, str(f), str(folder)], k=5, images=Featuriser())
     assert len(res) == 5
-    assert all(h.path != key for h in res[0].hits) and len(res[0].hits) == 5
-    assert res[1].hits[0].path == key and res[1].hits[0].score > 0.99
     where = table.index()
+    assert all(h.path != key for h in res[0].hits) and len(res[0].hits) == 5
+    assert res[1].label == table.labels["label"][5]  # the stored row's label, not ""
+    assert [h.path for h in res[1].hits] == [h.path for h in res[0].hits]  # itself left out
     assert all(h.label == table.labels["label"][where[h.path]] for r in res for h in r.hits)
-    for r, p in zip(res[2:], table.path[100:103], strict=True):
-        assert r.hits[0].path == p and r.hits[0].score > 0.99
+    for r, p in zip(res[2:4], table.path[100:102], strict=True):
+        assert r.label == table.labels["label"][where[p]] and p not in [h.path for h in r.hits]
+    assert res[4].label == "" and res[4].hits[0].path == table.path[102]
+    assert res[4].hits[0].score > 0.9  # its original, found first
     out = write_table(res, tmp_path / "n.csv")
     assert out.read_text().count("\n") == 1 + 25
     sheet = contact_sheet(res, tmp_path / "sheet.html", title="t")
     parser = _Links()
     parser.feed(sheet.read_text())
     assert parser.tags[:2] == ["html", "head"] and len(parser.src) == 5 * 6
+    text = sheet.read_text()
+    assert text.count('class="tag">query<') == 5 and "_<wbr>" in text  # labelled; wraps at "_"
+    with Image.open(sheet.parent / parser.src[0]) as im:
+        assert max(im.size) == THUMB  # every thumbnail fills the same box
     for src in parser.src:
         assert (sheet.parent / src).is_file(), src
     with pytest.raises(NeighborIndexError, match="not a file, folder or store key"):

@@ -4,6 +4,7 @@ clear message, and the server starts on localhost and stops cleanly on Ctrl-C.""
 
 from __future__ import annotations
 
+import csv
 import http.client
 import io
 import json
@@ -315,6 +316,12 @@ def test_in_a_browser_mistakes_and_score(browser, with_model, data_dir: Path) ->
             page.locator("tr.scored").get_attribute("data-label")
             == ev.metrics["predictions"].label[0]
         )
+        with page.expect_download() as got:  # the scores as a CSV, as `penult predict` has them
+            page.click("#download")
+        rows = list(csv.DictReader(open(got.value.path(), newline="", encoding="utf-8")))
+        assert len(rows) == 1 and rows[0]["image"] == Path(ev.paths[0]).name
+        assert rows[0]["label"] == ev.metrics["predictions"].label[0] == rows[0]["top1"]
+        assert 0 < float(rows[0]["probability"]) <= 1 and rows[0]["error"] == ""
 
 
 def test_scores_name_the_path_of_a_hierarchical_model_and_unknown_for_ovr(cub_store: Path) -> None:

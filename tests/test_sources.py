@@ -22,8 +22,13 @@ def test_imagefolder_labels_and_nested_levels(tmp_path: Path) -> None:
         "Icteridae/Agelaius/blackbird/3.JPG",
     )
     (tmp_path / "notes.md").write_text("x")
+    (tmp_path / "taxonomy.csv").write_text(
+        "class,genus\nblackbird,Agelaius\nwarbler_a,Setophaga\nwarbler_b,Setophaga\n"
+    )
     listing = list_images(tmp_path)
     assert listing.paths == sorted(listing.paths) and len(listing) == 3
+    assert listing.labels["genus"] == ["Agelaius", "Setophaga", "Setophaga"]
+    assert any("taxonomy taxonomy.csv: added genus" in n for n in listing.notes)  # used, said
     assert listing.labels["label"] == ["blackbird", "warbler_a", "warbler_b"]
     assert listing.labels["level0"] == ["Icteridae", "Parulidae", "Parulidae"]
     assert listing.labels["level1"] == ["Agelaius", "Setophaga", "Setophaga"]

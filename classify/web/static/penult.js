@@ -73,6 +73,39 @@ function showScores(results, files) {
   });
 }
 
+function csvCell(v) {
+  // as `penult predict` writes its CSV: a cell a spreadsheet would run as a formula is quoted
+  let s = String(v ?? "");
+  if (/^[=+\-@\t\r]/.test(s)) s = "'" + s;
+  return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+}
+
+function scoresCsv(results, k) {
+  const head = ["image", "label", "probability", "unknown", "path"];
+  for (let i = 1; i <= k; i++) head.push("top" + i, "p" + i);
+  head.push("error");
+  const rows = [head];
+  for (const r of results) {
+    const row = [r.upload, r.label ?? "", r.error ? "" : (r.probability ?? 0).toFixed(6),
+                 r.unknown ? "yes" : "", (r.path || []).join(" > ")];
+    for (let i = 0; i < k; i++) {
+      const t = (r.top || [])[i];
+      row.push(t ? t.label : "", t ? t.probability.toFixed(6) : "");
+    }
+    row.push(r.error || "");
+    rows.push(row);
+  }
+  return rows.map((row) => row.map(csvCell).join(",")).join("\r\n") + "\r\n";
+}
+
+function offerCsv(results, k) {
+  const blob = new Blob([scoresCsv(results, k)], { type: "text/csv" });
+  const link = document.getElementById("download");
+  if (link.href) URL.revokeObjectURL(link.href);
+  link.href = URL.createObjectURL(blob);
+  link.hidden = false;
+}
+
 async function score(files, k) {
   say("scoring " + files.length + " image" + (files.length > 1 ? "s" : "") + "…");
   const form = new FormData();
@@ -81,6 +114,7 @@ async function score(files, k) {
   if (!body) return;
   say(body.results.length + " scored");
   showScores(body.results, files);
+  offerCsv(body.results, Number(k));
 }
 
 function dropZone(form, onFiles) {
