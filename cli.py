@@ -988,7 +988,8 @@ def _train_report(args: argparse.Namespace, r) -> None:
     from penult.classify.evaluate import write_training_report
 
     write_training_report(args.report, r, args.store)
-    print(f"report: {args.report}/report.md (and .html, PNGs, metrics.json, predictions.csv)")
+    where = os.path.join(args.report, "report.md")
+    print(f"report: {where} (and .html, PNGs, metrics.json, predictions.csv)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

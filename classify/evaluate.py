@@ -14,7 +14,7 @@ from penult.classify.data import DataError, eval_mask, load_dataset
 from penult.classify.model import Model, Predictions, resolve_backbones
 from penult.classify.predict import csv_header, csv_rows
 from penult.classify.report import write_report
-from penult.classify.train import TrainOptions, TrainResult, score, summary, train
+from penult.classify.train import TrainOptions, TrainResult, score, scored, summary, train
 from penult.core import sample_columns
 from penult.features import FeatureStore
 
@@ -23,6 +23,8 @@ __all__ = [
     "compare",
     "compare_table",
     "evaluate",
+    "out_of_fold",
+    "refit_here",
     "write_evaluation",
     "write_predictions",
     "write_training_report",
@@ -147,17 +149,50 @@ def write_training_report(
     )  # fmt: skip
 
 
+def refit_here(model: Model, store_path: str | os.PathLike[str]) -> bool:
+    """Whether ``model`` was refit on every labelled image of this very store."""
+    trained = model.manifest.trained_on.store if model.manifest.trained_on else None
+    if not model.manifest.refit_all or not trained:
+        return False
+    try:
+        return os.path.samefile(trained, store_path)
+    except OSError:
+        return os.path.abspath(trained) == os.path.abspath(store_path)
+
+
+def out_of_fold(model: Model, store_path: str | os.PathLike[str], folds: int = 5) -> Evaluation:
+    """A model refit on every labelled image of a store, scored there honestly: its recipe (the
+    unfitted estimator: same head, settings and taxonomy) fitted on ``folds`` stratified folds,
+    each image predicted by the fit that did not see it (what `serve --model` shows for it)."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
+
+    m = model.manifest
+    names = resolve_backbones(model, FeatureStore(store_path))
+    data = load_dataset(store_path, names, label=m.label)
+    y = np.asarray(data.column(m.label)).astype(str)
+    classes, counts = np.unique(y, return_counts=True)
+    keep = np.isin(y, classes[counts >= folds])  # a class needs an image in every fold
+    X, y = data.X[keep], y[keep]
+    cls = np.asarray(model.classes).astype(str)
+    col = {c: i for i, c in enumerate(cls)}
+    P = np.zeros((len(y), len(cls)))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=0).split(X, y):
+        est = clone(model.estimator).fit(X[tr], y[tr])
+        P[np.ix_(te, [col[str(c)] for c in est.classes_])] = est.predict_proba(X[te])
+    metrics = scored(model, y, Predictions(cls[P.argmax(1)], P, cls))
+    if (~keep).any():
+        metrics["notes"] = [
+            f"{int((~keep).sum())} images of classes with fewer than {folds} left out"
+        ]
+    paths = [p for p, k in zip(data.paths, keep, strict=True) if k]
+    return Evaluation(metrics, f"{folds}-fold out-of-fold", len(y), None, paths, y)
+
+
 def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> None:
     """A model refit on every labelled image of a store has no held-out split there."""
     refit = model.manifest.refit_all
-    trained = model.manifest.trained_on.store if model.manifest.trained_on else None
-    if not refit or not trained:
-        return
-    try:
-        same = os.path.samefile(trained, store_path)
-    except OSError:
-        same = os.path.abspath(trained) == os.path.abspath(store_path)
-    if same:
+    if refit_here(model, store_path):
         top1 = (model.manifest.metrics or {}).get("top1")
         estimate = f": top-1 {top1:.3f}" if top1 is not None else ""
         raise DataError(

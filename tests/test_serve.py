@@ -341,3 +341,36 @@ def test_scores_name_the_path_of_a_hierarchical_model_and_unknown_for_ovr(cub_st
         r["unknown"] and r["label"] == ovr.unknown and r["probability"] is None for r in said
     )
     assert all(len(r["top"]) == 3 and not r["error"] for r in said)
+
+
+def test_a_refit_model_is_served_with_its_mistakes_from_out_of_fold_predictions(
+    hym_store: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    """A `train --cv` model saw every labelled image: serve takes it (Browse, Similar, Score),
+    and its Mistakes page shows 5-fold out-of-fold predictions, never its own training fit."""
+    from penult.classify import TrainOptions, evaluate, load_dataset, train
+    from penult.features import FeatureStore
+
+    from conftest import copy_store
+
+    store = copy_store(hym_store, tmp_path / "hym.h5")
+    model = train(store, TrainOptions(cv=3, quantifier_folds=0, unknown_score="none")).model
+    assert model.manifest.refit_all is not None
+    with pytest.raises(Exception, match="refit on all"):
+        evaluate(model, store)  # still refused: nothing of this store is held out
+    site = Site(store, "efficientnet_lite0", images=Featuriser(workers=0), model=model)
+    client = TestClient(make_app(site), base_url=LOCAL)
+    m = client.get("/api/mistakes").json()
+    ev = site.evaluation
+    assert m["split"] == "5-fold out-of-fold" and m["n"] == len(ev.paths) == 397
+    own = model.predict(load_dataset(store, ["efficientnet_lite0"]).X).label
+    pred = ev.metrics["predictions"].label
+    assert (pred != own).sum() > 0  # not the refit model's answers on images it trained on
+    assert ev.metrics["top1"] == pytest.approx(m["top1"])
+    assert 0.7 < m["top1"] < 1.0 and sum(p["count"] for p in m["pairs"]) == int(
+        (pred != ev.truth).sum()
+    )
+    t = FeatureStore(store).images()
+    up = ("file", ("up.jpg", (data_dir / "hymenoptera" / t.path[0]).read_bytes(), "image/jpeg"))
+    assert client.post("/api/predict", files=[up]).json()["results"][0]["label"] in ("ants", "bees")
+    assert client.get("/").status_code == 200 and client.get("/score").status_code == 200

@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from penult.classify.evaluate import Evaluation, evaluate
+from penult.classify.evaluate import Evaluation, evaluate, out_of_fold, refit_here
 from penult.classify.images import Images
-from penult.classify.model import Model
+from penult.classify.model import Model, resolve_backbones
 from penult.classify.neighbors import NeighborIndex, ensure_index
 from penult.classify.predict import predict_files
 from penult.core import DEFAULT_MAX_PIXELS, SAMPLE, PenultError, atomic_path, ifcb
@@ -92,7 +92,10 @@ class Site:
         self._carried: dict[str, tuple[tuple[str, ...], Any]] = {}  # see _versioned
         self._load()
         if self.model is not None:  # refused now (other store, other features), not on a click
-            self._evaluation = evaluate(self.model, self.store_path)
+            if refit_here(self.model, self.store_path):  # no held-out split: folds, when asked
+                resolve_backbones(self.model, FeatureStore(self.store_path))
+            else:
+                self._evaluation = evaluate(self.model, self.store_path)
         if self.thumbs is None:
             self.thumbs = _writable(Path(f"{self.store_path}.thumbs"))
 
@@ -139,7 +142,11 @@ class Site:
         if self.model is not None and self._evaluation is None:
             with self._lock:
                 if self._evaluation is None:
-                    self._evaluation = evaluate(self.model, self.store_path)
+                    self._evaluation = (
+                        out_of_fold(self.model, self.store_path)
+                        if refit_here(self.model, self.store_path)
+                        else evaluate(self.model, self.store_path)
+                    )
         return self._evaluation
 
     # -- rows ----------------------------------------------------------------------------------
