@@ -143,8 +143,9 @@ def write_training_report(
         f"store {store_path}, {result.n_eval} labelled images, {how}",
         f"model trained on {result.n_train} images, {len(model.classes)} classes",
     ]
+    metrics = {**result.metrics, "cv": result.cv} if result.cv else result.metrics
     return write_evaluation(
-        folder, model, result.metrics, result.paths, result.truth, title, info,
+        folder, model, metrics, result.paths, result.truth, title, info,
         carried=stored_samples(store_path, result.paths),
     )  # fmt: skip
 

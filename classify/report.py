@@ -12,7 +12,9 @@ import numpy as np
 from penult.classify.model import Predictions
 
 __all__ = [
+    "GLOSSARY",
     "PLOTS",
+    "confusion_figure",
     "headline_rows",
     "html_page",
     "markdown",
@@ -21,6 +23,31 @@ __all__ = [
 ]
 
 PLOTS = ("confusion.png", "per_class.png", "reliability.png")
+
+# what each headline number means, one line each (the README's glossary says the same)
+GLOSSARY = {
+    "images evaluated": "held-out images scored (each predicted by a model that did not see it)",
+    "top-1 accuracy": "share whose first guess is the true class",
+    "top-5 accuracy": "share whose true class is among the first five guesses",
+    "balanced accuracy": "mean of the classes' recalls: a rare class counts as much as a common one",
+    "macro-F1": "mean over classes of F1, the harmonic mean of precision and recall",
+    "expected calibration error": "gap between stated probability and how often it is right "
+    "(0.02: a 0.80 is right 78-82% of the time)",
+    "mean per-class ROC-AUC": "how well each class's probability ranks its images above the "
+    "others (1 perfect, 0.5 chance)",
+    "predicted unknown": "share flagged 'not one of my classes'",
+    "accuracy when a class is given": "top-1 over the images not flagged unknown",
+    "below their class's threshold": "share whose winning class is below its tuned threshold",
+    "rare classes": "classes with at most half the median training count, scored apart",
+    "accuracy at level": "top-1 counted at a coarser level of the taxonomy",
+    "mean tree distance of mistakes": "levels up to where true and predicted classes meet "
+    "(1: same genus)",
+}
+
+
+def meaning(row: str) -> str:
+    """The glossary line of a headline row ("" for none)."""
+    return next((v for k, v in GLOSSARY.items() if row.startswith(k)), "")
 
 
 def _pct(x: float | None) -> str:
@@ -93,6 +120,27 @@ def _threshold_rows(m: dict[str, Any]) -> list[list[str]]:
 _PAIR_HEAD = ["true class", "taken for", "images", "share of the class"]
 
 
+_FOLD_HEAD = ["fold", "images", "top-1", "balanced accuracy", "macro-F1"]
+
+
+def _fold_rows(m: dict[str, Any]) -> list[list[str]]:
+    """``--cv``: each fold's headline numbers, then their mean and standard deviation."""
+    cv = m.get("cv") or {}
+    rows = [
+        [str(i + 1), str(f.get("n", "")), _pct(f.get("top1")), _pct(f.get("balanced_accuracy")),
+         f"{f['macro_f1']:.3f}" if "macro_f1" in f else "n/a"]
+        for i, f in enumerate(cv.get("per_fold", []))
+    ]  # fmt: skip
+    mean, sd = cv.get("mean", {}), cv.get("std", {})
+    if rows and mean:
+        rows.append([
+            "mean +- sd", "",
+            *[f"{100 * mean[k]:.1f} +- {100 * sd[k]:.1f}%" for k in ("top1", "balanced_accuracy")],
+            f"{mean['macro_f1']:.3f} +- {sd['macro_f1']:.3f}",
+        ])  # fmt: skip
+    return rows
+
+
 def _pair_rows(m: dict[str, Any]) -> list[list[str]]:
     """The most confused pairs by name (the matrix is unreadable beyond ~20 classes)."""
     return [
@@ -102,8 +150,13 @@ def _pair_rows(m: dict[str, Any]) -> list[list[str]]:
 
 
 def markdown(title: str, m: dict[str, Any], info: list[str]) -> str:
-    lines = [f"# {title}", "", *[f"- {i}" for i in info], "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in headline_rows(m)]
+    lines = [f"# {title}", "", *[f"- {i}" for i in info], ""]
+    lines += ["| metric | value | what it means |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {meaning(k)} |" for k, v in headline_rows(m)]
+    if _fold_rows(m):
+        lines += ["", "## Folds (how much the score moves with the images held out)", ""]
+        lines += ["| " + " | ".join(_FOLD_HEAD) + " |", "|" + "---|" * len(_FOLD_HEAD)]
+        lines += ["| " + " | ".join(r) + " |" for r in _fold_rows(m)]
     lines += ["", *[f"![{p}]({p})" for p in PLOTS], ""]
     if m.get("confused"):
         lines += ["## Most confused pairs", ""]
@@ -136,7 +189,15 @@ def html_page(title: str, m: dict[str, Any], info: list[str]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><ul>{items}</ul>"
-        + _table(["metric", "value"], [list(r) for r in headline_rows(m)])
+        + _table(
+            ["metric", "value", "what it means"], [[k, v, meaning(k)] for k, v in headline_rows(m)]
+        )
+        + (
+            "<h2>Folds (how much the score moves with the images held out)</h2>"
+            + _table(_FOLD_HEAD, _fold_rows(m))
+            if _fold_rows(m)
+            else ""
+        )
         + f"<p>{imgs}</p>"
         + (
             f"<h2>Most confused pairs</h2>{_table(_PAIR_HEAD, _pair_rows(m))}"
@@ -163,22 +224,13 @@ def plots(out: Path, m: dict[str, Any], y_true: np.ndarray, pred: Predictions) -
     import matplotlib.pyplot as plt
     from sklearn.metrics import confusion_matrix
 
-    classes = list(pred.classes)
-    cm = confusion_matrix(
-        y_true.astype(str), pred.label.astype(str), labels=classes, normalize="true"
-    )
-    k = len(classes)
-    fig, ax = plt.subplots(figsize=(min(4 + k * 0.12, 16),) * 2)
-    ax.imshow(np.nan_to_num(cm), cmap="Blues", vmin=0, vmax=1)
-    if k <= 30:
-        ax.set_xticks(range(k), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(k), classes, fontsize=7)
-    ax.set(
-        xlabel="predicted", ylabel="true", title=f"confusion matrix (rows normalised, {k} classes)"
-    )
-    fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=100)
+    classes = [str(c) for c in pred.classes]
+    counts = confusion_matrix(y_true.astype(str), pred.label.astype(str), labels=classes)
+    fig = confusion_figure(classes, counts)
+    dpi = 100 if len(classes) <= 60 else 150  # small type for many classes stays sharp
+    fig.savefig(out / "confusion.png", dpi=dpi, bbox_inches="tight")  # long names not cut
     plt.close(fig)
+    k = len(classes)
 
     items = sorted(m["per_class"].items(), key=lambda kv: kv[1]["recall"])
     fig, ax = plt.subplots(figsize=(max(6, 0.12 * k + 2), 4))
@@ -211,6 +263,37 @@ def plots(out: Path, m: dict[str, Any], y_true: np.ndarray, pred: Predictions) -
     fig.tight_layout()
     fig.savefig(out / "reliability.png", dpi=100)
     plt.close(fig)
+
+
+def confusion_figure(classes: list[str], counts: np.ndarray):
+    """The confusion matrix as a person reads it: rows are true classes, shaded by the share of
+    the class (a colour bar says how much), each cell's image count written in it where cells
+    are big enough (up to 30 classes), every class named (smaller type for many classes)."""
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    rows = counts.sum(1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    side = min(max(6.0, 2.5 + 0.16 * k), 22.0)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true class's images")
+    size = float(np.clip(700 / max(k, 1), 4, 9))
+    ax.set_xticks(range(k), classes, rotation=90, fontsize=size)
+    ax.set_yticks(range(k), classes, fontsize=size)
+    if k <= 30:
+        for (r, c), n in np.ndenumerate(counts):
+            if n:
+                ax.text(c, r, str(n), ha="center", va="center", fontsize=min(9, size + 1),
+                        color="white" if share[r, c] > 0.5 else "black")  # fmt: skip
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"confusion matrix: {k} classes, {int(counts.sum())} images\n"
+                 "(shade: share of the row; numbers: images)" if k <= 30 else
+                 f"confusion matrix: {k} classes, {int(counts.sum())} images\n"
+                 "(shade: share of the row)")  # fmt: skip
+    return fig
 
 
 def write_report(

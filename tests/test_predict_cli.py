@@ -40,7 +40,13 @@ def test_train_writes_model_and_readable_report(hym_model, capsys):
         assert (out / "report" / f).stat().st_size > 200, f
     m = json.loads((out / "report" / "metrics.json").read_text())
     assert m["n"] == 153 and m["top1"] > 0.9
-    assert "| top-1 accuracy |" in (out / "report" / "report.md").read_text()
+    md = (out / "report" / "report.md").read_text()
+    assert (
+        f"| top-1 accuracy | {100 * m['top1']:.1f}% | share whose first guess is the true class |"
+        in md
+    )
+    assert "top-5" not in md  # 2 classes: the top five would be every class
+    assert "what it means" in (out / "report" / "report.html").read_text()
     assert (out / "report" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     # the mistakes by name, counted from the predictions themselves
     rows = _rows(out / "report" / "predictions.csv")
@@ -156,3 +162,36 @@ def test_nested_folders_give_a_hierarchy(data_dir, tmp_path):
     man = json.loads(open(f"{model}.json").read())
     assert man["levels"] == ["level0", "label"] and man["kind"] == "hierarchical"
     assert all(p[0] == tax[p[1]]["family"] for p in man["paths"])
+
+
+def test_confusion_matrix_is_readable_at_6_and_at_121_classes() -> None:
+    """6 classes: every nonzero cell shows its image count, a colour bar, the whole title inside
+    the figure; 121 classes: every class named on both axes in small but legible type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colorbar import Colorbar
+    from penult.classify.report import confusion_figure
+
+    rng = np.random.default_rng(0)
+    names = ["Chaetoceros", "Tripos", "Dinophysis_acuminata", "Guinardia", "ciliate", "detritus"]
+    counts = rng.integers(0, 3, (6, 6)) + np.diag([15, 18, 27, 25, 25, 12])
+    fig = confusion_figure(names, counts)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    shown = sorted(int(t.get_text()) for t in ax.texts)
+    assert shown == sorted(int(n) for n in counts.ravel() if n)  # counts in the cells
+    assert any(isinstance(getattr(a, "_colorbar", None), Colorbar) for a in fig.axes[1:])
+    title = ax.title.get_window_extent()
+    assert "6 classes" in ax.get_title() and 0 <= title.x0 and title.x1 <= fig.bbox.x1
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    plt.close(fig)
+    many = [f"class_{i:03d}_with_a_long_name" for i in range(121)]
+    fig = confusion_figure(many, np.diag(rng.integers(5, 60, 121)))
+    ax = fig.axes[0]
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        assert [t.get_text() for t in labels] == many and labels[0].get_fontsize() >= 4
+    assert not ax.texts  # no numbers in 121 x 121 cells
+    plt.close(fig)

@@ -137,3 +137,9 @@ def test_every_train_report_is_one_writer_from_one_scoring(hym_store, tmp_path, 
     rows = list(csv.DictReader(open(cv_rep / "predictions.csv")))
     n = json.loads((cv_rep / "metrics.json").read_text())["n"]
     assert len(rows) == n > 300 and len({r["path"] for r in rows}) == n  # every image once
+    cv = json.loads((cv_rep / "metrics.json").read_text())["cv"]
+    md = (cv_rep / "report.md").read_text()  # the folds' spread, not only the pooled number
+    folds = md.split("## Folds")[1].split("\n\n")[1].splitlines()[2:]
+    assert len(folds) == 3 + 1 and folds[-1].startswith("| mean +- sd |")
+    assert f"{100 * cv['mean']['top1']:.1f} +- {100 * cv['std']['top1']:.1f}%" in folds[-1]
+    assert sum(int(r.split("|")[2]) for r in folds[:3]) == n  # each image in one fold
