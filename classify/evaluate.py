@@ -89,8 +89,9 @@ def evaluate(
         ]
         carried = {c: list(sub.labels[c]) for c in sample_columns(sub.labels)}
         out = write_evaluation(
-            report_dir, model, scores, sub.paths, y_true, title, info, top_k, carried
-        )
+            report_dir, model, scores, sub.paths, y_true, title, info, top_k, carried,
+            stored_files(store_path, sub.paths),
+        )  # fmt: skip
     return Evaluation(scores, name, len(sub), out, list(sub.paths), y_true)
 
 
@@ -104,11 +105,12 @@ def write_evaluation(
     info: list[str],
     top_k: int = 5,
     carried: dict[str, list[str]] | None = None,
+    files: list[str] | None = None,
 ) -> Path:
     """The one report of a scored model: report.md/.html, plots and metrics.json from
     ``metrics`` (with its ``predictions``), and predictions.csv (the images ``paths``, with
     their ``carried`` columns: samples and sample metadata)."""
-    out = write_report(folder, title, metrics, info, truth, metrics["predictions"])
+    out = write_report(folder, title, metrics, info, truth, metrics["predictions"], paths, files)
     write_predictions(out, model, paths, metrics["predictions"], truth, top_k, carried)
     return out
 
@@ -122,6 +124,17 @@ def stored_samples(store_path: str | os.PathLike[str], paths: list[str]) -> dict
         return {}
     rows = store.find(list(paths))
     return {c: [have[c][r] if r >= 0 else "" for r in rows] for c in names}
+
+
+def stored_files(store_path: str | os.PathLike[str], paths: list[str]) -> list[str]:
+    """The image file of each stored path (its root joined; an IFCB ROI's key, read from its
+    bin), "" for a path not in the store: what a report's thumbnails are made from."""
+    store = FeatureStore(store_path)
+    rows = store.find(list(paths))
+    uniq = np.unique(rows[rows >= 0])
+    t = store.images(uniq.tolist())
+    where = {int(r): os.path.join(t.root[i], t.path[i]) for i, r in enumerate(uniq)}
+    return [where.get(int(r), "") for r in rows]
 
 
 def write_training_report(
@@ -147,6 +160,7 @@ def write_training_report(
     return write_evaluation(
         folder, model, metrics, result.paths, result.truth, title, info,
         carried=stored_samples(store_path, result.paths),
+        files=stored_files(store_path, result.paths) if result.paths else None,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.images import Images
 from penult.classify.neighbors import NeighborIndex, NeighborIndexError, open_index
+from penult.classify.thumbs import THUMB, thumbnail
 from penult.core import file_sha256
 from penult.features import FeatureStore, sha_raw
 
@@ -25,8 +26,6 @@ __all__ = [
     "resolve_queries",
     "write_table",
 ]
-
-THUMB = 192  # every thumbnail fills this square box (small ROIs are enlarged to it)
 
 
 @dataclass
@@ -207,24 +206,6 @@ def write_table(results: list[Result], out: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _thumb(src: str, folder: Path, name: str) -> str | None:
-    """A small JPEG copy of ``src`` in ``folder``; its name relative to the sheet, or None."""
-    import io
-
-    from penult.core import ifcb
-    from PIL import Image, ImageOps
-
-    try:
-        if (roi := ifcb.virtual_roi(src)) is not None:  # an IFCB ROI: read from its bin
-            src = io.BytesIO(ifcb.read_roi(*roi)[0])
-        with Image.open(src) as im:  # Pillow's own decompression-bomb limit applies
-            im = ImageOps.contain(im.convert("RGB"), (THUMB, THUMB), Image.Resampling.BICUBIC)
-            im.save(folder / name, quality=88)
-    except Exception:  # noqa: BLE001 - a bad image gets a text cell instead of a thumbnail
-        return None
-    return f"{folder.name}/{name}"
-
-
 def contact_sheet(
     results: list[Result], out: str | os.PathLike[str], *, title: str, score_name: str = "score"
 ) -> Path:
@@ -241,7 +222,7 @@ def contact_sheet(
     def cell(file: str, name: str, label: str, note: str, query: bool = False) -> str:
         nonlocal n
         n += 1
-        src = _thumb(file, folder, f"{n:06d}.jpg") if file else None
+        src = thumbnail(file, folder, f"{n:06d}.jpg") if file else None
         img = (
             f'<img src="{html.escape(src)}" alt="">'
             if src

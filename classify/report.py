@@ -16,6 +16,7 @@ __all__ = [
     "PLOTS",
     "confusion_figure",
     "headline_rows",
+    "mistakes_gallery",
     "html_page",
     "markdown",
     "plots",
@@ -180,7 +181,50 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def html_page(title: str, m: dict[str, Any], info: list[str]) -> str:
+def mistakes_gallery(
+    out: Path, pred: Predictions, truth: np.ndarray, paths: list[str], files: list[str],
+    limit: int = 48,
+) -> str:  # fmt: skip
+    """HTML of the misclassified images, the most confident mistakes first: a thumbnail of each
+    (in ``out/mistakes/``) with its true and predicted class and the probability given."""
+    from penult.classify.thumbs import THUMB, thumbnail
+
+    label, truth = np.asarray(pred.label).astype(str), np.asarray(truth).astype(str)
+    wrong = np.flatnonzero(label != truth)
+    if not len(wrong):
+        return ""
+    col = {str(c): i for i, c in enumerate(pred.classes)}
+    said = np.array([pred.proba[i, col[label[i]]] if label[i] in col else np.nan for i in wrong])
+    order = wrong[np.argsort(-np.nan_to_num(said, nan=-1), kind="stable")][:limit]
+    folder = out / "mistakes"
+    folder.mkdir(exist_ok=True)
+    cells = []
+    for n, i in enumerate(order):
+        src = thumbnail(files[i], folder, f"{n:03d}.jpg") if files[i] else None
+        img = f'<img src="{html.escape(src)}" alt="">' if src else "no image"
+        p = pred.proba[i, col[label[i]]] if label[i] in col else None
+        cells.append(
+            f'<figure><div class="box">{img}</div><figcaption>'
+            f'<div class="name">{html.escape(paths[i])}</div>'
+            f"<div>true <b>{html.escape(truth[i])}</b></div>"
+            f"<div>predicted <b>{html.escape(label[i])}</b>"
+            + (f" ({p:.2f})" if p is not None else "")
+            + "</div></figcaption></figure>"
+        )
+    style = (
+        f"<style>.gallery{{display:flex;flex-wrap:wrap;gap:10px}}.gallery figure{{margin:0;"
+        f"width:{THUMB}px}}.gallery .box{{width:{THUMB}px;height:{THUMB}px;display:flex;"
+        "align-items:center;justify-content:center;background:#f3f3f3}.gallery figcaption{"
+        "font-size:12px}.gallery .name{overflow-wrap:anywhere;color:#555}</style>"
+    )
+    shown = f"the {len(order)} most confident shown" if len(order) < len(wrong) else "all shown"
+    return (
+        f"{style}<h2>Misclassified images ({len(wrong)}; {shown}, most confident first)</h2>"
+        f'<div class="gallery">{"".join(cells)}</div>'
+    )
+
+
+def html_page(title: str, m: dict[str, Any], info: list[str], extra: str = "") -> str:
     items = "".join(f"<li>{html.escape(i)}</li>" for i in info)
     imgs = "".join(f'<img src="{p}" alt="{p}" style="max-width:48%">' for p in PLOTS)
     style = (
@@ -212,6 +256,7 @@ def html_page(title: str, m: dict[str, Any], info: list[str]) -> str:
             if m.get("class_thresholds")
             else ""
         )
+        + extra
         + "</body></html>\n"
     )
 
@@ -303,8 +348,11 @@ def write_report(
     info: list[str],
     y_true: np.ndarray,
     pred: Predictions,
+    paths: list[str] | None = None,
+    files: list[str] | None = None,
 ) -> Path:
-    """Write report.md, report.html, metrics.json and the PNG plots into ``out_dir``."""
+    """Write report.md, report.html, metrics.json and the PNG plots into ``out_dir``; with the
+    images' ``files``, report.html ends with a gallery of the misclassified ones."""
     out = Path(out_dir)
     out.mkdir(exist_ok=True)  # its folder must exist: a typo should not create directories
     m = {k: v for k, v in metrics.items() if k != "predictions"}
@@ -312,8 +360,9 @@ def write_report(
     (out / "report.md").write_text(
         markdown(title, m, info), encoding="utf-8", errors="backslashreplace"
     )
+    extra = mistakes_gallery(out, pred, y_true, paths, files) if files and paths else ""
     (out / "report.html").write_text(
-        html_page(title, m, info), encoding="utf-8", errors="backslashreplace"
+        html_page(title, m, info, extra), encoding="utf-8", errors="backslashreplace"
     )
     plots(out, m, y_true, pred)
     return out

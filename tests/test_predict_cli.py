@@ -46,7 +46,14 @@ def test_train_writes_model_and_readable_report(hym_model, capsys):
         in md
     )
     assert "top-5" not in md  # 2 classes: the top five would be every class
-    assert "what it means" in (out / "report" / "report.html").read_text()
+    page = (out / "report" / "report.html").read_text()
+    assert "what it means" in page
+    wrong = [r for r in _rows(out / "report" / "predictions.csv") if r["prediction"] != r["truth"]]
+    gallery = page.split("<h2>Misclassified images")[1]  # every mistake, with its thumbnail
+    assert gallery.startswith(f" ({len(wrong)}; all shown") and gallery.count("<img") == len(wrong)
+    first = max(wrong, key=lambda r: float(r["probability"]))  # the most confident one first
+    assert f"true <b>{first['truth']}</b>" in gallery.split("</figure>")[0]
+    assert len(list((out / "report" / "mistakes").glob("*.jpg"))) == len(wrong)
     assert (out / "report" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     # the mistakes by name, counted from the predictions themselves
     rows = _rows(out / "report" / "predictions.csv")
