@@ -179,8 +179,7 @@ def out_of_fold(model: Model, store_path: str | os.PathLike[str], folds: int = 5
     """A model refit on every labelled image of a store, scored there honestly: its recipe (the
     unfitted estimator: same head, settings and taxonomy) fitted on ``folds`` stratified folds,
     each image predicted by the fit that did not see it (what `serve --model` shows for it)."""
-    from sklearn.base import clone
-    from sklearn.model_selection import StratifiedKFold
+    from penult.classify.quantify import OutOfFold
 
     m = model.manifest
     names = resolve_backbones(model, FeatureStore(store_path))
@@ -189,12 +188,11 @@ def out_of_fold(model: Model, store_path: str | os.PathLike[str], folds: int = 5
     classes, counts = np.unique(y, return_counts=True)
     keep = np.isin(y, classes[counts >= folds])  # a class needs an image in every fold
     X, y = data.X[keep], y[keep]
+    oof = OutOfFold.of(model.estimator, X, y, folds=folds)  # clones, fitted fold by fold
     cls = np.asarray(model.classes).astype(str)
     col = {c: i for i, c in enumerate(cls)}
     P = np.zeros((len(y), len(cls)))
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=0).split(X, y):
-        est = clone(model.estimator).fit(X[tr], y[tr])
-        P[np.ix_(te, [col[str(c)] for c in est.classes_])] = est.predict_proba(X[te])
+    P[:, [col[str(c)] for c in oof.classes]] = oof.posteriors
     metrics = scored(model, y, Predictions(cls[P.argmax(1)], P, cls))
     if (~keep).any():
         metrics["notes"] = [

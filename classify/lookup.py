@@ -12,8 +12,8 @@ import numpy as np
 from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.images import Images
 from penult.classify.neighbors import NeighborIndex, NeighborIndexError, open_index
-from penult.classify.thumbs import THUMB, thumbnail
-from penult.core import file_sha256
+from penult.classify.thumbs import FIGURE_CSS, THUMB, figure
+from penult.core import regular_sha256
 from penult.features import FeatureStore, sha_raw
 
 __all__ = [
@@ -98,13 +98,9 @@ def _stored_files(
     embedding and label, and itself left out of its neighbours. Returns the files to embed."""
     if not files:
         return files
-    shas = []
-    for _, f in files:
-        try:
-            shas.append(file_sha256(f))
-        except OSError:  # unreadable: embedding it says why
-            shas.append("0" * 64)
+    shas = [regular_sha256(f) for _, f in files]  # "": not a regular file, or unreadable
     found = store.hash_index(backbone).find(sha_raw(shas))
+    found[[not h for h in shas]] = -1  # embedding those says why
     for (pos, _), r in zip(files, found.tolist(), strict=True):
         if r >= 0:
             rows[pos], shells[pos].label = int(r), labels[r]
@@ -222,20 +218,11 @@ def contact_sheet(
     def cell(file: str, name: str, label: str, note: str, query: bool = False) -> str:
         nonlocal n
         n += 1
-        src = thumbnail(file, folder, f"{n:06d}.jpg") if file else None
-        img = (
-            f'<img src="{html.escape(src)}" alt="">'
-            if src
-            else '<span class="missing">no image</span>'
-        )
-        tag = '<div class="tag">query</div>' if query else ""
-        lines = [f'<div class="name">{_breakable(name)}</div>']
-        lines += [f'<div class="label">{html.escape(label)}</div>'] if label else []
+        lines = [f'<div class="label">{html.escape(label)}</div>'] if label else []
         lines += [f'<div class="note">{html.escape(note)}</div>'] if note else []
-        return (
-            f'<figure class="{"q" if query else "hit"}">{tag}<div class="box">{img}</div>'
-            f"<figcaption>{''.join(lines)}</figcaption></figure>"
-        )
+        tag = '<div class="tag">query</div>' if query else ""
+        return figure(file, folder, f"{n:06d}.jpg", name, lines, kind="q" if query else "hit",
+                      tag=tag)  # fmt: skip
 
     rows = []
     for r in results:
@@ -249,29 +236,17 @@ def contact_sheet(
     style = (
         "body{font-family:sans-serif;margin:1em}"
         ".row{display:flex;flex-wrap:wrap;gap:10px;border-bottom:1px solid #ccc;padding:10px 0}"
-        f"figure{{margin:0;width:{THUMB}px}}"
-        f".box{{width:{THUMB}px;height:{THUMB}px;display:flex;align-items:center;"
-        "justify-content:center;background:#f3f3f3}"
-        "figure.q{outline:3px solid #36c;outline-offset:2px}"
+        + FIGURE_CSS
+        + "figure.q{outline:3px solid #36c;outline-offset:2px}"
         ".tag{font-size:12px;font-weight:bold;color:#fff;background:#36c;padding:1px 6px;"
         "display:inline-block;margin-bottom:2px}"
-        "figcaption{font-size:12px;line-height:1.3;margin-top:3px}"
-        ".name{overflow-wrap:break-word;color:#444}.label{font-weight:bold}.note{color:#666}"
-        ".missing{color:#999;font-size:12px}.err{color:#b00;flex-basis:100%}"
+        ".label{font-weight:bold}.note{color:#666}.err{color:#b00;flex-basis:100%}"
     )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(rows)}</body></html>\n"
     )
     out.write_text(page, encoding="utf-8", errors="backslashreplace")
-    return out
-
-
-def _breakable(name: str) -> str:
-    """A path escaped for HTML that wraps after its separators (/ _ - .), never mid-word."""
-    out = html.escape(name)
-    for sep in ("/", "_", "-", "."):
-        out = out.replace(sep, sep + "<wbr>")
     return out
 
 

@@ -9,7 +9,6 @@ hash, same backbone fingerprint) are not run through the network again.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from penult.classify.csvout import SafeWriter, open_csv
 from penult.classify.images import Images
 from penult.classify.model import Model, Predictions, resolve_backbones
 from penult.classify.options import PredictOptions
-from penult.core import SAMPLE, OptionError, atomic_path, check_out_folder, file_sha256
+from penult.core import SAMPLE, OptionError, atomic_path, check_out_folder, regular_sha256
 from penult.features import FeatureStore, HashIndex, sha_raw
 from tqdm.auto import tqdm
 
@@ -143,16 +142,6 @@ def weights_for(model: Model, weights: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _hash(path: str) -> str:
-    """Content hash as the store keys it ("" if unreadable: the loader reports why)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block the read
-            return ""
-        return file_sha256(path)
-    except OSError:
-        return ""
-
-
 class _Features:
     """Features of a chunk of files: from the store where cached, else from the network."""
 
@@ -181,7 +170,7 @@ class _Features:
         sha = [""] * n
         if self.store is not None:
             with ThreadPoolExecutor(4) as pool:
-                sha = list(pool.map(_hash, files))
+                sha = list(pool.map(regular_sha256, files))
         for k, spec in enumerate(self.model.manifest.backbones):
             x = np.zeros((n, spec.dim), np.float32)
             have = np.zeros(n, bool)

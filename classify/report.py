@@ -122,6 +122,7 @@ _PAIR_HEAD = ["true class", "taken for", "images", "share of the class"]
 
 
 _FOLD_HEAD = ["fold", "images", "top-1", "balanced accuracy", "macro-F1"]
+_FOLD_TITLE = "Folds (how much the score moves with the images held out)"
 
 
 def _fold_rows(m: dict[str, Any]) -> list[list[str]]:
@@ -154,10 +155,10 @@ def markdown(title: str, m: dict[str, Any], info: list[str]) -> str:
     lines = [f"# {title}", "", *[f"- {i}" for i in info], ""]
     lines += ["| metric | value | what it means |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {meaning(k)} |" for k, v in headline_rows(m)]
-    if _fold_rows(m):
-        lines += ["", "## Folds (how much the score moves with the images held out)", ""]
+    if folds := _fold_rows(m):
+        lines += ["", f"## {_FOLD_TITLE}", ""]
         lines += ["| " + " | ".join(_FOLD_HEAD) + " |", "|" + "---|" * len(_FOLD_HEAD)]
-        lines += ["| " + " | ".join(r) + " |" for r in _fold_rows(m)]
+        lines += ["| " + " | ".join(r) + " |" for r in folds]
     lines += ["", *[f"![{p}]({p})" for p in PLOTS], ""]
     if m.get("confused"):
         lines += ["## Most confused pairs", ""]
@@ -187,7 +188,7 @@ def mistakes_gallery(
 ) -> str:  # fmt: skip
     """HTML of the misclassified images, the most confident mistakes first: a thumbnail of each
     (in ``out/mistakes/``) with its true and predicted class and the probability given."""
-    from penult.classify.thumbs import THUMB, thumbnail
+    from penult.classify.thumbs import FIGURE_CSS, figure
 
     label, truth = np.asarray(pred.label).astype(str), np.asarray(truth).astype(str)
     wrong = np.flatnonzero(label != truth)
@@ -195,28 +196,20 @@ def mistakes_gallery(
         return ""
     col = {str(c): i for i, c in enumerate(pred.classes)}
     said = np.array([pred.proba[i, col[label[i]]] if label[i] in col else np.nan for i in wrong])
-    order = wrong[np.argsort(-np.nan_to_num(said, nan=-1), kind="stable")][:limit]
+    order = np.argsort(-np.nan_to_num(said, nan=-1), kind="stable")[:limit]
     folder = out / "mistakes"
     folder.mkdir(exist_ok=True)
     cells = []
-    for n, i in enumerate(order):
-        src = thumbnail(files[i], folder, f"{n:03d}.jpg") if files[i] else None
-        img = f'<img src="{html.escape(src)}" alt="">' if src else "no image"
-        p = pred.proba[i, col[label[i]]] if label[i] in col else None
-        cells.append(
-            f'<figure><div class="box">{img}</div><figcaption>'
-            f'<div class="name">{html.escape(paths[i])}</div>'
-            f"<div>true <b>{html.escape(truth[i])}</b></div>"
+    for n, k in enumerate(order):
+        i, p = wrong[k], said[k]
+        lines = [
+            f"<div>true <b>{html.escape(truth[i])}</b></div>",
             f"<div>predicted <b>{html.escape(label[i])}</b>"
-            + (f" ({p:.2f})" if p is not None else "")
-            + "</div></figcaption></figure>"
-        )
-    style = (
-        f"<style>.gallery{{display:flex;flex-wrap:wrap;gap:10px}}.gallery figure{{margin:0;"
-        f"width:{THUMB}px}}.gallery .box{{width:{THUMB}px;height:{THUMB}px;display:flex;"
-        "align-items:center;justify-content:center;background:#f3f3f3}.gallery figcaption{"
-        "font-size:12px}.gallery .name{overflow-wrap:anywhere;color:#555}</style>"
-    )
+            + ("" if np.isnan(p) else f" ({p:.2f})")
+            + "</div>",
+        ]
+        cells.append(figure(files[i], folder, f"{n:03d}.jpg", paths[i], lines))
+    style = f"<style>.gallery{{display:flex;flex-wrap:wrap;gap:10px}}{FIGURE_CSS}</style>"
     shown = f"the {len(order)} most confident shown" if len(order) < len(wrong) else "all shown"
     return (
         f"{style}<h2>Misclassified images ({len(wrong)}; {shown}, most confident first)</h2>"
@@ -225,6 +218,7 @@ def mistakes_gallery(
 
 
 def html_page(title: str, m: dict[str, Any], info: list[str], extra: str = "") -> str:
+    folds = _fold_rows(m)
     items = "".join(f"<li>{html.escape(i)}</li>" for i in info)
     imgs = "".join(f'<img src="{p}" alt="{p}" style="max-width:48%">' for p in PLOTS)
     style = (
@@ -236,12 +230,7 @@ def html_page(title: str, m: dict[str, Any], info: list[str], extra: str = "") -
         + _table(
             ["metric", "value", "what it means"], [[k, v, meaning(k)] for k, v in headline_rows(m)]
         )
-        + (
-            "<h2>Folds (how much the score moves with the images held out)</h2>"
-            + _table(_FOLD_HEAD, _fold_rows(m))
-            if _fold_rows(m)
-            else ""
-        )
+        + (f"<h2>{_FOLD_TITLE}</h2>{_table(_FOLD_HEAD, folds)}" if folds else "")
         + f"<p>{imgs}</p>"
         + (
             f"<h2>Most confused pairs</h2>{_table(_PAIR_HEAD, _pair_rows(m))}"

@@ -145,16 +145,14 @@ def taxonomy_levels(data: Dataset | StreamingData, label: str, split: str = "spl
     y = np.asarray(data.column(label)).astype(str)
     keep = y != ""
     skip = {label, split, *sample_columns({k: list(v) for k, v in data.labels.items()})}
-    cols: list[tuple[str, np.ndarray, int]] = [
-        (label, np.unique(y[keep], return_inverse=True)[1], 0)
-    ]
+    leaf = np.unique(y[keep], return_inverse=True)[1]
+    cols = [(label, leaf, int(leaf.max()) + 1 if len(leaf) else 0)]
     for col, values in data.labels.items():
         v = np.asarray(values).astype(str)[keep]
         if col not in skip and not (v == "").any():
             names, codes = np.unique(v, return_inverse=True)
             if len(names) >= 2:
                 cols.append((col, codes, len(names)))
-    cols[0] = (label, cols[0][1], int(cols[0][1].max()) + 1 if keep.any() else 0)
     cols[1:] = sorted(cols[1:], key=lambda t: (-t[2], t[0]))  # finest first
 
     def under(fine: int, coarse: int) -> bool:  # coarse is a function of fine, with fewer values

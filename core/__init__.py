@@ -8,7 +8,7 @@ Layering: ``core`` (this package) <- ``features`` (the store) <- ``extract`` / `
 
 from penult.core import ecotaxa, ifcb
 from penult.core.errors import OptionError, PenultError
-from penult.core.files import atomic_path, check_out_folder, file_sha256
+from penult.core.files import atomic_path, check_out_folder, file_sha256, regular_sha256
 from penult.core.labels import (
     NOT_METADATA,
     SAMPLE,
@@ -38,6 +38,7 @@ __all__ = [
     "check_out_folder",
     "ecotaxa",
     "file_sha256",
+    "regular_sha256",
     "ifcb",
     "make_split",
     "read_taxonomy",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ __all__ = [
     "atomic_path",
     "file_sha256",
     "fsync_dir",
+    "regular_sha256",
     "fsync_file",
     "temporary_name",
     "write_bytes",
@@ -102,6 +104,17 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def regular_sha256(path: str | os.PathLike[str]) -> str:
+    """A regular file's SHA-256, as the store keys its images; "" for anything else (a FIFO or
+    device would block the read) or a file that cannot be read (the loader then says why)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return ""
+        return file_sha256(path)
+    except OSError:
+        return ""
 
 
 def check_out_folder(path: str | os.PathLike[str]) -> None:

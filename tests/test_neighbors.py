@@ -171,7 +171,11 @@ def test_queries_by_key_file_and_folder_with_contact_sheet(cub_store, data_dir, 
         shutil.copy(data_dir / "cub100" / p, folder / Path(p).name)
     with Image.open(data_dir / "cub100" / table.path[102]) as im:  # new bytes: embedded
         im.save(folder / "recompressed.jpg", quality=70)
+    os.mkfifo(folder / "pipe.jpg")  # never opened: hashing or drawing it would wait forever
     res = neighbors(store, B, [key, str(f), str(folder)], k=5, images=Featuriser())
+    pipe = [r for r in res if r.query.endswith("pipe.jpg")]
+    assert len(pipe) == 1 and "not a regular file" in pipe[0].error and not pipe[0].hits
+    res = [r for r in res if r is not pipe[0]]
     assert len(res) == 5
     where = table.index()
     assert all(h.path != key for h in res[0].hits) and len(res[0].hits) == 5
@@ -184,12 +188,12 @@ def test_queries_by_key_file_and_folder_with_contact_sheet(cub_store, data_dir, 
     assert res[4].hits[0].score > 0.9  # its original, found first
     out = write_table(res, tmp_path / "n.csv")
     assert out.read_text().count("\n") == 1 + 25
-    sheet = contact_sheet(res, tmp_path / "sheet.html", title="t")
+    sheet = contact_sheet([*res, *pipe], tmp_path / "sheet.html", title="t")
     parser = _Links()
     parser.feed(sheet.read_text())
-    assert parser.tags[:2] == ["html", "head"] and len(parser.src) == 5 * 6
+    assert parser.tags[:2] == ["html", "head"] and len(parser.src) == 5 * 6  # the FIFO: no image
     text = sheet.read_text()
-    assert text.count('class="tag">query<') == 5 and "_<wbr>" in text  # labelled; wraps at "_"
+    assert text.count('class="tag">query<') == 6 and "_<wbr>" in text  # labelled; wraps at "_"
     with Image.open(sheet.parent / parser.src[0]) as im:
         assert max(im.size) == THUMB  # every thumbnail fills the same box
     for src in parser.src:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -473,7 +474,8 @@ def read_history(
     undo in a running server reads dozens of files, about 4 ms each to open (``cached=False``:
     read from the file, as a check must)."""
     want = list(columns) if batch is None else list(dict.fromkeys(["batch", *columns]))
-    got = {k: _HISTORY.get((str(reader.folder), name, k)) if cached else None for k in want}
+    with _HISTORY_LOCK:  # a server reads the history from several threads
+        got = {k: _HISTORY.get((str(reader.folder), name, k)) if cached else None for k in want}
     missing = [k for k, v in got.items() if v is None]
     if missing:
         f = reader.file(name)
@@ -483,11 +485,12 @@ def read_history(
                 got[k] = ds.asstr()[()] if ds.dtype.kind == "O" else ds[()]
         except (KeyError, OSError, ValueError) as e:
             raise StoreError(f"history segment {reader.folder / name} is damaged ({e})") from None
-        for k in missing:
-            _HISTORY[(str(reader.folder), name, k)] = got[k]
-            _HISTORY.move_to_end((str(reader.folder), name, k))
-        while sum(len(v) for v in _HISTORY.values()) > HISTORY_CACHE and len(_HISTORY) > 1:
-            _HISTORY.popitem(last=False)
+        with _HISTORY_LOCK:
+            for k in missing:
+                _HISTORY[(str(reader.folder), name, k)] = got[k]
+                _HISTORY.move_to_end((str(reader.folder), name, k))
+            while sum(len(v) for v in _HISTORY.values()) > HISTORY_CACHE and len(_HISTORY) > 1:
+                _HISTORY.popitem(last=False)
     if batch is None:
         return {k: got[k] for k in columns}
     keep = got["batch"] == batch
@@ -496,6 +499,7 @@ def read_history(
 
 HISTORY_CACHE = 4_000_000  # history entries (per column) kept in memory across reads
 _HISTORY: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
+_HISTORY_LOCK = threading.Lock()
 
 
 def _last_wins(
