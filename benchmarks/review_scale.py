@@ -1,8 +1,10 @@
 """What a review action costs on a large store (issue 32, part 9): validate, move, mark dubious
 and undo on a synthetic store of N rows (8-d embeddings: the label columns are what is read and
-written), each the median of 3, plus reading a level's provenance and the history; then the
-same actions through `penult serve --annotate`'s app (POST /api/label, as the review page sends
-them) and the review page answered right after each (it reloads the store's new commit).
+written), each the median of 3, published at once (as `penult label` does); plus reading a
+level's provenance and the history. Then the same actions through `penult serve --annotate`'s
+app (POST /api/label, as the review page sends them), which journals each action and publishes
+when idle, with the review page answered right after each (it reads the journaled action);
+then the publish itself, the page after it, and a POST that arrives while a publish runs.
 
     .venv/bin/python benchmarks/review_scale.py                 # 1,000,000 rows
     .venv/bin/python benchmarks/review_scale.py --rows 100000
@@ -18,6 +20,7 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
 from benchmarks_common import cpu_flags  # noqa: E402
-from penult.features import FeatureStore, StoreWriter, review  # noqa: E402
+from penult.features import FeatureStore, StoreWriter, publish, review  # noqa: E402
 
 FP = {"architecture": "bench:synthetic", "weights_sha256": "0" * 64, "preprocessing": {},
       "layer": "x", "dim": 8, "precision": "fp32"}  # fmt: skip
@@ -102,6 +105,7 @@ def served(path: Path, n: int, rng: np.random.Generator) -> None:
 
     t = time.perf_counter()
     site = Site(path, "net")
+    site.warm()  # as `penult serve --annotate` does while it starts
     c = TestClient(make_app(site, annotate=True), base_url="http://127.0.0.1")
     print(f"\nthrough the server's app ({n:,} rows; started in {time.perf_counter() - t:.2f} s)")
 
@@ -133,6 +137,22 @@ def served(path: Path, n: int, rng: np.random.Generator) -> None:
             after.append(get(page))
         print(f"  POST {what:28s} {1000 * statistics.median(post):6.0f} ms, then the page "
               f"{1000 * statistics.median(after):4.0f} ms (medians of 3)")  # fmt: skip
+    waiting = len(FeatureStore(path).pending_shards())
+    t = time.perf_counter()
+    publish(path)  # what the server does once idle for 2 s (or as it stops)
+    took = time.perf_counter() - t
+    print(f"  publish the {waiting} journaled actions (when idle) {1000 * took:6.0f} ms, "
+          f"then the page {1000 * get(page):4.0f} ms")  # fmt: skip
+    c.post("/api/label", json=bodies[0][1](), headers={"x-csrf-token": token})
+    worker = threading.Thread(target=publish, args=(path,))
+    worker.start()
+    time.sleep(0.02)
+    t = time.perf_counter()
+    r = c.post("/api/label", json=bodies[1][1](), headers={"x-csrf-token": token})
+    late = time.perf_counter() - t
+    worker.join()
+    assert r.status_code == 200, r.text
+    print(f"  POST move while a publish runs (waits for it)  {1000 * late:6.0f} ms")
 
 
 if __name__ == "__main__":

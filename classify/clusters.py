@@ -200,11 +200,13 @@ def reject(
     *,
     level: str = "label",
     who: str | None = None,
+    publish: bool = True,
 ) -> None:
-    """Remember that ``paths`` are not ``label`` (a history entry each; no label changes)."""
+    """Remember that ``paths`` are not ``label`` (a history entry each; no label changes;
+    ``publish=False``: journaled, as :func:`penult.features.review.move` says)."""
     if not paths:
         return
-    with StoreWriter(store_path) as w:
+    with StoreWriter(store_path, publish=publish) as w:
         n = len(paths)
         w.review({level: (paths, [""] * n, [UNLABELLED] * n)}, who=who or current_user(),
                  source=f"reject:{label}", note_only=True)  # fmt: skip

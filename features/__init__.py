@@ -5,7 +5,7 @@ from penult.features import review
 from penult.features.inspect import check, describe
 from penult.features.parts import PartWriter, merge
 from penult.features.scorefile import read_scores, write_scores
-from penult.features.store import FeatureStore, StoreWriter, current_user
+from penult.features.store import FeatureStore, StoreWriter, commit_key, current_user, publish
 from penult.features.types import (
     DUBIOUS,
     IDENTITY_FIELDS,
@@ -53,10 +53,12 @@ __all__ = [
     "StoreWriter",
     "TableView",
     "check",
+    "commit_key",
     "current_user",
     "describe",
     "match_hashes",
     "merge",
+    "publish",
     "review",
     "sha_hex",
     "sha_raw",

@@ -31,9 +31,16 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
     if store.read_only:
         lines.append(f"read-only  this store {store.read_only}")
     pending = store.pending_shards()
-    if pending:
+    review = [p for p in pending if p.stem.endswith("-review")]
+    if review:
         lines.append(
-            f"journal    {len(pending)} shard(s) not yet merged (interrupted run); `penult check --repair` merges them"
+            f"journal    {len(review)} review action(s) not yet published: every reader sees "
+            "them already; `penult serve` publishes them when idle, or the next writer does"
+        )
+    if len(pending) > len(review):
+        lines.append(
+            f"journal    {len(pending) - len(review)} shard(s) not yet merged (a run in progress "
+            "or interrupted); `penult check --repair` merges them"
         )
     for d in journal.list_damaged(store.path):
         lines.append(
@@ -122,8 +129,8 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
     if repair and journal.list_shards(p) and not store.read_only:
         with StoreWriter(p):
             pass
-    pending = journal.list_shards(p)
-    if pending:
+    pending = [s for s in journal.list_shards(p) if not s.stem.endswith("-review")]
+    if pending:  # (review actions journaled by a server are read already: not a problem)
         problems.append(f"{len(pending)} journal shard(s) not merged; run `penult check --repair`")
     for d in journal.list_damaged(p):
         problems.append(

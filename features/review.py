@@ -146,13 +146,23 @@ def coarser_levels(store: FeatureStore, level: str) -> dict[str, dict[str, str]]
     return _Levels(store).coarser(level)
 
 
-def _commit(store_path: Path, changes: dict, source: str, who: str | None) -> None:
-    with StoreWriter(store_path) as w:  # StoreLockedError names the process writing
-        w.review(changes, who=who or current_user(), source=source)
+def _commit(
+    store_path: Path, changes: dict, source: str, who: str | None, publish: bool = True,
+    note_only: bool = False,
+) -> None:  # fmt: skip
+    """One batch; ``publish=False`` journals it and leaves publishing to a later writer (readers
+    see it at once: a server's actions then cost what they write, see format2/overlay.py)."""
+    with StoreWriter(store_path, publish=publish) as w:  # StoreLockedError names who writes
+        w.review(changes, who=who or current_user(), source=source, note_only=note_only)
 
 
 def validate(
-    store_path: str | Path, paths: Sequence[str], *, level: str = "label", who: str | None = None
+    store_path: str | Path,
+    paths: Sequence[str],
+    *,
+    level: str = "label",
+    who: str | None = None,
+    publish: bool = True,
 ) -> Batch:
     """Mark the images' current ``level`` labels validated (a predicted image's: the model's
     first choice); images with neither are skipped."""
@@ -172,19 +182,25 @@ def validate(
     )
     if ok.any():
         keep = [p for p, k in zip(paths, ok, strict=True) if k]
-        _commit(store.path, {level: (keep, cur[ok].tolist(), [VALIDATED] * len(keep))}, PERSON, who)
+        changes = {level: (keep, cur[ok].tolist(), [VALIDATED] * len(keep))}
+        _commit(store.path, changes, PERSON, who, publish)
         b.changed[level] = len(keep)
     return b
 
 
 def mark_dubious(
-    store_path: str | Path, paths: Sequence[str], *, level: str = "label", who: str | None = None
+    store_path: str | Path,
+    paths: Sequence[str],
+    *,
+    level: str = "label",
+    who: str | None = None,
+    publish: bool = True,
 ) -> Batch:
     """Mark the images' ``level`` labels dubious (kept, but not trusted for training)."""
     store = FeatureStore(store_path)
     rows = _rows(store, paths)
     cur = _Levels(store).values(level, rows).tolist()
-    _commit(store.path, {level: (list(paths), cur, [DUBIOUS] * len(cur))}, PERSON, who)
+    _commit(store.path, {level: (list(paths), cur, [DUBIOUS] * len(cur))}, PERSON, who, publish)
     return Batch("dubious", {level: len(cur)})
 
 
@@ -195,6 +211,7 @@ def move(
     *,
     level: str = "label",
     who: str | None = None,
+    publish: bool = True,
 ) -> Batch:
     """Give the images label ``to`` at ``level``, validated. Coarser levels follow the store's
     taxonomy (empty, unlabelled, for a name it does not know); finer levels whose coarse
@@ -214,7 +231,7 @@ def move(
         p = [q for q, m in zip(paths, moved, strict=True) if m]
         if p:
             changes[col] = (p, [""] * len(p), [UNLABELLED] * len(p))
-    _commit(store.path, changes, PERSON, who)
+    _commit(store.path, changes, PERSON, who, publish)
     return Batch(f"move to {to!r}", {c: len(v[0]) for c, v in changes.items()})
 
 
@@ -224,7 +241,13 @@ def undone_batches(h: History) -> set[int]:
     return {int(s[len("undo:") :]) for s in np.unique(src) if s.startswith("undo:")}
 
 
-def undo(store_path: str | Path, batch: int | None = None, *, who: str | None = None) -> Batch:
+def undo(
+    store_path: str | Path,
+    batch: int | None = None,
+    *,
+    who: str | None = None,
+    publish: bool = True,
+) -> Batch:
     """Take back one batch (default: the newest not yet taken back, undos aside): each label it
     set returns to what it was, unless it changed again since (then it is left and named)."""
     store = FeatureStore(store_path)
@@ -258,8 +281,7 @@ def undo(store_path: str | Path, batch: int | None = None, *, who: str | None = 
             b.changed[col] = int(same.sum())
     if changes:
         note = str(e["source"][0]).startswith("reject:")  # forgetting a reject changes no label
-        with StoreWriter(store.path) as w:
-            w.review(changes, who=who or current_user(), source=f"undo:{batch}", note_only=note)
+        _commit(store.path, changes, f"undo:{batch}", who, publish, note_only=note)
     return b
 
 

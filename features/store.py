@@ -29,6 +29,7 @@ import fcntl
 import getpass
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -169,10 +170,14 @@ class FeatureStore:
 
     def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
         """(N,) int32 codes and their names for one label column ("" is unlabelled)."""
+        return self._b.label_codes(self._column(column))
+
+    def _column(self, column: str) -> str:
+        """``column``, or a StoreError naming the label columns there are (nothing read)."""
         have = self._b.label_columns()
         if column not in have:
             raise StoreError(f"{self.path} has no label column {column!r} (it has: {have})")
-        return self._b.label_codes(column)
+        return column
 
     def labels(
         self, columns: Sequence[str] | None = None
@@ -188,7 +193,7 @@ class FeatureStore:
     def provenance(self, column: str = "label", rows: Iterable[int] | None = None) -> Provenance:
         """Status, who, when and source of each image's label ``column`` (all rows, or sorted
         unique ``rows``). Labels never reviewed read as validated by their file."""
-        self.label_codes(column)  # names the columns there are when this one is not
+        self._column(column)
         r = (
             None
             if rows is None
@@ -198,14 +203,14 @@ class FeatureStore:
 
     def statuses(self, column: str = "label", rows: Iterable[int] | None = None) -> np.ndarray:
         """(N,) int8 status codes of ``column``'s labels (as :meth:`provenance`'s, read alone)."""
-        self.label_codes(column)
+        self._column(column)
         r = None if rows is None else np.asarray(list(rows), np.int64)
         return self._b.statuses(column, r)
 
     def predictions(self, column: str = "label", rows: Iterable[int] | None = None) -> Predicted:
         """A model's stored top 3 labels and scores for ``column`` (``penult annotate``): all
         rows, or sorted unique ``rows``; "" and NaN where none is stored."""
-        self.label_codes(column)
+        self._column(column)
         r = None if rows is None else np.asarray(rows, np.int64)
         return self._b.predictions(column, r)
 
@@ -222,6 +227,10 @@ class FeatureStore:
 
     def backbone(self, name: str) -> BackboneEntry:
         return self.backbones()[self._known(name)]
+
+    def backbone_names(self) -> list[str]:
+        """The backbones' names (without reading how many rows each has)."""
+        return self._b.backbone_names()
 
     def _known(self, name: str) -> str:
         if name in self._seen:  # a backbone is never removed from a store
@@ -316,13 +325,34 @@ class FeatureStore:
         return journal.list_shards(self.path)
 
 
+def publish(path: str | os.PathLike[str]) -> int:
+    """Publish what the journal holds (review actions journaled with ``publish=False``) under
+    the writer's lock; returns the shards published. StoreLockedError while another process
+    writes (which publishes them itself)."""
+    with StoreWriter(path, publish=False) as w:
+        n = publish_journal(w.path)
+    return n
+
+
+def commit_key(path: str | os.PathLike[str]) -> tuple:
+    """What changes when the store changes for a reader: its top-level file replaced by a
+    commit, or a review action journaled (read at once, published later). One stat and one
+    listing of the journal folder."""
+    st = os.stat(path)
+    shards = journal.list_shards(real_path(path))
+    journaled = tuple(p.name for p in shards if p.stem.endswith("-review"))
+    return st.st_ino, st.st_mtime_ns, st.st_size, journaled
+
+
 def real_path(path: str | os.PathLike[str]) -> Path:
     """The store's real file: a symlinked store is written through its link, and the journal and
     lock sit beside the real file, so two spellings of one store share one lock."""
     return Path(os.path.realpath(os.fspath(path)))
 
 
-_LOCKED_HERE: set[str] = set()
+_LOCKED_HERE: dict[str, int] = {}  # store lock -> the thread holding it in this process
+_LOCKED_CHANGED = threading.Condition()
+IN_PROCESS_WAIT = 60.0  # seconds a thread waits for another thread of this process to finish
 
 
 def current_user() -> str:
@@ -539,13 +569,25 @@ class StoreWriter(Writes):
 
     Use as a context manager. Whatever was journaled is committed on exit, also after an exception,
     so finished work is never lost; after a kill it is committed by the next writer.
+
+    ``publish=False`` (review actions only, as `penult serve --annotate` writes them): the
+    shards stay in the journal, durable and read by every reader at once (see
+    ``format2/overlay.py``), and are published by the next publishing writer or
+    :func:`publish`. Publishing rewrites whole blocks; an action then costs what it writes.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, segment_rows: int = SEGMENT_ROWS):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        segment_rows: int = SEGMENT_ROWS,
+        publish: bool = True,
+    ):
         if int(segment_rows) < 1:
             raise StoreError(f"segment_rows must be at least 1, got {segment_rows!r}")
         self.path = real_path(path)
         self.segment_rows = int(segment_rows)
+        self.publish = publish
         self._lock_fh = None
         self._seq = 0
         self._registered: dict[str, dict[str, Any]] = {}
@@ -557,11 +599,14 @@ class StoreWriter(Writes):
             why = FeatureStore(self.path).read_only  # validates it too
             if why:
                 raise StoreError(f"{self.path} {why}")
+        elif not self.publish:
+            raise StoreError(f"{self.path}: no such feature store")
         self._acquire_lock()
         try:
-            merged = publish_journal(self.path, segment_rows=self.segment_rows)
-            if merged:
-                log.info("merged %d journal shards left by an interrupted run", merged)
+            if self.publish:
+                merged = publish_journal(self.path, segment_rows=self.segment_rows)
+                if merged:
+                    log.info("merged %d journal shards", merged)
             self._refresh()
         except BaseException:
             self._release_lock()
@@ -570,6 +615,8 @@ class StoreWriter(Writes):
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         try:
+            if not self.publish:  # the shards are durable; the next publish merges them
+                return
             if exc is None:
                 self.commit()
             else:  # keep what was journaled, but never hide the error that stopped the run
@@ -589,38 +636,60 @@ class StoreWriter(Writes):
         inherited by forked loader workers, which may outlive a killed writer for a moment."""
         lock_path = self.path.with_name(self.path.name + ".lock")
         key = str(lock_path.resolve())
-        fh = open(lock_path, "a+")  # noqa: SIM115 - held for the writer's lifetime
+        me = threading.get_ident()
+        with _LOCKED_CHANGED:  # record locks do not conflict within one process: wait here
+            if _LOCKED_HERE.get(key) == me:
+                raise StoreLockedError(f"{self.path} is already being written by this thread")
+            if not _LOCKED_CHANGED.wait_for(lambda: key not in _LOCKED_HERE, IN_PROCESS_WAIT):
+                raise StoreLockedError(
+                    f"{self.path} is being written by another thread of this process; "
+                    f"it did not finish in {IN_PROCESS_WAIT:.0f} s"
+                )
+            _LOCKED_HERE[key] = me
+        fh = None
         try:
-            if key in _LOCKED_HERE:  # record locks do not conflict within one process
-                raise BlockingIOError
+            fh = open(lock_path, "a+")  # noqa: SIM115 - held for the writer's lifetime
             fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
+            holder = "unknown"
+            if fh is not None:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown"
+                fh.close()
+            self._forget(key)
             raise StoreLockedError(
                 f"{self.path} is being written by another process ({holder}); wait for it to finish"
             ) from None
-        _LOCKED_HERE.add(key)
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
         self._lock_fh, self._lock_key = fh, key
 
+    @staticmethod
+    def _forget(key: str) -> None:
+        with _LOCKED_CHANGED:
+            _LOCKED_HERE.pop(key, None)
+            _LOCKED_CHANGED.notify_all()
+
     def _release_lock(self) -> None:
         if self._lock_fh is not None:
-            _LOCKED_HERE.discard(self._lock_key)
             self._lock_fh.close()  # closing releases the record lock
             self._lock_fh = None
+            self._forget(self._lock_key)
 
     def _put(
         self, seq: int, kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]
     ) -> None:
+        if not self.publish and kind != "review":  # readers see pending review shards alone
+            raise StoreError(f"{self.path}: a {kind!r} write must be published (publish=True)")
         journal.write_shard(self.path, seq, kind, meta, **arrays)
 
     def commit(self) -> None:
-        """Merge the journal into the store file (atomic replace) and refresh ``self.store``."""
+        """Merge the journal into the store file (atomic replace) and refresh ``self.store``
+        (a writer made with ``publish=False`` leaves it to :func:`publish`)."""
+        if not self.publish:
+            return
         try:
             publish_journal(self.path)
         except OSError as e:  # e.g. no room for the new file: the old file and journal are intact

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +51,16 @@ def kill_loop(
     kills: int,
     after_kill: Callable[[], None],
     wait: tuple[float, float] = (0.0, 0.6),
+    args: Sequence[str] = (),
 ) -> None:
-    """Start ``script`` (formatted with ``root`` and ``tests``) on ``target`` and SIGKILL it at a
-    random moment ``wait`` seconds after it prints "ready", ``kills`` times."""
+    """Start ``script`` (formatted with ``root`` and ``tests``) on ``target`` (then ``args``)
+    and SIGKILL it at a random moment ``wait`` seconds after it prints "ready", ``kills``
+    times."""
     code = script.format(root=str(ROOT), tests=str(ROOT / "tests"))
     rng = random.Random(0)
     for _ in range(kills):
         proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", code, str(target), *args], stdout=subprocess.PIPE, text=True
         )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(*wait))

@@ -169,23 +169,28 @@ def test_a_second_writer_is_refused_with_a_message_and_no_damage(tmp_path: Path)
 LABELLER = textwrap.dedent("""
     import sys
     sys.path[:0] = [{root!r}]
-    from penult.features import FeatureStore, review
+    from penult.features import FeatureStore, publish, review
     print("ready", flush=True)
     paths = FeatureStore(sys.argv[1]).images().path
+    deferred = sys.argv[2] == "journal"  # as a server writes: journaled, published when idle
     for i in range(1000):
-        review.move(sys.argv[1], paths[(i % 4) * 5 : (i % 4) * 5 + 5], f"k{{i}}")
+        review.move(sys.argv[1], paths[(i % 4) * 5 : (i % 4) * 5 + 5], f"k{{i}}",
+                    publish=not deferred)
+        if deferred and i % 5 == 4:
+            publish(sys.argv[1])
 """)
 
 
-def test_kill_during_label_writes_leaves_whole_batches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["publish", "journal"])
+def test_kill_during_label_writes_leaves_whole_batches(tmp_path: Path, mode: str) -> None:
+    """Killed while it moves labels (publishing each action, or journaling them and publishing
+    every fifth as a server does), the store always holds whole batches: as read before the
+    next writer publishes what was journaled (readers replay it) and after."""
     p = tmp_path / "s.h5"
     _synthetic(p)
     seen = []
 
-    def whole() -> None:
-        with StoreWriter(p):  # the next writer publishes whatever whole batch was journaled
-            pass
-        assert check(p) == []
+    def batches() -> tuple[np.ndarray, list[str]]:
         fs = FeatureStore(p)
         h = fs.history()
         lab = fs.images().labels["label"]
@@ -196,9 +201,18 @@ def test_kill_during_label_writes_leaves_whole_batches(tmp_path: Path) -> None:
             if len(rows):
                 newest = str(rows["new"][rows["column"] == "label"][-1])
                 assert lab[k * 5 : k * 5 + 5] == [newest] * 5
-        seen.append(len(sizes))
+        return h["batch"], lab
 
-    kill_loop(LABELLER, p, kills=4, after_kill=whole, wait=(0.3, 1.2))
+    def whole() -> None:
+        before = batches()  # journaled actions are read at once
+        with StoreWriter(p):  # the next writer publishes whatever whole batch was journaled
+            pass
+        assert check(p) == []
+        after = batches()
+        assert (before[0] == after[0]).all() and before[1] == after[1]
+        seen.append(len(np.unique(after[0])))
+
+    kill_loop(LABELLER, p, kills=4, after_kill=whole, wait=(0.3, 1.2), args=[mode])
     assert seen[-1] > 4  # the kills landed after some batches
 
 

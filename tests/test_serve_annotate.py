@@ -5,15 +5,25 @@ never while another process writes the store, and never with a bad label name.""
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
 import pytest
-from penult.classify.web import Site, make_app
+from penult.classify.web import Site, annotate, make_app
+from penult.classify.web.annotate import Publisher
 from penult.extract import Featuriser
-from penult.features import FeatureStore
+from penult.features import (
+    VALIDATED,
+    FeatureStore,
+    StoreError,
+    StoreWriter,
+    check,
+    describe,
+    review,
+)
 from servers import chromium, live
 from starlette.testclient import TestClient
 from store_rows import writer_held
@@ -46,27 +56,66 @@ def _labels(store: Path, paths: list[str]) -> list[str]:
     return [t.labels["label"][t.path.index(p)] for p in paths]
 
 
-def test_a_page_moves_validates_marks_and_undoes_with_its_token(store: Path) -> None:
-    c = _client(store)
-    token = _token(c)
-    ants = [p for p in FeatureStore(store).images().path if p.startswith("ants/")][:3]
-    r = c.post("/api/label", json={"action": "move", "paths": ants, "to": "bees"},
-               headers={"x-csrf-token": token})  # fmt: skip
-    assert r.status_code == 200 and r.json()["changed"]["label"] == 3  # and the order follows
-    assert _labels(store, ants) == ["bees"] * 3
-    r = c.post("/api/label", json={"action": "dubious", "paths": ants[:1]},
-               headers={"x-csrf-token": token})  # fmt: skip
-    assert r.json()["changed"] == {"label": 1}
-    assert FeatureStore(store).provenance().counts()["dubious"] == 1
-    for _ in range(2):
-        assert (
-            c.post(
-                "/api/label", json={"action": "undo"}, headers={"x-csrf-token": token}
-            ).status_code
-            == 200
-        )
+def test_a_page_moves_validates_marks_and_undoes_with_its_token(store: Path, monkeypatch) -> None:
+    """Each action is journaled and answered (read at once by every reader), and published
+    when the server is idle or stops."""
+    monkeypatch.setattr(annotate, "PUBLISH_IDLE", 600.0)  # here: published when it stops
+    with _client(store) as c:
+        token = _token(c)
+        ants = [p for p in FeatureStore(store).images().path if p.startswith("ants/")][:3]
+        r = c.post("/api/label", json={"action": "move", "paths": ants, "to": "bees"},
+                   headers={"x-csrf-token": token})  # fmt: skip
+        assert r.status_code == 200 and r.json()["changed"]["label"] == 3  # and the order follows
+        assert _labels(store, ants) == ["bees"] * 3
+        r = c.post("/api/label", json={"action": "dubious", "paths": ants[:1]},
+                   headers={"x-csrf-token": token})  # fmt: skip
+        assert r.json()["changed"] == {"label": 1}
+        assert FeatureStore(store).provenance().counts()["dubious"] == 1
+        for _ in range(2):
+            r = c.post("/api/label", json={"action": "undo"}, headers={"x-csrf-token": token})
+            assert r.status_code == 200
+        assert _labels(store, ants) == ["ants"] * 3
+        assert c.get("/api/images?label=bees").json()["total"] == 204  # pages see the change
+        pending = FeatureStore(store).pending_shards()
+        assert [q.name.split("-")[1] for q in pending] == ["review.npz"] * 4
+        assert check(store) == []  # journaled review actions are no problem
+        assert "4 review action(s) not yet published" in describe(store)
+        history, counts = FeatureStore(store).history(), FeatureStore(store).provenance().counts()
+    assert FeatureStore(store).pending_shards() == []  # published as the server stopped
     assert _labels(store, ants) == ["ants"] * 3
-    assert c.get("/api/images?label=bees").json()["total"] == 204  # pages see the new commit
+    assert FeatureStore(store).provenance().counts() == counts
+    after = FeatureStore(store).history()
+    assert len(after) == len(history) and (after["batch"] == history["batch"]).all()
+
+
+def test_an_idle_server_publishes_and_a_second_thread_waits_for_the_first(store: Path) -> None:
+    ants = [p for p in FeatureStore(store).images().path if p.startswith("ants/")][:4]
+    done = []
+
+    def hold() -> None:
+        with StoreWriter(store, publish=False):
+            time.sleep(0.5)
+            done.append("held")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    time.sleep(0.1)
+    review.validate(store, ants[:2], publish=False)  # waits for the other thread, then writes
+    t.join()
+    assert done == ["held"] and len(FeatureStore(store).pending_shards()) == 1
+    assert (FeatureStore(store).provenance().who != 0).sum() >= 2  # read before it is published
+    with (
+        pytest.raises(StoreError, match="must be published"),
+        StoreWriter(store, publish=False) as w,
+    ):
+        w.set_labels("label", ants[:1], ["bees"])
+    Publisher(store, idle=0.2).touch()
+    deadline = time.monotonic() + 20
+    while FeatureStore(store).pending_shards() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert FeatureStore(store).pending_shards() == []
+    h = FeatureStore(store).history()
+    assert len(h) == 2 and set(h["new_status"].tolist()) == {VALIDATED}
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,7 @@ def serve(site: Site, *, host: str = "127.0.0.1", port: int = 8765, max_upload: 
     )
     if annotate:
         announce("annotating: pages may change this store's labels (validate, move, dubious, undo)")
+        site.warm()  # the review page's arrays, read now rather than at the first visit
     app = make_app(
         site, max_upload=max_upload, hosts=allowed_hosts(host, allow_hosts), annotate=annotate
     )

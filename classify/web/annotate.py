@@ -3,6 +3,7 @@ in the background. The routes that call these live in ``app.py``."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -12,9 +13,59 @@ from urllib.parse import unquote_to_bytes
 from penult.classify.web.site import SiteError
 from penult.core import PenultError
 
+log = logging.getLogger(__name__)
+
+PUBLISH_IDLE = 2.0  # seconds without a review action before the server publishes them
+
+
+class Publisher:
+    """Publishes the review actions this server journals (each is durable, and read by every
+    reader, as soon as its journal shard is written: see features/format2/overlay.py) once no
+    action came for ``idle`` seconds, and when the server stops. Publishing rewrites whole
+    blocks of the label columns (a few hundred ms on a million rows), so it is kept off the
+    request that the user waits for. A kill loses nothing: the next writer publishes them."""
+
+    def __init__(self, store: Path, idle: float | None = None):
+        self.store, self.idle = store, PUBLISH_IDLE if idle is None else idle
+        self._last = 0.0
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()
+
+    def touch(self) -> None:
+        """An action was journaled: publish after the next quiet spell."""
+        self._last = time.monotonic()
+        with self._mutex:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            while (left := self._last + self.idle - time.monotonic()) > 0:
+                time.sleep(left)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> int:
+        """Publish now; 0 where another process writes the store (it publishes them itself)."""
+        from penult.features import StoreLockedError, publish
+
+        try:
+            return publish(self.store)
+        except StoreLockedError:
+            return 0
+        except (PenultError, OSError) as e:  # kept in the journal: the next writer publishes
+            log.warning("%s: review actions not yet published (%s)", self.store, e)
+            return 0
+
+
 __all__ = [
     "ACTIONS",
     "MAX_LABELLED",
+    "Publisher",
     "REVIEW_PAGE",
     "Retrain",
     "label_action",
@@ -78,9 +129,10 @@ def metrics_of(model: Any) -> dict[str, float] | None:
 ACTIONS = ("validate", "move", "dubious", "reject", "undo")
 
 
-def label_action(store: Path, body: dict[str, Any]) -> dict[str, Any]:
+def label_action(store: Path, body: dict[str, Any], *, publish: bool = True) -> dict[str, Any]:
     """One review action from a page's JSON (see ``features.review``): what changed, what was
-    left and why. A bad request is a PenultError (400) naming the problem."""
+    left and why. A bad request is a PenultError (400) naming the problem. ``publish=False``
+    journals it (a server's :class:`Publisher` publishes)."""
     from penult.classify.clusters import reject
     from penult.features import review
 
@@ -93,7 +145,7 @@ def label_action(store: Path, body: dict[str, Any]) -> dict[str, Any]:
         batch = body.get("batch")
         if batch is not None and not isinstance(batch, int):
             raise SiteError("batch must be a number from the history")
-        b = review.undo(store, batch)
+        b = review.undo(store, batch, publish=publish)
         return {"action": b.action, "changed": b.changed, "skipped": b.skipped}
     paths = body.get("paths")
     keys = body.get("keys")  # a page's tiles: names percent-encoded byte for byte (lossless)
@@ -107,13 +159,13 @@ def label_action(store: Path, body: dict[str, Any]) -> dict[str, Any]:
     if action in ("move", "reject") and not isinstance(to, str):
         raise SiteError(f"{action} needs 'to': a label name")
     if action == "reject":
-        reject(store, paths, to, level=level)
+        reject(store, paths, to, level=level, publish=publish)
         return {"action": f"reject as {to!r}", "changed": {}, "skipped": []}
     do = {"validate": review.validate, "dubious": review.mark_dubious}
     b = (
-        review.move(store, paths, to, level=level)
+        review.move(store, paths, to, level=level, publish=publish)
         if action == "move"
-        else do[action](store, paths, level=level)
+        else do[action](store, paths, level=level, publish=publish)
     )
     return {"action": b.action, "changed": b.changed, "skipped": b.skipped}
 

@@ -26,6 +26,7 @@ Routes:
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -38,7 +39,14 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode, urlsplit
 
 import jinja2
-from penult.classify.web.annotate import REVIEW_PAGE, Retrain, label_action, metrics_of, number
+from penult.classify.web.annotate import (
+    REVIEW_PAGE,
+    Publisher,
+    Retrain,
+    label_action,
+    metrics_of,
+    number,
+)
 from penult.classify.web.board import CLUSTERS_PAGE, GROW, SHOW, ClusterBoard
 from penult.classify.web.site import PAGE, Site, SiteError, Upload, shown
 from penult.core import PenultError
@@ -283,6 +291,8 @@ def make_app(
     env.filters["qpath"] = lambda s: quote(s, safe="/", errors="surrogateescape")
     env.filters["slashes"] = lambda key: key.replace("%2F", "/")  # a row's key in a URL path
     templates = Jinja2Templates(env=env)
+    for name in env.list_templates(extensions=["html"]):  # compiled now, not at a first visit
+        env.get_template(name)
 
     def common() -> dict[str, Any]:
         return {
@@ -434,6 +444,7 @@ def make_app(
             raise HTTPException(403, "missing or wrong CSRF token (reload the page)")
 
     retraining = Retrain(site.store_path, metrics_of(site.model))
+    publisher = Publisher(site.store_path)
 
     async def api_retrain(request: Request) -> Response:
         if request.method == "POST":
@@ -446,9 +457,10 @@ def make_app(
         may_write(request)
         body = await _json_object(request, "{action, paths, to, level}")
         try:
-            done = await _threaded(label_action, site.store_path, body)
+            done = await _threaded(lambda: label_action(site.store_path, body, publish=False))
         except StoreLockedError as e:
             raise HTTPException(409, f"{e}; nothing was changed") from None
+        publisher.touch()
         return _JSON(done)
 
     board = ClusterBoard(site.store_path, site.backbone)
@@ -504,6 +516,7 @@ def make_app(
             done = await _threaded(board.name, members, to)
         except StoreLockedError as e:
             raise HTTPException(409, f"{e}; nothing was changed") from None
+        publisher.touch()
         return _JSON(done)
 
     async def on_error(request: Request, exc: Exception) -> Response:
@@ -540,8 +553,16 @@ def make_app(
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     limits = UploadLimits(max_upload, max(max_inflight, max_upload + ENVELOPE), max_decoding)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette):
+        yield
+        if annotate:  # what was journaled is published before the server goes
+            await _threaded(publisher.flush)
+
     app = Starlette(
         routes=routes,
+        lifespan=lifespan,
         middleware=[
             Middleware(_Guard, hosts=hosts or allowed_hosts()),
             Middleware(_Headers),

@@ -79,8 +79,9 @@ class ClusterBoard:
         return grow(self.store, label, n=n, level=self.level, backbone=self.backbone)
 
     def name(self, members: list[str], to: str) -> dict[str, Any]:
-        """Label ``members`` (a cluster's open ones) ``to``: one action, one commit."""
-        b = review.move(self.store, members, to, level=self.level)
+        """Label ``members`` (a cluster's open ones) ``to``: one action, one journal commit
+        (the server's Publisher publishes it)."""
+        b = review.move(self.store, members, to, level=self.level, publish=False)
         return {"action": f"named {len(members)} images {to!r}", "changed": b.changed,
                 "skipped": b.skipped}  # fmt: skip
 

@@ -27,7 +27,7 @@ from penult.classify.model import Model, resolve_backbones
 from penult.classify.neighbors import NeighborIndex, ensure_index
 from penult.classify.predict import predict_files
 from penult.core import DEFAULT_MAX_PIXELS, SAMPLE, PenultError, atomic_path, ifcb
-from penult.features import STATUSES, FeatureStore
+from penult.features import STATUSES, FeatureStore, commit_key
 from PIL import Image
 
 __all__ = ["PAGE", "Site", "SiteError", "Upload", "shown", "url_key"]
@@ -62,6 +62,7 @@ class Snapshot:
     n: int
     valid: np.ndarray
     label_columns: list[str]
+    segments: tuple[int, list[str]]  # the backbone's segments (valid is read again when they move)
     arrays: dict[str, Any] = field(default_factory=dict)
     row_of: dict[str, int] = field(default_factory=dict)  # paths looked up or shown
     info: dict[int, tuple[str, str, str, str]] = field(
@@ -104,13 +105,20 @@ class Site:
         as what every request answers from; per-row arrays are read when first asked for."""
         seen = _commit_of(self.store_path)
         store = FeatureStore(self.store_path)
-        if self.backbone not in store.backbones():
-            have = ", ".join(sorted(store.backbones())) or "none"
-            raise SiteError(f"{self.store_path}: no backbone {self.backbone!r} (it has: {have})")
+        have = store.backbone_names()
+        if self.backbone not in have:
+            names = ", ".join(sorted(have)) or "none"
+            raise SiteError(f"{self.store_path}: no backbone {self.backbone!r} (it has: {names})")
+        # which rows are embedded: read again only when the embeddings' segments changed (a
+        # review action changes labels alone)
+        segments = store.segment_ids(self.backbone)
+        old = getattr(self, "snap", None)
+        same = old is not None and old.segments == segments and old.n == len(store)
+        valid = old.valid if same else store.valid(self.backbone)
         # one object, swapped at once: a request holding the old one reads it consistently
-        self.snap = Snapshot(store, seen, len(store), store.valid(self.backbone),
-                             store.label_columns())  # fmt: skip
-        self.index = None
+        self.snap = Snapshot(store, seen, len(store), valid, store.label_columns(), segments)
+        if not same:
+            self.index = None
 
     def refresh(self) -> bool:
         """Take up a commit made since the store was read (another `penult extract` into it, a
@@ -347,9 +355,12 @@ class Site:
         ``pred`` (n, 3) the stored top 3 predictions and their ``scores`` (once per commit)."""
 
         codes, names = self.codes(level)
+        # read again only when the predictions change (a move changes the labels alone)
+        stored = self._versioned(f"stored-pred:{level}", level, ("pred",),
+                                 lambda store: store.predictions(level))  # fmt: skip
 
-        def predicted(store):
-            pred = store.predictions(level)
+        def predicted(_):
+            pred = stored
             known = set(names.tolist())
             extra = [v for v in pred.names.tolist() if v not in known]
             allnames = np.asarray([*names.tolist(), *extra], dtype=object)
@@ -362,6 +373,12 @@ class Site:
         status = self._versioned(f"status:{level}", level, ("label", "review"),
                                  lambda store: store.statuses(level))  # fmt: skip
         return {**a, "status": status}
+
+    def warm(self, level: str = "label") -> None:
+        """Read what the review page filters and counts by (labels, statuses, predictions)
+        before anyone asks: `penult serve --annotate` does this while it starts."""
+        if self.has(level):
+            self.review_arrays(level)
 
     def review(
         self, label: str, *, level: str = "label", status: str = "", order: str = "asc",
@@ -577,10 +594,10 @@ def _unscored(error: str) -> dict[str, Any]:
             "error": error}  # fmt: skip
 
 
-def _commit_of(store: Path) -> tuple[int, int, int]:
-    """What changes when a commit replaces the store's top-level file."""
-    st = os.stat(store)
-    return st.st_ino, st.st_mtime_ns, st.st_size
+def _commit_of(store: Path) -> tuple:
+    """What changes when a commit replaces the store's top-level file or a review action is
+    journaled (see :func:`penult.features.commit_key`)."""
+    return commit_key(store)
 
 
 _PLACEHOLDER: list[bytes] = []

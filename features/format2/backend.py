@@ -14,6 +14,7 @@ import numpy as np
 from penult.core.errors import StoreError
 from penult.features.format2.commit import Commit, read_history
 from penult.features.format2.files import KeyRun, Reader, find_keys, path_keys, read_run, verify
+from penult.features.format2.overlay import Overlay, identity, overlay, pending_review
 from penult.features.format2.state import (
     ERROR,
     SIZE,
@@ -101,20 +102,38 @@ class Format2:
         return list(self.state().backbones)
 
     def state(self) -> State:
+        """The published state (what a writer builds on)."""
         with h5py.File(self.path, "r") as f:
             return load(f)
 
-    def _run(self, fn: Callable[[State, Reader], T]) -> T:
-        s = self.state()
+    def _snapshot(self) -> tuple[State, Overlay | None]:
+        """The published state and the review actions journaled after it (see overlay.py),
+        taken together: a publish between the two reads is seen and read again."""
+        for _ in range(5):
+            ident = identity(self.path)
+            s = self.state()
+            shards = pending_review(self.path, int(s.attrs.get("journal_seq", 0)))
+            if not shards:
+                return s, None
+            try:
+                ov = overlay(self.path, s, ident, shards)
+            except (FileNotFoundError, StoreError):
+                continue  # published (and its segments collected) meanwhile: read it again
+            if identity(self.path) == ident:
+                return ov.state, ov
+        return self.state(), None  # a writer publishing without pause: its published state
+
+    def _run(self, fn: Callable[[State, Reader, Overlay | None], T]) -> T:
+        s, ov = self._snapshot()
         for attempt in (0, 1):
             with Reader(segment_dir(self.path), s) as r:
                 try:
-                    return fn(s, r)
+                    return fn(s, r, ov)
                 except StoreError:
-                    fresh = self.state()
+                    fresh, fov = self._snapshot()
                     if attempt or fresh.files() == s.files():
                         raise
-                    s = fresh
+                    s, ov = fresh, fov
         raise AssertionError("unreachable")
 
     def _columns(
@@ -123,17 +142,18 @@ class Format2:
         rows: np.ndarray | None = None,
     ) -> tuple[State, list[np.ndarray]]:
         """The (family, column) pairs (or the pairs a function picks from the state), all read
-        from one state (one commit's snapshot)."""
+        from one state (one commit's snapshot, with the review actions journaled after it)."""
 
-        def read(s: State, r: Reader) -> tuple[State, list[np.ndarray]]:
+        def read(s: State, r: Reader, ov: Overlay | None) -> tuple[State, list[np.ndarray]]:
             out = []
             for family, column in wanted(s) if callable(wanted) else wanted:
                 col, ps = s.columns(family)[column], s.maps.get(family, [])
-                out.append(
+                x = (
                     r.span(ps, col, column, 0, s.rows)
                     if rows is None
                     else r.rows(ps, col, column, rows)
                 )
+                out.append(x if ov is None else ov.apply(family, column, x, rows))
             return s, out
 
         return self._run(read)
@@ -197,16 +217,17 @@ class Format2:
         return block, ids
 
     def label_versions(self, column: str) -> dict[str, str]:
-        s = self.state()
+        s, ov = self._snapshot()
         out = {}
         for kind, fam in (("label", label_family(column)), ("review", review_family(column)),
                           ("pred", pred_family(column))):  # fmt: skip
             pieces = ";".join(f"{p.lo}:{p.hi}:{p.file}:{p.offset}" for p in s.maps.get(fam, []))
-            out[kind] = f"{s.rows}|{len(s.names.get(fam, []))}|{pieces}"
+            journaled = ov.key if ov is not None and fam in ov.pending else ""
+            out[kind] = f"{s.rows}|{len(s.names.get(fam, []))}|{pieces}|{journaled}"
         return out
 
     def find(self, paths: list[str]) -> np.ndarray:
-        def read(s: State, r: Reader) -> np.ndarray:
+        def read(s: State, r: Reader, _: Overlay | None) -> np.ndarray:
             runs: list[KeyRun] = [read_run(r, n) for n, _ in s.index]
             out = np.empty(len(paths), np.int64)
             step = 1 << 18  # keys of 262,144 paths at a time: memory stays bounded
@@ -218,7 +239,7 @@ class Format2:
         return self._run(read)
 
     def label_columns(self) -> list[str]:
-        return self.state().labels
+        return self._snapshot()[0].labels
 
     def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
         return self.labels([column])[column]
@@ -255,8 +276,9 @@ class Format2:
     def history(self, columns: Sequence[str] | None = None, batch: int | None = None) -> History:
         cols = list(columns or HISTORY_COLUMNS)
 
-        def read(s: State, r: Reader) -> History:
+        def read(s: State, r: Reader, ov: Overlay | None) -> History:
             parts = [read_history(r, n, cols, batch) for n, _ in s.history]
+            parts += ov.entries(cols, batch) if ov is not None else []
             if not parts:
                 return History({k: np.zeros(0) for k in cols})
             return History({k: np.concatenate([p[k] for p in parts]) for k in cols})
@@ -284,7 +306,7 @@ class Format2:
     def embeddings(self, name: str, rows: np.ndarray | None) -> np.ndarray:
         fam = backbone_family(name)
 
-        def read(s: State, r: Reader) -> np.ndarray:
+        def read(s: State, r: Reader, _: Overlay | None) -> np.ndarray:
             col, ps = s.columns(fam)["embeddings"], s.maps.get(fam, [])
             n = s.rows if rows is None else len(rows)
             # the float32 result first: a matrix too big for memory fails here as MemoryError,
