@@ -148,7 +148,17 @@ def _add_head_options(p: argparse.ArgumentParser, *, compare: bool = False) -> N
             "a backbone set to compare, repeatable; A+B fuses A and B. Default: the store's only backbone"
         )
     skip = ("head", "refit_all", "quantifier_folds", "unknown_score", "keep") if compare else ()
-    _add_options(p, TrainOptions, skip=skip, helps=helps)
+    # train refits by default (a model for use has seen every labelled image): --no-refit
+    _add_options(p, TrainOptions, skip=skip or ("refit_all",), helps=helps)
+    if not compare:
+        p.add_argument(
+            "--no-refit", action="store_true",
+            help="save the model fitted on the train split (the one scored), not the default: "
+            "scored on the held-out split, then refit on every labelled image and saved (its "
+            "manifest keeps the held-out score and says it was refit). `evaluate` can score a "
+            "split model on this store; a refit one only on others",
+        )  # fmt: skip
+        p.add_argument("--refit-all", action="store_true", help=argparse.SUPPRESS)  # the default
     p.epilog = "heads: " + "; ".join(f"{k}: {text}" for k, text in HEAD_HELP.items())
 
 
@@ -160,7 +170,9 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         "train",
         help=_HELP["train"],
         description="Train a classifier head on a store's embeddings (seconds, no CNN), evaluate it on "
-        "the stored split (made once, seeded, if the store has none) and save MODEL plus MODEL.json.",
+        "the stored split (made once, seeded, if the store has none), then refit it on every labelled "
+        "image and save that as MODEL plus MODEL.json (the held-out score kept in it; --no-refit "
+        "saves the scored split model).",
     )
     p.add_argument("store")
     p.add_argument(
@@ -934,13 +946,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _out_folder(args.out)
     if args.report:
         _out_folder(args.report)
+    if args.no_refit and args.cv:
+        from penult.core import OptionError
+
+        raise OptionError(
+            "--cv scores by folds and saves a model fitted on every labelled image; there is no "
+            "split model for --no-refit to keep (drop one of them)"
+        )
     if args.out_of_core:
         from penult.classify.outofcore import StreamOptions, train_out_of_core
 
         so = _options(args, StreamOptions)
-        r = train_out_of_core(args.store, _options(args, TrainOptions), so)
+        r = train_out_of_core(args.store, _options(args, TrainOptions, refit_all=False), so)
+        r.notes.append("out of core: the saved model is the train split's (it is not refit)")
     else:
-        r = train(args.store, _options(args, TrainOptions))
+        r = train(args.store, _options(args, TrainOptions, refit_all=not args.no_refit))
     for note in r.notes:
         print(note)
     m = r.model.manifest
@@ -978,6 +998,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(
             f"  the saved model is refit on all {r.model.manifest.refit_all.images} labelled "
             "images; the scores above are its held-out estimate"
+            + ("" if r.cv else " (--no-refit saves the scored split model instead)")
         )
     if args.report:
         _train_report(args, r)

@@ -206,12 +206,17 @@ def _refuse_refit_store(model: Model, store_path: str | os.PathLike[str]) -> Non
     """A model refit on every labelled image of a store has no held-out split there."""
     refit = model.manifest.refit_all
     if refit_here(model, store_path):
-        top1 = (model.manifest.metrics or {}).get("top1")
-        estimate = f": top-1 {top1:.3f}" if top1 is not None else ""
+        m = model.manifest.metrics or {}
+        named = (("top1", "top-1"), ("balanced_accuracy", "balanced accuracy"),
+                 ("macro_f1", "macro-F1"))  # fmt: skip
+        held = ", ".join(f"{w} {m[k]:.3f}" for k, w in named if isinstance(m.get(k), float))
+        estimate = f": {held}" if held else ""
         raise DataError(
             f"{store_path}: this model was refit on all {refit.images} labelled images of this "
             f"store after it was scored, so none of them is held out; its held-out estimate "
-            f"({refit.metrics_from}) is in its manifest{estimate}. Score it on another store"
+            f"({refit.metrics_from}), recorded when it was trained, is{estimate} (`penult train "
+            "--report` writes its report). Score it on another store, or train with --no-refit "
+            "to keep the split model, which evaluate scores here"
         )
 
 

@@ -351,7 +351,7 @@ def train(
             f"only {result.n_eval} held-out images: a score on them is good to about +-{half:.0f} "
             f"points; --cv 5 scores every one of the {len(y[tr | ev])} labelled images, in 5 folds"
         )
-    if not (opts.cv or opts.refit_all):  # the saved model is the one scored: calibrate first
+    if not opts.cv:  # the model scored is calibrated as the one saved will be
         say("calibrating counts and the open-set score", 0.5)
         _calibrate(model, data.X[tr], y[tr], opts, result.notes)
     say("scoring the held-out images", 0.85)
@@ -372,7 +372,9 @@ def train(
         result.model = _refit(plan, data, opts, manifest)
     if opts.cv or opts.refit_all:  # the saved model saw every labelled image
         say("calibrating the refitted model", 0.9)
-        _calibrate(result.model, data.X, y, opts, result.notes)
+        said: list[str] = []
+        _calibrate(result.model, data.X, y, opts, said)
+        result.notes += [n for n in said if n not in result.notes]  # (the split's said them)
         result.model.manifest.refit_all = Refit(
             images=len(y),
             metrics_from=plan.eval_split,

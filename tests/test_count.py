@@ -228,7 +228,8 @@ def test_coarse_levels_count_the_same_images_and_absent_classes_get_rows(
     level, _ = count_level(model, "family")
     cal = level.calibration
     assert cal.classes == level.classes and np.allclose(cal.hard_rates.sum(0), 1)
-    assert np.allclose(cal.soft_rates.sum(0), 1) and abs(cal.prior.sum() - 1) < 1e-9
+    # (the prior is kept to 8 decimals: 13 of them sum to 1 within 1e-7)
+    assert np.allclose(cal.soft_rates.sum(0), 1) and abs(cal.prior.sum() - 1) < 1e-7
     assert (
         cli.main(["count", str(cub_model), str(extra), "--out", str(fine), "--level", "kingdom"])
         == 2

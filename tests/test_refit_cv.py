@@ -1,11 +1,12 @@
-"""Models for use and honest numbers on small data: `train --refit-all` saves a model fitted on
-every labelled image after scoring it held out, and `evaluate` refuses to call that store held
-out; `--cv K` scores by K stratified folds (hymenoptera: 397 photos, the small-data case)."""
+"""Models for use and honest numbers on small data: `penult train` (and the API's
+``refit_all``) saves a model fitted on every labelled image after scoring it held out, and
+`evaluate` refuses to call that store held out; `--cv K` scores by K stratified folds (hymenoptera: 397 photos, the small-data case)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -35,20 +36,36 @@ def test_refit_all_scores_held_out_then_saves_a_model_of_every_image(hym_store, 
     evaluate(r.scored, store)  # the train-split model is still scored as before
 
 
-def test_refit_all_from_the_command_line(hym_store, tmp_path, capsys):
+def test_the_command_line_saves_a_refit_model_unless_told_not_to(hym_store, tmp_path, capsys):
+    """`penult train` scores the split model on the held-out images, then saves a model refit
+    on every labelled image (its manifest keeps the held-out score); --no-refit saves the split
+    model, which evaluate scores on this store; a refit model it refuses, saying the estimate."""
     store = tmp_path / "h.h5"
     copy_store(hym_store, store)
     model = tmp_path / "m.skops"
     rep = tmp_path / "rep"
     rep.mkdir()
-    argv = ["train", str(store), "--out", str(model), "--refit-all", "--report", str(rep)]
+    argv = ["train", str(store), "--out", str(model), "--report", str(rep)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "refit on all" in out and (rep / "report.md").exists()
-    assert json.loads(open(f"{model}.json").read())["refit_all"]["images"] > 300
+    assert "refit on all 397 labelled" in out and (rep / "report.md").exists()
+    saved = json.loads(open(f"{model}.json").read())
+    assert saved["refit_all"]["images"] == 397 and saved["refit_all"]["metrics_from"] == "val"
+    held = float(re.search(r"top-1 accuracy\s+([\d.]+)%", out).group(1)) / 100
+    assert saved["metrics"]["top1"] == pytest.approx(held, abs=0.0005)  # the split's score
     assert cli.main(["evaluate", str(model), str(store)]) == 2
-    assert "none of them is held out" in capsys.readouterr().err
-    assert load_model(model).manifest.refit_all
+    err = capsys.readouterr().err
+    assert "none of them is held out" in err and f"top-1 {saved['metrics']['top1']:.3f}" in err
+    assert "--no-refit" in err and load_model(model).manifest.refit_all
+    split = tmp_path / "split.skops"
+    assert cli.main(["train", str(store), "--out", str(split), "--no-refit"]) == 0
+    assert "refit on all" not in capsys.readouterr().out
+    assert load_model(split).manifest.refit_all is None
+    assert cli.main(["evaluate", str(split), str(store)]) == 0
+    scored = float(re.search(r"top-1 accuracy\s+([\d.]+)%", capsys.readouterr().out).group(1))
+    assert scored / 100 == pytest.approx(held, abs=0.0005)  # the same split, the same model
+    assert cli.main(["train", str(store), "--out", str(split), "--no-refit", "--cv", "3"]) == 2
+    assert "no split model" in capsys.readouterr().err
     cv_rep = tmp_path / "cv"
     cv_rep.mkdir()
     argv = ["train", str(store), "--out", str(tmp_path / "cv.skops"), "--cv", "3"]

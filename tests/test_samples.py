@@ -65,7 +65,15 @@ def test_a_manifests_sample_columns_are_stored_with_the_labels(data_dir, tmp_pat
     # ... and carried into the report's predictions.csv, as predict writes them
     rep = tmp_path / "rep"
     rep.mkdir()
-    argv = ["train", str(store), "--out", str(tmp_path / "m.skops"), "--report", str(rep)]
+    argv = [
+        "train",
+        str(store),
+        "--out",
+        str(tmp_path / "m.skops"),
+        "--report",
+        str(rep),
+        "--no-refit",
+    ]  # fmt: skip  (evaluated on this store below)
     assert cli.main(argv) == 0
     with open(rep / "predictions.csv", newline="") as fh:
         scored = list(csv.DictReader(fh))
