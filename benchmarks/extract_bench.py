@@ -233,6 +233,10 @@ def main() -> None:
               f"its model-only; CPU per image: network process {net_ms:.2f} ms, loader processes "
               f"{loader_ms:.2f} ms")  # fmt: skip
         rows.append((name, base, mo, once, s, pr, best, top / mo[fastest][0]))
+        runs = [s.images_per_s, *(best[2] if best else [])]
+        print(f"{name}: extract end to end / (loader + {fastest} alone): "
+              + ", ".join(f"{r / top:.3f}x" for r in runs)
+              + f" (runs: {', '.join(f'{r:.1f}' for r in runs)} img/s; best {max(runs) / top:.3f}x)")  # fmt: skip
         if best:
             print(f"{name}: end to end {[round(r, 1) for r in best[2]]}, {fastest} model-only "
                   f"{[round(r, 1) for r in best[3]]}: best / best {best[0] / best[1]:.3f}")  # fmt: skip

@@ -126,11 +126,13 @@ def make_embedder(
     progress: bool = False,
     entry: str = "",
     optimize: str = "eager",
+    images: int | None = None,
 ) -> Embedder:
     """The embedder for ``backbone``. A stored int8 entry (``quantization`` from its fingerprint)
     runs its own quantized model, made by this version's method, whatever engine was asked;
     ``precision="int8"`` runs the calibration ``int8_digest`` names, or calibrates on the files
-    ``calibration``. ``entry``: the store entry's name, for messages."""
+    ``calibration``. ``entry``: the store entry's name, for messages; ``images``: how many the
+    run embeds, where known (see ``choose_engine``)."""
     digest = int8_digest
     if isinstance(quantization, dict):
         if quantization.get("method") != METHOD:  # made by the int8 trial before NNCF
@@ -142,7 +144,7 @@ def make_embedder(
         digest = quantization.get("calibration_sha256", "")
     choice = choose_engine(
         backbone, device=device, precision=precision, batch_size=batch_size, engine=engine,
-        calibration=list(calibration), int8_digest=digest, progress=progress,
+        calibration=list(calibration), int8_digest=digest, progress=progress, images=images,
     )  # fmt: skip
     return Embedder(backbone, choice, batch_size=batch_size, optimize=optimize)
 
@@ -167,6 +169,7 @@ def build_embedder(opts: ExtractOptions, listing: Listing | None = None, store_p
     embedder = make_embedder(
         backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size,
         engine=opts.engine, int8_digest=digest, calibration=calibration, progress=opts.progress,
+        images=len(listing) if listing is not None else None,
     )  # fmt: skip
     fingerprint = {**backbone.fingerprint, "precision": embedder.tag}
     if embedder.int8:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from penult.extract.engines import (
     INSTALL,
+    RECHECK_BATCHES,
     Runner,
     auto_runtimes,
     calibrate,
@@ -67,17 +68,19 @@ def choose_engine(
     calibration: Sequence[str] = (),
     int8_digest: str = "",
     progress: bool = True,
+    images: int | None = None,
 ) -> EngineChoice:
     """Decide how ``backbone`` runs here and build what that needs. ``engine`` "torch" runs the
     module; "onnxruntime" and "openvino" run it exported to ONNX, on the CPU; "auto" takes the
     one a short calibration measured fastest here. ``calibration`` is the images that
     ``precision="int8"`` quantizes with (``int8_digest`` names an earlier calibration instead;
-    ``progress`` shows the quantizer's bars)."""
+    ``progress`` shows the quantizer's bars). ``images``: how many the run embeds (a long run
+    measures an untrusted calibration of ``auto`` again; None: unknown, it does not)."""
     dev = pick_device(device)
     check_engine(engine, dev, precision)
     note, ready = "", None  # ready: the winner's runtime as the calibration built it
     if engine == "auto":
-        engine, precision, note, ready = _fastest(backbone, dev, precision, batch_size)
+        engine, precision, note, ready = _fastest(backbone, dev, precision, batch_size, images)
     if engine == "torch":
         return EngineChoice(dev, "torch", pick_precision(precision, dev), None, note)
     threads = torch.get_num_threads()
@@ -94,8 +97,9 @@ def choose_engine(
 
 
 def _fastest(
-    backbone: Backbone, device: torch.device, precision: str, batch_size: int
-) -> tuple[str, str, str, Runner | None]:
+    backbone: Backbone, device: torch.device, precision: str, batch_size: int,
+    images: int | None = None,
+) -> tuple[str, str, str, Runner | None]:  # fmt: skip
     """(engine, precision, note, the winner's runtime if the calibration built it): the
     fastest engine here for this backbone, in the precision each runs for ``precision``
     (torch and OpenVINO bf16 where the CPU has it natively), measured once (see
@@ -132,9 +136,16 @@ def _fastest(
         "batch": batch_size,
         "precision": precision,
     }
-    best, rates, cached = calibrate(key, candidates, x)
+    long_run = images is not None and images >= RECHECK_BATCHES * batch_size
+    best, rates, cached, kept = calibrate(key, candidates, x, recheck=long_run)
     note = ", ".join(f"{n} {r:.0f}" for n, r in sorted(rates.items(), key=lambda t: -t[1]))
-    note = f"auto: {note} img/s ({'calibration cached' if cached else 'calibrated now'})"
+    how = "calibration cached" if cached else "calibrated now"
+    if not kept:  # close, or timed on a busy machine: not trusted for good
+        how += (
+            "; close or unsteady, so measured again by the next run of "
+            f"{RECHECK_BATCHES * batch_size:,}+ images"
+        )
+    note = f"auto: {note} img/s ({how})"
     if "openvino" in auto_runtimes() and not installed("openvino"):
         note += (
             f"; OpenVINO, fastest on every CPU measured, is not installed: {INSTALL['openvino']}"

@@ -400,54 +400,120 @@ def cpu_model() -> str:
     return f"{name} [{flags}] x{os.cpu_count()}"
 
 
-def calibrate(
-    key: dict[str, Any], candidates: dict[str, Callable[[], Runner]], x: np.ndarray
-) -> tuple[str, dict[str, float], bool]:
-    """(fastest engine, images/s of each, whether the answer came from the cache).
+TRUST_MARGIN = 1.10  # a winner this much faster than the runner-up is kept for good at once
+STEADY = 1.25  # best batch over median batch above this: a candidate timed on a busy machine
+ROUNDS = 3  # timed batches per candidate, taken in turns (a spike of load hits one round)
+CONFIRM = 3  # measurements after which a close or noisy calibration is kept anyway
+RECHECK_BATCHES = 250  # a run this many batches long measures an untrusted calibration again
 
-    Each candidate builds its runner, runs one warm-up batch, then is timed on two, unless its
-    warm-up already ran at under half the best rate so far (its rate is then the warm-up's: put
-    the likely fastest first); a candidate that fails to build or run is left out. The answer is
-    kept in ``calibration.json`` in the cache, under ``key`` (threads, batch, network, ...), the
-    CPU model and library versions."""
+
+def calibrate(
+    key: dict[str, Any],
+    candidates: dict[str, Callable[[], Runner]],
+    x: np.ndarray,
+    *,
+    recheck: bool = True,
+) -> tuple[str, dict[str, float], bool, bool]:
+    """(fastest engine, images/s of each, whether the answer came from the cache, whether it is
+    kept for good).
+
+    Each candidate builds its runner and runs one warm-up batch (a candidate whose warm-up is
+    under half the best rate so far is not timed further: put the likely fastest first; one
+    that fails to build or run is left out). Then the others are timed in turns, ROUNDS
+    batches each, and each keeps its best batch: load from elsewhere slows a round, never
+    speeds one, and taking turns spreads it over all of them. The answer is kept in
+    ``calibration.json`` under ``key`` (threads, batch, network, ...), the CPU model and the
+    library versions, and trusted for good only when clear: the winner TRUST_MARGIN ahead and
+    its batches steady. A close or noisy one is measured again by the next run, each engine
+    keeping its best figure of all measurements, until the same engine wins twice or CONFIRM
+    measurements were made (a busy machine's pick is not kept for good). ``recheck=False``
+    (a run too short to pay for a new measurement: under RECHECK_BATCHES batches, the
+    calibration's dozen being under 5% of it) takes an untrusted answer as it is."""
     path = cache_dir() / "calibration.json"
     here = {"cpu": cpu_model(), "versions": _versions(), "candidates": sorted(candidates)}
     k = json.dumps({**key, **here}, sort_keys=True)
-    known = _calibrations(path)
-    kept = known.get(k)
-    if (
-        isinstance(kept, dict)
-        and kept
-        and set(kept) <= set(candidates)
-        and all(isinstance(v, int | float) and v > 0 for v in kept.values())
-    ):
-        return max(kept, key=kept.get), kept, True
+    before = _entry(_calibrations(path).get(k), candidates)
+    if before is not None and (before["trusted"] or not recheck):
+        rates = before["rates"]
+        return max(rates, key=rates.get), rates, True, before["trusted"]
+    rates, steady = _measure(candidates, x)
+    if not rates:
+        raise EngineError("no engine could run this backbone")
+    best = max(rates, key=rates.get)
+    runs, wins = 1, 1
+    if before is not None:  # measured before, not trusted: each engine's best figure of both
+        runs = before["runs"] + 1
+        merged = {n: max(r, before["rates"].get(n, 0.0)) for n, r in rates.items()}
+        wins = before["wins"] + 1 if before["best"] == best else 1
+        rates, best = merged, max(merged, key=merged.get)
+    ranked = sorted(rates.values(), reverse=True)
+    clear = len(ranked) == 1 or (ranked[0] >= TRUST_MARGIN * ranked[1] and steady)
+    entry = {
+        "rates": {n: round(r, 2) for n, r in rates.items()}, "best": best, "runs": runs,
+        "wins": wins, "trusted": bool(clear or wins >= 2 or runs >= CONFIRM),
+    }  # fmt: skip
+    known = _calibrations(path)  # re-read: another process may have calibrated meanwhile
+    known[k] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(known, indent=1, sort_keys=True))
+    except OSError as e:  # a read-only cache: measured again next time, still correct
+        log.warning("could not keep the engine calibration in %s: %s", path, e)
+    return best, rates, False, entry["trusted"]
+
+
+def _measure(
+    candidates: dict[str, Callable[[], Runner]], x: np.ndarray
+) -> tuple[dict[str, float], bool]:
+    """Each candidate's best batch rate (images/s), timed in turns; whether every timed
+    candidate's batches were steady (best / median within STEADY: one spike of load is
+    harmless, the best batch is kept; most batches slowed is a busy spell)."""
+    runs: dict[str, Runner] = {}
     rates: dict[str, float] = {}
     for name, build in candidates.items():
         try:
             run = build()
             t = time.perf_counter()
             run(x)
-            first = time.perf_counter() - t
-            if rates and len(x) / first < max(rates.values()) / 2:
-                rates[name] = len(x) / first  # under half the best even warm: cannot win
-                continue
-            t = time.perf_counter()
-            for _ in range(2):
-                run(x)
-            rates[name] = 2 * len(x) / (time.perf_counter() - t)
+            rate = len(x) / (time.perf_counter() - t)
         except Exception as e:  # noqa: BLE001 - an engine that cannot run is simply not picked
             log.warning("engine %s left out of the calibration: %s", name, e)
-    if not rates:
-        raise EngineError("no engine could run this backbone")
-    known = _calibrations(path)  # re-read: another process may have calibrated meanwhile
-    known[k] = {n: round(r, 2) for n, r in rates.items()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(known, indent=1, sort_keys=True))
-    except OSError as e:  # a read-only cache: measured again next time, still correct
-        log.warning("could not keep the engine calibration in %s: %s", path, e)
-    return max(rates, key=rates.get), rates, False
+            continue
+        rates[name], runs[name] = rate, run
+    if rates:  # under half the best even warm: it cannot win, its warm-up's rate is kept
+        runs = {n: r for n, r in runs.items() if rates[n] >= max(rates.values()) / 2}
+    seen: dict[str, list[float]] = {n: [] for n in runs}
+    for _ in range(ROUNDS):
+        for name, run in list(runs.items()):
+            try:
+                t = time.perf_counter()
+                run(x)
+                seen[name].append(len(x) / (time.perf_counter() - t))
+            except Exception as e:  # noqa: BLE001
+                log.warning("engine %s left out of the calibration: %s", name, e)
+                del runs[name], rates[name], seen[name]
+    for name, got in seen.items():
+        rates[name] = max(got)
+    steady = all(max(g) <= STEADY * float(np.median(g)) for g in seen.values() if g)
+    return rates, steady
+
+
+def _entry(kept: Any, candidates: dict[str, Any]) -> dict[str, Any] | None:
+    """A kept calibration for these candidates, or None (missing, malformed, or written by an
+    older penult as a plain {engine: rate}: measured again)."""
+    if not isinstance(kept, dict):
+        return None
+    rates = kept.get("rates")
+    if not isinstance(rates, dict) or not rates or not set(rates) <= set(candidates):
+        return None
+    if not all(isinstance(v, int | float) and v > 0 for v in rates.values()):
+        return None
+    best = kept.get("best") if kept.get("best") in rates else max(rates, key=rates.get)
+    runs, wins = kept.get("runs"), kept.get("wins")
+    return {"rates": {n: float(v) for n, v in rates.items()}, "best": best,
+            "runs": runs if isinstance(runs, int) and runs > 0 else 1,
+            "wins": wins if isinstance(wins, int) and wins > 0 else 1,
+            "trusted": kept.get("trusted") is True}  # fmt: skip
 
 
 def _calibrations(path: Path) -> dict[str, Any]:
