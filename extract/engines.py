@@ -418,8 +418,8 @@ def calibrate(
     kept for good).
 
     Each candidate builds its runner and runs one warm-up batch (a candidate whose warm-up is
-    under half the best rate so far is not timed further: put the likely fastest first; one
-    that fails to build or run is left out). Then the others are timed in turns, ROUNDS
+    under half the best warm-up is not timed further; one that fails to build or run is left
+    out). Then the others are timed in turns, ROUNDS
     batches each, and each keeps its best batch: load from elsewhere slows a round, never
     speeds one, and taking turns spreads it over all of them. The answer is kept in
     ``calibration.json`` under ``key`` (threads, batch, network, ...), the CPU model and the
@@ -444,13 +444,13 @@ def calibrate(
     if before is not None:  # measured before, not trusted: each engine's best figure of both
         runs = before["runs"] + 1
         merged = {n: max(r, before["rates"].get(n, 0.0)) for n, r in rates.items()}
-        wins = before["wins"] + 1 if before["best"] == best else 1
+        wins = before["wins"] + 1 if max(before["rates"], key=before["rates"].get) == best else 1
         rates, best = merged, max(merged, key=merged.get)
     ranked = sorted(rates.values(), reverse=True)
     clear = len(ranked) == 1 or (ranked[0] >= TRUST_MARGIN * ranked[1] and steady)
     entry = {
-        "rates": {n: round(r, 2) for n, r in rates.items()}, "best": best, "runs": runs,
-        "wins": wins, "trusted": bool(clear or wins >= 2 or runs >= CONFIRM),
+        "rates": {n: round(r, 2) for n, r in rates.items()}, "runs": runs, "wins": wins,
+        "trusted": bool(clear or wins >= 2 or runs >= CONFIRM),
     }  # fmt: skip
     known = _calibrations(path)  # re-read: another process may have calibrated meanwhile
     known[k] = entry
@@ -508,9 +508,8 @@ def _entry(kept: Any, candidates: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if not all(isinstance(v, int | float) and v > 0 for v in rates.values()):
         return None
-    best = kept.get("best") if kept.get("best") in rates else max(rates, key=rates.get)
     runs, wins = kept.get("runs"), kept.get("wins")
-    return {"rates": {n: float(v) for n, v in rates.items()}, "best": best,
+    return {"rates": {n: float(v) for n, v in rates.items()},
             "runs": runs if isinstance(runs, int) and runs > 0 else 1,
             "wins": wins if isinstance(wins, int) and wins > 0 else 1,
             "trusted": kept.get("trusted") is True}  # fmt: skip

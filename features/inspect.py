@@ -31,7 +31,7 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
     if store.read_only:
         lines.append(f"read-only  this store {store.read_only}")
     pending = store.pending_shards()
-    review = [p for p in pending if p.stem.endswith("-review")]
+    review = [p for p in pending if journal.kind_of(p) == "review"]
     if review:
         lines.append(
             f"journal    {len(review)} review action(s) not yet published: every reader sees "
@@ -129,7 +129,7 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
     if repair and journal.list_shards(p) and not store.read_only:
         with StoreWriter(p):
             pass
-    pending = [s for s in journal.list_shards(p) if not s.stem.endswith("-review")]
+    pending = [s for s in journal.list_shards(p) if journal.kind_of(s) != "review"]
     if pending:  # (review actions journaled by a server are read already: not a problem)
         problems.append(f"{len(pending)} journal shard(s) not merged; run `penult check --repair`")
     for d in journal.list_damaged(p):

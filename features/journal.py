@@ -44,6 +44,16 @@ def shards_in(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.suffix == _SUFFIX and not p.name.startswith("."))
 
 
+def seq_of(shard: Path) -> int:
+    """A shard's commit number, from its name (``000000012-review.npz``: 12)."""
+    return int(shard.name.split("-")[0])
+
+
+def kind_of(shard: Path) -> str:
+    """A shard's kind, from its name (``000000012-review.npz``: ``review``)."""
+    return shard.stem.partition("-")[2]
+
+
 def remove_stale_temporaries(store_path: Path) -> int:
     """Delete half-written shards left by a killed writer; they were never committed."""
     return remove_stale_temporaries_in(journal_dir(store_path))
@@ -99,7 +109,7 @@ def read_shard(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 def adopt(store_path: Path, seq: int, shard: Path) -> Path:
     """Move a committed shard from another folder into the store's journal as number ``seq``."""
-    kind = shard.stem.split("-", 1)[1]
+    kind = kind_of(shard)
     d = journal_dir(store_path)
     d.mkdir(exist_ok=True)
     dest = d / f"{seq:09d}-{kind}{_SUFFIX}"
@@ -128,4 +138,4 @@ def next_seq(store_path: Path) -> int:
 
 def next_seq_in(d: Path) -> int:
     shards = shards_in(d)
-    return int(shards[-1].name.split("-")[0]) + 1 if shards else 1
+    return seq_of(shards[-1]) + 1 if shards else 1

@@ -340,7 +340,7 @@ def commit_key(path: str | os.PathLike[str]) -> tuple:
     listing of the journal folder."""
     st = os.stat(path)
     shards = journal.list_shards(real_path(path))
-    journaled = tuple(p.name for p in shards if p.stem.endswith("-review"))
+    journaled = tuple(p.name for p in shards if journal.kind_of(p) == "review")
     return st.st_ino, st.st_mtime_ns, st.st_size, journaled
 
 

@@ -536,7 +536,7 @@ def publish_journal(path: Path, *, segment_rows: int = SEGMENT_ROWS) -> int:
     collect_garbage(path, state)  # segments of a commit killed before it published
     shards = journal.list_shards(path)
     done = int(state.attrs.get("journal_seq", 0))
-    fresh = [s for s in shards if _seq(s) > done]
+    fresh = [s for s in shards if journal.seq_of(s) > done]
     if not fresh and path.exists():
         for s in shards:  # published before a kill, not yet deleted
             s.unlink(missing_ok=True)
@@ -545,20 +545,16 @@ def publish_journal(path: Path, *, segment_rows: int = SEGMENT_ROWS) -> int:
     damaged = []
     for shard in fresh:
         try:
-            c.seq = _seq(shard)
+            c.seq = journal.seq_of(shard)
             meta, arrays = journal.read_shard(shard)
             c.apply(meta, arrays)
         except (journal.DamagedShardError, Orphan) as e:
             damaged.append(shard)
             log.warning("journal shard %s set aside: %s", shard.name, e)
-    c.finish(max([_seq(s) for s in shards], default=done))
+    c.finish(max([journal.seq_of(s) for s in shards], default=done))
     for shard in shards:
         if shard in damaged:
             journal.set_aside(shard)
         else:
             shard.unlink(missing_ok=True)
     return len(fresh) - len(damaged)
-
-
-def _seq(shard: Path) -> int:
-    return int(shard.name.split("-")[0])

@@ -22,6 +22,7 @@ import numpy as np
 from penult.features import journal
 from penult.features.format2.commit import Commit
 from penult.features.format2.state import State
+from penult.features.format2.state import identity as state_identity
 
 __all__ = ["Overlay", "pending_review", "overlay", "identity"]
 
@@ -77,19 +78,14 @@ def _plain(v: np.ndarray) -> np.ndarray:
 
 
 def identity(path: Path) -> tuple[int, ...]:
-    """What changes when a commit replaces the top-level file."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    """What changes when a commit replaces the top-level file at ``path``."""
+    return state_identity(os.stat(path))
 
 
 def pending_review(path: Path, published: int) -> list[Path]:
     """Review shards in the journal committed after journal sequence ``published``."""
-    out = []
-    for p in journal.list_shards(path):
-        seq, _, kind = p.stem.partition("-")
-        if kind == KIND and seq.isdigit() and int(seq) > published:
-            out.append(p)
-    return out
+    shards = journal.list_shards(path)
+    return [p for p in shards if journal.kind_of(p) == KIND and journal.seq_of(p) > published]
 
 
 _CACHE: dict[tuple[str, tuple[int, ...]], tuple[tuple[str, ...], Overlay, Commit]] = {}
@@ -122,7 +118,7 @@ def overlay(path: Path, s: State, ident: tuple[int, ...], shards: list[Path]) ->
             c.reader = old.reader  # its segments' files stay open: the base state is the same
         try:
             for shard in todo:
-                c.seq = int(shard.name.split("-")[0])
+                c.seq = journal.seq_of(shard)
                 try:
                     meta, arrays = journal.read_shard(shard)
                 except journal.DamagedShardError:
