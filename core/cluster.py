@@ -28,6 +28,7 @@ __all__ = [
     "cores_here",
     "freeze_at_exit",
     "report_progress",
+    "resubmit_lost_jobs",
     "run_tasks",
 ]
 
@@ -241,6 +242,8 @@ def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progre
     client.subscribe_topic(PROGRESS_TOPIC, on_event)
     workers = set(client.scheduler_info()["workers"])
     pending = set(futures)
+    resubmitting: set[str] = set()
+    started: set[str] = set()  # batch jobs seen submitted
     del futures
     try:
         while pending:
@@ -260,9 +263,39 @@ def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progre
                     file=sys.stderr,
                 )
             workers = now
+            gone = set(resubmit_lost_jobs(client, started))
+            for job in sorted(gone - resubmitting):  # said once, while its new job starts
+                tqdm.write(
+                    f"penult: job {job} ended before its work did; a new job is submitted "
+                    "in its place",
+                    file=sys.stderr,
+                )
+            resubmitting = gone
     finally:
         client.unsubscribe_topic(PROGRESS_TOPIC)
         bar.close()
+
+
+def resubmit_lost_jobs(client, started: set[str]) -> list[str]:
+    """Submit a new job for each batch-system job (dask-jobqueue: SLURM) that ended, and name
+    them; ``started`` holds the jobs seen submitted so far (updated here). A job ends under
+    ``scancel``, its walltime or a node failure, and dask-jobqueue does not replace it: it only
+    forgets a lost worker's job after ``distributed.deploy.lost-worker-timeout`` (so a worker
+    that reconnects keeps its job). Scaling back to the jobs asked for then submits the missing
+    ones (SpecCluster's own state correction). A ``LocalCluster``'s nanny restarts its workers
+    itself."""
+    cluster = getattr(client, "cluster", None)
+    if cluster is None or not hasattr(cluster, "job_script"):  # not a jobqueue cluster
+        return []
+    names, submitted = (
+        [str(n) for n in dict(cluster.worker_spec)],
+        {str(n) for n in cluster.workers},
+    )
+    started |= submitted
+    lost = sorted(n for n in names if n in started and n not in submitted)
+    if lost:
+        cluster.scale(jobs=len(names))  # the same number of jobs: only the missing start
+    return lost
 
 
 PROGRESS_TOPIC = "penult-progress"
