@@ -22,6 +22,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "EVAL_SPLITS",
+    "StoredStrings",
     "StreamingData",
     "ensure_split",
     "eval_mask",
@@ -106,8 +107,8 @@ def load_dataset(
     X = s.store.fused_embeddings(s.backbones, s.rows)
     return Dataset(
         X=X,
-        paths=s.paths,
-        sha256=s.sha256,
+        paths=list(s.paths),
+        sha256=list(s.sha256),
         labels=s.labels,
         backbones=s.backbones,
         fingerprints=s.fingerprints,
@@ -116,17 +117,58 @@ def load_dataset(
     )
 
 
+class StoredStrings(Sequence[str]):
+    """The paths (or content hashes) of a data set's images, read from the store when asked,
+    ``BLOCK`` rows at a time: a training set of ten million images never holds them all as
+    Python strings (about 100 bytes each). ``take`` reads many at once."""
+
+    BLOCK = 65536
+
+    def __init__(self, store: FeatureStore, rows: np.ndarray, what: str):
+        self.store, self.rows, self.what = store, rows, what
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        return self.take(np.asarray([i]))[0]
+
+    def __iter__(self) -> Iterator[str]:
+        for s in range(0, len(self), self.BLOCK):
+            yield from self.take(np.arange(s, min(len(self), s + self.BLOCK)))
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> list[str]:
+        """The strings at data-set positions ``idx``, in that order."""
+        idx = np.asarray(idx, np.int64)
+        out: list[str] = [""] * len(idx)
+        for s in range(0, len(idx), self.BLOCK):
+            part = idx[s : s + self.BLOCK]
+            uniq, inv = np.unique(self.rows[part], return_inverse=True)
+            got = self._read(uniq)
+            for j, k in enumerate(inv.tolist()):
+                out[s + j] = got[k]
+        return out
+
+    def _read(self, rows: np.ndarray) -> list[str]:
+        if self.what == "path":
+            return self.store.paths(rows)
+        return [bytes(h).hex() if h.any() else "" for h in self.store.hashes(rows)]
+
+
 @dataclass
 class StreamingData:
-    """A :class:`Dataset` without its feature matrix: features are read a block at a time.
+    """A :class:`Dataset` without its feature matrix: features are read a block at a time,
+    paths and hashes when asked (:class:`StoredStrings`), labels from their codes.
 
     ``rows[k]`` is the table row of each image in backbone ``k``'s embeddings (aligned).
     """
 
     store: FeatureStore
     rows: list[np.ndarray]
-    paths: list[str]
-    sha256: list[str]
+    paths: StoredStrings
+    sha256: StoredStrings
     labels: dict[str, np.ndarray]
     backbones: tuple[str, ...]
     fingerprints: dict[str, dict[str, Any]]
@@ -134,7 +176,7 @@ class StreamingData:
     notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.rows[0])
 
     @property
     def dim(self) -> int:
@@ -175,13 +217,13 @@ def stream_dataset(
         raise DataError(f"label status {status!r} is not one of {', '.join(STATUS_CHOICES)}")
     store = FeatureStore(store_path)
     entries = {b: store.backbone(b) for b in backbones}
-    table = store.images()
-    if label not in table.labels:
-        have = ", ".join(sorted(table.labels)) or "none"
+    if label not in (columns := store.label_columns()):
+        have = ", ".join(sorted(columns)) or "none"
         raise DataError(f"{store_path}: no label column {label!r} (it has: {have})")
     rows, dropped = fused_rows(store, list(backbones))
-    y = np.asarray(table.labels[label], dtype=str)[rows[0]]
-    labelled = y != ""
+    coded = store.labels()  # codes (4 bytes a row per column), never the strings of every row
+    codes, names = coded[label]
+    labelled = (np.asarray(names, dtype=object) != "")[codes[rows[0]]]
     notes = (
         [f"{dropped} images lack features from some backbone and are left out"] if dropped else []
     )
@@ -201,9 +243,9 @@ def stream_dataset(
     return StreamingData(
         store=store,
         rows=rows,
-        paths=[table.path[r] for r in r0],
-        sha256=[table.sha256[r] for r in r0],
-        labels={k: np.asarray(v, dtype=str)[r0] for k, v in table.labels.items()},
+        paths=StoredStrings(store, r0, "path"),
+        sha256=StoredStrings(store, r0, "sha256"),
+        labels={k: np.asarray(n, dtype=str)[c[r0]] for k, (c, n) in coded.items()},
         backbones=tuple(backbones),
         fingerprints={b: e.fingerprint for b, e in entries.items()},
         dropped=dropped,

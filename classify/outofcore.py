@@ -178,10 +178,15 @@ def _fit_lr(
         random_state=opts.seed,
     )
     rng = np.random.default_rng(opts.seed)
+    # the buffer goes to the head in slices whose labels' one-hot encoding (float64, n x
+    # classes, made by partial_fit) fits --memory-mb: for 100 classes a whole buffer's was 3x it
+    step = max(_BATCH, int(so.memory_mb * 2**20 / (8 * len(classes))) // _BATCH * _BATCH)
     for _ in range(so.epochs):
         for X, yb in shuffle_buffers(data, idx, y, block, rng):
-            sw = None if weight is None else np.array([weight[v] for v in yb])
-            clf.partial_fit(scaler.transform(X), yb, sample_weight=sw, classes=classes)
+            for s in range(0, len(X), step):  # the buffer is shuffled: slices keep its mix
+                xs, ys = scaler.transform(X[s : s + step]), yb[s : s + step]
+                sw = None if weight is None else np.array([weight[v] for v in ys])
+                clf.partial_fit(xs, ys, sample_weight=sw, classes=classes)
     return Pipeline([("scale", scaler), ("clf", clf)])
 
 
@@ -323,5 +328,5 @@ def train_out_of_core(
         "subsample": stream.subsample,
     }
     r = TrainResult(model, metrics, fit_seconds, len(tr), len(pos), ev_name, None, notes)
-    r.truth, r.paths = y[pos], [data.paths[i] for i in pos]
+    r.truth, r.paths = y[pos], data.paths.take(pos)
     return r

@@ -41,7 +41,9 @@ def ensure_split(
         new = make_split(np.asarray(y)[missing], test_size=test_size, seed=seed)
         split[missing] = new
         with StoreWriter(store_path) as w:
-            w.set_labels(column, [paths[i] for i in missing], [str(s) for s in new])
+            take = getattr(paths, "take", None)  # paths read from a store, many at once
+            chosen = take(missing) if take else [paths[i] for i in missing]
+            w.set_labels(column, chosen, [str(s) for s in new])
         note = (
             f"made a seeded ({seed}) stratified split for {len(missing)} images "
             f"({int(np.sum(new == TEST))} test) and stored it as label column {column!r}"

@@ -31,7 +31,10 @@ def store(cub_store, tmp_path_factory) -> Path:
 
 def test_blocks_visit_every_row_once_in_any_order(store):
     s, d = stream_dataset(store, [B]), load_dataset(store, [B])
-    assert s.paths == d.paths and s.dim == d.X.shape[1]
+    assert list(s.paths) == d.paths and s.dim == d.X.shape[1]  # read from the store when asked
+    assert list(s.sha256) == d.sha256 and s.sha256.take([5, 2, 5]) == [
+        d.sha256[i] for i in (5, 2, 5)
+    ]
     rng = np.random.default_rng(0)
     idx = rng.choice(len(s), 500, replace=False)
     seen = []
