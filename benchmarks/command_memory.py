@@ -40,11 +40,12 @@ FP = {"architecture": "bench:synthetic", "weights_sha256": "0" * 64, "preprocess
 
 
 def _rows(start: int, n: int) -> tuple[list[str], list[str]]:
-    ids = range(start, start + n)
-    return (
-        [f"2026/{i // 100_000:03d}/IFCB_{i:09d}.png" for i in ids],
-        [f"{i + 1:064x}" for i in ids],
-    )
+    """Paths like an imager's, and real SHA-256 digests (of the path): synthetic ones with
+    leading zeros would all share their first 8 bytes, which no real files do."""
+    import hashlib
+
+    paths = [f"2026/{i // 100_000:03d}/IFCB_{i:09d}.png" for i in range(start, start + n)]
+    return paths, [hashlib.sha256(p.encode()).hexdigest() for p in paths]
 
 
 def build(path: Path, n: int) -> Path:

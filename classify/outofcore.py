@@ -222,9 +222,13 @@ def _read(data: StreamingData, idx: np.ndarray, memory_mb: int) -> tuple[np.ndar
 def _predict(
     model: Model, data: StreamingData, idx: np.ndarray, memory_mb: int
 ) -> tuple[np.ndarray, Predictions]:
-    """Positions (storage order) and the model's predictions for them, a block at a time."""
+    """Positions (storage order) and the model's predictions for them, a block at a time: a
+    block's features and its per-class scores (probabilities, the open-set score's distances:
+    about 32 bytes a class) within ``memory_mb``."""
+    per_row = 4 * data.dim + 32 * len(model.classes)
+    block = max(256, int(memory_mb * 2**20 / per_row))
     pos, parts = [], []
-    for p, X in data.blocks(idx, block_rows=_block_rows(data, memory_mb, 1)):
+    for p, X in data.blocks(idx, block_rows=block):
         pos.append(p)
         parts.append(model.predict(X))
 

@@ -34,10 +34,11 @@ def ensure_split(
     (new images) are split among themselves. Returns the split and a note when one was made."""
     from penult.features import StoreWriter  # above the store: the rest of core is not
 
-    split = (np.full(len(paths), "", dtype=object) if split is None else split).astype(object)
+    split = np.full(len(paths), "", dtype=object) if split is None else np.asarray(split)
     missing = np.flatnonzero(split == "")
     note = None
     if len(missing):
+        split = split.astype(object)  # (an array of strings per row only when some are made)
         new = make_split(np.asarray(y)[missing], test_size=test_size, seed=seed)
         split[missing] = new
         with StoreWriter(store_path) as w:
@@ -49,4 +50,4 @@ def ensure_split(
             f"({int(np.sum(new == TEST))} test) and stored it as label column {column!r}"
         )
         log.info(note)
-    return split.astype(str), note
+    return (split if split.dtype.kind == "U" else split.astype(str)), note

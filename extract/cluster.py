@@ -103,6 +103,8 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
     backbone, embedder, name, fingerprint = _MODELS[key]
     listing = Listing(root=part.root, paths=part.paths)
     s = ExtractSummary(store, name)
+    if _published(store, name, part):  # a stale attempt (its job cancelled, the task run
+        return TaskResult()  # again elsewhere and published): no part made again
     with PartWriter(store, part.name) as w:
         w.register_backbone(name, fingerprint, dtype=o.dtype)
         todo = w.not_done(name, part.paths, part.sha256, list(range(len(part.paths))))
@@ -120,6 +122,27 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
                 on_batch=report_progress,
             )
     return TaskResult(s.extracted, s.failed)
+
+
+def _published(store: str, backbone: str, part: Partition) -> bool:
+    """Whether the store already holds every image of ``part`` with this content and an
+    embedding of ``backbone`` (a cancelled SLURM job's worker can still be finishing a task
+    that was run again elsewhere and published meanwhile)."""
+    import numpy as np
+    from penult.features import FeatureStore, sha_raw
+
+    if not os.path.exists(store):
+        return False
+    fs = FeatureStore(store)
+    if backbone not in fs.backbone_names():
+        return False
+    rows = fs.find(part.paths)
+    if (rows < 0).any():
+        return False
+    order = np.argsort(rows)
+    got = fs.hashes(rows[order])
+    same = (got == sha_raw([part.sha256[i] for i in order])).all()
+    return bool(same and fs.valid(backbone)[rows].all())
 
 
 def run_on_cluster(client, w, listing, sha: list[str], todo: list[int], opts, s) -> None:

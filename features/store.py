@@ -194,17 +194,13 @@ class FeatureStore:
         """Status, who, when and source of each image's label ``column`` (all rows, or sorted
         unique ``rows``). Labels never reviewed read as validated by their file."""
         self._column(column)
-        r = (
-            None
-            if rows is None
-            else np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, np.int64)
-        )
+        r = None if rows is None else np.asarray(_listed(rows), np.int64)
         return self._b.provenance(column, r)
 
     def statuses(self, column: str = "label", rows: Iterable[int] | None = None) -> np.ndarray:
         """(N,) int8 status codes of ``column``'s labels (as :meth:`provenance`'s, read alone)."""
         self._column(column)
-        r = None if rows is None else np.asarray(list(rows), np.int64)
+        r = None if rows is None else np.asarray(_listed(rows), np.int64)
         return self._b.statuses(column, r)
 
     def predictions(self, column: str = "label", rows: Iterable[int] | None = None) -> Predicted:
@@ -712,3 +708,8 @@ class StoreWriter(Writes):
         self.store = FeatureStore(self.path)
         done = int(self.store.attrs.get("journal_seq", 0))
         self._seq = max(journal.next_seq(self.path), done + 1)
+
+
+def _listed(rows: Iterable[int]) -> np.ndarray | list[int]:
+    """``rows`` as an array, without a Python list of ten million ints when it is one."""
+    return rows if isinstance(rows, np.ndarray) else list(rows)

@@ -208,8 +208,13 @@ class HashIndex:
         self.order = np.argsort(k, kind="stable")
         self.sorted = k[self.order]
 
-    def find(self, queries: np.ndarray) -> np.ndarray:
-        """The row of each (n, 32) query digest, -1 where none has it."""
+    def find(self, queries: np.ndarray, block: int = 65536) -> np.ndarray:
+        """The row of each (n, 32) query digest, -1 where none has it (``block`` queries at a
+        time: the candidates' digests compared at once cost 64 bytes a query)."""
+        if len(queries) > block:
+            return np.concatenate(
+                [self.find(queries[s : s + block]) for s in range(0, len(queries), block)]
+            )
         out = np.full(len(queries), -1, np.int64)
         if not len(self.rows) or not len(queries):
             return out
@@ -220,8 +225,11 @@ class HashIndex:
         same_prefix = self.sorted[pos] == q
         exact = same_prefix & (digests[rows[cand]] == queries).all(axis=1)
         out[exact] = rows[cand[exact]]
-        for i in np.flatnonzero(same_prefix & ~exact).tolist():  # another digest, same prefix
-            hit = np.flatnonzero((digests[rows] == queries[i]).all(axis=1))
+        for i in np.flatnonzero(same_prefix & ~exact).tolist():  # another digest, same prefix:
+            lo = int(np.searchsorted(self.sorted, q[i], "left"))
+            hi = int(np.searchsorted(self.sorted, q[i], "right"))
+            run = np.sort(self.order[lo:hi])  # every row with that prefix, in ``rows``' order
+            hit = run[(digests[rows[run]] == queries[i]).all(axis=1)]
             out[i] = rows[hit[0]] if len(hit) else -1
         return out
 

@@ -337,3 +337,29 @@ def test_slurm_spec_submits_jobs_from_the_jobqueue_config(tmp_path: Path, monkey
     assert text.count("sbatch ") == 2
     for line in ("#SBATCH -p gpu", "#SBATCH --gres=gpu:1", "#SBATCH -t 01:00:00", "--nthreads 8"):
         assert line in text, line
+
+
+def test_a_stale_attempt_finds_its_partition_published_and_makes_no_part(
+    cub_store: Path, data_dir: Path
+):
+    """A cancelled SLURM job's worker can still be finishing a task that Dask ran again
+    elsewhere and the driver published: it sees every image stored with the same content and
+    an embedding, and makes no part again. Any image missing, changed or not embedded, and it
+    embeds the partition as usual."""
+    import hashlib
+
+    from penult.extract.cluster import Partition, _published
+
+    fs = FeatureStore(cub_store)
+    root = data_dir / "cub100"
+    paths = fs.paths(np.arange(0, 60, 7))
+    sha = [hashlib.sha256((root / p).read_bytes()).hexdigest() for p in paths]
+    name = fs.backbone_names()[0]
+    assert _published(str(cub_store), name, Partition("t", str(root), paths, sha))
+    assert _published(str(cub_store), name, Partition("t", str(root), paths[::-1], sha[::-1]))
+    changed = sha[:-1] + [hashlib.sha256(b"other bytes").hexdigest()]
+    assert not _published(str(cub_store), name, Partition("t", str(root), paths, changed))
+    new = Partition("t", str(root), [*paths, "new.jpg"], [*sha, sha[0]])
+    assert not _published(str(cub_store), name, new)
+    assert not _published(str(cub_store), "resnet50", Partition("t", str(root), paths, sha))
+    assert not _published(str(cub_store) + ".none", name, Partition("t", str(root), paths, sha))

@@ -78,6 +78,21 @@ def test_match_hashes_confirms_all_bytes_when_prefixes_collide():
     assert match_hashes(keys, np.arange(4), queries).tolist() == [1, 3, -1]
     assert match_hashes(keys, np.array([3, 2, 1, 0]), queries).tolist() == [2, 3, -1]
     assert match_hashes(keys, np.arange(0), queries).tolist() == [-1, -1, -1]
+    # many keys sharing a prefix, a duplicate, queries a block at a time: the first of ``rows``
+    # holding each digest, as a brute-force search finds it
+    from penult.features.types import HashIndex
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 256, (3000, 32), dtype=np.uint8)
+    keys[:2000, :8] = 0
+    keys[100] = keys[1500]
+    rows = rng.permutation(3000)
+    queries = np.concatenate(
+        [keys[rng.choice(3000, 60)], keys[[100]], rng.integers(0, 256, (5, 32), dtype=np.uint8)]
+    )
+    queries[-1, :8] = 0  # an unknown digest with the shared prefix
+    want = [next((r for r in rows.tolist() if (keys[r] == q).all()), -1) for q in queries]
+    assert HashIndex(keys, rows).find(queries, block=7).tolist() == want
 
 
 def test_plan_on_an_empty_store_runs_everything():
