@@ -16,7 +16,7 @@ from penult.classify.options import STATUS_CHOICES
 from penult.core.errors import PenultError
 from penult.core.labels import TEST, VAL
 from penult.core.split import ensure_split as _stored_split
-from penult.features import VALIDATED, FeatureStore
+from penult.features import VALIDATED, FeatureStore, sha_hex
 
 __all__ = [
     "DataError",
@@ -154,7 +154,7 @@ class StoredStrings(Sequence[str]):
     def _read(self, rows: np.ndarray) -> list[str]:
         if self.what == "path":
             return self.store.paths(rows)
-        return [bytes(h).hex() if h.any() else "" for h in self.store.hashes(rows)]
+        return sha_hex(self.store.hashes(rows))
 
 
 @dataclass

@@ -139,10 +139,9 @@ def _published(store: str, backbone: str, part: Partition) -> bool:
     rows = fs.find(part.paths)
     if (rows < 0).any():
         return False
-    order = np.argsort(rows)
-    got = fs.hashes(rows[order])
-    same = (got == sha_raw([part.sha256[i] for i in order])).all()
-    return bool(same and fs.valid(backbone)[rows].all())
+    order = np.argsort(rows)  # read in row order, the partition's rows alone
+    same = (fs.hashes(rows[order]) == sha_raw([part.sha256[i] for i in order])).all()
+    return bool(same and fs.valid(backbone, rows[order]).all())
 
 
 def run_on_cluster(client, w, listing, sha: list[str], todo: list[int], opts, s) -> None:

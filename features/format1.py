@@ -222,9 +222,10 @@ class Format1:
             created_at=str(g.attrs.get("created_at", "")),
         )
 
-    def valid(self, name: str) -> np.ndarray:
+    def valid(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
         with self._open() as f:
-            return np.asarray(f["backbones"][name]["valid"][()], dtype=bool)
+            v = np.asarray(f["backbones"][name]["valid"][()], dtype=bool)
+        return v if rows is None else v[rows]
 
     def embeddings(self, name: str, rows: np.ndarray | None) -> np.ndarray:
         """Embeddings at sorted unique ``rows`` (all rows when None), float32."""

@@ -240,8 +240,11 @@ class FeatureStore:
             )
         return name
 
-    def valid(self, name: str) -> np.ndarray:
-        return self._b.valid(self._known(name))
+    def valid(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Whether each row (all N, or sorted unique ``rows`` alone) holds an embedding."""
+        return self._b.valid(
+            self._known(name), None if rows is None else np.asarray(rows, np.int64)
+        )
 
     def embeddings(self, name: str, rows: Iterable[int] | None = None) -> np.ndarray:
         """(len(rows), D) float32 embeddings; all N rows (NaN where not valid) when rows is None."""

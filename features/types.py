@@ -226,7 +226,7 @@ class HashIndex:
         exact = same_prefix & (digests[rows[cand]] == queries).all(axis=1)
         out[exact] = rows[cand[exact]]
         for i in np.flatnonzero(same_prefix & ~exact).tolist():  # another digest, same prefix:
-            lo = int(np.searchsorted(self.sorted, q[i], "left"))
+            lo = int(pos[i])  # the run's first (pos is searchsorted's left end)
             hi = int(np.searchsorted(self.sorted, q[i], "right"))
             run = np.sort(self.order[lo:hi])  # every row with that prefix, in ``rows``' order
             hit = run[(digests[rows[run]] == queries[i]).all(axis=1)]

@@ -300,8 +300,8 @@ class Format2:
             created_at=str(meta.get("created_at", "")),
         )
 
-    def valid(self, name: str) -> np.ndarray:
-        return self._column(backbone_family(name), "valid")
+    def valid(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        return self._column(backbone_family(name), "valid", rows)
 
     def embeddings(self, name: str, rows: np.ndarray | None) -> np.ndarray:
         fam = backbone_family(name)
