@@ -844,13 +844,16 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from penult.features import merge
+    from penult.features import Publishing, merge
 
     rejected: list[str] = []
-    parts, shards = merge(args.store, rejected)
+    report = Publishing()
+    parts, shards = merge(args.store, rejected, report)
     for r in rejected:
         print(f"REJECTED: {r}")
     print(f"{args.store}: merged {parts} part(s) ({shards} journal shards)")
+    for line in report.lines():
+        print(f"  {line}")
     return 1 if rejected else 0
 
 

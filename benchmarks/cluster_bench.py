@@ -14,8 +14,11 @@ the page cache warm), EfficientNet-Lite0 with its offline weights, fp32:
   --partition-size; the extra time over the extra partitions is what each partition costs
   (task round trip, part opened and committed, loader started);
 - scheduling alone: 200 empty tasks through the same client (round trip per task);
-- merge rate: --merge-parts parts of synthetic float32 embeddings (1280-d) published by
-  `penult merge`; GB/s of embeddings;
+- publish rate: --merge-parts parts of synthetic float32 embeddings (1280-d) published by
+  `penult merge` twice, on copies of the same parts: replayed (the shards written again as
+  segments) and linked (sealed first, as workers do, then their segments hard-linked); rows/s
+  and GB/s of embeddings (`--merge-only` runs this alone; `--growth PARTS` measures how a
+  linked part's commit grows with the pieces already in the store);
 - per file, on one core: stat, SHA-256 (what the driver does before planning) and decode +
   preprocessing (what a worker's loader does), on cub100 and ndsb_plankton.
 """
@@ -90,34 +93,126 @@ def scheduling(spec: str, tasks: int = 200) -> float:
         close(client)
 
 
-def merge_rate(parts: int, rows: int, dim: int = 1280) -> dict[str, float]:
-    from penult.features import StoreWriter, merge
-    from penult.features.parts import PartWriter
+def merge_rate(
+    parts: int, rows: int, dim: int = 1280, *, stored: bool = False
+) -> dict[str, object]:
+    """Publishing the same parts two ways, each into a fresh copy of one store: replayed
+    (today's merge: every shard read and its rows written again as segments) and linked (the
+    parts sealed first, on the workers, then their segments hard-linked into the store). The
+    sealing is timed apart: it runs on the workers, in parallel, not on the single writer.
+    ``stored``: parts as cluster workers write them (embeddings of images the driver stored
+    before the tasks ran), else as ``extract --shard`` jobs do (their own new images too)."""
+    import shutil
 
-    store = OUT / "m.h5"
-    remove_store(store)
-    with StoreWriter(store):
-        pass
+    from penult.features import Publishing, StoreWriter, merge
+    from penult.features.format2.sealed import seal
+    from penult.features.parts import PartWriter, list_parts
+
+    base = OUT / "merge"
+    shutil.rmtree(base, ignore_errors=True)
+    (base / "replay").mkdir(parents=True)
+    store = base / "replay" / "m.h5"
+    per = rows // parts
+    with StoreWriter(store) as w:
+        for k in range(parts if stored else 0):  # the driver stores the images first
+            paths = [f"p{k}/{i:07d}.png" for i in range(per)]
+            sha = [f"{k:08x}{i:056x}" for i in range(per)]
+            w.upsert_images(paths, ["/data"] * per, sha, np.ones(per), np.ones(per), {})
     fp = {"architecture": "bench", "weights_sha256": "0" * 64, "preprocessing": {}, "layer": "x",
           "dim": dim, "precision": "fp32"}  # fmt: skip
     rng = np.random.default_rng(0)
-    per = rows // parts
     for k in range(parts):
         paths = [f"p{k}/{i:07d}.png" for i in range(per)]
         sha = [f"{k:08x}{i:056x}" for i in range(per)]
-        with PartWriter(store, f"bench-{k}") as w:
-            w.upsert_images(paths, ["/data"] * per, sha, np.ones(per), np.ones(per), {})
+        with PartWriter(store, f"bench-{k}", sealing=False) as w:
+            if not stored:
+                w.upsert_images(paths, ["/data"] * per, sha, np.ones(per), np.ones(per), {})
             w.register_backbone("net", fp)
             for s in range(0, per, 8192):
                 x = rng.standard_normal((len(paths[s : s + 8192]), dim), dtype=np.float32)
                 w.append("net", paths[s : s + 8192], sha[s : s + 8192], x)
-    os.sync()
+    shutil.copytree(base / "replay", base / "link")
+    linked = base / "link" / "m.h5"
     t = time.perf_counter()
-    merge(store)
-    seconds = time.perf_counter() - t
+    for part in list_parts(linked):
+        assert seal(linked, part)
+    sealing = time.perf_counter() - t
     gb = parts * per * dim * 4 / 1e9
-    return {"rows": parts * per, "gb": round(gb, 3), "seconds": round(seconds, 2),
-            "gb_per_s": round(gb / seconds, 3)}  # fmt: skip
+    out: dict[str, object] = {"parts_of": "stored rows (cluster workers)" if stored else
+                              "new rows (--shard jobs)", "rows": parts * per, "parts": parts,
+                              "dim": dim, "gb": round(gb, 3)}  # fmt: skip
+    for way, path in (("replay", store), ("link", linked)):
+        os.sync()
+        report = Publishing()
+        t = time.perf_counter()
+        merge(path, report=report)
+        seconds = time.perf_counter() - t
+        out[way] = {"seconds": round(seconds, 2), "rows_per_s": round(parts * per / seconds),
+                    "gb_per_s": round(gb / seconds, 3), "how": report.lines()}  # fmt: skip
+        print(f"  {out['parts_of']}: publish by {way}: {seconds:.2f} s, {parts * per / seconds:,.0f} rows/s, "
+              f"{gb / seconds:.3f} GB/s ({'; '.join(report.lines())})", flush=True)  # fmt: skip
+    out["link_over_replay"] = round(out["link"]["rows_per_s"] / out["replay"]["rows_per_s"], 1)
+    out["seal_seconds"] = round(sealing, 2)
+    out["seal_rows_per_s"] = round(parts * per / sealing)
+    print(f"  sealing (on the workers): {sealing:.2f} s, {parts * per / sealing:,.0f} rows/s; "
+          f"link / replay {out['link_over_replay']}x", flush=True)  # fmt: skip
+    shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+def publish_growth(parts: int, rows: int, dim: int = 16) -> dict[str, object]:
+    """What a linked part costs as the store fills with pieces: ``parts`` sealed parts of
+    ``rows`` rows each (a 50-class label, 16-d embeddings), published one commit each, then
+    the same number again in commits of 25 parts."""
+    import shutil
+
+    from penult.features import Publishing, StoreWriter
+    from penult.features.parts import PartWriter, adopt_parts, list_parts
+
+    base = OUT / "growth"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    store = base / "g.h5"
+    fp = {"architecture": "bench", "weights_sha256": "0" * 64, "preprocessing": {}, "layer": "x",
+          "dim": dim, "precision": "fp32"}  # fmt: skip
+    with StoreWriter(store):
+        pass
+    rng = np.random.default_rng(0)
+
+    def write(first: int) -> None:
+        for k in range(first, first + parts):
+            paths = [f"p{k}/{i:07d}.png" for i in range(rows)]
+            sha = [f"{k:08x}{i:056x}" for i in range(rows)]
+            with PartWriter(store, f"b{k:05d}") as w:
+                labels = {"label": [f"c{i % 50}" for i in range(rows)]}
+                w.upsert_images(paths, ["/data"] * rows, sha, np.ones(rows), np.ones(rows), labels)
+                w.register_backbone("net", fp)
+                w.append("net", paths, sha, rng.standard_normal((rows, dim), dtype=np.float32))
+
+    out: dict[str, object] = {"parts": parts, "rows_per_part": rows}
+    write(0)
+    one = []
+    with StoreWriter(store) as w:
+        for part in list_parts(store):
+            t = time.perf_counter()
+            adopt_parts(w, {part.name}, report=Publishing())
+            one.append(time.perf_counter() - t)
+    write(parts)
+    batched, names = [], [p.name for p in list_parts(store)]
+    with StoreWriter(store) as w:
+        for i in range(0, len(names), 25):
+            t = time.perf_counter()
+            adopt_parts(w, set(names[i : i + 25]), report=Publishing())
+            batched.append(time.perf_counter() - t)
+    out["one_per_commit_ms"] = {"first": round(one[0] * 1e3), "last": round(one[-1] * 1e3),
+                                "ms_per_part_stored": round((one[-1] - one[0]) / (parts - 1) * 1e3, 2)}  # fmt: skip
+    out["25_per_commit_s"] = [round(b, 2) for b in batched]
+    out["rows_per_s_25_per_commit_last"] = round(25 * rows / batched[-1])
+    print(f"  one part a commit: {one[0] * 1e3:.0f} ms first, {one[-1] * 1e3:.0f} ms the "
+          f"{parts}th; 25 a commit after that: {batched[-1]:.2f} s the last "
+          f"({out['rows_per_s_25_per_commit_last']:,} rows/s)", flush=True)  # fmt: skip
+    shutil.rmtree(base, ignore_errors=True)
+    return out
 
 
 def input_rates(n: int = 1500) -> dict[str, dict[str, float]]:
@@ -162,10 +257,30 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--merge-parts", type=int, default=8)
     ap.add_argument("--merge-rows", type=int, default=100_000)
+    ap.add_argument(
+        "--merge-only", action="store_true", help="only the publish rates (replay against link)"
+    )
+    ap.add_argument(
+        "--growth",
+        type=int,
+        default=0,
+        metavar="PARTS",
+        help="only what a linked part costs as the store fills: PARTS parts of 20,000 rows "
+        "published one a commit, then PARTS more 25 a commit",
+    )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     result: dict[str, object] = {"cpu": cpu(), "images": args.images, "cluster": args.cluster}
     print(json.dumps(result["cpu"]))
+    if args.growth:
+        result = {"cpu": result["cpu"], "growth": publish_growth(args.growth, 20_000)}
+        print(json.dumps(result, indent=1))
+        return
+    if args.merge_only:
+        result = {"cpu": result["cpu"], "merge": merge_rate(args.merge_parts, args.merge_rows),
+                  "merge_stored": merge_rate(args.merge_parts, args.merge_rows, stored=True)}  # fmt: skip
+        print(json.dumps(result, indent=1))
+        return
     lst = listing(args.images)
     single, clustered = [], []
     for r in range(args.repeats):
@@ -194,6 +309,7 @@ def main() -> None:
     )
     result["schedule_round_trip_ms"] = round(1000 * scheduling(args.cluster), 2)
     result["merge"] = merge_rate(args.merge_parts, args.merge_rows)
+    result["merge_stored"] = merge_rate(args.merge_parts, args.merge_rows, stored=True)
     result["input_rates_one_core"] = input_rates()
     print(json.dumps(result, indent=1))
     (OUT / "result.json").write_text(json.dumps(result, indent=1))

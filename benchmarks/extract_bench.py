@@ -201,6 +201,12 @@ def main() -> None:
         "ATEN_CPU_CAPABILITY=avx2) and penult told there is no native bf16. A proxy, not an "
         "AVX2 machine: the cores, caches and clock are still this CPU's",
     )
+    ap.add_argument(
+        "--ratio-only",
+        action="store_true",
+        help="only `extract --engine auto` end to end against the loader and auto's engine "
+        "alone (no textbook loop, no other engine, no predict): the ratio on a longer run",
+    )
     args = ap.parse_args()
     if args.as_avx2:
         as_avx2()
@@ -221,11 +227,14 @@ def main() -> None:
     rows = []
     for name in args.backbones:
         weights = "pretrained" if name == "efficientnet_lite0" else "random"
-        base = textbook(files, name, weights)
-        mo = {e: model_only(name, weights, e) for e in engines}
+        base = textbook(files, name, weights) if not args.ratio_only else float("nan")
+        mo = {e: model_only(name, weights, e) for e in engines if not args.ratio_only}
         with tempfile.TemporaryDirectory() as d:
             once, s, store = penult(listing, name, weights, Path(d))
-            pr = predict_rate(store, s.backbone, files, Path(d)) if not args.no_predict else 0.0
+            skip = args.no_predict or args.ratio_only
+            pr = predict_rate(store, s.backbone, files, Path(d)) if not skip else 0.0
+        if args.ratio_only:  # auto's engine stands for the fastest
+            mo = {s.engine: model_only(name, weights, s.engine)}
         fastest = max(mo, key=lambda e: mo[e][0])
         best = best_of(listing, name, weights, fastest, args.repeat) if args.repeat else None
         top, net_ms, loader_ms = ceiling(files, name, weights, fastest)
@@ -244,6 +253,8 @@ def main() -> None:
               + ", ".join(f"{e} {r:.1f} ({tag})" for e, (r, tag) in mo.items())
               + f"; extract --engine auto {s.images_per_s:.1f} (steady {s.steady_images_per_s:.1f}, "
               f"{s.engine}; {s.engine_note}); once {once:.1f} s; predict {pr:.1f} img/s", flush=True)  # fmt: skip
+    if args.ratio_only:
+        return
     cols = " | ".join(f"model only: {e}" for e in engines)
     print(f"\n| backbone | textbook loop (fp32, NCHW) | {cols} | `extract --engine auto` end to end "
           "(engine) | / fastest model-only | best of repeats | / textbook | steady | `predict` "

@@ -33,6 +33,7 @@ class ExtractSummary:
     engine: str = ""
     engine_note: str = ""  # what --engine auto measured
     cache_notes: list[str] = field(default_factory=list)  # engine cache entries found bad, remade
+    publishing: list[str] = field(default_factory=list)  # how a cluster run's parts were published
     relabelled: dict[str, int] = field(default_factory=dict)  # stored images given a new value
 
     @property
@@ -81,6 +82,7 @@ class ExtractSummary:
         if self.engine_note:
             lines.append(f"  engine {self.engine} ({self.engine_note}); pin it with --engine")
         lines += [f"  engine cache: {n}" for n in self.cache_notes]
+        lines += [f"  parts: {n}" for n in self.publishing]
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} non-image files, e.g. {self.ignored[0]}")
         for p, why in self.failed[:max_failed]:

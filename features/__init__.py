@@ -3,7 +3,7 @@
 from penult.core.errors import FingerprintMismatchError, StoreError, StoreLockedError
 from penult.features import review
 from penult.features.inspect import check, describe
-from penult.features.parts import PartWriter, merge
+from penult.features.parts import PartWriter, Publishing, merge
 from penult.features.scorefile import read_scores, write_scores
 from penult.features.store import FeatureStore, StoreWriter, commit_key, current_user, publish
 from penult.features.types import (
@@ -58,6 +58,7 @@ __all__ = [
     "describe",
     "match_hashes",
     "merge",
+    "Publishing",
     "publish",
     "review",
     "sha_hex",

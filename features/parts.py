@@ -13,20 +13,31 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from penult.core.errors import StoreError, StoreLockedError
+from penult.core.errors import PenultError, StoreError, StoreLockedError
 from penult.core.files import set_aside
 from penult.features import journal
+from penult.features.format2 import sealed
 from penult.features.store import FeatureStore, StoreWriter, Writes, real_path
 from penult.features.types import Fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PartWriter", "adopt_parts", "ensure_store", "list_parts", "merge", "parts_dir"]
+__all__ = [
+    "PartWriter",
+    "Publishing",
+    "adopt_parts",
+    "ensure_store",
+    "list_parts",
+    "merge",
+    "parts_dir",
+]
 
 
 def parts_dir(store: Path) -> Path:
@@ -105,13 +116,14 @@ class PartWriter(Writes):
     """Writes like :class:`StoreWriter` (same methods, same checks) into a part folder instead
     of the store; the store is only read. Use as a context manager."""
 
-    def __init__(self, store: str | os.PathLike[str], name: str):
+    def __init__(self, store: str | os.PathLike[str], name: str, *, sealing: bool = True):
         if not name or "/" in name or name.startswith("."):
             raise StoreError(f"part name {name!r} must be non-empty, without '/' or a leading dot")
         self.path = real_path(store)
         self.folder = parts_dir(self.path) / name
         self._lock_fh = None
         self._registered: dict[str, dict[str, Any]] = {}
+        self.sealing = sealing  # seal the part when it ends without an error
 
     def __enter__(self) -> PartWriter:
         ensure_store(self.path)
@@ -125,10 +137,25 @@ class PartWriter(Writes):
         self._seq = journal.next_seq_in(self.folder)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._lock_fh is not None:
-            self._lock_fh.close()
-            self._lock_fh = None
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        try:
+            if exc_type is None and self.sealing:
+                self.seal()
+        finally:
+            if self._lock_fh is not None:
+                self._lock_fh.close()
+                self._lock_fh = None
+
+    def seal(self) -> bool:
+        """Seal the finished part for publishing without a copy (``format2/sealed.py``): the
+        replay a merge would do, done here, beside the other parts' workers. A seal that fails
+        is removed and logged: the part is then published by replay, as before."""
+        try:
+            return sealed.seal(self.path, self.folder)
+        except (OSError, PenultError, ValueError, KeyError) as e:
+            sealed.unseal(self.folder)
+            log.warning("part %s not sealed (%s); the merge replays it", self.folder, e)
+            return False
 
     def _put(
         self, seq: int, kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]
@@ -171,38 +198,51 @@ def _try_lock(part: Path):
 
 
 def adopt_parts(
-    w: StoreWriter, names: set[str] | None = None, rejected: list[str] | None = None
+    w: StoreWriter,
+    names: set[str] | None = None,
+    rejected: list[str] | None = None,
+    report: Publishing | None = None,
 ) -> tuple[int, int]:
-    """Move the shards of every finished part (those in ``names`` when given) into ``w``'s
-    journal and publish them, a part at a time; return (parts, shards). A part still being
-    written is left for later. A part is read whole first: one that cannot be merged is set
-    aside (``STORE.parts/.rejected-<name>``, its reason added to ``rejected``) and nothing of
-    it enters the journal, so later runs are never jammed by it."""
-    n_parts = n_shards = 0
+    """Publish every finished part (those in ``names`` when given) through ``w``; return
+    (parts, shards). A part still being written is left for later. Sealed parts are taken in one
+    commit by linking their segments (``format2/sealed.py``); the others, and a sealed part that
+    cannot be taken as it is (said in ``report``), are replayed: their shards are moved into
+    ``w``'s journal and published, a part at a time. A part is read whole before it is replayed:
+    one that cannot be merged is set aside (``STORE.parts/.rejected-<name>``, its reason added to
+    ``rejected``) and nothing of it enters the journal, so later runs are never jammed by it."""
+    locked: list[tuple[Path, Any]] = []
     for part in list_parts(w.path):
         if names is not None and part.name not in names:
             continue
         fh = _try_lock(part)
-        if fh is None:
-            continue
-        try:
-            journal.remove_stale_temporaries_in(part)
-            why = part_problem(w.store, part)  # the writer's view, refreshed at each commit
-            if why:
-                dest = set_aside(part, "rejected")
-                log.warning("%s: part %s set aside as %s: %s", w.path, part.name, dest.name, why)
-                if rejected is not None:
-                    rejected.append(f"part {part.name} set aside as {dest}: {why}")
+        if fh is not None:
+            locked.append((part, fh))
+    n_parts = n_shards = 0
+    try:
+        ready = [p for p, _ in locked if sealed.is_sealed(p)]
+        how = {}
+        if ready:
+            w.commit()  # the journal first: a seal is taken over the published state
+            how = dict(zip(ready, sealed.take_sealed(w.path, ready), strict=True))
+            w.refresh()
+        report = report if report is not None else Publishing()
+        for part, _ in locked:
+            way = how.get(part)
+            if way in ("linked", "copied", sealed.PUBLISHED):
+                report.count(way)
+                n_shards += len(journal.shards_in(part))
+                _remove(part)
+                n_parts += 1
                 continue
-            for shard in journal.shards_in(part):
-                w.adopt(shard)
-                n_shards += 1
-            w.commit()
-            for p in part.iterdir():
-                p.unlink()
-            part.rmdir()
-            n_parts += 1
-        finally:
+            if way is not None:
+                report.notes.append(f"part {part.name} replayed: {way}")
+            got = _replay(w, part, rejected)
+            if got is not None:
+                report.count("replayed")
+                n_shards += got
+                n_parts += 1
+    finally:
+        for _, fh in locked:
             fh.close()
     folder = parts_dir(w.path)
     if folder.is_dir() and not any(folder.iterdir()):
@@ -210,7 +250,64 @@ def adopt_parts(
     return n_parts, n_shards
 
 
-def merge(store: str | os.PathLike[str], rejected: list[str] | None = None) -> tuple[int, int]:
+@dataclass
+class Publishing:
+    """How parts were published, for the summaries: sealed parts linked (or copied where no
+    hard link can be made) into the store, others replayed, and why a sealed one was not taken."""
+
+    ways: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, way: str) -> None:
+        self.ways[way] = self.ways.get(way, 0) + 1
+
+    def lines(self) -> list[str]:
+        said = {"linked": "linked (no copy)", "copied": "copied (no hard link possible)",
+                "replayed": "replayed", sealed.PUBLISHED: "published before a kill, removed"}  # fmt: skip
+        out = [", ".join(f"{v} {said[k]}" for k, v in self.ways.items())] if self.ways else []
+        return (
+            out
+            + self.notes[:10]
+            + ([f"... and {len(self.notes) - 10} more"] if len(self.notes) > 10 else [])
+        )
+
+
+def _replay(w: StoreWriter, part: Path, rejected: list[str] | None) -> int | None:
+    """Move ``part``'s shards into the journal and publish them; the shards moved, or None when
+    the part was set aside."""
+    journal.remove_stale_temporaries_in(part)
+    why = part_problem(w.store, part)  # the writer's view, refreshed at each commit
+    if why:
+        dest = set_aside(part, "rejected")
+        log.warning("%s: part %s set aside as %s: %s", w.path, part.name, dest.name, why)
+        if rejected is not None:
+            rejected.append(f"part {part.name} set aside as {dest}: {why}")
+        return None
+    n = 0
+    for shard in journal.shards_in(part):
+        w.adopt(shard)
+        n += 1
+    w.commit()
+    _remove(part)
+    return n
+
+
+def _remove(part: Path) -> None:
+    """Delete a published part: its seal first, the lock file last."""
+    sealed.unseal(part)
+    for p in sorted(part.iterdir(), key=lambda p: p.name == ".lock"):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    part.rmdir()
+
+
+def merge(
+    store: str | os.PathLike[str],
+    rejected: list[str] | None = None,
+    report: Publishing | None = None,
+) -> tuple[int, int]:
     """Publish every finished part into the store; return (parts, shards) merged. A store with
     no parts beside it is refused (a mistyped name must not create an empty store)."""
     path = real_path(store)
@@ -220,4 +317,4 @@ def merge(store: str | os.PathLike[str], rejected: list[str] | None = None) -> t
             "into one; check the name"
         )
     with StoreWriter(store) as w:
-        return adopt_parts(w, rejected=rejected)
+        return adopt_parts(w, rejected=rejected, report=report)

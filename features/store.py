@@ -707,6 +707,10 @@ class StoreWriter(Writes):
         journal.adopt(self.path, self._seq, shard)
         self._seq += 1
 
+    def refresh(self) -> None:
+        """Read the store again after a commit made beside this writer (under its lock)."""
+        self._refresh()
+
     def _refresh(self) -> None:
         self.store = FeatureStore(self.path)
         done = int(self.store.attrs.get("journal_seq", 0))

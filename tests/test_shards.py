@@ -30,7 +30,9 @@ def _failed(store: Path) -> dict[str, str]:
     return {p: e for p, e in zip(t.path, t.error, strict=True) if e}
 
 
-def test_two_concurrent_shards_then_merge_equal_a_single_run(data_dir: Path, tmp_path: Path):
+def test_two_concurrent_shards_then_merge_equal_a_single_run(
+    data_dir: Path, tmp_path: Path, capsys
+):
     manifest = cub_manifest(data_dir, tmp_path / "m.csv", classes=3, per_class=12)
     root = tmp_path / "imgs"
     for line in manifest.read_text().splitlines()[1:]:
@@ -57,7 +59,9 @@ def test_two_concurrent_shards_then_merge_equal_a_single_run(data_dir: Path, tmp
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert len(list_parts(sharded)) == 2 and len(FeatureStore(sharded)) == 0  # nothing published
+    capsys.readouterr()
     assert cli.main(["merge", str(sharded)]) == 0
+    assert "2 linked (no copy)" in capsys.readouterr().out  # sealed by the shard jobs
     assert not parts_dir(sharded).exists() and check(sharded) == []
     want, got = _by_path(single), _by_path(sharded)
     assert sorted(got) == sorted(want) and len(want) == 36  # no row missing, none twice

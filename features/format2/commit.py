@@ -93,7 +93,15 @@ class Commit:
 
     def find(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
         keys = path_keys(paths, int(self.s.attrs["key_seed"]))
-        return keys, find_keys([*self.runs(), *self.new_keys], keys)
+        return keys, self.find_keys(keys)
+
+    def find_keys(self, keys: np.ndarray) -> np.ndarray:
+        """The row of each path key, stored or added by this commit (-1: absent)."""
+        return find_keys([*self.runs(), *self.new_keys], keys)
+
+    def add_keys(self, run: KeyRun) -> None:
+        """Rows this commit adds, by path key (written as one run of the path index)."""
+        self.new_keys.append(run)
 
     def current(self, family: str, column: str, rows: np.ndarray) -> np.ndarray:
         uniq, inv = np.unique(rows, return_inverse=True)
@@ -132,7 +140,7 @@ class Commit:
         new = rows < 0
         rows[new] = np.arange(self.n, self.n + int(new.sum()))
         if new.any():
-            self.new_keys.append(KeyRun.sort(keys[new], rows[new]))
+            self.add_keys(KeyRun.sort(keys[new], rows[new]))
             self.n += int(new.sum())
         shas = a["sha256"].tolist()
         values = {

@@ -326,21 +326,43 @@ def plan_runs(rows: np.ndarray, block: int) -> list[tuple[int, int]]:
 def to_merge(pieces: list[Piece], block: int, k: int, *, finished: bool) -> list[tuple[int, int]]:
     """Spans of block ``k`` to rewrite as one piece: the whole block when it was just finished
     (the tail rolls into a segment) or holds too many pieces, else runs of TIER neighbouring
-    pieces of about the same size (size-tiered, so a row is rewritten a few times at most)."""
+    pieces of about the same size (size-tiered, so a row is rewritten a few times at most).
+
+    A piece of at least :func:`standing` rows (a published part, a big commit) is never
+    rewritten: merging it would copy its bytes to save one map entry. Only the runs of smaller
+    pieces between such pieces are merged, so a block holds at most KEEP standing pieces."""
     lo, hi = k * block, (k + 1) * block
-    ps = list(overlapping(pieces, lo, hi))
-    if len(ps) > 1 and (finished or len(ps) > MAX_PIECES):
-        return [(ps[0].lo, ps[-1].hi)]
-    out, run = [], []
-    for p in ps:
-        tier = int(np.log(max(p.hi - p.lo, 1)) / np.log(TIER))
-        if run and (tier != run[-1][0] or p.lo != run[-1][1].hi):
-            run = []
-        run.append((tier, p))
-        if len(run) == TIER:
-            out.append((run[0][1].lo, run[-1][1].hi))
-            run = []
+    big = standing(block)
+    out: list[tuple[int, int]] = []
+    runs: list[list[Piece]] = [[]]
+    for p in overlapping(pieces, lo, hi):
+        if p.hi - p.lo >= big:
+            runs.append([])
+        else:
+            runs[-1].append(p)
+    for ps in runs:
+        if len(ps) > 1 and (finished or len(ps) > MAX_PIECES):
+            out.append((ps[0].lo, ps[-1].hi))
+            continue
+        run: list[tuple[int, Piece]] = []
+        for p in ps:
+            tier = int(np.log(max(p.hi - p.lo, 1)) / np.log(TIER))
+            if run and (tier != run[-1][0] or p.lo != run[-1][1].hi):
+                run = []
+            run.append((tier, p))
+            if len(run) == TIER:
+                out.append((run[0][1].lo, run[-1][1].hi))
+                run = []
     return out
+
+
+KEEP = 64  # standing pieces of a block at most: each at least 1/KEEP of it
+MIN_STANDING = 4096  # rows: below this a piece is always merged (small blocks, tests)
+
+
+def standing(block: int) -> int:
+    """The fewest rows of a piece that compaction leaves as it is."""
+    return max(block // KEEP, MIN_STANDING)
 
 
 def path_keys(paths: Sequence[str], seed: int) -> np.ndarray:
@@ -393,13 +415,15 @@ class KeyRun:
     def columns(self) -> dict[str, np.ndarray]:
         return {"key0": self.key0, "key1": self.key1, "row": self.row}
 
-    def find(self, q: np.ndarray) -> np.ndarray:
-        """Row of each query key, -1 where absent."""
+    def find(self, q: np.ndarray, *, presorted: bool = False) -> np.ndarray:
+        """Row of each query key, -1 where absent (``presorted``: ``q`` is sorted by its first
+        word already)."""
         out = np.full(len(q), -1, np.int64)
         n = len(self.row)
         if not n or not len(q):
             return out
-        order = np.argsort(q[:, 0])  # sorted queries walk the map's pages in order
+        # sorted queries walk the map's pages in order
+        order = np.arange(len(q)) if presorted else np.argsort(q[:, 0])
         q0, q1 = q[order, 0], q[order, 1]
         pos = np.searchsorted(self.key0, q0)
         p = np.minimum(pos, n - 1)
@@ -420,12 +444,20 @@ class KeyRun:
 
 
 def find_keys(runs: Sequence[KeyRun], q: np.ndarray) -> np.ndarray:
-    out = np.full(len(q), -1, np.int64)
+    """Row of each query key in any of ``runs``, -1 where absent. The queries are sorted once
+    for all the runs (a store has a dozen or more)."""
+    found = np.full(len(q), -1, np.int64)
+    if not len(q) or not runs:
+        return found
+    order = np.argsort(q[:, 0], kind="stable")
+    qs = q[order]
     for r in runs:
-        miss = np.flatnonzero(out < 0)
+        miss = np.flatnonzero(found < 0)
         if not len(miss):
             break
-        out[miss] = r.find(q[miss])
+        found[miss] = r.find(qs[miss], presorted=True)
+    out = np.empty_like(found)
+    out[order] = found
     return out
 
 
