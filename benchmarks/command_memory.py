@@ -99,10 +99,11 @@ PLAN_IMPORTS = "from penult.features import FeatureStore; from penult.extract im
 PLAN = """
 from command_memory import _rows
 paths, sha = _rows(0, {n})
+err = [""] * len(paths)  # what hashing found: the listing's too
 base = status("VmRSS")  # the listing is not the store's cost
 fs = FeatureStore({store!r})
 row, stored = fs.find(paths), fs.table_view()
-p = run.plan(sha, [""] * len(paths), row, stored, fs.valid("net"), retry_failed=False)
+p = run.plan(sha, err, row, stored, fs.valid("net"), retry_failed=False)
 """
 SERVE_IMPORTS = (
     "from penult.classify.web import Site, make_app; from starlette.testclient import TestClient"

@@ -19,6 +19,7 @@ from penult.core.split import ensure_split as _stored_split
 from penult.features import VALIDATED, FeatureStore, sha_hex
 
 __all__ = [
+    "CodedColumn",
     "DataError",
     "Dataset",
     "EVAL_SPLITS",
@@ -72,6 +73,12 @@ class Dataset:
             )
         return self.labels[name]
 
+    def classes(self, name: str, which: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(classes, images of each) of label column ``name`` over the rows ``which`` (a mask
+        or positions; all rows when None), sorted as ``np.unique`` sorts them."""
+        y = self.column(name)
+        return np.unique(y if which is None else y[which], return_counts=True)
+
     def subset(self, mask: np.ndarray) -> Dataset:
         idx = np.flatnonzero(mask)
         return Dataset(
@@ -109,7 +116,7 @@ def load_dataset(
         X=X,
         paths=list(s.paths),
         sha256=list(s.sha256),
-        labels=s.labels,
+        labels={k: np.asarray(v) for k, v in s.labels.items()},  # in memory: as strings
         backbones=s.backbones,
         fingerprints=s.fingerprints,
         dropped=s.dropped,
@@ -157,6 +164,33 @@ class StoredStrings(Sequence[str]):
         return sha_hex(self.store.hashes(rows))
 
 
+class CodedColumn:
+    """A label column kept as the store's codes (4 bytes a row) and its names: indexing decodes
+    only the rows asked for, so a streamed training set of ten million images never holds its
+    labels as strings (36 bytes a row for a nine-letter name). ``np.asarray`` decodes it all."""
+
+    def __init__(self, codes: np.ndarray, names: np.ndarray):
+        self.codes, self.names = codes, names
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i):
+        return self.names[self.codes[i]]
+
+    def __iter__(self) -> Iterator[str]:
+        for s in range(0, len(self), StoredStrings.BLOCK):
+            yield from self[s : s + StoredStrings.BLOCK].tolist()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.names[self.codes]
+        return out if dtype is None else out.astype(dtype)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.names.dtype
+
+
 @dataclass
 class StreamingData:
     """A :class:`Dataset` without its feature matrix: features are read a block at a time,
@@ -174,9 +208,30 @@ class StreamingData:
     fingerprints: dict[str, dict[str, Any]]
     dropped: int = 0
     notes: list[str] = field(default_factory=list)
+    # the store's codes of a label column (4 bytes a row) and its names: classes are counted
+    # and sampled from them, never by sorting ten million strings
+    coded: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows[0])
+
+    def classes(self, name: str, which: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """See :meth:`Dataset.classes`; from the codes where the column has them."""
+        if name not in self.coded:
+            return Dataset.classes(self, name, which)  # type: ignore[arg-type]
+        codes, names = self.coded[name]
+        n = np.bincount(codes if which is None else codes[which], minlength=len(names))
+        present = np.flatnonzero(n)
+        order = np.argsort(names[present], kind="stable")
+        return names[present][order], n[present][order]
+
+    def codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(code of each image, names) of label column ``name``: from the store where it has
+        them, else made here."""
+        if name in self.coded:
+            return self.coded[name]
+        names, codes = np.unique(self.column(name), return_inverse=True)
+        return codes.astype(np.int32), names
 
     @property
     def dim(self) -> int:
@@ -240,16 +295,20 @@ def stream_dataset(
     if len(labelled) == 0:
         raise DataError(f"{store_path}: no image has both a {status} {label!r} label and features")
     r0 = rows[0]
+    y = CodedColumn(codes[r0], np.asarray(names, dtype=str))
     return StreamingData(
         store=store,
         rows=rows,
         paths=StoredStrings(store, r0, "path"),
         sha256=StoredStrings(store, r0, "sha256"),
-        labels={k: np.asarray(n, dtype=str)[c[r0]] for k, (c, n) in coded.items()},
+        labels={
+            k: y if k == label else np.asarray(n, dtype=str)[c[r0]] for k, (c, n) in coded.items()
+        },
         backbones=tuple(backbones),
         fingerprints={b: e.fingerprint for b, e in entries.items()},
         dropped=dropped,
         notes=notes,
+        coded={label: (y.codes, y.names)},
     )
 
 

@@ -15,7 +15,7 @@ from penult.classify.model import Model, Predictions, resolve_backbones
 from penult.classify.predict import csv_header, csv_rows
 from penult.classify.report import write_report
 from penult.classify.train import TrainOptions, TrainResult, score, scored, summary, train
-from penult.core import sample_columns
+from penult.core import SAMPLE, coded_sample_columns, sample_columns
 from penult.features import FeatureStore
 
 __all__ = [
@@ -118,12 +118,17 @@ def write_evaluation(
 def stored_samples(store_path: str | os.PathLike[str], paths: list[str]) -> dict[str, list[str]]:
     """The sample column and its metadata (``core.sample_columns``) of the stored ``paths``."""
     store = FeatureStore(store_path)
-    have = store.images().labels if len(store) else {}
-    names = sample_columns(have)
-    if not names:
+    if not len(store) or SAMPLE not in store.label_columns():
         return {}
+    coded = store.labels()  # codes, 4 bytes a row a column: never the table as strings
+    names = coded_sample_columns(coded)
     rows = store.find(list(paths))
-    return {c: [have[c][r] if r >= 0 else "" for r in rows] for c in names}
+    out = {}
+    for c in names:
+        codes, values = coded[c]
+        got = np.asarray(values, dtype=object)[codes[np.maximum(rows, 0)]]
+        out[c] = np.where(rows >= 0, got, "").tolist()
+    return out
 
 
 def stored_files(store_path: str | os.PathLike[str], paths: list[str]) -> list[str]:

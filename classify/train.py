@@ -210,8 +210,11 @@ def join_taxonomy(data: Dataset, csv_path: str, label: str) -> str:
     return f"taxonomy {csv_path}: columns {', '.join(columns)}"
 
 
-def _check_classes(y_train: np.ndarray, y_eval: np.ndarray, notes: list[str]) -> None:
-    classes, counts = np.unique(y_train, return_counts=True)
+def _check_classes(
+    train: tuple[np.ndarray, np.ndarray], held: tuple[np.ndarray, np.ndarray], notes: list[str]
+) -> None:
+    """``train`` and ``held``: (classes, counts) of the training and the evaluation split."""
+    classes, counts = train
     if len(classes) < 2:
         raise DataError(
             f"the training split has {len(classes)} class(es); a classifier needs 2 or more"
@@ -219,7 +222,7 @@ def _check_classes(y_train: np.ndarray, y_eval: np.ndarray, notes: list[str]) ->
     ones = classes[counts == 1]
     if len(ones):
         notes.append(f"{len(ones)} classes have a single training image, e.g. {str(ones[0])!r}")
-    unseen = sorted(set(y_eval) - set(classes))
+    unseen = sorted(set(held[0].tolist()) - set(classes.tolist()))
     if unseen:
         notes.append(
             f"{len(unseen)} classes appear only in the evaluation split and can never be predicted, "
@@ -265,7 +268,8 @@ def prepare(
 ) -> Plan:
     """Check everything that can be refused, then (only then) make and store the split."""
     y = data.column(opts.label)
-    if len(np.unique(y)) < 2:
+    classes, counts = data.classes(opts.label)
+    if len(classes) < 2:
         raise DataError(
             f"{store_path}: every labelled image is {str(y[0])!r}; a classifier needs 2 or more classes"
         )
@@ -292,7 +296,6 @@ def prepare(
     if found:
         notes.append(found)
     if opts.cv:  # every labelled image trains and is scored, fold by fold; no split is stored
-        classes, counts = np.unique(y, return_counts=True)
         if counts.min() < 2:
             raise DataError(
                 f"{store_path}: --cv needs 2 or more images of every class; "
@@ -310,7 +313,7 @@ def prepare(
     )
     ev, ev_name = eval_mask(split, opts.eval_split)
     tr = split == TRAIN
-    _check_classes(y[tr], y[ev], notes)
+    _check_classes(data.classes(opts.label, tr), data.classes(opts.label, ev), notes)
     return Plan(est, y, tr, ev, ev_name, levels, taxonomy, notes)
 
 

@@ -17,6 +17,7 @@ from penult.core.labels import (
     VAL,
     LabelError,
     Taxonomy,
+    coded_sample_columns,
     make_split,
     read_taxonomy,
     sample_columns,
@@ -42,5 +43,6 @@ __all__ = [
     "ifcb",
     "make_split",
     "read_taxonomy",
+    "coded_sample_columns",
     "sample_columns",
 ]

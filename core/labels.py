@@ -29,6 +29,7 @@ __all__ = [
     "VAL",
     "make_split",
     "read_taxonomy",
+    "coded_sample_columns",
     "sample_columns",
 ]
 
@@ -51,6 +52,27 @@ def sample_columns(columns: dict[str, Sequence[str]]) -> list[str]:
             continue
         seen: dict[str, str] = {}
         if all(seen.setdefault(s, v) == v for s, v in zip(samples, values, strict=True) if s):
+            out.append(name)
+    return out
+
+
+def coded_sample_columns(columns: dict[str, tuple[np.ndarray, Sequence[str]]]) -> list[str]:
+    """:func:`sample_columns` over a store's label codes ((codes, names) per column): the same
+    answer without a string per image (a pair of codes a row, sorted once per column)."""
+    if SAMPLE not in columns:
+        return []
+    s_codes, s_names = columns[SAMPLE]
+    named = np.flatnonzero(np.asarray(s_names, dtype=object) != "")
+    has = np.isin(s_codes, named)
+    if not has.any():
+        return []
+    sample = s_codes[has].astype(np.int64) << 32
+    out = [SAMPLE]
+    for name, (codes, _) in columns.items():
+        if name == SAMPLE or name in NOT_METADATA:
+            continue
+        pairs = np.unique(sample | codes[has].astype(np.int64))
+        if len(pairs) == len(np.unique(pairs >> 32)):  # one value per sample
             out.append(name)
     return out
 

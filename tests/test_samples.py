@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from penult import cli
-from penult.core import sample_columns
+from penult.core import coded_sample_columns, sample_columns
 from penult.extract import SourceError, list_images
 from penult.features import FeatureStore
 
@@ -62,6 +62,11 @@ def test_a_manifests_sample_columns_are_stored_with_the_labels(data_dir, tmp_pat
         assert t.labels["volume_ml"][k] == ("4.5" if i % 2 else "5")
     # the store keeps columns by name; label varies within a tow, so it is no tow's metadata
     assert sample_columns(t.labels) == ["sample", "time", "volume_ml"]
+    coded = FeatureStore(store).labels()  # the same from the codes (no strings per image)
+    assert coded_sample_columns(coded) == ["sample", "time", "volume_ml"]
+    codes, names = coded["time"]
+    codes[0] = names.index("2024-05-02" if names[codes[0]] == "2024-05-01" else "2024-05-01")
+    assert coded_sample_columns(coded) == ["sample", "volume_ml"]  # time now varies in a tow
     # ... and carried into the report's predictions.csv, as predict writes them
     rep = tmp_path / "rep"
     rep.mkdir()

@@ -456,6 +456,7 @@ def find_keys(runs: Sequence[KeyRun], q: np.ndarray) -> np.ndarray:
         if not len(miss):
             break
         found[miss] = r.find(qs[miss], presorted=True)
+    del qs  # (a store of 100 M rows plans 16 bytes a row lighter)
     out = np.empty_like(found)
     out[order] = found
     return out
