@@ -53,18 +53,17 @@ def resolve_queries(
     images: Images | None = None,
 ) -> tuple[list[Result], np.ndarray, list[int | None]]:
     """Each query as (result shell, vector, store row or None): a store key, an image file, or a folder."""
-    table = store.images()
-    index = table.index()
-    labels = table.labels.get("label", [""] * len(table))
+    found = store.find(list(queries))  # the queries that are store keys: their rows alone read
+    keyed = np.unique(found[found >= 0])
+    shown = _shown(store, keyed)
+    valid = dict(zip(keyed.tolist(), store.valid(backbone, keyed).tolist(), strict=True))
     shells: list[Result] = []
     rows: list[int | None] = []
     files: list[tuple[int, str]] = []  # (position, file) to embed
-    valid = store.valid(backbone)
-    for q in queries:
-        key = q if q in index else None
-        if key is not None and valid[index[key]]:
-            r = index[key]
-            shells.append(Result(q, os.path.join(table.root[r], table.path[r]), labels[r]))
+    for q, r in zip(queries, found.tolist(), strict=True):
+        key = q if r >= 0 else None
+        if key is not None and valid[r]:
+            shells.append(Result(q, shown[r][1], shown[r][2]))
             rows.append(r)
         elif images is not None and (Path(q).is_dir() or Path(q).is_file()):
             for shown, f in images.list(q)[0]:
@@ -80,7 +79,7 @@ def resolve_queries(
                 else "an image file: embedding it needs the image side (extract.Featuriser)"
             )
             raise NeighborIndexError(f"query {q!r}: {why}")
-    files = _stored_files(store, backbone, files, shells, rows, labels)
+    files = _stored_files(store, backbone, files, shells, rows)
     X = np.zeros((len(shells), store.backbone(backbone).dim), np.float32)
     known = [i for i, r in enumerate(rows) if r is not None]
     if known:
@@ -90,9 +89,23 @@ def resolve_queries(
     return shells, X, rows
 
 
+def _shown(store: FeatureStore, rows: np.ndarray) -> dict[int, tuple[str, str, str]]:
+    """(path, file, label) of the stored ``rows``, read for those rows alone: a lookup in a
+    store of millions never reads its whole image table."""
+    rows = np.unique(np.asarray(rows, np.int64))
+    if not len(rows):
+        return {}
+    t = store.images(rows.tolist())
+    labels = t.labels.get("label", [""] * len(t))
+    return {
+        int(r): (t.path[i], os.path.join(t.root[i], t.path[i]), labels[i])
+        for i, r in enumerate(rows.tolist())
+    }
+
+
 def _stored_files(
     store: FeatureStore, backbone: str, files: list[tuple[int, str]], shells: list[Result],
-    rows: list[int | None], labels: list[str],
+    rows: list[int | None],
 ) -> list[tuple[int, str]]:  # fmt: skip
     """Query files whose content is stored (same SHA-256) answered as that stored row: its
     embedding and label, and itself left out of its neighbours. Returns the files to embed."""
@@ -101,9 +114,10 @@ def _stored_files(
     shas = [regular_sha256(f) for _, f in files]  # "": not a regular file, or unreadable
     found = store.hash_index(backbone).find(sha_raw(shas))
     found[[not h for h in shas]] = -1  # embedding those says why
+    shown = _shown(store, found[found >= 0])
     for (pos, _), r in zip(files, found.tolist(), strict=True):
         if r >= 0:
-            rows[pos], shells[pos].label = int(r), labels[r]
+            rows[pos], shells[pos].label = int(r), shown[int(r)][2]
     return [(pos, f) for (pos, f), r in zip(files, found.tolist(), strict=True) if r < 0]
 
 
@@ -151,17 +165,10 @@ def neighbors(
     if not ok:
         return shells
     scores, ids = ni.search(X[ok], k + 1)
-    table = store.images()
-    labels = table.labels.get("label", [""] * len(table))
+    shown = _shown(store, ids[ids >= 0])
     for i, sc, rr in zip(ok, scores, ids, strict=True):
         hits = [
-            Hit(
-                int(r),
-                table.path[r],
-                os.path.join(table.root[r], table.path[r]),
-                labels[r],
-                float(s),
-            )
+            Hit(int(r), *shown[int(r)], float(s))
             for s, r in zip(sc, rr, strict=True)
             if r >= 0 and r != rows[i]
         ]
@@ -284,17 +291,11 @@ def find_duplicates(
     groups: dict[int, list[int]] = {}
     for r in best:
         groups.setdefault(find(r), []).append(r)
-    table = store.images()
-    labels = table.labels.get("label", [""] * len(table))
+    shown = _shown(store, np.fromiter(best, np.int64, len(best)))
     out = []
     for members in sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g[0])):
         first, rest = members[0], members[1:]
-        res = Result(
-            table.path[first], os.path.join(table.root[first], table.path[first]), labels[first]
-        )
-        res.hits = [
-            Hit(r, table.path[r], os.path.join(table.root[r], table.path[r]), labels[r], best[r])
-            for r in rest
-        ]
+        res = Result(*shown[first])
+        res.hits = [Hit(r, *shown[r], best[r]) for r in rest]
         out.append(res)
     return out

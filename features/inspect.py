@@ -22,11 +22,12 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
     """Text report: backbones, counts, dims, fingerprints, labels per class, failed images, size."""
     store = FeatureStore(path)
     p = Path(path)
-    t = store.images()
+    n = len(store)  # counts from codes and flags: never the table as Python strings
+    failed_rows = np.flatnonzero(store.table_view().failed) if n else np.zeros(0, np.int64)
     attrs = store.attrs
     lines = [
         f"store      {p}  ({_size(store) / 2**20:.1f} MiB, format {store.version}, created {attrs.get('created_at')})",
-        f"images     {len(t)} ({sum(1 for e in t.error if e)} failed)",
+        f"images     {n} ({len(failed_rows)} failed)",
     ]
     if store.read_only:
         lines.append(f"read-only  this store {store.read_only}")
@@ -53,15 +54,17 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
     for e in entries.values():
         fp = e.fingerprint
         lines.append(
-            f"  {e.name}: {e.count}/{len(t)} embedded, dim {e.dim}, {e.dtype}, precision {fp.get('precision')}"
+            f"  {e.name}: {e.count}/{n} embedded, dim {e.dim}, {e.dtype}, precision {fp.get('precision')}"
         )
         lines.append(f"    architecture {fp.get('architecture')}  layer {fp.get('layer')}")
         lines.append(
             f"    weights {fp.get('weights')}  sha256 {str(fp.get('weights_sha256'))[:16]}"
         )
         lines.append(f"    preprocessing {fp.get('preprocessing')}")
-    for col, values in t.labels.items():
-        counts = Counter(v for v in values if v)
+    coded = store.labels() if n else {}
+    for col, (codes, names) in coded.items():
+        per = np.bincount(codes, minlength=len(names))
+        counts = {names[i]: int(per[i]) for i in np.flatnonzero(per) if names[i]}
         if not counts:
             continue
         lines.append(f"labels[{col}]  {len(counts)} distinct")
@@ -70,18 +73,18 @@ def describe(path: str | Path, *, max_classes: int = 30, max_failed: int = 20) -
                 lines.append(f"  {n:6d}  {k}")
             if len(counts) > max_classes:
                 lines.append(f"  ... {len(counts) - max_classes} more")
-    lines += _review_lines(store, t.labels)
-    failed = [(pth, e) for pth, e in zip(t.path, t.error, strict=True) if e]
-    if failed:
+    lines += _review_lines(store, list(coded))
+    if len(failed_rows):
         lines.append("failed images")
-        for pth, e in failed[:max_failed]:
+        t = store.images(failed_rows[:max_failed].tolist())
+        for pth, e in zip(t.path, t.error, strict=True):
             lines.append(f"  {pth}: {e}")
-        if len(failed) > max_failed:
-            lines.append(f"  ... {len(failed) - max_failed} more")
+        if len(failed_rows) > max_failed:
+            lines.append(f"  ... {len(failed_rows) - max_failed} more")
     return "\n".join(lines)
 
 
-def _review_lines(store: FeatureStore, labels: dict[str, list[str]]) -> list[str]:
+def _review_lines(store: FeatureStore, labels: list[str]) -> list[str]:
     """Images per label status (of ``label`` and of every level with a recorded change) and
     the size of the history."""
     h = store.history(["batch", "row", "column"])

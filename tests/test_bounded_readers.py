@@ -1,0 +1,59 @@
+"""Commands that show a few stored images read those rows alone, never the whole image table as
+Python strings (issue 35: a store of 100 million rows would need about 10 GB for it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from penult.classify.evaluate import stored_samples
+from penult.classify.lookup import find_duplicates, neighbors
+from penult.classify.neighbors import build_index
+from penult.features import FeatureStore, describe
+
+from conftest import copy_store
+
+B = "efficientnet_lite0"
+
+
+@pytest.fixture
+def whole_table_refused(monkeypatch):
+    """FeatureStore.images() without rows raises: what reads the whole table fails here."""
+    real = FeatureStore.images
+
+    def rows_only(self, rows=None):
+        if rows is None:
+            raise AssertionError("the whole image table was read")
+        return real(self, rows)
+
+    def allow():
+        monkeypatch.setattr(FeatureStore, "images", real)
+
+    monkeypatch.setattr(FeatureStore, "images", rows_only)
+    return allow
+
+
+def test_info_neighbours_and_samples_read_only_the_rows_they_show(
+    cub_store: Path, tmp_path: Path, whole_table_refused
+):
+    store = copy_store(cub_store, tmp_path / "s.h5")
+    build_index(store, B)
+    t = FeatureStore(store).images(range(3))
+    key = t.path[1]
+    text = describe(store)
+    res = neighbors(store, B, [key], k=5)
+    dups = find_duplicates(store, B, threshold=0.999)
+    samples = stored_samples(store, [key, "not/stored.jpg"])
+    whole_table_refused()  # the same answers from the whole table
+    full = FeatureStore(store).images()
+    assert text == describe(store) and f"images     {len(full)} (0 failed)" in text
+    assert "labels[label]  20 distinct" in text
+    r = res[0]
+    assert r.query == key and r.label == full.labels["label"][1] and len(r.hits) == 5
+    assert key not in [h.path for h in r.hits]  # itself left out
+    for h in r.hits:
+        assert (h.path, h.label) == (full.path[h.row], full.labels["label"][h.row])
+    assert [h.path for g in dups for h in g.hits] == [
+        h.path for g in find_duplicates(store, B, threshold=0.999) for h in g.hits
+    ]
+    assert samples == {}  # cub has no sample column: nothing carried, nothing read
