@@ -1,5 +1,6 @@
 """Commands that show a few stored images read those rows alone, never the whole image table as
-Python strings (issue 35: a store of 100 million rows would need about 10 GB for it)."""
+Python strings (issue 35: a store of 100 million rows would need about 10 GB for it); finetune
+reads labels as codes and the files of the images it trains on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 from penult.classify.evaluate import stored_samples
 from penult.classify.lookup import find_duplicates, neighbors
 from penult.classify.neighbors import build_index
+from penult.extract.finetune.data import load
+from penult.extract.finetune.options import FinetuneOptions
 from penult.features import FeatureStore, describe
 
 from conftest import copy_store
@@ -44,8 +47,18 @@ def test_info_neighbours_and_samples_read_only_the_rows_they_show(
     res = neighbors(store, B, [key], k=5)
     dups = find_duplicates(store, B, threshold=0.999)
     samples = stored_samples(store, [key, "not/stored.jpg"])
+    tuning = load(store, FinetuneOptions(aux_level="genus", max_train=200))
     whole_table_refused()  # the same answers from the whole table
     full = FeatureStore(store).images()
+    by_file = {f"{r}/{q}": i for i, (r, q) in enumerate(zip(full.root, full.path, strict=True))}
+    for part in (tuning.train, tuning.val):
+        for f, c, g in zip(part.files, part.y, part.coarse, strict=True):
+            i = by_file[f]
+            assert (
+                tuning.classes[c] == full.labels["label"][i] and full.labels["split"][i] != "test"
+            )
+            assert tuning.coarse_classes[g] == full.labels["genus"][i]
+    assert 0 < len(tuning.train.files) <= 200 and tuning.val.files  # max_train, a val split
     assert text == describe(store) and f"images     {len(full)} (0 failed)" in text
     assert "labels[label]  20 distinct" in text
     r = res[0]

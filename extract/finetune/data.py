@@ -46,60 +46,82 @@ class TrainData:
     coarse_classes: list[str] = field(default_factory=list)
 
 
-def _coarse_of(store_path, table, opts: FinetuneOptions, y: np.ndarray) -> np.ndarray:
+def _coarse_of(store_path, fs, opts: FinetuneOptions, y: np.ndarray) -> np.ndarray:
     """The coarse label of every store row: a store column, or a taxonomy CSV column via the label."""
     level = opts.aux_level
     if not opts.taxonomy:
-        if level not in table.labels:
+        if level not in (have := fs.label_columns()):
             raise FinetuneError(
                 f"{store_path}: no label column {level!r} for the auxiliary loss "
-                f"(columns: {', '.join(sorted(table.labels))}); pass --taxonomy CSV"
+                f"(columns: {', '.join(sorted(have))}); pass --taxonomy CSV"
             )
-        return np.array(table.labels[level])
+        return _decoded(*fs.label_codes(level))
     return np.array(read_taxonomy(opts.taxonomy).column(level, y.tolist()))
 
 
+def _decoded(codes: np.ndarray, names: list[str]) -> np.ndarray:
+    """A label column's value per row as shared str objects (8 bytes a row, not a string each)."""
+    return np.asarray(names, dtype=object)[codes]
+
+
 def load(store_path, opts: FinetuneOptions) -> TrainData:
-    """Training and validation images from the store's train (and val) split, with their labels."""
-    t = FeatureStore(store_path).images()
-    if opts.label not in t.labels:
-        have = ", ".join(sorted(t.labels)) or "none"
-        raise FinetuneError(f"{store_path}: no label column {opts.label!r} (columns: {have})")
-    y = np.array(t.labels[opts.label])
-    ok = np.array([not e for e in t.error]) & (y != "")
-    split = np.array(t.labels.get(opts.split, [""] * len(y)), dtype=object)
+    """Training and validation images from the store's train (and val) split, with their labels.
+    Labels are read as codes and file names for the chosen images alone, so a store of millions
+    of rows does not hold its image table as strings."""
+    fs = FeatureStore(store_path)
+    if opts.label not in (have := fs.label_columns()):
+        raise FinetuneError(
+            f"{store_path}: no label column {opts.label!r} (columns: {', '.join(sorted(have)) or 'none'})"
+        )
+    y = _decoded(*fs.label_codes(opts.label))
+    failed = fs.table_view().failed if len(y) else np.zeros(0, bool)
+    ok = ~failed & (y != "")
+    split = (
+        _decoded(*fs.label_codes(opts.split))
+        if opts.split in have
+        else np.full(len(y), "", dtype=object)
+    )
     if (split[ok] == "").any():  # the split train makes, made here first (the same one)
+        rows = np.flatnonzero(ok)
         made, _ = ensure_split(
-            store_path, [t.path[i] for i in np.flatnonzero(ok)], y[ok], split[ok], column=opts.split
+            store_path, fs.paths(rows), y[ok].astype(str), split[ok], column=opts.split
         )
         split[ok] = made
-    split = split.astype(str)
-    files = np.array([os.path.join(r, p) for r, p in zip(t.root, t.path, strict=True)])
     tr, va = np.flatnonzero(ok & (split == TRAIN)), np.flatnonzero(ok & (split == VAL))
     rng = np.random.default_rng(opts.seed)
     if opts.max_train and len(tr) > opts.max_train:
         tr = np.sort(rng.choice(tr, opts.max_train, replace=False))
     if len(va) == 0:  # hold out part of train; the test split stays untouched for evaluation
-        held = make_split(y[tr], test_size=opts.val_fraction, seed=opts.seed) == TEST
+        held = make_split(y[tr].astype(str), test_size=opts.val_fraction, seed=opts.seed) == TEST
         tr, va = tr[~held], tr[held]
     classes = sorted(set(y[tr]))
     idx = {c: i for i, c in enumerate(classes)}
     va = np.array([i for i in va if y[i] in idx], dtype=int)
     if opts.max_val and len(va) > opts.max_val:
         va = np.sort(rng.choice(va, opts.max_val, replace=False))
+    files = _files(fs, np.concatenate([tr, va]))
     d = TrainData(
-        Split(files[tr].tolist(), np.array([idx[c] for c in y[tr]])),
-        Split(files[va].tolist(), np.array([idx[c] for c in y[va]])),
+        Split([files[i] for i in tr.tolist()], np.array([idx[c] for c in y[tr]])),
+        Split([files[i] for i in va.tolist()], np.array([idx[c] for c in y[va]])),
         classes,
         np.asarray(tr),
     )
     if opts.aux_level:
-        coarse = _coarse_of(store_path, t, opts, y)
+        coarse = _coarse_of(store_path, fs, opts, y)
         d.coarse_classes = sorted(set(coarse[np.concatenate([tr, va])]))
         cidx = {c: i for i, c in enumerate(d.coarse_classes)}
         d.train.coarse = np.array([cidx[c] for c in coarse[tr]])
         d.val.coarse = np.array([cidx[c] for c in coarse[va]])
     return d
+
+
+def _files(fs: FeatureStore, rows: np.ndarray) -> dict[int, str]:
+    """The image file of each of ``rows`` (its root joined), read for those rows alone."""
+    rows = np.unique(rows.astype(np.int64))
+    if not len(rows):
+        return {}
+    t = fs.images(rows.tolist())
+    return {int(r): os.path.join(t.root[i], t.path[i]) for i, r in enumerate(rows.tolist())}
 
 
 def stored_embeddings(store_path, rows: np.ndarray, want: Fingerprint):
