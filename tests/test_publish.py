@@ -304,3 +304,20 @@ def test_two_sealed_parts_sharing_images_publish_them_once(tmp_path: Path):
     assert "holds images part p0 holds too" in report.notes[0]
     got = _content(store)
     assert len(got) == 250 and check(store) == []
+
+
+def test_a_part_stored_as_another_dtype_is_not_sealed_and_is_set_aside(tmp_path: Path):
+    store = tmp_path / "s.h5"
+    todo = _driver_store(store, 300)
+    sha = [_sha(p) for p in todo[:50]]
+    with PartWriter(store, "t0", sealing=False) as w:  # a job run with --dtype float16 ...
+        w.register_backbone("net", FP, dtype="float16")
+        w.append("net", todo[:50], sha, np.ones((50, 8), np.float32))
+    with StoreWriter(store) as w:  # ... while another stored the backbone as float32
+        w.register_backbone("net", FP)
+    part = list_parts(store)[0]
+    assert not sealed.seal(store, part) and not sealed.is_sealed(part)
+    rejected: list[str] = []
+    assert merge(store, rejected) == (0, 0)
+    assert "as float16, the store as float32" in rejected[0]
+    assert FeatureStore(store).backbone("net").count == 0

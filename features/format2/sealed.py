@@ -89,6 +89,8 @@ def seal(store: Path, part: Path) -> bool:
         return False
     with h5py.File(store, "r") as f:
         base = load(f)
+    if not _registered_as_stored(shards, base):
+        return False  # the merge's checks set the part aside, saying why
     if "images" not in kinds:  # a cluster partition: embeddings of rows the store holds
         return _seal_over(store, part, shards, base)
     mini = new_state(base.block)
@@ -109,6 +111,24 @@ def seal(store: Path, part: Path) -> bool:
             with h5py.File(top, "r") as f:
                 mini = load(f)
             batch = []
+    return True
+
+
+def _registered_as_stored(shards: list[Path], base: State) -> bool:
+    """Whether every backbone the part registers is the store's, where the store has it: the
+    same fingerprint and the same dtype (a seal would otherwise convert what a replay refuses)."""
+    for shard in shards:
+        if journal.kind_of(shard) != "backbone":
+            continue
+        meta, _ = journal.read_shard(shard)
+        have = base.backbones.get(meta.get("name"))
+        if have is None:
+            continue
+        fp = meta.get("fingerprint")
+        if not isinstance(fp, dict) or not Fingerprint(json.loads(have["fingerprint"])).same_as(fp):
+            return False
+        if np.dtype(str(meta.get("dtype"))) != np.dtype(have["dtype"]):
+            return False
     return True
 
 
