@@ -107,10 +107,13 @@ def _scan_folder(root: Path, sample_level: int | None = None) -> Listing:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # the folder's relative prefix once, not a Path per file (a tenth of the time)
+        prefix = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if prefix == "." else prefix + "/"
         for name in filenames:
             if name.startswith("."):
                 continue
-            rel = Path(dirpath, name).relative_to(root).as_posix()
+            rel = prefix + name
             stem, suffix = os.path.splitext(name)
             if suffix in ifcb.PARTS and ifcb.is_bin_name(stem):
                 bins += 1
@@ -133,10 +136,15 @@ def _scan_folder(root: Path, sample_level: int | None = None) -> Listing:
             root=root, paths=paths, labels=_folder_samples(root, paths, sample_level),
             ignored=sorted(ignored),
         )  # fmt: skip
-    depth = max(len(PurePosixPath(p).parts) for p in paths)
+    depth = max(p.count("/") for p in paths) + 1
     labels: dict[str, list[str]] = {}
     if depth >= 2:
-        parts = [PurePosixPath(p).parts[:-1] for p in paths]
+        # one tuple of folder names per folder, shared by its files (8 bytes a file a column)
+        folders: dict[str, tuple[str, ...]] = {}
+        parts = [
+            folders.setdefault(d, tuple(d.split("/")) if d else ())
+            for d in (p.rpartition("/")[0] for p in paths)
+        ]
         labels["label"] = [q[-1] if q else "" for q in parts]
         for level in range(depth - 2):  # ancestors of the class folder, top level first
             labels[f"level{level}"] = [q[level] if len(q) > level + 1 else "" for q in parts]
