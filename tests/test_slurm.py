@@ -106,10 +106,18 @@ def test_extract_with_a_job_cancelled_predict_and_index_on_slurm_equal_one_proce
             part = parts_dir(clustered)
             if part.is_dir() and any(part.iterdir()):  # partitions are being embedded
                 running = [j for j, _, state in cluster.jobs() if state == "RUNNING"]
-                if len(running) == 2:  # both: nothing is left to run the rest but new jobs
+                if len(running) == 2 and all(map(_joined, running)):  # both workers working:
+                    # nothing is left to run the rest but new jobs (a job cancelled before its
+                    # worker joined is never known to Dask as lost, so it is not replaced)
                     subprocess.run(["scancel", *running], env=cluster.env, check=True)
                     cancelled.extend(running)
             time.sleep(0.05)
+
+    def _joined(job: str) -> bool:
+        return any(
+            "Registered to" in log.read_text(errors="replace")
+            for log in (cluster.folder / "jobs").glob(f"*-{job}.err")
+        )
 
     t = threading.Thread(target=cancel_a_job, daemon=True)
     t.start()
