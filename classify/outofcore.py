@@ -29,6 +29,7 @@ from penult.classify.options import StreamOptions
 from penult.classify.train import (
     TrainOptions,
     TrainResult,
+    counted,
     default_backbones,
     model_manifest,
     prepare,
@@ -336,7 +337,7 @@ def train_out_of_core(
     if len(ev_idx) < ev.sum():
         notes.append(f"scored a seeded sample of {len(ev_idx)} of {int(ev.sum())} {ev_name} images")
     pos, pred = _predict(model, data, ev_idx, stream.memory_mb)
-    train_counts = {str(k): int(v) for k, v in zip(*data.classes(opts.label, tr), strict=True)}
+    train_counts = counted(*data.classes(opts.label, tr))
     metrics = scored(model, y[pos], pred, train_counts)
     model.manifest.metrics = summary(metrics)
     model.manifest.train_counts = train_counts

@@ -51,6 +51,7 @@ __all__ = [
     "scored",
     "build_estimator",
     "class_counts",
+    "counted",
     "default_backbones",
     "parse_levels",
     "parse_param",
@@ -452,7 +453,12 @@ def _head_settings(opts: TrainOptions):
 
 def class_counts(y: np.ndarray) -> dict[str, int]:
     """Images per class, keyed by the class name (what a manifest's ``train_counts`` holds)."""
-    return {str(k): int(v) for k, v in zip(*np.unique(y, return_counts=True), strict=True)}
+    return counted(*np.unique(y, return_counts=True))
+
+
+def counted(classes: np.ndarray, counts: np.ndarray) -> dict[str, int]:
+    """:func:`class_counts` from (classes, counts) already made (``Dataset.classes``)."""
+    return {str(k): int(v) for k, v in zip(classes, counts, strict=True)}
 
 
 def _fit(est: Pipeline, opts: TrainOptions, X: np.ndarray, y: np.ndarray):

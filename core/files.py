@@ -20,6 +20,7 @@ from penult.core.errors import OptionError
 
 __all__ = [
     "check_out_folder",
+    "file_identity",
     "set_aside",
     "TMP_PREFIX",
     "atomic_path",
@@ -104,6 +105,13 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What any write to a file, or a file put in its place, changes (device, inode, size,
+    modification and change time; the change time cannot be set back): while it is the same,
+    what was learnt from the file's bytes still holds."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def regular_sha256(path: str | os.PathLike[str]) -> str:

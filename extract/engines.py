@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from penult.core import OptionError, PenultError, atomic_path, file_sha256
-from penult.core.files import write_text
+from penult.core.files import file_identity, write_text
 from penult.extract.names import ENGINES
 
 __all__ = [
@@ -194,10 +194,9 @@ def _record(path: Path) -> Path:
 
 
 def _stat(path: Path) -> list[int]:
-    """What any write to the file changes (the change time cannot be set back): while it is the
+    """The file's identity (``core.files.file_identity``), as JSON keeps it: while it is the
     same, the digest checked at the last use still holds (a 500 MB export takes 0.3 s to hash)."""
-    st = path.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return list(file_identity(path.stat()))
 
 
 def _cached(path: Path, backbone) -> bool:

@@ -321,3 +321,21 @@ def test_a_part_stored_as_another_dtype_is_not_sealed_and_is_set_aside(tmp_path:
     assert merge(store, rejected) == (0, 0)
     assert "as float16, the store as float32" in rejected[0]
     assert FeatureStore(store).backbone("net").count == 0
+
+
+def test_an_empty_part_is_sealed_and_merged(tmp_path: Path):
+    """A shard job whose share of the folder is empty (more shards than images) writes an empty
+    part; merging it leaves the store as it was (it crashed on the empty path index)."""
+    store = tmp_path / "s.h5"
+    with StoreWriter(store):
+        pass
+    _write_part(store, "p0", 300, sealing=False)
+    merge(store)
+    before = _content(store)
+    with PartWriter(store, "empty") as w:
+        w.upsert_images([], [], [], np.zeros(0), np.zeros(0), {})
+        w.register_backbone("net", FP)
+    assert sealed.is_sealed(list_parts(store)[0])
+    report = Publishing()
+    assert merge(store, report=report) == (1, 2)
+    assert report.ways == {"linked": 1} and _content(store) == before and check(store) == []

@@ -328,13 +328,8 @@ class Format2:
         s = self.state()
         bad: dict[str, str] = {}
         with Reader(segment_dir(self.path), s) as r:
-            for fam, ps in s.maps.items():
-                for piece in ps:
-                    for col in s.columns(fam):
-                        try:
-                            r.dataset(piece, col)
-                        except StoreError as e:
-                            bad.setdefault(piece.file, str(e))
+            for name, why in r.problems(s):
+                bad.setdefault(name, why)
             for name, _ in s.index:
                 try:
                     read_run(r, name)

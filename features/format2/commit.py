@@ -215,21 +215,9 @@ class Commit:
                 raise FingerprintMismatchError(
                     f"journal registers backbone {name!r} with another fingerprint"
                 )
-            precisions = set(str(have.get("precision", "")).split(",")) | {fp["precision"]}
-            have["precision"] = ",".join(sorted(p for p in precisions if p))
+            add_precision(have, fp["precision"])
             return
-        meta_attrs = {
-            k: v if isinstance(v, str | int | float) else json.dumps(v, sort_keys=True)
-            for k, v in fp.items()
-        }
-        dtype = np.dtype(meta["dtype"])
-        self.s.backbones[name] = {
-            **meta_attrs,
-            "fingerprint": json.dumps(fp, sort_keys=True),
-            "dim": int(meta["dim"]),
-            "dtype": dtype.name,
-            "created_at": now(),
-        }
+        self.s.backbones[name] = backbone_meta(fp, meta["dim"], meta["dtype"])
         self.s.maps.setdefault(backbone_family(name), [])
 
     def _apply_embeddings(self, meta: dict, a: dict[str, np.ndarray]) -> None:
@@ -467,6 +455,24 @@ class Commit:
         self.reader.close()
         save(self.path, self.s)
         collect_garbage(self.path, self.s)
+
+
+def backbone_meta(fp: dict[str, Any], dim: int, dtype: str) -> dict[str, Any]:
+    """A backbone's entry in the state (its attributes in the top-level file) from the
+    fingerprint it was registered with."""
+    attrs = {
+        k: v if isinstance(v, str | int | float) else json.dumps(v, sort_keys=True)
+        for k, v in fp.items()
+    }
+    return {**attrs, "fingerprint": json.dumps(fp, sort_keys=True), "dim": int(dim),
+            "dtype": np.dtype(dtype).name, "created_at": now()}  # fmt: skip
+
+
+def add_precision(entry: dict[str, Any], precision: str) -> None:
+    """Record that rows of a backbone entry were also made in ``precision`` (comma-separated
+    tags: rows of agreeing engines share one entry)."""
+    have = set(str(entry.get("precision", "")).split(",")) | set(str(precision).split(","))
+    entry["precision"] = ",".join(sorted(p for p in have if p))
 
 
 def read_history(

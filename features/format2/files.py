@@ -132,6 +132,17 @@ class Reader:
             )
         return ds
 
+    def problems(self, state) -> Iterator[tuple[str, str]]:
+        """(file, why) for every column of every piece of ``state``'s maps whose segment is
+        missing, unreadable or shorter than the piece (metadata only: no data read)."""
+        for fam, ps in state.maps.items():
+            for piece in ps:
+                for col in state.columns(fam):
+                    try:
+                        self.dataset(piece, col)
+                    except StoreError as e:
+                        yield piece.file, str(e)
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
@@ -407,6 +418,8 @@ class KeyRun:
 
     @staticmethod
     def merge(runs: Sequence[KeyRun]) -> KeyRun:
+        if not runs:
+            return KeyRun(np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int64))
         key = np.stack(
             [np.concatenate([r.key0 for r in runs]), np.concatenate([r.key1 for r in runs])], 1
         )
@@ -417,19 +430,23 @@ class KeyRun:
 
     def find(self, q: np.ndarray, *, presorted: bool = False) -> np.ndarray:
         """Row of each query key, -1 where absent (``presorted``: ``q`` is sorted by its first
-        word already)."""
-        out = np.full(len(q), -1, np.int64)
+        word already, and is searched as it is)."""
+        if not len(self.row) or not len(q):
+            return np.full(len(q), -1, np.int64)
+        if presorted:
+            return self._find_sorted(q[:, 0], q[:, 1])
+        order = np.argsort(q[:, 0])  # sorted queries walk the map's pages in order
+        out = np.empty(len(q), np.int64)
+        out[order] = self._find_sorted(q[order, 0], q[order, 1])
+        return out
+
+    def _find_sorted(self, q0: np.ndarray, q1: np.ndarray) -> np.ndarray:
         n = len(self.row)
-        if not n or not len(q):
-            return out
-        # sorted queries walk the map's pages in order
-        order = np.arange(len(q)) if presorted else np.argsort(q[:, 0])
-        q0, q1 = q[order, 0], q[order, 1]
         pos = np.searchsorted(self.key0, q0)
         p = np.minimum(pos, n - 1)
         first = (pos < n) & (self.key0[p] == q0)
         hit = first & (self.key1[p] == q1)
-        found = np.full(len(q), -1, np.int64)
+        found = np.full(len(q0), -1, np.int64)
         found[hit] = self.row[p[hit]]
         # first words equal but second not: another key with the same first word may follow
         for i in np.flatnonzero(first & ~hit).tolist():
@@ -439,8 +456,7 @@ class KeyRun:
                     found[i] = self.row[j]
                     break
                 j += 1
-        out[order] = found
-        return out
+        return found
 
 
 def find_keys(runs: Sequence[KeyRun], q: np.ndarray) -> np.ndarray:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from penult.core.files import file_identity
 from penult.features import journal
 from penult.features.format2.commit import Commit
 from penult.features.format2.state import State
-from penult.features.format2.state import identity as state_identity
 
 __all__ = ["Overlay", "pending_review", "overlay", "identity"]
 
@@ -79,7 +79,7 @@ def _plain(v: np.ndarray) -> np.ndarray:
 
 def identity(path: Path) -> tuple[int, ...]:
     """What changes when a commit replaces the top-level file at ``path``."""
-    return state_identity(os.stat(path))
+    return file_identity(os.stat(path))
 
 
 def pending_review(path: Path, published: int) -> list[Path]:

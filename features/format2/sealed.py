@@ -35,7 +35,7 @@ import numpy as np
 from penult.core.errors import PenultError, StoreError
 from penult.core.files import atomic_path, fsync_dir
 from penult.features import journal
-from penult.features.format2.commit import Commit
+from penult.features.format2.commit import Commit, add_precision, backbone_meta
 from penult.features.format2.files import (
     KeyRun,
     Piece,
@@ -56,7 +56,6 @@ from penult.features.format2.state import (
     backbone_family,
     load,
     new_state,
-    now,
     save,
     segment_dir,
 )
@@ -100,17 +99,18 @@ def seal(store: Path, part: Path) -> bool:
     mini.names |= {k: list(v) for k, v in base.names.items() if _kind_seeded(k)}
     mini.backbones = json.loads(json.dumps(base.backbones))  # registered: embeddings replay
     batch: list[Path] = []
+    size = 0
     for i, shard in enumerate(shards):
         batch.append(shard)
-        if i + 1 == len(shards) or sum(s.stat().st_size for s in batch) >= SEAL_BYTES:
+        size += shard.stat().st_size
+        if i + 1 == len(shards) or size >= SEAL_BYTES:
             c = Commit(top, mini)
-            for s in batch:
-                meta, arrays = journal.read_shard(s)
-                c.apply(meta, arrays)
-            c.finish(journal.seq_of(s))
+            for b in batch:
+                c.apply(*journal.read_shard(b))
+            c.finish(journal.seq_of(batch[-1]))
             with h5py.File(top, "r") as f:
                 mini = load(f)
-            batch = []
+            batch, size = [], 0
     return True
 
 
@@ -121,15 +121,26 @@ def _registered_as_stored(shards: list[Path], base: State) -> bool:
         if journal.kind_of(shard) != "backbone":
             continue
         meta, _ = journal.read_shard(shard)
-        have = base.backbones.get(meta.get("name"))
-        if have is None:
-            continue
-        fp = meta.get("fingerprint")
-        if not isinstance(fp, dict) or not Fingerprint(json.loads(have["fingerprint"])).same_as(fp):
-            return False
-        if np.dtype(str(meta.get("dtype"))) != np.dtype(have["dtype"]):
+        name = meta.get("name")
+        have = base.backbones.get(name)
+        if have is not None and _differs(name, have, meta.get("fingerprint"), meta.get("dtype")):
             return False
     return True
+
+
+def _differs(
+    name: str, have: dict, fp: dict | str | None, dtype: object, dim: object = None
+) -> str:
+    """Why backbone ``name`` registered with fingerprint ``fp`` (a dict, or its JSON),
+    ``dtype`` and ``dim`` is not the store's entry ``have`` ("" when it is)."""
+    fp = json.loads(fp) if isinstance(fp, str) else fp
+    if not isinstance(fp, dict) or not Fingerprint(json.loads(have["fingerprint"])).same_as(fp):
+        return f"it holds backbone {name!r} with another fingerprint than the store"
+    if np.dtype(str(dtype)) != np.dtype(have["dtype"]) or (
+        dim is not None and int(dim) != int(have["dim"])
+    ):
+        return f"it stores backbone {name!r} as {dtype}, the store as {have['dtype']}"
+    return ""
 
 
 MAX_RUNS = 64  # runs of consecutive store rows a part laid over stored rows may cover
@@ -167,19 +178,12 @@ def _seal_over(store: Path, part: Path, shards: list[Path], base: State) -> bool
     if len(reg) != 1 or not got:
         return False
     name = next(iter(reg))
-    meta = base.backbones.get(name)
+    meta = base.backbones.get(name)  # (a registration unlike it: refused by seal already)
     if meta is None:
         fp = reg[name].get("fingerprint")
         if not isinstance(fp, dict):
             return False
-        meta = {k: v if isinstance(v, str | int | float) else json.dumps(v, sort_keys=True)
-                for k, v in fp.items()}  # fmt: skip
-        meta |= {"fingerprint": json.dumps(fp, sort_keys=True), "dim": int(reg[name]["dim"]),
-                 "dtype": np.dtype(reg[name]["dtype"]).name, "created_at": now()}  # fmt: skip
-    elif reg[name].get("fingerprint") is not None and not Fingerprint(
-        json.loads(meta["fingerprint"])
-    ).same_as(reg[name]["fingerprint"]):
-        return False
+        meta = backbone_meta(fp, reg[name]["dim"], reg[name]["dtype"])
     paths = list(got)
     seed = int(base.attrs["key_seed"])
     key = path_keys(paths, seed)
@@ -378,13 +382,12 @@ def _take(c: Commit, top: Path, taken: list[str]) -> str:
             c.put(fam, np.arange(n0, n0 + k), redo[fam])
             s.maps.setdefault(fam, [])
             continue
-        for p in ps:
-            how = _link(folder / p.file, c.reader.folder / p.file) if how == "linked" else _copy(
-                folder / p.file, c.reader.folder / p.file)  # fmt: skip
+        how = _bring(ps, folder, c.reader.folder, how)
         s.maps.setdefault(fam, []).extend(_split(ps, n0, s.block))
     _merge_names(s, part, translate)
     _register(s, part)
-    c.add_keys(KeyRun(np.asarray(run.key0), np.asarray(run.key1), row + n0))
+    if k:
+        c.add_keys(KeyRun(np.asarray(run.key0), np.asarray(run.key1), row + n0))
     c.n += k
     taken.append(str(part.attrs["seal_id"]))
     return how
@@ -426,9 +429,7 @@ def _take_over(c: Commit, part: State, top: Path) -> str:
         if f == ERROR and "error" in translate:  # another part named other failures since
             c.put(ERROR, rows, {"error": translate["error"][errors]})
             continue
-        for p in ps:
-            how = _link(folder / p.file, c.reader.folder / p.file) if how == "linked" else _copy(
-                folder / p.file, c.reader.folder / p.file)  # fmt: skip
+        how = _bring(ps, folder, c.reader.folder, how)
         s.maps[f] = cut(s.maps.get(f, []), _split(ps, 0, s.block))
     _merge_names(s, part, translate)
     _register(s, part)
@@ -437,13 +438,8 @@ def _take_over(c: Commit, part: State, top: Path) -> str:
 
 def _whole(r: Reader, part: State) -> None:
     """Every segment file of the seal there and long enough (metadata: shapes); refused else."""
-    for fam, ps in part.maps.items():
-        for p in ps:
-            for col in part.columns(fam):
-                try:
-                    r.dataset(p, col)
-                except StoreError as e:
-                    raise Refused(f"its seal is damaged ({e})") from None
+    for _, why in r.problems(part):
+        raise Refused(f"its seal is damaged ({why})")
 
 
 def _merge_names(s: State, part: State, translate: dict[str, np.ndarray]) -> None:
@@ -465,9 +461,7 @@ def _register(s: State, part: State) -> None:
         if name not in s.backbones:
             s.backbones[name] = dict(meta)
         else:
-            have = set(str(s.backbones[name].get("precision", "")).split(","))
-            have |= set(str(meta.get("precision", "")).split(","))
-            s.backbones[name]["precision"] = ",".join(sorted(p for p in have if p))
+            add_precision(s.backbones[name], meta.get("precision", ""))
         s.maps.setdefault(backbone_family(name), [])
 
 
@@ -476,14 +470,8 @@ def _check_backbones(s: State, part: State) -> None:
         have = s.backbones.get(name)
         if have is None or backbone_family(name) not in part.maps:
             continue
-        if not Fingerprint(json.loads(have["fingerprint"])).same_as(
-            json.loads(meta["fingerprint"])
-        ):
-            raise Refused(f"it holds backbone {name!r} with another fingerprint than the store")
-        if have["dtype"] != meta["dtype"] or int(have["dim"]) != int(meta["dim"]):
-            raise Refused(
-                f"it stores backbone {name!r} as {meta['dtype']}, the store as {have['dtype']}"
-            )
+        if why := _differs(name, have, meta["fingerprint"], meta["dtype"], meta["dim"]):
+            raise Refused(why)
 
 
 def _kind_seeded(kind: str) -> bool:
@@ -547,6 +535,15 @@ def _split(ps: list[Piece], n0: int, block: int) -> list[Piece]:
             off += end - lo
             lo = end
     return out
+
+
+def _bring(ps: list[Piece], src: Path, dest: Path, how: str) -> str:
+    """The pieces' segment files into the store's folder ``dest``: linked while the file
+    system allows it (``how`` is still ``linked``), copied from then on; returns how."""
+    for p in ps:
+        how = _link(src / p.file, dest / p.file) if how == "linked" else _copy(
+            src / p.file, dest / p.file)  # fmt: skip
+    return how
 
 
 def _link(src: Path, dest: Path) -> str:

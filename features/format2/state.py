@@ -22,7 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 from penult.core.errors import PenultError
-from penult.core.files import atomic_path, fsync_dir
+from penult.core.files import atomic_path, file_identity, fsync_dir
 from penult.features.format2.files import (
     STR,
     Column,
@@ -177,17 +177,12 @@ def new_state(block: int = SEGMENT_ROWS) -> State:
 _LOADED: dict[tuple[int, ...], State] = {}  # a few top-level files' states, by file identity
 
 
-def identity(st: os.stat_result) -> tuple[int, ...]:
-    """What changes when a commit replaces a top-level file (it is never edited in place)."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
 def load(f: h5py.File) -> State:
     """The state an open top-level file says (a copy: commits change it). A top-level file is
     never edited, only replaced, so its state is cached by the open file's identity (device,
     inode, size, change time): one review action opens the store a dozen times."""
     try:
-        key = identity(os.fstat(f.id.get_vfd_handle()))
+        key = file_identity(os.fstat(f.id.get_vfd_handle()))
     except (OSError, TypeError, ValueError):  # a driver without a file descriptor
         return _load(f)
     hit = _LOADED.get(key)
