@@ -115,6 +115,7 @@ _HELP = {
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     from penult.extract.options import ExtractOptions, SampleOptions
+    from penult.extract.walk import CHUNK
 
     p = sub.add_parser(
         "extract",
@@ -135,6 +136,12 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--taxonomy", help="CSV: class,<coarse levels...> joined onto labels")
     p.add_argument("--split", help="CSV: path,split (train/val/test) stored with the labels")
+    p.add_argument(
+        "--list-chunk", type=int, default=CHUNK, metavar="N",
+        help="a folder is listed, planned and committed N images at a time, so the driver's "
+        "memory stays bounded whatever the folder holds (about 1 KB an image of N while a piece "
+        f"is planned; default {CHUNK:,})",
+    )  # fmt: skip
     _add_options(p, SampleOptions)
     _add_options(p, ExtractOptions)
 
@@ -823,18 +830,18 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from penult.core import OptionError
-    from penult.extract import ExtractOptions, extract, list_images
+    from penult.extract import ExtractOptions, extract, open_source
 
     if args.shard and args.cluster:
         raise OptionError("--shard and --cluster are two ways to split a run; use one")
-    listing = list_images(
+    source = open_source(
         args.input, root=args.root, taxonomy=args.taxonomy, split=args.split,
-        sample_level=args.sample_level, samples=args.samples,
+        sample_level=args.sample_level, samples=args.samples, chunk=args.list_chunk,
     )  # fmt: skip
-    for note in listing.notes:
-        print(note)
     opts = _options(args, ExtractOptions)
-    summary = extract(args.store, listing, opts)
+    summary = extract(args.store, source, opts)
+    for note in source.notes:  # (a folder's notes are complete once every piece is listed)
+        print(note)
     print(summary.report())
     if args.shard:
         print(

@@ -1,12 +1,14 @@
 """What listing a folder tree costs the driver (issue 35): peak memory per file and files/s of
 `extract.list_images` on a synthetic tree of empty image files (names only: `stat` is the work).
 
-    .venv/bin/python benchmarks/listing_memory.py --files 2000000
+    .venv/bin/python benchmarks/listing_memory.py --files 2000000 --chunk 100000
 
 The tree is IFCB-like: one folder per day, one per bin inside it, ROI names such as
 ``D20260105T120000_IFCB109_00042.png``; made once under bench-out/listing (kept for reruns).
-The listing runs in a fresh process; its peak resident memory (VmHWM) above the interpreter's
-with penult imported is divided by the files.
+Each listing runs in a fresh process; its peak resident memory (VmHWM) above the interpreter's
+with penult imported is divided by the files. Two ways: ``list_images`` (every path at once, what
+the API and ``predict`` list) and ``open_source`` (what ``penult extract`` runs over: a survey
+pass, then pieces of ``--chunk`` files, each dropped before the next).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ OUT = ROOT / "bench-out" / "listing"
 
 RUN = """
 import time
-from penult.extract import list_images
+from penult.extract import list_images, open_source
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -33,8 +35,11 @@ def status(key):
 
 base = status("VmRSS")
 t = time.perf_counter()
-listing = list_images({tree!r})
-print("RESULT", len(listing), time.perf_counter() - t, status("VmHWM") - base)
+if {chunk}:  # the folder in pieces, as `penult extract` lists it: each piece dropped in turn
+    n = sum(len(piece) for piece in open_source({tree!r}, chunk={chunk}).chunks())
+else:
+    n = len(list_images({tree!r}))
+print("RESULT", n, time.perf_counter() - t, status("VmHWM") - base)
 """
 
 
@@ -61,19 +66,22 @@ def make_tree(root: Path, files: int, per_bin: int = 1000, bins_per_day: int = 5
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=2_000_000)
+    ap.add_argument("--chunk", type=int, default=100_000, help="files per piece of the stream")
     a = ap.parse_args()
     tree = OUT / f"tree-{a.files}"
     make_tree(tree, a.files)
     print("cpu:", cpu_flags())
-    code = RUN.format(tree=str(tree))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
-    if r.returncode or line is None:
-        raise SystemExit(f"failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    _, n, secs, peak = line.split()
-    n, secs, peak = int(n), float(secs), int(peak)
-    print(f"list_images: {n:,} files in {secs:.1f} s ({n / secs:,.0f} files/s), peak "
-          f"{peak / 2**20:,.0f} MiB above the interpreter: {peak / n:.0f} B a file")  # fmt: skip
+    for chunk in (0, a.chunk):
+        code = RUN.format(tree=str(tree), chunk=chunk)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+        if r.returncode or line is None:
+            raise SystemExit(f"failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        _, n, secs, peak = line.split()
+        n, secs, peak = int(n), float(secs), int(peak)
+        what = f"open_source, pieces of {chunk:,}" if chunk else "list_images"
+        print(f"{what}: {n:,} files in {secs:.1f} s ({n / secs:,.0f} files/s), peak "
+              f"{peak / 2**20:,.0f} MiB above the interpreter: {peak / n:.0f} B a file")  # fmt: skip
 
 
 if __name__ == "__main__":

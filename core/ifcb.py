@@ -43,7 +43,8 @@ import numpy as np
 from penult.core.errors import PenultError
 
 __all__ = [
-    "Bin", "BinError", "BinReader", "Roi", "bin_source", "find_bins", "list_bins", "read_bin",
+    "Bin", "BinError", "BinReader", "BinRows", "Roi", "add_part", "bin_source", "find_bins",
+    "group_bins", "list_bins", "read_bin",
     "read_roi", "roi_key", "roi_source", "stat_roi", "virtual_roi",
 ]  # fmt: skip
 
@@ -113,9 +114,22 @@ def find_bins(root: str | os.PathLike[str]) -> tuple[list[Path], list[tuple[str,
     parts: dict[Path, set[str]] = {}
     for folder, _, files in os.walk(root):
         for name in files:
-            stem, suffix = os.path.splitext(name)
-            if suffix in PARTS and is_bin_name(stem):
-                parts.setdefault(Path(folder) / stem, set()).add(suffix)
+            add_part(parts, Path(folder), name)
+    return group_bins(parts)
+
+
+def add_part(parts: dict[Path, set[str]], folder: Path, name: str) -> bool:
+    """Count file ``name`` of ``folder`` into ``parts`` (bin -> its suffixes) if it is a part
+    of a bin; whether it is one."""
+    stem, suffix = os.path.splitext(name)
+    if suffix in PARTS and is_bin_name(stem):
+        parts.setdefault(folder / stem, set()).add(suffix)
+        return True
+    return False
+
+
+def group_bins(parts: dict[Path, set[str]]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(bins, files that cannot make one with why) of the parts ``add_part`` found."""
     bins, problems = [], []
     for stem, have in sorted(parts.items(), key=lambda kv: (kv[0].name, str(kv[0]))):
         missing = [s for s in (".hdr", ".adc") if s not in have]
@@ -285,37 +299,62 @@ def list_bins(root: Path) -> tuple[list[str], dict[str, list[str]], list[str]]:
     sample metadata; and notes. A bin that cannot be read is listed by its own name (extracting
     it records the reason as that row's failure, so nothing fails silently)."""
     stems, problems = find_bins(root)
-    paths: list[str] = []
-    meta: dict[str, list[str]] = {"sample": [], "time": [], "instrument": [], "volume_ml": []}
-    notes: list[str] = []
-    bad = 0
-
-    def add(path: str, pid: str, when: str = "", instrument: str = "", ml: str = "") -> None:
-        paths.append(path)
-        for k, v in zip(meta, (pid, when, instrument, ml), strict=True):
-            meta[k].append(v)
-
+    rows = BinRows(root)
     for stem in stems:
-        rel = stem.relative_to(root).as_posix()
+        rows.add_bin(stem)
+    for path, _ in problems:
+        rows.add_bad(Path(path))
+    return rows.paths, rows.meta, [rows.count_note(), *rows.notes]
+
+
+class BinRows:
+    """The rows of bins, one bin at a time (``list_bins`` all at once; a streamed listing a
+    chunk of bins at a time, with ``count_note`` over every chunk)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.good = self.bad = self.rois = 0
+        self.notes: list[str] = []
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the rows (a chunk handed on); counts and notes stay."""
+        self.paths: list[str] = []
+        self.meta: dict[str, list[str]] = {
+            k: [] for k in ("sample", "time", "instrument", "volume_ml")
+        }
+
+    def _add(self, path: str, pid: str, when: str = "", instrument: str = "", ml: str = "") -> None:
+        self.paths.append(path)
+        for k, v in zip(self.meta, (pid, when, instrument, ml), strict=True):
+            self.meta[k].append(v)
+
+    def add_bin(self, stem: Path) -> None:
+        """A bin's ROIs; a bin that cannot be read as one row (``add_bad``)."""
         try:
             b = read_bin(stem)
         except BinError:  # its metadata still counts: a sample with no ROI analysed a volume too
-            add(rel, stem.name, *_name_meta(stem.name), _volume_text(bin_volume(stem)))
-            bad += 1
-            continue
+            self.add_bad(stem)
+            return
+        rel = stem.relative_to(self.root).as_posix()
         ml = _volume_text(b.volume_ml)
         for r in b.rois:
-            add(f"{rel}_{r.number:05d}", b.pid, b.time, str(b.instrument), ml)
-        notes += b.notes
-    for path, _ in problems:
-        name = Path(path).name
-        add(Path(path).relative_to(root).as_posix(), name, *_name_meta(name),
-            _volume_text(bin_volume(Path(path))))  # fmt: skip
-        bad += 1
-    good = len(stems) + len(problems) - bad
-    notes.insert(0, f"IFCB: {good} bins, {len(paths) - bad} ROIs"
-                    + (f"; {bad} bins cannot be read (recorded as failures)" if bad else ""))  # fmt: skip
-    return paths, meta, notes
+            self._add(f"{rel}_{r.number:05d}", b.pid, b.time, str(b.instrument), ml)
+        self.good += 1
+        self.rois += len(b.rois)
+        self.notes += b.notes
+
+    def add_bad(self, stem: Path) -> None:
+        """A bin that cannot be read (or lacks a part): one row by its own name, whose
+        extraction records why."""
+        self._add(stem.relative_to(self.root).as_posix(), stem.name, *_name_meta(stem.name),
+                  _volume_text(bin_volume(stem)))  # fmt: skip
+        self.bad += 1
+
+    def count_note(self) -> str:
+        return f"IFCB: {self.good} bins, {self.rois} ROIs" + (
+            f"; {self.bad} bins cannot be read (recorded as failures)" if self.bad else ""
+        )
 
 
 def bin_volume(stem: Path) -> float:

@@ -23,9 +23,11 @@ _WHERE = {
     "UnknownBackboneError": "penult.extract.registry",
     "get_spec": "penult.extract.registry",
     "extract": "penult.extract.run",
-    "Listing": "penult.extract.sources",
-    "SourceError": "penult.extract.sources",
+    "FolderStream": "penult.extract.walk",
+    "Listing": "penult.extract.listing",
+    "SourceError": "penult.extract.listing",
     "list_images": "penult.extract.sources",
+    "open_source": "penult.extract.sources",
     "ExtractSummary": "penult.extract.summary",
     "WeightsError": "penult.extract.weights",
 }
@@ -44,6 +46,7 @@ __all__ = [
     "SampleOptions",
     "ExtractSummary",
     "Featuriser",
+    "FolderStream",
     "ImageError",
     "Listing",
     "SourceError",
@@ -56,4 +59,5 @@ __all__ = [
     "extract",
     "get_spec",
     "list_images",
+    "open_source",
 ]

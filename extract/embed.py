@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from penult.core import OptionError
 from penult.extract.embedder import Embedder, choose_engine
-from penult.extract.images import DEFAULT_MAX_PIXELS, spread
+from penult.extract.images import DEFAULT_MAX_PIXELS
 from penult.extract.loader import batches
 from penult.extract.model import Backbone, build_backbone, pick_optimize
 from penult.extract.options import ExtractOptions
 from penult.extract.quantize import CALIBRATION_IMAGES, METHOD
 from penult.extract.registry import REGISTRY, get_spec
-from penult.extract.sources import Listing
+from penult.extract.sources import FolderStream, Listing
 from penult.extract.summary import ExtractSummary
 from penult.extract.weights import WeightsError
 from penult.features import StoreWriter
@@ -149,7 +149,9 @@ def make_embedder(
     return Embedder(backbone, choice, batch_size=batch_size, optimize=optimize)
 
 
-def build_embedder(opts: ExtractOptions, listing: Listing | None = None, store_path=None):
+def build_embedder(
+    opts: ExtractOptions, listing: Listing | FolderStream | None = None, store_path=None
+):
     """(backbone, embedder, store entry name, fingerprint) for an extraction. An int8 entry
     already in the store keeps its calibration; a new one calibrates on images of ``listing``."""
     backbone = build_backbone(
@@ -165,11 +167,11 @@ def build_embedder(opts: ExtractOptions, listing: Listing | None = None, store_p
     if opts.precision == "int8" and not digest:
         digest = _stored_calibration(store_path, name)
         if not digest and listing is not None:
-            calibration = [listing.absolute(i) for i in spread(len(listing), CALIBRATION_IMAGES)]
+            calibration = listing.sample_files(CALIBRATION_IMAGES)
     embedder = make_embedder(
         backbone, device=opts.device, precision=opts.precision, batch_size=opts.batch_size,
         engine=opts.engine, int8_digest=digest, calibration=calibration, progress=opts.progress,
-        images=len(listing) if listing is not None else None,
+        images=listing.hint if listing is not None else None,
     )  # fmt: skip
     fingerprint = {**backbone.fingerprint, "precision": embedder.tag}
     if embedder.int8:

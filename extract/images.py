@@ -20,6 +20,7 @@ from penult.core.options import DEFAULT_MAX_PIXELS
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "AUTO_SAMPLE",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_SUFFIXES",

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from penult.extract.images import (
+    AUTO_SAMPLE,
     ImageError,
     auto_resize,
     mostly_greyscale,
     read_source,
     source_stat,
-    spread,
 )
 from penult.extract.options import ExtractOptions
-from penult.extract.sources import Listing
+from penult.extract.sources import FolderStream, Listing
 from penult.features import TableView, match_hashes, sha_raw
 from tqdm.auto import tqdm
 
@@ -138,13 +138,15 @@ def plan(
     )
 
 
-def resolve_resize(opts: ExtractOptions, listing: Listing) -> tuple[ExtractOptions, str]:
+def resolve_resize(
+    opts: ExtractOptions, listing: Listing | FolderStream
+) -> tuple[ExtractOptions, str]:
     """``--resize auto`` made concrete once, from the whole listing, before any shard is taken:
     every shard and cluster worker then writes the same entry. Also the reason, for the summary."""
     if opts.resize != "auto":
         return opts, ""
     if opts.crop_pct is not None:
         return replace(opts, resize="crop"), "crop (auto: --crop-pct given)"
-    grey, note = mostly_greyscale([listing.absolute(i) for i in spread(len(listing))])
+    grey, note = mostly_greyscale(listing.sample_files(AUTO_SAMPLE))
     mode = auto_resize(grey, opts.crop_pct)
     return replace(opts, resize=mode), f"{mode} (auto: {note})"

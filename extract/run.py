@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +17,24 @@ from penult.extract.embed import build_embedder, embed_into
 from penult.extract.engines import cache_notes
 from penult.extract.options import ExtractOptions
 from penult.extract.plan import hash_listing, plan, resolve_resize
-from penult.extract.sources import Listing
+from penult.extract.sources import FolderStream, Listing
 from penult.extract.summary import ExtractSummary
-from penult.features import FeatureStore, StoreWriter
+from penult.features import FeatureStore, StoreWriter, TableView
 from penult.features.parts import PartWriter, list_parts, merge
 
 log = logging.getLogger(__name__)
 
+# a listing, or anything with its chunks(), sample_files(n), hint, notes, ignored (a FolderStream)
+Source = Listing | FolderStream
+
 
 def extract(
     store_path: str | os.PathLike[str],
-    listing: Listing,
+    listing: Source,
     opts: ExtractOptions = ExtractOptions(),  # noqa: B008 - frozen
 ) -> ExtractSummary:
-    """Embed every listed image that the store lacks for this backbone; see ExtractOptions."""
+    """Embed every listed image that the store lacks for this backbone; see ExtractOptions.
+    A :class:`FolderStream` is extracted a piece at a time, with one embedder."""
     for key in ("batch_size", "commit_every", "max_pixels", "partition_size"):
         if int(getattr(opts, key)) < 1:
             raise OptionError(f"{key} must be at least 1, got {getattr(opts, key)!r}")
@@ -82,28 +86,59 @@ def _relabelled(store: FeatureStore, listing: Listing, row: np.ndarray) -> dict[
     return out
 
 
-def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> ExtractSummary:
-    opts, resize_why = resolve_resize(opts, listing)
-    backbone, embedder, name, fingerprint = build_embedder(opts, listing, store_path)
+def _extract(store_path, source: Source, opts: ExtractOptions, cluster) -> ExtractSummary:
+    opts, resize_why = resolve_resize(opts, source)
+    backbone, embedder, name, fingerprint = build_embedder(opts, source, store_path)
     opts = replace(opts, int8_digest=embedder.int8.get("calibration_sha256", ""))
-    s = ExtractSummary(
-        Path(store_path), name, str(embedder.device), embedder.precision, listed=len(listing)
-    )
+    s = ExtractSummary(Path(store_path), name, str(embedder.device), embedder.precision)
     s.resize, s.engine, s.engine_note = resize_why, embedder.engine, embedder.engine_note
     s.cache_notes = cache_notes()
-    s.ignored = listing.ignored
     if opts.cluster and list_parts(store_path):  # a killed driver's parts: publish, then plan
         merge(store_path)
     writer: StoreWriter | PartWriter = StoreWriter(store_path)
     if opts.shard is not None:
-        i, n = opts.shard
-        listing = listing.shard(i, n)
-        writer = PartWriter(store_path, f"shard-{i}-of-{n}")
-        s.listed = len(listing)
+        writer = PartWriter(store_path, f"shard-{opts.shard[0]}-of-{opts.shard[1]}")
+    run = _Run(embedder, backbone.preprocess, name, fingerprint, opts, cluster, s)
     with writer as w:
-        row, stored = w.store.find(listing.paths), w.store.table_view()
+        # what is stored is read once: each piece's own rows are new to the store, so the
+        # pieces before it change nothing a later one plans against
+        run.stored = w.store.table_view()
+        for listing in source.chunks():
+            if opts.shard is not None:
+                listing = listing.shard(*opts.shard)
+            s.listed += len(listing)
+            run.piece(w, listing)
+            if s.interrupted:
+                break
+    s.ignored = source.ignored
+    s.ignored_count = getattr(source, "ignored_count", len(source.ignored))
+    return s
+
+
+@dataclass
+class _Run:
+    """What every piece of a listing is extracted with (the embedder is built once)."""
+
+    embedder: object
+    pre: object
+    name: str
+    fingerprint: dict
+    opts: ExtractOptions
+    cluster: object
+    s: ExtractSummary
+    valid: np.ndarray | None = None
+    stored: TableView | None = None
+
+    def piece(self, w, listing: Listing) -> None:
+        """Hash, plan, store the rows of and embed one listing (a whole one or a piece)."""
+        s, opts, name = self.s, self.opts, self.name
+        row = w.store.find(listing.paths)
+        if len(row) and row.max() >= len(self.stored.nbytes):  # (a merge by another process)
+            self.stored = w.store.table_view()
+        stored = self.stored
         sha, err, nbytes, mtime = hash_listing(listing, row, stored, progress=opts.progress)
-        s.relabelled = _relabelled(w.store, listing, row)
+        for col, n in _relabelled(w.store, listing, row).items():
+            s.relabelled[col] = s.relabelled.get(col, 0) + n
         w.upsert_images(
             listing.paths,
             [str(listing.root)] * len(listing),
@@ -116,10 +151,13 @@ def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> Ext
         if listing.status and isinstance(w, StoreWriter):  # (a shard's part has no history)
             w.commit()  # the rows first: the statuses name them
             _ecotaxa_status(w, listing, row < 0)
-        w.register_backbone(name, fingerprint, dtype=opts.dtype)
-        valid = w.store.valid(name) if name in w.store.backbones() else np.zeros(0, bool)
-        p = plan(sha, err, row, stored, valid, retry_failed=opts.retry_failed)
-        s.skipped, s.previously_failed = p.skipped, p.previously_failed
+        if self.valid is None:
+            w.register_backbone(name, self.fingerprint, dtype=opts.dtype)
+            have = name in w.store.backbones()
+            self.valid = w.store.valid(name) if have else np.zeros(0, bool)
+        p = plan(sha, err, row, stored, self.valid, retry_failed=opts.retry_failed)
+        s.skipped += p.skipped
+        s.previously_failed += p.previously_failed
         if p.unreadable:
             w.record_failures(
                 [listing.paths[i] for i in p.unreadable],
@@ -130,11 +168,12 @@ def _extract(store_path, listing: Listing, opts: ExtractOptions, cluster) -> Ext
         if p.reuse:
             x = w.store.embeddings(name, [r for _, r in p.reuse])
             w.append(name, [listing.paths[i] for i, _ in p.reuse], [sha[i] for i, _ in p.reuse], x)
-            s.reused = len(p.reuse)
+            s.reused += len(p.reuse)
         if isinstance(w, PartWriter):  # a shard run again after a kill: resume its part
             p.todo = w.not_done(name, listing.paths, sha, p.todo)
         if p.todo and opts.cluster:
-            run_on_cluster(cluster.client(), w, listing, sha, p.todo, opts, s)
+            run_on_cluster(self.cluster.client(), w, listing, sha, p.todo, opts, s)
         elif p.todo:
-            embed_into(w, name, listing, sha, p.todo, embedder, backbone.preprocess, opts, s)
-    return s
+            embed_into(w, name, listing, sha, p.todo, self.embedder, self.pre, opts, s)
+        if isinstance(w, StoreWriter):
+            w.commit()  # this piece's rows: the next piece starts from a committed store

@@ -16,65 +16,20 @@ from __future__ import annotations
 
 import csv
 import os
-import zlib
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from typing import Any
 
-from penult.core import ecotaxa, ifcb
-from penult.core.errors import PenultError
+from penult.core import ecotaxa
 from penult.core.labels import SAMPLE
 from penult.extract.images import IMAGE_SUFFIXES
+from penult.extract.listing import Listing, SourceError
+from penult.extract.walk import CHUNK, FolderStream, sample_of, scan_folder
 
-__all__ = ["Listing", "SourceError", "list_images"]
+__all__ = ["FolderStream", "Listing", "SourceError", "list_images", "open_source"]
 
 
 _PATH_COLUMNS = ("path", "file", "filename", "image")
 _LABEL_COLUMNS = ("label", "class", "species")
-
-
-class SourceError(PenultError):
-    """The input cannot be listed (missing, empty, malformed manifest)."""
-
-
-@dataclass
-class Listing:
-    root: Path
-    paths: list[str]
-    labels: dict[str, list[str]] = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    origin: str = ""  # the folder or file the labels came from (their provenance in the store)
-    # An EcoTaxa export's per-image status ("", predicted, validated, dubious) and the category
-    # of a predicted one (whose label stays empty: a prediction trains nothing until validated)
-    status: list[str] = field(default_factory=list)
-    predicted: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def absolute(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i])
-
-    def shard(self, i: int, n: int) -> Listing:
-        """Shard ``i`` of ``n``: the paths whose CRC-32 is ``i`` modulo ``n`` (the same split for
-        every process and every run, whatever else the folder holds)."""
-        if not 0 <= i < n:
-            raise SourceError(f"shard {i}/{n}: need 0 <= I < N")
-        keep = [
-            k
-            for k, p in enumerate(self.paths)
-            if zlib.crc32(p.encode("utf-8", "surrogateescape")) % n == i
-        ]
-        return Listing(
-            root=self.root,
-            paths=[self.paths[k] for k in keep],
-            labels={c: [v[k] for k in keep] for c, v in self.labels.items()},
-            ignored=self.ignored,
-            notes=self.notes,
-            origin=self.origin,
-            status=[self.status[k] for k in keep] if self.status else [],
-            predicted=[self.predicted[k] for k in keep] if self.predicted else [],
-        )
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -97,134 +52,9 @@ def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
     return next((low[n] for n in names if n in low), None)
 
 
-def _scan_folder(root: Path, sample_level: int | None = None) -> Listing:
-    paths, ignored, bins = [], [], 0
-    seen: set[tuple[int, int]] = set()  # folders visited: a link back up must not loop forever
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        # the folder's relative prefix once, not a Path per file (a tenth of the time)
-        prefix = Path(dirpath).relative_to(root).as_posix()
-        prefix = "" if prefix == "." else prefix + "/"
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            rel = prefix + name
-            stem, suffix = os.path.splitext(name)
-            if suffix in ifcb.PARTS and ifcb.is_bin_name(stem):
-                bins += 1
-                continue
-            (paths if Path(name).suffix.lower() in IMAGE_SUFFIXES else ignored).append(rel)
-    paths.sort()
-    if bins:
-        if paths:
-            raise SourceError(
-                f"{root}: holds both image files ({len(paths)}) and IFCB bins; point penult "
-                "at a folder of one kind"
-            )
-        return _bin_listing(root, ignored)
-    if not paths:
-        raise SourceError(
-            f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
-    if sample_level is not None:
-        return Listing(
-            root=root, paths=paths, labels=_folder_samples(root, paths, sample_level),
-            ignored=sorted(ignored),
-        )  # fmt: skip
-    depth = max(p.count("/") for p in paths) + 1
-    labels: dict[str, list[str]] = {}
-    if depth >= 2:
-        # one tuple of folder names per folder, shared by its files (8 bytes a file a column)
-        folders: dict[str, tuple[str, ...]] = {}
-        parts = [
-            folders.setdefault(d, tuple(d.split("/")) if d else ())
-            for d in (p.rpartition("/")[0] for p in paths)
-        ]
-        labels["label"] = [q[-1] if q else "" for q in parts]
-        for level in range(depth - 2):  # ancestors of the class folder, top level first
-            labels[f"level{level}"] = [q[level] if len(q) > level + 1 else "" for q in parts]
-    return Listing(root=root, paths=paths, labels=labels, ignored=sorted(ignored))
-
-
-def _bin_listing(root: Path, ignored: list[str]) -> Listing:
-    """IFCB bins: every ROI a row (``<folder>/<bin>_<nnnnn>``), unlabelled, its bin the sample,
-    with the bin's time, instrument and volume analysed (``extract.ifcb``)."""
-    paths, meta, notes = ifcb.list_bins(root)
-    order = sorted(range(len(paths)), key=paths.__getitem__)
-    return Listing(
-        root=root, paths=[paths[i] for i in order],
-        labels={k: [v[i] for i in order] for k, v in meta.items()},
-        ignored=sorted(ignored), notes=notes,
-    )  # fmt: skip
-
-
-def _sample_of(root: Path, path: str, level: int) -> tuple[str, tuple[str, ...]]:
-    """(the sample: the folder ``level`` steps above the image, the folders below it)."""
-    folders = PurePosixPath(path).parts[:-1]
-    if len(folders) < level:
-        raise SourceError(
-            f"{root / path}: --sample-level {level} takes the folder {level} step(s) above each "
-            f"image as its sample, but this image has {len(folders)} folder(s) above it in {root}"
-        )
-    return folders[-level], folders[len(folders) - level + 1 :]
-
-
-def _folder_samples(root: Path, paths: list[str], level: int) -> dict[str, list[str]]:
-    """Labels of a folder whose samples are folders: folders below a sample's are the class
-    (the innermost) and its coarse levels; the sample's folder and those above it are not."""
-    found = [_sample_of(root, p, level) for p in paths]
-    labels = {SAMPLE: [s for s, _ in found]}
-    inner = level - 1  # folders between the sample and the image
-    if inner:
-        labels["label"] = [q[-1] for _, q in found]
-        for k in range(inner - 1):  # coarse levels, outermost first
-            labels[f"level{k}"] = [q[k] for _, q in found]
-    return labels
-
-
 def _check_level(level: int | None) -> None:
     if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level < 1):
         raise SourceError(f"--sample-level {level!r}: give 1 (each image's folder) or more")
-
-
-def _join_samples(listing: Listing, path: Path) -> None:
-    """Each image gets its sample's row of ``path`` (a CSV with a ``sample`` column); the
-    input's own columns win. Samples without a row are named in a note."""
-    header, rows = _read_csv(path)
-    scol = _pick(header, (SAMPLE, "sample_id", "bin"))
-    if scol is None:
-        raise SourceError(
-            f"{path}: a samples CSV needs a 'sample' column (has {', '.join(header)})"
-        )
-    if SAMPLE not in listing.labels:
-        raise SourceError(
-            f"{path}: sample metadata is joined by sample, but the images have none; give a "
-            "manifest with a 'sample' column or --sample-level"
-        )
-    table: dict[str, dict[str, str]] = {}
-    for n, r in enumerate(rows, start=2):
-        key = r.get(scol, "")
-        if key in table:
-            raise SourceError(f"{path}: line {n} repeats sample {key!r}")
-        table[key] = r
-    samples = listing.labels[SAMPLE]
-    added = []
-    for h in header:
-        col = h.lower()
-        if h == scol or col in listing.labels:
-            continue
-        listing.labels[col] = [table.get(s, {}).get(h, "") for s in samples]
-        added.append(col)
-    missing = sorted({s for s in samples if s and s not in table})
-    listing.notes.append(
-        f"samples {path.name}: added {', '.join(added) or 'nothing'}"
-        + (f"; {len(missing)} sample(s) have no row, e.g. {str(missing[0])!r}" if missing else "")
-    )
 
 
 def _from_manifest(csv_path: Path, root: Path | None) -> Listing:
@@ -351,33 +181,157 @@ def _from_file_list(list_path: Path, root: Path | None) -> Listing:
     return Listing(root=base.resolve(), paths=paths)
 
 
-def _join_taxonomy(listing: Listing, taxonomy: Path) -> None:
-    from penult.core.labels import read_taxonomy
+class _Joins:
+    """A taxonomy (class -> coarse levels), a split CSV (path -> split) and sample metadata
+    (sample -> columns) joined onto a listing, or onto a stream's listings one after another;
+    the input's own columns win. ``notes`` say what was joined over all of them."""
 
-    if "label" not in listing.labels:
-        raise SourceError(
-            f"{taxonomy}: a taxonomy needs labelled images, but the input has no labels"
-        )
-    columns = read_taxonomy(taxonomy).columns(listing.labels["label"])
-    added = [c for c in columns if c not in listing.labels]  # a manifest's own columns win
-    for c in added:
-        listing.labels[c] = columns[c]
-    listing.notes.append(f"taxonomy {taxonomy.name}: added {', '.join(added)}")
+    def __init__(self, taxonomy: Path | None, split: Path | None, samples: Path | None):
+        from penult.core.labels import read_taxonomy
+
+        self.taxonomy = (taxonomy, read_taxonomy(taxonomy)) if taxonomy else None
+        self.split = (split, self._split_table(split)) if split else None
+        self.samples = samples
+        self._sample_rows: tuple[list[str], str, dict[str, dict[str, str]]] | None = None
+        self.added: dict[str, list[str]] = {}
+        self.assigned = self.unmatched = 0
+        self.missing: set[str] = set()
+
+    @staticmethod
+    def _split_table(split: Path) -> dict[str, str]:
+        header, rows = _read_csv(split)
+        pcol = _pick(header, _PATH_COLUMNS) or header[0]
+        scol = _pick(header, ("split", "subset", "set"))
+        if scol is None:
+            raise SourceError(
+                f"{split}: split CSV needs a 'split' column (has {', '.join(header)})"
+            )
+        return {Path(r[pcol]).as_posix(): r[scol] for r in rows}
+
+    @staticmethod
+    def _sample_table(path: Path) -> tuple[list[str], str, dict[str, dict[str, str]]]:
+        header, rows = _read_csv(path)
+        scol = _pick(header, (SAMPLE, "sample_id", "bin"))
+        if scol is None:
+            raise SourceError(
+                f"{path}: a samples CSV needs a 'sample' column (has {', '.join(header)})"
+            )
+        table: dict[str, dict[str, str]] = {}
+        for n, r in enumerate(rows, start=2):
+            key = r.get(scol, "")
+            if key in table:
+                raise SourceError(f"{path}: line {n} repeats sample {key!r}")
+            table[key] = r
+        return header, scol, table
+
+    def check(self, classes: set[str]) -> None:
+        """Refuse a taxonomy that lacks some of ``classes`` before any piece is joined."""
+        if self.taxonomy is not None:
+            self.taxonomy[1].check(sorted(c for c in classes if c))
+
+    def __call__(self, listing: Listing) -> None:
+        if self.taxonomy is not None:
+            self._taxonomy(listing, *self.taxonomy)
+        if self.split is not None:
+            table = self.split[1]
+            listing.labels["split"] = [table.get(p, "") for p in listing.paths]
+            unmatched = sum(1 for v in listing.labels["split"] if not v)
+            self.assigned += len(listing) - unmatched
+            self.unmatched += unmatched
+        if self.samples is not None:
+            self._samples(listing, self.samples)
+
+    def _taxonomy(self, listing: Listing, path: Path, taxonomy) -> None:
+        if "label" not in listing.labels:
+            raise SourceError(
+                f"{path}: a taxonomy needs labelled images, but the input has no labels"
+            )
+        columns = taxonomy.columns(listing.labels["label"])
+        added = [c for c in columns if c not in listing.labels]  # a manifest's own columns win
+        for c in added:
+            listing.labels[c] = columns[c]
+        self.added.setdefault("taxonomy", added)
+
+    def _samples(self, listing: Listing, path: Path) -> None:
+        """Each image gets its sample's row; samples without a row are named in a note."""
+        if SAMPLE not in listing.labels:
+            raise SourceError(
+                f"{path}: sample metadata is joined by sample, but the images have none; give a "
+                "manifest with a 'sample' column or --sample-level"
+            )
+        if self._sample_rows is None:
+            self._sample_rows = self._sample_table(path)
+        header, scol, table = self._sample_rows
+        samples = listing.labels[SAMPLE]
+        added = []
+        for h in header:
+            col = h.lower()
+            if h == scol or col in listing.labels:
+                continue
+            listing.labels[col] = [table.get(s, {}).get(h, "") for s in samples]
+            added.append(col)
+        self.added.setdefault("samples", added)
+        self.missing |= {s for s in set(samples) if s and s not in table}
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.taxonomy is not None and "taxonomy" in self.added:
+            out.append(
+                f"taxonomy {self.taxonomy[0].name}: added {', '.join(self.added['taxonomy'])}"
+            )
+        if self.split is not None:
+            out.append(
+                f"split {self.split[0].name}: {self.assigned} images assigned"
+                + (f", {self.unmatched} not in the split file" if self.unmatched else "")
+            )
+        if self.samples is not None and "samples" in self.added:
+            first = min(self.missing) if self.missing else ""
+            out.append(
+                f"samples {self.samples.name}: added {', '.join(self.added['samples']) or 'nothing'}"
+                + (
+                    f"; {len(self.missing)} sample(s) have no row, e.g. {first!r}"
+                    if self.missing
+                    else ""
+                )
+            )
+        return out
 
 
-def _join_split(listing: Listing, split: Path) -> None:
-    header, rows = _read_csv(split)
-    pcol = _pick(header, _PATH_COLUMNS) or header[0]
-    scol = _pick(header, ("split", "subset", "set"))
-    if scol is None:
-        raise SourceError(f"{split}: split CSV needs a 'split' column (has {', '.join(header)})")
-    table = {Path(r[pcol]).as_posix(): r[scol] for r in rows}
-    listing.labels["split"] = [table.get(p, "") for p in listing.paths]
-    unmatched = sum(1 for s in listing.labels["split"] if not s)
-    listing.notes.append(
-        f"split {split.name}: {len(listing) - unmatched} images assigned"
-        + (f", {unmatched} not in the split file" if unmatched else "")
-    )
+def _folder_inputs(src: Path, taxonomy, split) -> tuple[Path | None, Path | None, set[str]]:
+    """A folder's own ``taxonomy.csv`` and ``split.csv`` unless others are given, and the names
+    of those in its root (used, so not reported as ignored)."""
+    if taxonomy is None and (src / "taxonomy.csv").is_file():
+        taxonomy = src / "taxonomy.csv"
+    if split is None and (src / "split.csv").is_file():
+        split = src / "split.csv"
+    used = {Path(f).name for f in (taxonomy, split) if f is not None and Path(f).parent == src}
+    return taxonomy, split, used
+
+
+def open_source(
+    source: str | os.PathLike[str], *, chunk: int = CHUNK, **kw: Any
+) -> Listing | FolderStream:
+    """What ``penult extract`` runs over (``kw``: ``root``, ``taxonomy``, ``split``,
+    ``sample_level`` and ``samples`` as for :func:`list_images`): a folder tree as a
+    :class:`FolderStream` (listed in pieces of ``chunk`` images, memory bounded whatever its
+    size), anything else as :func:`list_images` lists it."""
+    src = Path(source).expanduser()
+    sample_level, samples = kw.get("sample_level"), kw.get("samples")
+    _check_level(sample_level)
+    if not src.is_dir():
+        return list_images(source, **kw)
+    taxonomy, split = kw.get("taxonomy"), kw.get("split")
+    taxonomy, split, used = _folder_inputs(src, taxonomy, split)
+    joins = _Joins(*(Path(f) if f is not None else None for f in (taxonomy, split, samples)))
+    stream = FolderStream(
+        src.resolve(), sample_level=sample_level, join=joins, join_notes=joins.notes,
+        chunk=chunk, origin=str(src.resolve()),
+    )  # fmt: skip
+    if sample_level is None and stream.survey.depth >= 2 and not stream.survey.parts:
+        joins.check(stream.survey.classes)
+    stream.ignored = [f for f in stream.ignored if f not in used]
+    stream.ignored_count -= len(used)
+    return stream
 
 
 def list_images(
@@ -396,12 +350,8 @@ def list_images(
     if not src.exists():
         raise SourceError(f"{src}: no such file or folder")
     if src.is_dir():
-        listing = _scan_folder(src.resolve(), sample_level)
-        if taxonomy is None and (src / "taxonomy.csv").is_file():
-            taxonomy = src / "taxonomy.csv"
-        if split is None and (src / "split.csv").is_file():
-            split = src / "split.csv"
-        used = {Path(f).name for f in (taxonomy, split) if f is not None and Path(f).parent == src}
+        taxonomy, split, used = _folder_inputs(src, taxonomy, split)
+        listing = scan_folder(src.resolve(), sample_level)
         listing.ignored = [f for f in listing.ignored if f not in used]  # used, not ignored
     elif src.suffix.lower() == ".csv":
         listing = _from_manifest(src.resolve(), base)
@@ -422,13 +372,10 @@ def list_images(
         listing = _from_file_list(src.resolve(), base)
     if sample_level is not None and not src.is_dir():  # a manifest's or list's folders
         listing.labels[SAMPLE] = [
-            _sample_of(listing.root, p, sample_level)[0] for p in listing.paths
+            sample_of(listing.root, p, sample_level)[0] for p in listing.paths
         ]
-    if taxonomy is not None:
-        _join_taxonomy(listing, Path(taxonomy))
-    if split is not None:
-        _join_split(listing, Path(split))
-    if samples is not None:
-        _join_samples(listing, Path(samples))
+    joins = _Joins(*(Path(f) if f is not None else None for f in (taxonomy, split, samples)))
+    joins(listing)
+    listing.notes += joins.notes()
     listing.origin = str(src.resolve())
     return listing

@@ -21,7 +21,8 @@ class ExtractSummary:
     skipped: int = 0  # already in the store
     previously_failed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # (a streamed listing names the first ones)
+    ignored_count: int = 0
     optimize: str = "eager"
     seconds: float = 0.0
     loop_seconds: float = 0.0
@@ -84,7 +85,8 @@ class ExtractSummary:
         lines += [f"  engine cache: {n}" for n in self.cache_notes]
         lines += [f"  parts: {n}" for n in self.publishing]
         if self.ignored:
-            lines.append(f"  ignored {len(self.ignored)} non-image files, e.g. {self.ignored[0]}")
+            n = max(self.ignored_count, len(self.ignored))
+            lines.append(f"  ignored {n} non-image files, e.g. {self.ignored[0]}")
         for p, why in self.failed[:max_failed]:
             lines.append(f"  FAILED {p}: {why}")
         if len(self.failed) > max_failed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import numpy as np
 from penult.core.labels import TEST, TRAIN, VAL, make_split, read_taxonomy
 from penult.core.split import ensure_split
 from penult.extract.finetune.options import FinetuneError, FinetuneOptions
+from penult.extract.images import spread
 from penult.extract.options import ExtractOptions
 from penult.extract.run import extract
 from penult.extract.sources import Listing
+from penult.extract.walk import CHUNK
 from penult.features import FeatureStore, Fingerprint
 
 __all__ = [
@@ -144,6 +147,30 @@ def epoch_order(y: np.ndarray, balanced: bool, rng: np.random.Generator) -> np.n
     return rng.choice(len(y), len(y), replace=True, p=w / w.sum())
 
 
+class StoredImages:
+    """A store's own images as listings of ``chunk`` rows (one per root in each), what a
+    fine-tuned network re-embeds: never the whole image table at once."""
+
+    ignored: list[str] = []
+    ignored_count, origin = 0, ""
+    notes: list[str] = []
+
+    def __init__(self, store_path: str | os.PathLike[str], chunk: int = CHUNK):
+        self.store = FeatureStore(store_path)
+        self.chunk, self.hint = chunk, len(self.store)
+
+    def sample_files(self, n: int) -> list[str]:
+        t = self.store.images(spread(self.hint, n))
+        return [os.path.join(r, p) for r, p in zip(t.root, t.path, strict=True)]
+
+    def chunks(self) -> Iterator[Listing]:
+        for start in range(0, self.hint, self.chunk):
+            t = self.store.images(range(start, min(start + self.chunk, self.hint)))
+            for root in sorted(set(t.root)):
+                paths = [p for p, r in zip(t.path, t.root, strict=True) if r == root]
+                yield Listing(root=Path(root), paths=paths)
+
+
 def extract_finetuned(
     store_path: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
@@ -156,19 +183,16 @@ def extract_finetuned(
     (``engine`` and ``precision`` as for ``penult extract``)."""
     card = json.loads(Path(f"{checkpoint}.json").read_text())
     name = f"{card['base_backbone']}@ft-{card['weights_sha256'][:8]}"
-    table = FeatureStore(store_path).images()
-    for root in sorted(set(table.root)):
-        paths = [p for p, r in zip(table.path, table.root, strict=True) if r == root]
-        opts = ExtractOptions(
-            backbone=card["base_backbone"],
-            weights=str(checkpoint),
-            name=name,
-            crop_pct=card["options"].get("crop_pct"),
-            resize=card["options"].get("resize", "crop"),
-            progress=progress,
-            engine=engine,
-            precision=precision,
-        )
-        s = extract(store_path, Listing(root=Path(root), paths=paths), opts)
-        log.info(s.report())
+    opts = ExtractOptions(
+        backbone=card["base_backbone"],
+        weights=str(checkpoint),
+        name=name,
+        crop_pct=card["options"].get("crop_pct"),
+        resize=card["options"].get("resize", "crop"),
+        progress=progress,
+        engine=engine,
+        precision=precision,
+    )
+    s = extract(store_path, StoredImages(store_path), opts)
+    log.info(s.report())
     return name
