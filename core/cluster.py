@@ -12,7 +12,9 @@ import logging
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from penult.core.errors import PenultError
 
@@ -20,6 +22,7 @@ __all__ = [
     "CORES_ENV",
     "ClusterStart",
     "ClusterError",
+    "JobWatch",
     "ONE_AT_A_TIME",
     "PROGRESS_TOPIC",
     "balanced_size",
@@ -243,7 +246,7 @@ def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progre
     workers = set(client.scheduler_info()["workers"])
     pending = set(futures)
     resubmitting: set[str] = set()
-    started: set[str] = set()  # batch jobs seen submitted
+    watch = JobWatch()
     del futures
     try:
         while pending:
@@ -263,7 +266,7 @@ def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progre
                     file=sys.stderr,
                 )
             workers = now
-            gone = set(resubmit_lost_jobs(client, started))
+            gone = set(resubmit_lost_jobs(client, watch))
             for job in sorted(gone - resubmitting):  # said once, while its new job starts
                 tqdm.write(
                     f"penult: job {job} ended before its work did; a new job is submitted "
@@ -276,26 +279,83 @@ def run_tasks(client, fn, args: list[tuple], sizes: list[int], desc: str, progre
         bar.close()
 
 
-def resubmit_lost_jobs(client, started: set[str]) -> list[str]:
+# What SLURM says of a job that ended (``squeue -t all``); a job gone from squeue ended too
+_ENDED = frozenset(
+    "BOOT_FAIL CANCELLED COMPLETED DEADLINE FAILED NODE_FAIL OUT_OF_MEMORY PREEMPTED TIMEOUT".split()
+)
+SQUEUE_EVERY = 5.0  # seconds between asks about jobs whose worker has not joined yet
+
+
+@dataclass
+class JobWatch:
+    """The batch jobs (dask-jobqueue: SLURM) of a run: names seen submitted, job ids seen joined
+    (a worker of theirs in the scheduler), and when squeue was last asked about the others."""
+
+    started: set[str] = field(default_factory=set)
+    joined: set[str] = field(default_factory=set)  # (a job put in another's place has its name)
+    asked: float = 0.0
+
+
+def resubmit_lost_jobs(client, watch: JobWatch) -> list[str]:
     """Submit a new job for each batch-system job (dask-jobqueue: SLURM) that ended, and name
-    them; ``started`` holds the jobs seen submitted so far (updated here). A job ends under
-    ``scancel``, its walltime or a node failure, and dask-jobqueue does not replace it: it only
-    forgets a lost worker's job after ``distributed.deploy.lost-worker-timeout`` (so a worker
-    that reconnects keeps its job). Scaling back to the jobs asked for then submits the missing
-    ones (SpecCluster's own state correction). A ``LocalCluster``'s nanny restarts its workers
+    them. A job ends under ``scancel``, its walltime or a node failure, and dask-jobqueue does
+    not replace it: it only forgets a lost worker's job after
+    ``distributed.deploy.lost-worker-timeout`` (so a worker that reconnects keeps its job), and
+    a job that ends before its worker joined is never known to Dask as lost at all: squeue is
+    asked about those. Scaling back to the jobs asked for then submits the missing ones
+    (SpecCluster's own state correction). A ``LocalCluster``'s nanny restarts its workers
     itself."""
     cluster = getattr(client, "cluster", None)
     if cluster is None or not hasattr(cluster, "job_script"):  # not a jobqueue cluster
         return []
-    names, submitted = (
-        [str(n) for n in dict(cluster.worker_spec)],
-        {str(n) for n in cluster.workers},
-    )
-    started |= submitted
-    lost = sorted(n for n in names if n in started and n not in submitted)
+    names = [str(n) for n in dict(cluster.worker_spec)]
+    jobs = {str(n): str(getattr(j, "job_id", "") or "") for n, j in dict(cluster.workers).items()}
+    watch.started |= set(jobs)
+    here = {str(d.get("name")) for d in client.scheduler_info()["workers"].values()}
+    watch.joined |= {i for n, i in jobs.items() if i and _has_worker(n, here)}
+    lost = [n for n in names if n in watch.started and n not in jobs]
+    waiting = {n: i for n, i in jobs.items() if i and i not in watch.joined}
+    if waiting and time.monotonic() - watch.asked >= SQUEUE_EVERY:
+        watch.asked = time.monotonic()
+        ended = _ended_jobs(waiting)
+        if ended:
+            cluster.sync(_forget_jobs, cluster, ended)
+            lost += ended
     if lost:
         cluster.scale(jobs=len(names))  # the same number of jobs: only the missing start
-    return lost
+    return sorted(lost)
+
+
+def _has_worker(job: str, workers: set[str]) -> bool:
+    """Whether a worker of ``job`` is in the scheduler (a job of several processes names its
+    workers ``<job>-<i>``)."""
+    return job in workers or any(w.startswith(job + "-") for w in workers)
+
+
+def _ended_jobs(ids: dict[str, str]) -> list[str]:
+    """The names (of ``ids``: name -> SLURM job id) whose jobs squeue says ended, or no longer
+    knows; none when squeue cannot be asked (then only Dask's own view counts)."""
+    import getpass
+    import subprocess
+
+    try:
+        r = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-o", "%i %T", "-u", getpass.getuser()],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if r.returncode:
+        return []
+    state = dict(ln.split(None, 1) for ln in r.stdout.splitlines() if len(ln.split()) == 2)
+    return sorted(n for n, i in ids.items() if state.get(i, "GONE").strip() in _ENDED | {"GONE"})
+
+
+async def _forget_jobs(cluster, names: list[str]) -> None:
+    """Drop jobs that ended without a worker from the cluster's jobs, on its event loop (the
+    next state correction submits new ones in their place)."""
+    for n in names:
+        cluster.workers.pop(n, None)
 
 
 PROGRESS_TOPIC = "penult-progress"

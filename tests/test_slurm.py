@@ -182,6 +182,56 @@ def test_extract_with_a_job_cancelled_predict_and_index_on_slurm_equal_one_proce
     _wait_for_jobs(cluster)
 
 
+def test_jobs_cancelled_before_their_workers_join_are_replaced(
+    cluster: slurm.Slurm, data_dir: Path, tmp_path: Path, capsys
+):
+    """Both jobs of `extract --cluster slurm:2` `scancel`led as soon as SLURM lists them, before
+    their Dask workers join: Dask never knew them, so only squeue can tell they ended. New jobs
+    are submitted in their place and the run finishes with a single process's rows (before,
+    it waited forever for workers that would never come)."""
+    manifest = cub_manifest(data_dir, tmp_path / "m.csv", classes=2, per_class=4)
+    pin = ["--precision", "fp32", "--engine", "onnxruntime"]
+    args = [str(manifest), "--root", str(data_dir / "cub100"), "-q", *pin]
+    single, clustered = tmp_path / "single.h5", tmp_path / "cluster.h5"
+    assert cli.main(["extract", str(single), *args, "--workers", "0"]) == 0
+    log = cluster.folder / "slurmctld.log"
+    before = len(re.findall(r"submit_batch_job: JobId=(\d+)", log.read_text()))
+    cancelled: list[str] = []
+
+    def cancel_on_sight() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(cancelled) < 2:
+            for job, _, _ in cluster.jobs():
+                if job not in cancelled:
+                    subprocess.run(["scancel", job], env=cluster.env, check=True)
+                    cancelled.append(job)
+            time.sleep(0.02)
+
+    result: list[int] = []
+    canceller = threading.Thread(target=cancel_on_sight, daemon=True)
+    canceller.start()
+    cmd = ["extract", str(clustered), *args, "--cluster", "slurm:2", "--partition-size", "2"]
+    run = threading.Thread(target=lambda: result.append(cli.main(cmd)), daemon=True)
+    run.start()
+    run.join(timeout=180)
+    canceller.join(timeout=5)
+    assert len(cancelled) == 2, cancelled
+    assert result == [0], f"the run did not finish: {cluster.jobs()}\n{cluster.logs()}"
+    joined = [j for j in cancelled if any(
+        "Registered to" in p.read_text(errors="replace")
+        for p in (cluster.folder / "jobs").glob(f"*-{j}.err"))]  # fmt: skip
+    assert joined == [], "a job was cancelled after its worker joined: not this test's case"
+    err = capsys.readouterr().err
+    assert err.count("a new job is submitted in its place") == 2, err
+    submitted = re.findall(r"submit_batch_job: JobId=(\d+)", log.read_text())[before:]
+    assert len(submitted) == 4, submitted  # two jobs, then one in the place of each
+    want, got = _by_path(single), _by_path(clustered)
+    assert sorted(got) == sorted(want) and len(want) == 8
+    for p, x in want.items():
+        np.testing.assert_allclose(got[p], x, atol=1e-5)
+    _wait_for_jobs(cluster)
+
+
 def test_the_docs_job_array_example_runs_on_slurm(
     cluster: slurm.Slurm, data_dir: Path, tmp_path: Path
 ):
