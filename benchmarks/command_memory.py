@@ -13,7 +13,7 @@ the larger size is the one that matters; the slope between sizes removes what do
 
 Commands: open + plan a resume over every path (what `extract` does before embedding),
 `train --out-of-core` (2 passes, --memory-mb 64), `index --kind ivf-disk`, `serve` start and
-one browse page, and `predict --store` of the 20 photos.
+one browse page, `predict --store` of the 20 photos, and `check` (every row verified).
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def commands(store: Path, photos: Path, n: int) -> dict[str, tuple[str, str]]:
         "predict --store": cli(
             "predict", f"{out}/m.skops", str(photos), "--out", f"{out}/p.csv", "--store", s, "-q"
         ),  # fmt: skip
+        "check": cli("check", s),
     }
 
 

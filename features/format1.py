@@ -125,7 +125,7 @@ class Format1:
     def repair(self, damaged: dict[str, str]) -> list[str]:
         return []
 
-    def index_problems(self, paths: list[str], *, repair: bool) -> list[str]:
+    def index_problems(self, missed: int, *, repair: bool) -> list[str]:
         return []  # the path index is made from the table each time
 
     def backbone_names(self) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -141,24 +141,59 @@ def check(path: str | Path, *, repair: bool = False) -> list[str]:
             "run; delete the file once you no longer need it)"
         )
     try:
-        t = store.images()
+        n = len(store)
+        rows = _check_rows(store, n)
     except StoreError as err:  # a damaged table or label segment, named above
         return problems if problems else [str(err)]
-    dup = [k for k, c in Counter(t.path).items() if c > 1]
-    if dup:
-        problems.append(f"{len(dup)} duplicate paths in the image table, e.g. {dup[0]}")
-    bad_hash = sum(1 for h, e in zip(t.sha256, t.error, strict=True) if len(h) != 64 and not e)
-    if bad_hash:
-        problems.append(f"{bad_hash} readable rows without a valid sha256")
+    if rows.dup:
+        problems.append(f"{rows.dup} duplicate paths in the image table, e.g. {rows.first_dup}")
+    if rows.bad_hash:
+        problems.append(f"{rows.bad_hash} readable rows without a valid sha256")
     with store_lock(p) if repair and not store.read_only else contextlib.nullcontext():
-        problems += store.backend.index_problems(t.path, repair=repair)
+        problems += store.backend.index_problems(rows.missed, repair=repair)
     try:
         for name, e in store.backbones().items():
-            problems += _check_backbone(store, name, e.dim, len(t))
+            problems += _check_backbone(store, name, e.dim, n)
     except StoreError as err:  # a damaged segment: already named, where the segments were read
         if not found:
             problems.append(str(err))
     return problems
+
+
+CHECK_ROWS = 1 << 16  # rows of the image table checked at a time: memory bounded per piece
+
+
+@dataclass
+class _Rows:
+    dup: int = 0
+    first_dup: str = ""
+    bad_hash: int = 0
+    missed: int = 0  # rows the path index does not find at their own row
+
+
+def _check_rows(store: FeatureStore, n: int) -> _Rows:
+    """Every row of the image table, ``CHECK_ROWS`` at a time: a readable row without a valid
+    hash, a path stored twice, a path the index misses. The index finds each path at one row, so
+    a path whose index row is another row holding the same path is stored twice."""
+    out = _Rows()
+    for start in range(0, n, CHECK_ROWS):
+        t = store.images(range(start, min(n, start + CHECK_ROWS)))
+        out.bad_hash += sum(
+            1 for h, e in zip(t.sha256, t.error, strict=True) if len(h) != 64 and not e
+        )
+        at = store.find(t.path)
+        here = np.arange(start, start + len(t.path))
+        out.missed += int((at < 0).sum())
+        other = np.flatnonzero((at >= 0) & (at != here))
+        if len(other):
+            held = dict(
+                zip(np.unique(at[other]).tolist(), store.paths(np.unique(at[other])), strict=True)
+            )
+            dups = [t.path[i] for i in other if held[int(at[i])] == t.path[i]]
+            out.dup += len(dups)
+            out.first_dup = out.first_dup or (dups[0] if dups else "")
+            out.missed += len(other) - len(dups)
+    return out
 
 
 def _check_backbone(

@@ -70,3 +70,35 @@ def test_info_neighbours_and_samples_read_only_the_rows_they_show(
         h.path for g in find_duplicates(store, B, threshold=0.999) for h in g.hits
     ]
     assert samples == {}  # cub has no sample column: nothing carried, nothing read
+
+
+def test_check_reads_the_table_in_pieces_and_finds_repeats_and_index_misses(
+    cub_store: Path, tmp_path: Path, whole_table_refused, monkeypatch
+):
+    """`penult check` goes over the image table 100 rows at a time (never all of it): a path
+    stored twice is found across pieces (the index finds the path at its other row), and rows
+    the index misses are said, as with the whole table."""
+    import penult.features.inspect as inspect
+    from penult.features import check
+
+    monkeypatch.setattr(inspect, "CHECK_ROWS", 100)
+    store = copy_store(cub_store, tmp_path / "s.h5")
+    assert check(store) == []
+    real = FeatureStore.images
+
+    def misread(self, rows=None):  # a table written wrong: row 250 holds row 3's path again,
+        t = real(self, rows)  # row 120 a path the index does not know
+        rows = list(rows)
+        if 250 in rows:
+            t.path[rows.index(250)] = real(self, [3]).path[0]
+        if 120 in rows:
+            t.path[rows.index(120)] = "not/stored.jpg"
+        return t
+
+    monkeypatch.setattr(FeatureStore, "images", misread)
+    problems = check(store)
+    first = real(FeatureStore(store), [3]).path[0]
+    assert problems == [
+        f"1 duplicate paths in the image table, e.g. {first}",
+        "the path index misses rows; `penult check --repair` rebuilds it",
+    ]

@@ -380,10 +380,11 @@ class Format2:
             save(self.path, s)
         return done
 
-    def index_problems(self, paths: list[str], *, repair: bool) -> list[str]:
-        """Whether the path index finds every row of the table (``paths``, in row order);
-        ``repair`` rebuilds it from the table's keys (the caller holds the writer's lock)."""
-        if not len(paths) or not (self.find(paths) < 0).any():
+    def index_problems(self, missed: int, *, repair: bool) -> list[str]:
+        """What to say of ``missed`` rows the path index does not find at their own row (the
+        check reads the table); ``repair`` rebuilds it from the table's keys (the caller holds
+        the writer's lock)."""
+        if not missed:
             return []
         if not repair:
             return ["the path index misses rows; `penult check --repair` rebuilds it"]
