@@ -124,17 +124,18 @@ def predict(
     names = resolve_backbones(model, s.features)
     rows, _ = s.features.fused_rows(names)
     said = list(answers(model.predict(s.features.fused_embeddings(names, rows)), 1))
-    t, first = s.features.images(), rows[0]
+    first = rows[0]
+    t = s.features.images(first)  # the rows answered for, not the whole table
     frame = pd.DataFrame(
         {
-            "path": [t.path[r] for r in first],
+            "path": t.path,
             "label": [label for label, *_ in said],
             "probability": [prob for _, prob, *_ in said],
         },
         index=first,
     )
     for c, values in t.labels.items():
-        frame["true_label" if c == "label" else c] = np.asarray(values)[first]
+        frame["true_label" if c == "label" else c] = np.asarray(values)
     return frame
 
 

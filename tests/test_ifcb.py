@@ -269,9 +269,10 @@ def test_predict_writes_one_score_file_per_bin_as_whois_classifier_does(
 
 
 def test_bins_on_a_dask_cluster_equal_a_single_process(ifcb, tmp_path, capsys) -> None:
-    """`extract --cluster local:1` on a folder of bins: partitions of ROIs embedded by Dask
-    workers (each opening its bins itself) give the rows, embeddings and failures of one
-    process."""
+    """`extract --cluster local:1` on a folder of bins listed in three pieces (6, 5 and 20
+    rows; each piece's partitions run and are published before the next): partitions of ROIs
+    embedded by Dask workers (each opening its bins itself) give the rows, embeddings and
+    failures of one process."""
     pytest.importorskip("distributed")
     from penult import cli
     from penult.features import FeatureStore
@@ -279,7 +280,7 @@ def test_bins_on_a_dask_cluster_equal_a_single_process(ifcb, tmp_path, capsys) -
     args = [str(ifcb), "--precision", "fp32", "--workers", "0"]
     one, many = tmp_path / "one.h5", tmp_path / "many.h5"
     assert cli.main(["extract", str(one), *args, "-q"]) == 0
-    dask = ["--cluster", "local:1", "--partition-size", "8"]
+    dask = ["--cluster", "local:1", "--partition-size", "8", "--list-chunk", "4"]
     assert cli.main(["extract", str(many), *args, *dask]) == 0
     assert "extract (cluster)" in capsys.readouterr().err  # through Dask, in partitions
 
