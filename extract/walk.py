@@ -10,6 +10,7 @@ of 100 M images is never a list of 100 M names. ``scan_folder`` is the whole lis
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -77,11 +78,12 @@ def walk_runs(root: Path) -> Iterator[tuple[str, list[str]]]:
 
 @dataclass
 class Survey:
-    """What one pass over a tree found (``keep``: the image paths and every ignored name too)."""
+    """What one pass over a tree found; ``paths`` every image's while there are at most the
+    ``keep`` asked for (None past that)."""
 
     images: int = 0
     depth: int = 0  # folders above the deepest image, plus one
-    paths: list[str] = field(default_factory=list)
+    paths: list[str] | None = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     ignored_count: int = 0
     parts: dict[Path, set[str]] = field(default_factory=dict)  # IFCB bins' files
@@ -91,7 +93,9 @@ class Survey:
     shallow: str = ""  # the first image with fewer folders above it than --sample-level asks
 
 
-def survey(root: Path, sample_level: int | None = None, *, keep: bool = False) -> Survey:
+def survey(
+    root: Path, sample_level: int | None = None, *, keep: float = 0, all_ignored: bool = False
+) -> Survey:
     s = Survey()
     level = sample_level or 0
     for prefix, names in walk_runs(root):
@@ -103,13 +107,16 @@ def survey(root: Path, sample_level: int | None = None, *, keep: bool = False) -
                 continue
             if suffix.lower() not in IMAGE_SUFFIXES:
                 s.ignored_count += 1
-                if keep or len(s.ignored) < IGNORED_KEPT:
+                if all_ignored or len(s.ignored) < IGNORED_KEPT:
                     s.ignored.append(prefix + name)
                 continue
             if depth < level and not s.shallow:
                 s.shallow = prefix + name
-            if keep:
-                s.paths.append(prefix + name)
+            if s.paths is not None:  # (a tree that fits in one piece is walked once)
+                if s.images < keep:
+                    s.paths.append(prefix + name)
+                else:
+                    s.paths = None
             if s.images % s.stride == 0:
                 s.sample.append(prefix + name)
                 if len(s.sample) > 2 * SAMPLE_KEPT:
@@ -203,8 +210,9 @@ def _bin_listing(root: Path, rows: ifcb.BinRows, ignored: list[str]) -> Listing:
 
 def scan_folder(root: Path, sample_level: int | None = None) -> Listing:
     """The whole listing of a folder tree at once (``FolderStream`` for one in pieces)."""
-    s = survey(root, sample_level, keep=True)
+    s = survey(root, sample_level, keep=math.inf, all_ignored=True)
     _check(root, s, sample_level)
+    assert s.paths is not None  # (kept without a limit)
     if s.parts:
         rows = ifcb.BinRows(root)
         for stem, readable in _bin_order(root, s.parts):
@@ -235,7 +243,7 @@ class FolderStream:
             raise SourceError(f"chunk must be at least 1 image, got {chunk}")
         self.root, self.chunk, self.level = root, chunk, sample_level
         self._join, self._join_notes = join or (lambda listing: None), join_notes
-        self.survey = s = survey(root, sample_level)
+        self.survey = s = survey(root, sample_level, keep=chunk)
         _check(root, s, sample_level)
         self.ignored, self.ignored_count = s.ignored, s.ignored_count
         self.origin = origin  # (the labels' provenance in the store)
@@ -282,6 +290,9 @@ class FolderStream:
         return listing
 
     def _image_chunks(self) -> Iterator[Listing]:
+        if self.survey.paths is not None:  # the survey kept them all: one piece, one walk
+            yield self._image_piece(list(self.survey.paths))
+            return
         paths: list[str] = []
         for prefix, names in walk_runs(self.root):
             paths += [prefix + n for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
