@@ -240,11 +240,12 @@ def embed_into(
     ``opts.commit_every`` rows; failures and files changed since hashing (``sha``) are recorded,
     not embedded. ``on_batch(n)`` is told of every ``n`` images done."""
     optimize = pick_optimize(opts.optimize, embedder.device, len(todo))
-    if embedder.engine == "torch" and optimize == "inductor":  # (a runtime has its own graph)
+    # (a runtime has its own graph; a listing in pieces compiles once, for its first piece)
+    if embedder.engine == "torch" and optimize == "inductor" and embedder.optimize == "eager":
         t = time.perf_counter()
         embedder.compile()
         embedder.warmup(pre.crop)
-        s.compile_seconds = time.perf_counter() - t
+        s.compile_seconds += time.perf_counter() - t
     pending = _Pending(w, name)
     bar = tqdm(
         total=len(todo), desc=f"extract {name}", unit="img", disable=not opts.progress,

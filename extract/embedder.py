@@ -224,7 +224,7 @@ class Embedder:
             log.warning(
                 "torch.compile failed (%s: %s); continuing in eager mode", type(e).__name__, e
             )
-            self._compiled, self.optimize = None, "eager"
+            self._compiled, self.optimize = None, "eager (torch.compile failed)"
             return self.module(batch[:n])
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:

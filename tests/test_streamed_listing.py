@@ -119,3 +119,24 @@ def test_cli_lists_a_folder_in_pieces(small_folder: Path, tmp_path: Path, capsys
     out = capsys.readouterr().out
     assert "listed 12: extracted 12" in out and "ignored 1 non-image files, e.g. README.txt" in out
     assert FeatureStore(store).images().path == list_images(small_folder).paths
+
+
+def test_a_listing_in_pieces_compiles_the_network_once(
+    small_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """torch.compile is asked for once for the whole run, not again for every piece (each
+    compile took the run 2.7 s more on 500,000 files in pieces of 100,000)."""
+    from penult.extract.embedder import Embedder
+
+    calls: list[str] = []
+
+    def compile_(self) -> None:  # what compile() does to the embedder, without compiling
+        calls.append("compile")
+        self.optimize = "inductor"
+
+    monkeypatch.setattr(Embedder, "compile", compile_)
+    monkeypatch.setattr(Embedder, "warmup", lambda self, size: calls.append("warmup"))
+    opts = ExtractOptions(**{**FAST.__dict__, "optimize": "inductor", "engine": "torch"})
+    s = extract(tmp_path / "s.h5", open_source(small_folder, chunk=5), opts)
+    assert s.extracted == 12 and calls == ["compile", "warmup"]
+    assert s.report().count("inductor") == 1
