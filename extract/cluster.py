@@ -46,7 +46,8 @@ def partitions(root: str, paths: list[str], sha: list[str], size: int) -> list[P
 @dataclass
 class TaskResult:
     extracted: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (the first ones)
+    failed_count: int = 0
 
 
 _MODELS: dict[str, Any] = {}  # per worker process: the model is built once, not once per task
@@ -122,7 +123,7 @@ def _run_partition(store: str, part: Partition, o) -> TaskResult:
                 s,
                 on_batch=report_progress,
             )
-    return TaskResult(s.extracted, s.failed)
+    return TaskResult(s.extracted, s.failed, s.failed_count)
 
 
 def _published(store: str, backbone: str, part: Partition) -> bool:
@@ -185,7 +186,7 @@ def run_on_cluster(client, w, listing, sha: list[str], todo: list[int], opts, s)
         opts.progress,
     ):
         s.extracted += r.extracted
-        s.failed += r.failed
+        s.add_failed(r.failed, r.failed_count)
         waiting.add(parts[i].name)
         if time.monotonic() >= due:  # published while the other tasks run, in batches
             waiting, took = _publish(w, waiting, report)

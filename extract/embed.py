@@ -261,17 +261,17 @@ def embed_into(
                 s.warmup_seconds, s.warmup_images = time.perf_counter() - t_loop, len(b.indices)
             for (j, why), digest in zip(b.failed, b.failed_sha256, strict=True):
                 pending.fail(listing.paths[todo[j]], digest, why)
-                s.failed.append((listing.paths[todo[j]], why))
+                s.add_failed([(listing.paths[todo[j]], why)])
             for k, j in enumerate(b.indices):
                 i = todo[j]
                 if b.sha256[k] != sha[i]:
-                    s.failed.append((listing.paths[i], "file changed while extracting; run again"))
+                    s.add_failed([(listing.paths[i], "file changed while extracting; run again")])
                     continue
                 pending.add(listing.paths[i], sha[i], b.X[k : k + 1], b.width[k], b.height[k])
                 s.extracted += 1
             n = len(b.indices) + len(b.failed)
             bar.update(n)
-            bar.set_postfix(failed=len(s.failed), refresh=False)
+            bar.set_postfix(failed=s.failed_count, refresh=False)
             if on_batch is not None:
                 on_batch(n)
             if len(pending) >= opts.commit_every:

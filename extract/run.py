@@ -18,7 +18,7 @@ from penult.extract.engines import cache_notes
 from penult.extract.options import ExtractOptions
 from penult.extract.plan import hash_listing, plan, resolve_resize
 from penult.extract.sources import FolderStream, Listing
-from penult.extract.summary import ExtractSummary
+from penult.extract.summary import FAILED_KEPT, ExtractSummary
 from penult.features import FeatureStore, StoreWriter, TableView
 from penult.features.parts import PartWriter, list_parts, merge
 
@@ -164,7 +164,8 @@ class _Run:
                 [""] * len(p.unreadable),
                 [err[i] for i in p.unreadable],
             )
-            s.failed += [(listing.paths[i], err[i]) for i in p.unreadable]
+            s.add_failed([(listing.paths[i], err[i]) for i in p.unreadable[:FAILED_KEPT]],
+                         len(p.unreadable))  # fmt: skip
         if p.reuse:
             x = w.store.embeddings(name, [r for _, r in p.reuse])
             w.append(name, [listing.paths[i] for i, _ in p.reuse], [sha[i] for i, _ in p.reuse], x)

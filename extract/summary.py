@@ -8,6 +8,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+FAILED_KEPT = 1000  # failures named in a summary; a run of 100 M images must not hold them all
+
 
 @dataclass
 class ExtractSummary:
@@ -20,7 +22,8 @@ class ExtractSummary:
     reused: int = 0  # same bytes already embedded under another path: copied, not recomputed
     skipped: int = 0  # already in the store
     previously_failed: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # the first FAILED_KEPT
+    failed_count: int = 0  # all of them (each is recorded in the store with its reason)
     ignored: list[str] = field(default_factory=list)  # (a streamed listing names the first ones)
     ignored_count: int = 0
     optimize: str = "eager"
@@ -36,6 +39,12 @@ class ExtractSummary:
     cache_notes: list[str] = field(default_factory=list)  # engine cache entries found bad, remade
     publishing: list[str] = field(default_factory=list)  # how a cluster run's parts were published
     relabelled: dict[str, int] = field(default_factory=dict)  # stored images given a new value
+
+    def add_failed(self, failed: list[tuple[str, str]], count: int | None = None) -> None:
+        """Count ``failed`` ((path, why); ``count`` of them where more were left out) and keep
+        the first FAILED_KEPT of the run."""
+        self.failed += failed[: max(0, FAILED_KEPT - len(self.failed))]
+        self.failed_count += len(failed) if count is None else count
 
     @property
     def images_per_s(self) -> float:
@@ -58,7 +67,7 @@ class ExtractSummary:
                 else ""
             ),
             f"  listed {self.listed}: extracted {self.extracted}, already stored {self.skipped}, "
-            f"copied from identical files {self.reused}, failed {len(self.failed)}"
+            f"copied from identical files {self.reused}, failed {self.failed_count}"
             + (
                 f", skipped as failed before {self.previously_failed} (--retry-failed)"
                 if self.previously_failed
@@ -89,6 +98,6 @@ class ExtractSummary:
             lines.append(f"  ignored {n} non-image files, e.g. {self.ignored[0]}")
         for p, why in self.failed[:max_failed]:
             lines.append(f"  FAILED {p}: {why}")
-        if len(self.failed) > max_failed:
-            lines.append(f"  ... and {len(self.failed) - max_failed} more (see `penult info`)")
+        if self.failed_count > max_failed:
+            lines.append(f"  ... and {self.failed_count - max_failed} more (see `penult info`)")
         return "\n".join(lines)

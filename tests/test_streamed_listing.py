@@ -140,3 +140,22 @@ def test_a_listing_in_pieces_compiles_the_network_once(
     s = extract(tmp_path / "s.h5", open_source(small_folder, chunk=5), opts)
     assert s.extracted == 12 and calls == ["compile", "warmup"]
     assert s.report().count("inductor") == 1
+
+
+def test_a_summary_names_the_first_failures_and_counts_them_all(
+    small_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A run's summary keeps the first FAILED_KEPT failures (a run of 100 M images must not
+    hold every one) and counts all of them, in pieces too; the store records each."""
+    import penult.extract.summary as summary
+
+    monkeypatch.setattr(summary, "FAILED_KEPT", 2)
+    for i in range(5):
+        (small_folder / "ants" / f"empty{i}.jpg").write_bytes(b"")
+    (small_folder / "bees" / "torn.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    s = extract(tmp_path / "s.h5", open_source(small_folder, chunk=4), FAST)
+    assert (s.extracted, s.failed_count, len(s.failed)) == (12, 6, 2)
+    assert s.failed[0][0] == "ants/empty0.jpg" and "empty" in s.failed[0][1]
+    assert "failed 6" in s.report() and "... and 4 more" in s.report(max_failed=2)
+    assert len(FeatureStore(tmp_path / "s.h5").images().error) == 18
+    assert sum(map(bool, FeatureStore(tmp_path / "s.h5").images().error)) == 6
