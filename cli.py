@@ -139,7 +139,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--list-chunk", type=int, default=CHUNK, metavar="N",
         help="a folder is listed, planned and committed N images at a time, so the driver's "
-        "memory stays bounded whatever the folder holds (about 1 KB an image of N while a piece "
+        "memory stays bounded whatever the folder holds (about 1.4 KB an image of N while a piece "
         f"is planned; default {CHUNK:,})",
     )  # fmt: skip
     _add_options(p, SampleOptions)
