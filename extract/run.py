@@ -74,11 +74,13 @@ def _relabelled(store: FeatureStore, listing: Listing, row: np.ndarray) -> dict[
     if not len(known):
         return {}
     have, out = set(store.label_columns()), {}
+    rows = np.unique(row[known])  # this listing's rows only: a piece reads its own, not all
+    at = np.searchsorted(rows, row[known])
     for col, values in listing.labels.items():
         if col not in have:
             continue
-        codes, names = store.label_codes(col)
-        old = np.asarray(names, dtype=object)[codes[row[known]]]
+        codes, names = store.label_codes(col, rows)
+        old = np.asarray(names, dtype=object)[codes[at]]
         new = np.asarray(values, dtype=object)[known]
         n = int(((old != new) & (new != "")).sum())
         if n:

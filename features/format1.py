@@ -171,11 +171,13 @@ class Format1:
         t = self.table().path
         return [t[i] for i in rows]
 
-    def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
+    def label_codes(
+        self, column: str, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[str]]:
         names, codes = np.unique(
             np.asarray(self.table().labels[column], dtype=str), return_inverse=True
         )
-        return codes.astype(np.int32), names.tolist()
+        return codes.astype(np.int32)[slice(None) if rows is None else rows], names.tolist()
 
     def labels(self, columns: list[str]) -> dict[str, tuple[np.ndarray, list[str]]]:
         return {c: self.label_codes(c) for c in columns}

@@ -168,9 +168,13 @@ class FeatureStore:
         """The label-like columns stored with the images (label, split, taxonomy, sample, ...)."""
         return self._b.label_columns()
 
-    def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
-        """(N,) int32 codes and their names for one label column ("" is unlabelled)."""
-        return self._b.label_codes(self._column(column))
+    def label_codes(
+        self, column: str, rows: Iterable[int] | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        """(N,) int32 codes and their names for one label column ("" is unlabelled); of sorted
+        unique ``rows`` only, when given (without reading the whole column)."""
+        r = None if rows is None else np.asarray(_listed(rows), np.int64)
+        return self._b.label_codes(self._column(column), r)
 
     def _column(self, column: str) -> str:
         """``column``, or a StoreError naming the label columns there are (nothing read)."""

@@ -241,12 +241,16 @@ class Format2:
     def label_columns(self) -> list[str]:
         return self._snapshot()[0].labels
 
-    def label_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
-        return self.labels([column])[column]
+    def label_codes(
+        self, column: str, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        return self.labels([column], rows)[column]
 
-    def labels(self, columns: list[str]) -> dict[str, tuple[np.ndarray, list[str]]]:
+    def labels(
+        self, columns: list[str], rows: np.ndarray | None = None
+    ) -> dict[str, tuple[np.ndarray, list[str]]]:
         fams = [label_family(c) for c in columns]
-        s, codes = self._columns([(f, "code") for f in fams])
+        s, codes = self._columns([(f, "code") for f in fams], rows)
         return {c: (x, list(s.names[f])) for c, f, x in zip(columns, fams, codes, strict=True)}
 
     def provenance(self, column: str, rows: np.ndarray | None = None) -> Provenance:
