@@ -179,8 +179,10 @@ class Format1:
         )
         return codes.astype(np.int32)[slice(None) if rows is None else rows], names.tolist()
 
-    def labels(self, columns: list[str]) -> dict[str, tuple[np.ndarray, list[str]]]:
-        return {c: self.label_codes(c) for c in columns}
+    def labels(
+        self, columns: list[str], rows: np.ndarray | None = None
+    ) -> dict[str, tuple[np.ndarray, list[str]]]:
+        return {c: self.label_codes(c, rows) for c in columns}
 
     def label_columns(self) -> list[str]:
         with self._open() as f:
